@@ -1,0 +1,3 @@
+from metergate.cli import main
+
+raise SystemExit(main())

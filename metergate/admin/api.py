@@ -1,0 +1,205 @@
+"""Admin API v1: customers, proxy API keys, credits, balances, ledger and usage, as JSON over HTTP.
+
+Authenticated by a bearer admin key whose prefix is its mode: ``mg_test_...`` sees and changes only
+test-mode objects, ``mg_live_...`` only live ones. Amounts are integers in the asset's smallest unit
+(``amount``), shown beside a decimal string (``amount_decimal``) for people. Lists are newest first
+and paginated by an opaque ``next_cursor``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from metergate.config.settings import Settings
+from metergate.errors import BadRequest, Unauthorized
+from metergate.http import json_response
+from metergate.money import format_minor, parse_major
+from metergate.portal.links import LinkSigner
+from metergate.proxy.identify import hash_key, new_key, valid_customer_id
+from metergate.wallet.errors import CustomerNotFound, UnknownAsset
+from metergate.wallet.models import Balance, LedgerEntry, Mode, UsageRecord
+from metergate.wallet.store import WalletStore
+
+PREFIX = "/admin/v1"
+_MAX_PAGE = 200
+
+
+class AdminApi:
+    def __init__(self, settings: Settings, store: WalletStore, signer: LinkSigner) -> None:
+        self._settings = settings
+        self._store = store
+        self._signer = signer
+        self._keys = [(k.get_secret_value(), k.get_secret_value()[3:7]) for k in settings.admin_keys]
+        self._scales = {asset.code: asset.scale for asset in settings.assets}
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get(f"{PREFIX}/openapi.json", self.openapi),
+            web.post(f"{PREFIX}/customers", self.create_customer),
+            web.get(f"{PREFIX}/customers", self.list_customers),
+            web.get(f"{PREFIX}/customers/{{customer_id}}", self.get_customer),
+            web.post(f"{PREFIX}/customers/{{customer_id}}/api-keys", self.create_api_key),
+            web.delete(f"{PREFIX}/api-keys/{{key_id}}", self.revoke_api_key),
+            web.post(f"{PREFIX}/customers/{{customer_id}}/credits", self.credit),
+            web.get(f"{PREFIX}/customers/{{customer_id}}/balance", self.balance),
+            web.get(f"{PREFIX}/customers/{{customer_id}}/ledger", self.ledger),
+            web.get(f"{PREFIX}/customers/{{customer_id}}/usage", self.usage),
+            web.post(f"{PREFIX}/customers/{{customer_id}}/portal-link", self.portal_link),
+        ]
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _mode(self, request: web.Request) -> Mode:
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        for key, mode in self._keys:
+            if token and hmac.compare_digest(token.encode(), key.encode()):
+                return mode  # type: ignore[return-value]
+        raise Unauthorized("A valid admin key is required: 'Authorization: Bearer mg_test_...' or mg_live_....",
+                           code="invalid_admin_key")
+
+    async def _customer(self, request: web.Request) -> tuple[Mode, str]:
+        mode = self._mode(request)
+        customer_id = request.match_info["customer_id"]
+        if await self._store.get_customer(mode, customer_id) is None:
+            raise CustomerNotFound(customer_id)
+        return mode, customer_id
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            raise BadRequest("Send a JSON object with Content-Type: application/json.", code="invalid_json")
+        try:
+            payload = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+        return payload
+
+    @staticmethod
+    def _page(request: web.Request) -> tuple[int, int | None]:
+        try:
+            limit = int(request.query.get("limit", "50"))
+            before = int(request.query["cursor"]) if "cursor" in request.query else None
+        except ValueError:
+            raise BadRequest("'limit' and 'cursor' must be integers.", code="invalid_request") from None
+        if not 1 <= limit <= _MAX_PAGE:
+            raise BadRequest(f"'limit' must be between 1 and {_MAX_PAGE}.", code="invalid_request", param="limit")
+        return limit, before
+
+    def _money(self, asset: str, amount: int) -> str:
+        return format_minor(amount, self._scales.get(asset, 0))
+
+    def _balance(self, b: Balance) -> dict[str, Any]:
+        return {"asset": b.asset, "available": b.available, "available_decimal": self._money(b.asset, b.available),
+                "posted": b.posted, "pending": b.debits_pending, "credits_posted": b.credits_posted,
+                "debits_posted": b.debits_posted}
+
+    # ------------------------------------------------------------------ handlers
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        from metergate.admin.openapi import document
+
+        return json_response(document())
+
+    async def create_customer(self, request: web.Request) -> web.Response:
+        mode = self._mode(request)
+        body = await self._body(request)
+        customer_id, name = body.get("id"), body.get("name", "")
+        if not isinstance(customer_id, str) or not valid_customer_id(customer_id):
+            raise BadRequest("'id' must be 1-128 characters: letters, digits, '.', '_', ':', '@', '-'.",
+                             code="invalid_customer", param="id")
+        if not isinstance(name, str) or len(name) > 256:
+            raise BadRequest("'name' must be a string of at most 256 characters.", param="name")
+        customer = await self._store.create_customer(mode, customer_id, name)
+        return json_response(asdict(customer), status=201)
+
+    async def list_customers(self, request: web.Request) -> web.Response:
+        mode = self._mode(request)
+        limit, _ = self._page(request)
+        after = request.query.get("cursor")
+        customers = await self._store.list_customers(mode, limit=limit, after=after)
+        return json_response({"data": [asdict(c) for c in customers],
+                              "next_cursor": customers[-1].id if len(customers) == limit else None})
+
+    async def get_customer(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        customer = await self._store.get_customer(mode, customer_id)
+        balances = await self._store.balances(mode, customer_id)
+        return json_response({**asdict(customer), "balances": [self._balance(b) for b in balances]})  # type: ignore[arg-type]
+
+    async def create_api_key(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        secret = new_key(mode)
+        key = await self._store.create_api_key(mode, customer_id, key_id="key_" + uuid.uuid4().hex[:20],
+                                               key_hash=hash_key(secret), prefix=secret[:13])
+        return json_response({**asdict(key), "key": secret}, status=201)
+
+    async def revoke_api_key(self, request: web.Request) -> web.Response:
+        mode = self._mode(request)
+        key = await self._store.revoke_api_key(mode, request.match_info["key_id"])
+        if key is None:
+            raise BadRequest("No such API key in this mode.", code="not_found", param="key_id")
+        return json_response(asdict(key))
+
+    async def credit(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        body = await self._body(request)
+        asset = body.get("asset", self._settings.pricing.asset)
+        if asset not in self._scales:
+            raise UnknownAsset(str(asset))
+        key = body.get("idempotency_key") or request.headers.get("Idempotency-Key")
+        if not isinstance(key, str) or not 1 <= len(key) <= 128:
+            raise BadRequest("'idempotency_key' (or the Idempotency-Key header) is required, 1-128 characters.",
+                             code="invalid_request", param="idempotency_key")
+        amount = body.get("amount")
+        if "amount_decimal" in body:
+            try:
+                amount = parse_major(str(body["amount_decimal"]), self._scales[asset])
+            except ValueError as exc:
+                raise BadRequest(str(exc), code="invalid_amount", param="amount_decimal") from None
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= 10**15:
+            raise BadRequest("'amount' must be a positive integer in the asset's smallest unit "
+                             "(or give 'amount_decimal').", code="invalid_amount", param="amount")
+        memo = body.get("memo", "")
+        if not isinstance(memo, str) or len(memo) > 500:
+            raise BadRequest("'memo' must be a string of at most 500 characters.", param="memo")
+        entry = await self._store.credit(mode, customer_id, asset, amount, idempotency_key=key, memo=memo)
+        balance = await self._store.balance(mode, customer_id, asset)
+        return json_response({"entry": self._entry(entry), "balance": self._balance(balance)}, status=201)
+
+    async def balance(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        balances = await self._store.balances(mode, customer_id)
+        return json_response({"customer_id": customer_id, "balances": [self._balance(b) for b in balances]})
+
+    def _entry(self, e: LedgerEntry) -> dict[str, Any]:
+        return {**asdict(e), "amount_decimal": self._money(e.asset, e.amount)}
+
+    async def ledger(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        limit, before = self._page(request)
+        entries = await self._store.ledger(mode, customer_id, limit=limit, before=before)
+        return json_response({"data": [self._entry(e) for e in entries],
+                              "next_cursor": entries[-1].seq if len(entries) == limit else None})
+
+    def _usage(self, u: UsageRecord) -> dict[str, Any]:
+        return {**asdict(u), "charged_decimal": self._money(u.asset, u.charged_amount)}
+
+    async def usage(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        limit, before = self._page(request)
+        rows = await self._store.usage(mode, customer_id, limit=limit, before=before)
+        return json_response({"data": [self._usage(u) for _, u in rows],
+                              "next_cursor": rows[-1][0] if len(rows) == limit else None})
+
+    async def portal_link(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._customer(request)
+        return json_response({"url": self._signer.url(mode, customer_id), "expires_in_s": self._signer.ttl_s})

@@ -1,0 +1,61 @@
+"""The admin API's OpenAPI document, kept next to the handlers it describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metergate import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
+        params: tuple[str, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params],
+        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "default": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def document() -> dict[str, Any]:
+    c = ("customer_id",)
+    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+            {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
+    paths: dict[str, Any] = {
+        "/admin/v1/customers": {
+            "post": _op("Create a customer", ok=201, body={
+                "type": "object", "required": ["id"],
+                "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
+                               "name": {"type": "string", "maxLength": 256}}}),
+            "get": {**_op("List customers"), "parameters": page},
+        },
+        "/admin/v1/customers/{customer_id}": {"get": _op("Get a customer with balances", params=c)},
+        "/admin/v1/customers/{customer_id}/api-keys": {"post": _op("Issue a proxy API key", ok=201, params=c)},
+        "/admin/v1/api-keys/{key_id}": {"delete": _op("Revoke a proxy API key", params=("key_id",))},
+        "/admin/v1/customers/{customer_id}/credits": {"post": _op("Credit a wallet (idempotent)", ok=201, params=c, body={
+            "type": "object", "required": ["idempotency_key"],
+            "properties": {"asset": {"type": "string"}, "amount": {"type": "integer", "minimum": 1},
+                           "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
+                           "memo": {"type": "string"}}})},
+        "/admin/v1/customers/{customer_id}/balance": {"get": _op("Balances per asset", params=c)},
+        "/admin/v1/customers/{customer_id}/ledger": {"get": _op("Ledger entries, newest first", params=c)},
+        "/admin/v1/customers/{customer_id}/usage": {"get": _op("Usage records, newest first", params=c)},
+        "/admin/v1/customers/{customer_id}/portal-link": {"post": _op("A signed billing-portal link", params=c)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metergate admin API", "version": __version__},
+        "components": {
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
+                "param": {"type": ["string", "null"]}}}}}},
+        },
+        "security": [{"adminKey": []}],
+        "paths": paths,
+    }

@@ -1,0 +1,216 @@
+"""One settings object, read once at start-up and passed explicitly.
+
+Sources, highest priority first: keyword arguments (tests), ``METERGATE_*`` environment variables
+(nested keys joined with ``__``, e.g. ``METERGATE_PRICING__ASSET``), then the YAML file named by
+``METERGATE_CONFIG`` or ``--config``. Every limit is a bounded field, and cross-field rules are
+checked here so that a bad deployment fails at start-up with the offending key named, never
+at the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from metergate.config.routes import RouteSettings
+
+Mode = Literal["test", "live"]
+NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
+_ASSET_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AssetSettings(_Strict):
+    code: str = Field(description="Asset code, e.g. USD, TOKENS, GPU_SECONDS.")
+    name: str = Field("", description="Human name shown in the portal.")
+    scale: int = Field(ge=0, le=12, description="Decimal places of the smallest unit (USD: 6 = micro-dollars).")
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        if not _ASSET_CODE.match(value):
+            raise ValueError("asset code must be 1-32 letters, digits, '_' or '-', starting with a letter")
+        return value
+
+
+class ModelRate(_Strict):
+    """Prices in the pricing asset's major unit: per million tokens, plus a per-request fee."""
+
+    input_per_mtok: NonNegativeDecimal = Decimal(0)
+    cached_input_per_mtok: NonNegativeDecimal | None = Field(
+        None, description="Rate for cached prompt tokens; defaults to the input rate.")
+    output_per_mtok: NonNegativeDecimal = Decimal(0)
+    request_fee: NonNegativeDecimal = Decimal(0)
+
+
+class PricingSettings(_Strict):
+    asset: str = Field("USD", description="The asset that proxy requests draw.")
+    models: dict[str, ModelRate] = Field(
+        default_factory=dict,
+        description="Rates by model name; '*' is the fallback. A model matching nothing is refused.")
+
+
+class CostRate(_Strict):
+    """A provider cost override in US dollars per million tokens (e.g. a self-hosted model)."""
+
+    input_per_mtok: NonNegativeDecimal = Decimal(0)
+    cached_input_per_mtok: NonNegativeDecimal | None = None
+    output_per_mtok: NonNegativeDecimal = Decimal(0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERGATE_", env_nested_delimiter="__",
+                                      extra="forbid", frozen=True)
+
+    # Listener and identity.
+    host: str = Field("127.0.0.1", description="Address the proxy listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the proxy listens on (0 = any free port).")
+    public_url: str = Field("", description="Base URL customers use to reach the portal; defaults to the listener.")
+    database_url: str = Field("sqlite+aiosqlite:///metergate.db",
+                              description="SQLAlchemy async URL: sqlite+aiosqlite:///file or postgresql+asyncpg://...")
+
+    routes: list[RouteSettings] = Field(default_factory=list, description="Path prefix to upstream mapping.")
+
+    # Who is paying.
+    customer_header: str = Field("X-Metergate-Customer", description="Header naming the paying customer.")
+    mode_header: str = Field("X-Metergate-Mode", description="Header choosing test or live for header-identified customers.")
+    default_mode: Mode = Field("live", description="Mode of header-identified customers without a mode header.")
+    attribution_header: str = Field("X-Metergate-Feature", description="Optional feature/task label recorded with usage.")
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
+        description="Source networks whose customer header is trusted (the sidecar's own pod).")
+
+    # Limits.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+                                description="Largest request body accepted.")
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+                                    description="Largest upstream response relayed.")
+    sse_max_event_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                     description="Largest single SSE event read from an upstream.")
+    upstream_connect_timeout_s: float = Field(10, gt=0, le=120, description="Connect timeout to an upstream.")
+    upstream_read_timeout_s: float = Field(120, gt=0, le=3600,
+                                           description="Longest silence between two reads from an upstream.")
+    upstream_timeout_s: float = Field(600, gt=0, le=86400, description="Longest whole upstream exchange.")
+    drain_timeout_s: float = Field(30, ge=0, le=600,
+                                   description="After a client disconnects, how long to keep reading for usage.")
+    drain_max_bytes: int = Field(16 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024,
+                                 description="After a client disconnects, how many bytes to keep reading for usage.")
+    default_max_output_tokens: int = Field(4096, ge=1, le=10_000_000,
+                                           description="Output tokens assumed when a request sets no maximum.")
+    hold_ttl_s: int = Field(900, ge=10, le=7 * 86400, description="A hold not settled by then expires.")
+    sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
+    key_cache_ttl_s: float = Field(2, ge=0, le=300, description="How long a proxy API key lookup is cached.")
+
+    # Money.
+    assets: list[AssetSettings] = Field(
+        default_factory=lambda: [AssetSettings(code="USD", name="US dollar credits", scale=6)],
+        description="Assets wallets can hold.")
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+    cost_overrides: dict[str, CostRate] = Field(default_factory=dict,
+                                                description="Provider cost per model, overriding genai-prices.")
+
+    # Secrets.
+    admin_keys: list[SecretStr] = Field(default_factory=list,
+                                        description="Admin API bearer keys: mg_test_... or mg_live_...")
+    portal_secrets: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Portal link HMAC keys by key id; the first signs, all verify.")
+    portal_link_ttl_s: int = Field(3600, ge=60, le=30 * 86400, description="Lifetime of a signed portal link.")
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _admin_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(keys):
+            value = key.get_secret_value()
+            if not re.match(r"^mg_(test|live)_[A-Za-z0-9_-]{16,}$", value):
+                raise ValueError(f"admin_keys[{index}] must look like mg_test_<16+ chars> or mg_live_<16+ chars>")
+        return keys
+
+    @field_validator("portal_secrets")
+    @classmethod
+    def _portal_secrets(cls, secrets: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for kid, secret in secrets.items():
+            if not re.match(r"^[A-Za-z0-9_-]{1,32}$", kid):
+                raise ValueError(f"portal_secrets key id {kid!r} must be 1-32 letters, digits, '_' or '-'")
+            if len(secret.get_secret_value()) < 32:
+                raise ValueError(f"portal_secrets[{kid}] must be at least 32 characters")
+        return secrets
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Settings:
+        codes = [asset.code for asset in self.assets]
+        if len(set(codes)) != len(codes):
+            raise ValueError("assets: asset codes must be unique")
+        if self.pricing.asset not in codes:
+            raise ValueError(f"pricing.asset {self.pricing.asset!r} is not one of assets {codes}")
+        prefixes = [route.prefix for route in self.routes]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("routes: two routes share a prefix")
+        for route in self.routes:
+            if any(route.prefix == p or route.prefix.startswith(p + "/") for p in RESERVED_PREFIXES):
+                raise ValueError(f"routes: prefix {route.prefix!r} collides with metergate's own paths")
+        drain = self.upstream_timeout_s + self.drain_timeout_s
+        if self.hold_ttl_s <= drain:
+            raise ValueError(f"hold_ttl_s ({self.hold_ttl_s}) must exceed upstream_timeout_s + drain_timeout_s "
+                             f"({drain:g}) so that no live request loses its hold")
+        return self
+
+    def asset(self, code: str) -> AssetSettings:
+        for asset in self.assets:
+            if asset.code == code:
+                return asset
+        raise KeyError(code)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        import os
+
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("METERGATE_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+class SettingsError(Exception):
+    """Raised when settings are invalid; the message names every offending key."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings once, turning validation failures into one readable message."""
+    import os
+
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"config file not found: {path}")
+        os.environ["METERGATE_CONFIG"] = str(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+            lines.append(f"  {key}: {error['msg']}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None

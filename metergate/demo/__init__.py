@@ -1,0 +1,1 @@
+"""The self-contained demo and its OpenAI-compatible mock upstream."""

@@ -1,0 +1,203 @@
+"""An OpenAI-compatible mock upstream that speaks the real wire format, for the demo and the tests.
+
+It answers chat completions (JSON and SSE, honouring ``stream_options.include_usage``), legacy
+completions and embeddings, with usage counted by tiktoken the way OpenAI counts it. A request can
+ask for misbehaviour through the ``X-Mock-Behavior`` header (comma-separated):
+
+``words:N`` reply length · ``error:STATUS`` fail before any output · ``slow:S`` wait before answering ·
+``chunk-delay:S`` wait between stream chunks · ``die-after:N`` cut the connection after N content
+chunks · ``no-usage`` never report usage · ``usage-zero`` report zero usage · ``cached:N`` /
+``reasoning:N`` report cached-input / reasoning tokens · ``redirect`` answer 307 · ``not-stream``
+answer a stream request with JSON.
+
+Every request is recorded (path, headers, JSON body) and listed at ``GET /_mock/requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from metergate.metering.tokenizer import counter_for
+
+REQUESTS = web.AppKey("requests", list)
+_WORDS = ("Metergate authorizes every request against a prepaid wallet before the upstream sees it, "
+          "meters each token as it streams, and settles the exact amount in an append-only ledger. ").split()
+
+
+def _behavior(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in request.headers.get("X-Mock-Behavior", "").split(","):
+        item = item.strip()
+        if item:
+            key, _, value = item.partition(":")
+            out[key] = value
+    return out
+
+
+def _chat_prompt_tokens(model: str, messages: list[Any]) -> int:
+    count = counter_for(model).count
+    tokens = 3
+    for message in messages:
+        tokens += 3
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            tokens += count(content)
+        elif isinstance(content, list):
+            tokens += sum(count(p.get("text", "")) for p in content if isinstance(p, dict))
+    return tokens
+
+
+def _usage(prompt: int, completion: int, b: dict[str, str]) -> dict[str, Any]:
+    if "usage-zero" in b:
+        prompt = completion = 0
+    cached = min(int(b.get("cached", 0)), prompt)
+    reasoning = min(int(b.get("reasoning", 0)), completion)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+    n = min(int(b.get("words", 12)), int(limit))
+    return [(_WORDS[i % len(_WORDS)] + " ") for i in range(n)]
+
+
+async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, str]] | web.Response:
+    body = await request.json()
+    request.app[REQUESTS].append({"path": request.path, "headers": dict(request.headers), "body": body})
+    b = _behavior(request)
+    if "slow" in b:
+        await asyncio.sleep(float(b["slow"]))
+    if "redirect" in b:
+        return web.Response(status=307, headers={"Location": "http://example.invalid/elsewhere"})
+    if "error" in b:
+        status = int(b["error"])
+        return web.json_response({"error": {"message": f"mock upstream error {status}", "type": "server_error",
+                                            "param": None, "code": None}}, status=status)
+    return body, b
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    pre = await _preamble(request)
+    if isinstance(pre, web.Response):
+        return pre
+    body, b = pre
+    model = body["model"]
+    prompt = _chat_prompt_tokens(model, body.get("messages", []))
+    words = _reply_words(body, b)
+    count = counter_for(model).count
+    completion = count("".join(words))
+    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if not body.get("stream") or "not-stream" in b:
+        payload: dict[str, Any] = {
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words), "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "system_fingerprint": "fp_mock"}
+        if "no-usage" not in b:
+            payload["usage"] = _usage(prompt, completion, b)
+        return web.json_response(payload)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        c: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "system_fingerprint": "fp_mock",
+                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"content": w}) for w in words]
+    events.append(chunk({}, "stop"))
+    if include_usage and "no-usage" not in b:
+        events.append({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "system_fingerprint": "fp_mock", "choices": [], "usage": _usage(prompt, completion, b)})
+    return await _sse(request, events, b)
+
+
+async def _sse(request: web.Request, events: list[dict[str, Any]], b: dict[str, str]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    delay = float(b.get("chunk-delay", 0))
+    die_after = int(b["die-after"]) if "die-after" in b else None
+    for index, event in enumerate(events):
+        if die_after is not None and index > die_after:
+            assert request.transport is not None
+            request.transport.abort()  # cut the connection without finishing the chunked body
+            return response
+        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        if delay:
+            await asyncio.sleep(delay)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    pre = await _preamble(request)
+    if isinstance(pre, web.Response):
+        return pre
+    body, b = pre
+    model = body["model"]
+    count = counter_for(model).count
+    prompts = body.get("prompt")
+    prompt = count(prompts) if isinstance(prompts, str) else sum(count(p) for p in prompts or [])
+    words = _reply_words(body, b)
+    completion = count("".join(words))
+    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if not body.get("stream"):
+        payload: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created, "model": model,
+                                   "choices": [{"index": 0, "text": "".join(words), "logprobs": None,
+                                                "finish_reason": "stop"}]}
+        if "no-usage" not in b:
+            payload["usage"] = _usage(prompt, completion, b)
+        return web.json_response(payload)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    events: list[dict[str, Any]] = [
+        {"id": ident, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 0, "text": w, "logprobs": None, "finish_reason": None}]} for w in words]
+    if include_usage and "no-usage" not in b:
+        events.append({"id": ident, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": _usage(prompt, completion, b)})
+    return await _sse(request, events, b)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    pre = await _preamble(request)
+    if isinstance(pre, web.Response):
+        return pre
+    body, b = pre
+    model = body["model"]
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    count = counter_for(model).count
+    prompt = sum(count(x) if isinstance(x, str) else len(x) for x in inputs)
+    payload: dict[str, Any] = {
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(inputs))]}
+    if "no-usage" not in b:
+        payload["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return web.json_response(payload)
+
+
+async def recorded(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REQUESTS])
+
+
+def build_mock_upstream() -> web.Application:
+    app = web.Application()
+    app[REQUESTS] = []
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/_mock/requests", recorded)
+    return app

@@ -1,0 +1,113 @@
+"""The errors metergate answers with, each with a stable machine-readable code.
+
+Tree::
+
+    MetergateError                      (500 internal_error)
+    ├── BadRequest                      400: invalid_json, invalid_request, missing_model,
+    │                                        unknown_model, invalid_customer, invalid_amount
+    ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
+    ├── PaymentRequired                 402: insufficient_funds
+    ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
+    │                                        invalid_portal_link, expired_portal_link
+    ├── NotFound                        404: unknown_route, not_found
+    ├── MethodNotAllowed                405: method_not_allowed
+    ├── Conflict                        409: idempotency_conflict, already_exists
+    ├── PayloadTooLarge                 413: body_too_large
+    ├── UnsupportedMediaType            415: unsupported_media_type
+    ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
+    └── GatewayTimeout                  504: upstream_timeout
+
+The classes carry their HTTP status as data; turning one into a response happens in exactly
+one place, :mod:`metergate.http`. Bodies use the OpenAI error envelope so that client SDKs
+surface ``message`` and ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MetergateError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.param = param
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code,
+                                 "param": self.param}
+        error.update(self.extra)
+        return {"error": error}
+
+
+class BadRequest(MetergateError):
+    status = 400
+    type = "invalid_request_error"
+    default_code = "invalid_request"
+
+
+class Unauthorized(MetergateError):
+    status = 401
+    type = "authentication_error"
+    default_code = "missing_customer"
+
+
+class PaymentRequired(MetergateError):
+    status = 402
+    type = "insufficient_funds"
+    default_code = "insufficient_funds"
+
+
+class Forbidden(MetergateError):
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
+class NotFound(MetergateError):
+    status = 404
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowed(MetergateError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class Conflict(MetergateError):
+    status = 409
+    type = "conflict_error"
+    default_code = "idempotency_conflict"
+
+
+class PayloadTooLarge(MetergateError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "body_too_large"
+
+
+class UnsupportedMediaType(MetergateError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class BadGateway(MetergateError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_unreachable"
+
+
+class GatewayTimeout(MetergateError):
+    status = 504
+    type = "upstream_error"
+    default_code = "upstream_timeout"

@@ -1,0 +1,1 @@
+"""Token counting, usage extraction, provider costs and pricing."""

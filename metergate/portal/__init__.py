@@ -1,0 +1,1 @@
+"""The customer's billing page, reached through a signed, expiring link."""

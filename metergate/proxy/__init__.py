@@ -1,0 +1,1 @@
+"""The aiohttp proxy: the metering pipeline, provider adapters and the streaming relay."""

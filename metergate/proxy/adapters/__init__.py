@@ -1,0 +1,1 @@
+"""Provider adapters: one module per upstream API, each answering the same few questions."""

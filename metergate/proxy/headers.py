@@ -1,0 +1,55 @@
+"""Reverse-proxy header hygiene.
+
+Hop-by-hop headers (RFC 9110 §7.6.1), and every header the ``Connection`` header names, belong to one
+connection and are never forwarded. metergate's own headers and the client's credentials are removed
+before the provider's key is added, so nothing the client sends can reach the upstream as identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade",
+})
+_REQUEST_DROP = frozenset({"host", "content-length", "authorization", "accept-encoding", "x-api-key",
+                           "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
+_RESPONSE_DROP = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
+
+
+def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    values: Iterable[str] = (headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy)
+                             else [headers.get("Connection", "")])
+    for value in values:
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def upstream_request_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[str],
+                             auth: tuple[str, str] | None) -> CIMultiDict[str]:
+    """Headers to send upstream: end-to-end client headers, minus ours, plus the provider key."""
+    excluded = HOP_BY_HOP | _REQUEST_DROP | _connection_named(incoming) | {h.lower() for h in drop}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered in excluded or lowered.startswith("x-metergate-"):
+            continue
+        out.add(name, value)
+    out["Accept-Encoding"] = "identity"  # metering reads the body; compression is re-done by no one
+    if auth is not None:
+        out[auth[0]] = auth[1]
+    return out
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers to relay to the client from the upstream response."""
+    excluded = HOP_BY_HOP | _RESPONSE_DROP | _connection_named(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in excluded:
+            out.add(name, value)
+    return out

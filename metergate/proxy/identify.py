@@ -1,0 +1,116 @@
+"""Who is paying: a trusted customer header, or a per-customer proxy API key.
+
+The customer header is a credential, so it is trusted only from configured source networks (by default
+loopback: the app in the same pod). Proxy keys look like ``mgk_<mode>_<secret>``; only their SHA-256 is
+stored. Lookups are cached briefly (``key_cache_ttl_s``) so that a revoked key stops working within
+that bound without a database read on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from metergate.config.settings import Settings
+from metergate.errors import BadRequest, Forbidden, Unauthorized
+from metergate.wallet.models import ApiKey, Mode
+from metergate.wallet.store import WalletStore
+
+CUSTOMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_KEY = re.compile(r"^mgk_(test|live)_[A-Za-z0-9_-]{20,100}$")
+_CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    mode: Mode
+    customer_id: str
+    via: str  # "header" or "api_key"
+    key_id: str | None = None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(mode: Mode) -> str:
+    return f"mgk_{mode}_{secrets.token_urlsafe(30)}"
+
+
+def valid_customer_id(value: str) -> bool:
+    return bool(CUSTOMER_ID.match(value))
+
+
+class Identifier:
+    def __init__(self, settings: Settings, store: WalletStore) -> None:
+        self._store = store
+        self._header = settings.customer_header
+        self._mode_header = settings.mode_header
+        self._default_mode: Mode = settings.default_mode
+        self._trusted = list(settings.trusted_networks)
+        self._key_ttl_s = settings.key_cache_ttl_s
+        self._keys: dict[str, tuple[float, ApiKey | None]] = {}
+        self._known: set[tuple[str, str]] = set()  # customers are never deleted, so positives are kept
+
+    def trusted(self, remote: str | None) -> bool:
+        if not remote:
+            return False
+        try:
+            address = ipaddress.ip_address(remote.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    async def identify(self, request: web.Request) -> Identity:
+        claimed = request.headers.get(self._header)
+        if claimed is not None:
+            if not self.trusted(request.remote):
+                raise Forbidden(f"The {self._header} header is only accepted from the application's own "
+                                "address; authenticate with a proxy API key instead.",
+                                code="untrusted_customer_header")
+            if not valid_customer_id(claimed):
+                raise BadRequest(f"The {self._header} header is not a valid customer id.",
+                                 code="invalid_customer", param=self._header)
+            mode = request.headers.get(self._mode_header, self._default_mode)
+            if mode not in ("test", "live"):
+                raise BadRequest(f"{self._mode_header} must be 'test' or 'live'.", code="invalid_request",
+                                 param=self._mode_header)
+            await self._require_customer(mode, claimed)  # type: ignore[arg-type]
+            return Identity(mode, claimed, "header")  # type: ignore[arg-type]
+        authorization = request.headers.get("Authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            return await self._by_key(authorization[7:].strip())
+        raise Unauthorized(f"Say who is paying: send the {self._header} header from the application, or a "
+                           "proxy API key as 'Authorization: Bearer mgk_...'.", code="missing_customer")
+
+    async def _require_customer(self, mode: Mode, customer_id: str) -> None:
+        if (mode, customer_id) in self._known:
+            return
+        if await self._store.get_customer(mode, customer_id) is None:
+            raise Forbidden(f"Unknown customer {customer_id!r} in {mode} mode.", code="unknown_customer")
+        if len(self._known) >= _CACHE_MAX:
+            self._known.clear()
+        self._known.add((mode, customer_id))
+
+    async def _by_key(self, token: str) -> Identity:
+        if not _KEY.match(token):
+            raise Unauthorized("That is not a metergate proxy API key.", code="invalid_api_key")
+        digest = hash_key(token)
+        now = time.monotonic()
+        cached = self._keys.get(digest)
+        if cached is not None and now - cached[0] < self._key_ttl_s:
+            key = cached[1]
+        else:
+            key = await self._store.find_api_key(digest)
+            if len(self._keys) >= _CACHE_MAX:
+                self._keys.clear()
+            self._keys[digest] = (now, key)
+        if key is None or key.revoked_at_ms is not None:
+            raise Unauthorized("This proxy API key is unknown or revoked.", code="invalid_api_key")
+        return Identity(key.mode, key.customer_id, "api_key", key.id)

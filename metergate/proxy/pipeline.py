@@ -1,0 +1,386 @@
+"""The request pipeline: identify → estimate → authorize → forward → meter → settle.
+
+Data flows one way. The hold is placed before a single byte goes upstream; from then on, every path
+out of :meth:`Pipeline.handle` — success, upstream error, timeout, client disconnect, cancellation —
+passes through exactly one settlement, which captures what was delivered and releases the rest. A
+settlement is shielded from cancellation and retried on storage errors; if it still fails, the hold
+expires after ``hold_ttl_s`` and the expiry is written to the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from metergate.config.routes import RouteMatch, RouteTable
+from metergate.config.settings import Settings
+from metergate.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PaymentRequired,
+    UnsupportedMediaType,
+)
+from metergate.http import json_response
+from metergate.metering.costs import ProviderCosts
+from metergate.metering.pricing import PriceBook, Rate
+from metergate.metering.tokenizer import counter_for
+from metergate.metering.usage import Usage
+from metergate.money import format_minor
+from metergate.portal.links import LinkSigner
+from metergate.proxy import headers as hh
+from metergate.proxy.adapters import openai as oa
+from metergate.proxy.identify import Identifier, Identity
+from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
+from metergate.wallet.errors import InsufficientFunds
+from metergate.wallet.models import Hold, Settlement, UsageRecord
+from metergate.wallet.store import WalletStore
+
+log = logging.getLogger(__name__)
+_CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
+_SETTLE_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything known about one metered request, built up as it moves through the pipeline."""
+
+    request_id: str
+    identity: Identity
+    match: RouteMatch
+    prepared: oa.Prepared
+    rate: Rate
+    hold: Hold
+    feature: str | None
+    started: float
+    status: int = 0
+    delivered: bool = False  # some upstream output reached (or was meant for) the client
+    settlement: asyncio.Task[Settlement | None] | None = None
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: WalletStore, identifier: Identifier, prices: PriceBook,
+                 costs: ProviderCosts, signer: LinkSigner) -> None:
+        self.settings = settings
+        self.store = store
+        self.identifier = identifier
+        self.prices = prices
+        self.costs = costs
+        self.signer = signer
+        self.routes = RouteTable(settings.routes)
+        self.session: aiohttp.ClientSession | None = None
+        self._scale = settings.asset(prices.asset).scale
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=s.upstream_timeout_s, connect=s.upstream_connect_timeout_s,
+                                          sock_read=s.upstream_read_timeout_s),
+            auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",),
+        )
+
+    async def stop(self) -> None:
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    # ------------------------------------------------------------------ the pipeline
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = "req_" + uuid.uuid4().hex
+        match = self.routes.match(request.path)
+        if match is None:
+            raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
+                           code="unknown_route")
+        endpoint = oa.classify(match.upstream_path)
+        if endpoint is None:
+            raise NotFound(f"{match.upstream_path} is not a metered endpoint on route {match.route.prefix}.",
+                           code="unknown_route")
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{endpoint} accepts POST only.")
+        identity = await self.identifier.identify(request)
+        body = await self._read_body(request)
+        prepared = oa.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
+        rate = self.prices.rate_for(prepared.model)
+        if rate is None:
+            raise BadRequest(f"Model {prepared.model!r} has no price on this gateway.", code="unknown_model",
+                             param="model")
+        estimate = self.prices.price(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
+                                                 source="estimated"))
+        hold = await self._authorize(identity, request_id, estimate)
+        feature = request.headers.get(self.settings.attribution_header)
+        ex = Exchange(request_id, identity, match, prepared, rate, hold,
+                      feature[:128] if feature else None, time.monotonic())
+        try:
+            if prepared.stream:
+                return await self._stream(request, ex)
+            return await self._unary(request, ex)
+        finally:
+            if ex.settlement is None:
+                # Any path that did not settle (an exception, a cancellation) releases the hold here,
+                # capturing what was delivered if anything was.
+                usage = self._estimated(ex, 0) if ex.delivered else None
+                await self._settle_shielded(ex, usage)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType("Send the request body as application/json.")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _authorize(self, identity: Identity, request_id: str, amount: int) -> Hold:
+        try:
+            hold, _ = await self.store.reserve(identity.mode, identity.customer_id, self.prices.asset, amount,
+                                               hold_id="hold_" + request_id[4:],
+                                               ttl_ms=self.settings.hold_ttl_s * 1000)
+        except InsufficientFunds as short:
+            raise PaymentRequired(
+                "Insufficient funds: the wallet cannot cover this request. Top up at portal_url.",
+                code="insufficient_funds", asset=short.asset,
+                balance=format_minor(short.available, self._scale),
+                required=format_minor(short.required, self._scale),
+                portal_url=self.signer.url(identity.mode, identity.customer_id),
+            ) from None
+        return hold
+
+    def _upstream_headers(self, request: web.Request, ex: Exchange) -> CIMultiDict[str]:
+        key = ex.match.route.api_key
+        auth = ("Authorization", f"Bearer {key.get_secret_value()}") if key is not None else None
+        out = hh.upstream_request_headers(
+            request.headers, auth=auth,
+            drop=(self.settings.customer_header, self.settings.mode_header, self.settings.attribution_header))
+        out["Content-Type"] = "application/json"
+        return out
+
+    async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        try:
+            return await self.session.post(ex.match.upstream_url, data=ex.prepared.body,
+                                           headers=self._upstream_headers(request, ex), allow_redirects=False)
+        except TimeoutError:
+            raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
+        except aiohttp.ClientError as exc:
+            log.warning("upstream %s unreachable: %s", ex.match.route.prefix, type(exc).__name__)
+            raise BadGateway("The upstream could not be reached; nothing was charged.") from None
+
+    def _check_redirect(self, upstream: aiohttp.ClientResponse) -> None:
+        if 300 <= upstream.status < 400:
+            upstream.release()
+            raise BadGateway("The upstream answered with a redirect, which metergate does not follow.",
+                             code="upstream_redirect")
+
+    async def _unary(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        upstream = await self._send(request, ex)
+        self._check_redirect(upstream)
+        try:
+            body = await _read_limited(upstream, self.settings.max_response_bytes)
+        except TimeoutError:
+            raise GatewayTimeout("The upstream stopped answering; nothing was charged.") from None
+        except aiohttp.ClientError:
+            raise BadGateway("The upstream connection failed mid-response; nothing was charged.") from None
+        finally:
+            upstream.release()
+        ex.status = upstream.status
+        usage: Usage | None = None
+        if upstream.status < 400:
+            ex.delivered = True
+            usage, text = oa.usage_from_body(body)
+            if usage is None:
+                usage = self._estimated(ex, counter_for(ex.prepared.model).count(text))
+        settlement = await self._settle_shielded(ex, usage)
+        response_headers = hh.client_response_headers(upstream.headers)
+        response_headers.update(self._receipt(ex, settlement, usage))
+        return web.Response(body=body, status=upstream.status, headers=response_headers)
+
+    async def _stream(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        upstream = await self._send(request, ex)
+        self._check_redirect(upstream)
+        if upstream.status >= 400 or "text/event-stream" not in upstream.headers.get("Content-Type", ""):
+            return await self._relay_unstreamed(ex, upstream)
+        ex.status = upstream.status
+        meter = oa.StreamMeter(ex.prepared.injected_usage, self.settings.drain_max_bytes)
+        response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
+        response.headers.update(self._receipt(ex, None, None))
+        sse = SSEBuffer(self.settings.sse_max_event_bytes)
+        client_gone = False
+        held_back: list[bytes] = []
+        drain_deadline = 0.0
+        drained = 0
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                out: list[bytes] = []
+                for event in sse.feed(chunk):
+                    data = event_data(event)
+                    if data == b"[DONE]":
+                        held_back.append(event)  # sent after settlement: a client that saw [DONE] sees a settled ledger
+                    elif meter.on_event(data):
+                        out.append(event)
+                if meter.content_events:
+                    ex.delivered = True
+                if client_gone:
+                    drained += len(chunk)
+                    if drained > self.settings.drain_max_bytes or time.monotonic() > drain_deadline:
+                        log.info("%s: stopped draining after client disconnect", ex.request_id)
+                        break
+                elif out:
+                    try:
+                        await response.write(b"".join(out))
+                    except _CLIENT_GONE:
+                        client_gone = True
+                        drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            tail = sse.rest()
+            if tail and not client_gone and meter.on_event(event_data(tail)):
+                await _write_quietly(response, tail)
+        except (TimeoutError, aiohttp.ClientError, EventTooLarge) as exc:
+            # The upstream died or misbehaved mid-stream: bill what was delivered, end the stream.
+            log.warning("%s: upstream stream ended abnormally: %s", ex.request_id, type(exc).__name__)
+        finally:
+            upstream.release()
+        usage = meter.usage or (self._estimated(ex, meter.delivered_output_tokens(ex.prepared.model))
+                                if ex.delivered else None)
+        await self._settle_shielded(ex, usage)
+        if not client_gone:
+            if held_back:
+                await _write_quietly(response, b"".join(held_back))
+            await _write_eof_quietly(response)
+        return response
+
+    async def _relay_unstreamed(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """A stream request answered without a stream (an upstream error, usually): relay it as is."""
+        try:
+            body = await _read_limited(upstream, self.settings.max_response_bytes)
+        except (TimeoutError, aiohttp.ClientError):
+            body = b""
+        finally:
+            upstream.release()
+        ex.status = upstream.status
+        usage = None
+        if upstream.status < 400:
+            ex.delivered = True
+            usage, text = oa.usage_from_body(body)
+            usage = usage or self._estimated(ex, counter_for(ex.prepared.model).count(text))
+        settlement = await self._settle_shielded(ex, usage)
+        response_headers = hh.client_response_headers(upstream.headers)
+        response_headers.update(self._receipt(ex, settlement, usage))
+        return web.Response(body=body, status=upstream.status, headers=response_headers)
+
+    # ------------------------------------------------------------------ metering and settlement
+
+    def _estimated(self, ex: Exchange, output_tokens: int) -> Usage:
+        return Usage(input_tokens=ex.prepared.input_tokens, output_tokens=output_tokens, source="estimated")
+
+    def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
+        used = usage or Usage(source="none")
+        cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
+        return UsageRecord(
+            id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
+            route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
+            feature=ex.feature, stream=ex.prepared.stream, status_code=ex.status or 499,
+            usage_source=used.source, tokens_input=used.input_tokens,
+            tokens_cached_input=used.cached_input_tokens, tokens_output=used.output_tokens,
+            tokens_reasoning=used.reasoning_tokens, asset=self.prices.asset, price_amount=price,
+            cost_nanos=cost.nanos if cost else None,
+            detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
+                    "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
+                    "duration_ms": int((time.monotonic() - ex.started) * 1000)},
+        )
+
+    async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:
+        """Settle once; if the handler is cancelled meanwhile, the settlement still runs to its end."""
+        if ex.settlement is None:
+            price = self.prices.price(ex.rate, usage) if usage is not None else 0
+            record = self._record(ex, usage, price)
+            ex.settlement = asyncio.ensure_future(self._settle_with_retries(ex, price, record))
+            self._inflight.add(ex.settlement)
+            ex.settlement.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(ex.settlement)
+
+    async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
+        for attempt in range(1, _SETTLE_ATTEMPTS + 1):
+            try:
+                return await self.store.settle(ex.hold.id, price, record)
+            except Exception:
+                if attempt == _SETTLE_ATTEMPTS:
+                    log.exception("%s: settlement failed; hold %s will expire", ex.request_id, ex.hold.id)
+                    return None
+                await asyncio.sleep(0.05 * 2 ** attempt)
+        return None
+
+    def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
+        receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": self.prices.asset}
+        if settlement is None:
+            receipt["X-Metergate-Held"] = format_minor(ex.hold.amount, self._scale)
+            receipt["X-Metergate-Usage-Source"] = "pending" if ex.prepared.stream and usage is None else "unknown"
+            return receipt
+        receipt["X-Metergate-Charged"] = format_minor(settlement.charged, self._scale)
+        receipt["X-Metergate-Balance"] = format_minor(settlement.balance.available, self._scale)
+        receipt["X-Metergate-Usage-Source"] = usage.source if usage is not None else "none"
+        return receipt
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BadGateway(f"The upstream response exceeded {limit} bytes.", code="upstream_invalid")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except _CLIENT_GONE:
+        pass
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except _CLIENT_GONE:
+        pass
+
+
+__all__ = ["Exchange", "Pipeline", "json_response"]

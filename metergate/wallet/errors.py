@@ -1,0 +1,40 @@
+"""Wallet failures, as members of the HTTP-aware error tree in :mod:`metergate.errors`."""
+
+from __future__ import annotations
+
+from metergate.errors import BadRequest, Conflict, NotFound, PaymentRequired
+
+
+class InsufficientFunds(PaymentRequired):
+    def __init__(self, *, asset: str, available: int, required: int) -> None:
+        super().__init__(f"The wallet holds {available} of {asset} (smallest unit) but this needs {required}.",
+                         code="insufficient_funds")
+        self.asset = asset
+        self.available = available
+        self.required = required
+
+
+class IdempotencyConflict(Conflict):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency key {key!r} was already used with different content.",
+                         code="idempotency_conflict", param="idempotency_key")
+
+
+class CustomerNotFound(NotFound):
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"No customer {customer_id!r} in this mode.", code="customer_not_found")
+
+
+class CustomerExists(Conflict):
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"Customer {customer_id!r} already exists.", code="already_exists", param="id")
+
+
+class UnknownAsset(BadRequest):
+    def __init__(self, asset: str) -> None:
+        super().__init__(f"Unknown asset {asset!r}.", code="unknown_asset", param="asset")
+
+
+class HoldNotFound(NotFound):
+    def __init__(self, hold_id: str) -> None:
+        super().__init__(f"No hold {hold_id!r}.", code="hold_not_found")

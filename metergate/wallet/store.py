@@ -1,0 +1,66 @@
+"""The one interface through which everything else reaches wallet storage.
+
+Implementations: :class:`metergate.wallet.sql.SqlWalletStore` (SQLite embedded default, PostgreSQL in
+production); a Redis-backed store for many replicas plugs in behind the same protocol.
+
+Contract shared by every implementation:
+
+* every mutation carries an idempotency key (a hold id is one); replaying a mutation with the same key
+  and the same content returns the first result, with different content raises ``IdempotencyConflict``;
+* ``reserve`` is atomic check-and-hold: concurrent reserves never take ``available`` below zero;
+* ``settle`` resolves a hold at most once; the amount it captures may exceed the hold only as far as
+  the wallet can cover, and anything beyond that is recorded as written off, never silently lost.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from metergate.wallet.models import (
+    ApiKey,
+    Balance,
+    Customer,
+    Hold,
+    LedgerEntry,
+    Mode,
+    Settlement,
+    UsageRecord,
+)
+
+
+class WalletStore(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the backing storage cannot be reached."""
+
+    # Customers and keys.
+    async def create_customer(self, mode: Mode, customer_id: str, name: str) -> Customer: ...
+    async def get_customer(self, mode: Mode, customer_id: str) -> Customer | None: ...
+    async def list_customers(self, mode: Mode, *, limit: int, after: str | None = None) -> list[Customer]: ...
+    async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
+                             prefix: str) -> ApiKey: ...
+    async def find_api_key(self, key_hash: str) -> ApiKey | None: ...
+    async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None: ...
+
+    # Money.
+    async def credit(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                     idempotency_key: str, memo: str = "") -> LedgerEntry: ...
+    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
+    async def expire_holds(self, *, now_ms: int, limit: int = 500) -> int: ...
+
+    # Reads.
+    async def balances(self, mode: Mode, customer_id: str) -> list[Balance]: ...
+    async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance: ...
+    async def get_hold(self, hold_id: str) -> Hold | None: ...
+    async def ledger(self, mode: Mode, customer_id: str, *, limit: int,
+                     before: int | None = None) -> list[LedgerEntry]: ...
+    async def usage(self, mode: Mode, customer_id: str, *, limit: int,
+                    before: int | None = None) -> list[tuple[int, UsageRecord]]: ...
+    async def audit(self) -> list[str]:
+        """Re-derive every balance from the ledger and return each discrepancy found (none: [])."""
