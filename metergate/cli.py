@@ -6,8 +6,6 @@ import argparse
 import logging
 import sys
 
-from aiohttp import web
-
 from metergate.config.settings import SettingsError, load_settings
 
 
@@ -27,16 +25,19 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_demo(keep=args.keep)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
         print(f"metergate: {exc}", file=sys.stderr)
         return 2
+    from metergate.http import run_app
     from metergate.proxy.app import build_app
 
-    web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=settings.drain_timeout_s)
+    # Not web.run_app: metergate's runner also answers requests aiohttp cannot parse in the JSON envelope.
+    run_app(build_app(settings), host=settings.host, port=settings.port,
+            shutdown_timeout=settings.drain_timeout_s)
     return 0
 
 

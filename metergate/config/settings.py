@@ -80,17 +80,20 @@ class Settings(BaseSettings):
     # Listener and identity.
     host: str = Field("127.0.0.1", description="Address the proxy listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the proxy listens on (0 = any free port).")
+    listen_backlog: int = Field(1024, ge=16, le=65535, description="Pending-connection queue of the listener.")
     public_url: str = Field("", description="Base URL customers use to reach the portal; defaults to the listener.")
-    database_url: str = Field("sqlite+aiosqlite:///metergate.db",
-                              description="SQLAlchemy async URL: sqlite+aiosqlite:///file or postgresql+asyncpg://...")
+    database_url: str = Field("sqlite:///metergate.db",
+                              description="sqlite:///path/file.db (embedded default) or postgresql://user@host/db")
 
     routes: list[RouteSettings] = Field(default_factory=list, description="Path prefix to upstream mapping.")
 
     # Who is paying.
     customer_header: str = Field("X-Metergate-Customer", description="Header naming the paying customer.")
-    mode_header: str = Field("X-Metergate-Mode", description="Header choosing test or live for header-identified customers.")
+    mode_header: str = Field("X-Metergate-Mode",
+                             description="Header choosing test or live for header-identified customers.")
     default_mode: Mode = Field("live", description="Mode of header-identified customers without a mode header.")
-    attribution_header: str = Field("X-Metergate-Feature", description="Optional feature/task label recorded with usage.")
+    attribution_header: str = Field("X-Metergate-Feature",
+                                    description="Optional feature/task label recorded with usage.")
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
         description="Source networks whose customer header is trusted (the sidecar's own pod).")

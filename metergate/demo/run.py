@@ -81,7 +81,7 @@ def run_demo(*, keep: bool = False) -> int:
         admin_key = "mg_test_" + secrets.token_urlsafe(18)
         port = _free_port()
         settings = load_settings(
-            port=port, database_url=f"sqlite+aiosqlite:///{workdir / 'metergate.db'}",
+            port=port, database_url=f"sqlite:///{workdir / 'metergate.db'}",
             routes=[{"prefix": "/openai", "upstream": f"http://127.0.0.1:{upstream_port}",
                      "api_key": "sk-demo-provider-key"}],
             pricing={"asset": "USD", "models": {MODEL: {"input_per_mtok": "5.00", "cached_input_per_mtok": "2.50",

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from metergate.config.settings import CostRate
 from metergate.metering.usage import Usage
@@ -85,12 +85,12 @@ class ProviderCosts:
             price = calc_price(GUsage(input_tokens=0, output_tokens=0), model_ref=model,
                                provider_id=provider_id).model_price
             value = price
-            flat = [price.input_mtok, price.output_mtok, price.cache_read_mtok]
-            if all(v is None or isinstance(v, Decimal) for v in flat):
-                value = _Rates(price.input_mtok or Decimal(0),
-                               price.cache_read_mtok if price.cache_read_mtok is not None
-                               else price.input_mtok or Decimal(0),
-                               price.output_mtok or Decimal(0))
+            rates = (price.input_mtok, price.output_mtok, price.cache_read_mtok)
+            if all(v is None or isinstance(v, Decimal) for v in rates):
+                flat_input, flat_output, flat_cached = (cast(Decimal | None, v) for v in rates)
+                value = _Rates(flat_input or Decimal(0),
+                               flat_cached if flat_cached is not None else flat_input or Decimal(0),
+                               flat_output or Decimal(0))
         except LookupError:
             value = None
         except Exception as exc:  # a broken price table must not break metering

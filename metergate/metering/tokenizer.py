@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def seed_cache(target: Path | None = None) -> Path:
     return target
 
 
-@lru_cache(maxsize=None)
+@cache
 def _encoding(name: str) -> Any | None:
     try:
         import tiktoken

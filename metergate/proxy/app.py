@@ -43,7 +43,8 @@ async def sweep_forever(store: WalletStore, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-def build_app(settings: Settings, store: WalletStore | None = None, *, public_url: str | None = None) -> web.Application:
+def build_app(settings: Settings, store: WalletStore | None = None, *,
+              public_url: str | None = None) -> web.Application:
     store = store or SqlWalletStore(settings.database_url)
     signer = LinkSigner({k: v.get_secret_value() for k, v in settings.portal_secrets.items()},
                         ttl_s=settings.portal_link_ttl_s,

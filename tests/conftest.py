@@ -1,0 +1,216 @@
+"""Shared fixtures: real servers on loopback, never mocks of our own code.
+
+* ``pg_url``: a fresh PostgreSQL database on the shared server (127.0.0.1:5432), created for this
+  test session and dropped afterwards. Without a server the PostgreSQL tests are skipped with a reason
+  — except under ``CI=true``, where a missing service is a failure.
+* ``store_url``: each wallet test runs on SQLite (a temp file) and on PostgreSQL.
+* ``upstream``: the OpenAI-compatible mock upstream (real wire format) on a loopback port.
+* ``gateway``: metergate itself, built by ``build_app`` and served on a loopback port, in front of it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx2 as httpx
+import openai
+import pytest
+from aiohttp import web
+
+from metergate.config.settings import Settings, load_settings
+from metergate.demo.mock_upstream import REQUESTS, build_mock_upstream
+from metergate.proxy.app import STORE, build_app
+from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.store import WalletStore
+
+PG_DSN = os.environ.get("METERGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+ADMIN_KEY = "mg_test_" + "k" * 24
+LIVE_ADMIN_KEY = "mg_live_" + "l" * 24
+PROVIDER_KEY = "sk-provider-secret-" + "x" * 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    import asyncio
+
+    name = f"metergate_test_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def admin(sql: str) -> None:
+        # In a thread of its own: this fixture may be first requested from inside a running loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, run(sql)).result()
+
+    try:
+        admin(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI but unreachable at {PG_DSN}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_DSN} ({exc}); PostgreSQL tests skipped")
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'wallet.db'}"
+        return
+    base: str = request.getfixturevalue("pg_url")
+    yield base
+
+
+async def _reset_pg(url: str) -> None:
+    """Give each PostgreSQL test an empty schema inside the session's throwaway database."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from metergate.wallet import schema
+
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(schema.metadata.drop_all)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[WalletStore]:
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+    s = SqlWalletStore(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@dataclass
+class Upstream:
+    url: str
+    app: web.Application
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.app[REQUESTS]
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    app = build_mock_upstream()
+    runner, port = await serve(app)
+    yield Upstream(f"http://127.0.0.1:{port}", app)
+    await runner.cleanup()
+
+
+DEFAULT_PRICING = {"asset": "USD", "models": {
+    "gpt-4o-mini": {"input_per_mtok": "0.30", "cached_input_per_mtok": "0.15", "output_per_mtok": "1.20"},
+    "gpt-4o": {"input_per_mtok": "5.00", "cached_input_per_mtok": "2.50", "output_per_mtok": "20.00",
+               "request_fee": "0.0001"},
+    "text-embedding-3-small": {"input_per_mtok": "0.04"},
+}}
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    app: web.Application
+    upstream: Upstream
+    admin: httpx.AsyncClient
+    clients: list[openai.AsyncOpenAI]
+
+    @property
+    def store(self) -> WalletStore:
+        return self.app[STORE]
+
+    def openai(self, customer: str = "acme", *, mode: str = "test", **kwargs: Any) -> openai.AsyncOpenAI:
+        """An official SDK client identified by the trusted customer header (the sidecar case)."""
+        headers = {"X-Metergate-Customer": customer, "X-Metergate-Mode": mode, **kwargs.pop("headers", {})}
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/openai/v1", api_key="sk-app-does-not-hold-the-key",
+                                    default_headers=headers, max_retries=0, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        await self.admin.aclose()
+
+    async def customer(self, customer_id: str = "acme", funds: int = 1_000_000, *, mode: str = "test") -> None:
+        """Create a customer and credit ``funds`` (smallest unit) through the admin API."""
+        admin = self.admin if mode == "test" else httpx.AsyncClient(
+            base_url=self.admin.base_url, headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"})
+        r = await admin.post("/customers", json={"id": customer_id, "name": customer_id.title()})
+        assert r.status_code == 201, r.text
+        if funds:
+            r = await admin.post(f"/customers/{customer_id}/credits",
+                                 json={"amount": funds, "idempotency_key": f"seed-{customer_id}"})
+            assert r.status_code == 201, r.text
+        if admin is not self.admin:
+            await admin.aclose()
+
+    async def usage(self, customer_id: str = "acme") -> list[dict[str, Any]]:
+        r = await self.admin.get(f"/customers/{customer_id}/usage", params={"limit": 200})
+        assert r.status_code == 200, r.text
+        data: list[dict[str, Any]] = r.json()["data"]
+        return data
+
+    async def balance(self, customer_id: str = "acme") -> dict[str, Any]:
+        r = await self.admin.get(f"/customers/{customer_id}/balance")
+        assert r.status_code == 200, r.text
+        balances: list[dict[str, Any]] = r.json()["balances"]
+        return balances[0] if balances else {"available": 0, "pending": 0, "posted": 0}
+
+
+async def start_gateway(upstream: Upstream, database_url: str, **overrides: Any) -> tuple[Gateway, web.AppRunner]:
+    port = free_port()
+    settings = load_settings(**{
+        "port": port, "database_url": database_url,
+        "routes": [{"prefix": "/openai", "upstream": upstream.url, "api_key": PROVIDER_KEY}],
+        "pricing": DEFAULT_PRICING, "admin_keys": [ADMIN_KEY, LIVE_ADMIN_KEY],
+        "portal_secrets": {"k1": secrets.token_urlsafe(32)}, "drain_timeout_s": 5, "upstream_timeout_s": 30,
+        **overrides})
+    url = f"http://127.0.0.1:{port}"
+    app = build_app(settings, public_url=url)
+    runner, _ = await serve(app, port)
+    admin = httpx.AsyncClient(base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                              timeout=30)
+    return Gateway(url, settings, app, upstream, admin, []), runner
+
+
+@pytest.fixture
+async def gateway(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Gateway]:
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'gateway.db'}")
+    yield gw
+    await gw.close()
+    await runner.cleanup()
