@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from metergate.proxy.app import build_app
 
     # Not web.run_app: metergate's runner also answers requests aiohttp cannot parse in the JSON envelope.
-    run_app(build_app(settings), host=settings.host, port=settings.port,
+    run_app(build_app(settings), host=settings.host, port=settings.port, backlog=settings.listen_backlog,
             shutdown_timeout=settings.drain_timeout_s)
     return 0
 

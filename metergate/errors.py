@@ -2,9 +2,10 @@
 
 Tree::
 
-    MetergateError                      (500 internal_error)
+    MetergateError                      (500 internal_error; 504 timeout when aiohttp times a handler out)
     ├── BadRequest                      400: invalid_json, invalid_request, missing_model,
-    │                                        unknown_model, invalid_customer, invalid_amount
+    │                                        unknown_model, invalid_customer, invalid_amount,
+    │                                        malformed_request (HTTP framing aiohttp could not parse)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,

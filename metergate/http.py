@@ -4,18 +4,27 @@ Every handler raises members of :mod:`metergate.errors`; this middleware renders
 error envelope. aiohttp's own HTTP exceptions (unknown path, body too large) are mapped to the same
 envelope, and anything unexpected becomes a generic 500 whose details go to the log, never to the
 client.
+
+Requests that aiohttp's HTTP parser rejects (a bad request line, CR or LF inside a header value, broken
+chunked framing) never reach a handler or a middleware: aiohttp answers them itself, as text/plain
+(aio-libs/aiohttp#3287 asks for a hook; none exists). :class:`JsonErrorAppRunner` serves an application
+with a request handler that renders those answers in the same envelope; :func:`run_app` is
+``web.run_app`` on that runner. Serve metergate with one of the two, never with a bare ``web.AppRunner``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
-from metergate.errors import MetergateError, MethodNotAllowed, NotFound, PayloadTooLarge
+from metergate.errors import BadRequest, MetergateError, MethodNotAllowed, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,21 +46,98 @@ _AIOHTTP_ERRORS: dict[int, Callable[[], MetergateError]] = {
 }
 
 
+def _malformed() -> MetergateError:
+    return BadRequest("The HTTP request is malformed and could not be parsed.", code="malformed_request")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except MetergateError as error:
         return error_response(error)
+    except RequestPayloadError:
+        # The body's framing is broken (bad chunk size, truncated chunk): the client's fault, not ours.
+        return error_response(_malformed())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         factory = _AIOHTTP_ERRORS.get(exc.status)
-        error = factory() if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
-        if factory is None:
-            return json_response(error.body(), status=exc.status)
-        return error_response(error)
-    except Exception:
+        mapped = factory() if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
+        return json_response(mapped.body(), status=exc.status)
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
+            # The client left mid-request (typically while sending its body): nothing went wrong here and
+            # no answer can reach it, so this is no error worth a traceback.
+            log.info("client disconnected during %s %s", request.method, request.path)
+            return error_response(BadRequest("The client closed the connection.", code="client_closed"))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(MetergateError("Internal error; the request changed nothing it could not undo.",
                                              code="internal_error"))
+
+
+# ---------------------------------------------------------------------------------- serving
+
+
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol, with its own error answers rendered in the OpenAI envelope.
+
+    aiohttp calls :meth:`handle_error` for a request its parser rejected (status 400), and for an
+    exception that escaped the handler chain (500, or 504 on a timeout). The body never carries the
+    parser's message or a traceback: those go to the log.
+    """
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling request from %s", request.remote, exc_info=exc)
+        else:
+            log.debug("malformed request from %s: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:
+            # Part of a response is on the wire already; the only honest answer is to drop the connection.
+            raise ConnectionError("response already started; cannot send an error response")
+        if status == 400:
+            error = _malformed()
+        elif status == 504:
+            error = MetergateError("The request timed out.", code="timeout")
+        else:
+            error = MetergateError("Internal error; the request changed nothing it could not undo.",
+                                   code="internal_error")
+        response = json_response(error.body(), status=status)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """A low-level server whose connections use :class:`JsonErrorRequestHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs the app's startup and freezes it
+        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+                               handler_cancellation=server.handler_cancellation, loop=server._loop,
+                               **server._kwargs)
+
+
+async def _serve_forever(app: web.Application, host: str, port: int, backlog: int, **runner_kwargs: Any) -> None:
+    runner = JsonErrorAppRunner(app, handle_signals=True, **runner_kwargs)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=backlog).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_app(app: web.Application, *, host: str, port: int, backlog: int = 128, shutdown_timeout: float = 60.0,
+            keepalive_timeout: float = 75.0, **runner_kwargs: Any) -> None:
+    """``web.run_app(app, host=..., port=...)`` on :class:`JsonErrorAppRunner`; returns on SIGINT/SIGTERM."""
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(_serve_forever(app, host, port, backlog, shutdown_timeout=shutdown_timeout,
+                                   keepalive_timeout=keepalive_timeout, **runner_kwargs))

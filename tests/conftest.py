@@ -28,6 +28,7 @@ from aiohttp import web
 
 from metergate.config.settings import Settings, load_settings
 from metergate.demo.mock_upstream import REQUESTS, build_mock_upstream
+from metergate.http import JsonErrorAppRunner
 from metergate.proxy.app import STORE, build_app
 from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
@@ -117,7 +118,7 @@ class Upstream:
 
 
 async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, shutdown_timeout=2)
+    runner = JsonErrorAppRunner(app, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()

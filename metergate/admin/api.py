@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from metergate.config.settings import Settings
-from metergate.errors import BadRequest, Unauthorized
+from metergate.errors import BadRequest, NotFound, Unauthorized
 from metergate.http import json_response
 from metergate.money import format_minor, parse_major
 from metergate.portal.links import LinkSigner
@@ -28,6 +29,7 @@ from metergate.wallet.store import WalletStore
 
 PREFIX = "/admin/v1"
 _MAX_PAGE = 200
+_DECIMAL = re.compile(r"[0-9]{1,16}(\.[0-9]{1,18})?")  # plain notation: no sign, no exponent
 
 
 class AdminApi:
@@ -61,8 +63,8 @@ class AdminApi:
         for key, mode in self._keys:
             if token and hmac.compare_digest(token.encode(), key.encode()):
                 return mode  # type: ignore[return-value]
-        raise Unauthorized("A valid admin key is required: 'Authorization: Bearer mg_test_...' or mg_live_....",
-                           code="invalid_admin_key")
+        raise Unauthorized("A valid admin key is required: 'Authorization: Bearer mg_test_...' or "
+                           "mg_live_....", code="invalid_admin_key")
 
     async def _customer(self, request: web.Request) -> tuple[Mode, str]:
         mode = self._mode(request)
@@ -77,29 +79,41 @@ class AdminApi:
             raise BadRequest("Send a JSON object with Content-Type: application/json.", code="invalid_json")
         try:
             payload = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise BadRequest("The request body must be a JSON object.", code="invalid_json")
         return payload
 
     @staticmethod
-    def _page(request: web.Request) -> tuple[int, int | None]:
+    def _limit(request: web.Request) -> int:
         try:
             limit = int(request.query.get("limit", "50"))
+        except ValueError:
+            raise BadRequest("'limit' must be an integer.", code="invalid_request", param="limit") from None
+        if not 1 <= limit <= _MAX_PAGE:
+            raise BadRequest(f"'limit' must be between 1 and {_MAX_PAGE}.", code="invalid_request",
+                             param="limit")
+        return limit
+
+    @classmethod
+    def _page(cls, request: web.Request) -> tuple[int, int | None]:
+        """``limit`` and a sequence-number ``cursor`` (ledger and usage lists)."""
+        limit = cls._limit(request)
+        try:
             before = int(request.query["cursor"]) if "cursor" in request.query else None
         except ValueError:
-            raise BadRequest("'limit' and 'cursor' must be integers.", code="invalid_request") from None
-        if not 1 <= limit <= _MAX_PAGE:
-            raise BadRequest(f"'limit' must be between 1 and {_MAX_PAGE}.", code="invalid_request", param="limit")
+            raise BadRequest("'cursor' must be a next_cursor value from a previous page.",
+                             code="invalid_request", param="cursor") from None
         return limit, before
 
     def _money(self, asset: str, amount: int) -> str:
         return format_minor(amount, self._scales.get(asset, 0))
 
     def _balance(self, b: Balance) -> dict[str, Any]:
-        return {"asset": b.asset, "available": b.available, "available_decimal": self._money(b.asset, b.available),
-                "posted": b.posted, "pending": b.debits_pending, "credits_posted": b.credits_posted,
+        return {"asset": b.asset, "available": b.available,
+                "available_decimal": self._money(b.asset, b.available), "posted": b.posted,
+                "pending": b.debits_pending, "credits_posted": b.credits_posted,
                 "debits_posted": b.debits_posted}
 
     # ------------------------------------------------------------------ handlers
@@ -123,7 +137,7 @@ class AdminApi:
 
     async def list_customers(self, request: web.Request) -> web.Response:
         mode = self._mode(request)
-        limit, _ = self._page(request)
+        limit = self._limit(request)  # the cursor here is a customer id, not a sequence number
         after = request.query.get("cursor")
         customers = await self._store.list_customers(mode, limit=limit, after=after)
         return json_response({"data": [asdict(c) for c in customers],
@@ -146,7 +160,7 @@ class AdminApi:
         mode = self._mode(request)
         key = await self._store.revoke_api_key(mode, request.match_info["key_id"])
         if key is None:
-            raise BadRequest("No such API key in this mode.", code="not_found", param="key_id")
+            raise NotFound("No such API key in this mode.", code="not_found", param="key_id")
         return json_response(asdict(key))
 
     async def credit(self, request: web.Request) -> web.Response:
@@ -157,12 +171,16 @@ class AdminApi:
             raise UnknownAsset(str(asset))
         key = body.get("idempotency_key") or request.headers.get("Idempotency-Key")
         if not isinstance(key, str) or not 1 <= len(key) <= 128:
-            raise BadRequest("'idempotency_key' (or the Idempotency-Key header) is required, 1-128 characters.",
-                             code="invalid_request", param="idempotency_key")
+            raise BadRequest("'idempotency_key' (or the Idempotency-Key header) is required, "
+                             "1-128 characters.", code="invalid_request", param="idempotency_key")
         amount = body.get("amount")
         if "amount_decimal" in body:
+            text = body["amount_decimal"]
+            if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+                raise BadRequest("'amount_decimal' must be a plain decimal string such as \"12.50\".",
+                                 code="invalid_amount", param="amount_decimal")
             try:
-                amount = parse_major(str(body["amount_decimal"]), self._scales[asset])
+                amount = parse_major(text, self._scales[asset])
             except ValueError as exc:
                 raise BadRequest(str(exc), code="invalid_amount", param="amount_decimal") from None
         if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= 10**15:

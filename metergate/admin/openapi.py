@@ -10,12 +10,15 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
-        params: tuple[str, ...] = ()) -> dict[str, Any]:
+        params: tuple[str, ...] = (), query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    json_object = {"application/json": {"schema": {"type": "object"}}}
     op: dict[str, Any] = {
         "summary": summary,
-        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params],
-        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-                      "default": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}},
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                       for p in params] + (query or []),
+        "responses": {str(ok): {"description": "OK", "content": json_object},
+                      "default": {"description": "Error",
+                                  "content": {"application/json": {"schema": _ERROR}}}},
     }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
@@ -25,27 +28,30 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
 def document() -> dict[str, Any]:
     c = ("customer_id",)
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-            {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
+            {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
+             "schema": {"type": "string"}}]
+    credit = {
+        "type": "object", "required": ["idempotency_key"],
+        "properties": {"asset": {"type": "string"}, "amount": {"type": "integer", "minimum": 1},
+                       "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
+                       "memo": {"type": "string"}}}
+    customers = "/admin/v1/customers/{customer_id}"
     paths: dict[str, Any] = {
         "/admin/v1/customers": {
             "post": _op("Create a customer", ok=201, body={
                 "type": "object", "required": ["id"],
                 "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
                                "name": {"type": "string", "maxLength": 256}}}),
-            "get": {**_op("List customers"), "parameters": page},
+            "get": _op("List customers", query=page),
         },
-        "/admin/v1/customers/{customer_id}": {"get": _op("Get a customer with balances", params=c)},
-        "/admin/v1/customers/{customer_id}/api-keys": {"post": _op("Issue a proxy API key", ok=201, params=c)},
+        customers: {"get": _op("Get a customer with balances", params=c)},
+        f"{customers}/api-keys": {"post": _op("Issue a proxy API key", ok=201, params=c)},
         "/admin/v1/api-keys/{key_id}": {"delete": _op("Revoke a proxy API key", params=("key_id",))},
-        "/admin/v1/customers/{customer_id}/credits": {"post": _op("Credit a wallet (idempotent)", ok=201, params=c, body={
-            "type": "object", "required": ["idempotency_key"],
-            "properties": {"asset": {"type": "string"}, "amount": {"type": "integer", "minimum": 1},
-                           "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
-                           "memo": {"type": "string"}}})},
-        "/admin/v1/customers/{customer_id}/balance": {"get": _op("Balances per asset", params=c)},
-        "/admin/v1/customers/{customer_id}/ledger": {"get": _op("Ledger entries, newest first", params=c)},
-        "/admin/v1/customers/{customer_id}/usage": {"get": _op("Usage records, newest first", params=c)},
-        "/admin/v1/customers/{customer_id}/portal-link": {"post": _op("A signed billing-portal link", params=c)},
+        f"{customers}/credits": {"post": _op("Credit a wallet (idempotent)", ok=201, params=c, body=credit)},
+        f"{customers}/balance": {"get": _op("Balances per asset", params=c)},
+        f"{customers}/ledger": {"get": _op("Ledger entries, newest first", params=c, query=page)},
+        f"{customers}/usage": {"get": _op("Usage records, newest first", params=c, query=page)},
+        f"{customers}/portal-link": {"post": _op("A signed billing-portal link", params=c)},
     }
     return {
         "openapi": "3.1.0",

@@ -61,7 +61,8 @@ class LinkSigner:
         if kid not in self._keys or mode not in ("test", "live"):
             raise Forbidden("This billing link is not valid.", code="invalid_portal_link")
         expected = self._sign(kid, mode, customer_id, expires_at)
-        if not hmac.compare_digest(expected, sig):
+        # Bytes, not str: compare_digest raises TypeError on a non-ASCII str, which would be a 500.
+        if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "surrogatepass")):
             raise Forbidden("This billing link is not valid.", code="invalid_portal_link")
         if expires_at < (now if now is not None else time.time()):
             raise Forbidden("This billing link has expired; request a new one from the application.",

@@ -30,11 +30,14 @@ _PAGE = """<!doctype html>
  header {{ background: #1d2433; color: #fff; padding: 1rem 2rem; }}
  main {{ max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}
  .cards {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
- .card {{ background: #fff; border-radius: .5rem; padding: 1rem 1.5rem; box-shadow: 0 1px 3px #0002; min-width: 14rem; }}
+ .card {{ background: #fff; border-radius: .5rem; padding: 1rem 1.5rem; box-shadow: 0 1px 3px #0002;
+         min-width: 14rem; }}
  .amount {{ font-size: 2rem; font-weight: 600; }}
  table {{ width: 100%; border-collapse: collapse; background: #fff; margin-top: 1rem; }}
- th, td {{ text-align: left; padding: .5rem .75rem; border-bottom: 1px solid #e3e6ea; font-variant-numeric: tabular-nums; }}
- .mode {{ display: inline-block; padding: .1rem .5rem; border-radius: 1rem; background: #ffd54a; color: #000; font-size: .8rem; }}
+ th, td {{ text-align: left; padding: .5rem .75rem; border-bottom: 1px solid #e3e6ea;
+          font-variant-numeric: tabular-nums; }}
+ .mode {{ display: inline-block; padding: .1rem .5rem; border-radius: 1rem; background: #ffd54a; color: #000;
+          font-size: .8rem; }}
 </style></head>
 <body><header><h1>Billing for {customer} {mode_badge}</h1></header>
 <main>
@@ -82,7 +85,8 @@ class PortalViews:
         esc = html.escape
         cards = "".join(
             f'<div class="card"><div>{esc(self._names.get(b.asset, b.asset))}</div>'
-            f'<div class="amount" data-asset="{esc(b.asset)}">{esc(format_minor(b.available, self._scales.get(b.asset, 0)))}'
+            f'<div class="amount" data-asset="{esc(b.asset)}">'
+            f'{esc(format_minor(b.available, self._scales.get(b.asset, 0)))}'
             f'</div><div><small>{esc(b.asset)} available</small></div></div>'
             for b in balances) or '<div class="card">No balance yet.</div>'
         lines = "".join(

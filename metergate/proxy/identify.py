@@ -65,6 +65,9 @@ class Identifier:
             address = ipaddress.ip_address(remote.split("%", 1)[0])
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            # A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1, which no IPv4 network contains.
+            return any(address.ipv4_mapped in network for network in self._trusted)
         return any(address in network for network in self._trusted)
 
     async def identify(self, request: web.Request) -> Identity:
