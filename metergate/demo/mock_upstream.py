@@ -6,9 +6,11 @@ ask for misbehaviour through the ``X-Mock-Behavior`` header (comma-separated):
 
 ``words:N`` reply length · ``error:STATUS`` fail before any output · ``slow:S`` wait before answering ·
 ``chunk-delay:S`` wait between stream chunks · ``die-after:N`` cut the connection after N content
-chunks · ``no-usage`` never report usage · ``usage-zero`` report zero usage · ``cached:N`` /
-``reasoning:N`` report cached-input / reasoning tokens · ``redirect`` answer 307 · ``not-stream``
-answer a stream request with JSON.
+chunks (a JSON answer: halfway through its body) · ``no-usage`` never report usage · ``usage-zero``
+report zero usage · ``cached:N`` / ``reasoning:N`` report cached-input / reasoning tokens ·
+``redirect`` answer 307 · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
+without ``[DONE]`` · ``unterminated`` end a stream's last event with one newline instead of the blank
+line · ``header:NAME=VALUE`` add a response header.
 
 Every request is recorded (path, headers, JSON body) and listed at ``GET /_mock/requests``.
 """
@@ -26,8 +28,9 @@ from aiohttp import web
 from metergate.metering.tokenizer import counter_for
 
 REQUESTS = web.AppKey("requests", list)
-_WORDS = ("Metergate authorizes every request against a prepaid wallet before the upstream sees it, "
-          "meters each token as it streams, and settles the exact amount in an append-only ledger. ").split()
+_WORDS = ["Metergate", "authorizes", "every", "request", "against", "a", "prepaid", "wallet", "before", "the",
+          "upstream", "sees", "it,", "meters", "each", "token", "as", "it", "streams,", "and", "settles", "the",
+          "exact", "amount", "in", "an", "append-only", "ledger."]
 
 
 def _behavior(request: web.Request) -> dict[str, str]:
@@ -64,6 +67,24 @@ def _usage(prompt: int, completion: int, b: dict[str, str]) -> dict[str, Any]:
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
+def _headers(b: dict[str, str]) -> dict[str, str]:
+    name, _, value = b.get("header", "").partition("=")
+    return {name: value} if name else {}
+
+
+async def _json(request: web.Request, payload: dict[str, Any], b: dict[str, str]) -> web.StreamResponse:
+    if "die-after" not in b:
+        return web.json_response(payload, headers=_headers(b))
+    body = json.dumps(payload).encode()
+    response = web.StreamResponse(headers={"Content-Type": "application/json", **_headers(b)})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    assert request.transport is not None
+    request.transport.abort()  # cut the connection halfway through the body
+    return response
+
+
 def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
     n = min(int(b.get("words", 12)), int(limit))
@@ -72,7 +93,9 @@ def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
 
 async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, str]] | web.Response:
     body = await request.json()
-    request.app[REQUESTS].append({"path": request.path, "headers": dict(request.headers), "body": body})
+    # ``headers`` is the convenient view; ``header_list`` keeps repeated headers, in the order received.
+    request.app[REQUESTS].append({"path": request.path, "headers": dict(request.headers),
+                                  "header_list": [[k, v] for k, v in request.headers.items()], "body": body})
     b = _behavior(request)
     if "slow" in b:
         await asyncio.sleep(float(b["slow"]))
@@ -104,7 +127,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "system_fingerprint": "fp_mock"}
         if "no-usage" not in b:
             payload["usage"] = _usage(prompt, completion, b)
-        return web.json_response(payload)
+        return await _json(request, payload, b)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -126,19 +149,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def _sse(request: web.Request, events: list[dict[str, Any]], b: dict[str, str]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache"})
+                                           "Cache-Control": "no-cache", **_headers(b)})
     await response.prepare(request)
     delay = float(b.get("chunk-delay", 0))
     die_after = int(b["die-after"]) if "die-after" in b else None
-    for index, event in enumerate(events):
+    frames = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
+    if "no-done" not in b:
+        frames.append(b"data: [DONE]\n\n")
+    if "unterminated" in b and frames:
+        frames[-1] = frames[-1][:-1]
+    for index, frame in enumerate(frames):
         if die_after is not None and index > die_after:
             assert request.transport is not None
             request.transport.abort()  # cut the connection without finishing the chunked body
             return response
-        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-        if delay:
+        await response.write(frame)
+        if delay and index < len(events):
             await asyncio.sleep(delay)
-    await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 
@@ -151,7 +178,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     model = body["model"]
     count = counter_for(model).count
     prompts = body.get("prompt")
-    prompt = count(prompts) if isinstance(prompts, str) else sum(count(p) for p in prompts or [])
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # one prompt, as text or as a token array
+    prompt = sum(count(p) if isinstance(p, str) else len(p) for p in prompts or [])
     words = _reply_words(body, b)
     completion = count("".join(words))
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -161,7 +190,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                 "finish_reason": "stop"}]}
         if "no-usage" not in b:
             payload["usage"] = _usage(prompt, completion, b)
-        return web.json_response(payload)
+        return await _json(request, payload, b)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     events: list[dict[str, Any]] = [
         {"id": ident, "object": "text_completion", "created": created, "model": model,
@@ -186,7 +215,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(inputs))]}
     if "no-usage" not in b:
         payload["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
-    return web.json_response(payload)
+    return await _json(request, payload, b)
 
 
 async def recorded(request: web.Request) -> web.Response:

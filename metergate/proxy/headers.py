@@ -15,7 +15,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade",
 })
-_REQUEST_DROP = frozenset({"host", "content-length", "authorization", "accept-encoding", "x-api-key",
+# Client credentials in every form an OpenAI-compatible upstream accepts ("api-key" is Azure OpenAI's).
+_REQUEST_DROP = frozenset({"host", "content-length", "authorization", "accept-encoding", "x-api-key", "api-key",
                            "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
 _RESPONSE_DROP = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
 
@@ -46,10 +47,11 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[
 
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers to relay to the client from the upstream response."""
+    """Headers to relay to the client from the upstream response; metergate's receipt headers are its own."""
     excluded = HOP_BY_HOP | _RESPONSE_DROP | _connection_named(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() not in excluded:
+        lowered = name.lower()
+        if lowered not in excluded and not lowered.startswith("x-metergate-"):
             out.add(name, value)
     return out

@@ -10,6 +10,7 @@ expires after ``hold_ttl_s`` and the expiry is written to the ledger.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from metergate.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
+    MetergateError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -67,6 +69,7 @@ class Exchange:
     started: float
     status: int = 0
     delivered: bool = False  # some upstream output reached (or was meant for) the client
+    meter: oa.StreamMeter | None = None  # a stream's meter, so that any way out can bill what it saw
     settlement: asyncio.Task[Settlement | None] | None = None
 
 
@@ -132,12 +135,14 @@ class Pipeline:
             if prepared.stream:
                 return await self._stream(request, ex)
             return await self._unary(request, ex)
+        except MetergateError as error:
+            ex.status = error.status  # the usage record keeps what the client was answered (502, 504, ...)
+            raise
         finally:
             if ex.settlement is None:
                 # Any path that did not settle (an exception, a cancellation) releases the hold here,
                 # capturing what was delivered if anything was.
-                usage = self._estimated(ex, 0) if ex.delivered else None
-                await self._settle_shielded(ex, usage)
+                await self._settle_shielded(ex, self._delivered_usage(ex))
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -201,33 +206,16 @@ class Pipeline:
     async def _unary(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         upstream = await self._send(request, ex)
         self._check_redirect(upstream)
-        try:
-            body = await _read_limited(upstream, self.settings.max_response_bytes)
-        except TimeoutError:
-            raise GatewayTimeout("The upstream stopped answering; nothing was charged.") from None
-        except aiohttp.ClientError:
-            raise BadGateway("The upstream connection failed mid-response; nothing was charged.") from None
-        finally:
-            upstream.release()
-        ex.status = upstream.status
-        usage: Usage | None = None
-        if upstream.status < 400:
-            ex.delivered = True
-            usage, text = oa.usage_from_body(body)
-            if usage is None:
-                usage = self._estimated(ex, counter_for(ex.prepared.model).count(text))
-        settlement = await self._settle_shielded(ex, usage)
-        response_headers = hh.client_response_headers(upstream.headers)
-        response_headers.update(self._receipt(ex, settlement, usage))
-        return web.Response(body=body, status=upstream.status, headers=response_headers)
+        return await self._relay_whole(ex, upstream)
 
     async def _stream(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         upstream = await self._send(request, ex)
         self._check_redirect(upstream)
         if upstream.status >= 400 or "text/event-stream" not in upstream.headers.get("Content-Type", ""):
-            return await self._relay_unstreamed(ex, upstream)
+            # A stream request answered without a stream (an upstream error, usually): relay it whole.
+            return await self._relay_whole(ex, upstream)
         ex.status = upstream.status
-        meter = oa.StreamMeter(ex.prepared.injected_usage, self.settings.drain_max_bytes)
+        meter = ex.meter = oa.StreamMeter(ex.prepared.injected_usage, self.settings.drain_max_bytes)
         response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
@@ -259,36 +247,47 @@ class Pipeline:
                         client_gone = True
                         drain_deadline = time.monotonic() + self.settings.drain_timeout_s
             tail = sse.rest()
-            if tail and not client_gone and meter.on_event(event_data(tail)):
-                await _write_quietly(response, tail)
+            if tail.strip():
+                # The upstream ended without the blank line that closes its last event; a client would
+                # discard such an event, so it is closed here. It is metered whether or not the client is
+                # still there, and a final [DONE] still waits for the settlement.
+                event = tail.rstrip(b"\r\n") + b"\n\n"
+                data = event_data(event)
+                if data == b"[DONE]":
+                    held_back.append(event)
+                elif meter.on_event(data) and not client_gone:
+                    await _write_quietly(response, event)
+                if meter.content_events:
+                    ex.delivered = True
         except (TimeoutError, aiohttp.ClientError, EventTooLarge) as exc:
             # The upstream died or misbehaved mid-stream: bill what was delivered, end the stream.
             log.warning("%s: upstream stream ended abnormally: %s", ex.request_id, type(exc).__name__)
         finally:
             upstream.release()
-        usage = meter.usage or (self._estimated(ex, meter.delivered_output_tokens(ex.prepared.model))
-                                if ex.delivered else None)
-        await self._settle_shielded(ex, usage)
+        await self._settle_shielded(ex, self._delivered_usage(ex))
         if not client_gone:
             if held_back:
                 await _write_quietly(response, b"".join(held_back))
             await _write_eof_quietly(response)
         return response
 
-    async def _relay_unstreamed(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        """A stream request answered without a stream (an upstream error, usually): relay it as is."""
+    async def _relay_whole(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Read a whole (non-stream) upstream answer, settle from its usage, relay it with a receipt."""
         try:
             body = await _read_limited(upstream, self.settings.max_response_bytes)
-        except (TimeoutError, aiohttp.ClientError):
-            body = b""
+        except TimeoutError:
+            raise GatewayTimeout("The upstream stopped answering; nothing was charged.") from None
+        except aiohttp.ClientError:
+            raise BadGateway("The upstream connection failed mid-response; nothing was charged.") from None
         finally:
             upstream.release()
         ex.status = upstream.status
-        usage = None
+        usage: Usage | None = None
         if upstream.status < 400:
             ex.delivered = True
             usage, text = oa.usage_from_body(body)
-            usage = usage or self._estimated(ex, counter_for(ex.prepared.model).count(text))
+            if usage is None:
+                usage = self._estimated(ex, counter_for(ex.prepared.model).count(text))
         settlement = await self._settle_shielded(ex, usage)
         response_headers = hh.client_response_headers(upstream.headers)
         response_headers.update(self._receipt(ex, settlement, usage))
@@ -298,6 +297,16 @@ class Pipeline:
 
     def _estimated(self, ex: Exchange, output_tokens: int) -> Usage:
         return Usage(input_tokens=ex.prepared.input_tokens, output_tokens=output_tokens, source="estimated")
+
+    def _delivered_usage(self, ex: Exchange) -> Usage | None:
+        """What to bill when leaving without a whole answer: the provider's usage if the stream carried it,
+        else an estimate from the text delivered so far, else nothing (nothing was delivered)."""
+        if ex.meter is not None and ex.meter.usage is not None:
+            return ex.meter.usage
+        if not ex.delivered:
+            return None
+        output = ex.meter.delivered_output_tokens(ex.prepared.model) if ex.meter is not None else 0
+        return self._estimated(ex, output)
 
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
@@ -351,7 +360,7 @@ class Pipeline:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
@@ -370,17 +379,13 @@ async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
-    try:
+    with contextlib.suppress(*_CLIENT_GONE):
         await response.write(data)
-    except _CLIENT_GONE:
-        pass
 
 
 async def _write_eof_quietly(response: web.StreamResponse) -> None:
-    try:
+    with contextlib.suppress(*_CLIENT_GONE):
         await response.write_eof()
-    except _CLIENT_GONE:
-        pass
 
 
 __all__ = ["Exchange", "Pipeline", "json_response"]

@@ -142,7 +142,7 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
     """The usage in a JSON response body, and the generated text to estimate from when there is none."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser's stack
         return None, ""
     if not isinstance(payload, dict):
         return None, ""
@@ -178,7 +178,7 @@ class StreamMeter:
             return True
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return True
         if not isinstance(chunk, dict):
             return True
