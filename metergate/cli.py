@@ -8,6 +8,8 @@ import sys
 
 from metergate.config.settings import SettingsError, load_settings
 
+_HANDLER_GRACE_S = 5.0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="metergate", description=__doc__)
@@ -15,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the metering proxy")
     serve.add_argument("--config", help="YAML settings file (else METERGATE_CONFIG)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=("json", "text"), default="json",
+                       help="json: one object per line (default); text: for people at a terminal")
+    serve.add_argument("--role", choices=("sidecar", "control", "all"),
+                       help="what to serve (else the role setting / METERGATE_ROLE; default all)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
     args = parser.parse_args(argv)
@@ -25,19 +31,24 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_demo(keep=args.keep)
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, **({"role": args.role} if args.role else {}))
     except SettingsError as exc:
         print(f"metergate: {exc}", file=sys.stderr)
         return 2
     from metergate.http import run_app
+    from metergate.observability.logs import configure_logging, secrets_of
     from metergate.proxy.app import build_app
 
+    configure_logging(args.log_level, args.log_format, secrets_of(settings))
+    logging.getLogger("metergate").info("metergate serving as %s on %s:%d", settings.role, settings.host,
+                                        settings.port)
     # Not web.run_app: metergate's runner also answers requests aiohttp cannot parse in the JSON envelope.
+    # The shutdown timeout is what handlers get after the drain (drain_deadline_s, in the app's on_shutdown):
+    # requests that never reached a hold — admin calls, bodies still arriving — not streams.
     run_app(build_app(settings), host=settings.host, port=settings.port, backlog=settings.listen_backlog,
-            shutdown_timeout=settings.drain_timeout_s)
+            shutdown_timeout=_HANDLER_GRACE_S)
+    logging.getLogger("metergate").info("metergate stopped")
     return 0
 
 

@@ -9,12 +9,14 @@ Tree::
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
-    │                                        invalid_portal_link, expired_portal_link
+    │                                        invalid_portal_link, expired_portal_link,
+    │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, not_found
     ├── MethodNotAllowed                405: method_not_allowed
     ├── Conflict                        409: idempotency_conflict, already_exists
     ├── PayloadTooLarge                 413: body_too_large
     ├── UnsupportedMediaType            415: unsupported_media_type
+    ├── TooManyRequests                 429: rate_limited (with a Retry-After header)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
     └── GatewayTimeout                  504: upstream_timeout
 
@@ -40,6 +42,7 @@ class MetergateError(Exception):
         self.code = code or self.default_code
         self.param = param
         self.extra = extra
+        self.headers: dict[str, str] = {}  # response headers that go with the error (Retry-After)
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code,
@@ -100,6 +103,16 @@ class UnsupportedMediaType(MetergateError):
     status = 415
     type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class TooManyRequests(MetergateError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **extra)
+        self.headers["Retry-After"] = str(retry_after_s)
 
 
 class BadGateway(MetergateError):

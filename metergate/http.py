@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
 
 
 def error_response(error: MetergateError) -> web.Response:
-    return json_response(error.body(), status=error.status)
+    return json_response(error.body(), status=error.status, headers=error.headers or None)
 
 
 _AIOHTTP_ERRORS: dict[int, Callable[[], MetergateError]] = {
@@ -92,7 +93,10 @@ class JsonErrorRequestHandler(web.RequestHandler):
         if status >= 500:
             log.error("error handling request from %s", request.remote, exc_info=exc)
         else:
-            log.debug("malformed request from %s: %s", request.remote, message or exc)
+            # The kind of error only: aiohttp's message quotes the offending raw line, which may be an
+            # Authorization header (tests/deploy/test_canary_secrets.py plants one).
+            log.debug("malformed request from %s: %s", request.remote,
+                      type(exc).__name__ if exc is not None else "unparseable")
         if request.writer.output_size > 0:
             # Part of a response is on the wire already; the only honest answer is to drop the connection.
             raise ConnectionError("response already started; cannot send an error response")
@@ -126,13 +130,23 @@ class JsonErrorAppRunner(web.AppRunner):
 
 
 async def _serve_forever(app: web.Application, host: str, port: int, backlog: int, **runner_kwargs: Any) -> None:
-    runner = JsonErrorAppRunner(app, handle_signals=True, **runner_kwargs)
+    # A signal only sets an event, and the shutdown runs here, uncancelled, while the requests in flight go
+    # on. (aiohttp's own signal handling raises out of the event loop, and asyncio.run then cancels every
+    # task at once — in-flight requests and settlements included — instead of draining them.)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = JsonErrorAppRunner(app, handle_signals=False, **runner_kwargs)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=backlog).start()
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("shutting down: closing the listener; requests in flight may finish")
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # stop accepting, on_shutdown (the drain), wait for handlers, close resources
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def run_app(app: web.Application, *, host: str, port: int, backlog: int = 128, shutdown_timeout: float = 60.0,

@@ -57,6 +57,14 @@ class AdminApi:
 
     # ------------------------------------------------------------------ plumbing
 
+    def authenticate(self, request: web.Request) -> Mode:
+        """The mode of the request's admin key (401 without a valid one); for the other admin modules."""
+        return self._mode(request)
+
+    async def read_json(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object body (400 otherwise); for the other admin modules."""
+        return await self._body(request)
+
     def _mode(self, request: web.Request) -> Mode:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""

@@ -36,6 +36,19 @@ def document() -> dict[str, Any]:
                        "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
                        "memo": {"type": "string"}}}
     customers = "/admin/v1/customers/{customer_id}"
+    per_minute = {"type": ["integer", "null"], "minimum": 1}
+    limits = {"type": "object", "required": ["requests_per_minute", "tokens_per_minute"],
+              "properties": {"requests_per_minute": per_minute, "tokens_per_minute": per_minute}}
+    instant = {"type": "string", "description": "ISO 8601 date or date-time (UTC unless an offset is given), "
+                                                "or epoch milliseconds"}
+    margin = [
+        {"name": "group_by", "in": "query", "schema": {
+            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month"],
+            "default": "customer"}},
+        {"name": "from", "in": "query", "description": "inclusive; default: 30 days before 'to'", "schema": instant},
+        {"name": "to", "in": "query", "description": "exclusive; default: now", "schema": instant},
+        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"}},
+    ]
     paths: dict[str, Any] = {
         "/admin/v1/customers": {
             "post": _op("Create a customer", ok=201, body={
@@ -52,6 +65,14 @@ def document() -> dict[str, Any]:
         f"{customers}/ledger": {"get": _op("Ledger entries, newest first", params=c, query=page)},
         f"{customers}/usage": {"get": _op("Usage records, newest first", params=c, query=page)},
         f"{customers}/portal-link": {"post": _op("A signed billing-portal link", params=c)},
+        f"{customers}/rate-limits": {
+            "get": _op("The customer's rate-limit override, the defaults and the limits in effect", params=c),
+            "put": _op("Override the customer's rate limits (null lifts a limit)", params=c, body=limits),
+            "delete": _op("Drop the override: the configured defaults apply again", params=c),
+        },
+        "/admin/v1/reports/margin": {"get": _op(
+            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", query=margin)},
+        "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard", ok=201)},
     }
     return {
         "openapi": "3.1.0",

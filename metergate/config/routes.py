@@ -11,9 +11,31 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+class ComputeSettings(BaseModel):
+    """How a generic compute endpoint (GPU job, inference server, any HTTP API) is metered and priced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    asset: str = Field(description="The asset this route draws, e.g. GPU_SECONDS or USD.")
+    meter: Literal["time", "header", "json", "request"] = Field(
+        "time", description="Units: wall-clock seconds, a response header, a JSON field, or one per request.")
+    usage_header: str = Field("X-Usage-Units", description="Response header carrying units (meter=header).")
+    usage_json_field: str = Field("usage.units", description="Dotted path of the units in a JSON reply (meter=json).")
+    unit_price: Decimal = Field(ge=0, max_digits=24, decimal_places=12,
+                                description="Price of one unit in the asset's major unit.")
+    hold_units: Decimal = Field(Decimal(60), gt=0, max_digits=24, decimal_places=6,
+                                description="Units held before forwarding (seconds for meter=time).")
+    extend_units: Decimal = Field(Decimal(60), gt=0, max_digits=24, decimal_places=6,
+                                  description="Units added to the hold each time a timed request outruns it.")
+    cost_per_unit_usd: Decimal | None = Field(None, ge=0, max_digits=24, decimal_places=12,
+                                              description="Provider cost of one unit, for margins.")
 
 
 class RouteSettings(BaseModel):
@@ -21,9 +43,20 @@ class RouteSettings(BaseModel):
 
     prefix: str = Field(description="Path prefix, e.g. /openai; it is removed before forwarding.")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.openai.com (may include a path).")
-    provider: Literal["openai"] = Field("openai", description="Wire format spoken by the upstream.")
+    provider: Literal["openai", "anthropic", "compute"] = Field(
+        "openai", description="Wire format spoken by the upstream.")
     provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices).")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
+    charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
+    upstream_headers: dict[str, str] = Field(
+        default_factory=dict, description="Headers set on every upstream request, e.g. OpenAI-Organization.")
+    compute: ComputeSettings | None = Field(None, description="Metering of a compute route (provider: compute).")
+
+    @model_validator(mode="after")
+    def _compute(self) -> RouteSettings:
+        if (self.provider == "compute") != (self.compute is not None):
+            raise ValueError("a route has 'compute' settings exactly when its provider is 'compute'")
+        return self
 
     @field_validator("prefix")
     @classmethod

@@ -2,9 +2,10 @@
 
 Sources, highest priority first: keyword arguments (tests), ``METERGATE_*`` environment variables
 (nested keys joined with ``__``, e.g. ``METERGATE_PRICING__ASSET``), then the YAML file named by
-``METERGATE_CONFIG`` or ``--config``. Every limit is a bounded field, and cross-field rules are
-checked here so that a bad deployment fails at start-up with the offending key named, never
-at the first request.
+``METERGATE_CONFIG`` or ``--config``, in which ``${NAME}`` references are read from the environment
+(:mod:`metergate.config.envrefs`: secrets stay out of the file). Every limit is a bounded field, and
+cross-field rules are checked here so that a bad deployment fails at start-up with the offending key
+named, never at the first request.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
+from metergate.config.envrefs import EnvExpandingYamlSource, UnsetReference
 from metergate.config.routes import RouteSettings
 
 Mode = Literal["test", "live"]
+Role = Literal["sidecar", "control", "all"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 _ASSET_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics")
@@ -54,6 +56,8 @@ class ModelRate(_Strict):
     input_per_mtok: NonNegativeDecimal = Decimal(0)
     cached_input_per_mtok: NonNegativeDecimal | None = Field(
         None, description="Rate for cached prompt tokens; defaults to the input rate.")
+    cache_write_per_mtok: NonNegativeDecimal | None = Field(
+        None, description="Rate for prompt tokens written to a provider cache; defaults to the input rate.")
     output_per_mtok: NonNegativeDecimal = Decimal(0)
     request_fee: NonNegativeDecimal = Decimal(0)
 
@@ -70,7 +74,27 @@ class CostRate(_Strict):
 
     input_per_mtok: NonNegativeDecimal = Decimal(0)
     cached_input_per_mtok: NonNegativeDecimal | None = None
+    cache_write_per_mtok: NonNegativeDecimal | None = None
     output_per_mtok: NonNegativeDecimal = Decimal(0)
+
+
+class RateLimit(_Strict):
+    """Limits over fixed one-minute windows; a missing limit is no limit."""
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10**9, description="Requests admitted per minute.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=10**13,
+        description="Tokens admitted per minute, counted at admission as estimated input + maximum output.")
+
+
+class RateLimitSettings(_Strict):
+    customer: RateLimit = Field(default_factory=RateLimit,
+                                description="Default limits of every customer; the admin API overrides them "
+                                            "per customer.")
+    api_key: RateLimit = Field(default_factory=RateLimit, description="Limits of each proxy API key.")
+    refresh_interval_s: float = Field(5, gt=0, le=3600,
+                                      description="How often each replica reloads per-customer overrides and "
+                                                  "prunes old windows.")
 
 
 class Settings(BaseSettings):
@@ -118,6 +142,13 @@ class Settings(BaseSettings):
     hold_ttl_s: int = Field(900, ge=10, le=7 * 86400, description="A hold not settled by then expires.")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
     key_cache_ttl_s: float = Field(2, ge=0, le=300, description="How long a proxy API key lookup is cached.")
+    drain_deadline_s: float = Field(25, ge=0, le=3600,
+                                    description="On SIGTERM, how long in-flight requests and streams may run on "
+                                                "before they are cut and settled.")
+
+    # Deployment.
+    role: Role = Field("all", description="sidecar: the proxy only; control: admin API, portal and hold sweeper; "
+                                          "all: both (the embedded default).")
 
     # Money.
     assets: list[AssetSettings] = Field(
@@ -133,6 +164,14 @@ class Settings(BaseSettings):
     portal_secrets: dict[str, SecretStr] = Field(
         default_factory=dict, description="Portal link HMAC keys by key id; the first signs, all verify.")
     portal_link_ttl_s: int = Field(3600, ge=60, le=30 * 86400, description="Lifetime of a signed portal link.")
+
+    # Rate limits and the operator dashboard (metergate/proxy/ratelimit.py, metergate/reports).
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings,
+                                           description="Requests and tokens per minute, per customer and per key.")
+    dashboard_link_ttl_s: int = Field(300, ge=30, le=86400,
+                                      description="Lifetime of a signed operator-dashboard link.")
+    dashboard_session_ttl_s: int = Field(3600, ge=60, le=7 * 86400,
+                                         description="Lifetime of the dashboard cookie a link sets.")
 
     @field_validator("admin_keys")
     @classmethod
@@ -160,6 +199,9 @@ class Settings(BaseSettings):
             raise ValueError("assets: asset codes must be unique")
         if self.pricing.asset not in codes:
             raise ValueError(f"pricing.asset {self.pricing.asset!r} is not one of assets {codes}")
+        for index, route in enumerate(self.routes):
+            if route.compute is not None and route.compute.asset not in codes:
+                raise ValueError(f"routes.{index}.compute.asset {route.compute.asset!r} is not one of assets {codes}")
         prefixes = [route.prefix for route in self.routes]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError("routes: two routes share a prefix")
@@ -192,7 +234,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("METERGATE_CONFIG")
         if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+            sources.append(EnvExpandingYamlSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
 
 
@@ -217,3 +259,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             key = ".".join(str(part) for part in error["loc"]) or "(settings)"
             lines.append(f"  {key}: {error['msg']}")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+    except UnsetReference as exc:
+        raise SettingsError(f"invalid settings:\n  {exc}") from None

@@ -147,14 +147,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return await _sse(request, events, b)
 
 
-async def _sse(request: web.Request, events: list[dict[str, Any]], b: dict[str, str]) -> web.StreamResponse:
+async def _sse(request: web.Request, events: list[dict[str, Any]], b: dict[str, str], *,
+               named: bool = False, done: bool = True) -> web.StreamResponse:
+    """Write events as SSE; ``named`` adds ``event: <type>`` lines (Anthropic, Responses), ``done`` the
+    OpenAI ``[DONE]`` sentinel."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache", **_headers(b)})
     await response.prepare(request)
     delay = float(b.get("chunk-delay", 0))
     die_after = int(b["die-after"]) if "die-after" in b else None
-    frames = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
-    if "no-done" not in b:
+    frames = [(f"event: {event['type']}\n".encode() if named else b"") + b"data: " + json.dumps(event).encode()
+              + b"\n\n" for event in events]
+    if done and "no-done" not in b:
         frames.append(b"data: [DONE]\n\n")
     if "unterminated" in b and frames:
         frames[-1] = frames[-1][:-1]
@@ -222,6 +226,26 @@ async def recorded(request: web.Request) -> web.Response:
     return web.json_response(request.app[REQUESTS])
 
 
+async def compute_run(request: web.Request) -> web.StreamResponse:
+    """A compute job: works for ``seconds`` (query), reports ``units`` in a header and in its JSON, and
+    how long it measured itself working, in ``X-Mock-Elapsed``. ``fail=STATUS`` fails instead."""
+    request.app[REQUESTS].append({"path": request.path, "headers": dict(request.headers),
+                                  "body": (await request.read()).decode(errors="replace")})
+    if "fail" in request.query:
+        return web.json_response({"error": "mock failure"}, status=int(request.query["fail"]))
+    started = time.perf_counter()
+    seconds = float(request.query.get("seconds", "0"))
+    units = request.query.get("units", "1")
+    response = web.StreamResponse(headers={"Content-Type": "application/json", "X-Usage-Units": units})
+    await response.prepare(request)
+    await response.write(b'{"status": "running", ')
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - started
+    await response.write(json.dumps({"usage": {"units": float(units)}, "elapsed_s": elapsed})[1:].encode())
+    await response.write_eof()
+    return response
+
+
 def build_mock_upstream() -> web.Application:
     app = web.Application()
     app[REQUESTS] = []
@@ -229,4 +253,10 @@ def build_mock_upstream() -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/_mock/requests", recorded)
+    from metergate.demo.mock_anthropic import messages
+    from metergate.demo.mock_responses import responses
+
+    app.router.add_route("*", "/compute/run", compute_run)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/responses", responses)
     return app

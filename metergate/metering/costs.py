@@ -36,13 +36,16 @@ class _Rates:
     input: Decimal
     cached_input: Decimal
     output: Decimal
+    cache_write: Decimal
 
 
 class ProviderCosts:
     def __init__(self, overrides: dict[str, CostRate]) -> None:
         self._overrides = {
-            model: _Rates(rate.input_per_mtok, rate.cached_input_per_mtok
-                          if rate.cached_input_per_mtok is not None else rate.input_per_mtok, rate.output_per_mtok)
+            model: _Rates(rate.input_per_mtok,
+                          rate.cached_input_per_mtok if rate.cached_input_per_mtok is not None else rate.input_per_mtok,
+                          rate.output_per_mtok,
+                          rate.cache_write_per_mtok if rate.cache_write_per_mtok is not None else rate.input_per_mtok)
             for model, rate in overrides.items()
         }
         self._cache: dict[tuple[str, str], tuple[float, _Rates | Any | None]] = {}
@@ -59,17 +62,18 @@ class ProviderCosts:
         from genai_prices import Usage as GUsage
 
         result = found.calc_price(GUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                                         cache_read_tokens=usage.cached_input_tokens))
+                                         cache_read_tokens=usage.cached_input_tokens,
+                                         cache_write_tokens=usage.cache_write_tokens))
         return Cost(to_minor(Decimal(result["total_price"]), COST_SCALE), "genai-prices", {"tiered": "true"})
 
     @staticmethod
     def _flat(rates: _Rates, usage: Usage, source: str) -> Cost:
-        uncached = usage.input_tokens - usage.cached_input_tokens
+        uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
         exact = (uncached * rates.input + usage.cached_input_tokens * rates.cached_input
-                 + usage.output_tokens * rates.output) / _MILLION
+                 + usage.cache_write_tokens * rates.cache_write + usage.output_tokens * rates.output) / _MILLION
         return Cost(to_minor(exact, COST_SCALE), source, {
             "input_per_mtok": str(rates.input), "cached_input_per_mtok": str(rates.cached_input),
-            "output_per_mtok": str(rates.output)})
+            "cache_write_per_mtok": str(rates.cache_write), "output_per_mtok": str(rates.output)})
 
     def _lookup(self, provider_id: str, model: str) -> _Rates | Any | None:
         key = (provider_id, model)
@@ -85,12 +89,14 @@ class ProviderCosts:
             price = calc_price(GUsage(input_tokens=0, output_tokens=0), model_ref=model,
                                provider_id=provider_id).model_price
             value = price
-            rates = (price.input_mtok, price.output_mtok, price.cache_read_mtok)
+            rates = (price.input_mtok, price.output_mtok, price.cache_read_mtok,
+                     getattr(price, "cache_write_mtok", None))
             if all(v is None or isinstance(v, Decimal) for v in rates):
-                flat_input, flat_output, flat_cached = (cast(Decimal | None, v) for v in rates)
+                flat_input, flat_output, flat_cached, flat_write = (cast(Decimal | None, v) for v in rates)
                 value = _Rates(flat_input or Decimal(0),
                                flat_cached if flat_cached is not None else flat_input or Decimal(0),
-                               flat_output or Decimal(0))
+                               flat_output or Decimal(0),
+                               flat_write if flat_write is not None else flat_input or Decimal(0))
         except LookupError:
             value = None
         except Exception as exc:  # a broken price table must not break metering

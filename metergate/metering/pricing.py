@@ -22,23 +22,26 @@ class Rate:
     model_key: str  # the table key that matched: the model itself or "*"
     input_per_mtok: Decimal
     cached_input_per_mtok: Decimal
+    cache_write_per_mtok: Decimal
     output_per_mtok: Decimal
     request_fee: Decimal
 
     @classmethod
     def from_settings(cls, key: str, rate: ModelRate) -> Rate:
         cached = rate.cached_input_per_mtok if rate.cached_input_per_mtok is not None else rate.input_per_mtok
-        return cls(key, rate.input_per_mtok, cached, rate.output_per_mtok, rate.request_fee)
+        write = rate.cache_write_per_mtok if rate.cache_write_per_mtok is not None else rate.input_per_mtok
+        return cls(key, rate.input_per_mtok, cached, write, rate.output_per_mtok, rate.request_fee)
 
     def exact(self, usage: Usage) -> Decimal:
-        uncached = usage.input_tokens - usage.cached_input_tokens
+        uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
         tokens = (uncached * self.input_per_mtok + usage.cached_input_tokens * self.cached_input_per_mtok
-                  + usage.output_tokens * self.output_per_mtok)
+                  + usage.cache_write_tokens * self.cache_write_per_mtok + usage.output_tokens * self.output_per_mtok)
         return tokens / _MILLION + self.request_fee
 
     def as_detail(self) -> dict[str, str]:
         return {"rate_key": self.model_key, "input_per_mtok": str(self.input_per_mtok),
                 "cached_input_per_mtok": str(self.cached_input_per_mtok),
+                "cache_write_per_mtok": str(self.cache_write_per_mtok),
                 "output_per_mtok": str(self.output_per_mtok), "request_fee": str(self.request_fee)}
 
 

@@ -3,6 +3,11 @@
 The first configured key signs; every configured key verifies, so a key can be rotated by adding
 the new one first and removing the old one after the longest link lifetime. A link is scoped to one
 customer in one mode, and comparing signatures is constant-time.
+
+A signer has a scope. Portal links are signed with the configured secrets as they are; any other scope
+(the operator dashboard's links and sessions) signs with keys derived from them for that scope alone,
+``HMAC(secret, "metergate link scope\n" + scope)``, so a signature made for one scope never verifies in
+another: a customer's portal link cannot open the operator dashboard.
 """
 
 from __future__ import annotations
@@ -26,15 +31,22 @@ class PortalGrant:
     expires_at: int
 
 
+def _scoped(secret: bytes, scope: str) -> bytes:
+    if scope == "portal":
+        return secret  # the original scheme: portal links issued before scopes existed stay valid
+    return hmac.new(secret, b"metergate link scope\n" + scope.encode(), hashlib.sha256).digest()
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 class LinkSigner:
-    def __init__(self, keys: dict[str, str], *, ttl_s: int, base_url: str) -> None:
+    def __init__(self, keys: dict[str, str], *, ttl_s: int, base_url: str, scope: str = "portal") -> None:
         if not keys:
             keys = {"ephemeral": secrets.token_urlsafe(32)}
-        self._keys = {kid: secret.encode() for kid, secret in keys.items()}
+        self.scope = scope
+        self._keys = {kid: _scoped(secret.encode(), scope) for kid, secret in keys.items()}
         self._signing_kid = next(iter(self._keys))
         self.ephemeral = "ephemeral" in keys and len(keys) == 1
         self.ttl_s = ttl_s

@@ -1,5 +1,15 @@
 """Assemble the aiohttp application: pipeline, admin API, portal, health; each resource opened and
-closed in one place (``cleanup_ctx``), shared state under typed keys."""
+closed in one place (``cleanup_ctx``), shared state under typed keys.
+
+What is served depends on the role (``settings.role``):
+
+* ``sidecar`` — the proxy pipeline, ``/livez``, ``/readyz``, ``/metrics``;
+* ``control`` — the admin API, the portal, the hold sweeper, ``/livez``, ``/readyz``, ``/metrics``;
+* ``all`` — both (the embedded default).
+
+On shutdown (SIGTERM), a proxy stops accepting, lets the requests in flight finish for up to
+``drain_deadline_s``, cuts and settles what is left, and then closes its resources.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +21,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from metergate.admin.api import AdminApi
+from metergate.admin.ratelimits import RateLimitsApi
+from metergate.admin.reports import ReportsApi
 from metergate.config.settings import Settings
 from metergate.http import error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.pricing import PriceBook
 from metergate.metering.tokenizer import preload
+from metergate.observability.metrics import CONTENT_TYPE, Metrics
+from metergate.observability.middleware import observe_middleware
 from metergate.portal.links import LinkSigner
 from metergate.portal.views import PortalViews
 from metergate.proxy.identify import Identifier
@@ -29,15 +43,18 @@ log = logging.getLogger(__name__)
 STORE = web.AppKey("store", WalletStore)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 
 
-async def sweep_forever(store: WalletStore, interval_s: float) -> None:
+async def sweep_forever(store: WalletStore, interval_s: float, metrics: Metrics | None = None) -> None:
     """Release expired holds; each expiry is idempotent, so many replicas may sweep at once."""
     while True:
         try:
             expired = await store.expire_holds(now_ms=now_ms())
             if expired:
                 log.info("expired %d holds", expired)
+                if metrics is not None:
+                    metrics.expired(expired)
         except Exception:
             log.exception("hold sweep failed; retrying next interval")
         await asyncio.sleep(interval_s)
@@ -52,41 +69,71 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     if signer.ephemeral:
         log.warning("portal_secrets is not set: portal links are signed with a per-process key "
                     "and stop working after a restart")
+    proxy, control = settings.role in ("sidecar", "all"), settings.role in ("control", "all")
+    if settings.role == "sidecar" and not (public_url or settings.public_url):
+        log.warning("public_url is not set: portal links in 402 answers point at this sidecar, which serves "
+                    "no portal; set it to the control plane's public address")
     prices = PriceBook(settings.pricing, settings.asset(settings.pricing.asset).scale)
+    metrics = Metrics()
     pipeline = Pipeline(settings, store, Identifier(settings, store), prices,
-                        ProviderCosts(settings.cost_overrides), signer)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+                        ProviderCosts(settings.cost_overrides), signer, metrics)
+    app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],
+                          client_max_size=settings.max_body_bytes)
     app[STORE] = store
     app[PIPELINE] = pipeline
     app[SETTINGS] = settings
+    app[METRICS] = metrics
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        await asyncio.get_running_loop().run_in_executor(None, preload)
-        await pipeline.start()
-        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
+        if proxy:
+            await asyncio.get_running_loop().run_in_executor(None, preload)
+            await pipeline.start()
+        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         await pipeline.stop()
         await store.close()
 
+    async def drain(_app: web.Application) -> None:
+        # on_shutdown runs after the listener has closed and before aiohttp cancels unfinished handlers.
+        await pipeline.drain(settings.drain_deadline_s)
+
     app.cleanup_ctx.append(resources)
+    if proxy:
+        app.on_shutdown.append(drain)
 
     async def livez(_request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
+        checks: dict[str, str] = {"role": settings.role}
         try:
             await store.ping()
+            checks["database"] = "up"
         except Exception:
-            return json_response({"status": "unavailable", "database": "down"}, status=503)
-        return json_response({"status": "ok", "database": "up"})
+            checks["database"] = "down"
+        if proxy:
+            # A proxy without a price table would refuse every request: not ready to take traffic.
+            checks["prices"] = "loaded" if settings.pricing.models else "empty"
+        ready = checks["database"] == "up" and checks.get("prices", "loaded") == "loaded"
+        return json_response({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
+
+    async def metrics_text(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
-    app.add_routes(AdminApi(settings, store, signer).routes())
-    app.add_routes(PortalViews(settings, store, signer).routes())
-    app.router.add_route("*", "/{tail:.*}", pipeline.handle)
+    app.router.add_get("/metrics", metrics_text)
+    if control:
+        admin = AdminApi(settings, store, signer)
+        app.add_routes(admin.routes())
+        app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
+        app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
+        app.add_routes(PortalViews(settings, store, signer).routes())
+    if proxy:
+        app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app

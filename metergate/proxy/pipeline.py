@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -41,10 +41,13 @@ from metergate.metering.pricing import PriceBook, Rate
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage
 from metergate.money import format_minor
+from metergate.observability.logs import current_request_id
+from metergate.observability.metrics import Metrics
 from metergate.portal.links import LinkSigner
 from metergate.proxy import headers as hh
-from metergate.proxy.adapters import openai as oa
+from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
 from metergate.proxy.identify import Identifier, Identity
+from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Hold, Settlement, UsageRecord
@@ -53,6 +56,10 @@ from metergate.wallet.store import WalletStore
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
 _SETTLE_ATTEMPTS = 5
+_CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
+_CUT_EVENT = (b'event: error\ndata: {"type":"error","error":{"message":"metergate is shutting down: this stream '
+              b'was cut at the drain deadline; what was delivered is billed.","type":"server_error",'
+              b'"code":"shutting_down","param":null}}\n\n')
 
 
 @dataclass(slots=True)
@@ -62,35 +69,49 @@ class Exchange:
     request_id: str
     identity: Identity
     match: RouteMatch
-    prepared: oa.Prepared
+    adapter: Adapter
+    prepared: Prepared
     rate: Rate
     hold: Hold
     feature: str | None
     started: float
     status: int = 0
     delivered: bool = False  # some upstream output reached (or was meant for) the client
-    meter: oa.StreamMeter | None = None  # a stream's meter, so that any way out can bill what it saw
+    meter: StreamMeter | None = None  # a stream's meter, so that any way out can bill what it saw
     settlement: asyncio.Task[Settlement | None] | None = None
+    upstream: aiohttp.ClientResponse | None = None  # the answer being relayed, so that a shutdown can cut it
+    upstream_latency_s: float | None = None  # from forwarding until the upstream's response headers
+    first_token_s: float | None = None  # a stream's first content event, counted from the hold
+    cut: bool = False  # cut at the shutdown deadline
 
 
 class Pipeline:
     def __init__(self, settings: Settings, store: WalletStore, identifier: Identifier, prices: PriceBook,
-                 costs: ProviderCosts, signer: LinkSigner) -> None:
+                 costs: ProviderCosts, signer: LinkSigner, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._active: dict[str, tuple[Exchange, asyncio.Future[Any]]] = {}  # exchanges being served, by id
         self.store = store
         self.identifier = identifier
         self.prices = prices
         self.costs = costs
         self.signer = signer
         self.routes = RouteTable(settings.routes)
+        self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies)
+                          for route in settings.routes if route.compute is None}
+        from metergate.proxy.compute import ComputeRelay
+
+        self.compute = ComputeRelay(self)
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
         self._inflight: set[asyncio.Task[Any]] = set()
+        self.ratelimiter = RateLimiter(settings.rate_limits, store)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         s = self.settings
+        await self.ratelimiter.start()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=s.upstream_timeout_s, connect=s.upstream_connect_timeout_s,
@@ -99,20 +120,47 @@ class Pipeline:
         )
 
     async def stop(self) -> None:
+        await self.ratelimiter.stop()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
 
+    async def drain(self, deadline_s: float) -> None:
+        """Shutting down: let the exchanges in flight finish for up to ``deadline_s``, then cut the rest.
+
+        A cut stream stops reading its upstream, settles what it delivered and ends with an ``error`` event
+        (code ``shutting_down``) so that its client knows the answer is incomplete; an exchange still
+        waiting for its upstream is cancelled, which releases its hold. :meth:`stop` awaits the settlements.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        while self._active and (remaining := deadline - loop.time()) > 0:
+            log.info("draining %d requests in flight for up to %.1fs", len(self._active), remaining)
+            await asyncio.wait([task for _, task in self._active.values()], timeout=remaining)
+        if not self._active:
+            return
+        log.warning("drain deadline reached: cutting %d requests in flight", len(self._active))
+        for ex, task in list(self._active.values()):
+            ex.cut = True
+            if ex.upstream is not None:
+                ex.upstream.close()  # the relay sees the upstream end, settles and ends its answer
+            else:
+                task.cancel()
+        await asyncio.wait([task for _, task in self._active.values()], timeout=_CUT_GRACE_S)
+
     # ------------------------------------------------------------------ the pipeline
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = current_request_id() or "req_" + uuid.uuid4().hex
         match = self.routes.match(request.path)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
                            code="unknown_route")
-        endpoint = oa.classify(match.upstream_path)
+        if match.route.compute is not None:
+            return await self.compute.handle(request, request_id, match)
+        adapter = self._adapters[match.route.prefix]
+        endpoint = adapter.classify(match.upstream_path)
         if endpoint is None:
             raise NotFound(f"{match.upstream_path} is not a metered endpoint on route {match.route.prefix}.",
                            code="unknown_route")
@@ -120,17 +168,23 @@ class Pipeline:
             raise MethodNotAllowed(f"{endpoint} accepts POST only.")
         identity = await self.identifier.identify(request)
         body = await self._read_body(request)
-        prepared = oa.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
+        prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
         rate = self.prices.rate_for(prepared.model)
         if rate is None:
             raise BadRequest(f"Model {prepared.model!r} has no price on this gateway.", code="unknown_model",
                              param="model")
         estimate = self.prices.price(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
                                                  source="estimated"))
+        # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
+        await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
         hold = await self._authorize(identity, request_id, estimate)
+        self.metrics.hold_opened()
         feature = request.headers.get(self.settings.attribution_header)
-        ex = Exchange(request_id, identity, match, prepared, rate, hold,
+        ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
                       feature[:128] if feature else None, time.monotonic())
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[request_id] = (ex, task)
         try:
             if prepared.stream:
                 return await self._stream(request, ex)
@@ -139,16 +193,17 @@ class Pipeline:
             ex.status = error.status  # the usage record keeps what the client was answered (502, 504, ...)
             raise
         finally:
+            self._active.pop(ex.request_id, None)
             if ex.settlement is None:
                 # Any path that did not settle (an exception, a cancellation) releases the hold here,
                 # capturing what was delivered if anything was.
                 await self._settle_shielded(ex, self._delivered_usage(ex))
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, *, json_only: bool = True) -> bytes:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-        if request.content_type != "application/json":
+        if json_only and request.content_type != "application/json":
             raise UnsupportedMediaType("Send the request body as application/json.")
         chunks: list[bytes] = []
         size = 0
@@ -162,40 +217,48 @@ class Pipeline:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _authorize(self, identity: Identity, request_id: str, amount: int) -> Hold:
+    async def _authorize(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
+        asset = asset or self.prices.asset
         try:
-            hold, _ = await self.store.reserve(identity.mode, identity.customer_id, self.prices.asset, amount,
+            hold, _ = await self.store.reserve(identity.mode, identity.customer_id, asset, amount,
                                                hold_id="hold_" + request_id[4:],
                                                ttl_ms=self.settings.hold_ttl_s * 1000)
         except InsufficientFunds as short:
-            raise PaymentRequired(
-                "Insufficient funds: the wallet cannot cover this request. Top up at portal_url.",
-                code="insufficient_funds", asset=short.asset,
-                balance=format_minor(short.available, self._scale),
-                required=format_minor(short.required, self._scale),
-                portal_url=self.signer.url(identity.mode, identity.customer_id),
-            ) from None
+            raise self.insufficient(identity, short) from None
         return hold
+
+    def insufficient(self, identity: Identity, short: InsufficientFunds) -> PaymentRequired:
+        """The 402 a customer gets when the wallet is short: amounts, and the signed portal link."""
+        scale = self.settings.asset(short.asset).scale
+        return PaymentRequired(
+            "Insufficient funds: the wallet cannot cover this request. Top up at portal_url.",
+            code="insufficient_funds", asset=short.asset, balance=format_minor(short.available, scale),
+            required=format_minor(short.required, scale),
+            portal_url=self.signer.url(identity.mode, identity.customer_id))
 
     def _upstream_headers(self, request: web.Request, ex: Exchange) -> CIMultiDict[str]:
         key = ex.match.route.api_key
-        auth = ("Authorization", f"Bearer {key.get_secret_value()}") if key is not None else None
+        auth = ex.adapter.auth_header(key.get_secret_value()) if key is not None else None
         out = hh.upstream_request_headers(
             request.headers, auth=auth,
             drop=(self.settings.customer_header, self.settings.mode_header, self.settings.attribution_header))
+        out.update(ex.match.route.upstream_headers)
         out["Content-Type"] = "application/json"
         return out
 
     async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
         assert self.session is not None
+        sent = time.monotonic()
         try:
-            return await self.session.post(ex.match.upstream_url, data=ex.prepared.body,
-                                           headers=self._upstream_headers(request, ex), allow_redirects=False)
+            upstream = await self.session.post(ex.match.upstream_url, data=ex.prepared.body,
+                                               headers=self._upstream_headers(request, ex), allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", ex.match.route.prefix, type(exc).__name__)
             raise BadGateway("The upstream could not be reached; nothing was charged.") from None
+        ex.upstream, ex.upstream_latency_s = upstream, time.monotonic() - sent
+        return upstream
 
     def _check_redirect(self, upstream: aiohttp.ClientResponse) -> None:
         if 300 <= upstream.status < 400:
@@ -215,7 +278,7 @@ class Pipeline:
             # A stream request answered without a stream (an upstream error, usually): relay it whole.
             return await self._relay_whole(ex, upstream)
         ex.status = upstream.status
-        meter = ex.meter = oa.StreamMeter(ex.prepared.injected_usage, self.settings.drain_max_bytes)
+        meter = ex.meter = ex.adapter.stream_meter(ex.prepared, self.settings.drain_max_bytes)
         response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
@@ -228,13 +291,13 @@ class Pipeline:
             async for chunk in upstream.content.iter_any():
                 out: list[bytes] = []
                 for event in sse.feed(chunk):
-                    data = event_data(event)
-                    if data == b"[DONE]":
-                        held_back.append(event)  # sent after settlement: a client that saw [DONE] sees a settled ledger
-                    elif meter.on_event(data):
+                    verdict = meter.on_event(event_data(event))
+                    if verdict == "forward":
                         out.append(event)
-                if meter.content_events:
-                    ex.delivered = True
+                    elif verdict == "final":
+                        held_back.append(event)  # sent after settlement: a client that saw the end sees it settled
+                if meter.content_events and not ex.delivered:
+                    ex.delivered, ex.first_token_s = True, time.monotonic() - ex.started
                 if client_gone:
                     drained += len(chunk)
                     if drained > self.settings.drain_max_bytes or time.monotonic() > drain_deadline:
@@ -250,15 +313,15 @@ class Pipeline:
             if tail.strip():
                 # The upstream ended without the blank line that closes its last event; a client would
                 # discard such an event, so it is closed here. It is metered whether or not the client is
-                # still there, and a final [DONE] still waits for the settlement.
+                # still there, and a final event still waits for the settlement.
                 event = tail.rstrip(b"\r\n") + b"\n\n"
-                data = event_data(event)
-                if data == b"[DONE]":
+                verdict = meter.on_event(event_data(event))
+                if verdict == "final":
                     held_back.append(event)
-                elif meter.on_event(data) and not client_gone:
+                elif verdict == "forward" and not client_gone:
                     await _write_quietly(response, event)
-                if meter.content_events:
-                    ex.delivered = True
+                if meter.content_events and not ex.delivered:
+                    ex.delivered, ex.first_token_s = True, time.monotonic() - ex.started
         except (TimeoutError, aiohttp.ClientError, EventTooLarge) as exc:
             # The upstream died or misbehaved mid-stream: bill what was delivered, end the stream.
             log.warning("%s: upstream stream ended abnormally: %s", ex.request_id, type(exc).__name__)
@@ -266,6 +329,8 @@ class Pipeline:
             upstream.release()
         await self._settle_shielded(ex, self._delivered_usage(ex))
         if not client_gone:
+            if ex.cut and not held_back:
+                held_back.append(_CUT_EVENT)
             if held_back:
                 await _write_quietly(response, b"".join(held_back))
             await _write_eof_quietly(response)
@@ -285,7 +350,7 @@ class Pipeline:
         usage: Usage | None = None
         if upstream.status < 400:
             ex.delivered = True
-            usage, text = oa.usage_from_body(body)
+            usage, text = ex.adapter.usage_from_body(ex.prepared, body)
             if usage is None:
                 usage = self._estimated(ex, counter_for(ex.prepared.model).count(text))
         settlement = await self._settle_shielded(ex, usage)
@@ -300,12 +365,17 @@ class Pipeline:
 
     def _delivered_usage(self, ex: Exchange) -> Usage | None:
         """What to bill when leaving without a whole answer: the provider's usage if the stream carried it,
-        else an estimate from the text delivered so far, else nothing (nothing was delivered)."""
-        if ex.meter is not None and ex.meter.usage is not None:
-            return ex.meter.usage
+        else an estimate from the text delivered so far (with the provider's input counts if it sent them
+        before the cut), else nothing (nothing was delivered)."""
+        meter = ex.meter
+        if meter is not None and meter.usage is not None:
+            return meter.usage
         if not ex.delivered:
             return None
-        output = ex.meter.delivered_output_tokens(ex.prepared.model) if ex.meter is not None else 0
+        output = meter.delivered_output_tokens(ex.prepared.model) if meter is not None else 0
+        if meter is not None and meter.partial is not None:
+            return replace(meter.partial, output_tokens=max(output, meter.partial.output_tokens),
+                           reasoning_tokens=0, source="estimated")
         return self._estimated(ex, output)
 
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
@@ -317,7 +387,8 @@ class Pipeline:
             feature=ex.feature, stream=ex.prepared.stream, status_code=ex.status or 499,
             usage_source=used.source, tokens_input=used.input_tokens,
             tokens_cached_input=used.cached_input_tokens, tokens_output=used.output_tokens,
-            tokens_reasoning=used.reasoning_tokens, asset=self.prices.asset, price_amount=price,
+            tokens_reasoning=used.reasoning_tokens, tokens_cache_write=used.cache_write_tokens,
+            asset=self.prices.asset, price_amount=price,
             cost_nanos=cost.nanos if cost else None,
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
@@ -327,11 +398,13 @@ class Pipeline:
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:
         """Settle once; if the handler is cancelled meanwhile, the settlement still runs to its end."""
         if ex.settlement is None:
-            price = self.prices.price(ex.rate, usage) if usage is not None else 0
+            # usage "none" is a provider's explicit "nothing to charge" (a failed reply): no request fee either.
+            price = self.prices.price(ex.rate, usage) if usage is not None and usage.source != "none" else 0
             record = self._record(ex, usage, price)
             ex.settlement = asyncio.ensure_future(self._settle_with_retries(ex, price, record))
             self._inflight.add(ex.settlement)
             ex.settlement.add_done_callback(self._inflight.discard)
+            ex.settlement.add_done_callback(lambda task: self.metrics.settled(ex, record, task))
         return await asyncio.shield(ex.settlement)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 Mode = Literal["test", "live"]
 HoldState = Literal["pending", "captured", "voided", "expired"]
-EntryKind = Literal["credit", "hold", "capture", "void", "expire"]
-UsageSource = Literal["provider", "estimated", "none"]
+EntryKind = Literal["credit", "hold", "extend", "capture", "void", "expire"]
+UsageSource = Literal["provider", "estimated", "measured", "none"]
 
 
 def now_ms() -> int:
@@ -124,6 +124,7 @@ class UsageRecord:
     price_amount: int
     charged_amount: int = 0
     written_off_amount: int = 0
+    tokens_cache_write: int = 0
     cost_nanos: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     created_at_ms: int = field(default_factory=now_ms)
@@ -138,3 +139,62 @@ class Settlement:
     written_off: int
     balance: Balance
     replayed: bool = False
+
+
+# Reporting and rate limits (issue #7).
+
+UsageGrouping = Literal["customer", "feature", "model", "day", "total"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAggregate:
+    """Sums over the usage records of one group in one asset, as stored: nothing converted, nothing rounded.
+
+    ``key`` is the customer id, the feature (``""`` for none), the model, the UTC day number (days since
+    the Unix epoch, as a string) or ``""`` for the overall total. Amounts are in the asset's smallest unit
+    except ``cost_nanos``. A record whose cost is unknown adds to ``cost_unknown_count`` (or, when it had
+    no usage at all, ``no_usage_count``) and to ``unmargined_charged``, never to ``costed_charged``.
+    """
+
+    key: str
+    asset: str
+    requests: int
+    price_amount: int
+    charged_amount: int
+    written_off_amount: int
+    costed_charged: int  # charged over the records whose cost is known
+    cost_nanos: int  # summed over the records whose cost is known
+    cost_unknown_count: int
+    no_usage_count: int
+    unmargined_charged: int  # charged over the records whose cost is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitOverride:
+    """A customer's own limits, replacing the configured defaults; ``None`` lifts that limit."""
+
+    mode: Mode
+    customer_id: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    updated_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitCharge:
+    """One counter to charge at admission: a subject (``customer:<id>`` or ``key:<id>``) and its limits."""
+
+    subject: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDenial:
+    """Which limit refused a request, and what the window had counted before it."""
+
+    subject: str
+    dimension: Literal["requests", "tokens"]
+    limit: int
+    used: int
+    window_start_ms: int

@@ -1,4 +1,4 @@
-"""The SQL schema: accounts (balance columns), holds, the append-only ledger, usage records.
+"""The SQL schema: accounts (balance columns), holds, the append-only ledger, usage records, rate limits.
 
 Invariant, checked by :meth:`SqlWalletStore.audit` and by the tests: for every account, each balance
 column equals the sum of the matching delta column over that account's ledger entries, and
@@ -122,6 +122,7 @@ usage_records = Table(
     Column("tokens_cached_input", BigInteger, nullable=False),
     Column("tokens_output", BigInteger, nullable=False),
     Column("tokens_reasoning", BigInteger, nullable=False),
+    Column("tokens_cache_write", BigInteger, nullable=False, default=0),
     Column("asset", String(32), nullable=False),
     Column("price_amount", BigInteger, nullable=False),
     Column("charged_amount", BigInteger, nullable=False),
@@ -130,4 +131,29 @@ usage_records = Table(
     Column("detail", JSON, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Index("ix_usage_customer", "mode", "customer_id", "seq"),
+    Index("ix_usage_time", "mode", "created_at_ms"),  # margin reports and the dashboard read time ranges
+)
+
+# Rate limits (issue #7). New tables need no version bump: ``create_all`` adds them to an existing database.
+# A customer's override replaces the configured default limits; NULL lifts that limit.
+rate_limit_overrides = Table(
+    "rate_limit_overrides", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("requests_per_minute", BigInteger, nullable=True),
+    Column("tokens_per_minute", BigInteger, nullable=True),
+    Column("updated_at_ms", BigInteger, nullable=False),
+    ForeignKeyConstraint(["mode", "customer_id"], ["customers.mode", "customers.id"]),
+)
+
+# Fixed one-minute windows shared by every replica: one row per (mode, subject, window), charged by an
+# atomic conditional upsert, pruned a few windows later.
+rate_limit_windows = Table(
+    "rate_limit_windows", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("subject", String(160), primary_key=True),
+    Column("window_start_ms", BigInteger, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Index("ix_rate_limit_windows_start", "window_start_ms"),
 )

@@ -23,7 +23,12 @@ from metergate.wallet.models import (
     Hold,
     LedgerEntry,
     Mode,
+    RateLimitCharge,
+    RateLimitDenial,
+    RateLimitOverride,
     Settlement,
+    UsageAggregate,
+    UsageGrouping,
     UsageRecord,
 )
 
@@ -51,6 +56,7 @@ class WalletStore(Protocol):
                      idempotency_key: str, memo: str = "") -> LedgerEntry: ...
     async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
                       hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
     async def expire_holds(self, *, now_ms: int, limit: int = 500) -> int: ...
 
@@ -64,3 +70,24 @@ class WalletStore(Protocol):
                     before: int | None = None) -> list[tuple[int, UsageRecord]]: ...
     async def audit(self) -> list[str]:
         """Re-derive every balance from the ledger and return each discrepancy found (none: [])."""
+
+    # Reports.
+    async def usage_summary(self, mode: Mode, *, group_by: UsageGrouping, from_ms: int, to_ms: int,
+                            limit: int) -> list[UsageAggregate]:
+        """Usage sums per group and asset over ``from_ms <= created_at_ms < to_ms``, ordered by key, at most
+        ``limit`` rows."""
+
+    # Rate limits.
+    async def rate_limit_overrides(self) -> list[RateLimitOverride]:
+        """Every customer's override, all modes (the limiter keeps them in memory)."""
+
+    async def set_rate_limit_override(self, mode: Mode, customer_id: str, *, requests_per_minute: int | None,
+                                      tokens_per_minute: int | None) -> RateLimitOverride: ...
+    async def delete_rate_limit_override(self, mode: Mode, customer_id: str) -> bool: ...
+    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
+                                  tokens: int) -> RateLimitDenial | None:
+        """Count one request of ``tokens`` against every charge's window, all or none, atomically; return
+        the first limit that refuses it (nothing counted), or ``None`` when admitted."""
+
+    async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
+        """Delete the windows that started before ``before_ms``; return how many."""

@@ -199,6 +199,6 @@ def test_pathologically_nested_upstream_json_is_opaque_not_an_error() -> None:
     """Upstream JSON nested deeper than the parser's stack is relayed untouched and read as carrying no usage."""
     deep = b"[" * 100_000
     assert oa.usage_from_body(deep) == (None, "")
-    meter = oa.StreamMeter(injected_usage=True, max_text_chars=1000)
-    assert meter.on_event(deep) is True
+    meter = oa.OpenAIStreamMeter(max_text_chars=1000, injected_usage=True)
+    assert meter.on_event(deep) == "forward"
     assert meter.usage is None and meter.content_events == 0

@@ -15,12 +15,21 @@ from typing import Any
 from metergate.errors import BadRequest
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_openai
+from metergate.proxy.adapters import responses
+from metergate.proxy.adapters.base import (
+    Prepared,
+    StreamMeter,
+    Verdict,
+    content_tokens,
+    load_json,
+    positive_int,
+    require_model,
+)
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 _SUFFIXES = (("/chat/completions", CHAT), ("/completions", COMPLETIONS), ("/embeddings", EMBEDDINGS))
 _PER_MESSAGE_TOKENS = 4  # role and framing tokens around every chat message (upper bound)
 _REPLY_PRIMING_TOKENS = 3
-_IMAGE_TOKENS = 1105  # a high-detail 1024x1024 image; images are estimated, never decoded
 
 
 def classify(path: str) -> str | None:
@@ -30,53 +39,8 @@ def classify(path: str) -> str | None:
     return None
 
 
-@dataclass(slots=True)
-class Prepared:
-    endpoint: str
-    model: str
-    stream: bool
-    input_tokens: int
-    max_output_tokens: int
-    tokens_exact: bool
-    body: bytes
-    injected_usage: bool = False
-
-
-def _positive_int(payload: dict[str, Any], key: str) -> int | None:
-    value = payload.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"'{key}' must be a positive integer.", code="invalid_request", param=key)
-    return value
-
-
-def _text_of(content: Any, count: Any) -> int:
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return int(count(content))
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, dict):
-                kind = part.get("type")
-                if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-                    total += count(part["text"])
-                elif kind in ("image_url", "input_image", "image"):
-                    total += _IMAGE_TOKENS
-                else:
-                    total += count(json.dumps(part, ensure_ascii=False))
-            elif isinstance(part, str):
-                total += count(part)
-        return total
-    return int(count(json.dumps(content, ensure_ascii=False)))
-
-
 def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string.", code="missing_model", param="model")
+    model = require_model(payload)
     counter = counter_for(model)
     count = counter.count
     stream = payload.get("stream") is True
@@ -88,21 +52,21 @@ def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_out
         for message in messages:
             if not isinstance(message, dict):
                 raise BadRequest("Each message must be an object.", code="invalid_request", param="messages")
-            tokens += _PER_MESSAGE_TOKENS + _text_of(message.get("content"), count)
+            tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count)
             for extra in ("name", "tool_calls", "function_call", "tool_call_id"):
                 if extra in message:
-                    tokens += _text_of(message[extra], count)
+                    tokens += content_tokens(message[extra], count)
         for extra in ("tools", "functions", "response_format"):
             if extra in payload:
                 tokens += count(json.dumps(payload[extra], ensure_ascii=False))
-        limit = (_positive_int(payload, "max_completion_tokens") or _positive_int(payload, "max_tokens")
+        limit = (positive_int(payload, "max_completion_tokens") or positive_int(payload, "max_tokens")
                  or default_max_output)
-        choices = _positive_int(payload, "n") or 1
+        choices = positive_int(payload, "n") or 1
         max_output = limit * choices
     elif endpoint == COMPLETIONS:
         tokens = _prompt_tokens(payload.get("prompt"), count, "prompt")
-        limit = _positive_int(payload, "max_tokens") or default_max_output
-        choices = max(_positive_int(payload, "n") or 1, _positive_int(payload, "best_of") or 1)
+        limit = positive_int(payload, "max_tokens") or default_max_output
+        choices = max(positive_int(payload, "n") or 1, positive_int(payload, "best_of") or 1)
         max_output = limit * choices
     else:
         tokens = _prompt_tokens(payload.get("input"), count, "input")
@@ -140,10 +104,7 @@ def _prompt_tokens(prompt: Any, count: Any, param: str) -> int:
 
 def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
     """The usage in a JSON response body, and the generated text to estimate from when there is none."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser's stack
-        return None, ""
+    payload = load_json(body)
     if not isinstance(payload, dict):
         return None, ""
     usage = from_openai(payload.get("usage"))
@@ -161,32 +122,20 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
 
 
 @dataclass(slots=True)
-class StreamMeter:
+class OpenAIStreamMeter(StreamMeter):
     """Reads the usage and the delivered text from a chat or completions event stream."""
 
-    injected_usage: bool
-    max_text_chars: int
-    usage: Usage | None = None
-    model: str | None = None
-    text: list[str] = field(default_factory=list)
-    text_chars: int = 0
-    content_events: int = 0
+    injected_usage: bool = False
 
-    def on_event(self, data: bytes | None) -> bool:
-        """Inspect one event's data; return False when the event must not reach the client."""
-        if data is None or data == b"[DONE]":
-            return True
-        try:
-            chunk = json.loads(data)
-        except (ValueError, RecursionError):
-            return True
+    def on_event(self, data: bytes | None) -> Verdict:
+        if data == b"[DONE]":
+            return "final"
+        chunk = load_json(data) if data is not None else None
         if not isinstance(chunk, dict):
-            return True
+            return "forward"
         usage = from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage  # keep the last non-null usage: some servers send it early, or cumulatively
-        if self.model is None and isinstance(chunk.get("model"), str):
-            self.model = chunk["model"]
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices:
             self.content_events += 1
@@ -194,24 +143,47 @@ class StreamMeter:
                 if isinstance(choice, dict):
                     self._collect(choice)
         elif self.injected_usage and usage is not None:
-            return False  # the usage-only chunk the client never asked for
-        return True
+            return "drop"  # the usage-only chunk the client never asked for
+        return "forward"
 
     def _collect(self, choice: dict[str, Any]) -> None:
         delta = choice.get("delta")
-        pieces: list[Any] = []
         if isinstance(delta, dict):
-            pieces.append(delta.get("content"))
-            pieces.append(delta.get("reasoning_content"))
+            self.collect(delta.get("content"))
+            self.collect(delta.get("reasoning_content"))
             for call in delta.get("tool_calls") or []:
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                    pieces.append(call["function"].get("name"))
-                    pieces.append(call["function"].get("arguments"))
-        pieces.append(choice.get("text"))
-        for piece in pieces:
-            if isinstance(piece, str) and piece and self.text_chars < self.max_text_chars:
-                self.text.append(piece)
-                self.text_chars += len(piece)
+                    self.collect(call["function"].get("name"))
+                    self.collect(call["function"].get("arguments"))
+        self.collect(choice.get("text"))
 
-    def delivered_output_tokens(self, model: str) -> int:
-        return counter_for(model).count("".join(self.text))
+
+class OpenAIAdapter:
+    """Chat completions, legacy completions, embeddings and the Responses API, for any
+    OpenAI-compatible upstream."""
+
+    name = "openai"
+
+    def __init__(self, *, charge_failed: bool = False) -> None:
+        self._charge_failed = charge_failed
+
+    def classify(self, path: str) -> str | None:
+        return responses.RESPONSES if path.endswith("/responses") else classify(path)
+
+    def prepare(self, endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+        if endpoint == responses.RESPONSES:
+            return responses.prepare(body, payload, default_max_output)
+        return prepare(endpoint, body, payload, default_max_output)
+
+    def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
+        if prepared.endpoint == responses.RESPONSES:
+            return responses.usage_from_body(body, self._charge_failed)
+        return usage_from_body(body)
+
+    def stream_meter(self, prepared: Prepared, max_text_chars: int) -> StreamMeter:
+        if prepared.endpoint == responses.RESPONSES:
+            return responses.ResponsesStreamMeter(max_text_chars, charge_failed=self._charge_failed)
+        return OpenAIStreamMeter(max_text_chars, injected_usage=prepared.injected_usage)
+
+    def auth_header(self, key: str) -> tuple[str, str]:
+        return "Authorization", f"Bearer {key}"

@@ -1,0 +1,157 @@
+"""Structured logs: one JSON object per line, tagged with the request being served, secrets redacted.
+
+Each line carries ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``, and ``request_id`` while a
+request is being served — the same id a metered response carries as ``X-Metergate-Request-Id``. The id
+lives in a context variable, set once per request by the observing middleware; aiohttp runs every
+request in a task of its own, so the variable never leaks from one request to another.
+
+metergate never logs a secret on purpose. :class:`RedactionFilter` is the safety net under that rule:
+every record passing the handler has the configured secret values (provider keys, admin keys, portal
+secrets, the database password) and anything shaped like a credential (``mgk_...`` proxy keys,
+``mg_live_...`` admin keys, ``sk-...`` / ``sk_live_...`` provider keys, ``whsec_...``, bearer tokens,
+passwords in URLs) replaced, in the message and in any traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Iterable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import IO, Literal
+from urllib.parse import urlsplit
+
+from metergate.config.settings import Settings
+
+LogFormat = Literal["json", "text"]
+REDACTED = "[REDACTED]"
+REQUEST_ID: ContextVar[str | None] = ContextVar("metergate_request_id", default=None)
+
+_CREDENTIAL_SHAPES = re.compile(
+    r"\bmgk_(?:test|live)_[A-Za-z0-9_-]{8,}"  # metergate proxy keys
+    r"|\bmg_(?:test|live)_[A-Za-z0-9_-]{8,}"  # metergate admin keys
+    r"|\b(?:sk|rk)[-_][A-Za-z0-9_-]{16,}"  # provider and Stripe-like secret keys
+    r"|\bwhsec_[A-Za-z0-9+/=_-]{16,}"  # webhook signing secrets
+    r"|(?i:\bbearer\s+)[A-Za-z0-9._~+/=-]{8,}"  # any bearer token
+)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+_PLAIN = logging.Formatter()
+
+
+def new_request_id() -> str:
+    """Start a request: a fresh id, current for the rest of this task (and the tasks it starts)."""
+    request_id = "req_" + uuid.uuid4().hex
+    REQUEST_ID.set(request_id)
+    return request_id
+
+
+def current_request_id() -> str | None:
+    return REQUEST_ID.get()
+
+
+class Redactor:
+    """Replaces known secret values and credential-shaped strings in text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so that a secret containing another is replaced whole. Very short values are
+        # skipped: replacing them would shred ordinary words and protect nothing.
+        self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED + "@", text)
+        return _CREDENTIAL_SHAPES.sub(REDACTED, text)
+
+
+class RedactionFilter(logging.Filter):
+    """Rewrites each record's message and traceback through a :class:`Redactor`; never drops a record."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redact = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: leave it for the handler's own error reporting
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being served (``request_id``, ``request_tag``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and request_id / exc / stack when present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value the settings hold, for the redaction filter."""
+    values = [key.get_secret_value() for key in settings.admin_keys]
+    values += [secret.get_secret_value() for secret in settings.portal_secrets.values()]
+    values += [route.api_key.get_secret_value() for route in settings.routes if route.api_key is not None]
+    password = urlsplit(settings.database_url).password
+    if password:
+        values.append(password)
+    return values
+
+
+def configure_logging(level: str = "INFO", fmt: LogFormat = "json", secrets: Iterable[str] = (),
+                      stream: IO[str] | None = None) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr) in ``fmt``, redacted; replaces a previous call's handler."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name("metergate")
+    handler.addFilter(RequestIdFilter())
+    handler.addFilter(RedactionFilter(Redactor(secrets)))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "metergate"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    return handler

@@ -1,0 +1,121 @@
+"""Anthropic Messages (``/v1/messages``), JSON and streaming, for the official ``anthropic`` SDK unchanged.
+
+Usage: the JSON body's ``usage``; in a stream, ``message_start`` carries the input counts and
+``message_delta`` events carry *cumulative* counts — the last one wins, they are never summed, and
+``message_start`` is the fallback when a stream is cut before any ``message_delta``. Cache-creation and
+cache-read tokens are priced on their own. Claude's tokenizer is not public, so the estimate is a
+tiktoken count inflated by :data:`CLAUDE_TOKEN_FACTOR` and marked approximate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from metergate.errors import BadRequest
+from metergate.metering.tokenizer import counter_for
+from metergate.metering.usage import Usage, from_anthropic
+from metergate.proxy.adapters.base import (
+    Prepared,
+    StreamMeter,
+    Verdict,
+    content_tokens,
+    load_json,
+    positive_int,
+    require_model,
+)
+
+MESSAGES = "messages"
+CLAUDE_TOKEN_FACTOR = 1.3  # Claude tokenizers produce more tokens than o200k for the same text
+_PER_MESSAGE_TOKENS = 5
+
+
+def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+    model = require_model(payload)
+    count = counter_for(model).count
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array.", code="invalid_request", param="messages")
+    tokens = content_tokens(payload.get("system"), count)
+    for message in messages:
+        if not isinstance(message, dict):
+            raise BadRequest("Each message must be an object.", code="invalid_request", param="messages")
+        tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count)
+    for extra in ("tools", "tool_choice"):
+        if extra in payload:
+            tokens += count(json.dumps(payload[extra], ensure_ascii=False))
+    estimate = int(tokens * CLAUDE_TOKEN_FACTOR) + 1
+    max_output = positive_int(payload, "max_tokens") or default_max_output
+    return Prepared(MESSAGES, model, payload.get("stream") is True, estimate, max_output, False, body)
+
+
+def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
+    payload = load_json(body)
+    if not isinstance(payload, dict):
+        return None, ""
+    usage = from_anthropic(payload.get("usage"))
+    if usage is not None:
+        return usage, ""
+    texts = [block.get("text", "") for block in payload.get("content") or []
+             if isinstance(block, dict) and isinstance(block.get("text"), str)]
+    return None, "".join(texts)
+
+
+@dataclass(slots=True)
+class AnthropicStreamMeter(StreamMeter):
+    started: dict[str, Any] | None = None  # message_start's usage
+    latest: dict[str, Any] | None = None  # the last message_delta's cumulative usage
+
+    def on_event(self, data: bytes | None) -> Verdict:
+        event = load_json(data) if data is not None else None
+        if not isinstance(event, dict):
+            return "forward"
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message")
+            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                self.started = message["usage"]
+                self.partial = from_anthropic(self.started)
+        elif kind == "message_delta":
+            if isinstance(event.get("usage"), dict):
+                self.latest = event["usage"]
+                self._update()
+        elif kind == "content_block_delta":
+            self.content_events += 1
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                self.collect(delta.get("text"))
+                self.collect(delta.get("partial_json"))
+                self.collect(delta.get("thinking"))
+        elif kind == "content_block_start":
+            self.content_events += 1
+        elif kind == "message_stop":
+            return "final"
+        return "forward"
+
+    def _update(self) -> None:
+        # message_delta's counts are cumulative and, in newer API versions, repeat the input counts;
+        # fields it leaves out keep their message_start values. Until a message_delta arrives the usage
+        # is only partial: message_start's output count is a placeholder.
+        merged = {**(self.started or {}), **{k: v for k, v in (self.latest or {}).items() if v is not None}}
+        self.usage = from_anthropic(merged)
+
+
+class AnthropicAdapter:
+    name = "anthropic"
+
+    def classify(self, path: str) -> str | None:
+        return MESSAGES if path.endswith("/messages") else None
+
+    def prepare(self, endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+        return prepare(body, payload, default_max_output)
+
+    def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
+        return usage_from_body(body)
+
+    def stream_meter(self, prepared: Prepared, max_text_chars: int) -> StreamMeter:
+        return AnthropicStreamMeter(max_text_chars)
+
+    def auth_header(self, key: str) -> tuple[str, str]:
+        return "x-api-key", key

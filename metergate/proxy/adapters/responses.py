@@ -1,0 +1,96 @@
+"""The OpenAI Responses API (``/v1/responses``), JSON and streaming.
+
+Usage lives in the response object: in a JSON body, or in the stream's terminal event
+(``response.completed``, ``response.incomplete`` or ``response.failed``); the stream has no ``[DONE]``,
+so the terminal event is the one held back until settlement. A ``failed`` response is not charged
+unless the route says otherwise (``charge_failed``): the customer got nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from metergate.errors import BadRequest
+from metergate.metering.tokenizer import counter_for
+from metergate.metering.usage import Usage, from_responses
+from metergate.proxy.adapters.base import (
+    Prepared,
+    StreamMeter,
+    Verdict,
+    content_tokens,
+    load_json,
+    positive_int,
+    require_model,
+)
+
+RESPONSES = "responses"
+_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_PER_ITEM_TOKENS = 4
+
+
+def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+    model = require_model(payload)
+    counter = counter_for(model)
+    count = counter.count
+    items = payload.get("input")
+    if isinstance(items, str):
+        tokens = count(items)
+    elif isinstance(items, list) and items:
+        tokens = 0
+        for item in items:
+            if not isinstance(item, dict):
+                raise BadRequest("Each input item must be an object.", code="invalid_request", param="input")
+            tokens += _PER_ITEM_TOKENS + content_tokens(item.get("content", item.get("output", item)), count)
+    else:
+        raise BadRequest("'input' must be a string or a non-empty array.", code="invalid_request", param="input")
+    tokens += content_tokens(payload.get("instructions"), count)
+    if "tools" in payload:
+        tokens += count(json.dumps(payload["tools"], ensure_ascii=False))
+    max_output = positive_int(payload, "max_output_tokens") or default_max_output
+    return Prepared(RESPONSES, model, payload.get("stream") is True, tokens, max_output, counter.exact, body)
+
+
+def _usage_of(response: Any, charge_failed: bool) -> Usage | None:
+    if not isinstance(response, dict):
+        return None
+    if response.get("status") == "failed" and not charge_failed:
+        return Usage(source="none")  # the provider's answer was a failure: charge nothing
+    return from_responses(response.get("usage"))
+
+
+def _text_of(response: dict[str, Any]) -> str:
+    texts: list[str] = []
+    for item in response.get("output") or []:
+        if isinstance(item, dict):
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+    return "".join(texts)
+
+
+@dataclass(slots=True)
+class ResponsesStreamMeter(StreamMeter):
+    charge_failed: bool = False
+
+    def on_event(self, data: bytes | None) -> Verdict:
+        event = load_json(data) if data is not None else None
+        if not isinstance(event, dict):
+            return "forward"
+        kind = event.get("type")
+        if kind in _TERMINAL:
+            self.usage = _usage_of(event.get("response"), self.charge_failed) or self.usage
+            return "final"
+        if isinstance(kind, str) and kind.endswith(".delta"):
+            self.content_events += 1
+            self.collect(event.get("delta"))
+        return "forward"
+
+
+def usage_from_body(body: bytes, charge_failed: bool = False) -> tuple[Usage | None, str]:
+    payload = load_json(body)
+    if not isinstance(payload, dict):
+        return None, ""
+    usage = _usage_of(payload, charge_failed)
+    return usage, "" if usage is not None else _text_of(payload)

@@ -1,0 +1,286 @@
+"""How the wallet's SQL runs: a thin execution layer for the hot statements, and the SQLite writer
+that group-commits.
+
+The wallet logic in :mod:`metergate.wallet.sql` is written once, as functions over a SQLAlchemy
+``Connection``, for both backends. Its hot statements are :class:`Prepared` once at import and run
+through the statement's methods (``_RESERVE.first(conn, values)``): on the SQLite writer's connection
+they run their SQL, compiled once for SQLite, straight on the driver connection of the same
+transaction; on any other connection (PostgreSQL, SQLite reads, the writer with ``fast=False``) they
+run through ``conn.execute`` like every other statement, so the PostgreSQL path is exactly the Core
+path. Driver errors surface as SQLAlchemy's exception classes either way (``IntegrityError`` for a
+duplicate idempotency key), and rows have the same attribute names.
+
+:class:`SqliteWriter` is SQLite's single writer: one thread that owns the write connection and
+applies queued operations in group commits. It takes what is queued (up to ``batch_max`` operations)
+into one ``BEGIN IMMEDIATE`` transaction, runs each operation inside a SAVEPOINT of its own, so that
+an operation that fails (insufficient funds, a replayed idempotency key) rolls back only itself and
+its error goes to its own caller, and COMMITs once. Invariant: no caller sees a result before the
+COMMIT that made it durable has returned; then the event loop is woken once per batch to resolve
+every caller. If a batch fails as a whole (its COMMIT, or an error that cost SQLite the transaction),
+nothing of it was committed, and each of its operations runs again in a transaction of its own.
+Batches form only from what queued up while the previous one ran: the writer never waits to fill one,
+so a lone request pays no batching delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.dml import UpdateBase
+
+log = logging.getLogger(__name__)
+
+# At most this many operations share one write transaction. It bounds how long one COMMIT holds
+# SQLite's write lock (other processes' writers wait behind it) and how long an operation can wait
+# behind the others of its batch: at 30-100 us of writer time per operation, 64 is 2-6 ms. Beyond a
+# few dozen the saving per operation is small (bench/wallet_ops.py).
+WRITE_BATCH_MAX = 64
+
+_SQLITE = sqlite.dialect()
+_RAW = "metergate.sqlite_raw"  # Connection.info key: the driver connection, set by the writer only
+
+
+class Prepared:
+    """A hot Core statement, with its SQLite form compiled once: SQL, parameter order, row type.
+
+    ``columns`` names the values an INSERT is given, every one of them each time, as
+    ``Connection.execute(insert(table), values)`` would infer them from the keys.
+    """
+
+    __slots__ = ("_bind", "_order", "_row", "_row_procs", "core", "sql")
+
+    def __init__(self, core: Select[Any] | UpdateBase, *, columns: Sequence[str] | None = None) -> None:
+        compiled = core.compile(dialect=_SQLITE, column_keys=list(columns) if columns is not None else None)
+        order = tuple(compiled.positiontup or ())
+        if columns is not None:
+            # A column left out would take a Python-side default that the SQLite form does not carry.
+            assert set(order) == set(columns), f"a prepared INSERT is given every column it writes: {order}"
+        self.core = core
+        self.sql = compiled.string
+        self._order = order
+        self._bind = tuple(compiled.binds[name].type.bind_processor(_SQLITE) for name in order)
+        returned = list(getattr(core, "exported_columns", ()))
+        self._row: Any = collections.namedtuple("Row", [c.key for c in returned]) if returned else None
+        procs = tuple(c.type.result_processor(_SQLITE, None) for c in returned)
+        self._row_procs = procs if any(procs) else None
+
+    def _rows(self, raw: sqlite3.Connection, values: Mapping[str, Any]) -> list[Any]:
+        params = tuple(values[name] if proc is None else proc(values[name])
+                       for name, proc in zip(self._order, self._bind, strict=True))
+        try:
+            return raw.execute(self.sql, params).fetchall()
+        except sqlite3.Error as error:
+            raise DBAPIError.instance(self.sql, params, error, sqlite3.Error) from error
+
+    def _row_of(self, raw: Sequence[Any]) -> Any:
+        assert self._row is not None, "this statement returns no rows"
+        if self._row_procs is not None:
+            raw = [v if proc is None else proc(v) for v, proc in zip(raw, self._row_procs, strict=True)]
+        return self._row._make(raw)
+
+    def run(self, conn: Connection, values: Mapping[str, Any]) -> None:
+        raw = conn.info.get(_RAW)
+        if raw is None:
+            conn.execute(self.core, values)
+        else:
+            self._rows(raw, values)
+
+    def first(self, conn: Connection, values: Mapping[str, Any]) -> Any | None:
+        """The first row, or None (``Result.first``)."""
+        raw = conn.info.get(_RAW)
+        if raw is None:
+            return conn.execute(self.core, values).first()
+        rows = self._rows(raw, values)
+        return self._row_of(rows[0]) if rows else None
+
+    def one(self, conn: Connection, values: Mapping[str, Any]) -> Any:
+        """Exactly one row, else ``NoResultFound`` / ``MultipleResultsFound`` (``Result.one``)."""
+        raw = conn.info.get(_RAW)
+        if raw is None:
+            return conn.execute(self.core, values).one()
+        rows = self._rows(raw, values)
+        if not rows:
+            raise NoResultFound("No row was found when one was required")
+        if len(rows) > 1:
+            raise MultipleResultsFound("Multiple rows were found when exactly one was required")
+        return self._row_of(rows[0])
+
+    def scalar_one(self, conn: Connection, values: Mapping[str, Any]) -> Any:
+        return self.one(conn, values)[0]
+
+
+# ------------------------------------------------------------------------------------------ the writer
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    ok: bool = False
+    outcome: Any = field(default=None)
+
+
+def _resolve(ops: list[_Op]) -> None:
+    """On the event loop: hand every operation of a committed batch its result or its error."""
+    for op in ops:
+        if not op.future.done():  # a caller may have stopped waiting (cancelled)
+            if op.ok:
+                op.future.set_result(op.outcome)
+            else:
+                op.future.set_exception(op.outcome)
+
+
+class SqliteWriter:
+    """SQLite's one writer thread; see the module docstring for the group-commit contract."""
+
+    def __init__(self, engine: Engine, *, batch_max: int = WRITE_BATCH_MAX, fast: bool = True,
+                 name: str = "metergate-sqlite-writer") -> None:
+        assert 1 <= batch_max <= 10_000, "batch_max must be 1-10000"
+        self._engine = engine
+        self._batch_max = batch_max
+        self._fast = fast  # False: prepared statements too run through SQLAlchemy, as on PostgreSQL
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._closed = False
+        self.batches = 0  # committed batches and operations, for the benchmarks
+        self.ops = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed."""
+        assert not self._closed, "store is not open"
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Op(fn, args, future, loop))
+        return future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread and close the connection."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            if self._thread.is_alive():
+                self._thread.join()
+
+    # ------------------------------------------------------------------ on the writer thread
+
+    def _main(self) -> None:
+        conn: Connection | None = None
+        stopping = False
+        try:
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < self._batch_max:
+                    try:
+                        op = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is None:
+                        stopping = True
+                        break
+                    batch.append(op)
+                # A caller cancelled before its operation started gets no effect, as with an executor job
+                # cancelled before it ran.
+                batch = [op for op in batch if not op.future.cancelled()]
+                if batch:
+                    conn = self._apply(conn, batch)
+                    self._deliver(batch)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _apply(self, conn: Connection | None, batch: list[_Op]) -> Connection | None:
+        """Apply ``batch`` in one transaction, filling in each operation's outcome; return the connection
+        to use next (``None``: open a fresh one)."""
+        try:
+            conn = conn if conn is not None and not conn.invalidated else self._engine.connect()
+            self._transaction(conn, batch)
+        except Exception as error:
+            if conn is not None:
+                conn = _rolled_back(conn)
+            if len(batch) == 1:
+                batch[0].ok, batch[0].outcome = False, error
+                return conn
+            # Nothing of the batch was committed: run each operation again in a transaction of its own,
+            # so that one operation's failure is never another's.
+            log.warning("write batch of %d failed as a whole (%s); applying its operations one by one",
+                        len(batch), type(error).__name__)
+            for op in batch:
+                conn = self._apply(conn, [op])
+            return conn
+        self.batches += 1
+        self.ops += len(batch)
+        return conn
+
+    def _transaction(self, conn: Connection, batch: list[_Op]) -> None:
+        conn.begin()  # the engine's "begin" listener emits BEGIN IMMEDIATE
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, sqlite3.Connection), "the SQLite writer needs the sqlite3 driver"
+        if self._fast:
+            conn.info[_RAW] = raw
+        if len(batch) == 1:
+            # Alone in its transaction, an operation needs no savepoint: its error rolls it all back (in
+            # _apply) and is its outcome.
+            op = batch[0]
+            op.outcome, op.ok = op.fn(conn, *op.args), True
+            conn.commit()
+            return
+        for op in batch:
+            raw.execute("SAVEPOINT mg_op")
+            try:
+                op.outcome, op.ok = op.fn(conn, *op.args), True
+            except Exception as error:
+                op.outcome, op.ok = error, False
+                if not raw.in_transaction:
+                    raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+                raw.execute("ROLLBACK TO mg_op")
+            raw.execute("RELEASE mg_op")
+        conn.commit()
+
+    @staticmethod
+    def _deliver(batch: list[_Op]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        for op in batch:
+            by_loop.setdefault(op.loop, []).append(op)
+        for loop, ops in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, ops)
+            except RuntimeError:
+                log.warning("event loop closed before %d write results could be delivered", len(ops))
+
+
+def _rolled_back(conn: Connection) -> Connection | None:
+    """Roll back whatever is open on the writer's connection; ``None`` if that failed (reconnect)."""
+    try:
+        conn.rollback()
+        raw = conn.connection.driver_connection
+        if raw.in_transaction:  # a failed COMMIT leaves SQLite's transaction open, SQLAlchemy's ended
+            raw.rollback()
+    except Exception:
+        log.exception("rollback on the SQLite writer failed; reconnecting")
+        conn.invalidate()
+        conn.close()
+        return None
+    return conn
+
+
+__all__ = ["WRITE_BATCH_MAX", "Prepared", "SqliteWriter"]

@@ -1,0 +1,272 @@
+"""Rate limits refuse what exceeds a customer's or a key's requests or tokens per minute — before any hold,
+so a refused request costs nothing and never reaches the upstream — and replicas on one database share them.
+
+Method: the official ``openai`` SDK through real gateways in front of the mock upstream. The limiter's
+clock is its injected ``clock`` seam, pinned to a chosen instant so that windows roll over without
+sleeping; two gateway apps on one SQLite file, and on one PostgreSQL database, take turns and race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from metergate.proxy.app import PIPELINE, build_app
+from metergate.proxy.ratelimit import WINDOW_MS
+from metergate.wallet.models import Mode, RateLimitCharge, RateLimitDenial
+from metergate.wallet.sql import SqlWalletStore
+from tests.conftest import Gateway, Upstream, _reset_pg, serve, start_gateway
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+T0 = 1_800_000_000_000 - 1_800_000_000_000 % WINDOW_MS + 15_000  # 15 s into a window
+
+
+def pin(gw: Gateway, at_ms: int) -> None:
+    gw.app[PIPELINE].ratelimiter.clock = lambda: at_ms
+
+
+Opener = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def open_gateway(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Start gateways (on one SQLite file unless ``database_url`` is given); stop them all afterwards."""
+    running: list[tuple[Gateway, web.AppRunner]] = []
+
+    async def open_(database_url: str = f"sqlite:///{tmp_path / 'limits.db'}", **overrides: Any) -> Gateway:
+        gw, runner = await start_gateway(upstream, database_url, **overrides)
+        running.append((gw, runner))
+        pin(gw, T0)
+        return gw
+
+    yield open_
+    for gw, runner in running:
+        await gw.close()
+        await runner.cleanup()
+
+
+def limits(customer: dict[str, int] | None = None, api_key: dict[str, int] | None = None) -> dict[str, Any]:
+    return {"rate_limits": {"customer": customer or {}, "api_key": api_key or {}}}
+
+
+async def ask(client: openai.AsyncOpenAI, max_tokens: int = 10) -> None:
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=max_tokens)
+
+
+async def refused(client: openai.AsyncOpenAI, max_tokens: int = 10) -> openai.RateLimitError:
+    with pytest.raises(openai.RateLimitError) as caught:
+        await ask(client, max_tokens)
+    assert caught.value.code == "rate_limited"
+    return caught.value
+
+
+async def ledger(gw: Gateway, customer: str = "acme") -> list[dict[str, Any]]:
+    r = await gw.admin.get(f"/customers/{customer}/ledger", params={"limit": 200})
+    assert r.status_code == 200, r.text
+    data: list[dict[str, Any]] = r.json()["data"]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- enforcement
+
+
+async def test_requests_over_the_limit_get_429_rate_limited_with_retry_after(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits({"requests_per_minute": 2}))
+    await gw.customer("acme")
+    client = gw.openai("acme")
+    await ask(client)
+    await ask(client)
+    before = (await gw.balance(), len(await ledger(gw)), len(gw.upstream.requests), len(await gw.usage()))
+    error = await refused(client)
+    assert error.status_code == 429
+    assert error.response.headers["Retry-After"] == "45"  # the window ends 45 s after T0
+    body = error.body
+    assert isinstance(body, dict)
+    assert (body["type"], body["dimension"], body["limit"], body["retry_after_s"]) == (
+        "rate_limit_error", "requests", 2, 45)
+    after = (await gw.balance(), len(await ledger(gw)), len(gw.upstream.requests), len(await gw.usage()))
+    assert after == before  # no hold, no charge, no ledger entry, nothing forwarded, no usage record
+    assert after[0]["pending"] == 0
+    assert await gw.store.audit() == []
+
+
+async def test_tokens_per_minute_count_the_prompt_estimate_plus_max_output(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits({"tokens_per_minute": 1100}))
+    await gw.customer("acme")
+    client = gw.openai("acme")
+    alone = await refused(client, max_tokens=1100)  # the prompt estimate on top of 1100 can never fit
+    assert "alone" in alone.message and isinstance(alone.body, dict) and alone.body["dimension"] == "tokens"
+    await ask(client, max_tokens=500)
+    await ask(client, max_tokens=500)  # 2 × (500 + a short prompt) fits in 1100
+    error = await refused(client, max_tokens=500)
+    assert isinstance(error.body, dict) and error.body["dimension"] == "tokens"
+    await ask(client, max_tokens=20)  # a smaller request still fits in what is left
+    assert len(await gw.usage()) == 3
+
+
+async def test_the_window_rolls_over_at_the_minute(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits({"requests_per_minute": 1}))
+    await gw.customer("acme")
+    client = gw.openai("acme")
+    window_end = T0 - T0 % WINDOW_MS + WINDOW_MS
+    await ask(client)
+    pin(gw, window_end - 400)
+    assert (await refused(client)).response.headers["Retry-After"] == "1"  # 0.4 s rounds up to 1 s
+    pin(gw, window_end)
+    await ask(client)  # a new window
+    await refused(client)
+    assert len(await gw.usage()) == 2
+
+
+async def test_each_api_key_has_its_own_limit_and_the_header_path_has_none(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits(api_key={"requests_per_minute": 1}))
+    await gw.customer("acme")
+    keys = []
+    for _ in range(2):
+        r = await gw.admin.post("/customers/acme/api-keys")
+        assert r.status_code == 201, r.text
+        keys.append(r.json()["key"])
+    first, second = (openai.AsyncOpenAI(base_url=f"{gw.url}/openai/v1", api_key=k, max_retries=0) for k in keys)
+    gw.clients.extend([first, second])
+    await ask(first)
+    error = await refused(first)
+    assert "API key" in error.message
+    await ask(second)
+    for _ in range(3):
+        await ask(gw.openai("acme"))  # identified by the trusted header: no key, no key limit
+
+
+async def test_no_limit_costs_no_database_call(upstream: Upstream, tmp_path: Path) -> None:
+    class CountingStore(SqlWalletStore):
+        consumed = 0
+
+        async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
+                                      tokens: int) -> RateLimitDenial | None:
+            CountingStore.consumed += 1
+            return await super().consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'unused.db'}")  # settings and admin client
+    await runner.cleanup()
+    store = CountingStore(gw.settings.database_url)
+    limited = gw.settings.model_copy(update={"rate_limits": gw.settings.rate_limits.model_copy(
+        update={"customer": gw.settings.rate_limits.customer.model_copy(update={"requests_per_minute": 100})})})
+    for settings, expected in ((gw.settings, 0), (limited, 3)):
+        CountingStore.consumed = 0
+        app = build_app(settings, store, public_url=gw.url)
+        runner, _ = await serve(app, gw.settings.port)
+        try:
+            if expected == 0:
+                await gw.customer("acme")
+            for _ in range(3):
+                await ask(gw.openai("acme"))
+        finally:
+            await runner.cleanup()
+        assert CountingStore.consumed == expected
+    await gw.close()
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+async def test_a_customer_override_from_the_admin_api_replaces_the_defaults(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits({"requests_per_minute": 1}))
+    await gw.customer("acme")
+    client = gw.openai("acme")
+    r = await gw.admin.put("/customers/acme/rate-limits", json={"requests_per_minute": 3, "tokens_per_minute": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["effective"] == {"requests_per_minute": 3, "tokens_per_minute": None}
+    assert r.json()["defaults"] == {"requests_per_minute": 1, "tokens_per_minute": None}
+    for _ in range(3):
+        await ask(client)
+    await refused(client)
+    r = await gw.admin.get("/customers/acme/rate-limits")
+    assert r.status_code == 200 and r.json()["override"]["requests_per_minute"] == 3
+    r = await gw.admin.delete("/customers/acme/rate-limits")
+    assert r.status_code == 200 and r.json()["override"] is None
+    pin(gw, T0 + WINDOW_MS)
+    await ask(client)
+    await refused(client)  # back to the default of one a minute
+    r = await gw.admin.put("/customers/acme/rate-limits",
+                           json={"requests_per_minute": None, "tokens_per_minute": None})
+    assert r.status_code == 200, r.text
+    for _ in range(3):
+        await ask(client)  # null lifts the limit for this customer
+
+
+async def test_an_override_reaches_another_replica_at_its_next_refresh(open_gateway: Opener) -> None:
+    control = await open_gateway(**limits({"requests_per_minute": 1}))
+    proxy = await open_gateway(**limits({"requests_per_minute": 1}))
+    await control.customer("acme")
+    r = await control.admin.put("/customers/acme/rate-limits",
+                                json={"requests_per_minute": 2, "tokens_per_minute": None})
+    assert r.status_code == 200, r.text
+    await proxy.app[PIPELINE].ratelimiter.refresh()  # what its refresh loop does every refresh_interval_s
+    client = proxy.openai("acme")
+    await ask(client)
+    await ask(client)
+    await refused(client)
+
+
+@pytest.mark.parametrize("body", [
+    {"requests_per_minute": 5},  # both keys are required
+    {"requests_per_minute": 0, "tokens_per_minute": None},
+    {"requests_per_minute": True, "tokens_per_minute": None},
+    {"requests_per_minute": None, "tokens_per_minute": "lots"},
+    {"requests_per_minute": None, "tokens_per_minute": 10**14},
+])
+async def test_bad_overrides_are_refused(gateway: Gateway, body: dict[str, Any]) -> None:
+    await gateway.customer("acme")
+    r = await gateway.admin.put("/customers/acme/rate-limits", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    r = await gateway.admin.get("/customers/acme/rate-limits")
+    assert r.json()["override"] is None
+
+
+async def test_overrides_need_a_known_customer_in_the_keys_mode(gateway: Gateway) -> None:
+    await gateway.customer("acme", mode="live")
+    r = await gateway.admin.put("/customers/acme/rate-limits",
+                                json={"requests_per_minute": 1, "tokens_per_minute": 1})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "customer_not_found"
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    await _reset_pg(url)
+    return url
+
+
+async def test_two_replicas_share_one_limit(open_gateway: Opener, shared_url: str) -> None:
+    one = await open_gateway(shared_url, **limits({"requests_per_minute": 3}))
+    two = await open_gateway(shared_url, **limits({"requests_per_minute": 3}))
+    await one.customer("acme")
+    a, b = one.openai("acme"), two.openai("acme")
+    await ask(a)
+    await ask(b)
+    await ask(a)
+    await refused(b)
+    await refused(a)
+
+
+async def test_racing_replicas_never_admit_more_than_the_limit(open_gateway: Opener, shared_url: str) -> None:
+    one = await open_gateway(shared_url, **limits({"requests_per_minute": 4}))
+    two = await open_gateway(shared_url, **limits({"requests_per_minute": 4}))
+    await one.customer("acme")
+    clients = [one.openai("acme"), two.openai("acme")]
+    outcomes = await asyncio.gather(*(ask(clients[i % 2]) for i in range(12)), return_exceptions=True)
+    assert sum(o is None for o in outcomes) == 4
+    assert all(o is None or (isinstance(o, openai.RateLimitError) and o.code == "rate_limited") for o in outcomes)
+    assert len(await one.usage()) == 4
+    assert await one.store.audit() == []
