@@ -9,15 +9,18 @@ run requests back to back in this process, whose threads (event loop, SQLite wri
 CPU as the server is in bench/run.py. Store configurations, measured interleaved round by round on
 fresh databases:
 
-* ``baseline``  one transaction per operation, every statement through SQLAlchemy Core: the store as
-                it was before group commit and the direct path (``write_batch_max=1, sqlite_fast=False``);
-* ``batched``   group commit only (``sqlite_fast=False``);
-* ``direct``    prepared statements on the driver connection only (``write_batch_max=1``);
-* ``default``   both: the production setting.
+* ``baseline``  a transaction per operation, every statement through SQLAlchemy Core, checkpoints
+                inside COMMIT: the store as it was before these three changes (``write_batch_max=1,
+                sqlite_fast=False, sqlite_checkpoint_s=None``);
+* ``batched``   group commit only;
+* ``direct``    prepared statements on the driver connection only;
+* ``ckpt``      checkpoints off the commit path only;
+* ``no-ckpt``   group commit and the direct path, checkpoints left inside COMMIT;
+* ``default``   all three: the production setting.
 
 Reported per configuration and concurrency: pairs/s, process CPU per pair and the writer thread's share
-of it (medians over rounds), the mean number of operations per committed batch, and ``x base``, the pairs/s ratio to ``baseline`` computed within each round,
-then the median.
+of it (medians over rounds), the mean number of operations per committed batch, the largest WAL file
+seen, and ``x base``, the pairs/s ratio to ``baseline`` computed within each round, then the median.
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.sql import SqlWalletStore
 
+_OFF: dict[str, Any] = {"write_batch_max": 1, "sqlite_fast": False, "sqlite_checkpoint_s": None}
 CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {"write_batch_max": 1, "sqlite_fast": False},
-    "batched": {"sqlite_fast": False},
-    "direct": {"write_batch_max": 1},
+    "baseline": _OFF,
+    "batched": {**_OFF, "write_batch_max": WRITE_BATCH_MAX},
+    "direct": {**_OFF, "sqlite_fast": True},
+    "ckpt": {**_OFF, "sqlite_checkpoint_s": CHECKPOINT_INTERVAL_S},
+    "no-ckpt": {"sqlite_checkpoint_s": None},
     "default": {},
 }
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
@@ -55,6 +62,7 @@ class Result:
     cpu_s: float
     writer_cpu_s: float
     batch_mean: float
+    wal_max_bytes: int
 
     @property
     def rate(self) -> float:
@@ -92,6 +100,8 @@ async def measure(config: str, concurrency: int, warmup_s: float, duration_s: fl
         t_measure, t_end = start + warmup_s, start + warmup_s + duration_s
         done = 0
         snap: dict[str, float] = {}
+        wal = Path(f"{path}-wal")
+        wal_max = 0
 
         async def worker() -> None:
             nonlocal done
@@ -103,6 +113,12 @@ async def measure(config: str, concurrency: int, warmup_s: float, duration_s: fl
                 await store.settle(hold.id, PRICE, record(i, hold.id))
                 if t_measure <= time.perf_counter() <= t_end:
                     done += 1
+
+        async def wal_watch() -> None:
+            nonlocal wal_max
+            while time.perf_counter() < t_end:
+                wal_max = max(wal_max, wal_size(wal))
+                await asyncio.sleep(0.05)
 
         async def sampler() -> None:
             await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
@@ -116,14 +132,25 @@ async def measure(config: str, concurrency: int, warmup_s: float, duration_s: fl
                         batches=writer.batches - snap["batches"], ops=writer.ops - snap["ops"],
                         writer=time.clock_gettime(clock) - snap["writer"])
 
-        await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(sampler(), wal_watch(), *(worker() for _ in range(concurrency)))
         assert await store.audit() == [], "ledger audit failed"
         return Result(config, concurrency, done, snap["t"], snap["cpu"], snap["writer"],
-                      snap["ops"] / max(snap["batches"], 1))
+                      snap["ops"] / max(snap["batches"], 1), wal_max)
     finally:
         await store.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_database(path)
+
+
+def wal_size(wal: Path) -> int:
+    try:
+        return wal.stat().st_size
+    except OSError:
+        return 0
+
+
+def remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -157,7 +184,7 @@ def main() -> None:
 
     base = "baseline" if "baseline" in args.configs else args.configs[0]
     head = (f"{'config':<10}{'conc':>5}{'pairs/s':>10}{'CPU us/pair':>13}{'writer us':>11}{'batch':>7}"
-            f"{'x ' + base[:4]:>8}")
+            f"{'WAL MB':>8}{'x ' + base[:4]:>8}")
     print(f"\n{head}\n{'-' * len(head)}")
     for concurrency in args.concurrency:
         for config in args.configs:
@@ -167,8 +194,10 @@ def main() -> None:
             cpu = statistics.median(r.cpu_us for r in mine.values())
             writer = statistics.median(r.writer_us for r in mine.values())
             batch = statistics.median(r.batch_mean for r in mine.values())
+            wal_mb = max(r.wal_max_bytes for r in mine.values()) / 2**20
             ratio = statistics.median(mine[k].rate / ref[k].rate for k in mine)
-            print(f"{config:<10}{concurrency:>5}{rate:>10.0f}{cpu:>13.0f}{writer:>11.0f}{batch:>7.1f}{ratio:>8.2f}")
+            print(f"{config:<10}{concurrency:>5}{rate:>10.0f}{cpu:>13.0f}{writer:>11.0f}{batch:>7.1f}{wal_mb:>8.1f}"
+                  f"{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ class RateLimiter:
         overrides = await self._store.rate_limit_overrides()
         self._overrides = {(o.mode, o.customer_id): o for o in overrides}
         now = self.clock()
-        if now - self._pruned_before_ms >= WINDOW_MS:
+        limited = self._overrides or any(v is not None for v in (*_pair(self._settings.customer),
+                                                                  *_pair(self._settings.api_key)))
+        if limited and now - self._pruned_before_ms >= WINDOW_MS:  # a replica without limits writes nothing
             before = _window_start(now) - _KEEP_WINDOWS * WINDOW_MS
             await self._store.prune_rate_limit_windows(before_ms=before)
             self._pruned_before_ms = now
@@ -90,26 +92,24 @@ class RateLimiter:
         """Drop an override deleted through this process's admin API: the defaults apply again."""
         self._overrides.pop((mode, customer_id), None)
 
-    def customer_limits(self, mode: Mode, customer_id: str) -> RateLimit:
+    def customer_limits(self, mode: Mode, customer_id: str) -> tuple[int | None, int | None]:
+        """Requests and tokens per minute for the customer: its override, else the defaults."""
         override = self._overrides.get((mode, customer_id))
         if override is None:
-            return self._settings.customer
-        return RateLimit(requests_per_minute=override.requests_per_minute,
-                         tokens_per_minute=override.tokens_per_minute)
+            return _pair(self._settings.customer)
+        return override.requests_per_minute, override.tokens_per_minute
 
     # ------------------------------------------------------------------ admission
 
     def charges(self, identity: Identity) -> list[RateLimitCharge]:
         """The counters a request by ``identity`` is charged against; empty when no limit applies."""
         out: list[RateLimitCharge] = []
-        customer = self.customer_limits(identity.mode, identity.customer_id)
-        if customer.requests_per_minute is not None or customer.tokens_per_minute is not None:
-            out.append(RateLimitCharge(f"customer:{identity.customer_id}", customer.requests_per_minute,
-                                       customer.tokens_per_minute))
-        key = self._settings.api_key
-        if identity.key_id is not None and (key.requests_per_minute is not None
-                                            or key.tokens_per_minute is not None):
-            out.append(RateLimitCharge(f"key:{identity.key_id}", key.requests_per_minute, key.tokens_per_minute))
+        rpm, tpm = self.customer_limits(identity.mode, identity.customer_id)
+        if rpm is not None or tpm is not None:
+            out.append(RateLimitCharge(f"customer:{identity.customer_id}", rpm, tpm))
+        rpm, tpm = _pair(self._settings.api_key)
+        if identity.key_id is not None and (rpm is not None or tpm is not None):
+            out.append(RateLimitCharge(f"key:{identity.key_id}", rpm, tpm))
         return out
 
     async def admit(self, identity: Identity, tokens: int) -> None:
@@ -123,6 +123,10 @@ class RateLimiter:
                                                        tokens=tokens)
         if denial is not None:
             raise _refusal(denial, tokens, now)
+
+
+def _pair(limit: RateLimit) -> tuple[int | None, int | None]:
+    return limit.requests_per_minute, limit.tokens_per_minute
 
 
 def _window_start(ms: int) -> int:

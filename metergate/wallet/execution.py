@@ -20,6 +20,17 @@ every caller. If a batch fails as a whole (its COMMIT, or an error that cost SQL
 nothing of it was committed, and each of its operations runs again in a transaction of its own.
 Batches form only from what queued up while the previous one ran: the writer never waits to fill one,
 so a lone request pays no batching delay.
+
+WAL checkpoints run off the commit path. By default SQLite checkpoints inside whichever COMMIT takes
+the WAL past 1000 pages, and a checkpoint fsyncs: that COMMIT, and every caller of its batch, waits
+for the disk. Here a checkpointer thread with a connection of its own runs a PASSIVE checkpoint every
+``checkpoint_interval_s`` while writes happen (a PASSIVE checkpoint never blocks the writer or the
+readers), and the writer's own automatic checkpoint is raised to :data:`WAL_AUTOCHECKPOINT_PAGES`,
+a backstop should the checkpointer fall behind. Durability is unchanged: it is set by
+``synchronous=NORMAL``, and a checkpoint only copies committed pages from the WAL into the database
+file. The price: the WAL grows to about one interval of writes (bounded by the backstop) and is reused
+from its start after a complete checkpoint, the file keeps its largest size up to
+:data:`WAL_SIZE_LIMIT_BYTES` (``journal_size_limit``), and recovery after a crash replays a longer WAL.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -48,6 +60,12 @@ log = logging.getLogger(__name__)
 # few dozen the saving per operation is small (bench/wallet_ops.py).
 WRITE_BATCH_MAX = 64
 
+# WAL checkpoints (see the module docstring): the checkpointer's period, the writer's own backstop
+# (pages of the WAL; SQLite's default is 1000) and the size a WAL file is truncated back to.
+CHECKPOINT_INTERVAL_S = 1.0
+WAL_AUTOCHECKPOINT_PAGES = 20_000
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
 _SQLITE = sqlite.dialect()
 _RAW = "metergate.sqlite_raw"  # Connection.info key: the driver connection, set by the writer only
 
@@ -59,7 +77,7 @@ class Prepared:
     ``Connection.execute(insert(table), values)`` would infer them from the keys.
     """
 
-    __slots__ = ("_bind", "_order", "_row", "_row_procs", "core", "sql")
+    __slots__ = ("_bind", "_binds", "_order", "_params", "_row", "_row_procs", "core", "sql")
 
     def __init__(self, core: Select[Any] | UpdateBase, *, columns: Sequence[str] | None = None) -> None:
         compiled = core.compile(dialect=_SQLITE, column_keys=list(columns) if columns is not None else None)
@@ -71,14 +89,19 @@ class Prepared:
         self.sql = compiled.string
         self._order = order
         self._bind = tuple(compiled.binds[name].type.bind_processor(_SQLITE) for name in order)
+        # The parameter tuple in one C call; values that need a bind processor (JSON, Boolean) then fixed up.
+        self._binds = any(self._bind)
+        self._params: Callable[[Mapping[str, Any]], Any] = (
+            operator.itemgetter(*order) if len(order) > 1 else lambda values: tuple(values[k] for k in order))
         returned = list(getattr(core, "exported_columns", ()))
         self._row: Any = collections.namedtuple("Row", [c.key for c in returned]) if returned else None
         procs = tuple(c.type.result_processor(_SQLITE, None) for c in returned)
         self._row_procs = procs if any(procs) else None
 
     def _rows(self, raw: sqlite3.Connection, values: Mapping[str, Any]) -> list[Any]:
-        params = tuple(values[name] if proc is None else proc(values[name])
-                       for name, proc in zip(self._order, self._bind, strict=True))
+        params = self._params(values)
+        if self._binds:
+            params = tuple(v if proc is None else proc(v) for v, proc in zip(params, self._bind, strict=True))
         try:
             return raw.execute(self.sql, params).fetchall()
         except sqlite3.Error as error:
@@ -148,19 +171,30 @@ class SqliteWriter:
     """SQLite's one writer thread; see the module docstring for the group-commit contract."""
 
     def __init__(self, engine: Engine, *, batch_max: int = WRITE_BATCH_MAX, fast: bool = True,
-                 name: str = "metergate-sqlite-writer") -> None:
+                 checkpoint_interval_s: float | None = CHECKPOINT_INTERVAL_S) -> None:
+        """``fast=False`` runs the prepared statements through SQLAlchemy too, as on PostgreSQL;
+        ``checkpoint_interval_s=None`` leaves checkpoints to SQLite (inside a COMMIT, every 1000 pages)."""
         assert 1 <= batch_max <= 10_000, "batch_max must be 1-10000"
+        assert checkpoint_interval_s is None or 0.01 <= checkpoint_interval_s <= 3600
         self._engine = engine
         self._batch_max = batch_max
-        self._fast = fast  # False: prepared statements too run through SQLAlchemy, as on PostgreSQL
+        self._fast = fast
+        database = engine.url.database
+        self._checkpoint_path = database if database and database != ":memory:" else None
+        self._checkpoint_interval_s = checkpoint_interval_s if self._checkpoint_path else None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._main, name="metergate-sqlite-writer", daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoint_main, name="metergate-sqlite-checkpoint",
+                                              daemon=True)
+        self._stop_checkpoints = threading.Event()
         self._closed = False
         self.batches = 0  # committed batches and operations, for the benchmarks
         self.ops = 0
 
     def start(self) -> None:
         self._thread.start()
+        if self._checkpoint_interval_s is not None:
+            self._checkpointer.start()
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed."""
@@ -177,6 +211,9 @@ class SqliteWriter:
             self._queue.put(None)
             if self._thread.is_alive():
                 self._thread.join()
+            self._stop_checkpoints.set()
+            if self._checkpointer.is_alive():
+                self._checkpointer.join()
 
     # ------------------------------------------------------------------ on the writer thread
 
@@ -212,7 +249,7 @@ class SqliteWriter:
         """Apply ``batch`` in one transaction, filling in each operation's outcome; return the connection
         to use next (``None``: open a fresh one)."""
         try:
-            conn = conn if conn is not None and not conn.invalidated else self._engine.connect()
+            conn = conn if conn is not None and not conn.invalidated else self._connect()
             self._transaction(conn, batch)
         except Exception as error:
             if conn is not None:
@@ -230,6 +267,32 @@ class SqliteWriter:
         self.batches += 1
         self.ops += len(batch)
         return conn
+
+    def _connect(self) -> Connection:
+        conn = self._engine.connect()
+        if self._checkpoint_interval_s is not None:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            raw.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        return conn
+
+    def _checkpoint_main(self) -> None:
+        """Every interval in which batches were committed, a PASSIVE checkpoint on a connection of its own."""
+        assert self._checkpoint_path is not None and self._checkpoint_interval_s is not None
+        checkpointed = 0
+        con = sqlite3.connect(self._checkpoint_path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop_checkpoints.wait(self._checkpoint_interval_s):
+                if self.batches == checkpointed:
+                    continue
+                checkpointed = self.batches
+                try:
+                    con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as error:  # the writer's backstop checkpoints meanwhile
+                    log.warning("WAL checkpoint failed: %s", error)
+        finally:
+            con.close()
 
     def _transaction(self, conn: Connection, batch: list[_Op]) -> None:
         conn.begin()  # the engine's "begin" listener emits BEGIN IMMEDIATE
@@ -273,7 +336,7 @@ def _rolled_back(conn: Connection) -> Connection | None:
     try:
         conn.rollback()
         raw = conn.connection.driver_connection
-        if raw.in_transaction:  # a failed COMMIT leaves SQLite's transaction open, SQLAlchemy's ended
+        if raw is not None and raw.in_transaction:  # a failed COMMIT leaves SQLite's open, SQLAlchemy's ended
             raw.rollback()
     except Exception:
         log.exception("rollback on the SQLite writer failed; reconnecting")

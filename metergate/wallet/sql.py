@@ -59,7 +59,7 @@ from metergate.wallet.errors import (
     IdempotencyConflict,
     InsufficientFunds,
 )
-from metergate.wallet.execution import WRITE_BATCH_MAX, Prepared, SqliteWriter
+from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX, Prepared, SqliteWriter
 from metergate.wallet.models import (
     ApiKey,
     Balance,
@@ -122,12 +122,13 @@ def _hash(*parts: object) -> str:
 
 
 class SqlWalletStore:
-    """``write_batch_max`` bounds a SQLite group commit (1: a transaction per operation);
-    ``sqlite_fast=False`` runs the prepared statements through SQLAlchemy on SQLite too, as on
-    PostgreSQL. Both exist for the benchmarks and the tests; the defaults are the production setting."""
+    """SQLite knobs, for the benchmarks and the tests (the defaults are the production setting):
+    ``write_batch_max`` bounds a group commit (1: a transaction per operation); ``sqlite_fast=False``
+    runs the prepared statements through SQLAlchemy, as on PostgreSQL; ``sqlite_checkpoint_s=None``
+    leaves WAL checkpoints to SQLite, inside a COMMIT. See :mod:`metergate.wallet.execution`."""
 
     def __init__(self, url: str, *, pool_size: int = 10, write_batch_max: int = WRITE_BATCH_MAX,
-                 sqlite_fast: bool = True) -> None:
+                 sqlite_fast: bool = True, sqlite_checkpoint_s: float | None = CHECKPOINT_INTERVAL_S) -> None:
         parsed = make_url(url)
         self._sqlite = parsed.get_backend_name() == "sqlite"
         if self._sqlite:
@@ -139,6 +140,7 @@ class SqlWalletStore:
         self._pool_size = pool_size
         self._write_batch_max = write_batch_max
         self._sqlite_fast = sqlite_fast
+        self._sqlite_checkpoint_s = sqlite_checkpoint_s
         self._async: AsyncEngine | None = None
         self._sync_writer: Engine | None = None
         self._sync_reader: Engine | None = None
@@ -151,7 +153,8 @@ class SqlWalletStore:
         if self._sqlite:
             self._sync_writer = self._sqlite_engine(immediate=True, pool_size=1)
             self._sync_reader = self._sqlite_engine(immediate=False, pool_size=4)
-            self._writer = SqliteWriter(self._sync_writer, batch_max=self._write_batch_max, fast=self._sqlite_fast)
+            self._writer = SqliteWriter(self._sync_writer, batch_max=self._write_batch_max, fast=self._sqlite_fast,
+                                        checkpoint_interval_s=self._sqlite_checkpoint_s)
             self._writer.start()
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader")
         else:
@@ -170,9 +173,12 @@ class SqlWalletStore:
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=15000", "foreign_keys=ON"):
                 dbapi_connection.execute(f"PRAGMA {pragma}")
 
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            # On the driver connection: a whole SQLAlchemy execution for BEGIN costs more than the BEGIN.
+            conn.connection.driver_connection.execute(begin)
 
         return engine
 
@@ -387,8 +393,7 @@ class SqlWalletStore:
                     posted=charged, pending=-released, hold_id=hold_id,
                     memo=f"written off {written_off}" if written_off else "")
             if usage is not None:
-                _INSERT_USAGE.run(conn, _usage_values(replace(usage, charged_amount=charged,
-                                                              written_off_amount=written_off)))
+                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=charged, written_off_amount=written_off))
             return Settlement(hold_id, charged, written_off, after)
 
         return await self._write(op)
@@ -758,8 +763,10 @@ def _entry(row: AnyRow) -> LedgerEntry:
                        created_at_ms=int(row.created_at_ms))
 
 
-def _usage_values(usage: UsageRecord) -> dict[str, Any]:
+def _usage_values(usage: UsageRecord, **changes: Any) -> dict[str, Any]:
+    """The record's column values, with ``changes`` applied (cheaper than ``dataclasses.replace``)."""
     values = {name: getattr(usage, name) for name in _USAGE_FIELDS}
+    values.update(changes)
     values["detail"] = json.loads(json.dumps(usage.detail, default=str))
     return values
 

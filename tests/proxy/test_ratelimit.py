@@ -51,7 +51,8 @@ async def open_gateway(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Open
         await runner.cleanup()
 
 
-def limits(customer: dict[str, int] | None = None, api_key: dict[str, int] | None = None) -> dict[str, Any]:
+def limits(customer: dict[str, int | None] | None = None,
+           api_key: dict[str, int | None] | None = None) -> dict[str, Any]:
     return {"rate_limits": {"customer": customer or {}, "api_key": api_key or {}}}
 
 
@@ -124,6 +125,18 @@ async def test_the_window_rolls_over_at_the_minute(open_gateway: Opener) -> None
     assert len(await gw.usage()) == 2
 
 
+async def test_a_refresh_prunes_the_windows_that_can_no_longer_refuse_anything(open_gateway: Opener) -> None:
+    gw = await open_gateway(**limits({"requests_per_minute": 5}))
+    await gw.customer("acme")
+    client = gw.openai("acme")
+    await ask(client)  # a window row for T0's minute
+    pin(gw, T0 + WINDOW_MS)
+    await ask(client)  # and one for the next minute
+    pin(gw, T0 + 3 * WINDOW_MS)
+    await gw.app[PIPELINE].ratelimiter.refresh()  # keeps the last two minutes' windows only
+    assert await gw.store.prune_rate_limit_windows(before_ms=T0 + 10 * WINDOW_MS) == 1  # the newer one was left
+
+
 async def test_each_api_key_has_its_own_limit_and_the_header_path_has_none(open_gateway: Opener) -> None:
     gw = await open_gateway(**limits(api_key={"requests_per_minute": 1}))
     await gw.customer("acme")
@@ -142,33 +155,35 @@ async def test_each_api_key_has_its_own_limit_and_the_header_path_has_none(open_
         await ask(gw.openai("acme"))  # identified by the trusted header: no key, no key limit
 
 
-async def test_no_limit_costs_no_database_call(upstream: Upstream, tmp_path: Path) -> None:
-    class CountingStore(SqlWalletStore):
-        consumed = 0
+class CountingStore(SqlWalletStore):
+    """The real store, counting the rate-limit charges it is asked for (build_app takes a store: a seam)."""
 
-        async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
-                                      tokens: int) -> RateLimitDenial | None:
-            CountingStore.consumed += 1
-            return await super().consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.consumed = 0
 
-    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'unused.db'}")  # settings and admin client
-    await runner.cleanup()
+    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
+                                  tokens: int) -> RateLimitDenial | None:
+        self.consumed += 1
+        return await super().consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+
+
+@pytest.mark.parametrize(("requests_per_minute", "consumed"), [(None, 0), (100, 3)])
+async def test_no_limit_costs_no_database_call(upstream: Upstream, tmp_path: Path, requests_per_minute: int | None,
+                                               consumed: int) -> None:
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'limits.db'}",
+                                     **limits({"requests_per_minute": requests_per_minute}))
+    await runner.cleanup()  # keep its settings and admin client; serve the same app over a counting store
     store = CountingStore(gw.settings.database_url)
-    limited = gw.settings.model_copy(update={"rate_limits": gw.settings.rate_limits.model_copy(
-        update={"customer": gw.settings.rate_limits.customer.model_copy(update={"requests_per_minute": 100})})})
-    for settings, expected in ((gw.settings, 0), (limited, 3)):
-        CountingStore.consumed = 0
-        app = build_app(settings, store, public_url=gw.url)
-        runner, _ = await serve(app, gw.settings.port)
-        try:
-            if expected == 0:
-                await gw.customer("acme")
-            for _ in range(3):
-                await ask(gw.openai("acme"))
-        finally:
-            await runner.cleanup()
-        assert CountingStore.consumed == expected
-    await gw.close()
+    runner, _ = await serve(build_app(gw.settings, store, public_url=gw.url), gw.settings.port)
+    try:
+        await gw.customer("acme")
+        for _ in range(3):
+            await ask(gw.openai("acme"))
+        assert store.consumed == consumed
+    finally:
+        await gw.close()
+        await runner.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------- overrides
