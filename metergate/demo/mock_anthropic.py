@@ -67,10 +67,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "ping"},
     ]
-    emitted = 0
-    for word in words:
+    for emitted, word in enumerate(words, start=1):
         events.append({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}})
-        emitted += 1
         if emitted == len(words) // 2 and "no-usage" not in b:
             # An intermediate cumulative count: a client that sums message_delta usages double-counts.
             events.append({"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},

@@ -61,7 +61,7 @@ def from_openai(usage: Any) -> Usage | None:
 def from_anthropic(usage: Any) -> Usage | None:
     """Read an Anthropic ``usage`` object. Its ``input_tokens`` excludes cache reads and writes; here
     they are added back so that ``input_tokens`` is the whole prompt, as for every other provider."""
-    if not isinstance(usage, dict) or "input_tokens" not in usage and "output_tokens" not in usage:
+    if not isinstance(usage, dict) or ("input_tokens" not in usage and "output_tokens" not in usage):
         return None
     base = _int(usage.get("input_tokens"))
     write = _int(usage.get("cache_creation_input_tokens"))

@@ -27,6 +27,7 @@ from metergate.errors import BadGateway, GatewayTimeout
 from metergate.money import COST_SCALE, format_minor, to_minor
 from metergate.proxy import headers as hh
 from metergate.proxy.identify import Identity
+from metergate.proxy.settlement import settle_with_retries
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Hold, Settlement, UsageRecord
 
@@ -206,18 +207,10 @@ class ComputeRelay:
             detail={"meter": config.meter, "units": str(units), "unit_price": str(config.unit_price),
                     "held_units": str(job.covered_units), "extensions": job.extensions,
                     "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())})
-        for attempt in range(1, 6):
-            try:
-                settlement = await p.store.settle(job.hold.id, price, record)
-                if job.response is not None and not job.response.prepared:
-                    job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, scale)
-                return settlement
-            except Exception:
-                if attempt == 5:
-                    log.exception("%s: settlement failed; hold %s will expire", job.request_id, job.hold.id)
-                    return None
-                await asyncio.sleep(0.05 * 2 ** attempt)
-        return None
+        settlement = await settle_with_retries(p.store, job.hold.id, price, record)
+        if settlement is not None and job.response is not None and not job.response.prepared:
+            job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, scale)
+        return settlement
 
 
 def _decimal(value: Any) -> Decimal | None:

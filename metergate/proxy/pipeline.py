@@ -48,6 +48,7 @@ from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.ratelimit import RateLimiter
+from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Hold, Settlement, UsageRecord
@@ -55,7 +56,6 @@ from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
-_SETTLE_ATTEMPTS = 5
 _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
 _CUT_EVENT = (b'event: error\ndata: {"type":"error","error":{"message":"metergate is shutting down: this stream '
               b'was cut at the drain deadline; what was delivered is billed.","type":"server_error",'
@@ -408,15 +408,7 @@ class Pipeline:
         return await asyncio.shield(ex.settlement)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
-        for attempt in range(1, _SETTLE_ATTEMPTS + 1):
-            try:
-                return await self.store.settle(ex.hold.id, price, record)
-            except Exception:
-                if attempt == _SETTLE_ATTEMPTS:
-                    log.exception("%s: settlement failed; hold %s will expire", ex.request_id, ex.hold.id)
-                    return None
-                await asyncio.sleep(0.05 * 2 ** attempt)
-        return None
+        return await settle_with_retries(self.store, ex.hold.id, price, record)
 
     def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
         receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": self.prices.asset}

@@ -9,7 +9,7 @@ and the extra usage chunk that this produces is dropped before it reaches such a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from metergate.errors import BadRequest
