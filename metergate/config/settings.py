@@ -30,7 +30,7 @@ Mode = Literal["test", "live"]
 Role = Literal["sidecar", "control", "all"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 _ASSET_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics")
+RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics", "/webhooks")
 
 
 class _Strict(BaseModel):
@@ -173,6 +173,32 @@ class Settings(BaseSettings):
     dashboard_session_ttl_s: int = Field(3600, ge=60, le=7 * 86400,
                                          description="Lifetime of the dashboard cookie a link sets.")
 
+    # Payments and self-service (issue #4, metergate/payments): Stripe per mode, top-ups, notifications.
+    stripe_test_key: SecretStr | None = Field(None, description="Stripe secret key for test mode (sk_test_...).")
+    stripe_live_key: SecretStr | None = Field(None, description="Stripe secret key for live mode (sk_live_...).")
+    stripe_test_webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret (whsec_...) of the test-mode endpoint /webhooks/stripe/test.")
+    stripe_live_webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret (whsec_...) of the live-mode endpoint /webhooks/stripe/live.")
+    stripe_api_base: str = Field("", description="Override of Stripe's API address (tests: a local fake).")
+    stripe_currency: str = Field("usd", pattern=r"^[a-z]{3}$",
+                                 description="Currency of top-ups; credits the pricing asset (scale >= 2).")
+    topup_min: Annotated[Decimal, Field(gt=0, le=10**6)] = Field(
+        Decimal(5), description="Smallest top-up a customer may choose in the portal, in the major unit.")
+    topup_max: Annotated[Decimal, Field(gt=0, le=10**6)] = Field(
+        Decimal(1000), description="Largest top-up a customer may choose in the portal, in the major unit.")
+    auto_topup_daily_cap: int = Field(3, ge=1, le=100, description="Automatic top-ups per wallet per UTC day.")
+    auto_topup_interval_s: float = Field(30, gt=0, le=3600,
+                                         description="How often the control plane checks auto top-up thresholds.")
+    notify_url: str = Field("", description="Operator URL that receives signed event notifications (none: off).")
+    notify_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing operator notifications.")
+    portal_brand_name: str = Field("", max_length=80, description="Product name shown in the portal.")
+    portal_logo_url: str = Field("", max_length=500, description="https URL of a logo shown in the portal.")
+    portal_primary_color: str = Field("#1d2433", pattern=r"^#[0-9a-fA-F]{6}$", description="Portal header colour.")
+    portal_accent_color: str = Field("#3558d6", pattern=r"^#[0-9a-fA-F]{6}$", description="Portal button colour.")
+    portal_frame_ancestors: str = Field("'self'", max_length=500,
+                                        description="CSP frame-ancestors of the portal (who may embed it).")
+
     @field_validator("admin_keys")
     @classmethod
     def _admin_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
@@ -181,6 +207,16 @@ class Settings(BaseSettings):
             if not re.match(r"^mg_(test|live)_[A-Za-z0-9_-]{16,}$", value):
                 raise ValueError(f"admin_keys[{index}] must look like mg_test_<16+ chars> or mg_live_<16+ chars>")
         return keys
+
+    @model_validator(mode="after")
+    def _stripe_keys(self) -> Settings:
+        for mode in ("test", "live"):
+            key = getattr(self, f"stripe_{mode}_key")
+            if key is not None and not re.match(rf"^(sk|rk)_{mode}_[A-Za-z0-9_]{{8,}}$", key.get_secret_value()):
+                raise ValueError(f"stripe_{mode}_key must be a {mode}-mode secret key (sk_{mode}_...)")
+        if self.topup_min > self.topup_max:
+            raise ValueError("topup_min must not exceed topup_max")
+        return self
 
     @field_validator("portal_secrets")
     @classmethod

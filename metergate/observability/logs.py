@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from typing import IO, Literal
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, SecretStr
+
 from metergate.config.settings import Settings
 
 LogFormat = Literal["json", "text"]
@@ -130,13 +132,32 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value the settings hold, for the redaction filter."""
-    values = [key.get_secret_value() for key in settings.admin_keys]
-    values += [secret.get_secret_value() for secret in settings.portal_secrets.values()]
-    values += [route.api_key.get_secret_value() for route in settings.routes if route.api_key is not None]
-    password = urlsplit(settings.database_url).password
-    if password:
-        values.append(password)
+    """Every secret value the settings hold, for the redaction filter: each ``SecretStr`` anywhere in them
+    (provider, admin, portal, Stripe and notification keys, and whatever secret a later setting adds), and
+    each password inside a URL (the database's, say)."""
+    values: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, SecretStr):
+            values.append(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and "://" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                values.append(password)
+
+    walk(settings)
     return values
 
 

@@ -30,7 +30,9 @@ from metergate.metering.pricing import PriceBook
 from metergate.metering.tokenizer import preload
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
 from metergate.observability.middleware import observe_middleware
+from metergate.payments.service import PAYMENTS, Payments
 from metergate.portal.links import LinkSigner
+from metergate.portal.selfserve import SelfServe
 from metergate.portal.views import PortalViews
 from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
@@ -133,7 +135,15 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
-        app.add_routes(PortalViews(settings, store, signer).routes())
+        portal = PortalViews(settings, store, signer)
+        app.add_routes(portal.routes())
+        if isinstance(store, SqlWalletStore):  # payments keep their state in the SQL wallet database
+            app[PAYMENTS] = payments = Payments(settings, store)
+            app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin
+            selfserve = SelfServe(settings, payments, signer)  # the portal's top-up, settings and history
+            app.add_routes(selfserve.routes())
+            portal.page_override = selfserve.page
+            app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
     if proxy:
         app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app

@@ -136,11 +136,11 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         while self._active and (remaining := deadline - loop.time()) > 0:
-            log.info("draining %d requests in flight for up to %.1fs", len(self._active), remaining)
+            log.info("draining: %d request(s) in flight, %.1fs left", len(self._active), remaining)
             await asyncio.wait([task for _, task in self._active.values()], timeout=remaining)
         if not self._active:
             return
-        log.warning("drain deadline reached: cutting %d requests in flight", len(self._active))
+        log.warning("drain deadline reached: cutting %d request(s) still in flight", len(self._active))
         for ex, task in list(self._active.values()):
             ex.cut = True
             if ex.upstream is not None:

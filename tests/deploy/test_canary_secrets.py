@@ -1,10 +1,10 @@
 """No secret ever reaches a log line, a response a client sees, or /metrics — on normal, error and debug paths.
 
 Method: plant unique canary values in every place a secret lives (the provider key of a route, both admin
-keys, the portal secret, an issued proxy key, and credentials a client sends that metergate must refuse),
-log everything at DEBUG — captured raw, as emitted, and as metergate's JSON handler writes it — and drive
-successes, upstream errors, refusals (402, 401, 403), malformed bodies, malformed HTTP, a stream cut by its
-upstream and a client that hangs up. Then search every log line, every response body and header the clients
+keys, the portal secret, the notification secret, an issued proxy key, and credentials a client sends that
+metergate must refuse), log everything at DEBUG — captured raw, as emitted, and as metergate's JSON handler
+writes it — and drive successes, upstream errors, refusals (402, 401, 403), malformed bodies, malformed HTTP,
+a stream cut by its upstream and a client that hangs up. Then search every log line, every response body and header the clients
 received, and the /metrics text for every canary: there must be no hit, and none that only redaction hid.
 """
 
@@ -29,6 +29,7 @@ ROUTE_KEY = f"sk-canaryroute{TAG}" + "r" * 20
 ADMIN_TEST = f"mg_test_canaryadmin{TAG}"
 ADMIN_LIVE = f"mg_live_canaryadmin{TAG}"
 PORTAL_SECRET = f"canary-portal-{TAG}-" + "p" * 32
+NOTIFY_SECRET = f"canary-notify-{TAG}-" + "n" * 20
 WRONG_ADMIN = f"mg_test_canarywrongadmin{TAG}"  # a client's guess: refused, never echoed
 UNKNOWN_PROXY_KEY = f"mgk_test_canaryunknown{TAG}" + "u" * 10
 CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 12}
@@ -89,7 +90,8 @@ async def test_canaries_never_leak(upstream: Upstream, tmp_path: Path, logs: tup
     gateway, runner = await start_gateway(
         upstream, f"sqlite:///{tmp_path / 'canary.db'}",
         routes=[{"prefix": "/openai", "upstream": upstream.url, "api_key": ROUTE_KEY}],
-        admin_keys=[ADMIN_TEST, ADMIN_LIVE], portal_secrets={"k1": PORTAL_SECRET}, pricing=DEFAULT_PRICING)
+        admin_keys=[ADMIN_TEST, ADMIN_LIVE], portal_secrets={"k1": PORTAL_SECRET}, notify_secret=NOTIFY_SECRET,
+        pricing=DEFAULT_PRICING)
     configure_logging("DEBUG", "json", secrets_of(gateway.settings), stream=stream)
     seen = Seen()
     try:
@@ -102,7 +104,8 @@ async def test_canaries_never_leak(upstream: Upstream, tmp_path: Path, logs: tup
     assert len(issued) == 1 and issued[0].startswith("201 ")
     seen.texts.remove(issued[0])
 
-    canaries = [ROUTE_KEY, ADMIN_TEST, ADMIN_LIVE, PORTAL_SECRET, WRONG_ADMIN, UNKNOWN_PROXY_KEY, proxy_key]
+    canaries = [ROUTE_KEY, ADMIN_TEST, ADMIN_LIVE, PORTAL_SECRET, NOTIFY_SECRET, WRONG_ADMIN, UNKNOWN_PROXY_KEY,
+                proxy_key]
     places = {"log records as emitted": "\n".join(snapshot.lines),
               "metergate's JSON log": stream.getvalue(),
               "responses to clients": "\n".join(seen.texts),
@@ -182,4 +185,4 @@ async def exercise(gateway: Gateway, seen: Seen) -> str:
 
 def test_canaries_are_unique_and_look_like_what_they_stand_for() -> None:
     assert ROUTE_KEY.startswith("sk-") and ADMIN_LIVE.startswith("mg_live_") and len(PORTAL_SECRET) >= 32
-    assert len({ROUTE_KEY, ADMIN_TEST, ADMIN_LIVE, PORTAL_SECRET, WRONG_ADMIN, UNKNOWN_PROXY_KEY}) == 6
+    assert len({ROUTE_KEY, ADMIN_TEST, ADMIN_LIVE, PORTAL_SECRET, NOTIFY_SECRET, WRONG_ADMIN, UNKNOWN_PROXY_KEY}) == 7

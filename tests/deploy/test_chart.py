@@ -33,6 +33,9 @@ EXISTING_SECRETS: dict[str, Any] = {
     "portalSecrets": {"existingSecret": "metergate-portal", "keys": [{"id": "k2026", "key": "k2026"},
                                                                     {"id": "k2025", "key": "k2025"}]},
     "publicUrl": "https://billing.example.com",
+    "secretSettings": [{"setting": "notify_secret", "secret": {"name": "metergate-notify", "key": "hmac"}},
+                       {"setting": "portal_brand_name", "roles": ["sidecar", "control"],
+                        "secret": {"name": "branding", "key": "name"}}],
 }
 EDGE_CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -171,6 +174,10 @@ def test_secrets_are_referenced_never_inlined_and_each_role_gets_only_its_own(ch
     assert control["admin_keys"] == ["${MG_ADMIN_KEY_0}", "${MG_ADMIN_KEY_1}"]
     assert list(control["portal_secrets"]) == ["k2026", "k2025"]  # the first signs: order is kept
     assert "database_url" not in sidecar and "admin_keys" not in sidecar and "routes" not in control
+    assert control["notify_secret"] == "${MG_SETTING_0}" and "notify_secret" not in sidecar  # control by default
+    assert sidecar["portal_brand_name"] == control["portal_brand_name"] == "${MG_SETTING_1}"
+    assert refs["MG_SETTING_0"] == {"name": "metergate-notify", "key": "hmac"}
+    assert "MG_SETTING_0" not in sidecar_env and "MG_SETTING_1" in sidecar_env
 
 
 @pytest.mark.parametrize("case", ["defaults", "existing-secrets", "no-routes-extra-settings"])
@@ -180,7 +187,7 @@ def test_configmap_settings_load_in_metergate(chart: helm_python.Chart, case: st
     # What the Secrets would hand the containers, shaped as metergate requires.
     for name, value in {"MG_ROUTE_0_API_KEY": "sk-" + "p" * 30, "MG_ADMIN_KEY_0": "mg_live_" + "a" * 24,
                         "MG_ADMIN_KEY_1": "mg_test_" + "b" * 24, "MG_PORTAL_SECRET_0": "s" * 40,
-                        "MG_PORTAL_SECRET_1": "t" * 40}.items():
+                        "MG_PORTAL_SECRET_1": "t" * 40, "MG_SETTING_0": "n" * 32, "MG_SETTING_1": "Acme"}.items():
         monkeypatch.setenv(name, value)
     for role in ("sidecar", "control"):
         path = tmp_path / f"{role}.yaml"
@@ -203,6 +210,8 @@ def test_configmap_settings_load_in_metergate(chart: helm_python.Chart, case: st
     ({"drainDeadlineSeconds": "30s"}, "/drainDeadlineSeconds"),
     # Secrets where only references belong.
     ({"settings": {"admin_keys": ["mg_live_0123456789abcdef"]}}, "/settings"),
+    ({"settings": {"stripe_live_key": "sk_live_0123456789"}}, "invalid propertyName 'stripe_live_key'"),
+    ({"secretSettings": [{"setting": "notify_secret", "secret": {"name": "", "key": "k"}}]}, "/secretSettings/0"),
     ({"database": {"url": "postgresql://u:password@db/x", "existingSecret": {"name": "", "key": "k"}}},
      "/database/url"),
     ({"redis": {"url": "redis://:password@redis:6379", "existingSecret": {"name": "", "key": "k"}}}, "/redis/url"),

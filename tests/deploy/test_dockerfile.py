@@ -158,8 +158,9 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
     command = [shutil.which(entrypoint[0], path=run_env["PATH"]) or entrypoint[0], *entrypoint[1:],
                "--config", str(config)]
     assert command[0].startswith(str(image)), "the entry point must come from the image's environment"
-    server = subprocess.Popen(command, env=run_env, cwd=tmp_path / "var", stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metergate.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, env=run_env, cwd=tmp_path / "var", stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         ready = None
@@ -170,7 +171,7 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert ready is not None, f"metergate did not come up:\n{server.stdout.read() if server.stdout else ''}"
+        assert ready is not None, f"metergate did not come up:\n{log.read_text()}"
         assert ready.status_code == 200
         assert ready.json() == {"status": "ok", "role": "all", "database": "up", "prices": "loaded"}
         assert httpx.get(f"{base}/livez", timeout=2).json() == {"status": "ok"}
@@ -182,7 +183,11 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
         assert subprocess.run(probe, env=run_env, timeout=30).returncode == 0
     finally:
         server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
+        try:
+            server.wait(timeout=30)
+        finally:
+            server.kill()  # a no-op once it has exited
+    output = log.read_text()
     assert server.returncode == 0, output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert {"ts", "level", "logger", "msg"} <= set(lines[0])  # JSON logs by default

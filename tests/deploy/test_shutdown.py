@@ -2,8 +2,9 @@
 
 Method: run ``metergate serve`` as a real subprocess on a SQLite file, in front of the mock upstream served by
 this test; stream a slowed chat completion through the official SDK, send the process SIGTERM mid-stream, and
-read the stream to its end. Then reopen the database with ``SqlWalletStore`` and check that no hold is
-pending, the request's usage record is there, and the ledger audits clean.
+read the stream to its end (or leave a request waiting on a slow upstream). Then reopen the database with
+``SqlWalletStore`` and check that no hold is pending, the request's usage record is there, and the ledger
+audits clean.
 """
 
 from __future__ import annotations
@@ -144,3 +145,34 @@ async def test_sigterm_cuts_a_stream_at_the_drain_deadline_and_bills_what_was_de
     assert record["source"] == "estimated"
     assert record["output"] == counter_for(MODEL).count(text)  # exactly what the client received
     assert "drain deadline reached" in server.log.read_text()
+
+
+async def test_sigterm_cancels_a_request_still_waiting_for_its_upstream_and_voids_its_hold(
+        serve: Start, upstream: Upstream) -> None:
+    server = await serve(1)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0,
+                                default_headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"})
+    async with client:
+        call = asyncio.create_task(client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"X-Mock-Behavior": "slow:30"}))
+        for _ in range(300):  # until the request has its hold and waits on the upstream
+            if upstream.requests:
+                break
+            await asyncio.sleep(0.05)
+        assert upstream.requests
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIConnectionError):  # the connection closes: no answer was coming
+            await call
+    assert await asyncio.wait_for(server.process.wait(), 60) == 0, server.log.read_text()
+    store = SqlWalletStore(server.database_url)
+    await store.open()
+    try:
+        [(_, record)] = await store.usage("test", "acme", limit=10)
+        hold = await store.get_hold(record.hold_id or "")
+        balance = await store.balance("test", "acme", "USD")
+        assert await store.audit() == []
+    finally:
+        await store.close()
+    assert hold is not None and hold.state == "voided"
+    assert (record.charged_amount, record.usage_source, balance.debits_pending) == (0, "none", 0)
+    assert balance.available == 1_000_000

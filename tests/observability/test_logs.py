@@ -111,6 +111,6 @@ def test_secrets_of_settings_lists_every_configured_secret() -> None:
     settings = load_settings(
         database_url="postgresql://metergate:db-password-123@db/metergate",
         routes=[{"prefix": "/openai", "upstream": "https://api.openai.com", "api_key": "sk-route-key-0123456789"}],
-        admin_keys=["mg_live_" + "a" * 20], portal_secrets={"k1": "p" * 32})
+        admin_keys=["mg_live_" + "a" * 20], portal_secrets={"k1": "p" * 32}, notify_secret="n" * 24)
     assert sorted(secrets_of(settings)) == sorted(["db-password-123", "sk-route-key-0123456789", "mg_live_" + "a" * 20,
-                                                   "p" * 32])
+                                                   "p" * 32, "n" * 24])

@@ -73,6 +73,18 @@ portal_secrets:
 {{- end }}
 {{- end }}
 
+{{/*
+The secretSettings entries meant for a role, as ${MG_SETTING_<n>} references. Call with (dict "root" $ "role" ...).
+*/}}
+{{- define "metergate.secretSettings" -}}
+{{- $role := .role }}
+{{- range $index, $entry := .root.Values.secretSettings }}
+{{- if has $role ($entry.roles | default (list "control")) }}
+{{ $entry.setting }}: "${MG_SETTING_{{ $index }}}"
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "metergate.sidecarSettings" -}}
 {{ include "metergate.commonSettings" . }}
 routes:
@@ -86,6 +98,7 @@ routes:
     {{- end }}
 {{- else }} []
 {{- end }}
+{{- include "metergate.secretSettings" (dict "root" . "role" "sidecar") }}
 {{- end }}
 
 {{- define "metergate.controlSettings" -}}
@@ -96,6 +109,7 @@ admin_keys:
   - "${MG_ADMIN_KEY_{{ $index }}}"
 {{- end }}
 {{- end }}
+{{- include "metergate.secretSettings" (dict "root" . "role" "control") }}
 {{- end }}
 
 {{/*
@@ -139,6 +153,16 @@ Environment: secrets by reference. Call with (dict "root" $ "role" "sidecar"|"co
       name: {{ $route.apiKeySecret.name }}
       key: {{ $route.apiKeySecret.key | default "api-key" }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- $role := .role }}
+{{- range $index, $entry := $v.secretSettings }}
+{{- if has $role ($entry.roles | default (list "control")) }}
+- name: MG_SETTING_{{ $index }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $entry.secret.name }}
+      key: {{ $entry.secret.key }}
 {{- end }}
 {{- end }}
 {{- if and (eq .role "control") $v.adminKeys.existingSecret }}
