@@ -5,7 +5,8 @@ keys, the portal secret, the notification secret, an issued proxy key, and crede
 metergate must refuse), log everything at DEBUG — captured raw, as emitted, and as metergate's JSON handler
 writes it — and drive successes, upstream errors, refusals (402, 401, 403), malformed bodies, malformed HTTP,
 a stream cut by its upstream and a client that hangs up. Then search every log line, every response body
-and header the clients received, and the /metrics text for every canary: there must be no hit, and none that only redaction hid.
+and header the clients received, and the /metrics text for every canary: there must be no hit, and none
+that only redaction hid.
 """
 
 from __future__ import annotations
