@@ -25,6 +25,28 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
     return op
 
 
+def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
+    """Auto top-up, spend caps and top-up history (metergate/payments/admin.py)."""
+    asset = [{"name": "asset", "in": "query", "schema": {"type": "string"}}]
+    minor = {"type": "integer", "minimum": 1}
+    auto = {"type": "object", "required": ["threshold", "amount"], "properties": {
+        "asset": {"type": "string"}, "threshold": minor, "amount": minor}}
+    cap = {"type": ["integer", "null"], "minimum": 1}
+    caps = {"type": "object", "properties": {"asset": {"type": "string"}, "daily": cap, "monthly": cap}}
+    return {
+        f"{customers}/auto-top-up": {
+            "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", params=c, query=asset),
+            "put": _op("Set auto top-up: charge the saved card 'amount' below 'threshold'", params=c, body=auto),
+            "delete": _op("Turn auto top-up off", params=c, query=asset),
+        },
+        f"{customers}/spend-caps": {
+            "get": _op("The customer's daily and monthly spend caps", params=c, query=asset),
+            "put": _op("Set spend caps (null: no cap)", params=c, body=caps),
+        },
+        f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", params=c)},
+    }
+
+
 def document() -> dict[str, Any]:
     c = ("customer_id",)
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
@@ -74,6 +96,7 @@ def document() -> dict[str, Any]:
             "Revenue, provider cost and margin per group over a time range (JSON or CSV)", query=margin)},
         "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard", ok=201)},
     }
+    paths.update(_payments(customers, c))
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},

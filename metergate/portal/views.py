@@ -8,6 +8,7 @@ in one mode, and every value is HTML-escaped.
 from __future__ import annotations
 
 import html
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -70,6 +71,8 @@ class PortalViews:
         self._signer = signer
         self._scales = {a.code: a.scale for a in settings.assets}
         self._names = {a.code: a.name or a.code for a in settings.assets}
+        # The self-service page (metergate/portal/selfserve.py) when payments are on: same link, fuller page.
+        self.page_override: Callable[[web.Request, PortalGrant], Awaitable[web.StreamResponse]] | None = None
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/portal/", self.page), web.get("/portal/summary", self.summary)]
@@ -98,8 +101,10 @@ class PortalViews:
                 "balances": [{"asset": b.asset, "available": b.available} for b in balances],
                 "usage_count": len(rows)}
 
-    async def page(self, request: web.Request) -> web.Response:
+    async def page(self, request: web.Request) -> web.StreamResponse:
         grant = self._grant(request)
+        if self.page_override is not None:
+            return await self.page_override(request, grant)
         fragments = await self._fragments(grant)
         badge = '<span class="mode">test mode</span>' if grant.mode == "test" else ""
         body = _PAGE.format(customer=html.escape(grant.customer_id), mode_badge=badge,

@@ -1,0 +1,71 @@
+"""The payments feature assembled: storage, Stripe, notifications, top-ups, webhooks, the periodic check.
+
+Served by the control plane (``role: control`` or ``all``). Opened after the wallet store and closed before
+it, through one ``cleanup_ctx`` generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from metergate.admin.api import AdminApi
+from metergate.config.settings import Settings
+from metergate.payments.admin import PaymentsAdminApi
+from metergate.payments.notify import Notifier
+from metergate.payments.store import PaymentsStore
+from metergate.payments.stripe_api import StripeApi
+from metergate.payments.topups import TopUps
+from metergate.payments.webhooks import StripeWebhooks
+from metergate.wallet.models import Mode
+from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.store import WalletStore
+
+log = logging.getLogger(__name__)
+
+
+class Payments:
+    def __init__(self, settings: Settings, wallet: WalletStore) -> None:
+        assert isinstance(wallet, SqlWalletStore), "payments keep their state in the SQL wallet database"
+        self.settings = settings
+        self.store = PaymentsStore(wallet)
+        self.stripe = StripeApi(settings, self.store)
+        secret = settings.notify_secret.get_secret_value() if settings.notify_secret else None
+        self.notifier = Notifier(settings.notify_url, secret)
+        self.topups = TopUps(settings, self.store, self.stripe, self.notifier)
+        self.webhooks = StripeWebhooks(settings, self.topups)
+
+    def routes(self, admin: AdminApi) -> list[web.RouteDef]:
+        return [*self.webhooks.routes(), *PaymentsAdminApi(admin, self.store, self.topups).routes()]
+
+    async def after_settlement(self, mode: Mode, customer_id: str, asset: str) -> None:
+        """The hook to call after a settlement (never raises: a payment problem must not fail a request)."""
+        try:
+            await self.topups.check(mode, customer_id, asset)
+        except Exception:
+            log.exception("auto top-up check failed")
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.auto_topup_interval_s)
+            try:
+                await self.topups.check_all()
+            except Exception:
+                log.exception("periodic auto top-up check failed; retrying next interval")
+
+    async def lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.store.open()
+        task = asyncio.create_task(self._periodic())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.notifier.close()
+        await self.stripe.close()
+
+
+PAYMENTS = web.AppKey("payments", Payments)

@@ -1,0 +1,60 @@
+"""Customer-set spend caps (per UTC day and per calendar month, per wallet and asset), enforced at admission.
+
+:meth:`SpendCaps.admit` is what the proxy calls before placing a hold: it refuses with 402
+``spend_cap_reached`` when what the wallet has captured since the start of the day (month), plus what it
+holds now, plus this request's hold would pass the cap. It reads the ledger, so every replica agrees; it is
+a check before the hold rather than inside it, so requests admitted at the same instant can pass a cap by
+at most their own holds (a customer's budget guard, not the wallet's solvency, which the hold enforces).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from metergate.errors import PaymentRequired
+from metergate.payments.store import PaymentsStore, SpendCaps
+from metergate.wallet.models import Mode, now_ms
+
+_DAY_MS = 86_400_000
+
+
+class SpendCapReached(PaymentRequired):
+    def __init__(self, period: str, cap: int, spent: int, asset: str) -> None:
+        super().__init__(f"The {period} spend cap of {cap} {asset} (smallest unit) is reached: {spent} spent.",
+                         code="spend_cap_reached", period=period, cap=cap, spent=spent, asset=asset)
+
+
+def period_starts(at_ms: int) -> tuple[int, int]:
+    """The UTC day's and the UTC calendar month's first millisecond."""
+    day = at_ms // _DAY_MS * _DAY_MS
+    date = dt.datetime.fromtimestamp(day / 1000, dt.UTC)
+    month = int(date.replace(day=1).timestamp() * 1000)
+    return day, month
+
+
+class SpendCapGuard:
+    def __init__(self, store: PaymentsStore) -> None:
+        self._store = store
+
+    async def admit(self, mode: Mode, customer_id: str, asset: str, amount: int) -> None:
+        """Raise :class:`SpendCapReached` if holding ``amount`` more would pass a cap."""
+        caps = await self._store.spend_caps(mode, customer_id, asset)
+        if caps is None:
+            return
+        day, month = period_starts(now_ms())
+        for period, cap, since in (("daily", caps.daily, day), ("monthly", caps.monthly, month)):
+            if cap is None:
+                continue
+            spent = await self._store.spent_since(mode, customer_id, asset, since)
+            if spent + amount > cap:
+                raise SpendCapReached(period, cap, spent, asset)
+
+
+def validate_caps(mode: Mode, customer_id: str, asset: str, daily: object, monthly: object) -> SpendCaps:
+    from metergate.errors import BadRequest
+
+    for name, value in (("daily", daily), ("monthly", monthly)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 10**15):
+            raise BadRequest(f"'{name}' must be null or a positive integer in the asset's smallest unit.",
+                             code="invalid_amount", param=name)
+    return SpendCaps(mode, customer_id, asset, daily, monthly)  # type: ignore[arg-type]
