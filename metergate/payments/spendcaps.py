@@ -10,6 +10,7 @@ at most their own holds (a customer's budget guard, not the wallet's solvency, w
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from metergate.errors import PaymentRequired
 from metergate.payments.store import PaymentsStore, SpendCaps
@@ -33,12 +34,29 @@ def period_starts(at_ms: int) -> tuple[int, int]:
 
 
 class SpendCapGuard:
-    def __init__(self, store: PaymentsStore) -> None:
+    """Caps are looked up at most once per ``cache_ttl_s`` per wallet, so that wallets without caps — most
+    of them — cost the hot path no database read; a changed cap applies within that bound."""
+
+    def __init__(self, store: PaymentsStore, *, cache_ttl_s: float = 2.0) -> None:
         self._store = store
+        self._ttl_s = cache_ttl_s
+        self._cache: dict[tuple[str, str, str], tuple[float, SpendCaps | None]] = {}
+
+    async def _caps(self, mode: Mode, customer_id: str, asset: str) -> SpendCaps | None:
+        key = (mode, customer_id, asset)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < self._ttl_s:
+            return cached[1]
+        caps = await self._store.spend_caps(mode, customer_id, asset)
+        if len(self._cache) >= 100_000:
+            self._cache.clear()
+        self._cache[key] = (now, caps)
+        return caps
 
     async def admit(self, mode: Mode, customer_id: str, asset: str, amount: int) -> None:
         """Raise :class:`SpendCapReached` if holding ``amount`` more would pass a cap."""
-        caps = await self._store.spend_caps(mode, customer_id, asset)
+        caps = await self._caps(mode, customer_id, asset)
         if caps is None:
             return
         day, month = period_starts(now_ms())

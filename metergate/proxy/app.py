@@ -31,6 +31,8 @@ from metergate.metering.tokenizer import preload
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
 from metergate.observability.middleware import observe_middleware
 from metergate.payments.service import PAYMENTS, Payments
+from metergate.payments.spendcaps import SpendCapGuard
+from metergate.payments.store import PaymentsStore
 from metergate.portal.links import LinkSigner
 from metergate.portal.selfserve import SelfServe
 from metergate.portal.views import PortalViews
@@ -144,6 +146,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             app.add_routes(selfserve.routes())
             portal.page_override = selfserve.page
             app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
+            pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
+    if proxy and isinstance(store, SqlWalletStore):
+        pipeline.spend_caps = SpendCapGuard(PaymentsStore(store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:
         app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app

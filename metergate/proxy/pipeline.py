@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +44,7 @@ from metergate.metering.usage import Usage
 from metergate.money import format_minor
 from metergate.observability.logs import current_request_id
 from metergate.observability.metrics import Metrics
+from metergate.payments.spendcaps import SpendCapGuard
 from metergate.portal.links import LinkSigner
 from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
@@ -51,7 +53,7 @@ from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
-from metergate.wallet.models import Hold, Settlement, UsageRecord
+from metergate.wallet.models import Hold, Mode, Settlement, UsageRecord
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,10 @@ class Pipeline:
         from metergate.proxy.compute import ComputeRelay
 
         self.compute = ComputeRelay(self)
+        # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
+        # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
+        self.spend_caps: SpendCapGuard | None = None
+        self.on_settled: Callable[[Mode, str, str], Awaitable[None]] | None = None
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -219,6 +225,8 @@ class Pipeline:
 
     async def _authorize(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
         asset = asset or self.prices.asset
+        if self.spend_caps is not None:
+            await self.spend_caps.admit(identity.mode, identity.customer_id, asset, amount)
         try:
             hold, _ = await self.store.reserve(identity.mode, identity.customer_id, asset, amount,
                                                hold_id="hold_" + request_id[4:],
@@ -408,7 +416,12 @@ class Pipeline:
         return await asyncio.shield(ex.settlement)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
-        return await settle_with_retries(self.store, ex.hold.id, price, record)
+        settlement = await settle_with_retries(self.store, ex.hold.id, price, record)
+        if settlement is not None and self.on_settled is not None:
+            hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset))
+            self._inflight.add(hook)
+            hook.add_done_callback(self._inflight.discard)
+        return settlement
 
     def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
         receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": self.prices.asset}

@@ -55,21 +55,26 @@ async def test_admin_refuses_auto_top_up_outside_limits(paygate: PayGate) -> Non
 
 
 async def test_wallet_drained_by_requests_is_topped_up_off_session(paygate: PayGate) -> None:
+    """The settlement that takes the balance under the threshold triggers the top-up itself."""
     await _armed(paygate, "pm_card_visa", funds=THRESHOLD + 10)
     client = paygate.gw.openai("acme")
     await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=50)
-    before = await paygate.available()
-    assert before < THRESHOLD
-    topup = await paygate.payments.topups.check("test", "acme", "USD")
-    assert topup is not None and topup.state == "succeeded" and topup.kind == "auto"
-    assert await paygate.available() == before + AMOUNT
+    [record] = await paygate.gw.usage("acme")
+    expected = THRESHOLD + 10 - record["charged_amount"] + AMOUNT
+    for _ in range(100):  # the hook runs right after the settlement, off the request's path
+        if await paygate.available() == expected:
+            break
+        await asyncio.sleep(0.05)
+    assert await paygate.available() == expected
     (params,) = paygate.fake.calls("POST", "/payment_intents")
     assert params["off_session"] == "true" and params["confirm"] == "true"
     assert params["amount"] == "2000" and params["payment_method"] == "pm_card_visa"
+    [topup] = await paygate.payments.store.topups("test", "acme", limit=10)
+    assert topup.state == "succeeded" and topup.kind == "auto"
     (idem,) = [i for m, p, _, i in paygate.fake.requests if p == "/payment_intents"]
     assert idem == f"metergate-auto-{topup.id}"
-    # Above the threshold now: the next check starts nothing.
+    # Above the threshold now: another check starts nothing.
     assert await paygate.payments.topups.check("test", "acme", "USD") is None
     assert len(paygate.fake.calls("POST", "/payment_intents")) == 1
     assert await paygate.gw.store.audit() == []
