@@ -190,7 +190,7 @@ async def test_history_filters_pages_and_exports_csv(paygate: PayGate) -> None:
 async def test_spend_caps_refuse_spending_beyond_them(paygate: PayGate) -> None:
     await paygate.gw.customer("acme", funds=10_000_000)
     store = paygate.payments.store
-    guard = SpendCapGuard(store)
+    guard = SpendCapGuard(store, cache_ttl_s=0)  # read caps on every call: this test changes them
     await guard.admit("test", "acme", "USD", 5_000_000)  # no caps: anything the wallet covers
     await store.set_spend_caps(SpendCaps("test", "acme", "USD", daily=1_000_000, monthly=None))
     await guard.admit("test", "acme", "USD", 600_000)
