@@ -57,10 +57,19 @@ class Identifier:
         self._key_ttl_s = settings.key_cache_ttl_s
         self._keys: dict[str, tuple[float, ApiKey | None]] = {}
         self._known: set[tuple[str, str]] = set()  # customers are never deleted, so positives are kept
+        self._remotes: dict[str, bool] = {}  # trusted() per peer address: the networks are fixed at start-up
 
     def trusted(self, remote: str | None) -> bool:
         if not remote:
             return False
+        verdict = self._remotes.get(remote)
+        if verdict is None:
+            if len(self._remotes) >= _CACHE_MAX:
+                self._remotes.clear()
+            verdict = self._remotes[remote] = self._trusted_uncached(remote)
+        return verdict
+
+    def _trusted_uncached(self, remote: str) -> bool:
         try:
             address = ipaddress.ip_address(remote.split("%", 1)[0])
         except ValueError:

@@ -21,16 +21,20 @@ nothing of it was committed, and each of its operations runs again in a transact
 Batches form only from what queued up while the previous one ran: the writer never waits to fill one,
 so a lone request pays no batching delay.
 
-WAL checkpoints run off the commit path. By default SQLite checkpoints inside whichever COMMIT takes
-the WAL past 1000 pages, and a checkpoint fsyncs: that COMMIT, and every caller of its batch, waits
-for the disk. Here a checkpointer thread with a connection of its own runs a PASSIVE checkpoint every
-``checkpoint_interval_s`` while writes happen (a PASSIVE checkpoint never blocks the writer or the
-readers), and the writer's own automatic checkpoint is raised to :data:`WAL_AUTOCHECKPOINT_PAGES`,
-a backstop should the checkpointer fall behind. Durability is unchanged: it is set by
-``synchronous=NORMAL``, and a checkpoint only copies committed pages from the WAL into the database
-file. The price: the WAL grows to about one interval of writes (bounded by the backstop) and is reused
-from its start after a complete checkpoint, the file keeps its largest size up to
-:data:`WAL_SIZE_LIMIT_BYTES` (``journal_size_limit``), and recovery after a crash replays a longer WAL.
+WAL checkpoints run mostly off the commit path. By default SQLite checkpoints inside whichever COMMIT
+takes the WAL past 1000 pages (4 MB), and a checkpoint fsyncs: that COMMIT, and every caller of its
+batch, waits for the disk (tens of milliseconds on a slow disk: the p99 of a lone request).
+Here a checkpointer thread with a connection of its own runs a PASSIVE checkpoint every
+``checkpoint_interval_s`` in which writes happened; a PASSIVE checkpoint copies committed pages into
+the database file and fsyncs without blocking the writer or the readers. Durability is unchanged: it
+is set by ``synchronous=NORMAL``, and a checkpoint only copies pages that are already committed.
+The price is WAL size. The WAL can only restart from its beginning when a checkpoint has caught up
+with every frame before the next write begins, which under steady writes takes a checkpoint inside a
+COMMIT; so the writer's own automatic checkpoint is kept, raised to :data:`WAL_AUTOCHECKPOINT_PAGES`
+(about 80 MB of WAL with 4 KiB pages): one such stall per 80 MB written instead of per 4 MB, and a
+cheap one, since the checkpointer has copied most pages already. The WAL file therefore reaches about
+80 MB under sustained writes and is truncated back to :data:`WAL_SIZE_LIMIT_BYTES` when it restarts,
+and recovery after a crash reads up to that much WAL once at start-up.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ log = logging.getLogger(__name__)
 # few dozen the saving per operation is small (bench/wallet_ops.py).
 WRITE_BATCH_MAX = 64
 
-# WAL checkpoints (see the module docstring): the checkpointer's period, the writer's own backstop
-# (pages of the WAL; SQLite's default is 1000) and the size a WAL file is truncated back to.
+# WAL checkpoints (see the module docstring): the checkpointer's period, the WAL size (pages) at which the
+# writer checkpoints inside a COMMIT (SQLite's default is 1000), the size a restarted WAL is truncated to.
 CHECKPOINT_INTERVAL_S = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -219,6 +223,7 @@ class SqliteWriter:
 
     def _main(self) -> None:
         conn: Connection | None = None
+        batch: list[_Op] = []
         stopping = False
         try:
             while not stopping:
@@ -226,24 +231,43 @@ class SqliteWriter:
                 if first is None:
                     break
                 batch = [first]
-                while len(batch) < self._batch_max:
-                    try:
-                        op = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if op is None:
-                        stopping = True
-                        break
-                    batch.append(op)
+                stopping = self._take(batch)
                 # A caller cancelled before its operation started gets no effect, as with an executor job
                 # cancelled before it ran.
                 batch = [op for op in batch if not op.future.cancelled()]
                 if batch:
                     conn = self._apply(conn, batch)
                     self._deliver(batch)
+                batch = []
+        except BaseException:
+            # Only a bug or the interpreter exiting gets here: no caller may be left waiting forever.
+            self._closed = True
+            while True:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is not None:
+                    batch.append(op)
+            for op in batch:
+                op.ok, op.outcome = False, RuntimeError("the SQLite writer stopped")
+            self._deliver(batch)
+            raise
         finally:
             if conn is not None:
                 conn.close()
+
+    def _take(self, batch: list[_Op]) -> bool:
+        """Move what is queued into ``batch``, up to the bound; True if the stop sentinel came."""
+        while len(batch) < self._batch_max:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if op is None:
+                return True
+            batch.append(op)
+        return False
 
     def _apply(self, conn: Connection | None, batch: list[_Op]) -> Connection | None:
         """Apply ``batch`` in one transaction, filling in each operation's outcome; return the connection

@@ -167,3 +167,27 @@ async def test_an_operation_cancelled_before_it_ran_has_no_effect(store: SqlWall
     assert kept[0].id == "h2"
     assert await store.get_hold("h1") is None
     assert (await store.balance(MODE, "acme", "USD")).debits_pending == 10
+
+
+@pytest.mark.parametrize("checkpoint_s", [0.05, None], ids=["checkpointer", "sqlite-default"])
+async def test_the_checkpointer_moves_committed_pages_into_the_database_file(tmp_path: Path,
+                                                                             checkpoint_s: float | None) -> None:
+    """Without a checkpoint the database file's own header lags behind what is committed in the WAL; the
+    checkpointer brings it level soon after writes, with no COMMIT paying for it."""
+    path = tmp_path / "wallet.db"
+    store = SqlWalletStore(f"sqlite:///{path}", sqlite_checkpoint_s=checkpoint_s)
+    await store.open()
+    try:
+        await funded(store, 10**9)
+        await asyncio.gather(*(store.reserve(MODE, "acme", "USD", 1, hold_id=f"h{i}", ttl_ms=60_000)
+                               for i in range(300)))
+        await asyncio.sleep(0.3)
+        other = sqlite3.connect(path)
+        try:
+            committed_pages = other.execute("PRAGMA page_count").fetchone()[0]
+        finally:
+            other.close()
+        in_file = int.from_bytes(path.read_bytes()[28:32], "big")  # the header's database size, in pages
+    finally:
+        await store.close()
+    assert (in_file == committed_pages) == (checkpoint_s is not None)
