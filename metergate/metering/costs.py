@@ -75,6 +75,11 @@ class ProviderCosts:
             "input_per_mtok": str(rates.input), "cached_input_per_mtok": str(rates.cached_input),
             "cache_write_per_mtok": str(rates.cache_write), "output_per_mtok": str(rates.output)})
 
+    def warm(self, pairs: list[tuple[str, str]]) -> None:
+        """Load the price table and look up the priced models at start-up, not on the first request."""
+        for provider_id, model in pairs:
+            self._lookup(provider_id, model)
+
     def _lookup(self, provider_id: str, model: str) -> _Rates | Any | None:
         key = (provider_id, model)
         now = time.monotonic()

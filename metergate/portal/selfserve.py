@@ -28,6 +28,7 @@ from metergate.payments.admin import validate_auto_topup
 from metergate.payments.service import Payments
 from metergate.payments.spendcaps import validate_caps
 from metergate.portal.links import LinkSigner, PortalGrant
+from metergate.portal.views import LIVE_REFRESH_JS
 from metergate.wallet.models import LedgerEntry
 
 _LINK_PARAMS = ("c", "m", "e", "k", "s")
@@ -315,16 +316,7 @@ class SelfServe:
 <script>
 const q = "?" + new URLSearchParams([...new URLSearchParams(window.location.search)].filter(
   ([k]) => ["c", "m", "e", "k", "s"].includes(k))).toString();
-async function refresh() {{
-  try {{
-    const r = await fetch("summary" + q, {{cache: "no-store"}});
-    if (!r.ok) return;
-    const s = await r.json();
-    document.getElementById("balances").innerHTML = s.balances_html;
-    document.getElementById("usage").innerHTML = s.usage_html;
-  }} catch (e) {{}}
-}}
-setInterval(refresh, 2000);
+{LIVE_REFRESH_JS}
 </script></body></html>
 """
         return web.Response(text=body, content_type="text/html", headers=self._headers())

@@ -23,6 +23,19 @@ from metergate.wallet.store import WalletStore
 _CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
         "img-src 'self' data:; frame-ancestors 'self'; base-uri 'none'; form-action 'self'")
 
+#: Polls the page's JSON summary (through the same signed link, ``q``) and swaps in fresh balances and usage;
+#: shared by this page and the self-service portal.
+LIVE_REFRESH_JS = """async function refresh() {
+  try {
+    const r = await fetch("summary" + q, {cache: "no-store"});
+    if (!r.ok) return;
+    const s = await r.json();
+    document.getElementById("balances").innerHTML = s.balances_html;
+    document.getElementById("usage").innerHTML = s.usage_html;
+  } catch (e) {}
+}
+setInterval(refresh, 2000);"""
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Billing · {customer}</title>
@@ -50,16 +63,7 @@ _PAGE = """<!doctype html>
 </main>
 <script>
 const q = window.location.search;
-async function refresh() {{
-  try {{
-    const r = await fetch("summary" + q, {{cache: "no-store"}});
-    if (!r.ok) return;
-    const s = await r.json();
-    document.getElementById("balances").innerHTML = s.balances_html;
-    document.getElementById("usage").innerHTML = s.usage_html;
-  }} catch (e) {{}}
-}}
-setInterval(refresh, 2000);
+{refresh_js}
 </script>
 </body></html>
 """
@@ -107,7 +111,7 @@ class PortalViews:
             return await self.page_override(request, grant)
         fragments = await self._fragments(grant)
         badge = '<span class="mode">test mode</span>' if grant.mode == "test" else ""
-        body = _PAGE.format(customer=html.escape(grant.customer_id), mode_badge=badge,
+        body = _PAGE.format(refresh_js=LIVE_REFRESH_JS, customer=html.escape(grant.customer_id), mode_badge=badge,
                             balances=fragments["balances_html"], usage=fragments["usage_html"],
                             expires=_utc(grant.expires_at * 1000))
         return web.Response(text=body, content_type="text/html", headers=_headers())

@@ -92,6 +92,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         await store.open()
         if proxy:
             await asyncio.get_running_loop().run_in_executor(None, preload)
+            priced = [(route.provider_id, model) for route in settings.routes if route.compute is None
+                      for model in settings.pricing.models if model != "*"]
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.costs.warm, priced)
             await pipeline.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
