@@ -97,6 +97,11 @@ _RESERVE = Prepared(update(t.accounts)
                     .values(debits_pending=_a.debits_pending + bindparam("b_amount"))
                     .returning(_a.mode, _a.customer_id, _a.asset, _a.credits_posted, _a.debits_posted,
                                _a.debits_pending, _a.overdraft_limit))
+_OVERDRAW = Prepared(update(t.accounts)
+                     .where(*_ACCOUNT_WHERE)
+                     .values(debits_pending=_a.debits_pending + bindparam("b_amount"))
+                     .returning(_a.mode, _a.customer_id, _a.asset, _a.credits_posted, _a.debits_posted,
+                                _a.debits_pending, _a.overdraft_limit))
 _SELECT_ACCOUNT = Prepared(select(t.accounts).where(*_ACCOUNT_WHERE))
 _SELECT_ACCOUNT_LOCKED = Prepared(select(t.accounts).where(*_ACCOUNT_WHERE).with_for_update())
 _MOVE_ACCOUNT = Prepared(update(t.accounts).where(*_ACCOUNT_WHERE).values(
@@ -320,7 +325,9 @@ class SqlWalletStore:
             return _entry(row)
 
     async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
-                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]:
+                      hold_id: str, ttl_ms: int, overdraw: bool = False) -> tuple[Hold, Balance]:
+        """Place a hold. ``overdraw=True`` skips the availability check: for replaying a hold that another
+        authority (the Redis projection) has already admitted, never for deciding admission."""
         assert amount >= 0, "a hold cannot be negative"
         created = now_ms()
         hold = Hold(id=hold_id, mode=mode, customer_id=customer_id, asset=asset, amount=amount,
@@ -328,7 +335,9 @@ class SqlWalletStore:
         where = {"b_mode": mode, "b_customer": customer_id, "b_asset": asset}
 
         def op(conn: Connection) -> tuple[Hold, Balance]:
-            row = _RESERVE.first(conn, {**where, "b_amount": amount})
+            if overdraw:
+                self._ensure_account(conn, mode, customer_id, asset)
+            row = (_OVERDRAW if overdraw else _RESERVE).first(conn, {**where, "b_amount": amount})
             if row is None:
                 existing = _hold_row(conn, hold_id)
                 if existing is not None:
@@ -356,8 +365,11 @@ class SqlWalletStore:
                 raise
             return replayed
 
-    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
-        """Capture ``amount`` against the hold (0 voids it), releasing the rest; see the module contract."""
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None, *,
+                     overdraw: bool = False) -> Settlement:
+        """Capture ``amount`` against the hold (0 voids it), releasing the rest; see the module contract.
+        ``overdraw=True`` captures all of ``amount`` even beyond what the wallet covers (replaying a
+        capture decided elsewhere, see :meth:`reserve`)."""
         assert amount >= 0, "a capture cannot be negative"
         key = f"settle:{hold_id}"
         request_hash = _hash("settle", amount)
@@ -378,13 +390,13 @@ class SqlWalletStore:
             released = hold.amount if hold.state == "pending" else 0  # an expired hold already released
             where = {"b_mode": hold.mode, "b_customer": hold.customer_id, "b_asset": hold.asset}
             before = _balance(_SELECT_ACCOUNT_LOCKED.one(conn, where))
-            coverable = max(0, before.available + released)
+            coverable = amount if overdraw else max(0, before.available + released)
             charged = min(amount, coverable)
             written_off = amount - charged
             after = replace(before, debits_pending=before.debits_pending - released,
                             debits_posted=before.debits_posted + charged)
             assert after.debits_pending >= 0 and charged <= coverable
-            assert after.available >= 0 or after.available >= before.available, "settlement overspent"
+            assert overdraw or after.available >= 0 or after.available >= before.available, "settlement overspent"
             _RESOLVE_HOLD.run(conn, {"b_hold": hold_id, "b_state": "captured" if charged else "voided",
                                      "b_charged": charged, "b_at": now_ms()})
             _MOVE_ACCOUNT.run(conn, {**where, "b_released": released, "b_charged": charged})
@@ -398,7 +410,8 @@ class SqlWalletStore:
 
         return await self._write(op)
 
-    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold:
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int,
+                          overdraw: bool = False) -> Hold:
         """Grow a pending hold by ``amount`` (idempotent per ``step``) and push its expiry out, or raise
         ``InsufficientFunds`` when the wallet cannot cover the increment — the signal for a long-running
         job to stop at zero instead of running up debt."""
@@ -415,7 +428,7 @@ class SqlWalletStore:
             if hold.state != "pending":
                 raise HoldNotFound(hold_id)
             where = {"b_mode": hold.mode, "b_customer": hold.customer_id, "b_asset": hold.asset}
-            if _RESERVE.first(conn, {**where, "b_amount": amount}) is None:
+            if (_OVERDRAW if overdraw else _RESERVE).first(conn, {**where, "b_amount": amount}) is None:
                 balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
                 raise InsufficientFunds(asset=hold.asset, available=balance.available, required=amount)
             expires = max(hold.expires_at_ms, now_ms() + ttl_ms)
