@@ -139,6 +139,12 @@ class Settings(BaseSettings):
                                  description="After a client disconnects, how many bytes to keep reading for usage.")
     default_max_output_tokens: int = Field(4096, ge=1, le=10_000_000,
                                            description="Output tokens assumed when a request sets no maximum.")
+    stream_extend_tokens: int = Field(
+        256, ge=0, le=10_000_000,
+        description="Mid-stream enforcement: when a stream's output outgrows its hold, the hold grows by this "
+                    "many output tokens at a time; when the wallet cannot cover more, the stream ends cleanly "
+                    "and what was delivered is billed. 0 turns enforcement off (the overrun is captured as far "
+                    "as the wallet covers and the rest written off).")
     hold_ttl_s: int = Field(900, ge=10, le=7 * 86400, description="A hold not settled by then expires.")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
     key_cache_ttl_s: float = Field(2, ge=0, le=300, description="How long a proxy API key lookup is cached.")

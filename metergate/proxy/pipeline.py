@@ -48,6 +48,7 @@ from metergate.payments.spendcaps import SpendCapGuard
 from metergate.portal.links import LinkSigner
 from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
+from metergate.proxy.budget import StreamBudget
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
@@ -85,6 +86,7 @@ class Exchange:
     upstream_latency_s: float | None = None  # from forwarding until the upstream's response headers
     first_token_s: float | None = None  # a stream's first content event, counted from the hold
     cut: bool = False  # cut at the shutdown deadline
+    stopped: str | None = None  # why metergate ended the stream early (``insufficient_funds``)
 
 
 class Pipeline:
@@ -287,6 +289,7 @@ class Pipeline:
             return await self._relay_whole(ex, upstream)
         ex.status = upstream.status
         meter = ex.meter = ex.adapter.stream_meter(ex.prepared, self.settings.drain_max_bytes)
+        budget = self._budget(ex)
         response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
@@ -299,8 +302,14 @@ class Pipeline:
             async for chunk in upstream.content.iter_any():
                 out: list[bytes] = []
                 for event in sse.feed(chunk):
+                    first_new = len(meter.text)
                     verdict = meter.on_event(event_data(event))
                     if verdict == "forward":
+                        if (budget is not None and len(meter.text) > first_new
+                                and not await budget.admit(meter, first_new)):
+                            budget.rewind(meter, first_new)  # never delivered, never billed
+                            ex.stopped = "insufficient_funds"
+                            break
                         out.append(event)
                     elif verdict == "final":
                         held_back.append(event)  # sent after settlement: a client that saw the end sees it settled
@@ -317,7 +326,11 @@ class Pipeline:
                     except _CLIENT_GONE:
                         client_gone = True
                         drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-            tail = sse.rest()
+                if ex.stopped:
+                    log.info("%s: wallet ran dry mid-stream; stopping the stream", ex.request_id)
+                    upstream.close()  # stop the upstream generating what nobody will pay for
+                    break
+            tail = b"" if ex.stopped else sse.rest()
             if tail.strip():
                 # The upstream ended without the blank line that closes its last event; a client would
                 # discard such an event, so it is closed here. It is metered whether or not the client is
@@ -335,8 +348,11 @@ class Pipeline:
             log.warning("%s: upstream stream ended abnormally: %s", ex.request_id, type(exc).__name__)
         finally:
             upstream.release()
-        await self._settle_shielded(ex, self._delivered_usage(ex))
+        delivered = self._delivered_usage(ex)
+        settlement = await self._settle_shielded(ex, delivered)
         if not client_gone:
+            if ex.stopped:
+                held_back = [meter.stop_events(delivered or self._estimated(ex, 0), self._stop_notice(ex, settlement))]
             if ex.cut and not held_back:
                 held_back.append(_CUT_EVENT)
             if held_back:
@@ -367,6 +383,39 @@ class Pipeline:
         return web.Response(body=body, status=upstream.status, headers=response_headers)
 
     # ------------------------------------------------------------------ metering and settlement
+
+    def _price(self, ex: Exchange, usage: Usage) -> int:
+        return self.prices.price(ex.rate, usage)
+
+    def _budget(self, ex: Exchange) -> StreamBudget | None:
+        """Mid-stream enforcement for this stream (see :mod:`metergate.proxy.budget`), unless turned off."""
+        increment = self.settings.stream_extend_tokens
+        if increment <= 0:
+            return None
+        input_tokens, ttl_ms = ex.prepared.input_tokens, self.settings.hold_ttl_s * 1000
+
+        def price_of(output_tokens: int) -> int:
+            return self._price(ex, Usage(input_tokens, output_tokens, source="estimated"))
+
+        async def extend(amount: int, step: int) -> None:
+            ex.hold = await self.store.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
+
+        return StreamBudget(held=ex.hold.amount, covered_tokens=ex.prepared.max_output_tokens, price_of=price_of,
+                            count=counter_for(ex.prepared.model).count, extend=extend, increment_tokens=increment)
+
+    def _stop_notice(self, ex: Exchange, settlement: Settlement | None) -> dict[str, Any]:
+        """What a stream metergate stopped tells its client, inside the provider's own final event."""
+        notice: dict[str, Any] = {
+            "stop_reason": ex.stopped,
+            "message": "The wallet ran out of funds mid-stream: the answer was stopped here and what was "
+                       "delivered is billed. Top up at portal_url.",
+            "asset": self.prices.asset,
+            "portal_url": self.signer.url(ex.identity.mode, ex.identity.customer_id),
+        }
+        if settlement is not None:
+            notice["charged"] = format_minor(settlement.charged, self._scale)
+            notice["balance"] = format_minor(settlement.balance.available, self._scale)
+        return notice
 
     def _estimated(self, ex: Exchange, output_tokens: int) -> Usage:
         return Usage(input_tokens=ex.prepared.input_tokens, output_tokens=output_tokens, source="estimated")

@@ -66,6 +66,7 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
 class AnthropicStreamMeter(StreamMeter):
     started: dict[str, Any] | None = None  # message_start's usage
     latest: dict[str, Any] | None = None  # the last message_delta's cumulative usage
+    open_block: int | None = None  # the content block being streamed, to be closed on a stop
 
     def on_event(self, data: bytes | None) -> Verdict:
         event = load_json(data) if data is not None else None
@@ -90,9 +91,25 @@ class AnthropicStreamMeter(StreamMeter):
                 self.collect(delta.get("thinking"))
         elif kind == "content_block_start":
             self.content_events += 1
+            self.open_block = event.get("index") if isinstance(event.get("index"), int) else 0
+        elif kind == "content_block_stop":
+            self.open_block = None
         elif kind == "message_stop":
             return "final"
         return "forward"
+
+    def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
+        """Close the open content block, then ``stop_reason: "max_tokens"`` with the delivered output
+        count and the notice, then ``message_stop``: the end of a message the SDKs accept."""
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self.open_block is not None:
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": self.open_block}))
+        events.append(("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                         "usage": {"output_tokens": usage.output_tokens}, "metergate": notice}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        return b"".join(f"event: {name}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n"
+                        for name, data in events)
 
     def _update(self) -> None:
         # message_delta's counts are cumulative and, in newer API versions, repeat the input counts;

@@ -57,6 +57,16 @@ class StreamMeter:
     def delivered_output_tokens(self, model: str) -> int:
         return counter_for(model).count("".join(self.text))
 
+    def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
+        """The events that end a stream metergate stopped early (the wallet ran dry), in this provider's
+        format, so that the client's SDK sees a complete stream: ``usage`` is what was delivered and
+        billed, ``notice`` says why (``{"stop_reason": "insufficient_funds", ...}``). Providers without a
+        clean way to say "stopped at a limit" end with an ``error`` event carrying the notice."""
+        error = {"type": "error", "error": {"message": notice.get("message", ""), "type": "insufficient_funds",
+                                            "code": notice.get("stop_reason", "stopped"), "param": None},
+                 "metergate": notice}
+        return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+
 
 class Adapter(Protocol):
     name: str

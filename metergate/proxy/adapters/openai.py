@@ -9,7 +9,7 @@ and the extra usage chunk that this produces is dropped before it reaches such a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.errors import BadRequest
@@ -126,6 +126,8 @@ class OpenAIStreamMeter(StreamMeter):
     """Reads the usage and the delivered text from a chat or completions event stream."""
 
     injected_usage: bool = False
+    head: dict[str, Any] = field(default_factory=dict)  # id, object, created, model of the stream's chunks
+    indexes: set[int] = field(default_factory=set)  # the choices seen, each to be finished on a stop
 
     def on_event(self, data: bytes | None) -> Verdict:
         if data == b"[DONE]":
@@ -133,6 +135,9 @@ class OpenAIStreamMeter(StreamMeter):
         chunk = load_json(data) if data is not None else None
         if not isinstance(chunk, dict):
             return "forward"
+        if not self.head:
+            self.head = {k: chunk[k] for k in ("id", "object", "created", "model", "system_fingerprint")
+                         if k in chunk}
         usage = from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage  # keep the last non-null usage: some servers send it early, or cumulatively
@@ -141,10 +146,28 @@ class OpenAIStreamMeter(StreamMeter):
             self.content_events += 1
             for choice in choices:
                 if isinstance(choice, dict):
+                    if isinstance(choice.get("index"), int):
+                        self.indexes.add(choice["index"])
                     self._collect(choice)
         elif self.injected_usage and usage is not None:
             return "drop"  # the usage-only chunk the client never asked for
         return "forward"
+
+    def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
+        """``finish_reason: "length"`` on every choice (what the SDKs know as "stopped at a limit"), the
+        notice beside it, the delivered usage when the client asked for usage chunks, then ``[DONE]``."""
+        head = {"id": "", "object": "chat.completion.chunk", "created": 0, "model": "", **self.head}
+        chat = head["object"] == "chat.completion.chunk"
+        finish: list[dict[str, Any]] = [
+            {"index": i, "delta": {}, "logprobs": None, "finish_reason": "length"} if chat else
+            {"index": i, "text": "", "logprobs": None, "finish_reason": "length"}
+            for i in sorted(self.indexes or {0})]
+        events = [{**head, "choices": finish, "metergate": notice}]
+        if not self.injected_usage:
+            events.append({**head, "choices": [], "usage": {
+                "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                "total_tokens": usage.input_tokens + usage.output_tokens}})
+        return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
     def _collect(self, choice: dict[str, Any]) -> None:
         delta = choice.get("delta")

@@ -73,12 +73,18 @@ def _text_of(response: dict[str, Any]) -> str:
 @dataclass(slots=True)
 class ResponsesStreamMeter(StreamMeter):
     charge_failed: bool = False
+    snapshot: dict[str, Any] | None = None  # the response object as last announced, to end it on a stop
+    sequence: int = 0
 
     def on_event(self, data: bytes | None) -> Verdict:
         event = load_json(data) if data is not None else None
         if not isinstance(event, dict):
             return "forward"
         kind = event.get("type")
+        if isinstance(event.get("sequence_number"), int):
+            self.sequence = event["sequence_number"]
+        if kind in ("response.created", "response.in_progress") and isinstance(event.get("response"), dict):
+            self.snapshot = event["response"]
         if kind in _TERMINAL:
             self.usage = _usage_of(event.get("response"), self.charge_failed) or self.usage
             return "final"
@@ -86,6 +92,22 @@ class ResponsesStreamMeter(StreamMeter):
             self.content_events += 1
             self.collect(event.get("delta"))
         return "forward"
+
+
+    def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
+        """``response.incomplete`` (reason ``max_output_tokens``) with the delivered usage and the notice;
+        without the response object the stream announced, the generic error event."""
+        if self.snapshot is None:
+            return StreamMeter.stop_events(self, usage, notice)
+        response = {**self.snapshot, "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
+                    "usage": {"input_tokens": usage.input_tokens,
+                              "input_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+                              "output_tokens": usage.output_tokens,
+                              "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+                              "total_tokens": usage.input_tokens + usage.output_tokens},
+                    "metergate": notice}
+        event = {"type": "response.incomplete", "sequence_number": self.sequence + 1, "response": response}
+        return b"event: response.incomplete\ndata: " + json.dumps(event).encode() + b"\n\n"
 
 
 def usage_from_body(body: bytes, charge_failed: bool = False) -> tuple[Usage | None, str]:
