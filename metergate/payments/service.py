@@ -21,7 +21,7 @@ from metergate.payments.store import PaymentsStore
 from metergate.payments.stripe_api import StripeApi
 from metergate.payments.topups import TopUps
 from metergate.payments.webhooks import StripeWebhooks
-from metergate.wallet.models import Mode
+from metergate.wallet.models import Balance, Mode
 from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
 
@@ -42,10 +42,11 @@ class Payments:
     def routes(self, admin: AdminApi) -> list[web.RouteDef]:
         return [*self.webhooks.routes(), *PaymentsAdminApi(admin, self.store, self.topups).routes()]
 
-    async def after_settlement(self, mode: Mode, customer_id: str, asset: str) -> None:
-        """The hook to call after a settlement (never raises: a payment problem must not fail a request)."""
+    async def after_settlement(self, mode: Mode, customer_id: str, asset: str, balance: Balance | None = None) -> None:
+        """The hook to call after a settlement, with the balance it left (never raises: a payment problem
+        must not fail a request)."""
         try:
-            await self.topups.check(mode, customer_id, asset)
+            await self.topups.check(mode, customer_id, asset, balance)
         except Exception:
             log.exception("auto top-up check failed")
 

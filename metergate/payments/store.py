@@ -8,6 +8,7 @@ is credited through :meth:`WalletStore.credit`, keyed by the Stripe object's id.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,9 +61,14 @@ class SpendCaps:
     monthly: int | None
 
 
+_CACHE_MAX = 10_000  # wallets whose auto top-up setting is remembered between settlements
+
+
 class PaymentsStore:
     def __init__(self, wallet: SqlWalletStore) -> None:
         self.wallet = wallet
+        # Auto top-up settings as last read, by wallet: (expires at, monotonic; the setting or None).
+        self._auto_topups: dict[tuple[Mode, str, str], tuple[float, AutoTopUpSetting | None]] = {}
 
     async def open(self) -> None:
         """Create the payment tables on a wallet opened before this module was imported."""
@@ -162,11 +168,24 @@ class PaymentsStore:
 
     # ---------------------------------------------------------------- auto top-up settings and spend caps
 
-    async def auto_topup(self, mode: Mode, customer_id: str, asset: str) -> AutoTopUpSetting | None:
+    async def auto_topup(self, mode: Mode, customer_id: str, asset: str, *,
+                         max_age_s: float = 0) -> AutoTopUpSetting | None:
+        """The wallet's auto top-up setting; with ``max_age_s``, as read at most that long ago (the check
+        after every settlement would otherwise read it once per request). A change made through this
+        store is seen at once; one made by another replica within ``max_age_s``."""
+        wallet = (mode, customer_id, asset)
+        now = time.monotonic()
+        if max_age_s > 0 and (hit := self._auto_topups.get(wallet)) is not None and hit[0] > now:
+            return hit[1]
         c = p.auto_topup_settings.c
         row = await self.wallet._read(lambda conn: conn.execute(select(p.auto_topup_settings).where(
             c.mode == mode, c.customer_id == customer_id, c.asset == asset)).first())
-        return _setting(row) if row else None
+        setting = _setting(row) if row else None
+        if max_age_s > 0:
+            if len(self._auto_topups) >= _CACHE_MAX:
+                self._auto_topups = {k: v for k, v in self._auto_topups.items() if v[0] > now}
+            self._auto_topups[wallet] = (now + max_age_s, setting)
+        return setting
 
     async def auto_topups(self) -> list[AutoTopUpSetting]:
         rows = await self.wallet._read(lambda conn: conn.execute(select(p.auto_topup_settings)).all())
@@ -186,6 +205,7 @@ class PaymentsStore:
                     amount=setting.amount, updated_at_ms=now_ms()))
 
         await self.wallet._write(op)
+        self._auto_topups.pop((mode, customer_id, asset), None)
 
     async def spend_caps(self, mode: Mode, customer_id: str, asset: str) -> SpendCaps | None:
         c = p.spend_caps.c

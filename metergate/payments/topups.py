@@ -26,7 +26,7 @@ from metergate.errors import BadRequest
 from metergate.payments.notify import Notifier
 from metergate.payments.store import AutoTopUpSetting, PaymentsStore, TopUp
 from metergate.payments.stripe_api import PaymentsUnavailable, StripeApi
-from metergate.wallet.models import Mode, now_ms
+from metergate.wallet.models import Balance, Mode, now_ms
 
 log = logging.getLogger(__name__)
 _DAY_MS = 86_400_000
@@ -142,12 +142,17 @@ class TopUps:
 
     # ---------------------------------------------------------------- auto top-up
 
-    async def check(self, mode: Mode, customer_id: str, asset: str) -> TopUp | None:
+    async def check(self, mode: Mode, customer_id: str, asset: str, balance: Balance | None = None) -> TopUp | None:
         """After a settlement: notify a low or depleted wallet and, if it has auto top-up, start one.
 
+        ``balance``: the wallet as the settlement left it; then the setting may come from a short-lived
+        cache, so that the common case (nothing due) costs no database read on the request path.
         Returns the attempt this call made (``None`` when none was due or allowed)."""
-        balance = await self.store.wallet.balance(mode, customer_id, asset)
-        setting = await self.store.auto_topup(mode, customer_id, asset)
+        cached = balance is not None
+        if balance is None:
+            balance = await self.store.wallet.balance(mode, customer_id, asset)
+        setting = await self.store.auto_topup(mode, customer_id, asset,
+                                              max_age_s=self.settings.key_cache_ttl_s if cached else 0)
         wallet = (mode, customer_id, asset)
         if setting is None or balance.available >= setting.threshold:
             if setting is not None:
