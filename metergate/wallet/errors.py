@@ -38,3 +38,20 @@ class UnknownAsset(BadRequest):
 class HoldNotFound(NotFound):
     def __init__(self, hold_id: str) -> None:
         super().__init__(f"No hold {hold_id!r}.", code="hold_not_found")
+
+
+class HoldNotPending(Conflict):
+    def __init__(self, hold_id: str, state: str) -> None:
+        super().__init__(f"Hold {hold_id!r} is {state}: it can no longer be extended or captured from in part.",
+                         code="hold_not_pending")
+
+
+class CaptureBelowCaptured(Conflict):
+    def __init__(self, hold_id: str, captured: int, total: int) -> None:
+        super().__init__(f"Hold {hold_id!r} has captured {captured} already; a final total of {total} would "
+                         "un-capture it.", code="capture_below_captured", param="amount")
+
+
+class GrantNotFound(NotFound):
+    def __init__(self, grant_id: str) -> None:
+        super().__init__(f"No grant {grant_id!r} in this mode.", code="grant_not_found")

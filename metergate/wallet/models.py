@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 Mode = Literal["test", "live"]
 HoldState = Literal["pending", "captured", "voided", "expired"]
-EntryKind = Literal["credit", "hold", "extend", "capture", "void", "expire"]
+# activate: a scheduled grant became effective; lapse: a grant's unused remainder expired; revoke: it was voided.
+EntryKind = Literal["credit", "hold", "extend", "capture", "void", "expire", "activate", "lapse", "revoke"]
+GrantPurpose = Literal["paid", "promotional", "trial", "entitlement", "adjustment"]
+GrantState = Literal["scheduled", "active", "expired", "voided"]
 UsageSource = Literal["provider", "estimated", "measured", "none"]
 
 
@@ -76,6 +79,11 @@ class Hold:
     created_at_ms: int
     captured_amount: int = 0
 
+    @property
+    def pending(self) -> int:
+        """What the hold still reserves: its amount less what was captured from it, while it is open."""
+        return self.amount - self.captured_amount if self.state == "pending" else 0
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
@@ -94,6 +102,7 @@ class LedgerEntry:
     hold_id: str | None
     memo: str
     created_at_ms: int
+    grant_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,3 +207,107 @@ class RateLimitDenial:
     limit: int
     used: int
     window_start_ms: int
+
+
+# Grants, assets and subscriptions (issue #3).
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One credit and what became of it; ``free = amount - consumed - held - removed`` is spendable while the
+    grant is active, effective and unexpired (see :mod:`metergate.wallet.grants`)."""
+
+    id: str
+    mode: Mode
+    customer_id: str
+    asset: str
+    purpose: GrantPurpose
+    amount: int
+    consumed: int
+    held: int
+    removed: int
+    priority: int
+    effective_at_ms: int
+    expires_at_ms: int | None
+    state: GrantState
+    source: str
+    memo: str
+    created_at_ms: int
+
+    @property
+    def free(self) -> int:
+        return self.amount - self.consumed - self.held - self.removed
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The part of a hold one grant covers (``grant_id == ""``: an overdraft or an overdraw covers it)."""
+
+    hold_id: str
+    grant_id: str
+    held: int
+    captured: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """The outcome of one capture against a hold: ``charged`` now (and in all, ``captured_total``),
+    ``written_off`` what the wallet could not cover of what was asked."""
+
+    hold: Hold
+    charged: int
+    written_off: int
+    balance: Balance
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    mode: Mode
+    code: str
+    name: str
+    scale: int
+    value_per_unit: str | None  # a Decimal string, fiat per major unit, for margin reporting
+    value_currency: str | None
+    configured: bool = False  # from settings.assets (always present, not editable through the API)
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    mode: Mode
+    from_asset: str
+    to_asset: str
+    rate: str  # Decimal string: major units of to_asset per major unit of from_asset
+    purpose: GrantPurpose
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    asset: str
+    amount: int
+    rollover_cap: int | None = None  # None: the unused allowance lapses at period end
+    priority: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    mode: Mode
+    id: str
+    name: str
+    period: Literal["month", "week", "days"]
+    period_days: int | None
+    entitlements: tuple[Entitlement, ...]
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    mode: Mode
+    id: str
+    customer_id: str
+    plan_id: str
+    anchor_ms: int
+    next_period: int
+    state: Literal["active", "canceled"]
+    canceled_at_ms: int | None
+    created_at_ms: int

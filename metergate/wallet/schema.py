@@ -1,10 +1,18 @@
-"""The SQL schema: accounts (balance columns), holds, the append-only ledger, usage records, rate limits.
+"""The SQL schema: accounts (balance columns), holds, the append-only ledger, usage records, rate limits,
+and (issue #3) grants, hold allocations, custom assets, conversions, plans and subscriptions.
 
 Invariant, checked by :meth:`SqlWalletStore.audit` and by the tests: for every account, each balance
 column equals the sum of the matching delta column over that account's ledger entries, and
 ``debits_pending`` equals the sum of its pending holds. Ledger rows are only ever inserted.
 Idempotency is a unique index on ``(mode, idempotency_key)``, enforced in the same transaction as
 the effect it guards.
+
+Grants (see :mod:`metergate.wallet.grants`) refine the account aggregate without replacing it: an
+account's ``credits_posted`` is the sum of ``amount - removed`` over its activated grants, and every
+hold's pending amount and every capture is split over ``hold_allocations`` rows, one per grant drawn
+(``grant_id = ''`` for the part an overdraft or an overdraw covers), so that ``debits_posted`` is the sum
+of the allocations' ``captured`` and ``debits_pending`` the sum of the open allocations' ``held``.
+Every change of a grant's credit is a ledger row carrying its ``grant_id``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: ledger_entries.grant_id, grants and allocations (issue #3)
 
 metadata = MetaData()
 
@@ -100,6 +108,7 @@ ledger_entries = Table(
     Column("hold_id", String(64), nullable=True),
     Column("memo", Text, nullable=False, default=""),
     Column("created_at_ms", BigInteger, nullable=False),
+    Column("grant_id", String(64), nullable=True),  # v2: the grant whose credit this entry changes
     UniqueConstraint("mode", "idempotency_key", name="uq_ledger_idempotency"),
     Index("ix_ledger_account", "mode", "customer_id", "seq"),
 )
@@ -156,4 +165,115 @@ rate_limit_windows = Table(
     Column("requests", BigInteger, nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Index("ix_rate_limit_windows_start", "window_start_ms"),
+)
+
+
+# Grants, allocations, assets, plans and subscriptions (issue #3).
+
+# One row per credit. ``amount`` is what was granted; ``consumed`` what captures drew, ``held`` what open holds
+# have allocated, ``removed`` what lapsed at expiry or was voided: ``amount - consumed - held - removed`` is the
+# grant's free remainder, never negative. ``state``: scheduled (not effective yet: not in credits_posted),
+# active, expired, voided. ``seq`` orders grants by age (ties of created_at_ms).
+grants = Table(
+    "grants", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("mode", String(4), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("asset", String(32), nullable=False),
+    Column("purpose", String(12), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("consumed", BigInteger, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("removed", BigInteger, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("effective_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=True),
+    Column("state", String(9), nullable=False),
+    Column("source", String(200), nullable=False, default=""),  # e.g. the subscription period that granted it
+    Column("memo", Text, nullable=False, default=""),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Index("ix_grants_account", "mode", "customer_id", "asset", "state"),
+    Index("ix_grants_expiry", "state", "expires_at_ms"),
+    Index("ix_grants_effective", "state", "effective_at_ms"),
+)
+
+# How a hold's amount is split over grants: ``held`` is still pending, ``captured`` was drawn. ``grant_id`` is
+# '' for the part no grant covers (an overdraft limit, or a hold replayed with overdraw=True).
+hold_allocations = Table(
+    "hold_allocations", metadata,
+    Column("hold_id", String(64), primary_key=True),
+    Column("grant_id", String(64), primary_key=True),
+    Column("held", BigInteger, nullable=False),
+    Column("captured", BigInteger, nullable=False),
+)
+
+# Per-wallet settings; today only the consumption order (metergate.wallet.grants.ORDERS).
+wallet_settings = Table(
+    "wallet_settings", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("consumption_order", String(32), nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+# Operator-defined assets per mode; the assets in settings are always present besides these.
+assets = Table(
+    "assets", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("code", String(32), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("scale", Integer, nullable=False),
+    Column("value_per_unit", String(64), nullable=True),  # a Decimal string: fiat value of one major unit
+    Column("value_currency", String(8), nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+# Where one asset may be turned into another: ``rate`` (a Decimal string) major units of ``to_asset`` per major
+# unit of ``from_asset``; the converted amount is rounded down to the smallest unit.
+asset_conversions = Table(
+    "asset_conversions", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("from_asset", String(32), primary_key=True),
+    Column("to_asset", String(32), primary_key=True),
+    Column("rate", String(64), nullable=False),
+    Column("purpose", String(12), nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+plans = Table(
+    "plans", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("period", String(5), nullable=False),  # month | week | days
+    Column("period_days", Integer, nullable=True),  # for period = days
+    Column("entitlements", JSON, nullable=False),  # [{"asset", "amount", "rollover_cap", "priority"}]
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+subscriptions = Table(
+    "subscriptions", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("customer_id", String(128), nullable=False),
+    Column("plan_id", String(128), nullable=False),
+    Column("anchor_ms", BigInteger, nullable=False),  # the start of period 0
+    Column("next_period", BigInteger, nullable=False),  # the first period not granted yet
+    Column("state", String(8), nullable=False),  # active | canceled
+    Column("canceled_at_ms", BigInteger, nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+    ForeignKeyConstraint(["mode", "customer_id"], ["customers.mode", "customers.id"]),
+    Index("ix_subscriptions_state", "state"),
+)
+
+# The recorded outcome of each hold-API call, in the transaction of its effect: a replay answers the same.
+hold_requests = Table(
+    "hold_requests", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("key", String(300), primary_key=True),
+    Column("hold_id", String(64), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("response", JSON, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
 )

@@ -23,11 +23,9 @@ run through ``Connection.execute`` unchanged.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -35,7 +33,6 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
-    bindparam,
     case,
     create_engine,
     delete,
@@ -43,6 +40,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -52,19 +50,50 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from metergate.wallet import schema as t
+from metergate.wallet.audit import audit_ledger, upgrade_v1_to_v2
 from metergate.wallet.errors import (
+    CaptureBelowCaptured,
     CustomerExists,
     CustomerNotFound,
     HoldNotFound,
+    HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
 )
 from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX, Prepared, SqliteWriter
+from metergate.wallet.grants import (
+    ORDERS,
+    PURPOSES,
+    advance_grant,
+    allocation_of,
+    grant_of,
+    grant_row,
+    is_stale,
+    void_grant,
+    wallet_order,
+)
+from metergate.wallet.grants import allocations as gr_allocations
+from metergate.wallet.holdops import capture_in, credit_in, expire_hold_in, extend_in, reserve_in
+from metergate.wallet.ledger import (
+    SELECT_HOLD_LOCKED,
+    balance_of,
+    balance_row,
+    entry_of,
+    entry_row,
+    hold_of,
+    hold_row,
+    lock_account,
+    move_account,
+    request_hash,
+)
 from metergate.wallet.models import (
+    Allocation,
     ApiKey,
     Balance,
+    Capture,
     Customer,
-    EntryKind,
+    Grant,
+    GrantPurpose,
     Hold,
     LedgerEntry,
     Mode,
@@ -79,51 +108,18 @@ from metergate.wallet.models import (
 )
 
 T = TypeVar("T")
-AnyRow = Any  # a SQLAlchemy Row, or a Prepared statement's named tuple of the same columns
 _PG_MIGRATION_LOCK = 0x6D657465  # "mete": serialises schema migration across replicas
 
 
-# Hot-path statements are built once with bound parameters, and prepared (compiled for the SQLite
-# writer's direct path): constructing a Core statement per call costs more than executing it on SQLite.
-# The *_LOCKED forms are SELECT ... FOR UPDATE on PostgreSQL; SQLite has one writer and no row locks,
-# and SQLAlchemy renders no FOR UPDATE there.
-_a, _h, _e = t.accounts.c, t.holds.c, t.ledger_entries.c
-_ACCOUNT_WHERE = (_a.mode == bindparam("b_mode"), _a.customer_id == bindparam("b_customer"),
-                  _a.asset == bindparam("b_asset"))
-_RESERVE = Prepared(update(t.accounts)
-                    .where(*_ACCOUNT_WHERE,
-                           _a.credits_posted + _a.overdraft_limit - _a.debits_posted - _a.debits_pending
-                           >= bindparam("b_amount"))
-                    .values(debits_pending=_a.debits_pending + bindparam("b_amount"))
-                    .returning(_a.mode, _a.customer_id, _a.asset, _a.credits_posted, _a.debits_posted,
-                               _a.debits_pending, _a.overdraft_limit))
-_OVERDRAW = Prepared(update(t.accounts)
-                     .where(*_ACCOUNT_WHERE)
-                     .values(debits_pending=_a.debits_pending + bindparam("b_amount"))
-                     .returning(_a.mode, _a.customer_id, _a.asset, _a.credits_posted, _a.debits_posted,
-                                _a.debits_pending, _a.overdraft_limit))
-_SELECT_ACCOUNT = Prepared(select(t.accounts).where(*_ACCOUNT_WHERE))
-_SELECT_ACCOUNT_LOCKED = Prepared(select(t.accounts).where(*_ACCOUNT_WHERE).with_for_update())
-_MOVE_ACCOUNT = Prepared(update(t.accounts).where(*_ACCOUNT_WHERE).values(
-    debits_pending=_a.debits_pending - bindparam("b_released"),
-    debits_posted=_a.debits_posted + bindparam("b_charged")))
-_SELECT_HOLD = Prepared(select(t.holds).where(_h.id == bindparam("b_hold")))
-_SELECT_HOLD_LOCKED = Prepared(select(t.holds).where(_h.id == bindparam("b_hold")).with_for_update())
-_RESOLVE_HOLD = Prepared(update(t.holds).where(_h.id == bindparam("b_hold")).values(
-    state=bindparam("b_state"), captured_amount=bindparam("b_charged"), resolved_at_ms=bindparam("b_at")))
-_SELECT_ENTRY = Prepared(select(t.ledger_entries).where(_e.mode == bindparam("b_mode"),
-                                                        _e.idempotency_key == bindparam("b_key")))
-_INSERT_HOLD = Prepared(insert(t.holds), columns=(
-    "id", "mode", "customer_id", "asset", "amount", "state", "captured_amount", "expires_at_ms", "created_at_ms"))
-_INSERT_ENTRY = Prepared(insert(t.ledger_entries).returning(_e.seq), columns=(
-    "idempotency_key", "request_hash", "mode", "customer_id", "asset", "kind", "amount", "credits_delta",
-    "posted_delta", "pending_delta", "hold_id", "memo", "created_at_ms"))
 _USAGE_FIELDS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
 _INSERT_USAGE = Prepared(insert(t.usage_records), columns=_USAGE_FIELDS)
+_hash = request_hash
+_balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _entry from here
+_balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
 
 
-def _hash(*parts: object) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+class _Replay(Exception):
+    """Raised inside a write to roll it back when the operation turns out to have been applied already."""
 
 
 class SqlWalletStore:
@@ -215,6 +211,9 @@ class SqlWalletStore:
             conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION, applied_at_ms=now_ms()))
         elif current > t.SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{current} is newer than this metergate (v{t.SCHEMA_VERSION})")
+        elif current == 1:
+            upgrade_v1_to_v2(conn)
+            conn.execute(insert(t.schema_version).values(version=2, applied_at_ms=now_ms()))
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one write transaction (on SQLite, in a savepoint of the writer's next
@@ -298,21 +297,33 @@ class SqlWalletStore:
     # ------------------------------------------------------------------ money
 
     async def credit(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
-                     idempotency_key: str, memo: str = "") -> LedgerEntry:
+                     idempotency_key: str, memo: str = "", purpose: GrantPurpose = "paid", priority: int = 0,
+                     effective_at_ms: int | None = None, expires_at_ms: int | None = None,
+                     grant_id: str | None = None, source: str = "", at_ms: int | None = None) -> LedgerEntry:
+        """Credit the wallet: a grant (see :mod:`metergate.wallet.grants`). Without the grant keywords it is a
+        ``paid`` grant, effective now, never expiring, priority 0 — the credit every caller made before grants.
+        Idempotent per ``idempotency_key``; the grant's id is derived from it unless ``grant_id`` is given."""
         if amount <= 0:
             raise ValueError("a credit must be positive")
-        request_hash = _hash("credit", customer_id, asset, amount, memo)
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {PURPOSES}")
+        now = now_ms() if at_ms is None else at_ms
+        effective = now if effective_at_ms is None else effective_at_ms
+        if expires_at_ms is not None and expires_at_ms <= effective:
+            raise ValueError("a grant must expire after it becomes effective")
+        parts: list[object] = ["credit", customer_id, asset, amount, memo]
+        if (purpose, priority, effective_at_ms, expires_at_ms) != ("paid", 0, None, None):
+            parts += [purpose, priority, effective_at_ms, expires_at_ms]  # older keys keep their old hash
+        hashed = _hash(*parts)
         key = f"credit:{idempotency_key}"  # namespaced apart from the hold/settle/expire keys
+        gid = grant_id or "gr_" + _hash(mode, key)[:24]
 
         def op(conn: Connection) -> LedgerEntry:
-            if conn.execute(select(t.customers.c.id).where(
-                    t.customers.c.mode == mode, t.customers.c.id == customer_id)).first() is None:
-                raise CustomerNotFound(customer_id)
+            self._require_customer(conn, mode, customer_id)
             self._ensure_account(conn, mode, customer_id, asset)
-            conn.execute(update(t.accounts).where(*_account_pk(mode, customer_id, asset)).values(
-                credits_posted=t.accounts.c.credits_posted + amount))
-            return _append(conn, key, request_hash, mode, customer_id, asset, "credit", amount, credits=amount,
-                           memo=memo)
+            return credit_in(conn, mode=mode, customer_id=customer_id, asset=asset, amount=amount, key=key,
+                             hashed=hashed, memo=memo, purpose=purpose, priority=priority, effective_at_ms=effective,
+                             expires_at_ms=expires_at_ms, grant_id=gid, source=source, now=now)
 
         try:
             return await self._write(op)
@@ -320,123 +331,143 @@ class SqlWalletStore:
             row = await self._read(_entry_row, mode, key)
             if row is None:
                 raise
-            if row.request_hash != request_hash:
+            if row.request_hash != hashed:
                 raise IdempotencyConflict(key) from None
             return _entry(row)
 
     async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
-                      hold_id: str, ttl_ms: int, overdraw: bool = False) -> tuple[Hold, Balance]:
-        """Place a hold. ``overdraw=True`` skips the availability check: for replaying a hold that another
-        authority (the Redis projection) has already admitted, never for deciding admission."""
+                      hold_id: str, ttl_ms: int, overdraw: bool = False,
+                      at_ms: int | None = None) -> tuple[Hold, Balance]:
+        """Place a hold, split over the wallet's grants in its consumption order. ``overdraw=True`` skips the
+        availability check: for replaying a hold that another authority (the Redis projection) has already
+        admitted, never for deciding admission; what no grant covers is then held unbacked."""
         assert amount >= 0, "a hold cannot be negative"
-        created = now_ms()
-        hold = Hold(id=hold_id, mode=mode, customer_id=customer_id, asset=asset, amount=amount,
-                    state="pending", expires_at_ms=created + ttl_ms, created_at_ms=created)
-        where = {"b_mode": mode, "b_customer": customer_id, "b_asset": asset}
+        now = now_ms() if at_ms is None else at_ms
 
-        def op(conn: Connection) -> tuple[Hold, Balance]:
+        def op(conn: Connection) -> tuple[Hold, Balance] | InsufficientFunds:
             if overdraw:
                 self._ensure_account(conn, mode, customer_id, asset)
-            row = (_OVERDRAW if overdraw else _RESERVE).first(conn, {**where, "b_amount": amount})
-            if row is None:
-                existing = _hold_row(conn, hold_id)
-                if existing is not None:
-                    return _replayed_hold(existing, hold), _balance_of(conn, mode, customer_id, asset)
+            placed = reserve_in(conn, mode=mode, customer_id=customer_id, asset=asset, amount=amount,
+                                hold_id=hold_id, ttl_ms=ttl_ms, now=now, overdraw=overdraw)
+            if placed is None:
+                replayed = replay(conn)
+                if replayed is not None:
+                    return replayed
                 balance = _balance_of(conn, mode, customer_id, asset)
-                raise InsufficientFunds(asset=asset, available=balance.available, required=amount)
-            _INSERT_HOLD.run(conn, {"id": hold_id, "mode": mode, "customer_id": customer_id, "asset": asset,
-                                    "amount": amount, "state": "pending", "captured_amount": 0,
-                                    "expires_at_ms": hold.expires_at_ms, "created_at_ms": created})
-            _append(conn, f"hold:{hold_id}", _hash("hold", customer_id, asset, amount), mode, customer_id, asset,
-                    "hold", amount, pending=amount, hold_id=hold_id)
-            return hold, _balance(row)
+                # Returned, not raised: a refusal keeps the grant activations and lapses it wrote (nothing else).
+                return InsufficientFunds(asset=asset, available=balance.available, required=amount)
+            return placed
 
         def replay(conn: Connection) -> tuple[Hold, Balance] | None:
             existing = _hold_row(conn, hold_id)
             if existing is None:
                 return None
-            return _replayed_hold(existing, hold), _balance_of(conn, mode, customer_id, asset)
+            entry = _entry_row(conn, existing.mode, f"hold:{hold_id}")
+            if existing.mode != mode or entry is None or entry.request_hash != _hash("hold", customer_id, asset,
+                                                                                    amount):
+                raise IdempotencyConflict(f"hold:{hold_id}")
+            return _hold(existing), _balance_of(conn, mode, customer_id, asset)
 
         try:
-            return await self._write(op)
+            outcome = await self._write(op)
         except IntegrityError:
             replayed = await self._read(replay)
             if replayed is None:
                 raise
             return replayed
+        if isinstance(outcome, InsufficientFunds):
+            raise outcome
+        return outcome
 
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None, *,
-                     overdraw: bool = False) -> Settlement:
-        """Capture ``amount`` against the hold (0 voids it), releasing the rest; see the module contract.
-        ``overdraw=True`` captures all of ``amount`` even beyond what the wallet covers (replaying a
-        capture decided elsewhere, see :meth:`reserve`)."""
+                     overdraw: bool = False, at_ms: int | None = None) -> Settlement:
+        """Resolve the hold with ``amount`` captured in all (0 voids it; partial captures made before count
+        towards it), releasing the rest; see the module contract. ``overdraw=True`` captures all of ``amount``
+        even beyond what the wallet covers (replaying a capture decided elsewhere, see :meth:`reserve`)."""
         assert amount >= 0, "a capture cannot be negative"
         key = f"settle:{hold_id}"
-        request_hash = _hash("settle", amount)
+        hashed = _hash("settle", amount)
+        now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Settlement:
-            row = _SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
+            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
             if row is None:
                 raise HoldNotFound(hold_id)
             hold = _hold(row)
             if hold.state in ("captured", "voided"):
                 entry = _entry_row(conn, hold.mode, key)
                 assert entry is not None, f"resolved hold {hold_id} has no settle entry"
-                if entry.request_hash != request_hash:
+                if entry.request_hash != hashed:
                     raise IdempotencyConflict(key)
                 balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
-                return Settlement(hold_id, int(entry.posted_delta), amount - int(entry.posted_delta), balance,
+                return Settlement(hold_id, hold.captured_amount, amount - hold.captured_amount, balance,
                                   replayed=True)
-            released = hold.amount if hold.state == "pending" else 0  # an expired hold already released
-            where = {"b_mode": hold.mode, "b_customer": hold.customer_id, "b_asset": hold.asset}
-            before = _balance(_SELECT_ACCOUNT_LOCKED.one(conn, where))
-            coverable = amount if overdraw else max(0, before.available + released)
-            charged = min(amount, coverable)
-            written_off = amount - charged
-            after = replace(before, debits_pending=before.debits_pending - released,
-                            debits_posted=before.debits_posted + charged)
-            assert after.debits_pending >= 0 and charged <= coverable
-            assert overdraw or after.available >= 0 or after.available >= before.available, "settlement overspent"
-            _RESOLVE_HOLD.run(conn, {"b_hold": hold_id, "b_state": "captured" if charged else "voided",
-                                     "b_charged": charged, "b_at": now_ms()})
-            _MOVE_ACCOUNT.run(conn, {**where, "b_released": released, "b_charged": charged})
-            kind: EntryKind = "capture" if charged else "void"
-            _append(conn, key, request_hash, hold.mode, hold.customer_id, hold.asset, kind, charged,
-                    posted=charged, pending=-released, hold_id=hold_id,
-                    memo=f"written off {written_off}" if written_off else "")
+            if amount < hold.captured_amount:
+                raise CaptureBelowCaptured(hold_id, hold.captured_amount, amount)
+            done = capture_in(conn, hold, amount - hold.captured_amount, key=key, hashed=hashed, final=True,
+                              now=now, overdraw=overdraw)
+            total, written_off = done.hold.captured_amount, done.written_off
             if usage is not None:
-                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=charged, written_off_amount=written_off))
-            return Settlement(hold_id, charged, written_off, after)
+                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=total, written_off_amount=written_off))
+            return Settlement(hold_id, total, written_off, done.balance)
 
         return await self._write(op)
 
-    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int,
-                          overdraw: bool = False) -> Hold:
+    async def capture(self, hold_id: str, amount: int, *, idempotency_key: str, overdraw: bool = False,
+                      at_ms: int | None = None) -> Capture:
+        """Capture ``amount`` more from a pending hold and keep it open (a heartbeat's usage so far); idempotent
+        per ``idempotency_key``. Beyond what the hold holds it draws the wallet like :meth:`settle` does, and
+        grows the hold by that much. Resolve the hold with :meth:`settle` (its total includes these)."""
+        assert amount >= 0, "a capture cannot be negative"
+        key = f"capture:{hold_id}:{idempotency_key}"
+        hashed = _hash("capture", amount)
+        now = now_ms() if at_ms is None else at_ms
+
+        def op(conn: Connection) -> Capture:
+            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
+            if row is None:
+                raise HoldNotFound(hold_id)
+            hold = _hold(row)
+            entry = _entry_row(conn, hold.mode, key)
+            if entry is not None:
+                if entry.request_hash != hashed:
+                    raise IdempotencyConflict(key)
+                charged = int(entry.posted_delta)
+                return Capture(hold, charged, amount - charged,
+                               _balance_of(conn, hold.mode, hold.customer_id, hold.asset), replayed=True)
+            if hold.state != "pending":
+                raise HoldNotPending(hold_id, hold.state)
+            done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw)
+            return Capture(done.hold, done.charged, done.written_off, done.balance)
+
+        return await self._write(op)
+
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int | str, ttl_ms: int,
+                          overdraw: bool = False, at_ms: int | None = None) -> Hold:
         """Grow a pending hold by ``amount`` (idempotent per ``step``) and push its expiry out, or raise
         ``InsufficientFunds`` when the wallet cannot cover the increment — the signal for a long-running
         job to stop at zero instead of running up debt."""
         assert amount > 0, "an extension must be positive"
         key = f"extend:{hold_id}:{step}"
+        now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Hold:
-            row = _SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
+            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
             if row is None:
                 raise HoldNotFound(hold_id)
             hold = _hold(row)
-            if _entry_row(conn, hold.mode, key) is not None:
+            entry = _entry_row(conn, hold.mode, key)
+            if entry is not None:
+                if entry.request_hash != _hash("extend", amount):
+                    raise IdempotencyConflict(key)
                 return hold  # this step was applied already
             if hold.state != "pending":
                 raise HoldNotFound(hold_id)
-            where = {"b_mode": hold.mode, "b_customer": hold.customer_id, "b_asset": hold.asset}
-            if (_OVERDRAW if overdraw else _RESERVE).first(conn, {**where, "b_amount": amount}) is None:
+            extended = extend_in(conn, hold, amount, key=key, ttl_ms=ttl_ms, now=now, overdraw=overdraw)
+            if extended is None:
                 balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
                 raise InsufficientFunds(asset=hold.asset, available=balance.available, required=amount)
-            expires = max(hold.expires_at_ms, now_ms() + ttl_ms)
-            conn.execute(update(t.holds).where(t.holds.c.id == hold_id).values(
-                amount=t.holds.c.amount + amount, expires_at_ms=expires))
-            _append(conn, key, _hash("extend", amount), hold.mode, hold.customer_id, hold.asset, "extend", amount,
-                    pending=amount, hold_id=hold_id)
-            return replace(hold, amount=hold.amount + amount, expires_at_ms=expires)
+            return extended
 
         return await self._write(op)
 
@@ -444,24 +475,140 @@ class SqlWalletStore:
         ids = await self._read(lambda conn: conn.execute(select(t.holds.c.id).where(
             t.holds.c.state == "pending", t.holds.c.expires_at_ms < now_ms,
         ).order_by(t.holds.c.expires_at_ms).limit(limit)).scalars().all())
-
-        def op(conn: Connection, hold_id: str) -> bool:
-            row = conn.execute(update(t.holds).where(
-                t.holds.c.id == hold_id, t.holds.c.state == "pending",
-            ).values(state="expired", resolved_at_ms=now_ms).returning(*t.holds.c)).first()
-            if row is None:
-                return False  # settled meanwhile, or expired by another replica
-            hold = _hold(row)
-            conn.execute(update(t.accounts).where(*_account_pk(hold.mode, hold.customer_id, hold.asset)).values(
-                debits_pending=t.accounts.c.debits_pending - hold.amount))
-            _append(conn, f"expire:{hold_id}", _hash("expire"), hold.mode, hold.customer_id, hold.asset, "expire",
-                    hold.amount, pending=-hold.amount, hold_id=hold_id)
-            return True
+        at = now_ms
 
         expired = 0
-        for hold_id in ids:
-            expired += await self._write(op, hold_id)
+        for hold_id in ids:  # False: settled meanwhile, or expired by another replica
+            expired += await self._write(expire_hold_in, hold_id, at)
         return expired
+
+    # ------------------------------------------------------------------ grants
+
+    async def expire_grants(self, *, now_ms: int, limit: int = 500) -> int:
+        """Activate the scheduled grants that became effective and lapse the expired ones, each written to the
+        ledger once however many replicas sweep at once; return how many grants changed state."""
+        g = t.grants.c
+        due = await self._read(lambda conn: conn.execute(select(g.id).where(or_(
+            and_(g.state == "scheduled", g.effective_at_ms <= now_ms),
+            and_(g.state == "active", g.expires_at_ms.is_not(None), g.expires_at_ms <= now_ms),
+        )).order_by(g.seq).limit(limit)).scalars().all())
+        at = now_ms
+
+        def op(conn: Connection, grant_id: str) -> bool:
+            found = grant_row(conn, grant_id)
+            if found is None:
+                return False
+            lock_account(conn, found.mode, found.customer_id, found.asset)
+            row = grant_row(conn, grant_id)  # re-read under the account lock
+            if row is None or not is_stale(row, at):
+                return False  # another replica got there first
+            credits = advance_grant(conn, row.mode, row.customer_id, row.asset, row, at)
+            move_account(conn, row.mode, row.customer_id, row.asset, credits=credits)
+            return True
+
+        changed = 0
+        for grant_id in due:
+            changed += await self._write(op, grant_id)
+        return changed
+
+    async def grants(self, mode: Mode, customer_id: str, *, asset: str | None = None, limit: int = 200,
+                     before_seq: int | None = None) -> list[Grant]:
+        """The wallet's grants, newest first."""
+        g = t.grants.c
+        stmt = select(t.grants).where(g.mode == mode, g.customer_id == customer_id)
+        if asset is not None:
+            stmt = stmt.where(g.asset == asset)
+        if before_seq is not None:
+            stmt = stmt.where(g.seq < before_seq)
+        rows = await self._read(lambda conn: conn.execute(stmt.order_by(g.seq.desc()).limit(limit)).all())
+        return [grant_of(r) for r in rows]
+
+    async def grant_seq(self, grant_id: str) -> int | None:
+        found = await self._read(lambda conn: conn.execute(select(t.grants.c.seq).where(
+            t.grants.c.id == grant_id)).scalar())
+        return None if found is None else int(found)
+
+    async def get_grant(self, mode: Mode, grant_id: str) -> Grant | None:
+        row = await self._read(lambda conn: grant_row(conn, grant_id, mode=mode))
+        return grant_of(row) if row is not None else None
+
+    async def void_grant(self, mode: Mode, grant_id: str, *, at_ms: int | None = None) -> Grant | None:
+        """Void a grant's unused remainder (idempotent; ``None`` when there is no such grant in this mode)."""
+        now = now_ms() if at_ms is None else at_ms
+        row = await self._write(lambda conn: void_grant(conn, mode, grant_id, now))
+        return grant_of(row) if row is not None else None
+
+    async def allocations(self, hold_id: str) -> list[Allocation]:
+        rows = await self._read(lambda conn: gr_allocations(conn, hold_id))
+        return [allocation_of(r, hold_id) for r in rows]
+
+    async def consumption_order(self, mode: Mode, customer_id: str) -> str:
+        return await self._read(wallet_order, mode, customer_id)
+
+    async def set_consumption_order(self, mode: Mode, customer_id: str, order: str) -> str:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {sorted(ORDERS)}")
+        values = {"consumption_order": order, "updated_at_ms": now_ms()}
+
+        def op(conn: Connection) -> None:
+            self._require_customer(conn, mode, customer_id)
+            stmt = self._dialect_insert(t.wallet_settings).values(mode=mode, customer_id=customer_id, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["mode", "customer_id"], set_=values))
+
+        await self._write(op)
+        return order
+
+    async def convert(self, mode: Mode, customer_id: str, from_asset: str, to_asset: str, amount_from: int,
+                      amount_to: int, *, idempotency_key: str, purpose: GrantPurpose = "paid",
+                      expires_at_ms: int | None = None, memo: str = "", at_ms: int | None = None,
+                      ) -> tuple[LedgerEntry, Balance, Balance]:
+        """Debit ``amount_from`` of one asset and grant ``amount_to`` of another, atomically and once per
+        ``idempotency_key`` (the debit is a hold captured at once, so it draws grants like any capture; it
+        must be covered in full)."""
+        assert amount_from > 0 and amount_to > 0 and from_asset != to_asset
+        now = now_ms() if at_ms is None else at_ms
+        key = f"convert:{idempotency_key}"
+        hashed = _hash("convert", customer_id, from_asset, to_asset, amount_from, amount_to, purpose, expires_at_ms,
+                       memo)
+        hold_id = "cv_" + _hash(mode, key)[:29]
+
+        def op(conn: Connection) -> tuple[LedgerEntry, Balance, Balance]:
+            self._require_customer(conn, mode, customer_id)
+            for asset in sorted((from_asset, to_asset)):  # one lock order for every conversion
+                self._ensure_account(conn, mode, customer_id, asset)
+                lock_account(conn, mode, customer_id, asset)
+            placed = reserve_in(conn, mode=mode, customer_id=customer_id, asset=from_asset, amount=amount_from,
+                                hold_id=hold_id, ttl_ms=60_000, now=now, overdraw=False)
+            if placed is None:
+                if _entry_row(conn, mode, key) is not None:
+                    raise _Replay()
+                balance = _balance_of(conn, mode, customer_id, from_asset)
+                raise InsufficientFunds(asset=from_asset, available=balance.available, required=amount_from)
+            capture_in(conn, placed[0], amount_from, key=f"settle:{hold_id}", hashed=_hash("settle", amount_from),
+                       final=True, now=now, overdraw=False)
+            entry = credit_in(conn, mode=mode, customer_id=customer_id, asset=to_asset, amount=amount_to, key=key,
+                              hashed=hashed, memo=memo or f"converted from {amount_from} {from_asset}",
+                              purpose=purpose, priority=0, effective_at_ms=now, expires_at_ms=expires_at_ms,
+                              grant_id="gr_" + _hash(mode, key)[:24], source=f"convert:{hold_id}", now=now)
+            return (entry, _balance_of(conn, mode, customer_id, from_asset),
+                    _balance_of(conn, mode, customer_id, to_asset))
+
+        def replay(conn: Connection) -> tuple[LedgerEntry, Balance, Balance] | None:
+            row = _entry_row(conn, mode, key)
+            if row is None:
+                return None
+            if row.request_hash != hashed:
+                raise IdempotencyConflict(key)
+            return (_entry(row), _balance_of(conn, mode, customer_id, from_asset),
+                    _balance_of(conn, mode, customer_id, to_asset))
+
+        try:
+            return await self._write(op)
+        except (IntegrityError, _Replay):
+            replayed = await self._read(replay)
+            if replayed is None:
+                raise
+            return replayed
 
     # ------------------------------------------------------------------ reads
 
@@ -497,7 +644,7 @@ class SqlWalletStore:
         return [(r.seq, _usage(r)) for r in rows]
 
     async def audit(self) -> list[str]:
-        return await self._read(_audit)
+        return await self._read(audit_ledger)
 
     # ------------------------------------------------------------------ reports
 
@@ -574,10 +721,21 @@ class SqlWalletStore:
 
         return pg_insert(table)
 
+    @staticmethod
+    def _require_customer(conn: Connection, mode: Mode, customer_id: str) -> None:
+        if conn.execute(select(t.customers.c.id).where(
+                t.customers.c.mode == mode, t.customers.c.id == customer_id)).first() is None:
+            raise CustomerNotFound(customer_id)
+
     def _ensure_account(self, conn: Connection, mode: Mode, customer_id: str, asset: str) -> None:
+        self._ensure_account_in(conn, mode, customer_id, asset)
+
+    @staticmethod
+    def _ensure_account_in(conn: Connection, mode: Mode, customer_id: str, asset: str) -> None:
+        """Create the (mode, customer, asset) account row unless it exists; the dialect is the connection's."""
         values = dict(mode=mode, customer_id=customer_id, asset=asset, credits_posted=0, debits_posted=0,
                       debits_pending=0, overdraft_limit=0)
-        if self._sqlite:
+        if conn.dialect.name == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         else:
             from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
@@ -674,79 +832,6 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _audit(conn: Connection) -> list[str]:
-    """Re-derive every balance from the ledger; return each discrepancy found (none: [])."""
-    problems: list[str] = []
-    e, h = t.ledger_entries.c, t.holds.c
-    sums = {
-        (r.mode, r.customer_id, r.asset): (r.credits, r.posted, r.pending)
-        for r in conn.execute(select(
-            e.mode, e.customer_id, e.asset, func.sum(e.credits_delta).label("credits"),
-            func.sum(e.posted_delta).label("posted"), func.sum(e.pending_delta).label("pending"),
-        ).group_by(e.mode, e.customer_id, e.asset)).all()
-    }
-    pending = {
-        (r.mode, r.customer_id, r.asset): r.total
-        for r in conn.execute(select(h.mode, h.customer_id, h.asset, func.sum(h.amount).label("total"))
-                              .where(h.state == "pending").group_by(h.mode, h.customer_id, h.asset)).all()
-    }
-    for row in conn.execute(select(t.accounts)).all():
-        b = _balance(row)
-        pk = (b.mode, b.customer_id, b.asset)
-        derived = tuple(int(x) for x in sums.get(pk, (0, 0, 0)))
-        if derived != (b.credits_posted, b.debits_posted, b.debits_pending):
-            problems.append(f"{pk}: account columns {(b.credits_posted, b.debits_posted, b.debits_pending)}"
-                            f" != ledger sums {derived}")
-        if int(pending.get(pk, 0)) != b.debits_pending:
-            problems.append(f"{pk}: debits_pending {b.debits_pending} != open holds {pending.get(pk, 0)}")
-        if b.available < 0:
-            problems.append(f"{pk}: available {b.available} is below zero")
-    unresolved = conn.execute(select(func.count()).select_from(t.holds).where(
-        h.state != "pending", ~select(e.seq).where(
-            e.hold_id == h.id, e.kind.in_(("capture", "void", "expire"))).exists())).scalar_one()
-    if unresolved:
-        problems.append(f"{unresolved} resolved holds have no resolving ledger entry")
-    return problems
-
-
-def _append(conn: Connection, key: str, request_hash: str, mode: Mode, customer_id: str, asset: str,
-            kind: EntryKind, amount: int, *, credits: int = 0, posted: int = 0, pending: int = 0,
-            hold_id: str | None = None, memo: str = "") -> LedgerEntry:
-    created = now_ms()
-    seq = _INSERT_ENTRY.scalar_one(conn, {
-        "idempotency_key": key, "request_hash": request_hash, "mode": mode, "customer_id": customer_id,
-        "asset": asset, "kind": kind, "amount": amount, "credits_delta": credits, "posted_delta": posted,
-        "pending_delta": pending, "hold_id": hold_id, "memo": memo, "created_at_ms": created})
-    return LedgerEntry(seq, key, mode, customer_id, asset, kind, amount, credits, posted, pending, hold_id, memo,
-                       created)
-
-
-def _replayed_hold(row: AnyRow, wanted: Hold) -> Hold:
-    found = _hold(row)
-    if (found.mode, found.customer_id, found.asset, found.amount) != (
-            wanted.mode, wanted.customer_id, wanted.asset, wanted.amount):
-        raise IdempotencyConflict(f"hold:{wanted.id}")
-    return found
-
-
-def _balance_of(conn: Connection, mode: Mode, customer_id: str, asset: str) -> Balance:
-    row = _SELECT_ACCOUNT.first(conn, {"b_mode": mode, "b_customer": customer_id, "b_asset": asset})
-    return _balance(row) if row is not None else Balance(mode, customer_id, asset, 0, 0, 0)
-
-
-def _hold_row(conn: Connection, hold_id: str) -> AnyRow | None:
-    return _SELECT_HOLD.first(conn, {"b_hold": hold_id})
-
-
-def _entry_row(conn: Connection, mode: Mode, key: str) -> AnyRow | None:
-    return _SELECT_ENTRY.first(conn, {"b_mode": mode, "b_key": key})
-
-
-def _account_pk(mode: str, customer_id: str, asset: str) -> Sequence[Any]:
-    a = t.accounts.c
-    return (a.mode == mode, a.customer_id == customer_id, a.asset == asset)
-
-
 def _customer(row: Row[Any]) -> Customer:
     return Customer(mode=row.mode, id=row.id, name=row.name, created_at_ms=row.created_at_ms)
 
@@ -756,24 +841,10 @@ def _api_key(row: Row[Any]) -> ApiKey:
                   created_at_ms=row.created_at_ms, revoked_at_ms=row.revoked_at_ms)
 
 
-def _balance(row: AnyRow) -> Balance:
-    return Balance(mode=row.mode, customer_id=row.customer_id, asset=row.asset,
-                   credits_posted=int(row.credits_posted), debits_posted=int(row.debits_posted),
-                   debits_pending=int(row.debits_pending), overdraft_limit=int(row.overdraft_limit))
 
 
-def _hold(row: AnyRow) -> Hold:
-    return Hold(id=row.id, mode=row.mode, customer_id=row.customer_id, asset=row.asset, amount=int(row.amount),
-                state=row.state, expires_at_ms=int(row.expires_at_ms), created_at_ms=int(row.created_at_ms),
-                captured_amount=int(row.captured_amount))
 
 
-def _entry(row: AnyRow) -> LedgerEntry:
-    return LedgerEntry(seq=row.seq, idempotency_key=row.idempotency_key, mode=row.mode,
-                       customer_id=row.customer_id, asset=row.asset, kind=row.kind, amount=int(row.amount),
-                       credits_delta=int(row.credits_delta), posted_delta=int(row.posted_delta),
-                       pending_delta=int(row.pending_delta), hold_id=row.hold_id, memo=row.memo,
-                       created_at_ms=int(row.created_at_ms))
 
 
 def _usage_values(usage: UsageRecord, **changes: Any) -> dict[str, Any]:
