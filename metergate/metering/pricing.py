@@ -3,6 +3,10 @@
 Rates per model (exact match first, then ``*``), in the pricing asset's major unit per million tokens,
 plus a per-request fee. The exact price is a ``Decimal``; it becomes an integer in the asset's
 smallest unit through :func:`metergate.money.to_minor` (half-up, once per request).
+
+The proxy prices through :mod:`metergate.pricing` (rules, versions, tiers, cost-plus); the configuration's
+``pricing:`` section is its version 0 (:func:`metergate.pricing.versions.config_version`), which the tests
+check prices exactly as this book does. The book stays as that reference and for tools that price offline.
 """
 
 from __future__ import annotations

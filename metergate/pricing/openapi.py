@@ -1,0 +1,82 @@
+"""The OpenAPI paths of the pricing admin API (:mod:`metergate.pricing.admin`), merged by
+:mod:`metergate.admin.openapi`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_DECIMAL = {"type": "string", "pattern": r"^[0-9]{1,16}(\.[0-9]{1,18})?$"}
+_INSTANT = {"type": ["string", "integer"], "description": "ISO 8601 date or date-time, or epoch milliseconds"}
+_STEP = {"type": "object", "required": ["up_to", "rate"],
+         "properties": {"up_to": {"type": ["string", "null"]}, "rate": _DECIMAL}}
+_TIERS = {"type": "object", "required": ["quantity", "mode", "steps"], "properties": {
+    "quantity": {"type": "string"}, "mode": {"type": "string", "enum": ["volume", "graduated"]},
+    "period": {"type": "string", "enum": ["month", "week", "day"], "default": "month"}, "key": {"type": "string"},
+    "steps": {"type": "array", "items": _STEP, "minItems": 1, "maxItems": 50}}}
+_RULE = {"type": "object", "required": ["asset"], "properties": {
+    "id": {"type": "string"}, "asset": {"type": "string"},
+    "match": {"type": "object", "additionalProperties": {"type": "string"},
+              "description": "attribute -> exact value or '*'; the most specific matching rule prices"},
+    "per_units": _DECIMAL, "event_fee": _DECIMAL, "rates": {"type": "object", "additionalProperties": _DECIMAL},
+    "tiers": {"type": "array", "items": _TIERS}, "markup": _DECIMAL, "asset_usd_value": _DECIMAL,
+    "minimum": _DECIMAL}}
+_RULES = {"type": "object", "required": ["rules"], "properties": {
+    "rules": {"type": "array", "items": _RULE, "minItems": 1, "maxItems": 1000}, "note": {"type": "string"}}}
+_EVENT = {"type": "object", "required": ["id", "customer_id", "type"], "properties": {
+    "id": {"type": "string"}, "customer_id": {"type": "string"}, "type": {"type": "string"},
+    "quantity": _DECIMAL, "quantities": {"type": "object", "additionalProperties": _DECIMAL},
+    "attributes": {"type": "object", "additionalProperties": {"type": "string"}}, "timestamp": _INSTANT,
+    "cost_usd": _DECIMAL}}
+_QUOTE = {"type": "object", "required": ["customer_id"], "properties": {
+    "customer_id": {"type": "string"}, "type": {"type": "string", "default": "request"}, "model": {"type": "string"},
+    "endpoint": {"type": "string"}, "route": {"type": "string"}, "feature": {"type": "string"},
+    "attributes": {"type": "object", "additionalProperties": {"type": "string"}},
+    "usage": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+    "payload": {"type": "object", "description": "a request body to estimate, as the proxy does"},
+    "quantities": {"type": "object", "additionalProperties": _DECIMAL}, "cost_usd": _DECIMAL,
+    "version": {"type": "string", "description": "a draft or published version id; default: the one in force"},
+    "at": _INSTANT}}
+
+
+def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200, version: bool = False,
+        query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": ([{"name": "version_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+                       if version else []) + (query or []),
+        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "default": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def pricing_paths() -> dict[str, Any]:
+    versions = "/admin/v1/price-versions"
+    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+            {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
+    return {
+        versions: {
+            "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid)",
+                        body=_RULES, ok=201),
+            "get": _op("Price versions, newest first, and the one in force now", query=page),
+        },
+        f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", body=_RULES)},
+        f"{versions}/{{version_id}}": {"get": _op("A price version with its rules ('config': the file's)",
+                                                  version=True)},
+        f"{versions}/{{version_id}}/publish": {"post": _op(
+            "Publish a draft from effective_at (default now); published versions never change", version=True,
+            body={"type": "object", "properties": {"effective_at": _INSTANT}})},
+        f"{versions}/{{version_id}}/simulate": {"post": _op(
+            "Re-price recorded usage in [from, to) under this version: old and new totals per customer",
+            version=True, body={"type": "object", "required": ["from", "to"],
+                                "properties": {"from": _INSTANT, "to": _INSTANT}})},
+        "/admin/v1/quote": {"post": _op("Price a hypothetical request or event; the wallet is not touched",
+                                        body=_QUOTE)},
+        "/admin/v1/events": {"post": _op(
+            "Ingest usage events, idempotent by id, debited at once; per-event accepted/duplicate/rejected",
+            body={"type": "object", "required": ["events"], "properties": {
+                "events": {"type": "array", "items": _EVENT, "minItems": 1, "maxItems": 500}}})},
+    }
