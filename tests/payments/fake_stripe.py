@@ -7,10 +7,19 @@ errors use Stripe's envelope ``{"error": {"type", "code", "decline_code", "messa
 a 400 ``idempotency_error``. Off-session PaymentIntents succeed or fail according to the payment method,
 as Stripe's test cards do (``pm_card_visa``, ``pm_card_chargeDeclined``,
 ``pm_card_authenticationRequired``). ``event`` and ``sign`` build webhook deliveries as Stripe signs them.
+
+Billing meter events (``POST /v1/billing/meter_events``: ``event_name``, ``payload[stripe_customer_id]``,
+``payload[value]``, ``identifier``, ``timestamp``) are kept by identifier; a second event with an identifier
+already held is refused as Stripe refuses it (400 ``invalid_request_error``, "An event already exists with
+identifier ..."). For outage tests, ``meter_outage_status`` answers every meter event with that status (e.g.
+500) without recording it, and ``meter_delay_s`` records the event and then answers that much later (a
+client that timed out meanwhile never learns it was accepted). 5xx answers are not kept for
+``Idempotency-Key`` replay, so a retry after an outage is executed afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -53,6 +62,10 @@ class FakeStripe:
     payment_intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, Any], str | None]] = field(default_factory=list)
     idempotent: dict[tuple[str, str], tuple[str, int, str]] = field(default_factory=dict)
+    meter_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    meter_duplicates: list[str] = field(default_factory=list)
+    meter_outage_status: int | None = None
+    meter_delay_s: float = 0.0
 
     def default_payment_method(self, stripe_customer_id: str, payment_method: str) -> None:
         self.customers[stripe_customer_id]["invoice_settings"]["default_payment_method"] = payment_method
@@ -118,8 +131,11 @@ class FakeStripe:
                                   "used with the same parameters they were first used with.")
                 return web.Response(status=cached[1], text=cached[2], content_type="application/json",
                                     headers={"Idempotent-Replayed": "true"})
-        response = self._route(request.method, path, params, livemode)
-        if idem and request.method == "POST":
+        if request.method == "POST" and path == "/billing/meter_events":
+            response = await self._meter_event(params, livemode)
+        else:
+            response = self._route(request.method, path, params, livemode)
+        if idem and request.method == "POST" and response.status < 500:
             assert isinstance(response.text, str)
             self.idempotent[(key, idem)] = (body, response.status, response.text)
         return response
@@ -153,6 +169,30 @@ class FakeStripe:
                         "livemode": livemode, "return_url": params.get("return_url"),
                         "url": f"{self.url}/billing/{params.get('customer')}"})
         return _error(404, "invalid_request_error", "resource_missing", f"Unrecognized request URL ({path}).")
+
+    async def _meter_event(self, params: dict[str, Any], livemode: bool) -> web.Response:
+        if self.meter_outage_status is not None:
+            return _error(self.meter_outage_status, "api_error", None, "An unexpected error occurred.")
+        payload = params.get("payload") or {}
+        name, identifier = params.get("event_name"), params.get("identifier") or _id("mev")
+        customer = self.customers.get(payload.get("stripe_customer_id", ""))
+        if not name or customer is None or customer["livemode"] != livemode:
+            return _error(400, "invalid_request_error", None, "No such customer or missing event_name.")
+        value = payload.get("value", "")
+        now = int(time.time())
+        timestamp = int(params.get("timestamp") or now)
+        if not value.lstrip("-").isdigit() or not now - 35 * 86400 <= timestamp <= now + 300:
+            return _error(400, "invalid_request_error", None, "Invalid value or timestamp.")
+        if identifier in self.meter_events:
+            self.meter_duplicates.append(identifier)
+            return _error(400, "invalid_request_error", None,
+                          f"An event already exists with identifier {identifier}.")
+        event = {"object": "billing.meter_event", "created": now, "event_name": name, "identifier": identifier,
+                 "livemode": livemode, "payload": dict(payload), "timestamp": timestamp}
+        self.meter_events[identifier] = event
+        if self.meter_delay_s:
+            await asyncio.sleep(self.meter_delay_s)
+        return _ok(event)
 
     def _payment_intent(self, params: dict[str, Any], livemode: bool) -> web.Response:
         customer = self.customers.get(params.get("customer", ""))
