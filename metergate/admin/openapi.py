@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from metergate import __version__
+from metergate.admin.wallet_openapi import wallet_paths
+from metergate.pricing.openapi import pricing_paths
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -44,6 +46,30 @@ def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
             "put": _op("Set spend caps (null: no cap)", params=c, body=caps),
         },
         f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", params=c)},
+    }
+
+
+def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -> dict[str, Any]:
+    """Billing modes, meter events, reconciliation and exports (metergate/billing/admin.py)."""
+    mode = {"type": "string", "enum": ["prepaid", "invoiced"]}
+    config = {"type": "object", "required": ["billing_mode"], "properties": {
+        "billing_mode": mode, "asset_modes": {"type": "object", "additionalProperties": mode},
+        "credit_limits": {"type": "object", "additionalProperties": {"type": ["integer", "null"], "minimum": 0}},
+        "memo": {"type": "string", "maxLength": 500}, "changed_by": {"type": "string", "maxLength": 80}}}
+    customer = [{"name": "customer_id", "in": "query", "schema": {"type": "string"}}]
+    fmt = [{"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"}}]
+    return {
+        f"{customers}/billing": {
+            "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history", params=c),
+            "put": _op("Set the billing mode (recorded; a repeated PUT records nothing)", params=c, body=config),
+        },
+        f"{customers}/meter-events": {"get": _op("The customer's usage records queued for Stripe Billing", params=c)},
+        "/admin/v1/billing/reconciliation": {"get": _op(
+            "Usage and ledger totals beside meter events sent, pending and failing", query=period + customer)},
+        "/admin/v1/exports/usage": {"get": _op("Usage records by period, streamed (CSV or JSON Lines)",
+                                               query=period + customer + fmt)},
+        "/admin/v1/exports/ledger": {"get": _op("Ledger entries by period, streamed (CSV or JSON Lines)",
+                                                query=period + customer + fmt)},
     }
 
 
@@ -97,6 +123,9 @@ def document() -> dict[str, Any]:
         "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard", ok=201)},
     }
     paths.update(_payments(customers, c))
+    paths.update(wallet_paths())  # assets, grants, plans, subscriptions, the hold API (metergate/admin/wallets.py)
+    paths.update(pricing_paths())  # price versions, quote, simulator, events (metergate/pricing)
+    paths.update(_billing(customers, c, margin[1:3]))
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from contextvars import ContextVar
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,6 +68,25 @@ class PricingSettings(_Strict):
     models: dict[str, ModelRate] = Field(
         default_factory=dict,
         description="Rates by model name; '*' is the fallback. A model matching nothing is refused.")
+    refresh_interval_s: float = Field(
+        5, gt=0, le=3600, description="How often each process reloads price versions published through the admin "
+                                      "API (metergate/pricing); until one is in force, 'models' prices.")
+    attribute_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Request headers that become pricing attributes of proxy requests, attribute name -> header "
+                    "name (e.g. plan: X-Metergate-Plan). The caller chooses them, as it does the feature header: "
+                    "use X-Metergate-* names, which never reach the upstream.")
+
+    @field_validator("attribute_headers")
+    @classmethod
+    def _attribute_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        reserved = {"type", "model", "endpoint", "route", "provider", "feature", "customer"}
+        for name, header in headers.items():
+            if name in reserved or not re.match(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$", name):
+                raise ValueError(f"attribute_headers: {name!r} is not an attribute name metergate leaves free")
+            if not re.match(r"^[A-Za-z0-9-]{1,64}$", header):
+                raise ValueError(f"attribute_headers.{name}: {header!r} is not a header name")
+        return headers
 
 
 class CostRate(_Strict):
@@ -97,6 +117,39 @@ class RateLimitSettings(_Strict):
                                                   "prunes old windows.")
 
 
+class BillingSettings(_Strict):
+    """Invoiced usage to Stripe Billing as meter events (issue #8, metergate/billing)."""
+
+    meter_event_name: str = Field("metergate_usage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+                                  description="Stripe meter event_name of the pricing asset's usage.")
+    meter_event_names: dict[str, str] = Field(
+        default_factory=dict, description="event_name per other asset; an invoiced asset without one is not "
+                                          "reported (shown as 'unmapped' in the reconciliation report).")
+    report_interval_s: float = Field(5, gt=0, le=3600, description="How often the control plane sends meter events.")
+    batch_size: int = Field(100, ge=1, le=1000, description="Outbox rows one replica leases at a time.")
+    concurrency: int = Field(8, ge=1, le=64, description="Meter events in flight to Stripe at once per replica.")
+    lease_s: float = Field(60, gt=0, le=3600, description="How long a leased batch is this replica's alone.")
+    send_timeout_s: float = Field(20, gt=0, le=300, description="Longest wait for Stripe's answer to one event.")
+    retry_base_s: float = Field(1, gt=0, le=3600, description="First retry delay of a failed event; doubles.")
+    retry_max_s: float = Field(300, gt=0, le=86400, description="Longest retry delay of a failed event.")
+
+    @field_validator("meter_event_names")
+    @classmethod
+    def _event_names(cls, names: dict[str, str]) -> dict[str, str]:
+        for asset, name in names.items():
+            if not re.match(r"^[A-Za-z0-9_.:-]{1,100}$", name):
+                raise ValueError(f"meter_event_names[{asset}] must be 1-100 letters, digits or _ . : -")
+        return names
+
+    @model_validator(mode="after")
+    def _timing(self) -> BillingSettings:
+        if self.retry_base_s > self.retry_max_s:
+            raise ValueError("retry_base_s must not exceed retry_max_s")
+        if self.send_timeout_s >= self.lease_s:
+            raise ValueError("send_timeout_s must be shorter than lease_s, so that no lease runs out mid-send")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERGATE_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -108,6 +161,20 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="Base URL customers use to reach the portal; defaults to the listener.")
     database_url: str = Field("sqlite:///metergate.db",
                               description="sqlite:///path/file.db (embedded default) or postgresql://user@host/db")
+    # The Redis real-time wallet over the SQL ledger (issue #5, metergate/wallet/redis).
+    redis_url: str | None = Field(None, description="redis://host:6379/0, redis+cluster://host:port or "
+                                                    "redis+sentinel://host:port/service: holds and balances live "
+                                                    "in Redis, the SQL database stays the ledger. Unset: SQL only.")
+    redis_key_prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+                                  description="Prefix of every Redis key (several deployments on one Redis).")
+    redis_shards: int = Field(16, ge=1, le=4096, description="Event streams (hash slots) wallets spread over; "
+                              "fixed for a deployment's lifetime.")
+    redis_max_backlog: int = Field(200_000, ge=0, le=100_000_000,
+                                   description="Events waiting for SQL per shard beyond which new holds get 503 "
+                                               "ledger_backlog (bounds Redis memory while SQL is down); 0: no bound.")
+    redis_sink_batch: int = Field(256, ge=1, le=10_000, description="Events one replica moves to SQL per batch.")
+    redis_reconcile_interval_s: float = Field(30, gt=0, le=86400, description="How often one replica compares "
+                                              "every wallet's projection with the ledger and rebuilds drifting ones.")
 
     routes: list[RouteSettings] = Field(default_factory=list, description="Path prefix to upstream mapping.")
 
@@ -204,6 +271,8 @@ class Settings(BaseSettings):
     portal_accent_color: str = Field("#3558d6", pattern=r"^#[0-9a-fA-F]{6}$", description="Portal button colour.")
     portal_frame_ancestors: str = Field("'self'", max_length=500,
                                         description="CSP frame-ancestors of the portal (who may embed it).")
+    billing: BillingSettings = Field(default_factory=BillingSettings,
+                                     description="Invoiced customers' usage to Stripe Billing (meter events).")
 
     @field_validator("admin_keys")
     @classmethod
@@ -244,6 +313,9 @@ class Settings(BaseSettings):
         for index, route in enumerate(self.routes):
             if route.compute is not None and route.compute.asset not in codes:
                 raise ValueError(f"routes.{index}.compute.asset {route.compute.asset!r} is not one of assets {codes}")
+        for code in self.billing.meter_event_names:
+            if code not in codes:
+                raise ValueError(f"billing.meter_event_names: {code!r} is not one of assets {codes}")
         prefixes = [route.prefix for route in self.routes]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError("routes: two routes share a prefix")
@@ -274,10 +346,13 @@ class Settings(BaseSettings):
         import os
 
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("METERGATE_CONFIG")
+        config_file = _CONFIG_FILE.get() or os.environ.get("METERGATE_CONFIG")
         if config_file:
             sources.append(EnvExpandingYamlSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("metergate_config_file", default=None)
 
 
 class SettingsError(Exception):
@@ -286,13 +361,13 @@ class SettingsError(Exception):
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read and validate settings once, turning validation failures into one readable message."""
-    import os
-
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise SettingsError(f"config file not found: {path}")
-        os.environ["METERGATE_CONFIG"] = str(path)
+    # For this call only (a context variable, not the process environment: a later load must not
+    # inherit this file).
+    token = _CONFIG_FILE.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -303,3 +378,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
     except UnsetReference as exc:
         raise SettingsError(f"invalid settings:\n  {exc}") from None
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -91,6 +91,13 @@ def encoding_for_model(model: str) -> str:
     return DEFAULT_ENCODING
 
 
+# Prompt texts repeat: a system prompt comes with every request, and a conversation resends its history on
+# every turn. Their counts are remembered, per encoding, for texts up to this long (the cache holds at most
+# PROMPT_CACHE_SIZE of them, so at most a few tens of MB).
+PROMPT_CACHE_SIZE = 2048
+PROMPT_CACHE_MAX_CHARS = 8192
+
+
 class TokenCounter:
     """Counts tokens of text for one model; ``exact`` is False when only approximating."""
 
@@ -106,6 +113,17 @@ class TokenCounter:
         if self._encoding is not None:
             return len(self._encoding.encode_ordinary(text))
         return -(-len(text.encode("utf-8")) // 4)
+
+    def count_prompt(self, text: str) -> int:
+        """:meth:`count`, remembered for texts that are likely to come again (parts of a prompt)."""
+        if self._encoding is None or len(text) > PROMPT_CACHE_MAX_CHARS:
+            return self.count(text)
+        return _count_cached(self._encoding, text)
+
+
+@lru_cache(maxsize=PROMPT_CACHE_SIZE)
+def _count_cached(encoding: Any, text: str) -> int:
+    return len(encoding.encode_ordinary(text)) if text else 0
 
 
 @lru_cache(maxsize=256)

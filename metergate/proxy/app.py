@@ -21,12 +21,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from metergate.admin.api import AdminApi
+from metergate.admin.holds import HoldsApi
 from metergate.admin.ratelimits import RateLimitsApi
 from metergate.admin.reports import ReportsApi
+from metergate.admin.wallets import WalletsApi
+from metergate.billing.service import BILLING, Billing
 from metergate.config.settings import Settings
 from metergate.http import error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
-from metergate.metering.pricing import PriceBook
 from metergate.metering.tokenizer import preload
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
 from metergate.observability.middleware import observe_middleware
@@ -36,11 +38,16 @@ from metergate.payments.store import PaymentsStore
 from metergate.portal.links import LinkSigner
 from metergate.portal.selfserve import SelfServe
 from metergate.portal.views import PortalViews
+from metergate.pricing.admin import PricingApi
+from metergate.pricing.service import PricingService
+from metergate.pricing.store import PricingStore
 from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
+from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import now_ms
 from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
+from metergate.wallet.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +68,32 @@ async def sweep_forever(store: WalletStore, interval_s: float, metrics: Metrics 
                     metrics.expired(expired)
         except Exception:
             log.exception("hold sweep failed; retrying next interval")
+        if isinstance(store, SqlWalletStore):  # grant expiry and subscription periods (metergate/wallet/grants.py)
+            try:
+                await store.expire_grants(now_ms=now_ms())
+                await Subscriptions(store).tick_all(now_ms=now_ms())
+            except Exception:
+                log.exception("grant sweep failed; retrying next interval")
         await asyncio.sleep(interval_s)
+
+
+def wallet_store(settings: Settings) -> WalletStore:
+    """The SQL store, or with ``redis_url`` the Redis real-time wallet over it (issue #5); the Redis store
+    runs its ledger sink in the store's own open/close, so every replica helps drain."""
+    if settings.redis_url:
+        from metergate.wallet.redis.batching import BatchingSqlWalletStore
+        from metergate.wallet.redis.store import RedisWalletStore
+
+        return RedisWalletStore(BatchingSqlWalletStore(settings.database_url), settings.redis_url,
+                                prefix=settings.redis_key_prefix, shards=settings.redis_shards,
+                                max_backlog=settings.redis_max_backlog, sink_batch=settings.redis_sink_batch,
+                                reconcile_interval_s=settings.redis_reconcile_interval_s)
+    return SqlWalletStore(settings.database_url)
 
 
 def build_app(settings: Settings, store: WalletStore | None = None, *,
               public_url: str | None = None) -> web.Application:
-    store = store or SqlWalletStore(settings.database_url)
+    store = store or wallet_store(settings)
     signer = LinkSigner({k: v.get_secret_value() for k, v in settings.portal_secrets.items()},
                         ttl_s=settings.portal_link_ttl_s,
                         base_url=public_url or settings.public_url or f"http://{settings.host}:{settings.port}")
@@ -77,10 +104,15 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     if settings.role == "sidecar" and not (public_url or settings.public_url):
         log.warning("public_url is not set: portal links in 402 answers point at this sidecar, which serves "
                     "no portal; set it to the control plane's public address")
-    prices = PriceBook(settings.pricing, settings.asset(settings.pricing.asset).scale)
+    # Price versions live in the SQL wallet database (the Redis wallet's own SQL store behind it, if any) —
+    # metergate/pricing; a store without one prices from the configuration only.
+    pricing_sql = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
+    pricing_store = PricingStore(pricing_sql) if isinstance(pricing_sql, SqlWalletStore) else None
+    costs = ProviderCosts(settings.cost_overrides)
+    prices = PricingService(settings, pricing_store, costs, assets=(
+        AssetRegistry(pricing_sql, settings.assets) if isinstance(pricing_sql, SqlWalletStore) else None))
     metrics = Metrics()
-    pipeline = Pipeline(settings, store, Identifier(settings, store), prices,
-                        ProviderCosts(settings.cost_overrides), signer, metrics)
+    pipeline = Pipeline(settings, store, Identifier(settings, store), prices, costs, signer, metrics)
     app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],
                           client_max_size=settings.max_body_bytes)
     app[STORE] = store
@@ -110,6 +142,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         await pipeline.drain(settings.drain_deadline_s)
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(prices.lifecycle)  # loads and refreshes price versions once the store is open
     if proxy:
         app.on_shutdown.append(drain)
 
@@ -125,7 +158,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             checks["database"] = "down"
         if proxy:
             # A proxy without a price table would refuse every request: not ready to take traffic.
-            checks["prices"] = "loaded" if settings.pricing.models else "empty"
+            checks["prices"] = "loaded" if prices.has_prices() else "empty"
         ready = checks["database"] == "up" and checks.get("prices", "loaded") == "loaded"
         return json_response({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
 
@@ -140,6 +173,12 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
+        if isinstance(store, SqlWalletStore):  # assets, grants, plans, subscriptions; holds for any workload
+            app.add_routes(WalletsApi(settings, store, admin).routes())
+            app.add_routes(HoldsApi(settings, store, admin).routes())
+        if pricing_store is not None:  # price versions, quotes, the simulator, usage events
+            event_caps = SpendCapGuard(PaymentsStore(pricing_store.wallet), cache_ttl_s=settings.key_cache_ttl_s)
+            app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
         portal = PortalViews(settings, store, signer)
         app.add_routes(portal.routes())
         if isinstance(store, SqlWalletStore):  # payments keep their state in the SQL wallet database
@@ -150,6 +189,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             portal.page_override = selfserve.page
             app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
             pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
+            app[BILLING] = billing = Billing(settings, payments)  # billing modes, meter events, exports
+            app.add_routes(billing.routes(admin))
+            app.cleanup_ctx.append(billing.lifecycle)  # opens after payments, closes before them
     if proxy and isinstance(store, SqlWalletStore):
         pipeline.spend_caps = SpendCapGuard(PaymentsStore(store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:

@@ -7,6 +7,8 @@ events pass, :class:`StreamBudget` keeps a count of the output delivered and, be
 it past what the hold covers, grows the hold by ``increment_tokens`` worth of output. When the wallet
 cannot cover a whole increment it takes what is left; when nothing is left the event is not delivered
 and the relay ends the stream cleanly (see ``StreamMeter.stop_events``), billing exactly what was delivered.
+A request that names its own output limit (``max_tokens`` and the like) needs none of this: the upstream
+stops it there, within the hold, so such streams are relayed without counting.
 
 Counting is cheap on the common path: a token is at least one byte and a character at most four bytes,
 so while ``4 x characters delivered`` stays within the covered output no token is counted at all. Past

@@ -38,7 +38,6 @@ from metergate.errors import (
 )
 from metergate.http import json_response
 from metergate.metering.costs import ProviderCosts
-from metergate.metering.pricing import PriceBook, Rate
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage
 from metergate.money import format_minor
@@ -46,6 +45,7 @@ from metergate.observability.logs import current_request_id
 from metergate.observability.metrics import Metrics
 from metergate.payments.spendcaps import SpendCapGuard
 from metergate.portal.links import LinkSigner
+from metergate.pricing.service import PricingService, Resolved
 from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
 from metergate.proxy.budget import StreamBudget
@@ -54,15 +54,26 @@ from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
-from metergate.wallet.models import Hold, Mode, Settlement, UsageRecord
+from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
+_WATCH_S = 1.0  # how often a stream's watchdog looks for a client that hung up while the upstream is quiet
 _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
-_CUT_EVENT = (b'event: error\ndata: {"type":"error","error":{"message":"metergate is shutting down: this stream '
-              b'was cut at the drain deadline; what was delivered is billed.","type":"server_error",'
-              b'"code":"shutting_down","param":null}}\n\n')
+
+
+def _error_event(code: str, message: str) -> bytes:
+    """An ``error`` event that ends a stream which did not end as the provider meant: both the OpenAI and
+    the Anthropic SDKs raise it as an API error, so the client knows its answer is incomplete."""
+    error = {"type": "error", "error": {"message": message, "type": "server_error", "code": code, "param": None}}
+    return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+
+
+_CUT_EVENT = _error_event("shutting_down", "metergate is shutting down: this stream was cut at the drain deadline; "
+                                           "what was delivered is billed.")
+_BROKEN_EVENT = _error_event("upstream_stream_broken", "The upstream stream broke off before its end; what was "
+                                                       "delivered is billed.")
 
 
 @dataclass(slots=True)
@@ -74,7 +85,7 @@ class Exchange:
     match: RouteMatch
     adapter: Adapter
     prepared: Prepared
-    rate: Rate
+    rate: Resolved  # the price version and rule in force when the request started
     hold: Hold
     feature: str | None
     started: float
@@ -87,10 +98,11 @@ class Exchange:
     first_token_s: float | None = None  # a stream's first content event, counted from the hold
     cut: bool = False  # cut at the shutdown deadline
     stopped: str | None = None  # why metergate ended the stream early (``insufficient_funds``)
+    client_left_at: float | None = None  # when the stream watchdog saw the client's connection close
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, store: WalletStore, identifier: Identifier, prices: PriceBook,
+    def __init__(self, settings: Settings, store: WalletStore, identifier: Identifier, prices: PricingService,
                  costs: ProviderCosts, signer: LinkSigner, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -109,7 +121,7 @@ class Pipeline:
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
         self.spend_caps: SpendCapGuard | None = None
-        self.on_settled: Callable[[Mode, str, str], Awaitable[None]] | None = None
+        self.on_settled: Callable[[Mode, str, str, Balance], Awaitable[None]] | None = None
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -177,15 +189,15 @@ class Pipeline:
         identity = await self.identifier.identify(request)
         body = await self._read_body(request)
         prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
-        rate = self.prices.rate_for(prepared.model)
-        if rate is None:
-            raise BadRequest(f"Model {prepared.model!r} has no price on this gateway.", code="unknown_model",
-                             param="model")
-        estimate = self.prices.price(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
-                                                 source="estimated"))
+        rate = await self.prices.resolve_request(
+            identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
+            route=match.route.prefix, provider=match.route.provider_id,
+            feature=request.headers.get(self.settings.attribution_header), headers=request.headers)
+        estimate = self.prices.estimate(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
+                                                    source="estimated"), match.route.provider_id, prepared.model)
         # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
         await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
-        hold = await self._authorize(identity, request_id, estimate)
+        hold = await self._authorize(identity, request_id, estimate, rate.asset)
         self.metrics.hold_opened()
         feature = request.headers.get(self.settings.attribution_header)
         ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
@@ -294,12 +306,17 @@ class Pipeline:
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
         client_gone = False
+        watchdog: asyncio.TimerHandle | None = None
+        broken = False
         held_back: list[bytes] = []
         drain_deadline = 0.0
         drained = 0
         try:
             await response.prepare(request)
+            watchdog = asyncio.get_running_loop().call_later(_WATCH_S, self._watch, request, ex, upstream, None)
             async for chunk in upstream.content.iter_any():
+                if ex.client_left_at is not None and not client_gone:  # seen by the watchdog, not by a write
+                    client_gone, drain_deadline = True, ex.client_left_at + self.settings.drain_timeout_s
                 out: list[bytes] = []
                 for event in sse.feed(chunk):
                     first_new = len(meter.text)
@@ -344,9 +361,12 @@ class Pipeline:
                 if meter.content_events and not ex.delivered:
                     ex.delivered, ex.first_token_s = True, time.monotonic() - ex.started
         except (TimeoutError, aiohttp.ClientError, EventTooLarge) as exc:
-            # The upstream died or misbehaved mid-stream: bill what was delivered, end the stream.
+            # The upstream died or misbehaved mid-stream: bill what was delivered, end the stream saying so.
             log.warning("%s: upstream stream ended abnormally: %s", ex.request_id, type(exc).__name__)
+            broken = not ex.cut  # a stream cut at shutdown is closed from this side, and says so itself
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             upstream.release()
         delivered = self._delivered_usage(ex)
         settlement = await self._settle_shielded(ex, delivered)
@@ -355,6 +375,8 @@ class Pipeline:
                 held_back = [meter.stop_events(delivered or self._estimated(ex, 0), self._stop_notice(ex, settlement))]
             if ex.cut and not held_back:
                 held_back.append(_CUT_EVENT)
+            elif broken and not held_back:
+                held_back.append(_BROKEN_EVENT)
             if held_back:
                 await _write_quietly(response, b"".join(held_back))
             await _write_eof_quietly(response)
@@ -384,13 +406,32 @@ class Pipeline:
 
     # ------------------------------------------------------------------ metering and settlement
 
+    def _watch(self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse,
+               deadline: float | None) -> None:
+        """Every ``_WATCH_S`` while a stream is relayed: notice a client that hung up while the upstream
+        is quiet (a write would notice only at the next event), and stop draining such an upstream at
+        ``drain_timeout_s`` by closing it; the relay then settles what was delivered."""
+        if ex.settlement is not None:
+            return
+        transport = request.transport
+        if deadline is None and (transport is None or transport.is_closing()):
+            ex.client_left_at = time.monotonic()
+            deadline = ex.client_left_at + self.settings.drain_timeout_s
+        if deadline is not None and time.monotonic() >= deadline:
+            log.info("%s: upstream quiet past the drain timeout after client disconnect; closing it", ex.request_id)
+            upstream.close()
+            return
+        delay = _WATCH_S if deadline is None else min(_WATCH_S, max(0.0, deadline - time.monotonic()))
+        asyncio.get_running_loop().call_later(delay, self._watch, request, ex, upstream, deadline)
+
     def _price(self, ex: Exchange, usage: Usage) -> int:
-        return self.prices.price(ex.rate, usage)
+        return self.prices.final(ex.rate, usage, ex.match.route.provider_id, ex.prepared.model,
+                                 fallback=ex.hold.amount)
 
     def _budget(self, ex: Exchange) -> StreamBudget | None:
         """Mid-stream enforcement for this stream (see :mod:`metergate.proxy.budget`), unless turned off."""
         increment = self.settings.stream_extend_tokens
-        if increment <= 0:
+        if increment <= 0 or ex.prepared.output_capped:
             return None
         input_tokens, ttl_ms = ex.prepared.input_tokens, self.settings.hold_ttl_s * 1000
 
@@ -409,12 +450,12 @@ class Pipeline:
             "stop_reason": ex.stopped,
             "message": "The wallet ran out of funds mid-stream: the answer was stopped here and what was "
                        "delivered is billed. Top up at portal_url.",
-            "asset": self.prices.asset,
+            "asset": ex.hold.asset,
             "portal_url": self.signer.url(ex.identity.mode, ex.identity.customer_id),
         }
         if settlement is not None:
-            notice["charged"] = format_minor(settlement.charged, self._scale)
-            notice["balance"] = format_minor(settlement.balance.available, self._scale)
+            notice["charged"] = format_minor(settlement.charged, ex.rate.scale)
+            notice["balance"] = format_minor(settlement.balance.available, ex.rate.scale)
         return notice
 
     def _estimated(self, ex: Exchange, output_tokens: int) -> Usage:
@@ -445,7 +486,7 @@ class Pipeline:
             usage_source=used.source, tokens_input=used.input_tokens,
             tokens_cached_input=used.cached_input_tokens, tokens_output=used.output_tokens,
             tokens_reasoning=used.reasoning_tokens, tokens_cache_write=used.cache_write_tokens,
-            asset=self.prices.asset, price_amount=price,
+            asset=ex.hold.asset, price_amount=price,
             cost_nanos=cost.nanos if cost else None,
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
@@ -456,9 +497,10 @@ class Pipeline:
         """Settle once; if the handler is cancelled meanwhile, the settlement still runs to its end."""
         if ex.settlement is None:
             # usage "none" is a provider's explicit "nothing to charge" (a failed reply): no request fee either.
-            price = self.prices.price(ex.rate, usage) if usage is not None and usage.source != "none" else 0
+            price = self._price(ex, usage) if usage is not None and usage.source != "none" else 0
             record = self._record(ex, usage, price)
-            ex.settlement = asyncio.ensure_future(self._settle_with_retries(ex, price, record))
+            ex.settlement = asyncio.ensure_future(
+                self.prices.counted(self._settle_with_retries(ex, price, record), ex.rate, record, usage))
             self._inflight.add(ex.settlement)
             ex.settlement.add_done_callback(self._inflight.discard)
             ex.settlement.add_done_callback(lambda task: self.metrics.settled(ex, record, task))
@@ -467,19 +509,25 @@ class Pipeline:
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
         settlement = await settle_with_retries(self.store, ex.hold.id, price, record)
         if settlement is not None and self.on_settled is not None:
-            hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset))
+            hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
+                                                         settlement.balance))
             self._inflight.add(hook)
             hook.add_done_callback(self._inflight.discard)
         return settlement
 
     def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
-        receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": self.prices.asset}
+        receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": ex.hold.asset}
+        scale = ex.rate.scale  # the scale of the asset the request's price rule draws
         if settlement is None:
-            receipt["X-Metergate-Held"] = format_minor(ex.hold.amount, self._scale)
+            receipt["X-Metergate-Held"] = format_minor(ex.hold.amount, scale)
             receipt["X-Metergate-Usage-Source"] = "pending" if ex.prepared.stream and usage is None else "unknown"
             return receipt
-        receipt["X-Metergate-Charged"] = format_minor(settlement.charged, self._scale)
-        receipt["X-Metergate-Balance"] = format_minor(settlement.balance.available, self._scale)
+        receipt["X-Metergate-Charged"] = format_minor(settlement.charged, scale)
+        balance = settlement.balance
+        # The wallet's own money (negative: owed, for an invoiced customer); a credit line shows on its own.
+        receipt["X-Metergate-Balance"] = format_minor(balance.available - balance.overdraft_limit, scale)
+        if balance.overdraft_limit:
+            receipt["X-Metergate-Available"] = format_minor(balance.available, scale)
         receipt["X-Metergate-Usage-Source"] = usage.source if usage is not None else "none"
         return receipt
 

@@ -192,7 +192,6 @@ def test_configmap_settings_load_in_metergate(chart: helm_python.Chart, case: st
     for role in ("sidecar", "control"):
         path = tmp_path / f"{role}.yaml"
         path.write_text(config[f"{role}.yaml"])
-        monkeypatch.setenv("METERGATE_CONFIG", str(path))  # load_settings sets it; monkeypatch restores it
         settings = load_settings(path, role=role)
         assert (settings.host, settings.port, settings.role) == ("0.0.0.0", 8080, role)
         if role == "sidecar" and case == "existing-secrets":

@@ -14,8 +14,11 @@ import hashlib
 import re
 from typing import Any
 
+import httpx2 as httpx
+
 from metergate.payments.store import AutoTopUpSetting, SpendCaps
 from metergate.wallet.models import UsageRecord
+from tests.conftest import LIVE_ADMIN_KEY
 from tests.payments.conftest import PayGate
 
 LIVE_ID, LIVE_NAME, LIVE_MODEL = "livecorp", "Live Secret Corp", "live-secret-model"
@@ -63,10 +66,45 @@ async def _seed_live(pg: PayGate) -> tuple[str, str]:
     return "key_livesecret01", key_hash
 
 
+async def _seed_live_wallet(pg: PayGate) -> dict[str, str]:
+    """A live grant, plan, subscription and open hold, for the routes that name them (issue #3)."""
+    from metergate.wallet.models import Entitlement
+    from metergate.wallet.subscriptions import Subscriptions
+
+    store = pg.gw.store
+    entry = await store.credit("live", LIVE_ID, "USD", 1_000, idempotency_key="live-grant", memo="live memo",
+                               purpose="promotional")
+    subs = Subscriptions(store)  # type: ignore[arg-type]
+    await subs.create_plan("live", "live-plan", name=LIVE_NAME, period="month", period_days=None,
+                           entitlements=(Entitlement("USD", 1_000),))
+    await subs.subscribe("live", "live-sub", customer_id=LIVE_ID, plan_id="live-plan")
+    await store.reserve("live", LIVE_ID, "USD", 500, hold_id="hold_live2", ttl_ms=600_000)
+    assert entry.grant_id is not None
+    # A live draft price version (metergate/pricing), made with the live admin key.
+    async with httpx.AsyncClient(base_url=pg.gw.admin.base_url,
+                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live_admin:
+        r = await live_admin.post("/price-versions", json={"note": "live memo", "rules": [
+            {"id": "live-rule", "match": {"type": "request", "model": LIVE_MODEL}, "asset": "USD",
+             "per_units": "1000000", "rates": {"input_tokens": "7", "output_tokens": "11"}}]})
+        assert r.status_code == 201, r.text
+    return {"grant_id": entry.grant_id, "plan_id": "live-plan", "subscription_id": "live-sub",
+            "hold_id": "hold_live2", "version_id": r.json()["id"]}
+
+
+async def _live_wallet_state(pg: PayGate, ids: dict[str, str]) -> dict[str, Any]:
+    store = pg.gw.store
+    async with httpx.AsyncClient(base_url=pg.gw.admin.base_url,
+                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live_admin:
+        version = (await live_admin.get(f"/price-versions/{ids['version_id']}")).json()
+    return {"grants": await store.grants("live", LIVE_ID),  # type: ignore[attr-defined]
+            "hold": await store.get_hold(ids["hold_id"]), "price_version": version}
+
+
 async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(paygate: PayGate) -> None:
     await paygate.gw.customer("acme", funds=1_000)  # a test-mode customer, so test answers are not empty
     key_id, key_hash = await _seed_live(paygate)
-    before = await _live_state(paygate, key_hash)
+    live_ids = await _seed_live_wallet(paygate)
+    before = {**await _live_state(paygate, key_hash), **await _live_wallet_state(paygate, live_ids)}
     routes = sorted({(r.method, r.resource.canonical) for r in paygate.gw.app.router.routes()
                      if r.resource is not None and r.resource.canonical.startswith("/admin/v1")
                      and r.method != "HEAD"})
@@ -75,6 +113,8 @@ async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(p
     called = set()
     for method, template in routes:
         path = template.replace("{customer_id}", LIVE_ID).replace("{key_id}", key_id)
+        for name, value in live_ids.items():  # grants, plans, subscriptions, holds (metergate/admin/wallets.py)
+            path = path.replace(f"{{{name}}}", value)
         assert not re.search(r"\{\w+\}", path), f"unhandled path parameter in {template}"
         for query in ("", "?format=csv&group_by=customer", "?group_by=model", "?group_by=feature"):
             if query and "reports" not in path:
@@ -85,9 +125,9 @@ async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(p
             markers = secrets + tuple(i for i in (LIVE_ID, key_id) if i not in path)
             for marker in markers:
                 assert marker not in r.text, f"{method} {path}{query} revealed {marker!r}: {r.text[:300]}"
-            if "{customer_id}" in template or "{key_id}" in template:
+            if "{customer_id}" in template or "{key_id}" in template or any(f"{{{n}}}" in template for n in live_ids):
                 assert r.status_code == 404, f"{method} {path} answered {r.status_code} for a live object"
         called.add((method, template))
     assert called == set(routes)
-    assert await _live_state(paygate, key_hash) == before
+    assert {**await _live_state(paygate, key_hash), **await _live_wallet_state(paygate, live_ids)} == before
     assert await paygate.gw.store.audit() == []

@@ -105,6 +105,22 @@ async def test_disconnect_then_upstream_dies_bills_estimate_once(gateway: Gatewa
     assert await gateway.store.audit() == []
 
 
+async def test_a_quiet_upstream_is_drained_no_longer_than_drain_timeout(upstream: Upstream, tmp_path: Path) -> None:
+    """After the client hangs up, the upstream pauses 30 s between events: metergate stops draining after
+    drain_timeout_s (0.3 s here) and bills the estimate, instead of waiting out the whole stream."""
+    gateway, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'quiet.db'}", drain_timeout_s=0.3)
+    try:
+        await gateway.customer("acme", funds=1_000_000)
+        request_id = await read_then_hang_up(gateway, 1, behavior="chunk-delay:30")
+        [record] = await settled_records(gateway, timeout_s=10)  # the stream itself would take 30 s x 28
+        assert record["id"] == request_id and record["usage_source"] == "estimated"
+        assert record["charged_amount"] == expected_price(MODEL, record["tokens_input"], record["tokens_output"])
+        assert await gateway.store.audit() == []
+    finally:
+        await gateway.close()
+        await runner.cleanup()
+
+
 async def test_shutdown_mid_stream_bills_the_delivered_text(upstream: Upstream, tmp_path: Path) -> None:
     """A graceful shutdown cuts a stream that outlives the drain deadline; what was delivered is billed."""
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'shutdown.db'}"

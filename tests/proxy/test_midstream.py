@@ -148,6 +148,18 @@ async def test_a_funded_stream_past_its_first_hold_grows_the_hold_and_is_billed_
     assert await gw.store.audit() == []
 
 
+async def test_a_stream_with_its_own_limit_is_relayed_without_growing_its_hold(gw: Gateway) -> None:
+    await gw.customer(funds=1_000_000)
+    stream = await gw.openai().chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "talk"}], stream=True, max_tokens=20,
+        extra_headers={"X-Mock-Behavior": "words:200"})
+    request_id = stream.headers["X-Metergate-Request-Id"]
+    chunks = [chunk async for chunk in stream.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(words(20))
+    hold_entries = [e["kind"] for e in await ledger(gw) if e.get("hold_id") == "hold_" + request_id[4:]]
+    assert hold_entries == ["capture", "hold"]  # newest first: no extension; the upstream kept to max_tokens
+
+
 async def test_with_enforcement_off_the_overrun_is_captured_as_far_as_the_wallet_covers(
         upstream: Upstream, tmp_path: Path, encoding: tiktoken.Encoding) -> None:
     gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'off.db'}", pricing=PRICING,

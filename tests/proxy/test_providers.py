@@ -100,14 +100,17 @@ async def test_anthropic_stream_cut_before_message_delta_bills_message_start_inp
         gw: Gateway) -> None:
     client = claude(gw)
     received: list[str] = []
-    # metergate ends a stream whose upstream died as a cleanly closed stream (no message_stop).
-    async with client.messages.stream(model="claude-sonnet-4-6", max_tokens=100,
-                                      messages=[{"role": "user", "content": "hi"}],
-                                      extra_headers={"X-Mock-Behavior": "words:8,die-after:6,cached:1"}
-                                      ) as stream:
-        async for piece in stream.text_stream:
-            received.append(piece)
+    # metergate ends a stream whose upstream died with an error event, which the SDK raises: the client
+    # knows its answer is incomplete.
+    with pytest.raises(anthropic.APIStatusError) as broken:
+        async with client.messages.stream(model="claude-sonnet-4-6", max_tokens=100,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          extra_headers={"X-Mock-Behavior": "words:8,die-after:6,cached:1"}
+                                          ) as stream:
+            async for piece in stream.text_stream:
+                received.append(piece)
     await client.close()
+    assert broken.value.body["error"]["code"] == "upstream_stream_broken"  # type: ignore[index]
     assert received  # some text was delivered before the upstream died
     record = await only_record(gw)
     assert record["usage_source"] == "estimated"

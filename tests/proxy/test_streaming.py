@@ -122,7 +122,14 @@ async def test_provider_explicit_zero_usage_is_kept(gateway: Gateway) -> None:
 async def test_upstream_dying_mid_stream_bills_delivered_tokens(
         gateway: Gateway, encoding: tiktoken.Encoding) -> None:
     await gateway.customer("acme", funds=1_000_000)
-    request_id, chunks, text = await stream_chat(gateway, "die-after:3")
+    raw = await gateway.openai().chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=60, stream=True, extra_headers={"X-Mock-Behavior": "die-after:3"})
+    request_id, chunks = raw.headers["X-Metergate-Request-Id"], []
+    with pytest.raises(openai.APIError) as broken:  # the stream ends with an error event: the SDK raises it
+        async for chunk in raw.parse():
+            chunks.append(chunk)
+    assert "broke off" in broken.value.message
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     # The role chunk and three content chunks got through; no finish chunk, no usage.
     assert len(text.split()) == 3
     assert all(c.choices[0].finish_reason is None for c in chunks)

@@ -33,7 +33,7 @@ _PER_MESSAGE_TOKENS = 5
 
 def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
     model = require_model(payload)
-    count = counter_for(model).count
+    count = counter_for(model).count_prompt
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array.", code="invalid_request", param="messages")
@@ -46,8 +46,10 @@ def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Pr
         if extra in payload:
             tokens += count(json.dumps(payload[extra], ensure_ascii=False))
     estimate = int(tokens * CLAUDE_TOKEN_FACTOR) + 1
-    max_output = positive_int(payload, "max_tokens") or default_max_output
-    return Prepared(MESSAGES, model, payload.get("stream") is True, estimate, max_output, False, body)
+    explicit = positive_int(payload, "max_tokens")
+    max_output = explicit or default_max_output
+    return Prepared(MESSAGES, model, payload.get("stream") is True, estimate, max_output, False, body,
+                    output_capped=explicit is not None)
 
 
 def usage_from_body(body: bytes) -> tuple[Usage | None, str]:

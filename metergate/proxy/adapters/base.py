@@ -33,6 +33,9 @@ class Prepared:
     tokens_exact: bool
     body: bytes
     injected_usage: bool = False
+    # The request names its own output limit, which the upstream enforces: its output cannot outgrow the
+    # hold (reasoning tokens included), so a stream needs no mid-stream enforcement.
+    output_capped: bool = False
 
 
 @dataclass(slots=True)

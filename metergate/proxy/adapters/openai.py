@@ -42,7 +42,7 @@ def classify(path: str) -> str | None:
 def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
     model = require_model(payload)
     counter = counter_for(model)
-    count = counter.count
+    count = counter.count_prompt
     stream = payload.get("stream") is True
     if endpoint == CHAT:
         messages = payload.get("messages")
@@ -59,18 +59,20 @@ def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_out
         for extra in ("tools", "functions", "response_format"):
             if extra in payload:
                 tokens += count(json.dumps(payload[extra], ensure_ascii=False))
-        limit = (positive_int(payload, "max_completion_tokens") or positive_int(payload, "max_tokens")
-                 or default_max_output)
+        explicit = positive_int(payload, "max_completion_tokens") or positive_int(payload, "max_tokens")
+        limit = explicit or default_max_output
         choices = positive_int(payload, "n") or 1
         max_output = limit * choices
     elif endpoint == COMPLETIONS:
         tokens = _prompt_tokens(payload.get("prompt"), count, "prompt")
-        limit = positive_int(payload, "max_tokens") or default_max_output
+        explicit = positive_int(payload, "max_tokens")
+        limit = explicit or default_max_output
         choices = max(positive_int(payload, "n") or 1, positive_int(payload, "best_of") or 1)
         max_output = limit * choices
     else:
         tokens = _prompt_tokens(payload.get("input"), count, "input")
         max_output = 0
+        explicit = 0
         stream = False
     injected = False
     if stream:
@@ -81,7 +83,8 @@ def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_out
             payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
             body = json.dumps(payload, ensure_ascii=False).encode()
             injected = True
-    return Prepared(endpoint, model, stream, tokens, max_output, counter.exact, body, injected)
+    return Prepared(endpoint, model, stream, tokens, max_output, counter.exact, body, injected,
+                    output_capped=explicit is not None)
 
 
 def _prompt_tokens(prompt: Any, count: Any, param: str) -> int:

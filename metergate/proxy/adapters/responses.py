@@ -33,7 +33,7 @@ _PER_ITEM_TOKENS = 4
 def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
     model = require_model(payload)
     counter = counter_for(model)
-    count = counter.count
+    count = counter.count_prompt
     items = payload.get("input")
     if isinstance(items, str):
         tokens = count(items)
@@ -48,8 +48,10 @@ def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Pr
     tokens += content_tokens(payload.get("instructions"), count)
     if "tools" in payload:
         tokens += count(json.dumps(payload["tools"], ensure_ascii=False))
-    max_output = positive_int(payload, "max_output_tokens") or default_max_output
-    return Prepared(RESPONSES, model, payload.get("stream") is True, tokens, max_output, counter.exact, body)
+    explicit = positive_int(payload, "max_output_tokens")
+    max_output = explicit or default_max_output
+    return Prepared(RESPONSES, model, payload.get("stream") is True, tokens, max_output, counter.exact, body,
+                    output_capped=explicit is not None)
 
 
 def _usage_of(response: Any, charge_failed: bool) -> Usage | None:
