@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from metergate.admin.api import PREFIX, AdminApi
-from metergate.admin.wallets import amount_of, int_field, key_of
+from metergate.admin.wallets import amount_of, int_field, key_of, only
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest
 from metergate.http import json_response
@@ -62,17 +62,20 @@ class HoldsApi:
         assert ttl is not None
         return ttl * 1000
 
-    async def _hold(self, request: web.Request) -> tuple[Mode, str, dict[str, Any], Any]:
-        """The mode, hold id, JSON body and the hold's asset, for the calls on an existing hold."""
+    async def _hold(self, request: web.Request, *fields: str) -> tuple[Mode, str, dict[str, Any], Any]:
+        """The mode, hold id, JSON body (naming only ``fields``) and the hold's asset, for the calls on an
+        existing hold."""
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request)
         hold_id = request.match_info["hold_id"]
-        found = (await self.service.get(mode, hold_id))["hold"]
+        found = (await self.service.get(mode, hold_id))["hold"]  # 404 first: the path names the object
+        only(body, *fields, "idempotency_key")
         return mode, hold_id, body, await self._assets.require(mode, found["asset"])
 
     async def create(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), "customer_id", "asset", "amount", "amount_decimal", "ttl_s",
+                    "hold_id", "idempotency_key")
         customer_id = body.get("customer_id")
         if not isinstance(customer_id, str) or not valid_customer_id(customer_id):
             raise BadRequest("'customer_id' is required: a customer id.", code="invalid_customer", param="customer_id")
@@ -99,13 +102,13 @@ class HoldsApi:
         return json_response(await self.service.get(mode, request.match_info["hold_id"]))
 
     async def extend(self, request: web.Request) -> web.Response:
-        mode, hold_id, body, asset = await self._hold(request)
+        mode, hold_id, body, asset = await self._hold(request, "amount", "amount_decimal", "ttl_s")
         answer = await self.service.extend(mode, hold_id, key=key_of(request, body), amount=amount_of(body, asset),
                                            ttl_ms=self._ttl_ms(body))
         return json_response(answer)
 
     async def capture(self, request: web.Request) -> web.Response:
-        mode, hold_id, body, asset = await self._hold(request)
+        mode, hold_id, body, asset = await self._hold(request, "amount", "amount_decimal", "final")
         final = body.get("final", False)
         if not isinstance(final, bool):
             raise BadRequest("'final' must be true or false.", param="final")
@@ -116,13 +119,16 @@ class HoldsApi:
     async def void(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request) if request.can_read_body else {}
+        await self.service.get(mode, request.match_info["hold_id"])  # 404 first: the path names the object
+        only(body, "idempotency_key")
         key = body.get("idempotency_key") or request.headers.get("Idempotency-Key") or "void"
         if not isinstance(key, str) or len(key) > 128:
             raise BadRequest("'idempotency_key' must be 1-128 characters.", param="idempotency_key")
         return json_response(await self.service.void(mode, request.match_info["hold_id"], key=key))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        mode, hold_id, body, asset = await self._hold(request)
+        mode, hold_id, body, asset = await self._hold(request, "used", "used_decimal", "next", "next_decimal", "ttl_s",
+                                                      "partial")
         partial = body.get("partial", True)
         if not isinstance(partial, bool):
             raise BadRequest("'partial' must be true or false.", param="partial")

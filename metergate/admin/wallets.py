@@ -43,6 +43,16 @@ MAX_AMOUNT = 10**15
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_PERIOD_DAYS = 3660
 
+# The fields each call takes (see ``only``).
+_ASSET_FIELDS = ("code", "name", "scale", "value_per_unit", "value_currency")
+_CONVERSION_FIELDS = ("from_asset", "to_asset", "rate", "purpose")
+_CONVERT_FIELDS = ("from_asset", "to_asset", "amount", "amount_decimal", "idempotency_key")
+_GRANT_FIELDS = ("asset", "amount", "amount_decimal", "purpose", "priority", "effective_at_ms", "expires_at_ms",
+                 "memo", "idempotency_key")
+_ORDER_FIELDS = ("order",)
+_PLAN_FIELDS = ("id", "name", "period", "period_days", "entitlements")
+_SUBSCRIBE_FIELDS = ("id", "plan_id", "anchor_ms")
+
 
 def key_of(request: web.Request, body: dict[str, Any]) -> str:
     key = body.get("idempotency_key") or request.headers.get("Idempotency-Key")
@@ -69,6 +79,16 @@ def amount_of(body: dict[str, Any], asset: Asset, *, name: str = "amount", allow
         raise BadRequest(f"'{name}' must be an integer from {low} to {MAX_AMOUNT} in the asset's smallest unit "
                          f"(or give '{decimal_name}').", code="invalid_amount", param=name)
     return amount
+
+
+def only(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The body, if it names no field but ``names``: a misspelt or unsupported field (``expires_at`` for
+    ``expires_at_ms``, say) is refused rather than silently ignored — a grant must not lose its expiry."""
+    for name in body:
+        if name not in names:
+            raise BadRequest(f"Unknown field {name!r}; this call takes {', '.join(sorted(names))}.",
+                             code="unknown_field", param=name)
+    return body
 
 
 def int_field(body: dict[str, Any], name: str, *, low: int, high: int, default: int | None = None,
@@ -150,7 +170,7 @@ class WalletsApi:
 
     async def create_asset(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_ASSET_FIELDS)
         code = body.get("code")
         if not isinstance(code, str):
             raise BadRequest("'code' is required.", code="invalid_asset", param="code")
@@ -171,7 +191,7 @@ class WalletsApi:
 
     async def set_conversion(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_CONVERSION_FIELDS)
         rate = parse_decimal(body.get("rate"), "rate")
         purpose = body.get("purpose", "paid")
         if purpose not in PURPOSES:
@@ -182,7 +202,7 @@ class WalletsApi:
 
     async def convert(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._customer(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_CONVERT_FIELDS)
         source = await self.assets.require(mode, body.get("from_asset"))
         target = await self.assets.require(mode, body.get("to_asset"))
         conversion = await self.assets.conversion(mode, source.code, target.code)
@@ -216,7 +236,7 @@ class WalletsApi:
 
     async def create_grant(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._customer(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_GRANT_FIELDS)
         asset = await self.assets.require(mode, body.get("asset", self._settings.pricing.asset))
         amount = amount_of(body, asset)
         purpose = body.get("purpose", "paid")
@@ -258,7 +278,7 @@ class WalletsApi:
 
     async def put_order(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._customer(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_ORDER_FIELDS)
         order = body.get("order")
         if order not in ORDERS:
             raise BadRequest(f"'order' must be one of {sorted(ORDERS)}.", param="order")
@@ -276,7 +296,7 @@ class WalletsApi:
 
     async def create_plan(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_PLAN_FIELDS)
         plan_id = id_field(body)
         period = body.get("period")
         if period not in ("month", "week", "days"):
@@ -314,7 +334,7 @@ class WalletsApi:
 
     async def subscribe(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._customer(request)
-        body = await self._admin.read_json(request)
+        body = only(await self._admin.read_json(request), *_SUBSCRIBE_FIELDS)
         subscription_id = id_field(body)
         plan_id = id_field(body, "plan_id")
         anchor = int_field(body, "anchor_ms", low=0, high=MAX_TIME_MS)

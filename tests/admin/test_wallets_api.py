@@ -131,3 +131,27 @@ async def test_plans_and_subscriptions_through_the_admin_api(gateway: Gateway) -
         assert (await live.get("/subscriptions/sub-1")).status_code == 404
         assert (await live.get("/plans")).json()["data"] == []
     assert await gateway.store.audit() == []
+
+
+async def test_a_misspelt_field_is_refused_not_ignored(gateway: Gateway) -> None:
+    """A trial grant sent with ``expires_at`` (the field is ``expires_at_ms``) must not become a grant that
+    never expires: the call is refused, naming the field, and nothing is granted; the same holds for the
+    hold API's calls."""
+    await gateway.customer("acme", funds=1_000_000)
+    before = (await gateway.admin.get("/customers/acme/grants")).json()["data"]
+    r = await gateway.admin.post("/customers/acme/grants", json={
+        "asset": "USD", "amount": 500, "purpose": "trial", "expires_at": "2027-01-01T00:00:00Z",
+        "idempotency_key": "trial-typo"})
+    assert r.status_code == 400
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("unknown_field", "expires_at")
+    assert "expires_at_ms" in r.json()["error"]["message"]
+    assert (await gateway.admin.get("/customers/acme/grants")).json()["data"] == before
+
+    r = await gateway.admin.post("/holds", json={"customer_id": "acme", "amount": 1_000, "hold_id": "job-1"})
+    assert r.status_code == 201, r.text
+    r = await gateway.admin.post("/holds/job-1/heartbeat", json={"use": 10, "next": 100, "idempotency_key": "h1"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "use")
+    hold = (await gateway.admin.get("/holds/job-1")).json()["hold"]
+    assert (hold["captured"], hold["amount"]) == (0, 1_000)  # the refused heartbeat changed nothing
+    r = await gateway.admin.post("/holds/job-404/heartbeat", json={"use": 10})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "hold_not_found")  # the path's object first
