@@ -28,7 +28,7 @@ from metergate.payments.admin import validate_auto_topup
 from metergate.payments.service import Payments
 from metergate.payments.spendcaps import validate_caps
 from metergate.portal.links import LinkSigner, PortalGrant
-from metergate.portal.views import LIVE_REFRESH_JS
+from metergate.portal.views import LIVE_REFRESH_JS, balance_card
 from metergate.wallet.models import LedgerEntry
 
 _LINK_PARAMS = ("c", "m", "e", "k", "s")
@@ -205,11 +205,8 @@ class SelfServe:
         logo = (f'<img src="{esc(s.portal_logo_url)}" alt="{brand} logo" height="32">'
                 if s.portal_logo_url.startswith("https://") else "")
         notice = _NOTICES.get(request.query.get("notice", ""), "")
-        cards = "".join(
-            f'<div class="card"><div>{esc(b.asset)}</div><div class="amount" data-asset="{esc(b.asset)}">'
-            f"{esc(format_minor(b.available, self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0))}"
-            f"</div><div><small>{esc(b.asset)} available</small></div></div>" for b in balances
-        ) or '<div class="card">No balance yet.</div>'
+        cards = "".join(balance_card(b, b.asset, self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0)
+                        for b in balances) or '<div class="card">No balance yet.</div>'
         usage_rows = "".join(
             f"<tr><td>{_utc(u.created_at_ms)}</td><td>{esc(u.model)}</td><td>{u.tokens_input} / {u.tokens_output}"
             f"</td><td>{esc(format_minor(u.charged_amount, self._scale))} {esc(u.asset)}</td></tr>"

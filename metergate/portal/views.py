@@ -18,6 +18,7 @@ from metergate.errors import Forbidden
 from metergate.http import json_response
 from metergate.money import format_minor
 from metergate.portal.links import LinkSigner, PortalGrant
+from metergate.wallet.models import Balance
 from metergate.wallet.store import WalletStore
 
 _CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
@@ -69,6 +70,22 @@ const q = window.location.search;
 """
 
 
+
+def balance_card(balance: Balance, name: str, scale: int) -> str:
+    """One asset's balance card. A prepaid wallet shows what it can spend. A wallet with a credit line (an
+    invoiced customer) shows its own money — negative: owed on the next invoice — and the credit beside it,
+    never the credit line as if it were a balance."""
+    esc = html.escape
+    if balance.overdraft_limit <= 0:
+        amount, note = balance.available, f"{esc(balance.asset)} available"
+    else:
+        amount = balance.available - balance.overdraft_limit
+        owed = "owed, invoiced" if amount < 0 else f"{esc(balance.asset)} balance"
+        note = (f"{owed} · credit limit {esc(format_minor(balance.overdraft_limit, scale))}, "
+                f"{esc(format_minor(balance.available, scale))} left")
+    return (f'<div class="card"><div>{esc(name)}</div><div class="amount" data-asset="{esc(balance.asset)}">'
+            f"{esc(format_minor(amount, scale))}</div><div><small>{note}</small></div></div>")
+
 class PortalViews:
     def __init__(self, settings: Settings, store: WalletStore, signer: LinkSigner) -> None:
         self._store = store
@@ -90,19 +107,17 @@ class PortalViews:
         balances = await self._store.balances(grant.mode, grant.customer_id)
         rows = await self._store.usage(grant.mode, grant.customer_id, limit=20)
         esc = html.escape
-        cards = "".join(
-            f'<div class="card"><div>{esc(self._names.get(b.asset, b.asset))}</div>'
-            f'<div class="amount" data-asset="{esc(b.asset)}">'
-            f'{esc(format_minor(b.available, self._scales.get(b.asset, 0)))}'
-            f'</div><div><small>{esc(b.asset)} available</small></div></div>'
-            for b in balances) or '<div class="card">No balance yet.</div>'
+        cards = "".join(balance_card(b, self._names.get(b.asset, b.asset), self._scales.get(b.asset, 0))
+                        for b in balances) or '<div class="card">No balance yet.</div>'
         lines = "".join(
             f"<tr><td>{_utc(u.created_at_ms)}</td><td>{esc(u.model)}</td>"
             f"<td>{u.tokens_input} / {u.tokens_output}</td>"
             f"<td>{esc(format_minor(u.charged_amount, self._scales.get(u.asset, 0)))} {esc(u.asset)}</td></tr>"
             for _, u in rows) or '<tr><td colspan="4">No usage yet.</td></tr>'
         return {"balances_html": cards, "usage_html": lines,
-                "balances": [{"asset": b.asset, "available": b.available} for b in balances],
+                "balances": [{"asset": b.asset, "available": b.available,
+                              "balance": b.available - b.overdraft_limit, "credit_limit": b.overdraft_limit}
+                             for b in balances],
                 "usage_count": len(rows)}
 
     async def page(self, request: web.Request) -> web.StreamResponse:

@@ -13,6 +13,7 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -193,3 +194,16 @@ async def test_concurrent_requests_never_pass_the_credit_limit(billgate: BillGat
     [balance] = (await billgate.gw.admin.get("/customers/burst/balance")).json()["balances"]
     assert balance["posted"] == -sum(served) and -balance["posted"] <= limit and balance["pending"] == 0
     assert await billgate.audits() == []
+
+
+async def test_the_portal_shows_an_invoiced_customer_what_is_owed_not_the_credit_line(billgate: BillGate) -> None:
+    await billgate.gw.customer("inv", funds=0)
+    await billgate.set_billing("inv", billing_mode="invoiced", credit_limits={"USD": 50_000_000})
+    _, price = await ask(billgate, "inv")
+    link = (await billgate.gw.admin.post("/customers/inv/portal-link", json={})).json()["url"]
+    async with httpx.AsyncClient() as browser:
+        page = (await browser.get(link)).text
+    owed = f"-0.{price:06d}"
+    assert f'data-asset="USD">{owed}</div>' in page
+    assert "owed, invoiced" in page and "credit limit 50.000000" in page
+    assert f"{50 - price / 1e6:.6f} left" in page

@@ -166,7 +166,8 @@ async def test_summary_reflects_a_new_usage_line_after_a_request(gateway: Gatewa
     before = await _open(gateway, params, "summary")
     assert before.status_code == 200 and before.headers["Cache-Control"] == "no-store"
     assert before.json()["usage_count"] == 0
-    assert before.json()["balances"] == [{"asset": "USD", "available": 1_000_000}]
+    assert before.json()["balances"] == [
+        {"asset": "USD", "available": 1_000_000, "balance": 1_000_000, "credit_limit": 0}]
 
     raw = await gateway.openai().chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
@@ -174,7 +175,8 @@ async def test_summary_reflects_a_new_usage_line_after_a_request(gateway: Gatewa
 
     after = (await _open(gateway, params, "summary")).json()
     assert after["usage_count"] == 1
-    assert after["balances"] == [{"asset": "USD", "available": 1_000_000 - charged}]
+    assert after["balances"] == [{"asset": "USD", "available": 1_000_000 - charged, "balance": 1_000_000 - charged,
+                                  "credit_limit": 0}]
     assert "gpt-4o-mini" in after["usage_html"]
     assert format_minor(1_000_000 - charged, 6) in after["balances_html"]
 
@@ -186,5 +188,5 @@ async def test_a_link_shows_only_its_own_customer_and_mode(gateway: Gateway) -> 
     await gateway.openai("globex").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
 
     summary = (await _open(gateway, await _link(gateway, "acme"), "summary")).json()
-    assert summary["balances"] == [{"asset": "USD", "available": 1_000_000}]
+    assert summary["balances"] == [{"asset": "USD", "available": 1_000_000, "balance": 1_000_000, "credit_limit": 0}]
     assert summary["usage_count"] == 0
