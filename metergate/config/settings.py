@@ -175,6 +175,9 @@ class Settings(BaseSettings):
     redis_sink_batch: int = Field(256, ge=1, le=10_000, description="Events one replica moves to SQL per batch.")
     redis_reconcile_interval_s: float = Field(30, gt=0, le=86400, description="How often one replica compares "
                                               "every wallet's projection with the ledger and rebuilds drifting ones.")
+    redis_fail_open_requests: int = Field(0, ge=0, le=1_000_000,
+                                          description="While Redis is unreachable, how many holds per customer (per "
+                                                      "process) the SQL ledger may admit instead; 0: fail closed.")
 
     routes: list[RouteSettings] = Field(default_factory=list, description="Path prefix to upstream mapping.")
 

@@ -87,7 +87,8 @@ def wallet_store(settings: Settings) -> WalletStore:
         return RedisWalletStore(BatchingSqlWalletStore(settings.database_url), settings.redis_url,
                                 prefix=settings.redis_key_prefix, shards=settings.redis_shards,
                                 max_backlog=settings.redis_max_backlog, sink_batch=settings.redis_sink_batch,
-                                reconcile_interval_s=settings.redis_reconcile_interval_s)
+                                reconcile_interval_s=settings.redis_reconcile_interval_s,
+                                fail_open_requests=settings.redis_fail_open_requests)
     return SqlWalletStore(settings.database_url)
 
 

@@ -1,0 +1,195 @@
+"""End-to-end proxy throughput: two ``metergate serve`` processes over Redis vs the embedded default.
+
+    uv run python bench/redis_proxy.py --seconds 5 --rounds 2
+
+Targets, measured interleaved round by round against the fixed-response upstream (bench/upstream.py):
+
+* ``embedded``        one process, the SQLite ledger (the single-process embedded default: the ratio's base);
+* ``redis x1``        one process, the Redis wallet over a PostgreSQL ledger (a throwaway database);
+* ``redis x2``        two processes sharing the Redis prefix and the PostgreSQL ledger, the load split evenly.
+
+The load generator is one aiohttp session with 32 workers sending non-streaming chat completions with the
+trusted customer header, all on one customer's wallet. ``req/s`` is what the clients were served; ``ledger
+req/s`` counts only the usage records in the ledger once the streams drained or ``--drain-seconds`` passed,
+over the whole time (load + drain): for one hot wallet the PostgreSQL ledger, one transaction per event,
+is far slower than Redis admission.
+``x embedded`` is the ratio of req/s to the embedded target in the same round, median over rounds. On this
+machine every process shares two CPU cores with the load generator and the databases: the ratios say how the
+configurations compare here, not how they scale on separate hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis
+import yaml
+
+from metergate.wallet.redis.store import RedisWalletStore
+from metergate.wallet.sql import SqlWalletStore
+
+PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/0"
+ADMIN = "mg_test_" + "b" * 24
+PRICING = {"asset": "USD", "models": {"gpt-4o-mini": {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}}}
+BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 64,
+                   "messages": [{"role": "user", "content": "Say something short about prepaid wallets."}]}).encode()
+HEADERS = {"Content-Type": "application/json", "X-Metergate-Customer": "bench", "X-Metergate-Mode": "test"}
+SHARDS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            if process.poll() is not None:
+                raise RuntimeError(f"{url} exited")
+            try:
+                async with session.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None) -> list[Any]:
+    procs = []
+    for i in range(n):
+        port = free_port()
+        config = workdir / f"{prefix}-{i}.yaml"
+        cfg: dict[str, Any] = {"port": port, "database_url": database_url, "admin_keys": [ADMIN],
+                               "routes": [{"prefix": "/openai", "upstream": upstream, "api_key": "sk-" + "u" * 24}],
+                               "pricing": PRICING, "portal_secrets": {"k1": "s" * 40}}
+        if prefix is not None:
+            cfg |= {"redis_url": REDIS, "redis_key_prefix": prefix, "redis_shards": SHARDS}
+        config.write_text(yaml.safe_dump(cfg))
+        p = subprocess.Popen([sys.executable, "-m", "metergate", "serve", "--config", str(config)],  # noqa: ASYNC220
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url, p)
+        procs.append((p, url))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s:
+        base = procs[0][1] + "/admin/v1"
+        async with s.post(base + "/customers", json={"id": "bench", "name": "Bench"}) as r:
+            assert r.status == 201, await r.text()
+        async with s.post(base + "/customers/bench/credits", json={"amount": 10**15, "idempotency_key": "seed"}) as r:
+            assert r.status == 201, await r.text()
+    return procs
+
+
+async def load(urls: list[str], seconds: float, concurrency: int) -> int:
+    stop = time.monotonic() + seconds
+    served = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def worker(i: int) -> None:
+            nonlocal served
+            url = urls[i % len(urls)] + "/openai/v1/chat/completions"
+            while time.monotonic() < stop:
+                async with session.post(url, data=BODY, headers=HEADERS) as r:
+                    await r.read()
+                    if r.status == 200:
+                        served += 1
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return served
+
+
+async def measure(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None, seconds: float,
+                  concurrency: int, drain_s: float) -> tuple[float, float]:
+    procs = await start(n, workdir, upstream, database_url, prefix)
+    try:
+        started = time.monotonic()
+        served = await load([u for _, u in procs], seconds, concurrency)
+        elapsed = time.monotonic() - started
+        rate, in_ledger = served / elapsed, served
+        if prefix is not None:
+            # The ledger lags behind Redis: count what reached it within ``drain_s`` after the load.
+            store = RedisWalletStore(SqlWalletStore(database_url), REDIS, prefix=prefix, shards=SHARDS,
+                                     run_sink=False)
+            await store.open()
+            try:
+                deadline = time.monotonic() + drain_s
+                while time.monotonic() < deadline and any(  # noqa: ASYNC110
+                        [await store.redis.xlen(store.keys.stream(s)) for s in range(SHARDS)]):
+                    await asyncio.sleep(0.05)
+                in_ledger = len(await store.usage("test", "bench", limit=10**7))
+            finally:
+                await store.close()
+        return rate, in_ledger / (time.monotonic() - started)
+    finally:
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            p.wait(30)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--drain-seconds", type=float, default=10)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp())
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, "bench/upstream.py", "--port", str(up_port)])  # noqa: ASYNC220
+    name = f"mg_bench_{uuid.uuid4().hex[:8]}"
+    pg_url = PG.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(PG)
+    prefixes: list[str] = []
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    try:
+        await asyncio.sleep(1)
+        for r in range(args.rounds):
+            base = 0.0
+            for label, n, redis_on in (("embedded", 1, False), ("redis x1", 1, True), ("redis x2", 2, True)):
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await admin.execute(f'CREATE DATABASE "{name}"')
+                prefix = f"mgbench-{uuid.uuid4().hex[:8]}" if redis_on else None
+                if prefix:
+                    prefixes.append(prefix)
+                db = pg_url if redis_on else f"sqlite:///{workdir / f'embedded-{r}.db'}"
+                rate, drained = await measure(n, workdir, f"http://127.0.0.1:{up_port}", db, prefix, args.seconds,
+                                              args.concurrency, args.drain_seconds)
+                if label == "embedded":
+                    base = rate
+                results.setdefault(label, []).append((rate, drained, rate / base))
+    finally:
+        upstream.terminate()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        client = redis.Redis.from_url(REDIS)
+        for prefix in prefixes:
+            keys = list(client.scan_iter(match=f"{prefix}:*"))
+            if keys:
+                client.delete(*keys)
+        client.close()
+    print(f"{'target':<12}{'req/s':>10}{'ledger req/s':>15}{'x embedded':>12}")
+    for label, rows in results.items():
+        print(f"{label:<12}{statistics.median(a for a, _, _ in rows):>10.0f}"
+              f"{statistics.median(b for _, b, _ in rows):>15.0f}{statistics.median(c for *_, c in rows):>12.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

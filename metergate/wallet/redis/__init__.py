@@ -1,0 +1,5 @@
+"""The Redis real-time wallet over the SQL ledger (issue #5); see :mod:`metergate.wallet.redis.store`."""
+
+from metergate.wallet.redis.store import RedisWalletStore, WalletUnavailable
+
+__all__ = ["RedisWalletStore", "WalletUnavailable"]

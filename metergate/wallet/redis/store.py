@@ -1,0 +1,705 @@
+"""A Redis real-time wallet over the SQL ledger, for many sidecar replicas sharing the same wallets.
+
+Why: a hot wallet on one SQL row serialises every replica on one lock; in Redis a hold is one Lua script
+(well under a millisecond) and the SQL ledger is written behind it, still exactly once.
+
+Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
+
+* **Hot path in Redis.** ``reserve``, ``extend_hold``, ``settle`` and ``expire_holds`` are each one Lua
+  script on the wallet's keys, keyed by the hold id (plus the step for extensions): a retried or
+  timed-out call finds its hold and returns the first result; different content raises
+  ``IdempotencyConflict``. Availability is checked and taken in the same script: no overspend, whatever
+  the number of replicas.
+* **Hash slots.** A wallet lives on shard ``crc32(mode:customer) % shards``; every key of the shard carries
+  the ``{shard}`` hash tag, so a script's keys share one Redis Cluster slot. A hold id is found through a
+  per-process cache, else an index key ``P:hold:<id>`` (written before the hold, so a crash between the
+  two leaves only an index pointing at no hold).
+* **The ledger stays the system of record.** Each script appends its event to the shard's stream in the
+  same atomic step; :class:`~metergate.wallet.redis.sink.LedgerSink` drains the streams into the SQL store
+  with ``overdraw=True`` (Redis already decided admission) and acknowledges only after the SQL commit.
+  Usage records ride with the settle event.
+* **Credits** are durable in SQL first (idempotent by key), then added to the projection, idempotent by the
+  same key (the projection keeps the keys of the credits it contains). If Redis is unreachable after the
+  SQL commit, the credit stands and the projection under-counts it until the next reconciliation: the
+  safe direction.
+* **Projection.** A wallet's keys appear only through :meth:`RedisWalletStore.rebuild`: the SQL account,
+  its pending holds and its recent credit keys, loaded by a script that creates the projection only if it
+  does not exist (of many replicas rebuilding at once, the first wins; the others' loads are no-ops).
+  A mutation on a missing projection (cold start, FLUSHALL, restart without persistence) rebuilds first.
+  Drift repair drops a projection only when none of its events is still waiting for SQL (a per-wallet
+  counter the scripts increment and the sink decrements atomically with its XACK), then rebuilds.
+* **Holds lost with a flush.** A settle whose hold the projection no longer knows looks it up in SQL
+  (resolved there: the SQL result is returned; pending there: re-adopted) or in this process's cache (the
+  hold never reached SQL: re-adopted and written to the stream again), so delivered usage is still billed.
+* **Failure policy.** Redis unreachable: :class:`WalletUnavailable` (503 ``wallet_unavailable``), i.e. fail
+  closed; ``/readyz`` follows Redis. With ``fail_open_requests`` > 0, up to that many holds per customer (per
+  process) are admitted by the SQL ledger instead, settled there while Redis stays down or adopted by the
+  projection once it is back; the reconciliation rebuilds the projection around them and ``fail_open``
+  counts them (the report). A full stream (SQL down for long) refuses new holds with 503 ``ledger_backlog``
+  while settles still go through: Redis memory stays bounded by ``max_backlog`` events per shard plus the
+  settles of admitted holds.
+* **Settlements Redis lost.** Each process watches its own settlements until SQL shows them
+  (:meth:`RedisWalletStore.confirm_settlements`) and applies to SQL directly the ones Redis lost.
+* **Multi-replica safety, checked:** expiry sweeps are one idempotent script per hold (any number of
+  replicas sweep at once); the ledger sink is leased per shard; reconciliation runs on the replica holding
+  shard 0's lease; rate limits stay in SQL (atomic conditional upserts, unchanged); payments (auto top-up,
+  spend caps) and the grants/holds/billing APIs are only wired for the SQL store in ``proxy/app.py``, so
+  they are off with Redis (a credit or grant change made in SQL directly shows as drift and is rebuilt).
+* **Not verified here:** Redis Cluster and Sentinel (the client is built for them in :func:`connect`, all
+  keys of a script share a slot, but no cluster or sentinel ran in the tests).
+* **Everything else** (customers, keys, history, reports, rate limits) is the SQL store's, by delegation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from sqlalchemy import Connection, select
+
+from metergate.errors import MetergateError
+from metergate.wallet import schema as t
+from metergate.wallet.errors import HoldNotFound, IdempotencyConflict, InsufficientFunds
+from metergate.wallet.models import (
+    ApiKey,
+    Balance,
+    Customer,
+    Hold,
+    HoldState,
+    LedgerEntry,
+    Mode,
+    RateLimitCharge,
+    RateLimitDenial,
+    RateLimitOverride,
+    Settlement,
+    UsageAggregate,
+    UsageGrouping,
+    UsageRecord,
+    now_ms,
+)
+from metergate.wallet.redis import scripts
+from metergate.wallet.sql import SqlWalletStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: exact integers up to here
+CREDIT_KEY_WINDOW_MS = 7 * 86_400_000  # a rebuilt projection remembers the credits of the last week
+_REDIS_DOWN = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError)
+
+
+class WalletUnavailable(MetergateError):
+    """The real-time wallet cannot be reached: fail closed rather than admit unmetered spend."""
+
+    status = 503
+    type = "api_error"
+    default_code = "wallet_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class WalletRef:
+    mode: Mode
+    customer_id: str
+    asset: str
+
+
+@dataclass(slots=True)
+class _Known:
+    """What this process knows of a hold it placed: enough to re-adopt it if a flush loses it."""
+
+    wallet: WalletRef
+    amount: int
+    expires_at_ms: int
+    created_at_ms: int
+
+
+@dataclass(slots=True)
+class _Unconfirmed:
+    """A settlement this process made that the ledger has not shown yet (see ``confirm_settlements``)."""
+
+    at: float
+    wallet: WalletRef
+    known: _Known | None
+    charged: int
+    written_off: int
+    usage: UsageRecord | None
+
+
+class KeySpace:
+    """Key names; see :mod:`metergate.wallet.redis.scripts` for what each holds."""
+
+    def __init__(self, prefix: str, shards: int) -> None:
+        self.prefix = prefix
+        self.shards = shards
+
+    def shard(self, mode: str, customer_id: str) -> int:
+        return zlib.crc32(f"{mode}:{customer_id}".encode()) % self.shards
+
+    def base(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}"
+
+    def wallet(self, w: WalletRef) -> tuple[str, str, str]:
+        """(projection, credit key set, unapplied counter)."""
+        b, tail = self.base(self.shard(w.mode, w.customer_id)), f"{w.mode}:{w.customer_id}:{w.asset}"
+        return f"{b}:w:{tail}", f"{b}:k:{tail}", f"{b}:u:{tail}"
+
+    def hold(self, w: WalletRef, hold_id: str) -> str:
+        return f"{self.base(self.shard(w.mode, w.customer_id))}:h:{hold_id}"
+
+    def hold_in(self, shard: int, hold_id: str) -> str:
+        return f"{self.base(shard)}:h:{hold_id}"
+
+    def expiry(self, shard: int) -> str:
+        return f"{self.base(shard)}:x"
+
+    def stream(self, shard: int) -> str:
+        return f"{self.base(shard)}:s"
+
+    def lease(self, shard: int) -> str:
+        return f"{self.base(shard)}:lease"
+
+    def unapplied(self, w: WalletRef) -> str:
+        return self.wallet(w)[2]
+
+    def index(self, hold_id: str) -> str:
+        return f"{self.prefix}:hold:{hold_id}"
+
+    def hot(self, w: WalletRef, hold_id: str) -> list[str]:
+        """The five keys of a hot-path script: wallet, hold, expiry, stream, unapplied counter."""
+        shard = self.shard(w.mode, w.customer_id)
+        wallet, _, unapplied = self.wallet(w)
+        return [wallet, self.hold_in(shard, hold_id), self.expiry(shard), self.stream(shard), unapplied]
+
+
+def connect(url: str) -> Any:
+    """A redis-py asyncio client for ``url``: ``redis://`` / ``rediss://`` (one server),
+    ``redis+cluster://host:port`` (Redis Cluster) or ``redis+sentinel://host:port/<service>`` (Sentinel)."""
+    common: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "decode_responses": True}
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), **common)
+    if url.startswith("redis+sentinel://"):
+        from redis.asyncio.sentinel import Sentinel
+
+        rest = url.removeprefix("redis+sentinel://")
+        hosts, _, service = rest.partition("/")
+        nodes = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts.split(",")]
+        return Sentinel(nodes, **common).master_for(service or "mymaster")  # type: ignore[no-untyped-call]
+    # A blocking pool: a burst of concurrent requests waits (briefly) for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **common)
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+class RedisWalletStore:
+    """See the module docstring. ``run_sink=False`` leaves draining to other processes (tests, tools)."""
+
+    def __init__(self, sql: SqlWalletStore, redis_url: str, *, prefix: str = "mg", shards: int = 16,
+                 max_backlog: int = 200_000, retention_ms: int = 86_400_000, run_sink: bool = True,
+                 fail_open_requests: int = 0,
+                 sink_batch: int = 256, lease_ms: int = 5_000, reconcile_interval_s: float = 30.0,
+                 client: Any | None = None) -> None:
+        self.sql = sql
+        self.keys = KeySpace(prefix, shards)
+        self._url = redis_url
+        self._client = client
+        self._max_backlog = max_backlog
+        self._retention_ms = retention_ms
+        self._run_sink = run_sink
+        self._sink_batch = sink_batch
+        self._lease_ms = lease_ms
+        self._reconcile_interval_s = reconcile_interval_s
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._known_max = 200_000
+        self._unconfirmed: OrderedDict[str, _Unconfirmed] = OrderedDict()
+        self._customers: dict[tuple[str, str], tuple[float, Customer]] = {}
+        self._fail_open_requests = fail_open_requests
+        self.fail_open: dict[tuple[str, str], int] = {}  # holds admitted by SQL while Redis was down, per customer
+        self._fail_open_holds: set[str] = set()
+        self._sink_task: asyncio.Task[None] | None = None
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.sink: Any = None  # LedgerSink, set in open()
+        self._scripts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def redis(self) -> Any:
+        assert self._client is not None, "store is not open"
+        return self._client
+
+    async def open(self) -> None:
+        from metergate.wallet.redis.sink import LedgerSink
+
+        await self.sql.open()
+        if self._client is None:
+            self._client = connect(self._url)
+        for name in ("RESERVE", "EXTEND", "SETTLE", "EXPIRE", "CREDIT", "LOAD", "INVALIDATE", "ADOPT", "ACK",
+                     "LEASE"):
+            self._scripts[name] = self._client.register_script(getattr(scripts, name))
+        self.sink = LedgerSink(self, batch=self._sink_batch, lease_ms=self._lease_ms,
+                               reconcile_interval_s=self._reconcile_interval_s)
+        if self._run_sink:
+            self._sink_task = asyncio.create_task(self.sink.run(), name="metergate-ledger-sink")
+
+    async def close(self) -> None:
+        if self._sink_task is not None:
+            # Let the sink finish its batch (its SQL writes and XACK), then stop it; never wait forever.
+            self.sink.stopping = True
+            done, _ = await asyncio.wait({self._sink_task}, timeout=5)
+            if not done:
+                self._sink_task.cancel()
+                await asyncio.wait({self._sink_task}, timeout=2)
+            if self._sink_task.done() and not self._sink_task.cancelled() and self._sink_task.exception():
+                log.error("ledger sink ended with %r", self._sink_task.exception())
+            self._sink_task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        await self.sql.close()
+
+    async def ping(self) -> None:
+        """Ready means Redis answers: requests are admitted and settled there. The SQL ledger may be briefly
+        unreachable without making a replica unready (the streams buffer, see ``redis_max_backlog``)."""
+        await self._redis_call(self.redis.ping())
+
+    async def _redis_call(self, call: Awaitable[T]) -> T:
+        """Await a Redis command, turning "Redis unreachable" into a 503 (fail closed)."""
+        try:
+            return await call
+        except _REDIS_DOWN as exc:
+            raise WalletUnavailable("The real-time wallet is unreachable; nothing was charged. Retry shortly.",
+                                    code="wallet_unavailable") from exc
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._redis_call(self._scripts[name](keys=keys, args=args))
+
+    # ------------------------------------------------------------------ customers and keys (SQL)
+
+    async def create_customer(self, mode: Mode, customer_id: str, name: str) -> Customer:
+        return await self.sql.create_customer(mode, customer_id, name)
+
+    async def get_customer(self, mode: Mode, customer_id: str) -> Customer | None:
+        """Found customers are cached for a minute (customers are never deleted): a sidecar keeps identifying
+        header customers, and so keeps serving from Redis, while the SQL database is briefly unreachable."""
+        cached = self._customers.get((mode, customer_id))
+        if cached is not None and time.monotonic() - cached[0] < 60:
+            return cached[1]
+        customer = await self.sql.get_customer(mode, customer_id)
+        if customer is not None:
+            if len(self._customers) > 100_000:
+                self._customers.clear()
+            self._customers[(mode, customer_id)] = (time.monotonic(), customer)
+        return customer
+
+    async def list_customers(self, mode: Mode, *, limit: int, after: str | None = None) -> list[Customer]:
+        return await self.sql.list_customers(mode, limit=limit, after=after)
+
+    async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
+                             prefix: str) -> ApiKey:
+        return await self.sql.create_api_key(mode, customer_id, key_id=key_id, key_hash=key_hash, prefix=prefix)
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        return await self.sql.find_api_key(key_hash)
+
+    async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None:
+        return await self.sql.revoke_api_key(mode, key_id)
+
+    # ------------------------------------------------------------------ projection
+
+    async def rebuild(self, w: WalletRef) -> bool:
+        """Load the wallet's projection from the SQL ledger unless it exists; ``False`` when SQL has no
+        account for it (nothing to load: such a wallet cannot hold anything)."""
+        since = now_ms() - CREDIT_KEY_WINDOW_MS
+
+        def snapshot(conn: Connection) -> tuple[Any, list[Any], list[str]] | None:
+            a, h, e = t.accounts.c, t.holds.c, t.ledger_entries.c
+            account = conn.execute(select(t.accounts).where(
+                a.mode == w.mode, a.customer_id == w.customer_id, a.asset == w.asset)).first()
+            if account is None:
+                return None
+            holds = conn.execute(select(h.id, h.amount, h.expires_at_ms, h.created_at_ms).where(
+                h.mode == w.mode, h.customer_id == w.customer_id, h.asset == w.asset, h.state == "pending")).all()
+            credits = conn.execute(select(e.idempotency_key).where(
+                e.mode == w.mode, e.customer_id == w.customer_id, e.asset == w.asset, e.kind == "credit",
+                e.created_at_ms >= since)).scalars().all()
+            return account, list(holds), list(credits)
+
+        snap = await self.sql._read(snapshot)
+        if snap is None:
+            return False
+        account, holds, credits = snap
+        wallet, credit_set, _ = self.keys.wallet(w)
+        shard = self.keys.shard(w.mode, w.customer_id)
+        args: list[Any] = [int(account.credits_posted), int(account.debits_posted), int(account.debits_pending),
+                           int(account.overdraft_limit), len(credits), *credits]
+        keys = [wallet, credit_set, self.keys.expiry(shard)]
+        for h in holds:
+            keys.append(self.keys.hold_in(shard, h.id))
+            args += [h.id, w.mode, w.customer_id, w.asset, int(h.amount), int(h.expires_at_ms), int(h.created_at_ms)]
+        loaded = await self.script("LOAD", keys, args)
+        if loaded == "loaded":
+            log.info("rebuilt the wallet projection %s:%s:%s from the ledger (%d pending holds)",
+                     w.mode, w.customer_id, w.asset, len(holds))
+        return True
+
+    async def invalidate(self, w: WalletRef) -> bool:
+        """Drop the projection if every event of the wallet has reached SQL; ``False`` if some have not."""
+        wallet, _, unapplied = self.keys.wallet(w)
+        return bool(await self.script("INVALIDATE", [wallet, unapplied], []) == "dropped")
+
+    async def projection(self, w: WalletRef) -> Balance | None:
+        wallet = self.keys.wallet(w)[0]
+        c, p, q, o = await self._redis_call(self.redis.hmget(wallet, "c", "p", "q", "o"))
+        if c is None:
+            return None
+        return Balance(w.mode, w.customer_id, w.asset, int(c), int(p), int(q), int(o or 0))
+
+    # ------------------------------------------------------------------ money
+
+    async def credit(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                     idempotency_key: str, memo: str = "") -> LedgerEntry:
+        if amount > MAX_AMOUNT:
+            raise ValueError("a credit must be below 2**53 smallest units")
+        entry = await self.sql.credit(mode, customer_id, asset, amount, idempotency_key=idempotency_key, memo=memo)
+        w = WalletRef(mode, customer_id, asset)
+        wallet, credit_set, _ = self.keys.wallet(w)
+        try:
+            for _ in range(3):
+                done = await self.script("CREDIT", [wallet, credit_set], [entry.idempotency_key, amount])
+                if done != "not_loaded":
+                    break
+                await self.rebuild(w)  # the snapshot contains this credit; the retry replays
+        except WalletUnavailable:
+            log.warning("credit %s is in the ledger but not yet in the real-time wallet (Redis unreachable); "
+                        "the next reconciliation adds it", entry.idempotency_key)
+        return entry
+
+    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]:
+        try:
+            return await self._reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
+        except WalletUnavailable as down:
+            if down.code != "wallet_unavailable" or self.fail_open.get((mode, customer_id), 0) >= \
+                    self._fail_open_requests:
+                raise
+        # Fail open, bounded: while Redis is unreachable, up to ``fail_open_requests`` holds per customer (per
+        # process) are placed in the SQL ledger itself, checked against its balance. Redis adopts them when it
+        # is back (a settle finds the SQL hold pending) and the reconciliation rebuilds the projection around
+        # what was settled meanwhile; ``fail_open`` is the report.
+        self.fail_open[(mode, customer_id)] = self.fail_open.get((mode, customer_id), 0) + 1
+        hold, balance = await self.sql.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
+        self._fail_open_holds.add(hold_id)
+        log.warning("Redis unreachable: hold %s of %s:%s admitted by the ledger (fail-open %d of %d)", hold_id, mode,
+                    customer_id, self.fail_open[(mode, customer_id)], self._fail_open_requests)
+        return hold, balance
+
+    async def _reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                       hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]:
+        assert 0 <= amount <= MAX_AMOUNT, "a hold must be between 0 and 2**53"
+        w = WalletRef(mode, customer_id, asset)
+        ref = f"{mode}\x1f{customer_id}\x1f{asset}"
+        index = self.keys.index(hold_id)
+        fresh = await self._redis_call(self.redis.set(index, ref, nx=True, px=ttl_ms + self._retention_ms))
+        if not fresh and await self._redis_call(self.redis.get(index)) not in (ref, None):
+            raise IdempotencyConflict(f"hold:{hold_id}")
+        keys = self.keys.hot(w, hold_id)
+        content = _hash("hold", mode, customer_id, asset, amount)
+        for _ in range(20):
+            r = await self.script("RESERVE", keys, [hold_id, mode, customer_id, asset, amount, ttl_ms, now_ms(),
+                                                    content, self._max_backlog, self._retention_ms])
+            status = r[0]
+            if status == "not_loaded":
+                if not await self.rebuild(w):
+                    raise InsufficientFunds(asset=asset, available=0, required=amount)
+                continue
+            if status == "conflict":
+                raise IdempotencyConflict(f"hold:{hold_id}")
+            if status == "insufficient":
+                raise InsufficientFunds(asset=asset, available=int(r[1]), required=amount)
+            if status == "backlog":
+                raise WalletUnavailable("The ledger is behind (its database is unreachable); no new holds "
+                                        "until it catches up. Retry shortly.", code="ledger_backlog")
+            state: HoldState = r[2]
+            hold = Hold(hold_id, mode, customer_id, asset, int(r[1]), state, int(r[3]), int(r[4]), int(r[5]))
+            self._remember(hold_id, _Known(w, hold.amount, hold.expires_at_ms, hold.created_at_ms))
+            return hold, Balance(mode, customer_id, asset, int(r[6]), int(r[7]), int(r[8]), int(r[9]))
+        raise WalletUnavailable("The wallet is being rebuilt; retry shortly.", code="wallet_unavailable")
+
+    def _remember(self, hold_id: str, known: _Known) -> None:
+        self._known[hold_id] = known
+        self._known.move_to_end(hold_id)
+        while len(self._known) > self._known_max:
+            self._known.popitem(last=False)
+
+    async def _locate(self, hold_id: str) -> WalletRef | None:
+        known = self._known.get(hold_id)
+        if known is not None:
+            return known.wallet
+        ref = await self._redis_call(self.redis.get(self.keys.index(hold_id)))
+        if ref:
+            mode, customer_id, asset = ref.split("\x1f")
+            return WalletRef(mode, customer_id, asset)
+        hold = await self.sql.get_hold(hold_id)
+        return WalletRef(hold.mode, hold.customer_id, hold.asset) if hold else None
+
+    async def _adopt(self, w: WalletRef, hold_id: str) -> bool:
+        """Re-admit a hold the projection lost; ``False`` if neither SQL nor this process knows it pending."""
+        sql_hold = await self.sql.get_hold(hold_id)
+        if sql_hold is not None and sql_hold.state != "pending":
+            return False
+        if sql_hold is not None:
+            args = [hold_id, w.mode, w.customer_id, w.asset, sql_hold.amount, sql_hold.expires_at_ms,
+                    sql_hold.created_at_ms, "0"]
+        else:
+            known = self._known.get(hold_id)
+            if known is None:
+                return False
+            args = [hold_id, w.mode, w.customer_id, w.asset, known.amount, known.expires_at_ms, known.created_at_ms,
+                    "1"]
+        for _ in range(3):
+            done = await self.script("ADOPT", self.keys.hot(w, hold_id), args)
+            if done != "not_loaded":
+                log.warning("hold %s was missing from the real-time wallet (flushed?): %s", hold_id, done)
+                return True
+            await self.rebuild(w)
+        return False
+
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
+        try:
+            return await self._settle(hold_id, amount, usage)
+        except WalletUnavailable:
+            if hold_id not in self._fail_open_holds:
+                raise
+        # A fail-open hold settled while Redis is still down: the ledger settles it (and decides the coverage).
+        settlement = await self.sql.settle(hold_id, amount, usage)
+        self._fail_open_holds.discard(hold_id)
+        return settlement
+
+    async def _settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
+        assert 0 <= amount <= MAX_AMOUNT, "a capture must be between 0 and 2**53"
+        w = await self._locate(hold_id)
+        if w is None:
+            raise HoldNotFound(hold_id)
+        keys = self.keys.hot(w, hold_id)
+        content = _hash("settle", amount)
+        payload = json.dumps(asdict(usage), separators=(",", ":"), default=str) if usage is not None else ""
+        adopted = False
+        for _ in range(20):
+            r = await self.script("SETTLE", keys, [hold_id, amount, content, now_ms(), payload, self._retention_ms])
+            status = r[0]
+            if status == "not_loaded":
+                await self.rebuild(w)
+                continue
+            if status == "not_found":
+                if not adopted and await self._adopt(w, hold_id):
+                    adopted = True
+                    continue
+                return await self._settled_in_sql(hold_id, amount)
+            if status == "conflict":
+                raise IdempotencyConflict(f"settle:{hold_id}")
+            if status == "replay":
+                balance = Balance(w.mode, w.customer_id, w.asset, int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+                return Settlement(hold_id, int(r[1]), int(r[2]), balance, replayed=True)
+            known = self._known.pop(hold_id, None)
+            self._fail_open_holds.discard(hold_id)
+            self._unconfirmed[hold_id] = _Unconfirmed(time.monotonic(), w, known, int(r[1]), int(r[2]), usage)
+            while len(self._unconfirmed) > self._known_max:
+                dropped, _ = self._unconfirmed.popitem(last=False)
+                log.error("too many settlements awaiting the ledger; no longer watching %s", dropped)
+            balance = Balance(w.mode, w.customer_id, w.asset, int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+            return Settlement(hold_id, int(r[1]), int(r[2]), balance)
+        raise WalletUnavailable("The wallet is being rebuilt; retry shortly.", code="wallet_unavailable")
+
+    async def confirm_settlements(self, *, older_than_s: float = 1.0) -> int:
+        """Make sure this process's settlements reached the ledger; return how many were re-applied.
+
+        Why: a settle lives only in Redis (and its stream) until the sink commits it. If Redis loses its data
+        meanwhile (FLUSHALL, a restart without persistence, a failover that lost writes), the usage would be
+        lost. So each process watches its own settlements until SQL shows the hold resolved; one that Redis no
+        longer shows as settled and SQL has not resolved is applied to SQL directly (idempotent by hold id,
+        like the sink's), and the next reconciliation rebuilds the projection around it."""
+        cutoff = time.monotonic() - older_than_s
+        due = [(hid, u) for hid, u in list(self._unconfirmed.items())[:2000] if u.at < cutoff]
+        if not due:
+            return 0
+        ids = [hid for hid, _ in due]
+        h = t.holds.c
+        states: dict[str, str] = dict(await self.sql._read(lambda conn: conn.execute(
+            select(h.id, h.state).where(h.id.in_(ids))).all()))
+        reapplied = 0
+        for hold_id, u in due:
+            state = states.get(hold_id)
+            if state in ("captured", "voided"):
+                self._unconfirmed.pop(hold_id, None)
+                continue
+            in_redis = await self._redis_call(self.redis.hget(self.keys.hold(u.wallet, hold_id), "st"))
+            if in_redis in ("captured", "voided"):
+                continue  # still on its way through the stream
+            if state is None:
+                if u.known is None:
+                    log.error("settlement of %s was lost with Redis data and its hold is unknown here", hold_id)
+                    self._unconfirmed.pop(hold_id, None)
+                    continue
+                await self.sql.reserve(u.wallet.mode, u.wallet.customer_id, u.wallet.asset, u.known.amount,
+                                       hold_id=hold_id, ttl_ms=max(1, u.known.expires_at_ms - u.known.created_at_ms),
+                                       overdraw=True)
+            await self.sql.settle(hold_id, u.charged, u.usage, overdraw=True)
+            if u.written_off and u.usage is not None:
+                from metergate.wallet.redis.sink import _record_write_off
+
+                await self.sql._write(_record_write_off, u.usage.id, u.written_off)
+            log.warning("settlement of %s was lost with Redis data; applied to the ledger directly", hold_id)
+            self._unconfirmed.pop(hold_id, None)
+            reapplied += 1
+        return reapplied
+
+    async def _settled_in_sql(self, hold_id: str, amount: int) -> Settlement:
+        """A settle replayed after Redis forgot the hold: the ledger's answer."""
+        hold = await self.sql.get_hold(hold_id)
+        if hold is None or hold.state == "pending":
+            raise HoldNotFound(hold_id)
+        balance = await self.balance(hold.mode, hold.customer_id, hold.asset)
+        return Settlement(hold_id, hold.captured_amount, max(0, amount - hold.captured_amount), balance,
+                          replayed=True)
+
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold:
+        assert 0 < amount <= MAX_AMOUNT, "an extension must be positive"
+        w = await self._locate(hold_id)
+        if w is None:
+            raise HoldNotFound(hold_id)
+        keys = self.keys.hot(w, hold_id)
+        adopted = False
+        for _ in range(20):
+            r = await self.script("EXTEND", keys, [hold_id, amount, step, ttl_ms, now_ms()])
+            status = r[0]
+            if status == "not_loaded":
+                await self.rebuild(w)
+                continue
+            if status == "not_found":
+                if not adopted and await self._adopt(w, hold_id):
+                    adopted = True
+                    continue
+                raise HoldNotFound(hold_id)
+            if status == "insufficient":
+                raise InsufficientFunds(asset=w.asset, available=int(r[1]), required=amount)
+            hold = Hold(hold_id, w.mode, w.customer_id, w.asset, int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]))
+            known = self._known.get(hold_id)
+            if known is not None:
+                known.amount, known.expires_at_ms = hold.amount, hold.expires_at_ms
+            return hold
+        raise WalletUnavailable("The wallet is being rebuilt; retry shortly.", code="wallet_unavailable")
+
+    async def expire_holds(self, *, now_ms: int, limit: int = 500) -> int:
+        """Expire the holds past their expiry on every shard; each expiry is one idempotent script, so
+        every replica may sweep at once."""
+        expired = 0
+        for shard in range(self.keys.shards):
+            zkey = self.keys.expiry(shard)
+            ids: list[str] = await self._redis_call(
+                self.redis.zrangebyscore(zkey, "-inf", f"({now_ms}", start=0, num=limit))
+            for hold_id in ids:
+                hkey = self.keys.hold_in(shard, hold_id)
+                mode, customer_id, asset = await self._redis_call(
+                    self.redis.hmget(hkey, "m", "cu", "a"))
+                if mode is None:
+                    await self._redis_call(self.redis.zrem(zkey, hold_id))
+                    continue
+                w = WalletRef(mode, customer_id, asset)
+                for _ in range(3):
+                    done = int(await self.script("EXPIRE", self.keys.hot(w, hold_id),
+                                                 [hold_id, now_ms, self._retention_ms]))
+                    if done != -1:
+                        break
+                    await self.rebuild(w)
+                if done == 1:
+                    expired += 1
+                    self._known.pop(hold_id, None)
+        return expired
+
+    # ------------------------------------------------------------------ reads
+
+    async def balances(self, mode: Mode, customer_id: str) -> list[Balance]:
+        out = []
+        for b in await self.sql.balances(mode, customer_id):
+            try:
+                live = await self.projection(WalletRef(mode, customer_id, b.asset))
+            except WalletUnavailable:
+                live = None
+            out.append(live or b)
+        return out
+
+    async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance:
+        try:
+            live = await self.projection(WalletRef(mode, customer_id, asset))
+        except WalletUnavailable:
+            live = None
+        return live or await self.sql.balance(mode, customer_id, asset)
+
+    async def get_hold(self, hold_id: str) -> Hold | None:
+        w = await self._locate(hold_id)
+        if w is not None:
+            hkey = self.keys.hold(w, hold_id)
+            try:
+                h = await self._redis_call(self.redis.hmget(hkey, "amt", "st", "exp", "cr", "cap"))
+            except WalletUnavailable:
+                h = [None]
+            if h[0] is not None:
+                return Hold(hold_id, w.mode, w.customer_id, w.asset, int(h[0]), h[1], int(h[2]), int(h[3]), int(h[4]))
+        return await self.sql.get_hold(hold_id)
+
+    async def ledger(self, mode: Mode, customer_id: str, *, limit: int,
+                     before: int | None = None) -> list[LedgerEntry]:
+        return await self.sql.ledger(mode, customer_id, limit=limit, before=before)
+
+    async def usage(self, mode: Mode, customer_id: str, *, limit: int,
+                    before: int | None = None) -> list[tuple[int, UsageRecord]]:
+        return await self.sql.usage(mode, customer_id, limit=limit, before=before)
+
+    async def audit(self) -> list[str]:
+        """The ledger's own invariants (see :meth:`SqlWalletStore.audit`); the projection is compared with the
+        ledger by :func:`metergate.wallet.redis.reconcile.reconcile`."""
+        return await self.sql.audit()
+
+    # ------------------------------------------------------------------ reports and rate limits (SQL)
+
+    async def usage_summary(self, mode: Mode, *, group_by: UsageGrouping, from_ms: int, to_ms: int,
+                            limit: int) -> list[UsageAggregate]:
+        return await self.sql.usage_summary(mode, group_by=group_by, from_ms=from_ms, to_ms=to_ms, limit=limit)
+
+    async def rate_limit_overrides(self) -> list[RateLimitOverride]:
+        return await self.sql.rate_limit_overrides()
+
+    async def set_rate_limit_override(self, mode: Mode, customer_id: str, *, requests_per_minute: int | None,
+                                      tokens_per_minute: int | None) -> RateLimitOverride:
+        return await self.sql.set_rate_limit_override(mode, customer_id, requests_per_minute=requests_per_minute,
+                                                      tokens_per_minute=tokens_per_minute)
+
+    async def delete_rate_limit_override(self, mode: Mode, customer_id: str) -> bool:
+        return await self.sql.delete_rate_limit_override(mode, customer_id)
+
+    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
+                                  tokens: int) -> RateLimitDenial | None:
+        return await self.sql.consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+
+    async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
+        return await self.sql.prune_rate_limit_windows(before_ms=before_ms)
+
+
+__all__ = ["KeySpace", "RedisWalletStore", "WalletRef", "WalletUnavailable", "connect"]

@@ -1,0 +1,129 @@
+"""Fixtures for the Redis wallet: the shared Redis (127.0.0.1:6379) under a unique key prefix per test,
+cleaned up afterwards, and a throwaway ``redis-server`` on a free port for tests that flush, kill or
+restart it. Without a reachable Redis these tests are skipped with a reason, except under ``CI=true``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from metergate.wallet.redis.batching import BatchingSqlWalletStore
+from metergate.wallet.redis.store import RedisWalletStore
+from tests.conftest import IN_CI, _reset_pg, free_port
+
+REDIS_URL = os.environ.get("METERGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis is required in CI but unreachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL} ({exc}); Redis tests skipped")
+    return REDIS_URL
+
+
+def _drop_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis, deleted afterwards."""
+    name = f"mgtest-{uuid.uuid4().hex[:10]}"
+    yield name
+    _drop_prefix(redis_url, name)
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server (no persistence) that a test may flush, kill and restart."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(redis_url: str, tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is required in CI")
+        pytest.skip("redis-server binary not found")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+async def rstore(sql_url: str, redis_url: str, prefix: str) -> AsyncIterator[RedisWalletStore]:
+    if sql_url.startswith("postgresql"):
+        await _reset_pg(sql_url)
+    store = RedisWalletStore(BatchingSqlWalletStore(sql_url), redis_url, prefix=prefix, shards=4)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def drained(store: RedisWalletStore, timeout_s: float = 20) -> None:
+    """Wait until every shard's stream is empty: all events committed to SQL."""
+    client = aioredis.from_url(store._url) if store._client is None else store.redis
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lengths = [await client.xlen(store.keys.stream(s)) for s in range(store.keys.shards)]
+        if not any(lengths):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the ledger sink did not drain in {timeout_s} s: {lengths}")
