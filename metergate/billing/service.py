@@ -16,15 +16,17 @@ from aiohttp import web
 from metergate.admin.api import AdminApi
 from metergate.billing.admin import BillingAdminApi
 from metergate.billing.meter_events import MeterReporter
-from metergate.billing.store import BillingStore
+from metergate.billing.store import BillingStore, WalletChanged
 from metergate.config.settings import Settings
 from metergate.payments.service import Payments
 
 
 class Billing:
-    def __init__(self, settings: Settings, payments: Payments) -> None:
+    def __init__(self, settings: Settings, payments: Payments, *,
+                 on_limit_changed: WalletChanged | None = None) -> None:
         self.settings = settings
-        self.store = BillingStore(payments.store.wallet, {a.code: a.scale for a in settings.assets})
+        self.store = BillingStore(payments.store.wallet, {a.code: a.scale for a in settings.assets},
+                                  on_limit_changed=on_limit_changed)
         self.reporter = MeterReporter(settings, self.store, payments.stripe)
 
     def routes(self, admin: AdminApi) -> list[web.RouteDef]:

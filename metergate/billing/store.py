@@ -13,7 +13,7 @@ wallet's own audit (``available >= 0``) stays clean; :meth:`BillingStore.audit` 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +83,17 @@ class ReconRow:
     ledger_captured: int
 
 
+WalletChanged = Callable[[Mode, str, str], Awaitable[None]]
+
+
 class BillingStore:
-    def __init__(self, wallet: SqlWalletStore, scales: dict[str, int]) -> None:
+    def __init__(self, wallet: SqlWalletStore, scales: dict[str, int], *,
+                 on_limit_changed: WalletChanged | None = None) -> None:
+        """``on_limit_changed(mode, customer_id, asset)`` runs after an overdraft limit changed: a real-time
+        wallet kept elsewhere (the Redis projection) must reload it from the ledger."""
         self.wallet = wallet
         self.scales = scales
+        self.on_limit_changed = on_limit_changed
 
     async def open(self) -> None:
         """Create the billing tables on a wallet opened before this module was imported."""
@@ -147,7 +154,11 @@ class BillingStore:
             return ModeChange(change_id, mode, customer_id, config, old if latest else None, targets, balances,
                               changed_by, memo, at)
 
-        return await self.wallet._write(op)
+        change: ModeChange | None = await self.wallet._write(op)
+        if change is not None and self.on_limit_changed is not None:
+            for asset in change.targets:
+                await self.on_limit_changed(mode, customer_id, asset)
+        return change
 
     async def overdraft_history(self, mode: Mode, customer_id: str) -> list[dict[str, Any]]:
         o = b.overdraft_changes.c
@@ -177,7 +188,10 @@ class BillingStore:
                 account = _account(conn, wallet, mode, customer_id, asset)
                 return account is not None and _apply(conn, account, target, "converge", now_ms(), tighten_only=True)
 
-            changed += await self.wallet._write(op)
+            if await self.wallet._write(op):
+                changed += 1
+                if self.on_limit_changed is not None:
+                    await self.on_limit_changed(mode, customer_id, asset)
         return changed
 
     # ---------------------------------------------------------------- the outbox

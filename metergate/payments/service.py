@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 class Payments:
     def __init__(self, settings: Settings, wallet: WalletStore) -> None:
-        assert isinstance(wallet, SqlWalletStore), "payments keep their state in the SQL wallet database"
+        """``wallet``: the SQL store, or the Redis real-time wallet over one (``.sql``); payment state lives in
+        the SQL database, credits go through ``wallet`` so that a real-time projection sees them at once."""
+        sql = wallet if isinstance(wallet, SqlWalletStore) else getattr(wallet, "sql", None)
+        assert isinstance(sql, SqlWalletStore), "payments keep their state in the SQL wallet database"
         self.settings = settings
-        self.store = PaymentsStore(wallet)
+        self.store = PaymentsStore(sql, money=wallet)
         self.stripe = StripeApi(settings, self.store)
         secret = settings.notify_secret.get_secret_value() if settings.notify_secret else None
         self.notifier = Notifier(settings.notify_url, secret)

@@ -20,6 +20,7 @@ from metergate.payments import schema as p
 from metergate.wallet import schema as w
 from metergate.wallet.models import LedgerEntry, Mode, now_ms
 from metergate.wallet.sql import SqlWalletStore, _entry
+from metergate.wallet.store import WalletStore
 
 TopUpKind = Literal["checkout", "auto"]
 TopUpState = Literal["pending", "in_flight", "succeeded", "failed"]
@@ -65,8 +66,11 @@ _CACHE_MAX = 10_000  # wallets whose auto top-up setting is remembered between s
 
 
 class PaymentsStore:
-    def __init__(self, wallet: SqlWalletStore) -> None:
+    def __init__(self, wallet: SqlWalletStore, money: WalletStore | None = None) -> None:
+        """``wallet``: the SQL database the payment tables live in; ``money``: the store that moves and reads
+        balances (the same one, or the Redis real-time wallet over it, which must see every credit)."""
         self.wallet = wallet
+        self.money: WalletStore = money or wallet
         # Auto top-up settings as last read, by wallet: (expires at, monotonic; the setting or None).
         self._auto_topups: dict[tuple[Mode, str, str], tuple[float, AutoTopUpSetting | None]] = {}
 

@@ -116,7 +116,7 @@ class TopUps:
         if str(obj.get("currency", "")).lower() != self.currency:
             raise BadRequest("The event's currency is not the configured one.", code="wrong_currency")
         amount = self.cents_to_minor(amount_cents)
-        await self.store.wallet.credit(mode, customer_id, asset, amount, idempotency_key=f"stripe:{obj['id']}",
+        await self.store.money.credit(mode, customer_id, asset, amount, idempotency_key=f"stripe:{obj['id']}",
                                        memo=f"Stripe top-up {obj['id']}")
         topup_id = meta.get("metergate_topup")
         finished = await self.store.finish_topup(topup_id, "succeeded") if topup_id else None
@@ -150,7 +150,7 @@ class TopUps:
         Returns the attempt this call made (``None`` when none was due or allowed)."""
         cached = balance is not None
         if balance is None:
-            balance = await self.store.wallet.balance(mode, customer_id, asset)
+            balance = await self.store.money.balance(mode, customer_id, asset)
         setting = await self.store.auto_topup(mode, customer_id, asset,
                                               max_age_s=self.settings.key_cache_ttl_s if cached else 0)
         wallet = (mode, customer_id, asset)

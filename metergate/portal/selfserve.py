@@ -194,7 +194,7 @@ class SelfServe:
             raise BadRequest("'before' must be a transaction number.", code="invalid_request") from None
         entries = await self._store.history(grant.mode, grant.customer_id, limit=_PAGE_SIZE, before=before,
                                             kinds=kinds)
-        balances = await self._store.wallet.balances(grant.mode, grant.customer_id)
+        balances = await self._store.money.balances(grant.mode, grant.customer_id)
         usage = await self._store.wallet.usage(grant.mode, grant.customer_id, limit=20)
         auto = await self._store.auto_topup(grant.mode, grant.customer_id, self._asset)
         caps = await self._store.spend_caps(grant.mode, grant.customer_id, self._asset)

@@ -107,7 +107,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
                     "no portal; set it to the control plane's public address")
     # Price versions live in the SQL wallet database (the Redis wallet's own SQL store behind it, if any) —
     # metergate/pricing; a store without one prices from the configuration only.
-    pricing_sql = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
+    pricing_sql = sql_store = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
     pricing_store = PricingStore(pricing_sql) if isinstance(pricing_sql, SqlWalletStore) else None
     costs = ProviderCosts(settings.cost_overrides)
     prices = PricingService(settings, pricing_store, costs, assets=(
@@ -182,7 +182,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
         portal = PortalViews(settings, store, signer)
         app.add_routes(portal.routes())
-        if isinstance(store, SqlWalletStore):  # payments keep their state in the SQL wallet database
+        if sql_store is not None:  # payments keep their state in the SQL wallet database
             app[PAYMENTS] = payments = Payments(settings, store)
             app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin
             selfserve = SelfServe(settings, payments, signer)  # the portal's top-up, settings and history
@@ -190,11 +190,13 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             portal.page_override = selfserve.page
             app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
             pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
-            app[BILLING] = billing = Billing(settings, payments)  # billing modes, meter events, exports
+            # Billing modes, meter events, exports; a credit line changed in SQL reloads a Redis projection.
+            reload = getattr(store, "reload", None)
+            app[BILLING] = billing = Billing(settings, payments, on_limit_changed=reload)
             app.add_routes(billing.routes(admin))
             app.cleanup_ctx.append(billing.lifecycle)  # opens after payments, closes before them
-    if proxy and isinstance(store, SqlWalletStore):
-        pipeline.spend_caps = SpendCapGuard(PaymentsStore(store), cache_ttl_s=settings.key_cache_ttl_s)
+    if proxy and sql_store is not None:
+        pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:
         app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app

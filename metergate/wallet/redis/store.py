@@ -359,6 +359,19 @@ class RedisWalletStore:
                      w.mode, w.customer_id, w.asset, len(holds))
         return True
 
+    async def reload(self, mode: Mode, customer_id: str, asset: str) -> None:
+        """After a change made in SQL alone (a credit line set by billing), drop the wallet's projection so
+        that the next operation rebuilds it from the ledger. A wallet whose events have not all reached SQL
+        yet cannot be dropped safely; it is retried for a moment, then left to the periodic reconciliation,
+        which rebuilds any wallet whose projection differs from the ledger."""
+        w = WalletRef(mode, customer_id, asset)
+        for _ in range(20):
+            if await self.invalidate(w):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("wallet %s:%s:%s changed in SQL while its events were still draining; the next "
+                    "reconciliation reloads it", mode, customer_id, asset)
+
     async def invalidate(self, w: WalletRef) -> bool:
         """Drop the projection if every event of the wallet has reached SQL; ``False`` if some have not."""
         wallet, _, unapplied = self.keys.wallet(w)
