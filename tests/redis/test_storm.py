@@ -18,7 +18,7 @@ import pytest
 
 from metergate.wallet.redis.reconcile import reconcile
 from tests.conftest import Upstream, _reset_pg
-from tests.proxy.test_storm import hold_estimate
+from tests.proxy.test_storm import FLAT_FEE, FLAT_PRICING, hold_estimate
 from tests.redis.cluster import Cluster, chat, wait_drained
 
 pytestmark = pytest.mark.postgres
@@ -35,9 +35,15 @@ async def cluster(upstream: Upstream, pg_url: str, redis_url: str, prefix: str,
     await c.stop()
 
 
-async def test_storm_from_three_processes_never_overspends(cluster: Cluster) -> None:
+@pytest.mark.parametrize("flat", [False, True], ids=["price-below-hold", "price-equal-to-hold"])
+async def test_storm_from_three_processes_never_overspends(cluster: Cluster, flat: bool) -> None:
+    """With a flat fee per request the hold is the price, so the funds cover exactly K requests: at most K
+    are accepted (exactly K, the wallet ending empty). Priced by tokens, each costs less than its hold and
+    released holds let more through, each paid for."""
+    if flat:
+        cluster.overrides["pricing"] = FLAT_PRICING
     await cluster.start(3)
-    hold = hold_estimate()
+    hold = FLAT_FEE if flat else hold_estimate()
     await cluster.fund("acme", hold * K)
     limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -45,7 +51,10 @@ async def test_storm_from_three_processes_never_overspends(cluster: Cluster) -> 
             chat(client, cluster.proxies[i % 3].url, "acme", "slow:2,words:3") for i in range(REQUESTS)))
     served = statuses.count(200)
     assert set(statuses) <= {200, 402}, {s: statuses.count(s) for s in set(statuses)}
-    assert K <= served < REQUESTS  # at most K holds at a time; settled holds free funds for more
+    if flat:
+        assert served == K  # at most K: the funds pay for exactly K
+    else:
+        assert K <= served < REQUESTS  # at most K holds at a time; settled holds free funds for more
     store = cluster.store()
     await store.open()
     try:
