@@ -74,12 +74,16 @@ class AdminApi:
         raise Unauthorized("A valid admin key is required: 'Authorization: Bearer mg_test_...' or "
                            "mg_live_....", code="invalid_admin_key")
 
-    async def _customer(self, request: web.Request) -> tuple[Mode, str]:
+    async def customer(self, request: web.Request, customer_id: str | None = None) -> tuple[Mode, str]:
+        """The request's mode and the customer its path names (or ``customer_id``); 404 when that customer
+        does not exist in the key's mode. For every admin module."""
         mode = self._mode(request)
-        customer_id = request.match_info["customer_id"]
+        customer_id = customer_id or request.match_info["customer_id"]
         if await self._store.get_customer(mode, customer_id) is None:
             raise CustomerNotFound(customer_id)
         return mode, customer_id
+
+    _customer = customer
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:

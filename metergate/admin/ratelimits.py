@@ -21,7 +21,6 @@ from metergate.config.settings import RateLimit, Settings
 from metergate.errors import BadRequest
 from metergate.http import json_response
 from metergate.proxy.ratelimit import RateLimiter
-from metergate.wallet.errors import CustomerNotFound
 from metergate.wallet.models import Mode, RateLimitOverride
 from metergate.wallet.store import WalletStore
 
@@ -40,11 +39,7 @@ class RateLimitsApi:
         return [web.get(path, self.get), web.put(path, self.put), web.delete(path, self.delete)]
 
     async def _customer(self, request: web.Request) -> tuple[Mode, str]:
-        mode = self._admin.authenticate(request)
-        customer_id = request.match_info["customer_id"]
-        if await self._store.get_customer(mode, customer_id) is None:
-            raise CustomerNotFound(customer_id)
-        return mode, customer_id
+        return await self._admin.customer(request)
 
     def _view(self, customer_id: str, override: RateLimitOverride | None) -> dict[str, Any]:
         defaults = self._settings.customer

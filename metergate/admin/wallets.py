@@ -33,7 +33,7 @@ from metergate.http import json_response
 from metergate.money import format_minor, parse_major
 from metergate.proxy.identify import valid_customer_id
 from metergate.wallet.assets import AssetRegistry, converted_amount, parse_decimal
-from metergate.wallet.errors import CustomerNotFound, GrantNotFound
+from metergate.wallet.errors import GrantNotFound
 from metergate.wallet.grants import ORDERS, PURPOSES
 from metergate.wallet.models import Asset, Entitlement, Grant, Mode, Plan, Subscription, now_ms
 from metergate.wallet.sql import SqlWalletStore
@@ -150,11 +150,7 @@ class WalletsApi:
         ]
 
     async def _customer(self, request: web.Request) -> tuple[Mode, str]:
-        mode = self._admin.authenticate(request)
-        customer_id = request.match_info["customer_id"]
-        if await self._store.get_customer(mode, customer_id) is None:
-            raise CustomerNotFound(customer_id)
-        return mode, customer_id
+        return await self._admin.customer(request)
 
     async def _grant_view(self, g: Grant) -> dict[str, Any]:
         asset = await self.assets.get(g.mode, g.asset)

@@ -25,7 +25,6 @@ from metergate.billing.modes import parse_config
 from metergate.billing.store import BillingStore, ReconRow
 from metergate.errors import BadRequest
 from metergate.http import json_response
-from metergate.wallet.errors import CustomerNotFound
 from metergate.wallet.models import Mode, now_ms
 
 _DEFAULT_RANGE_MS = 30 * 86_400_000
@@ -45,11 +44,7 @@ class BillingAdminApi:
                 web.get(f"{PREFIX}/exports/ledger", self.export_ledger)]
 
     async def _customer(self, request: web.Request, customer_id: str | None = None) -> tuple[Mode, str]:
-        mode = self._admin.authenticate(request)
-        customer_id = customer_id or request.match_info["customer_id"]
-        if await self._store.wallet.get_customer(mode, customer_id) is None:
-            raise CustomerNotFound(customer_id)
-        return mode, customer_id
+        return await self._admin.customer(request, customer_id)
 
     async def _view(self, mode: Mode, customer_id: str) -> dict[str, Any]:
         changes = await self._store.changes(mode, customer_id)

@@ -20,7 +20,7 @@ from metergate.http import json_response
 from metergate.payments.spendcaps import validate_caps
 from metergate.payments.store import AutoTopUpSetting, PaymentsStore
 from metergate.payments.topups import TopUps
-from metergate.wallet.errors import CustomerNotFound, UnknownAsset
+from metergate.wallet.errors import UnknownAsset
 from metergate.wallet.models import Mode
 
 
@@ -55,11 +55,7 @@ class PaymentsAdminApi:
                 web.get(f"{PREFIX}/customers/{{customer_id}}/top-ups", self.list_topups)]
 
     async def _customer(self, request: web.Request) -> tuple[Mode, str]:
-        mode = self._admin.authenticate(request)
-        customer_id = request.match_info["customer_id"]
-        if await self._store.wallet.get_customer(mode, customer_id) is None:
-            raise CustomerNotFound(customer_id)
-        return mode, customer_id
+        return await self._admin.customer(request)
 
     def _asset(self, value: Any) -> str:
         asset = self._topups.asset if value is None else value
