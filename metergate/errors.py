@@ -125,3 +125,11 @@ class GatewayTimeout(MetergateError):
     status = 504
     type = "upstream_error"
     default_code = "upstream_timeout"
+
+
+class ServiceUnavailable(MetergateError):
+    """Storage metergate needs is unreachable: refuse (nothing charged) rather than guess."""
+
+    status = 503
+    type = "api_error"
+    default_code = "storage_unavailable"

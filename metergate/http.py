@@ -25,7 +25,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from metergate.errors import BadRequest, MetergateError, MethodNotAllowed, NotFound, PayloadTooLarge
+from metergate.errors import (
+    BadRequest,
+    MetergateError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from metergate.wallet.errors import STORAGE_DOWN
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,6 +74,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         factory = _AIOHTTP_ERRORS.get(exc.status)
         mapped = factory() if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
         return json_response(mapped.body(), status=exc.status)
+    except STORAGE_DOWN as exc:
+        log.warning("storage unreachable on %s %s: %s", request.method, request.path, type(exc).__name__)
+        return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."))
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
             # The client left mid-request (typically while sending its body): nothing went wrong here and

@@ -10,11 +10,15 @@ at most their own holds (a customer's budget guard, not the wallet's solvency, w
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 
 from metergate.errors import PaymentRequired
 from metergate.payments.store import PaymentsStore, SpendCaps
+from metergate.wallet.errors import STORAGE_DOWN
 from metergate.wallet.models import Mode, now_ms
+
+log = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
 
@@ -41,6 +45,7 @@ class SpendCapGuard:
         self._store = store
         self._ttl_s = cache_ttl_s
         self._cache: dict[tuple[str, str, str], tuple[float, SpendCaps | None]] = {}
+        self._warned_at = 0.0
 
     async def _caps(self, mode: Mode, customer_id: str, asset: str) -> SpendCaps | None:
         key = (mode, customer_id, asset)
@@ -55,17 +60,29 @@ class SpendCapGuard:
         return caps
 
     async def admit(self, mode: Mode, customer_id: str, asset: str, amount: int) -> None:
-        """Raise :class:`SpendCapReached` if holding ``amount`` more would pass a cap."""
-        caps = await self._caps(mode, customer_id, asset)
-        if caps is None:
-            return
-        day, month = period_starts(now_ms())
-        for period, cap, since in (("daily", caps.daily, day), ("monthly", caps.monthly, month)):
-            if cap is None:
-                continue
-            spent = await self._store.spent_since(mode, customer_id, asset, since)
-            if spent + amount > cap:
-                raise SpendCapReached(period, cap, spent, asset)
+        """Raise :class:`SpendCapReached` if holding ``amount`` more would pass a cap.
+
+        With the database unreachable the caps cannot be read and the request is let through (logged): a
+        cap is a limit the customer chose, the wallet's balance is the hard one, and the wallet (the Redis
+        projection, or the SQL hold itself) still enforces that. A cap must not turn an outage the wallet
+        rides out into refusals."""
+        try:
+            caps = await self._caps(mode, customer_id, asset)
+            if caps is None:
+                return
+            day, month = period_starts(now_ms())
+            for period, cap, since in (("daily", caps.daily, day), ("monthly", caps.monthly, month)):
+                if cap is None:
+                    continue
+                spent = await self._store.spent_since(mode, customer_id, asset, since)
+                if spent + amount > cap:
+                    raise SpendCapReached(period, cap, spent, asset)
+        except STORAGE_DOWN as exc:
+            now = time.monotonic()
+            if now - self._warned_at > 10:
+                self._warned_at = now
+                log.warning("spend caps unreadable (%s); requests pass unchecked until the database is back",
+                            type(exc).__name__)
 
 
 def validate_caps(mode: Mode, customer_id: str, asset: str, daily: object, monthly: object) -> SpendCaps:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from metergate.errors import BadRequest, Conflict, NotFound, PaymentRequired
+
+#: What "the database cannot be reached" looks like from the SQL store: SQLAlchemy's wrapped driver errors,
+#: and the raw refusal asyncpg raises while (re)connecting.
+STORAGE_DOWN: tuple[type[Exception], ...] = (OperationalError, InterfaceError, ConnectionRefusedError)
 
 
 class InsufficientFunds(PaymentRequired):

@@ -534,9 +534,6 @@ async def test_sentinel_split_brain_window_loses_nothing(sentinel_with_replica: 
             assert h is not None and (h.state, h.captured_amount) == ("captured", captured), h
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a rebuild keeps a Redis hold the failover reverted to pending "
-                   "although the ledger captured it; its expiry then inflates the available balance until the "
-                   "next reconciliation (see the report / store docstring)")
 async def test_sentinel_split_brain_leaves_no_stale_pending_hold(sentinel_with_replica: Topology,
                                                                  tmp_path: Path) -> None:
     async with _after_split_brain(sentinel_with_replica, tmp_path) as store:

@@ -14,7 +14,13 @@ Keys (``P`` is the configured prefix, ``s`` the wallet's shard, see :mod:`meterg
   committed to SQL; a rebuild waits for 0 (see ``rebuild``).
 * ``P:{s}:h:<hold_id>`` — one hold: ``m cu a`` wallet, ``amt`` amount, ``st`` state, ``cap`` captured,
   ``wo`` written off, ``exp`` expiry, ``cr`` created, ``rh`` reserve content hash, ``sh`` settle content hash,
-  ``x:<step>`` applied extension steps. Kept ``retention`` ms after it resolves, for idempotent replays.
+  ``x:<step>`` applied extension steps, ``e`` the wallet epoch it belongs to. Kept ``retention`` ms after it
+  resolves, for idempotent replays.
+* Epochs: every rebuild stamps the wallet (``e`` in its hash) with a fresh token, and the holds it loads from
+  the ledger with the same token; a hold placed later takes the wallet's. A pending hold with another epoch is
+  *stale*: it outlived a loss of Redis data that reverted it (a failover that lost its settle, say) and the
+  ledger did not list it as pending at the rebuild, so the wallet's ``q`` does not count it. A stale hold
+  never moves the wallet: its expiry only tells the ledger, and its settle is answered by the ledger.
 * ``P:{s}:x`` — the shard's pending holds by expiry (a sorted set), for the sweeper.
 * ``P:{s}:s`` — the shard's event stream, drained into SQL by :mod:`metergate.wallet.redis.sink`.
 
@@ -56,7 +62,8 @@ local now = tonumber(ARGV[7])
 local expires = now + tonumber(ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'q', amount)
 redis.call('HSET', KEYS[2], 'm', ARGV[2], 'cu', ARGV[3], 'a', ARGV[4], 'amt', amount, 'st', 'pending',
-           'cap', 0, 'wo', 0, 'exp', expires, 'cr', now, 'rh', ARGV[8])
+           'cap', 0, 'wo', 0, 'exp', expires, 'cr', now, 'rh', ARGV[8],
+           'e', redis.call('HGET', KEYS[1], 'e') or '')
 redis.call('ZADD', KEYS[3], expires, ARGV[1])
 redis.call('XADD', KEYS[4], '*', 't', 'hold', 'h', ARGV[1], 'm', ARGV[2], 'cu', ARGV[3], 'a', ARGV[4],
            'amt', amount, 'ttl', ARGV[6])
@@ -76,6 +83,9 @@ end
 if redis.call('HEXISTS', KEYS[2], field) == 1 then return hold('replay') end
 if redis.call('HGET', KEYS[2], 'st') ~= 'pending' then return {'not_found'} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_loaded'} end
+if (redis.call('HGET', KEYS[2], 'e') or '') ~= (redis.call('HGET', KEYS[1], 'e') or '') then
+  return {'stale'}
+end
 local amount = tonumber(ARGV[2])
 local c, p, q, o = wallet(KEYS[1])
 local available = c + o - p - q
@@ -103,6 +113,9 @@ if h[1] == 'captured' or h[1] == 'voided' then
   return {'replay', h[3], h[4], c, p, q, o}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_loaded'} end
+if h[1] == 'pending' and (redis.call('HGET', KEYS[2], 'e') or '') ~= (redis.call('HGET', KEYS[1], 'e') or '') then
+  return {'stale'}
+end
 local amount = tonumber(ARGV[2])
 local released = 0
 if h[1] == 'pending' then released = tonumber(h[2]) end  -- an expired hold released its amount already
@@ -135,7 +148,9 @@ if h[1] ~= 'pending' then
 end
 if tonumber(h[3]) >= tonumber(ARGV[2]) then return 0 end  -- extended meanwhile
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end  -- not loaded: the rebuild takes the hold as it is
-redis.call('HINCRBY', KEYS[1], 'q', -tonumber(h[2]))
+if (redis.call('HGET', KEYS[2], 'e') or '') == (redis.call('HGET', KEYS[1], 'e') or '') then
+  redis.call('HINCRBY', KEYS[1], 'q', -tonumber(h[2]))
+end  -- else stale: the wallet never counted it; the ledger expires it if it still holds it
 redis.call('HSET', KEYS[2], 'st', 'expired')
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -155,22 +170,25 @@ return 'ok'
 
 # KEYS: wallet, credit key set, expiry zset, then one key per pending hold
 # ARGV: credits, posted, pending, overdraft, number of credit keys, the credit keys...,
-#       then per pending hold: id, mode, customer, asset, amount, expires, created
+#       then per pending hold: id, mode, customer, asset, amount, expires, created; last, the new epoch
 # Creates the projection only if it does not exist: of many replicas rebuilding at once, the first wins.
 LOAD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
-redis.call('HSET', KEYS[1], 'c', ARGV[1], 'p', ARGV[2], 'q', ARGV[3], 'o', ARGV[4])
+local epoch = ARGV[#ARGV]
+redis.call('HSET', KEYS[1], 'c', ARGV[1], 'p', ARGV[2], 'q', ARGV[3], 'o', ARGV[4], 'e', epoch)
 local n = tonumber(ARGV[5])
 redis.call('DEL', KEYS[2])
 for i = 1, n do redis.call('SADD', KEYS[2], ARGV[5 + i]) end
 local base = 5 + n
 local k = 4
-while base < #ARGV do
+while base < #ARGV - 1 do
   local id = ARGV[base + 1]
   if redis.call('EXISTS', KEYS[k]) == 0 then
     redis.call('HSET', KEYS[k], 'm', ARGV[base + 2], 'cu', ARGV[base + 3], 'a', ARGV[base + 4],
                'amt', ARGV[base + 5], 'st', 'pending', 'cap', 0, 'wo', 0, 'exp', ARGV[base + 6],
-               'cr', ARGV[base + 7], 'rh', '')
+               'cr', ARGV[base + 7], 'rh', '', 'e', epoch)
+  else
+    redis.call('HSET', KEYS[k], 'e', epoch)  -- pending in the ledger: counted in q, part of this epoch
   end
   redis.call('ZADD', KEYS[3], ARGV[base + 6], id)
   base = base + 7
@@ -197,7 +215,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 'not_loaded' end
 local amount = tonumber(ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'q', amount)
 redis.call('HSET', KEYS[2], 'm', ARGV[2], 'cu', ARGV[3], 'a', ARGV[4], 'amt', amount, 'st', 'pending',
-           'cap', 0, 'wo', 0, 'exp', ARGV[6], 'cr', ARGV[7], 'rh', '')
+           'cap', 0, 'wo', 0, 'exp', ARGV[6], 'cr', ARGV[7], 'rh', '', 'e', redis.call('HGET', KEYS[1], 'e') or '')
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 if ARGV[8] == '1' then
   redis.call('XADD', KEYS[4], '*', 't', 'hold', 'h', ARGV[1], 'm', ARGV[2], 'cu', ARGV[3], 'a', ARGV[4],

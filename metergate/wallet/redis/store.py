@@ -43,16 +43,18 @@ Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
 * **Multi-replica safety, checked:** expiry sweeps are one idempotent script per hold (any number of
   replicas sweep at once); the ledger sink is leased per shard; reconciliation runs on the replica holding
   shard 0's lease; rate limits stay in SQL (atomic conditional upserts, unchanged); payments (auto top-up,
-  spend caps) and the grants/holds/billing APIs are only wired for the SQL store in ``proxy/app.py``, so
-  they are off with Redis (a credit or grant change made in SQL directly shows as drift and is rebuilt).
+  spend caps), pricing, events and billing run over this store (credits through :meth:`credit`, a credit line
+  set in SQL through :meth:`reload`); the grants, plans and hold-API admin routes are served only over the
+  SQL store (a grant change made in SQL directly shows as drift and is rebuilt by the reconciliation).
 * **Cluster and Sentinel** (clients built in :func:`connect`): tested on a throwaway 3-master cluster (every
   script's keys share a slot; the shards' slots sit on different masters) and on a sentinel-managed master,
   through a planned and a crash failover (``tests/redis/test_topologies.py``). Sentinel has no fencing: writes
   the old master accepts before its demotion are lost with it, like a flush (see "Settlements Redis lost"),
-  and the ledger still gets them exactly once. Known gap (an xfail test there): a settle lost that way leaves
-  its hold *pending* in Redis while the ledger has it captured; the repair rebuilds the wallet but keeps that
-  hold key, so ``get_hold`` shows it pending and its expiry releases it again (available too high until the
-  next reconciliation). A cluster URL names one seed node; a sentinel URL ``host:port[,host:port...]/service``.
+  and the ledger still gets them exactly once. A settle lost that way leaves its hold *pending* in Redis while
+  the ledger has it captured; the rebuild stamps the wallet and the holds the ledger lists as pending with a
+  new epoch, so such a hold is *stale* (scripts.py): it never moves the wallet again, its expiry only tells
+  the ledger, its settle and ``get_hold`` are answered by the ledger. A cluster URL names one seed node; a
+  sentinel URL ``host:port[,host:port...]/service``.
 * **Everything else** (customers, keys, history, reports, rate limits) is the SQL store's, by delegation.
 """
 
@@ -372,6 +374,7 @@ class RedisWalletStore:
         for h in holds:
             keys.append(self.keys.hold_in(shard, h.id))
             args += [h.id, w.mode, w.customer_id, w.asset, int(h.amount), int(h.expires_at_ms), int(h.created_at_ms)]
+        args.append(uuid.uuid4().hex[:16])  # this rebuild's epoch (see scripts.py: stale holds)
         loaded = await self.script("LOAD", keys, args)
         if loaded == "loaded":
             log.info("rebuilt the wallet projection %s:%s:%s from the ledger (%d pending holds)",
@@ -539,6 +542,8 @@ class RedisWalletStore:
             if status == "not_loaded":
                 await self.rebuild(w)
                 continue
+            if status == "stale":
+                return await self._settle_stale(w, hold_id, amount, usage)
             if status == "not_found":
                 if not adopted and await self._adopt(w, hold_id):
                     adopted = True
@@ -602,6 +607,17 @@ class RedisWalletStore:
             reapplied += 1
         return reapplied
 
+    async def _settle_stale(self, w: WalletRef, hold_id: str, amount: int, usage: UsageRecord | None) -> Settlement:
+        """Settle a hold that outlived a loss of Redis data (see scripts.py: epochs): the wallet's projection
+        does not count it, so the ledger answers — a replay if it resolved the hold, else the ledger settles
+        it and the projection is reloaded around the change."""
+        hold = await self.sql.get_hold(hold_id)
+        if hold is not None and hold.state != "pending":
+            return await self._settled_in_sql(hold_id, amount)
+        settlement = await self.sql.settle(hold_id, amount, usage)
+        await self.reload(w.mode, w.customer_id, w.asset)
+        return settlement
+
     async def _settled_in_sql(self, hold_id: str, amount: int) -> Settlement:
         """A settle replayed after Redis forgot the hold: the ledger's answer."""
         hold = await self.sql.get_hold(hold_id)
@@ -624,6 +640,8 @@ class RedisWalletStore:
             if status == "not_loaded":
                 await self.rebuild(w)
                 continue
+            if status == "stale":
+                raise HoldNotFound(hold_id)  # it outlived a loss of Redis data: no longer extendable
             if status == "not_found":
                 if not adopted and await self._adopt(w, hold_id):
                     adopted = True
@@ -689,10 +707,12 @@ class RedisWalletStore:
         if w is not None:
             hkey = self.keys.hold(w, hold_id)
             try:
-                h = await self._redis_call(self.redis.hmget(hkey, "amt", "st", "exp", "cr", "cap"))
+                h = await self._redis_call(self.redis.hmget(hkey, "amt", "st", "exp", "cr", "cap", "e"))
+                epoch = await self._redis_call(self.redis.hget(self.keys.wallet(w)[0], "e"))
             except WalletUnavailable:
-                h = [None]
-            if h[0] is not None:
+                h, epoch = [None], None
+            stale = h[0] is not None and h[1] == "pending" and (h[5] or "") != (epoch or "")
+            if h[0] is not None and not stale:
                 return Hold(hold_id, w.mode, w.customer_id, w.asset, int(h[0]), h[1], int(h[2]), int(h[3]), int(h[4]))
         return await self.sql.get_hold(hold_id)
 
