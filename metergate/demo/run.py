@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def run_demo(*, keep: bool = False) -> int:
                      "api_key": "sk-demo-provider-key"}],
             pricing={"asset": "USD", "models": {MODEL: {"input_per_mtok": "5.00", "cached_input_per_mtok": "2.50",
                                                         "output_per_mtok": "20.00"}}},
-            admin_keys=[admin_key], portal_secrets={"demo": secrets.token_urlsafe(32)})
+            admin_keys=[admin_key], portal_secrets={"demo": secrets.token_urlsafe(32)},
+            # A request without max_tokens is held for 64 output tokens, then grown 32 at a time as it streams.
+            default_max_output_tokens=64, stream_extend_tokens=32)
         base = f"http://127.0.0.1:{port}"
         bg.serve(lambda _p: build_app(settings, public_url=base), port)
         return _script(base, admin_key, workdir)
@@ -96,6 +99,25 @@ def run_demo(*, keep: bool = False) -> int:
             print(f"\nDemo database kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _outrun(client: openai.OpenAI, admin: httpx.Client) -> None:
+    """A trial grant, then a stream with no max_tokens that outruns it: metergate grows the hold as tokens
+    flow and, when the grant is spent, ends the stream the way the SDK knows (finish_reason "length")."""
+    admin.post("/customers/acme/grants", json={
+        "asset": "USD", "amount_decimal": "0.002", "purpose": "trial", "idempotency_key": "demo-trial",
+        "expires_at_ms": int(time.time() * 1000) + 3_600_000}).raise_for_status()
+    print("\nGranted a $0.002000 trial credit, expiring in an hour. A long answer, streamed, no max_tokens:")
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me everything."}], stream=True,
+        extra_headers={"X-Mock-Behavior": "words:400"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = chunks[-1]
+    notice = (last.model_extra or {}).get("metergate", {})
+    record = admin.get("/customers/acme/usage", params={"limit": 1}).json()["data"][0]
+    print(f"  stopped after {len(text.split())} words ({record['tokens_output']} tokens): "
+          f"finish_reason={last.choices[0].finish_reason!r}, stop_reason={notice.get('stop_reason')!r}")
+    print(f"  charged ${notice.get('charged')} for exactly what was delivered; balance ${notice.get('balance')}")
 
 
 def _script(base: str, admin_key: str, workdir: Path) -> int:
@@ -134,9 +156,12 @@ def _script(base: str, admin_key: str, workdir: Path) -> int:
             page = httpx.get(str(body.get("portal_url")))
             print(f"  the portal link opens a real page: HTTP {page.status_code}, "
                   f"{'shows the balance' if 'Balance' in page.text else 'unexpected content'}")
+            if error.status_code != 402:
+                return 1
+            _outrun(client, admin)
             audit = admin.get("/customers/acme/ledger", params={"limit": 200}).json()["data"]
             print(f"\nLedger: {len(audit)} append-only entries for acme. Done.")
-            return 0 if error.status_code == 402 else 1
+            return 0
         record = admin.get("/customers/acme/usage", params={"limit": 1}).json()["data"][0]
         balance = admin.get("/customers/acme/balance").json()["balances"][0]["available_decimal"]
         cost = "n/a" if record["cost_nanos"] is None else f"{record['cost_nanos'] / 1e9:.9f}"
