@@ -121,16 +121,20 @@ def _outrun(client: openai.OpenAI, admin: httpx.Client) -> None:
 
 
 def _script(base: str, admin_key: str, workdir: Path) -> int:
-    admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": f"Bearer {admin_key}"})
+    with httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": f"Bearer {admin_key}"}) as admin, \
+            openai.OpenAI(base_url=f"{base}/openai/v1", api_key="unused-by-sidecar",
+                          default_headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"},
+                          max_retries=0) as client:
+        return _drain(admin, client)
+
+
+def _drain(admin: httpx.Client, client: openai.OpenAI) -> int:
     print("metergate demo — embedded default (SQLite), mock OpenAI upstream, official openai SDK\n")
     admin.post("/customers", json={"id": "acme", "name": "Acme AI"}).raise_for_status()
     admin.post("/customers/acme/credits", json={"amount_decimal": FUNDS, "idempotency_key": "demo-topup-1",
                                                 "memo": "demo top-up"}).raise_for_status()
     print(f"Created customer 'acme' (test mode) with ${FUNDS} of prepaid credit.")
     print(f"Pricing {MODEL}: $5.00 / $20.00 per million input / output tokens.\n")
-    client = openai.OpenAI(base_url=f"{base}/openai/v1", api_key="unused-by-sidecar",
-                           default_headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"},
-                           max_retries=0)
     header = f"{'#':>2}  {'kind':<9} {'in':>4} {'out':>4}  {'price $':>10}  {'cost $':>12}  {'balance $':>10}"
     print(header)
     print("-" * len(header))
