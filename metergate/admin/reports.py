@@ -24,8 +24,10 @@ from metergate.errors import BadRequest
 from metergate.http import json_response
 from metergate.portal.links import LinkSigner
 from metergate.reports.dashboard import PATH, DashboardViews
-from metergate.reports.margin import GROUPINGS, Grouping, margin_report, report_csv, report_json
+from metergate.reports.margin import GROUPINGS, Grouping, margin_report, report_csv, report_json, valuations_for
+from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import now_ms
+from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
 
 _DEFAULT_RANGE_MS = 30 * 86_400_000
@@ -37,7 +39,9 @@ class ReportsApi:
     def __init__(self, settings: Settings, store: WalletStore, admin: AdminApi) -> None:
         self._store = store
         self._admin = admin
-        self._scales = {a.code: a.scale for a in settings.assets}
+        self._configured = settings.assets
+        sql = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
+        self._assets = AssetRegistry(sql, settings.assets) if isinstance(sql, SqlWalletStore) else None
         # One set of secrets for both signers, so that a per-process key (no portal_secrets) still lets the
         # link open a session; each signer derives its own key from it (metergate.portal.links).
         keys = {kid: s.get_secret_value() for kid, s in settings.portal_secrets.items()} or {
@@ -65,7 +69,8 @@ class ReportsApi:
         from_ms = parse_time(query["from"], "from") if "from" in query else to_ms - _DEFAULT_RANGE_MS
         if from_ms >= to_ms:
             raise BadRequest("'from' must be before 'to'.", param="from")
-        report = await margin_report(self._store, mode, group_by, from_ms=from_ms, to_ms=to_ms, scales=self._scales)
+        values = await valuations_for(mode, self._configured, self._assets)
+        report = await margin_report(self._store, mode, group_by, from_ms=from_ms, to_ms=to_ms, scales=values)
         if fmt == "json":
             return json_response(report_json(report))
         name = f"metergate-margin-{mode}-{group_by}-{from_ms}-{to_ms}.csv"

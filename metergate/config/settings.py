@@ -42,6 +42,9 @@ class AssetSettings(_Strict):
     code: str = Field(description="Asset code, e.g. USD, TOKENS, GPU_SECONDS.")
     name: str = Field("", description="Human name shown in the portal.")
     scale: int = Field(ge=0, le=12, description="Decimal places of the smallest unit (USD: 6 = micro-dollars).")
+    value_per_unit: NonNegativeDecimal | None = Field(
+        None, description="What one major unit is worth in value_currency, for margin reports (never for billing).")
+    value_currency: str | None = Field(None, pattern=r"^[A-Z]{3}$", description="ISO code of value_per_unit.")
 
     @field_validator("code")
     @classmethod

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import html
 from collections.abc import Mapping
+from decimal import Decimal
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -27,8 +28,19 @@ from metergate.config.settings import Settings
 from metergate.errors import BadRequest, Forbidden
 from metergate.portal.links import LinkSigner, PortalGrant
 from metergate.reports.charts import Group, Series, bar_chart, grouped_bars, line_chart, percent, usd
-from metergate.reports.margin import MAX_GROUPS, Grouping, MarginRow, margin_row, nanos_per_unit, period_of, roll_up
+from metergate.reports.margin import (
+    MAX_GROUPS,
+    Grouping,
+    MarginRow,
+    margin_row,
+    nanos_per_unit,
+    period_of,
+    roll_up,
+    valuations_for,
+)
+from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import Mode, UsageGrouping, now_ms
+from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
 
 PATH = "/admin/dashboard"
@@ -145,7 +157,9 @@ class DashboardViews:
         self._store = store
         self._links = links
         self._sessions = sessions
-        self._scales = {a.code: a.scale for a in settings.assets}
+        self._configured = settings.assets
+        sql = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
+        self._assets = AssetRegistry(sql, settings.assets) if isinstance(sql, SqlWalletStore) else None
         self._pricing_asset = settings.pricing.asset
 
     def routes(self) -> list[web.RouteDef]:
@@ -206,18 +220,19 @@ class DashboardViews:
 
     async def _render(self, mode: Mode, days: int, period: Grouping, from_ms: int, to_ms: int) -> str:
         asset = self._pricing_asset
+        values = await valuations_for(mode, self._configured, self._assets)
 
         async def rows(grouping: UsageGrouping) -> list[MarginRow]:
             aggs = await self._store.usage_summary(mode, group_by=grouping, from_ms=from_ms, to_ms=to_ms,
                                                    limit=MAX_GROUPS)
-            return [margin_row(a, self._scales) for a in aggs if a.asset == asset]
+            return [margin_row(a, values) for a in aggs if a.asset == asset]
 
         customers_all, models_all, totals = await rows("customer"), await rows("model"), await rows("total")
         by_day = await self._store.usage_summary(mode, group_by="day", from_ms=from_ms, to_ms=to_ms,
                                                  limit=MAX_GROUPS)
-        periods = {r.key: r for r in roll_up(by_day, period, self._scales) if r.asset == asset}
+        periods = {r.key: r for r in roll_up(by_day, period, values) if r.asset == asset}
         total = totals[0] if totals else None
-        priced = nanos_per_unit(asset, self._scales) is not None
+        priced = nanos_per_unit(asset, values) is not None
         esc = html.escape
 
         labels: list[str] = []
@@ -244,8 +259,8 @@ class DashboardViews:
                              [(r.key, r.margin_nanos or 0) for r in losses[:_TOP]], css="loss",
                              empty="No customer at a loss in this range.")
 
-        factor = nanos_per_unit(asset, self._scales) or 0
-        models = sorted(models_all, key=lambda r: -max(r.charged * factor, r.cost_nanos))
+        factor = nanos_per_unit(asset, values) or Decimal(0)
+        models = sorted(models_all, key=lambda r: -max(int(r.charged * factor), r.cost_nanos))
         model_chart = grouped_bars("cost-vs-price-per-model", "Price against provider cost per model",
                                    [_model_group(r, factor) for r in models[:12]])
 
@@ -265,23 +280,23 @@ class DashboardViews:
             model_table=_model_table(models, factor), generated=_date(now_ms(), with_time=True))
 
 
-def _model_group(r: MarginRow, factor: int) -> Group:
+def _model_group(r: MarginRow, factor: Decimal) -> Group:
     """A model's bars: price against cost over its requests of known cost; price alone (grey) when no
     request of the model has a known cost."""
     known = r.requests - r.unknown_cost_requests - r.no_usage_requests
     if known == 0 and r.unknown_cost_requests:
-        return Group(r.key, r.unknown_cost_charged * factor, None, False, "cost unknown")
+        return Group(r.key, int(r.unknown_cost_charged * factor), None, False, "cost unknown")
     return Group(r.key, r.revenue_nanos or 0, r.cost_nanos, r.negative,
                  f"+{r.unknown_cost_requests} of unknown cost" if r.unknown_cost_requests else "")
 
 
-def _kpis(total: MarginRow | None, factor: int) -> str:
+def _kpis(total: MarginRow | None, factor: Decimal) -> str:
     revenue = (total.revenue_nanos or 0) if total else 0
     cost = total.cost_nanos if total else 0
     margin = total.margin_nanos if total else 0
     requests = total.requests if total else 0
     unknown = total.unknown_cost_requests if total else 0
-    unknown_charged = total.unknown_cost_charged * factor if total else 0
+    unknown_charged = int(total.unknown_cost_charged * factor) if total else 0
     tone = "bad" if margin is not None and margin < 0 else "good"
 
     def card(name: str, value: str, sub: str, css: str = "") -> str:
@@ -320,7 +335,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _model_table(models: list[MarginRow], factor: int) -> str:
+def _model_table(models: list[MarginRow], factor: Decimal) -> str:
     if not models:
         return ""
     esc = html.escape
@@ -328,11 +343,11 @@ def _model_table(models: list[MarginRow], factor: int) -> str:
     for r in models:
         margin = r.margin_nanos
         known = r.requests - r.unknown_cost_requests - r.no_usage_requests  # requests whose cost is known
-        unknown = (f"{r.unknown_cost_requests:,} · {usd(r.unknown_cost_charged * factor)}"
+        unknown = (f"{r.unknown_cost_requests:,} · {usd(int(r.unknown_cost_charged * factor))}"
                    if r.unknown_cost_requests else "—")
         badge = '<span class="badge">LOSS</span>' if r.negative else ""
         rows.append(
-            f"<tr><td>{esc(r.key)}{badge}</td><td>{r.requests:,}</td><td>{usd(r.charged * factor)}</td>"
+            f"<tr><td>{esc(r.key)}{badge}</td><td>{r.requests:,}</td><td>{usd(int(r.charged * factor))}</td>"
             f"<td>{usd(r.cost_nanos) if known else '—'}</td>"
             f'<td class="{"neg" if r.negative else ""}">{usd(margin) if margin is not None and known else "—"}</td>'
             f"<td>{percent(margin, r.revenue_nanos or 0) if margin is not None and known else '—'}</td>"

@@ -6,10 +6,14 @@ exact to the smallest unit and the rows of a grouping add up to its total.
 
 Units. Revenue is ``charged_amount`` in the pricing asset's smallest unit. Provider cost is in
 nano-dollars (:data:`metergate.money.COST_SCALE`). An asset coded ``USD`` with a scale of at most 9 is
-converted to nano-dollars by multiplying by ``10**(9 - scale)`` (×1000 for micro-dollars); margin is then
-``margin_nanos = revenue_nanos - cost_nanos``. Any other asset (credits, tokens, another currency) has
-no exchange rate to dollars in metergate, so its revenue is reported in its own smallest unit and its
-``revenue_nanos`` and ``margin_nanos`` are ``null`` (``margin_basis: "not_usd"``) — never guessed.
+converted to nano-dollars by multiplying by ``10**(9 - scale)`` (×1000 for micro-dollars), exactly; margin
+is then ``margin_nanos = revenue_nanos - cost_nanos``. Another asset (credits, tokens, GPU-seconds) is
+converted only if the operator gave it a value in US dollars (``value_per_unit`` with ``value_currency:
+USD``, per major unit, in settings or through the admin API): ``revenue_nanos`` is then its charged amount
+times that value, rounded half-up to the nano-dollar once per row (``margin_basis: "valued"``; a row's
+rounding can make rows differ from their total by under a nano-dollar each). Any other asset has no
+exchange rate to dollars, so its revenue is reported in its own smallest unit and its ``revenue_nanos`` and
+``margin_nanos`` are ``null`` (``margin_basis: "not_usd"``) — never guessed.
 
 Unknown cost. A record whose cost is unknown (a model with no price in genai-prices or the overrides)
 is counted in ``unknown_cost_requests`` / ``unknown_cost_charged`` and left out of ``revenue_nanos``,
@@ -25,9 +29,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal, get_args
 
 from metergate.money import COST_SCALE
 from metergate.wallet.models import Mode, UsageAggregate, UsageGrouping
@@ -66,9 +71,13 @@ class MarginRow:
     def negative(self) -> bool:
         return self.margin_nanos is not None and self.margin_nanos < 0
 
+    valued: bool = False  # revenue converted at an operator-given value, not USD itself
+
     @property
     def margin_basis(self) -> str:
-        return "usd" if self.margin_nanos is not None else "not_usd"
+        if self.margin_nanos is None:
+            return "not_usd"
+        return "valued" if self.valued else "usd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,25 +93,51 @@ class MarginReport:
     truncated: bool
 
 
-def nanos_per_unit(asset: str, scales: Mapping[str, int]) -> int | None:
-    """What one smallest unit of ``asset`` is in nano-dollars, or ``None`` without an exact conversion."""
-    scale = scales.get(asset)
-    if asset.upper() != "USD" or scale is None or scale > COST_SCALE:
-        return None
-    return int(10 ** (COST_SCALE - scale))
+Valuations = Mapping[str, Decimal]  # asset code -> nano-dollars per smallest unit
 
 
-def margin_row(agg: UsageAggregate, scales: Mapping[str, int], *, key: str | None = None,
+def valuations(assets: Iterable[tuple[str, int, str | None, str | None]]) -> dict[str, Decimal]:
+    """Nano-dollars per smallest unit of each asset that has a dollar value, from ``(code, scale,
+    value_per_unit, value_currency)``: USD itself (scale at most 9), and any asset valued in USD."""
+    out: dict[str, Decimal] = {}
+    for code, scale, value, currency in assets:
+        if code.upper() == "USD" and scale <= COST_SCALE:
+            out[code] = Decimal(10) ** (COST_SCALE - scale)
+        elif value is not None and (currency or "").upper() == "USD":
+            out[code] = Decimal(value) * Decimal(10) ** COST_SCALE / Decimal(10) ** scale
+    return out
+
+
+async def valuations_for(mode: Mode, configured: Sequence[Any], registry: Any | None) -> dict[str, Decimal]:
+    """The mode's valuations from its assets (``code``, ``scale``, ``value_per_unit``, ``value_currency``):
+    the registry's (settings' and the operator's, :class:`metergate.wallet.assets.AssetRegistry`), else the
+    configured ones."""
+    assets = await registry.all(mode) if registry is not None else configured
+    return valuations((a.code, a.scale, None if a.value_per_unit is None else str(a.value_per_unit), a.value_currency)
+                      for a in assets)
+
+
+def nanos_per_unit(asset: str, values: Valuations) -> Decimal | None:
+    """What one smallest unit of ``asset`` is in nano-dollars, or ``None`` without a conversion."""
+    return values.get(asset)
+
+
+def _nanos(amount: int, rate: Decimal) -> int:
+    return int((amount * rate).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def margin_row(agg: UsageAggregate, values: Valuations, *, key: str | None = None,
                period: tuple[int, int] | None = None) -> MarginRow:
-    factor = nanos_per_unit(agg.asset, scales)
-    revenue = agg.costed_charged * factor if factor is not None else None
+    factor = nanos_per_unit(agg.asset, values)
+    revenue = _nanos(agg.costed_charged, factor) if factor is not None else None
     return MarginRow(
         key=agg.key if key is None else key, asset=agg.asset, requests=agg.requests, charged=agg.charged_amount,
         price=agg.price_amount, written_off=agg.written_off_amount, revenue_nanos=revenue,
         cost_nanos=agg.cost_nanos, margin_nanos=revenue - agg.cost_nanos if revenue is not None else None,
         unknown_cost_requests=agg.cost_unknown_count, unknown_cost_charged=agg.unmargined_charged,
         no_usage_requests=agg.no_usage_count,
-        period_start_ms=period[0] if period else None, period_end_ms=period[1] if period else None)
+        period_start_ms=period[0] if period else None, period_end_ms=period[1] if period else None,
+        valued=factor is not None and agg.asset.upper() != "USD")
 
 
 def period_of(day: int, grouping: Grouping) -> tuple[str, int, int]:
@@ -131,8 +166,7 @@ def _add(a: UsageAggregate, b: UsageAggregate) -> UsageAggregate:
     return UsageAggregate(key=a.key, asset=a.asset, **sums)
 
 
-def roll_up(days: Iterable[UsageAggregate], grouping: Grouping,
-            scales: Mapping[str, int]) -> list[MarginRow]:
+def roll_up(days: Iterable[UsageAggregate], grouping: Grouping, scales: Valuations) -> list[MarginRow]:
     """Add day aggregates (keyed by UTC day number) up into ``grouping`` periods, in time order."""
     buckets: dict[tuple[str, str], tuple[UsageAggregate, int, int]] = {}
     for agg in days:
@@ -144,7 +178,7 @@ def roll_up(days: Iterable[UsageAggregate], grouping: Grouping,
 
 
 async def margin_report(store: WalletStore, mode: Mode, group_by: Grouping, *, from_ms: int, to_ms: int,
-                        scales: Mapping[str, int]) -> MarginReport:
+                        scales: Valuations) -> MarginReport:
     """The report over ``from_ms <= created_at_ms < to_ms``: rows, totals and negative-margin flags."""
     async def summary(grouping: UsageGrouping) -> list[UsageAggregate]:
         return await store.usage_summary(mode, group_by=grouping, from_ms=from_ms, to_ms=to_ms,

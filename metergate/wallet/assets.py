@@ -58,8 +58,9 @@ class AssetRegistry:
         self._configured = {a.code: a for a in configured}
 
     def _from_settings(self, mode: Mode, a: AssetSettings) -> Asset:
-        return Asset(mode=mode, code=a.code, name=a.name, scale=a.scale, value_per_unit=None, value_currency=None,
-                     configured=True)
+        value = str(a.value_per_unit) if a.value_per_unit is not None else None
+        return Asset(mode=mode, code=a.code, name=a.name, scale=a.scale, value_per_unit=value,
+                     value_currency=a.value_currency, configured=True)
 
     async def get(self, mode: Mode, code: str) -> Asset | None:
         if code in self._configured:

@@ -293,3 +293,52 @@ async def test_an_asset_other_than_usd_reports_revenue_but_no_margin(upstream: U
     finally:
         await gw.close()
         await runner.cleanup()
+
+
+async def test_an_asset_valued_in_dollars_reports_margin_at_that_value(upstream: Upstream, tmp_path: Path) -> None:
+    """CREDITS worth $0.001 each, scale 3: one smallest unit is $0.000001, i.e. 1,000 nano-dollars; a
+    fractional value rounds half-up once per row."""
+    credits = {"asset": "CREDITS", "models": {"gpt-4o": {"input_per_mtok": "5000", "output_per_mtok": "20000"}}}
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'valued.db'}", pricing=credits, assets=[
+        {"code": "USD", "scale": 6},
+        {"code": "CREDITS", "scale": 3, "value_per_unit": "0.001", "value_currency": "USD"}])
+    try:
+        await gw.admin.post("/customers", json={"id": "acme"})
+        r = await gw.admin.post("/customers/acme/credits",
+                                json={"amount": 10**9, "asset": "CREDITS", "idempotency_key": "seed"})
+        assert r.status_code == 201, r.text
+        await gw.openai("acme").chat.completions.create(model="gpt-4o", messages=_ask("hi"), max_tokens=10)
+        [record] = await gw.usage("acme")
+        [total] = (await _report(gw, "customer")).json()["totals"]
+        revenue = record["charged_amount"] * 1_000
+        assert (total["asset"], total["revenue_nanos"], total["cost_nanos"]) == ("CREDITS", revenue,
+                                                                                 record["cost_nanos"])
+        assert (total["margin_nanos"], total["margin_basis"]) == (revenue - record["cost_nanos"], "valued")
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
+def test_valuations_convert_exactly_or_round_half_up_once() -> None:
+    from decimal import Decimal
+
+    from metergate.reports.margin import margin_row, valuations
+    from metergate.wallet.models import UsageAggregate
+
+    values = valuations([("USD", 6, None, None), ("GPU_SECONDS", 0, "0.0000025", "USD"),
+                         ("MILLITOKENS", 3, "0.0000000025", "USD"), ("EUR_CREDITS", 2, "1.10", "EUR"),
+                         ("TOKENS", 0, None, None)])
+    # $0.0000025 a GPU-second is 2,500 nano-dollars; 0.0000000025 per 1,000 smallest units is 0.0025 each.
+    assert values == {"USD": Decimal(1000), "GPU_SECONDS": Decimal(2500), "MILLITOKENS": Decimal("0.0025")}
+
+    def row(asset: str, charged: int) -> tuple[int | None, str]:
+        agg = UsageAggregate("", asset, 1, charged, charged, 0, charged, 1, 0, 0, 0)
+        r = margin_row(agg, values)
+        return r.revenue_nanos, r.margin_basis
+
+    assert row("USD", 7) == (7_000, "usd")
+    assert row("GPU_SECONDS", 3) == (7_500, "valued")
+    assert row("MILLITOKENS", 1_000) == (3, "valued")  # 2.5 nano-dollars, half-up: 3
+    assert row("MILLITOKENS", 600) == (2, "valued")  # 1.5 -> 2
+    assert row("MILLITOKENS", 200) == (1, "valued")  # 0.5 -> 1
+    assert row("TOKENS", 5) == (None, "not_usd")
