@@ -191,7 +191,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
             app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
             pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
             # Billing modes, meter events, exports; a credit line changed in SQL reloads a Redis projection.
-            reload = getattr(store, "reload", None)
+            reload = getattr(store, "refresh_overdraft", None)
             app[BILLING] = billing = Billing(settings, payments, on_limit_changed=reload)
             app.add_routes(billing.routes(admin))
             app.cleanup_ctx.append(billing.lifecycle)  # opens after payments, closes before them

@@ -199,6 +199,15 @@ return 'loaded'
 
 # KEYS: wallet, unapplied counter
 # Drops the projection for a rebuild, but only once every event of the wallet has reached SQL.
+# KEYS: wallet; ARGV: overdraft limit
+# A credit line changed in the ledger (billing): the limit is absolute, so it is set in place, whatever the
+# wallet's traffic; a wallet not loaded takes it from the ledger when it is.
+SET_OVERDRAFT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'not_loaded' end
+redis.call('HSET', KEYS[1], 'o', ARGV[1])
+return 'ok'
+"""
+
 INVALIDATE = """
 if (tonumber(redis.call('GET', KEYS[2])) or 0) > 0 then return 'busy' end
 redis.call('DEL', KEYS[1])

@@ -44,7 +44,7 @@ Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
   replicas sweep at once); the ledger sink is leased per shard; reconciliation runs on the replica holding
   shard 0's lease; rate limits stay in SQL (atomic conditional upserts, unchanged); payments (auto top-up,
   spend caps), pricing, events and billing run over this store (credits through :meth:`credit`, a credit line
-  set in SQL through :meth:`reload`); the grants, plans and hold-API admin routes are served only over the
+  set in SQL through :meth:`refresh_overdraft`); the grants, plans and hold-API admin routes are served only over the
   SQL store (a grant change made in SQL directly shows as drift and is rebuilt by the reconciliation).
 * **Cluster and Sentinel** (clients built in :func:`connect`): tested on a throwaway 3-master cluster (every
   script's keys share a slot; the shards' slots sit on different masters) and on a sentinel-managed master,
@@ -263,8 +263,8 @@ class RedisWalletStore:
         await self.sql.open()
         if self._client is None:
             self._client = connect(self._url)
-        for name in ("RESERVE", "EXTEND", "SETTLE", "EXPIRE", "CREDIT", "LOAD", "INVALIDATE", "ADOPT", "ACK",
-                     "LEASE"):
+        for name in ("RESERVE", "EXTEND", "SETTLE", "EXPIRE", "CREDIT", "LOAD", "INVALIDATE", "SET_OVERDRAFT",
+                     "ADOPT", "ACK", "LEASE"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
         self.sink = LedgerSink(self, batch=self._sink_batch, lease_ms=self._lease_ms,
                                reconcile_interval_s=self._reconcile_interval_s)
@@ -380,6 +380,13 @@ class RedisWalletStore:
             log.info("rebuilt the wallet projection %s:%s:%s from the ledger (%d pending holds)",
                      w.mode, w.customer_id, w.asset, len(holds))
         return True
+
+    async def refresh_overdraft(self, mode: Mode, customer_id: str, asset: str) -> None:
+        """After billing changed a credit line in SQL: set the projection's overdraft limit to the ledger's.
+        The limit is absolute, so this applies at once even under traffic (unlike :meth:`reload`); two
+        changes racing may leave the older limit until the next reconciliation."""
+        limit = (await self.sql.balance(mode, customer_id, asset)).overdraft_limit
+        await self.script("SET_OVERDRAFT", [self.keys.wallet(WalletRef(mode, customer_id, asset))[0]], [limit])
 
     async def reload(self, mode: Mode, customer_id: str, asset: str) -> None:
         """After a change made in SQL alone (a credit line set by billing), drop the wallet's projection so
