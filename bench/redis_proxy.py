@@ -29,20 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
-import redis
 import yaml
+from scratch import REDIS, Scratch
 
 from metergate.wallet.redis.store import RedisWalletStore
 from metergate.wallet.sql import SqlWalletStore
 
-PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS = "redis://127.0.0.1:6379/0"
 ADMIN = "mg_test_" + "b" * 24
 PRICING = {"asset": "USD", "models": {"gpt-4o-mini": {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}}}
 BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 64,
@@ -154,37 +150,23 @@ async def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "bench/upstream.py", "--port", str(up_port)])  # noqa: ASYNC220
-    name = f"mg_bench_{uuid.uuid4().hex[:8]}"
-    pg_url = PG.rsplit("/", 1)[0] + f"/{name}"
-    admin = await asyncpg.connect(PG)
-    prefixes: list[str] = []
     results: dict[str, list[tuple[float, float, float]]] = {}
     try:
-        await asyncio.sleep(1)
-        for r in range(args.rounds):
-            base = 0.0
-            for label, n, redis_on in (("embedded", 1, False), ("redis x1", 1, True), ("redis x2", 2, True)):
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                await admin.execute(f'CREATE DATABASE "{name}"')
-                prefix = f"mgbench-{uuid.uuid4().hex[:8]}" if redis_on else None
-                if prefix:
-                    prefixes.append(prefix)
-                db = pg_url if redis_on else f"sqlite:///{workdir / f'embedded-{r}.db'}"
-                rate, drained = await measure(n, workdir, f"http://127.0.0.1:{up_port}", db, prefix, args.seconds,
-                                              args.concurrency, args.drain_seconds)
-                if label == "embedded":
-                    base = rate
-                results.setdefault(label, []).append((rate, drained, rate / base))
+        async with Scratch() as scratch:
+            await asyncio.sleep(1)
+            for r in range(args.rounds):
+                base = 0.0
+                for label, n, redis_on in (("embedded", 1, False), ("redis x1", 1, True), ("redis x2", 2, True)):
+                    pg_url = await scratch.fresh_database()
+                    prefix = scratch.prefix() if redis_on else None
+                    db = pg_url if redis_on else f"sqlite:///{workdir / f'embedded-{r}.db'}"
+                    rate, drained = await measure(n, workdir, f"http://127.0.0.1:{up_port}", db, prefix, args.seconds,
+                                                  args.concurrency, args.drain_seconds)
+                    if label == "embedded":
+                        base = rate
+                    results.setdefault(label, []).append((rate, drained, rate / base))
     finally:
         upstream.terminate()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        client = redis.Redis.from_url(REDIS)
-        for prefix in prefixes:
-            keys = list(client.scan_iter(match=f"{prefix}:*"))
-            if keys:
-                client.delete(*keys)
-        client.close()
     print(f"{'target':<12}{'req/s':>10}{'ledger req/s':>15}{'x embedded':>12}")
     for label, rows in results.items():
         print(f"{label:<12}{statistics.median(a for a, _, _ in rows):>10.0f}"

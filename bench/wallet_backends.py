@@ -28,16 +28,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import redis
+from scratch import REDIS, Scratch
 
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
 from metergate.wallet.sql import SqlWalletStore
 
-PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS = "redis://127.0.0.1:6379/0"
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
 
 
@@ -88,20 +85,14 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    name = f"mg_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG)
-    prefixes: list[str] = []
     results: dict[str, list[tuple[float, float, float]]] = {}
-    try:
+    async with Scratch() as scratch:
         for r in range(args.rounds):
             base = 0.0
             for config in ("sqlite", "postgres", "redis+sqlite", "redis+pg"):
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                await admin.execute(f'CREATE DATABASE "{name}"')
+                pg_url = await scratch.fresh_database()
                 sqlite_url = f"sqlite:///{tmp / f'{config}-{r}.db'}"
-                pg_url = PG.rsplit("/", 1)[0] + f"/{name}"
-                prefix = f"mgbench-{uuid.uuid4().hex[:8]}"
-                prefixes.append(prefix)
+                prefix = scratch.prefix()
                 url = pg_url if config.endswith(("postgres", "pg")) else sqlite_url
                 ledger = BatchingSqlWalletStore(url) if config.startswith("redis") else SqlWalletStore(url)
                 store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if config.startswith("redis") else ledger
@@ -109,15 +100,6 @@ async def main() -> None:
                 if config == "sqlite":
                     base = drained
                 results.setdefault(config, []).append((hot, drained, drained / base))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        client = redis.Redis.from_url(REDIS)
-        for prefix in prefixes:
-            keys = list(client.scan_iter(match=f"{prefix}:*"))
-            if keys:
-                client.delete(*keys)
-        client.close()
     print(f"{'config':<14}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}")
     for config, rows in results.items():
         print(f"{config:<14}{statistics.median(h for h, _, _ in rows):>14.0f}"

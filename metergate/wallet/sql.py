@@ -118,6 +118,23 @@ _balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _ent
 _balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
 
 
+def _locked_hold(conn: Connection, hold_id: str) -> Hold:
+    """The hold, locked for this transaction (PostgreSQL); ``HoldNotFound`` if there is none."""
+    row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
+    if row is None:
+        raise HoldNotFound(hold_id)
+    return _hold(row)
+
+
+def _previous(conn: Connection, mode: Mode, key: str, hashed: str) -> Any | None:
+    """The ledger entry an earlier call with this idempotency key wrote, if any; ``IdempotencyConflict`` when
+    that call had other content."""
+    entry = _entry_row(conn, mode, key)
+    if entry is not None and entry.request_hash != hashed:
+        raise IdempotencyConflict(key)
+    return entry
+
+
 class _Replay(Exception):
     """Raised inside a write to roll it back when the operation turns out to have been applied already."""
 
@@ -390,15 +407,10 @@ class SqlWalletStore:
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Settlement:
-            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
-            if row is None:
-                raise HoldNotFound(hold_id)
-            hold = _hold(row)
+            hold = _locked_hold(conn, hold_id)
             if hold.state in ("captured", "voided"):
-                entry = _entry_row(conn, hold.mode, key)
+                entry = _previous(conn, hold.mode, key, hashed)
                 assert entry is not None, f"resolved hold {hold_id} has no settle entry"
-                if entry.request_hash != hashed:
-                    raise IdempotencyConflict(key)
                 balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
                 return Settlement(hold_id, hold.captured_amount, amount - hold.captured_amount, balance,
                                   replayed=True)
@@ -424,14 +436,9 @@ class SqlWalletStore:
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Capture:
-            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
-            if row is None:
-                raise HoldNotFound(hold_id)
-            hold = _hold(row)
-            entry = _entry_row(conn, hold.mode, key)
+            hold = _locked_hold(conn, hold_id)
+            entry = _previous(conn, hold.mode, key, hashed)
             if entry is not None:
-                if entry.request_hash != hashed:
-                    raise IdempotencyConflict(key)
                 charged = int(entry.posted_delta)
                 return Capture(hold, charged, amount - charged,
                                _balance_of(conn, hold.mode, hold.customer_id, hold.asset), replayed=True)
@@ -452,14 +459,8 @@ class SqlWalletStore:
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Hold:
-            row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
-            if row is None:
-                raise HoldNotFound(hold_id)
-            hold = _hold(row)
-            entry = _entry_row(conn, hold.mode, key)
-            if entry is not None:
-                if entry.request_hash != _hash("extend", amount):
-                    raise IdempotencyConflict(key)
+            hold = _locked_hold(conn, hold_id)
+            if _previous(conn, hold.mode, key, _hash("extend", amount)) is not None:
                 return hold  # this step was applied already
             if hold.state != "pending":
                 raise HoldNotFound(hold_id)
