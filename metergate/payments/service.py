@@ -22,7 +22,7 @@ from metergate.payments.stripe_api import StripeApi
 from metergate.payments.topups import TopUps
 from metergate.payments.webhooks import StripeWebhooks
 from metergate.wallet.models import Balance, Mode
-from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ class Payments:
     def __init__(self, settings: Settings, wallet: WalletStore) -> None:
         """``wallet``: the SQL store, or the Redis real-time wallet over one (``.sql``); payment state lives in
         the SQL database, credits go through ``wallet`` so that a real-time projection sees them at once."""
-        sql = wallet if isinstance(wallet, SqlWalletStore) else getattr(wallet, "sql", None)
-        assert isinstance(sql, SqlWalletStore), "payments keep their state in the SQL wallet database"
+        sql = sql_behind(wallet)
+        assert sql is not None, "payments keep their state in the SQL wallet database"
         self.settings = settings
         self.store = PaymentsStore(sql, money=wallet)
         self.stripe = StripeApi(settings, self.store)

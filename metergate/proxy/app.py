@@ -45,7 +45,7 @@ from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
 from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import now_ms
-from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.sql import SqlWalletStore, sql_behind
 from metergate.wallet.store import WalletStore
 from metergate.wallet.subscriptions import Subscriptions
 
@@ -107,11 +107,11 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
                     "no portal; set it to the control plane's public address")
     # Price versions live in the SQL wallet database (the Redis wallet's own SQL store behind it, if any) —
     # metergate/pricing; a store without one prices from the configuration only.
-    pricing_sql = sql_store = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
-    pricing_store = PricingStore(pricing_sql) if isinstance(pricing_sql, SqlWalletStore) else None
+    sql_store = sql_behind(store)
+    pricing_store = PricingStore(sql_store) if sql_store is not None else None
     costs = ProviderCosts(settings.cost_overrides)
     prices = PricingService(settings, pricing_store, costs, assets=(
-        AssetRegistry(pricing_sql, settings.assets) if isinstance(pricing_sql, SqlWalletStore) else None))
+        AssetRegistry(sql_store, settings.assets) if sql_store is not None else None))
     metrics = Metrics()
     pipeline = Pipeline(settings, store, Identifier(settings, store), prices, costs, signer, metrics)
     app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],

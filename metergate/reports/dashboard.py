@@ -40,7 +40,7 @@ from metergate.reports.margin import (
 )
 from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import Mode, UsageGrouping, now_ms
-from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
 
 PATH = "/admin/dashboard"
@@ -158,8 +158,8 @@ class DashboardViews:
         self._links = links
         self._sessions = sessions
         self._configured = settings.assets
-        sql = store if isinstance(store, SqlWalletStore) else getattr(store, "sql", None)
-        self._assets = AssetRegistry(sql, settings.assets) if isinstance(sql, SqlWalletStore) else None
+        sql = sql_behind(store)
+        self._assets = AssetRegistry(sql, settings.assets) if sql is not None else None
         self._pricing_asset = settings.pricing.asset
 
     def routes(self) -> list[web.RouteDef]:

@@ -862,3 +862,14 @@ def _usage(row: Row[Any]) -> UsageRecord:
 
 
 __all__ = ["SqlWalletStore"]
+
+
+def sql_behind(store: object) -> SqlWalletStore | None:
+    """The SQL database behind a wallet store: the store itself, or the ledger under a real-time wallet
+    (``.sql``, the Redis store); ``None`` when there is none. For the subsystems that keep their own tables
+    beside the wallet's (payments, billing, pricing, reports)."""
+    if isinstance(store, SqlWalletStore):
+        return store
+    inner = getattr(store, "sql", None)
+    return inner if isinstance(inner, SqlWalletStore) else None
+
