@@ -87,8 +87,10 @@ def free_port() -> int:
 class Servers:
     """The three server processes, started pinned, stopped by their own pids."""
 
-    def __init__(self, workdir: Path, server_cpus: str | None, metergate_log_level: str) -> None:
+    def __init__(self, workdir: Path, server_cpus: str | None, metergate_log_level: str,
+                 metergate_settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.extra = metergate_settings or {}
         self.server_cpus = server_cpus
         self.log_level = metergate_log_level
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -115,6 +117,7 @@ class Servers:
                                                            "output_per_mtok": str(OUTPUT_PER_MTOK)}}},
             "admin_keys": [ADMIN_KEY],
             "portal_secrets": {"k1": secrets.token_urlsafe(32)},
+            **self.extra,
         }
         cfg = self.workdir / "metergate.yaml"
         cfg.write_text(json.dumps(config))  # JSON is YAML
@@ -399,6 +402,13 @@ def verdicts(summary: dict[str, Any], stream_modes: list[bool], concurrencies: l
 # ---------------------------------------------------------------------------------------- main
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE")
+    return key, value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="metergate --log-level (INFO also turns on aiohttp's access log)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before starting, wait up to this long for other load on the machine to drop")
+    parser.add_argument("--metergate-set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                        help="a top-level metergate setting for the run, e.g. sqlite_writer=thread (repeatable)")
     parser.add_argument("--json", type=Path, help="also write every per-round cell and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, ledger.db)")
     args = parser.parse_args(argv)
@@ -460,7 +472,8 @@ def machine_notes(args: argparse.Namespace) -> str:
             f"code: metergate {git_state()}\n"
             f"pinning: {pin}\n"
             f"metergate: `python -m metergate serve`, SQLite ledger (WAL) in a temp dir, log level "
-            f"{args.metergate_log_level}; customer header identification, test mode")
+            f"{args.metergate_log_level}; customer header identification, test mode"
+            + "".join(f"; {k}={v}" for k, v in args.metergate_set))
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -473,7 +486,7 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     workdir = Path(tempfile.mkdtemp(prefix="metergate-bench-"))
-    servers = Servers(workdir, server_cpus, args.metergate_log_level)
+    servers = Servers(workdir, server_cpus, args.metergate_log_level, dict(args.metergate_set))
     cells: list[Cell] = []
     started = time.monotonic()
     cell_count = args.rounds * len(stream_modes) * len(args.concurrency) * len(TARGETS)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import operator
 import queue
@@ -77,7 +78,15 @@ CHECKPOINT_INTERVAL_S = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
-_SQLITE = sqlite.dialect()
+
+
+def json_dumps(value: Any) -> str:
+    """How JSON columns are written, on every engine and on the direct path alike: a value JSON has no type
+    for (a ``Decimal`` in a usage record's detail) is written as its string."""
+    return json.dumps(value, default=str)
+
+
+_SQLITE = sqlite.dialect(json_serializer=json_dumps)
 _RAW = "metergate.sqlite_raw"  # Connection.info key: the driver connection, set by the writer only
 
 
@@ -88,7 +97,7 @@ class Prepared:
     ``Connection.execute(insert(table), values)`` would infer them from the keys.
     """
 
-    __slots__ = ("_bind", "_binds", "_order", "_params", "_row", "_row_procs", "core", "sql")
+    __slots__ = ("_binds", "_order", "_params", "_row", "_row_procs", "core", "sql")
 
     def __init__(self, core: Select[Any] | UpdateBase, *, columns: Sequence[str] | None = None) -> None:
         compiled = core.compile(dialect=_SQLITE, column_keys=list(columns) if columns is not None else None)
@@ -99,9 +108,10 @@ class Prepared:
         self.core = core
         self.sql = compiled.string
         self._order = order
-        self._bind = tuple(compiled.binds[name].type.bind_processor(_SQLITE) for name in order)
-        # The parameter tuple in one C call; values that need a bind processor (JSON, Boolean) then fixed up.
-        self._binds = any(self._bind)
+        binds = (compiled.binds[name].type.bind_processor(_SQLITE) for name in order)
+        # The parameter tuple in one C call; then only the values that need a bind processor (JSON, Boolean)
+        # are fixed up, by position.
+        self._binds = tuple((i, proc) for i, proc in enumerate(binds) if proc is not None)
         self._params: Callable[[Mapping[str, Any]], Any] = (
             operator.itemgetter(*order) if len(order) > 1 else lambda values: tuple(values[k] for k in order))
         returned = list(getattr(core, "exported_columns", ()))
@@ -112,7 +122,9 @@ class Prepared:
     def _rows(self, raw: sqlite3.Connection, values: Mapping[str, Any]) -> list[Any]:
         params = self._params(values)
         if self._binds:
-            params = tuple(v if proc is None else proc(v) for v, proc in zip(params, self._bind, strict=True))
+            params = list(params)
+            for i, proc in self._binds:
+                params[i] = proc(params[i])
         try:
             return raw.execute(self.sql, params).fetchall()
         except sqlite3.Error as error:

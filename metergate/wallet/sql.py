@@ -23,7 +23,6 @@ run through ``Connection.execute`` unchanged.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
@@ -60,7 +59,7 @@ from metergate.wallet.errors import (
     IdempotencyConflict,
     InsufficientFunds,
 )
-from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX, Prepared, SqliteWriter
+from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX, Prepared, SqliteWriter, json_dumps
 from metergate.wallet.grants import (
     ORDERS,
     PURPOSES,
@@ -179,11 +178,12 @@ class SqlWalletStore:
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader")
         else:
             self._async = create_async_engine(self._url, pool_size=self._pool_size, max_overflow=self._pool_size,
+                                              json_serializer=json_dumps,
                                               pool_pre_ping=True)
         await self._write(self._migrate)
 
     def _sqlite_engine(self, *, immediate: bool, pool_size: int) -> Engine:
-        engine = create_engine(self._url, pool_size=pool_size, max_overflow=0,
+        engine = create_engine(self._url, pool_size=pool_size, max_overflow=0, json_serializer=json_dumps,
                                connect_args={"check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -854,7 +854,6 @@ def _usage_values(usage: UsageRecord, **changes: Any) -> dict[str, Any]:
     """The record's column values, with ``changes`` applied (cheaper than ``dataclasses.replace``)."""
     values = {name: getattr(usage, name) for name in _USAGE_FIELDS}
     values.update(changes)
-    values["detail"] = json.loads(json.dumps(usage.detail, default=str))
     return values
 
 
