@@ -164,10 +164,6 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="Base URL customers use to reach the portal; defaults to the listener.")
     database_url: str = Field("sqlite:///metergate.db",
                               description="sqlite:///path/file.db (embedded default) or postgresql://user@host/db")
-    sqlite_writer: Literal["loop", "thread"] = Field(
-        "loop", description="Where SQLite write batches run: on the event loop (cheapest; a write waiting for "
-                            "another process's lock stalls the loop up to busy_timeout) or on a thread of its own "
-                            "(the loop stays free while SQLite waits; more CPU per request). Ignored for PostgreSQL.")
     # The Redis real-time wallet over the SQL ledger (issue #5, metergate/wallet/redis).
     redis_url: str | None = Field(None, description="redis://host:6379/0, redis+cluster://host:port or "
                                                     "redis+sentinel://host:port/service: holds and balances live "

@@ -89,7 +89,7 @@ def wallet_store(settings: Settings) -> WalletStore:
                                 max_backlog=settings.redis_max_backlog, sink_batch=settings.redis_sink_batch,
                                 reconcile_interval_s=settings.redis_reconcile_interval_s,
                                 fail_open_requests=settings.redis_fail_open_requests)
-    return SqlWalletStore(settings.database_url, sqlite_inline=settings.sqlite_writer == "loop")
+    return SqlWalletStore(settings.database_url)
 
 
 def build_app(settings: Settings, store: WalletStore | None = None, *,

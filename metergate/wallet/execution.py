@@ -10,23 +10,16 @@ run through ``conn.execute`` like every other statement, so the PostgreSQL path 
 path. Driver errors surface as SQLAlchemy's exception classes either way (``IntegrityError`` for a
 duplicate idempotency key), and rows have the same attribute names.
 
-:class:`SqliteWriter` is SQLite's single writer: it owns the write connection and applies queued
-operations in group commits. By default it runs on the event loop itself (``inline``): an operation
-submitted during one loop iteration is applied at the start of the next, together with every other
-operation submitted in that iteration. Measured on one hot wallet (2026-11-25, one pinned core), that costs
-10-25% less CPU per reserve+settle pair than handing batches to a thread and waking the loop back, and no
-thread competes with the loop for the GIL. The price: while SQLite waits for a lock another process holds
-(``busy_timeout``), the loop waits too, so ``sqlite_writer: thread`` keeps the older design, a thread of its
-own, for deployments where other processes write the same file. Either way it takes what is queued (up to
-``batch_max`` operations) into one ``BEGIN IMMEDIATE`` transaction, runs each operation inside a
-SAVEPOINT of its own, so that an operation that fails (insufficient funds, a replayed idempotency key)
-rolls back only itself and its error goes to its own caller, and COMMITs once. Invariant: no caller sees
-a result before the COMMIT that made it durable has returned; then every caller of the batch is resolved
-at once (the thread wakes the event loop once per batch to do it). If a batch fails as a whole (its
-COMMIT, or an error that cost SQLite the transaction), nothing of it was committed, and each of its
-operations runs again in a transaction of its own.
-Batches form only from what queued up while the previous one ran (thread) or during one loop iteration
-(inline): the writer never waits to fill one, so a lone request pays no batching delay.
+:class:`SqliteWriter` is SQLite's single writer: one thread that owns the write connection and
+applies queued operations in group commits. It takes what is queued (up to ``batch_max`` operations)
+into one ``BEGIN IMMEDIATE`` transaction, runs each operation inside a SAVEPOINT of its own, so that
+an operation that fails (insufficient funds, a replayed idempotency key) rolls back only itself and
+its error goes to its own caller, and COMMITs once. Invariant: no caller sees a result before the
+COMMIT that made it durable has returned; then the event loop is woken once per batch to resolve
+every caller. If a batch fails as a whole (its COMMIT, or an error that cost SQLite the transaction),
+nothing of it was committed, and each of its operations runs again in a transaction of its own.
+Batches form only from what queued up while the previous one ran: the writer never waits to fill one,
+so a lone request pays no batching delay.
 
 WAL checkpoints run mostly off the commit path. By default SQLite checkpoints inside whichever COMMIT
 takes the WAL past 1000 pages (4 MB), and a checkpoint fsyncs: that COMMIT, and every caller of its
@@ -194,10 +187,9 @@ class SqliteWriter:
     """SQLite's one writer thread; see the module docstring for the group-commit contract."""
 
     def __init__(self, engine: Engine, *, batch_max: int = WRITE_BATCH_MAX, fast: bool = True,
-                 checkpoint_interval_s: float | None = CHECKPOINT_INTERVAL_S, inline: bool = True) -> None:
+                 checkpoint_interval_s: float | None = CHECKPOINT_INTERVAL_S) -> None:
         """``fast=False`` runs the prepared statements through SQLAlchemy too, as on PostgreSQL;
-        ``checkpoint_interval_s=None`` leaves checkpoints to SQLite (inside a COMMIT, every 1000 pages);
-        ``inline=False`` applies batches on a thread of its own instead of on the event loop."""
+        ``checkpoint_interval_s=None`` leaves checkpoints to SQLite (inside a COMMIT, every 1000 pages)."""
         assert 1 <= batch_max <= 10_000, "batch_max must be 1-10000"
         assert checkpoint_interval_s is None or 0.01 <= checkpoint_interval_s <= 3600
         self._engine = engine
@@ -212,17 +204,11 @@ class SqliteWriter:
                                               daemon=True)
         self._stop_checkpoints = threading.Event()
         self._closed = False
-        self._inline = inline
-        self._pending: list[_Op] = []  # inline: submitted, waiting for the next flush
-        self._flushing: set[asyncio.AbstractEventLoop] = set()  # inline: loops with a flush scheduled
-        self._conn: Connection | None = None  # inline: the write connection, kept between flushes
-        self._lock = threading.Lock()  # inline: one batch at a time, should two loops (threads) share the store
         self.batches = 0  # committed batches and operations, for the benchmarks
         self.ops = 0
 
     def start(self) -> None:
-        if not self._inline:
-            self._thread.start()
+        self._thread.start()
         if self._checkpoint_interval_s is not None:
             self._checkpointer.start()
 
@@ -231,16 +217,7 @@ class SqliteWriter:
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        op = _Op(fn, args, future, loop)
-        if not self._inline:
-            self._queue.put(op)
-            return future
-        self._pending.append(op)
-        if loop not in self._flushing:
-            # The flush runs in the loop's next iteration, after every task made ready with this one has had
-            # its turn to submit: what they submit shares the transaction, and a lone operation waits for nothing.
-            self._flushing.add(loop)
-            loop.call_soon(self._flush, loop)
+        self._queue.put(_Op(fn, args, future, loop))
         return future
 
     def close(self) -> None:
@@ -250,43 +227,9 @@ class SqliteWriter:
             self._queue.put(None)
             if self._thread.is_alive():
                 self._thread.join()
-            while self._pending:
-                self._flush(None)
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
             self._stop_checkpoints.set()
             if self._checkpointer.is_alive():
                 self._checkpointer.join()
-
-    # ------------------------------------------------------------------ inline, on the event loop
-
-    def _flush(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Apply what ``loop`` submitted (``None``: everything, at close), up to the bound per transaction, and
-        resolve the callers; a rest beyond the bound gets a flush of its own in the next iteration."""
-        if loop is not None:
-            self._flushing.discard(loop)
-        mine = [op for op in self._pending if loop is None or op.loop is loop]
-        batch = [op for op in mine[:self._batch_max] if not op.future.cancelled()]
-        taken = set(map(id, mine[:self._batch_max]))
-        self._pending = [op for op in self._pending if id(op) not in taken]
-        if len(mine) > self._batch_max and loop is not None and loop not in self._flushing:
-            self._flushing.add(loop)
-            loop.call_soon(self._flush, loop)
-        if not batch:
-            return
-        with self._lock:
-            try:
-                self._conn = self._apply(self._conn, batch)
-            except BaseException as error:  # a bug: no caller may be left waiting forever
-                for op in batch:
-                    op.ok, op.outcome = False, RuntimeError(f"the SQLite writer failed: {error!r}")
-                raise
-            finally:
-                if loop is None:
-                    self._deliver(batch)  # at close, possibly from another thread than the callers' loop
-                else:
-                    _resolve(batch)
 
     # ------------------------------------------------------------------ on the writer thread
 

@@ -145,8 +145,7 @@ class SqlWalletStore:
     leaves WAL checkpoints to SQLite, inside a COMMIT. See :mod:`metergate.wallet.execution`."""
 
     def __init__(self, url: str, *, pool_size: int = 10, write_batch_max: int = WRITE_BATCH_MAX,
-                 sqlite_fast: bool = True, sqlite_checkpoint_s: float | None = CHECKPOINT_INTERVAL_S,
-                 sqlite_inline: bool = True) -> None:
+                 sqlite_fast: bool = True, sqlite_checkpoint_s: float | None = CHECKPOINT_INTERVAL_S) -> None:
         parsed = make_url(url)
         self._sqlite = parsed.get_backend_name() == "sqlite"
         if self._sqlite:
@@ -159,7 +158,6 @@ class SqlWalletStore:
         self._write_batch_max = write_batch_max
         self._sqlite_fast = sqlite_fast
         self._sqlite_checkpoint_s = sqlite_checkpoint_s
-        self._sqlite_inline = sqlite_inline
         self._async: AsyncEngine | None = None
         self._sync_writer: Engine | None = None
         self._sync_reader: Engine | None = None
@@ -173,7 +171,7 @@ class SqlWalletStore:
             self._sync_writer = self._sqlite_engine(immediate=True, pool_size=1)
             self._sync_reader = self._sqlite_engine(immediate=False, pool_size=4)
             self._writer = SqliteWriter(self._sync_writer, batch_max=self._write_batch_max, fast=self._sqlite_fast,
-                                        checkpoint_interval_s=self._sqlite_checkpoint_s, inline=self._sqlite_inline)
+                                        checkpoint_interval_s=self._sqlite_checkpoint_s)
             self._writer.start()
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader")
         else:

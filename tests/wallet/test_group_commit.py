@@ -5,7 +5,7 @@ through its counters), mix in operations that fail, and check each caller's own 
 connection sees the moment a caller is answered, and ``audit()``. To put operations in one batch for
 certain, the writer is first kept busy by an operation that sleeps. Each test runs batched on the
 direct path (prepared SQL on the driver connection), batched on the SQLAlchemy path that PostgreSQL
-uses, and with a transaction per operation, with the writer on the event loop (the default) and on a thread.
+uses, and with a transaction per operation.
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from metergate.wallet.sql import SqlWalletStore
 MODE = "test"
 
 
-@pytest.fixture(params=[(64, True, True), (64, False, True), (1, True, True), (64, True, False), (1, True, False)],
-                ids=["batched", "batched-core", "per-op", "thread-batched", "thread-per-op"])
+@pytest.fixture(params=[(64, True), (64, False), (1, True)], ids=["batched", "batched-core", "per-op"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlWalletStore]:
-    batch_max, fast, inline = request.param
-    s = SqlWalletStore(f"sqlite:///{tmp_path / 'wallet.db'}", write_batch_max=batch_max, sqlite_fast=fast,
-                       sqlite_inline=inline)
+    batch_max, fast = request.param
+    s = SqlWalletStore(f"sqlite:///{tmp_path / 'wallet.db'}", write_batch_max=batch_max, sqlite_fast=fast)
     await s.open()
     yield s
     await s.close()
@@ -44,8 +42,7 @@ async def funded(store: SqlWalletStore, amount: int) -> None:
 
 
 async def writer_busy(store: SqlWalletStore, seconds: float = 0.2) -> asyncio.Task[Any]:
-    """Occupy the writer thread, so that what is submitted next queues up into one batch. (The inline writer
-    blocks the loop instead; what one loop iteration submits is one batch there anyway.)"""
+    """Occupy the writer thread, so that what is submitted next queues up into one batch."""
     task = asyncio.ensure_future(store._write(lambda _conn: time.sleep(seconds)))
     await asyncio.sleep(0.02)  # the writer has taken it
     return task
