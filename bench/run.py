@@ -361,6 +361,9 @@ def report(cells: list[Cell], stream_modes: list[bool], concurrencies: list[int]
                     "added_p99_ms": paired(rs, d, lambda c, x: c.p99_ms - x.p99_ms) if proxied else None,
                     "ratio_vs_passthrough": paired(rs, p, lambda c, x: c.rps / x.rps if x.rps else math.nan)
                     if target == "metergate" else None,
+                    # What metering and the ledger add over a bare proxy (the proxying itself excluded).
+                    "added_p50_vs_passthrough_ms": paired(rs, p, lambda c, x: c.p50_ms - x.p50_ms)
+                    if target == "metergate" else None,
                     "ratio_vs_direct": paired(rs, d, lambda c, x: c.rps / x.rps if x.rps else math.nan)
                     if proxied else None,
                     "proxy_cpu_us": med([c.proxy_cpu_us or math.nan for c in rs]) if proxied else None,
@@ -396,6 +399,8 @@ def verdicts(summary: dict[str, Any], stream_modes: list[bool], concurrencies: l
                 ok = added is not None and added <= 0.5
                 out.append(f"  [{'PASS' if ok else 'MISS'}] {kind:<6} c={conc:<3} added p50 vs direct "
                            f"{added:+.2f} ms (target <= 0.50 ms)")
+                out.append(f"  [info] {kind:<6} c={conc:<3} added p50 vs pass-through "
+                           f"{row['added_p50_vs_passthrough_ms']:+.2f} ms (metering and the ledger alone)")
     return out
 
 
