@@ -23,6 +23,13 @@ class SSEBuffer:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add bytes; return every complete event (terminator included) now available."""
         self._buf += chunk
+        if b"\r" not in self._buf:
+            # The common case, LF-only framing: one split in C instead of a search per event and separator.
+            *done, rest = self._buf.split(b"\n\n")
+            if len(rest) > self._max:
+                raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
+            self._buf = bytearray(rest)
+            return [bytes(part) + b"\n\n" for part in done]
         events: list[bytes] = []
         while True:
             cut = -1
