@@ -302,6 +302,7 @@ class Pipeline:
         ex.status = upstream.status
         meter = ex.meter = ex.adapter.stream_meter(ex.prepared, self.settings.drain_max_bytes)
         budget = self._budget(ex)
+        meter.lazy_text = budget is None  # only a budget reads the delivered text while the stream runs
         response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
@@ -319,7 +320,7 @@ class Pipeline:
                     client_gone, drain_deadline = True, ex.client_left_at + self.settings.drain_timeout_s
                 out: list[bytes] = []
                 for event in sse.feed(chunk):
-                    first_new = len(meter.text)
+                    first_new = len(meter.text) if budget is not None else 0
                     verdict = meter.on_event(event_data(event))
                     if verdict == "forward":
                         if (budget is not None and len(meter.text) > first_new

@@ -47,7 +47,11 @@ class StreamMeter:
     partial: Usage | None = None  # what the provider reported before the stream was cut (input counts)
     text: list[str] = field(default_factory=list)
     text_chars: int = 0
-    content_events: int = 0
+    content_events: int = 0  # how many events carried output (only "none yet" or "some" is relied on)
+    # Set by the relay when nothing reads ``text`` while the stream runs (no mid-stream budget): a meter may
+    # then keep the bytes of events that carry only text and read them only if ``delivered_output_tokens``
+    # is ever asked for (a stream that ended without the provider's usage).
+    lazy_text: bool = False
 
     def on_event(self, data: bytes | None) -> Verdict:
         raise NotImplementedError

@@ -131,10 +131,21 @@ class OpenAIStreamMeter(StreamMeter):
     injected_usage: bool = False
     head: dict[str, Any] = field(default_factory=dict)  # id, object, created, model of the stream's chunks
     indexes: set[int] = field(default_factory=set)  # the choices seen, each to be finished on a stop
+    unread: list[bytes] = field(default_factory=list)  # with lazy_text: text-only chunks not parsed yet
+    unread_bytes: int = 0
 
     def on_event(self, data: bytes | None) -> Verdict:
         if data == b"[DONE]":
             return "final"
+        if self.lazy_text and self.content_events and data is not None and _no_usage(data):
+            # Past the first chunk, one without usage only adds text. Most streams end with the provider's
+            # usage and never need that text, so it is parsed only if asked for (bounded: read when large).
+            self.unread.append(data)
+            self.unread_bytes += len(data)
+            self.content_events += 1
+            if self.unread_bytes > self.max_text_chars:
+                self._read_unread()
+            return "forward"
         chunk = load_json(data) if data is not None else None
         if not isinstance(chunk, dict):
             return "forward"
@@ -147,6 +158,8 @@ class OpenAIStreamMeter(StreamMeter):
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices:
             self.content_events += 1
+            if self.unread:
+                self._read_unread()  # the text stays in stream order
             for choice in choices:
                 if isinstance(choice, dict):
                     if isinstance(choice.get("index"), int):
@@ -156,9 +169,27 @@ class OpenAIStreamMeter(StreamMeter):
             return "drop"  # the usage-only chunk the client never asked for
         return "forward"
 
+    def delivered_output_tokens(self, model: str) -> int:
+        self._read_unread()
+        return StreamMeter.delivered_output_tokens(self, model)
+
+    def _read_unread(self) -> None:
+        """Parse the chunks kept unread, in order, as :meth:`on_event` would have (they carry no usage)."""
+        for data in self.unread:
+            chunk = load_json(data)
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            for choice in choices if isinstance(choices, list) else ():
+                if isinstance(choice, dict):
+                    if isinstance(choice.get("index"), int):
+                        self.indexes.add(choice["index"])
+                    self._collect(choice)
+        self.unread.clear()
+        self.unread_bytes = 0
+
     def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
         """``finish_reason: "length"`` on every choice (what the SDKs know as "stopped at a limit"), the
         notice beside it, the delivered usage when the client asked for usage chunks, then ``[DONE]``."""
+        self._read_unread()
         head = {"id": "", "object": "chat.completion.chunk", "created": 0, "model": "", **self.head}
         chat = head["object"] == "chat.completion.chunk"
         finish: list[dict[str, Any]] = [
@@ -182,6 +213,14 @@ class OpenAIStreamMeter(StreamMeter):
                     self.collect(call["function"].get("name"))
                     self.collect(call["function"].get("arguments"))
         self.collect(choice.get("text"))
+
+
+def _no_usage(data: bytes) -> bool:
+    """True when the chunk cannot carry a usage: no ``"usage"`` key at all, or exactly one, set to null (what
+    OpenAI and vLLM put in every chunk of a stream that asked for usage). Quotes inside strings are escaped,
+    so text that mentions "usage" never matches."""
+    count = data.count(b'"usage"')
+    return count == 0 or (count == 1 and (b'"usage":null' in data or b'"usage": null' in data))
 
 
 class OpenAIAdapter:
