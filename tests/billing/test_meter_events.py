@@ -49,7 +49,9 @@ async def test_exactly_one_event_per_request_through_an_outage_a_restart_and_a_s
     # Third process: Stripe is back but slow — it accepts each event and answers after the client gave up,
     # so every event is sent again and Stripe refuses the duplicate identifier.
     fake_stripe.meter_outage_status = None
-    fake_stripe.meter_delay_s = 1.0
+    # Six times the reporter's send timeout (0.5 s): even on a loaded machine, whose event loop can run the
+    # timeout and the late answer in one iteration, the answer is never the one that arrives first.
+    fake_stripe.meter_delay_s = 3.0
     third = await start_billgate(upstream, db, fake_stripe)
     after = [await ask(third, "inv")]
 
