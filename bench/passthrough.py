@@ -51,5 +51,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the event loop; the default matches metergate's own default (event_loop)")
     args = parser.parse_args()
-    web.run_app(build_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(build_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)

@@ -88,8 +88,9 @@ class Servers:
     """The three server processes, started pinned, stopped by their own pids."""
 
     def __init__(self, workdir: Path, server_cpus: str | None, metergate_log_level: str,
-                 metergate_settings: dict[str, Any] | None = None) -> None:
+                 metergate_settings: dict[str, Any] | None = None, passthrough_loop: str = "uvloop") -> None:
         self.workdir = workdir
+        self.passthrough_loop = passthrough_loop
         self.extra = metergate_settings or {}
         self.server_cpus = server_cpus
         self.log_level = metergate_log_level
@@ -108,7 +109,7 @@ class Servers:
         up = f"http://127.0.0.1:{self.ports['upstream']}"
         self._spawn("upstream", [str(HERE / "upstream.py"), "--port", str(self.ports["upstream"])])
         self._spawn("passthrough", [str(HERE / "passthrough.py"), "--port", str(self.ports["passthrough"]),
-                                    "--upstream", up])
+                                    "--upstream", up, "--loop", self.passthrough_loop])
         config = {
             "host": "127.0.0.1", "port": self.ports["metergate"],
             "database_url": f"sqlite+aiosqlite:///{self.db_path}",
@@ -437,6 +438,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="before starting, wait up to this long for other load on the machine to drop")
     parser.add_argument("--metergate-set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                         help="a top-level metergate setting for the run, e.g. sqlite_writer=thread (repeatable)")
+    parser.add_argument("--passthrough-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the pass-through's event loop (default uvloop, as metergate's event_loop default)")
     parser.add_argument("--json", type=Path, help="also write every per-round cell and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, ledger.db)")
     args = parser.parse_args(argv)
@@ -478,7 +481,8 @@ def machine_notes(args: argparse.Namespace) -> str:
             f"pinning: {pin}\n"
             f"metergate: `python -m metergate serve`, SQLite ledger (WAL) in a temp dir, log level "
             f"{args.metergate_log_level}; customer header identification, test mode"
-            + "".join(f"; {k}={v}" for k, v in args.metergate_set))
+            + "".join(f"; {k}={v}" for k, v in args.metergate_set)
+            + f"\npassthrough: bench/passthrough.py on the {args.passthrough_loop} event loop")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -491,7 +495,8 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     workdir = Path(tempfile.mkdtemp(prefix="metergate-bench-"))
-    servers = Servers(workdir, server_cpus, args.metergate_log_level, dict(args.metergate_set))
+    servers = Servers(workdir, server_cpus, args.metergate_log_level, dict(args.metergate_set),
+                      passthrough_loop=args.passthrough_loop)
     cells: list[Cell] = []
     started = time.monotonic()
     cell_count = args.rounds * len(stream_modes) * len(args.concurrency) * len(TARGETS)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # The shutdown timeout is what handlers get after the drain (drain_deadline_s, in the app's on_shutdown):
     # requests that never reached a hold — admin calls, bodies still arriving — not streams.
     run_app(build_app(settings), host=settings.host, port=settings.port, backlog=settings.listen_backlog,
-            shutdown_timeout=_HANDLER_GRACE_S)
+            shutdown_timeout=_HANDLER_GRACE_S, event_loop=settings.event_loop)
     logging.getLogger("metergate").info("metergate stopped")
     return 0
 

@@ -146,6 +146,7 @@ async def _serve_forever(app: web.Application, host: str, port: int, backlog: in
     # task at once — in-flight requests and settlements included — instead of draining them.)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner = JsonErrorAppRunner(app, handle_signals=False, **runner_kwargs)
@@ -160,9 +161,24 @@ async def _serve_forever(app: web.Application, host: str, port: int, backlog: in
             loop.remove_signal_handler(sig)
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the event loop named ``uvloop`` or ``asyncio`` (``None``: asyncio's default). uvloop
+    runs the same aiohttp code with less CPU per request (bench/README.md); without it, asyncio's loop."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("event_loop: uvloop is not installed; running on asyncio's loop")
+            return None
+        return uvloop.new_event_loop
+    return None
+
+
 def run_app(app: web.Application, *, host: str, port: int, backlog: int = 128, shutdown_timeout: float = 60.0,
-            keepalive_timeout: float = 75.0, **runner_kwargs: Any) -> None:
-    """``web.run_app(app, host=..., port=...)`` on :class:`JsonErrorAppRunner`; returns on SIGINT/SIGTERM."""
-    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
-        asyncio.run(_serve_forever(app, host, port, backlog, shutdown_timeout=shutdown_timeout,
-                                   keepalive_timeout=keepalive_timeout, **runner_kwargs))
+            keepalive_timeout: float = 75.0, event_loop: str = "asyncio", **runner_kwargs: Any) -> None:
+    """``web.run_app(app, host=..., port=...)`` on :class:`JsonErrorAppRunner`, on the event loop named by
+    ``event_loop``; returns on SIGINT/SIGTERM."""
+    with (contextlib.suppress(web.GracefulExit, KeyboardInterrupt),
+          asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner):
+        runner.run(_serve_forever(app, host, port, backlog, shutdown_timeout=shutdown_timeout,
+                                  keepalive_timeout=keepalive_timeout, **runner_kwargs))

@@ -41,8 +41,9 @@ class Server:
 Start = Callable[[float], Awaitable[Server]]
 
 
-@pytest.fixture
-async def serve(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Start]:
+@pytest.fixture(params=["uvloop", "asyncio"])
+async def serve(request: pytest.FixtureRequest, upstream: Upstream, tmp_path: Path) -> AsyncIterator[Start]:
+    """``metergate serve`` on each event loop it offers (``event_loop``): the drain must not depend on it."""
     started: list[Server] = []
 
     async def start(drain_deadline_s: float) -> Server:
@@ -51,6 +52,7 @@ async def serve(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Start]:
         config = tmp_path / "metergate.yaml"
         config.write_text(yaml.safe_dump({
             "port": port, "database_url": database_url, "drain_deadline_s": drain_deadline_s,
+            "event_loop": request.param,
             "routes": [{"prefix": "/openai", "upstream": upstream.url, "api_key": "sk-upstream-" + "k" * 20}],
             "pricing": DEFAULT_PRICING, "admin_keys": [ADMIN_KEY], "portal_secrets": {"k1": "s" * 40}}))
         log = tmp_path / "metergate.log"
@@ -67,6 +69,7 @@ async def serve(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Start]:
                         break
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
+            assert ("event loop: uvloop" in log.read_text()) == (request.param == "uvloop"), log.read_text()
             admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
             created = await client.post("/admin/v1/customers", json={"id": "acme", "name": "Acme"}, headers=admin)
             assert created.status_code == 201, created.text
