@@ -66,10 +66,27 @@ class BillGate:
     async def audits(self) -> list[str]:
         return await self.gw.store.audit() + await self.billing.store.audit()
 
+    stopped: bool = False
+
     async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         await self.live.aclose()
         await self.gw.close()
         await self.runner.cleanup()
+
+
+_running: list[BillGate] = []
+
+
+@pytest.fixture(autouse=True)
+async def _stop_billgates() -> AsyncIterator[None]:
+    """Stop every gateway a test started and did not stop (it failed midway): its sockets and database
+    connections would otherwise be collected inside some later test, which then fails for them."""
+    yield
+    while _running:
+        await _running.pop().stop()
 
 
 async def start_billgate(upstream: Upstream, database_url: str, fake: FakeStripe, *,
@@ -79,7 +96,9 @@ async def start_billgate(upstream: Upstream, database_url: str, fake: FakeStripe
         fake, billing={**FAST_BILLING, **billing}, **(settings or {})))
     live = httpx.AsyncClient(base_url=f"{gw.url}/admin/v1", headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"},
                              timeout=30)
-    return BillGate(gw, runner, live)
+    bg = BillGate(gw, runner, live)
+    _running.append(bg)
+    return bg
 
 
 @pytest.fixture
