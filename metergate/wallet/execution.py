@@ -72,7 +72,6 @@ WAL_AUTOCHECKPOINT_PAGES = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-
 def json_dumps(value: Any) -> str:
     """How JSON columns are written, on every engine and on the direct path alike: a value JSON has no type
     for (a ``Decimal`` in a usage record's detail) is written as its string."""

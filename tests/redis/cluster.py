@@ -96,6 +96,15 @@ class Cluster:
                                 run_sink=False)
 
 
+async def keep_chatting(client: httpx.AsyncClient, cluster: Cluster, worker: int, statuses: list[int],
+                        stop: asyncio.Event) -> None:
+    """One worker of a steady load on ``acme``: slowed chats through the proxies in turn, until ``stop``,
+    each answer's status appended to ``statuses`` (0: the connection failed)."""
+    while not stop.is_set():
+        url = cluster.proxies[worker % len(cluster.proxies)].url
+        statuses.append(await chat(client, url, "acme", "slow:0.05,words:3"))
+
+
 async def chat(client: httpx.AsyncClient, url: str, customer: str, behavior: str = "words:3",
                stream: bool = False) -> int:
     body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 20}

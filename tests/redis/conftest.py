@@ -18,6 +18,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
 from tests.conftest import IN_CI, _reset_pg, free_port
@@ -99,19 +100,12 @@ def redis_server(redis_url: str, tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 @pytest.fixture
-async def rstore(sql_url: str, redis_url: str, prefix: str) -> AsyncIterator[RedisWalletStore]:
-    if sql_url.startswith("postgresql"):
-        await _reset_pg(sql_url)
-    store = RedisWalletStore(BatchingSqlWalletStore(sql_url), redis_url, prefix=prefix, shards=4)
+async def rstore(store_url: str, redis_url: str, prefix: str) -> AsyncIterator[RedisWalletStore]:
+    """Over SQLite and over PostgreSQL (``store_url``'s parameters)."""
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+    store = RedisWalletStore(BatchingSqlWalletStore(store_url), redis_url, prefix=prefix, shards=4)
     await store.open()
     yield store
     await store.close()
@@ -127,3 +121,16 @@ async def drained(store: RedisWalletStore, timeout_s: float = 20) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the ledger sink did not drain in {timeout_s} s: {lengths}")
+
+
+async def racing_reserves(store: RedisWalletStore, n: int, amount: int, *, customer: str = "acme") -> list[bool]:
+    """``n`` holds of ``amount`` placed at once (ids ``c0``...); which ones the wallet admitted."""
+
+    async def one(i: int) -> bool:
+        try:
+            await store.reserve("test", customer, "USD", amount, hold_id=f"c{i}", ttl_ms=60_000)
+            return True
+        except InsufficientFunds:
+            return False
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from metergate.wallet.redis.reconcile import reconcile
 from metergate.wallet.redis.store import RedisWalletStore
 from tests.conftest import Upstream, _reset_pg
-from tests.redis.cluster import Cluster, chat, wait_drained
+from tests.redis.cluster import Cluster, chat, keep_chatting, wait_drained
 from tests.redis.conftest import RedisServer
 
 pytestmark = pytest.mark.postgres
@@ -78,12 +78,8 @@ async def test_flushall_and_restart_under_load_leave_no_drift(cluster: Cluster, 
     statuses: list[int] = []
     stop = asyncio.Event()
 
-    async def load(client: httpx.AsyncClient, i: int) -> None:
-        while not stop.is_set():
-            statuses.append(await chat(client, cluster.proxies[i % 2].url, "acme", "slow:0.05,words:3"))
-
     async with httpx.AsyncClient(timeout=30) as client:
-        workers = [asyncio.create_task(load(client, i)) for i in range(24)]
+        workers = [asyncio.create_task(keep_chatting(client, cluster, i, statuses, stop)) for i in range(24)]
         await asyncio.sleep(2)
         r = aioredis.from_url(redis_server.url)
         await r.flushall()

@@ -23,7 +23,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import IN_CI, Upstream, free_port
-from tests.redis.cluster import SHARDS, Cluster, chat
+from tests.redis.cluster import SHARDS, Cluster, keep_chatting
 from tests.redis.test_faults import FAST, FUNDS, check_exact
 
 pytestmark = pytest.mark.slow
@@ -84,15 +84,11 @@ async def test_postgres_down_for_a_minute_loses_no_usage(cluster: Cluster,
     statuses: list[int] = []
     stop = asyncio.Event()
 
-    async def load(client: httpx.AsyncClient, i: int) -> None:
-        while not stop.is_set():
-            statuses.append(await chat(client, cluster.proxies[i % 2].url, "acme", "slow:0.05,words:3"))
-
     store = cluster.store()
     await store.open()
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            workers = [asyncio.create_task(load(client, i)) for i in range(8)]
+            workers = [asyncio.create_task(keep_chatting(client, cluster, i, statuses, stop)) for i in range(8)]
             await asyncio.sleep(3)
             await asyncio.to_thread(subprocess.run, stop_pg, check=True, capture_output=True)
             before = len(statuses)

@@ -17,7 +17,7 @@ from metergate.wallet.errors import HoldNotFound, IdempotencyConflict, Insuffici
 from metergate.wallet.models import UsageRecord, now_ms
 from metergate.wallet.redis.reconcile import reconcile
 from metergate.wallet.redis.store import RedisWalletStore
-from tests.redis.conftest import drained
+from tests.redis.conftest import drained, racing_reserves
 
 MODE, ASSET = "test", "USD"
 
@@ -122,15 +122,7 @@ async def test_expiry_releases_the_hold_in_redis_and_in_sql(rstore: RedisWalletS
 async def test_concurrent_reserves_never_overspend(rstore: RedisWalletStore) -> None:
     k, n, amount = 37, 300, 25
     await funded(rstore, amount=k * amount)
-
-    async def one(i: int) -> bool:
-        try:
-            await rstore.reserve(MODE, "acme", ASSET, amount, hold_id=f"c{i}", ttl_ms=60_000)
-            return True
-        except InsufficientFunds:
-            return False
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(n)))
+    outcomes = await racing_reserves(rstore, n, amount)
     assert outcomes.count(True) == k
     bal = await rstore.balance(MODE, "acme", ASSET)
     assert (bal.available, bal.debits_pending) == (0, k * amount)

@@ -38,7 +38,7 @@ from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.reconcile import reconcile
 from metergate.wallet.redis.store import RedisWalletStore, WalletRef, WalletUnavailable
 from tests.conftest import IN_CI, free_port
-from tests.redis.conftest import drained
+from tests.redis.conftest import drained, racing_reserves
 
 MODE: Mode = "test"
 ASSET = "USD"
@@ -293,15 +293,7 @@ async def test_lifecycle_replays_and_conflicts(tstore: RedisWalletStore) -> None
 async def test_concurrent_reserves_never_overspend(tstore: RedisWalletStore) -> None:
     k, n, amount = 23, 200, 25
     await funded(tstore, "acme", k * amount)
-
-    async def one(i: int) -> bool:
-        try:
-            await tstore.reserve(MODE, "acme", ASSET, amount, hold_id=f"c{i}", ttl_ms=60_000)
-            return True
-        except InsufficientFunds:
-            return False
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(n)))
+    outcomes = await racing_reserves(tstore, n, amount)
     assert outcomes.count(True) == k
     bal = await tstore.balance(MODE, "acme", ASSET)
     assert (bal.available, bal.debits_pending) == (0, k * amount)

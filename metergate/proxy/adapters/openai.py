@@ -160,11 +160,7 @@ class OpenAIStreamMeter(StreamMeter):
             self.content_events += 1
             if self.unread:
                 self._read_unread()  # the text stays in stream order
-            for choice in choices:
-                if isinstance(choice, dict):
-                    if isinstance(choice.get("index"), int):
-                        self.indexes.add(choice["index"])
-                    self._collect(choice)
+            self._take(choices)
         elif self.injected_usage and usage is not None:
             return "drop"  # the usage-only chunk the client never asked for
         return "forward"
@@ -178,13 +174,18 @@ class OpenAIStreamMeter(StreamMeter):
         for data in self.unread:
             chunk = load_json(data)
             choices = chunk.get("choices") if isinstance(chunk, dict) else None
-            for choice in choices if isinstance(choices, list) else ():
-                if isinstance(choice, dict):
-                    if isinstance(choice.get("index"), int):
-                        self.indexes.add(choice["index"])
-                    self._collect(choice)
+            if isinstance(choices, list):
+                self._take(choices)
         self.unread.clear()
         self.unread_bytes = 0
+
+    def _take(self, choices: list[Any]) -> None:
+        """Note each choice's index (to finish it on a stop) and collect its text."""
+        for choice in choices:
+            if isinstance(choice, dict):
+                if isinstance(choice.get("index"), int):
+                    self.indexes.add(choice["index"])
+                self._collect(choice)
 
     def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
         """``finish_reason: "length"`` on every choice (what the SDKs know as "stopped at a limit"), the
