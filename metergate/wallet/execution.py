@@ -57,6 +57,8 @@ from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import UpdateBase
 
+from metergate.observability.threads import name_os_thread
+
 log = logging.getLogger(__name__)
 
 # At most this many operations share one write transaction. It bounds how long one COMMIT holds
@@ -64,6 +66,12 @@ log = logging.getLogger(__name__)
 # behind the others of its batch: at 30-100 us of writer time per operation, 64 is 2-6 ms. Beyond a
 # few dozen the saving per operation is small (bench/wallet_ops.py).
 WRITE_BATCH_MAX = 64
+
+# The writer's and the checkpointer's names as the kernel shows them (``top -H``, /proc/<pid>/task/*/comm):
+# the writer's CPU is the ledger's share of a request (bench/run.py reads it by this name).
+WRITER_THREAD = "mg-sql-writer"
+CHECKPOINT_THREAD = "mg-sql-ckpt"
+READER_THREAD = "mg-sql-reader"
 
 # WAL checkpoints (see the module docstring): the checkpointer's period, the WAL size (pages) at which the
 # writer checkpoints inside a COMMIT (SQLite's default is 1000), the size a restarted WAL is truncated to.
@@ -233,6 +241,7 @@ class SqliteWriter:
     # ------------------------------------------------------------------ on the writer thread
 
     def _main(self) -> None:
+        name_os_thread(WRITER_THREAD)
         conn: Connection | None = None
         batch: list[_Op] = []
         stopping = False
@@ -315,6 +324,7 @@ class SqliteWriter:
     def _checkpoint_main(self) -> None:
         """Every interval in which batches were committed, a PASSIVE checkpoint on a connection of its own."""
         assert self._checkpoint_path is not None and self._checkpoint_interval_s is not None
+        name_os_thread(CHECKPOINT_THREAD)
         checkpointed = 0
         con = sqlite3.connect(self._checkpoint_path, isolation_level=None, check_same_thread=False)
         try:
@@ -381,4 +391,4 @@ def _rolled_back(conn: Connection) -> Connection | None:
     return conn
 
 
-__all__ = ["WRITE_BATCH_MAX", "Prepared", "SqliteWriter"]
+__all__ = ["CHECKPOINT_THREAD", "READER_THREAD", "WRITER_THREAD", "WRITE_BATCH_MAX", "Prepared", "SqliteWriter"]

@@ -48,6 +48,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from metergate.observability.threads import name_os_thread
 from metergate.wallet import schema as t
 from metergate.wallet.audit import audit_ledger, upgrade_v1_to_v2
 from metergate.wallet.errors import (
@@ -59,7 +60,14 @@ from metergate.wallet.errors import (
     IdempotencyConflict,
     InsufficientFunds,
 )
-from metergate.wallet.execution import CHECKPOINT_INTERVAL_S, WRITE_BATCH_MAX, Prepared, SqliteWriter, json_dumps
+from metergate.wallet.execution import (
+    CHECKPOINT_INTERVAL_S,
+    READER_THREAD,
+    WRITE_BATCH_MAX,
+    Prepared,
+    SqliteWriter,
+    json_dumps,
+)
 from metergate.wallet.grants import (
     ORDERS,
     PURPOSES,
@@ -173,7 +181,8 @@ class SqlWalletStore:
             self._writer = SqliteWriter(self._sync_writer, batch_max=self._write_batch_max, fast=self._sqlite_fast,
                                         checkpoint_interval_s=self._sqlite_checkpoint_s)
             self._writer.start()
-            self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader")
+            self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader",
+                                                    initializer=name_os_thread, initargs=(READER_THREAD,))
         else:
             self._async = create_async_engine(self._url, pool_size=self._pool_size, max_overflow=self._pool_size,
                                               json_serializer=json_dumps,
