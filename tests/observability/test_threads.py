@@ -3,6 +3,7 @@ told from the event loop's; bench/run.py reads the writer's CPU by that name."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -20,10 +21,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 def kernel_thread_names() -> list[str]:
     names = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
             names.append((task / "comm").read_text().strip())
-        except OSError:  # a thread that ended meanwhile
-            pass
     return names
 
 
