@@ -191,6 +191,27 @@ class PricingService:
         """A proxy request's terms; 400 ``unknown_model`` when no rule prices it (as in version 0). Besides its
         own attributes, the request has one per ``pricing.attribute_headers`` entry whose header it carries."""
         attributes = {"type": "request", "model": model, "endpoint": endpoint, "route": route, "provider": provider}
+        resolved = await self.resolve(mode, customer_id, self._with_request_attributes(attributes, feature, headers))
+        if resolved is None:
+            raise BadRequest(f"Model {model!r} has no price on this gateway.", code="unknown_model", param="model")
+        return resolved
+
+    async def resolve_compute(self, mode: Mode, customer_id: str, *, route: str, provider: str, path: str,
+                              feature: str | None, headers: Mapping[str, str] | None = None) -> Resolved | None:
+        """A compute request's terms, when the rule chosen for it names ``type: compute``; ``None`` leaves the
+        request to its route's ``unit_price``. Only such a rule applies: a catch-all rule written for token
+        requests (no ``type``) would otherwise price GPU time by token rates it has none of. The quantities a
+        compute rule prices are ``units`` (seconds, or the units the upstream reports) and ``requests`` (1)."""
+        attributes = {"type": "compute", "route": route, "provider": provider, "path": path[:128]}
+        resolved = await self.resolve(mode, customer_id, self._with_request_attributes(attributes, feature, headers))
+        if resolved is None or ("type", "compute") not in resolved.rule.match:
+            return None
+        return resolved
+
+    def _with_request_attributes(self, attributes: dict[str, str], feature: str | None,
+                                 headers: Mapping[str, str] | None) -> dict[str, str]:
+        """Add the attribution header's feature and one attribute per ``pricing.attribute_headers`` entry whose
+        header the request carries."""
         if feature:
             attributes["feature"] = feature[:128]
         if headers is not None:
@@ -198,10 +219,7 @@ class PricingService:
                 value = headers.get(header)
                 if value:
                     attributes[name] = value[:128]
-        resolved = await self.resolve(mode, customer_id, attributes)
-        if resolved is None:
-            raise BadRequest(f"Model {model!r} has no price on this gateway.", code="unknown_model", param="model")
-        return resolved
+        return attributes
 
     def request_price(self, resolved: Resolved, usage: Usage, provider: str, model: str) -> Price:
         """A proxy request's price for ``usage``; raises :class:`CostUnknown` for a cost-plus rule whose provider

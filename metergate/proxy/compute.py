@@ -1,11 +1,18 @@
 """Generic compute endpoints: prepaid metering for GPU jobs, inference servers, any HTTP API.
 
-A compute route is metered in units of its own asset (e.g. ``GPU_SECONDS``): wall-clock seconds that
-metergate measures around the upstream exchange (``meter: time``), a number the upstream returns in a
-header or a JSON field, or one per request. The hold covers ``hold_units`` up front; a timed request
-that outruns it extends the hold by ``extend_units`` before it runs out, and when the wallet cannot
-cover the next increment the job is stopped — a GPU job halts at zero instead of running up debt. The
-time actually used is billed either way.
+A compute route is metered in units: wall-clock seconds that metergate measures around the upstream
+exchange (``meter: time``), a number the upstream returns in a header or a JSON field, or one per request.
+The hold covers ``hold_units`` up front; a timed request that outruns it extends the hold by
+``extend_units`` before it runs out, and when the wallet cannot cover the next increment the job is
+stopped — a GPU job halts at zero instead of running up debt. The time actually used is billed either way.
+
+What units cost: by default ``units x unit_price`` in the route's own asset (e.g. ``GPU_SECONDS``). A
+published price version that has a rule naming ``type: compute`` (and, say, ``route: /gpu``) prices the
+route's requests instead, with everything a rule can do (an asset of its own such as USD, per-request
+fees, volume tiers, minimums, cost-plus over ``cost_per_unit_usd``) over the quantities ``units`` and
+``requests``. Every amount is the price of a number of units: the hold is the price of ``hold_units``, an
+extension the price of the units then covered minus what is held, the charge the price of the units used.
+A request that failed upstream is charged nothing, fees included.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import aiohttp
 from aiohttp import web
 
 from metergate.config.routes import ComputeSettings, RouteMatch
-from metergate.errors import BadGateway, GatewayTimeout
+from metergate.errors import BadGateway, BadRequest, GatewayTimeout
 from metergate.money import COST_SCALE, format_minor, to_minor
+from metergate.pricing.engine import CostUnknown
+from metergate.pricing.service import Resolved
 from metergate.proxy import headers as hh
 from metergate.proxy.identify import Identity
 from metergate.proxy.settlement import settle_with_retries
@@ -39,12 +48,44 @@ _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionR
 _EXTEND_LEAD_S = Decimal("0.5")  # extend this long before the held time runs out
 
 
+@dataclass(frozen=True, slots=True)
+class UnitPrice:
+    """What units of one compute request cost, in the smallest unit of ``asset``: the price rule chosen for it
+    (``terms``), else its route's ``unit_price``."""
+
+    config: ComputeSettings
+    terms: Resolved | None
+    asset: str
+    scale: int
+
+    def cost_nanos(self, units: Decimal) -> int | None:
+        per_unit = self.config.cost_per_unit_usd
+        return to_minor(units * per_unit, COST_SCALE) if per_unit is not None else None
+
+    def of(self, units: Decimal) -> int:
+        """Raises ``CostUnknown`` for a cost-plus rule on a route without ``cost_per_unit_usd``."""
+        if self.terms is None:
+            return to_minor(units * self.config.unit_price, self.scale)
+        return self.terms.price(quantities(units), self.cost_nanos(units)).amount
+
+    def detail(self) -> dict[str, Any]:
+        if self.terms is None:
+            return {"unit_price": str(self.config.unit_price)}
+        return {"price": self.terms.as_detail()}
+
+
+def quantities(units: Decimal) -> dict[str, Decimal]:
+    """A compute request's quantities for a price rule."""
+    return {"units": units, "requests": Decimal(1)}
+
+
 @dataclass(slots=True)
 class Job:
     request_id: str
     identity: Identity
     match: RouteMatch
     config: ComputeSettings
+    price: UnitPrice
     hold: Hold
     covered_units: Decimal
     started: float = field(default_factory=time.perf_counter)
@@ -60,6 +101,7 @@ class Job:
         return Decimal(str(round(end - self.started, 6)))
 
 
+
 class ComputeRelay:
     def __init__(self, pipeline: Pipeline) -> None:
         self._p = pipeline
@@ -70,10 +112,20 @@ class ComputeRelay:
         p = self._p
         identity = await p.identifier.identify(request)
         body = await p._read_body(request, json_only=False)
-        scale = p.settings.asset(config.asset).scale
+        terms = await p.prices.resolve_compute(
+            identity.mode, identity.customer_id, route=match.route.prefix, provider=match.route.provider_id,
+            path=match.upstream_path or "/", feature=request.headers.get(p.settings.attribution_header),
+            headers=request.headers)
+        price = UnitPrice(config, terms, terms.asset, terms.scale) if terms is not None else UnitPrice(
+            config, None, config.asset, p.settings.asset(config.asset).scale)
         held_units = config.hold_units if config.meter != "request" else Decimal(1)
-        hold = await p._authorize(identity, request_id, to_minor(held_units * config.unit_price, scale), config.asset)
-        job = Job(request_id, identity, match, config, hold, held_units)
+        try:
+            held = price.of(held_units)
+        except CostUnknown:
+            raise BadRequest(f"Route {match.route.prefix} is priced over its provider cost, which it does not "
+                             "configure (cost_per_unit_usd).", code="unknown_cost") from None
+        hold = await p._authorize(identity, request_id, held, price.asset)
+        job = Job(request_id, identity, match, config, price, hold, held_units)
         relay = asyncio.create_task(self._relay(request, body, job))
         extender = asyncio.create_task(self._extend(job, relay)) if config.meter == "time" else None
         response: web.StreamResponse | None = None
@@ -90,7 +142,7 @@ class ComputeRelay:
                 extender.cancel()
             await asyncio.shield(self._settle(job))
         if response is None or not response.prepared:
-            short = InsufficientFunds(asset=config.asset, available=0, required=job.hold.amount)
+            short = InsufficientFunds(asset=job.price.asset, available=0, required=job.hold.amount)
             raise p.insufficient(identity, short)
         # The body ends only now, after settlement: a client that has the whole answer sees it billed.
         with contextlib.suppress(*_CLIENT_GONE):
@@ -121,7 +173,7 @@ class ComputeRelay:
         response = job.response = web.StreamResponse(status=upstream.status,
                                                      headers=hh.client_response_headers(upstream.headers))
         response.headers["X-Metergate-Request-Id"] = job.request_id
-        response.headers["X-Metergate-Asset"] = job.config.asset
+        response.headers["X-Metergate-Asset"] = job.price.asset
         buffered: list[bytes] = []
         try:
             if job.config.meter == "header":
@@ -157,15 +209,17 @@ class ComputeRelay:
     async def _extend(self, job: Job, relay: asyncio.Task[web.StreamResponse]) -> None:
         """Keep the hold ahead of the clock; stop the job when the wallet cannot cover the next step."""
         p, config = self._p, job.config
-        scale = p.settings.asset(config.asset).scale
         while True:
             wait = float(job.covered_units - _EXTEND_LEAD_S - job.elapsed_s())
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                step = to_minor(config.extend_units * config.unit_price, scale)
-                job.hold = await p.store.extend_hold(job.hold.id, step, step=job.extensions + 1,
-                                                     ttl_ms=p.settings.hold_ttl_s * 1000)
+                # What the units then covered cost, less what is held: under a volume tier or a minimum the
+                # next step can cost nothing more (then the hold stays as it is).
+                step = job.price.of(job.covered_units + config.extend_units) - job.hold.amount
+                if step > 0:
+                    job.hold = await p.store.extend_hold(job.hold.id, step, step=job.extensions + 1,
+                                                         ttl_ms=p.settings.hold_ttl_s * 1000)
             except InsufficientFunds:
                 log.info("%s: wallet cannot cover the next %s units; stopping the job", job.request_id,
                          config.extend_units)
@@ -182,7 +236,6 @@ class ComputeRelay:
 
     async def _settle(self, job: Job) -> Settlement | None:
         p, config = self._p, job.config
-        scale = p.settings.asset(config.asset).scale
         succeeded = 0 < job.status < 400
         if config.meter == "time":
             units: Decimal | None = job.elapsed_s() if (succeeded or job.stopped_for_funds) else Decimal(0)
@@ -196,20 +249,23 @@ class ComputeRelay:
         if units is None:
             log.warning("%s: the upstream reported no units; nothing billed", job.request_id)
             units, source = Decimal(0), "none"
-        price = to_minor(units * config.unit_price, scale)
-        cost = to_minor(units * config.cost_per_unit_usd, COST_SCALE) if config.cost_per_unit_usd is not None else None
+        billed = succeeded or job.stopped_for_funds  # a failed request costs nothing, not even a fee
+        price = job.price.of(units) if billed else 0
+        cost = job.price.cost_nanos(units)
         record = UsageRecord(
             id=job.request_id, mode=job.identity.mode, customer_id=job.identity.customer_id, hold_id=job.hold.id,
             route=job.match.route.prefix, endpoint="compute", model=job.match.upstream_path[:128] or "/",
             feature=None, stream=False, status_code=job.status or 499, usage_source=source,  # type: ignore[arg-type]
-            tokens_input=0, tokens_cached_input=0, tokens_output=0, tokens_reasoning=0, asset=config.asset,
+            tokens_input=0, tokens_cached_input=0, tokens_output=0, tokens_reasoning=0, asset=job.price.asset,
             price_amount=price, cost_nanos=cost,
-            detail={"meter": config.meter, "units": str(units), "unit_price": str(config.unit_price),
+            detail={"meter": config.meter, "units": str(units), **job.price.detail(),
                     "held_units": str(job.covered_units), "extensions": job.extensions,
                     "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())})
         settlement = await settle_with_retries(p.store, job.hold.id, price, record)
         if settlement is not None and job.response is not None and not job.response.prepared:
-            job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, scale)
+            job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, job.price.scale)
+        if settlement is not None and billed and job.price.terms is not None:
+            await p.prices.count(job.price.terms, record.id, record.mode, record.customer_id, quantities(units))
         return settlement
 
 

@@ -141,3 +141,94 @@ async def test_compute_hold_is_refused_with_402_when_the_wallet_cannot_cover_it(
     assert error["code"] == "insufficient_funds" and error["asset"] == "GPU_SECONDS"
     assert error["portal_url"].startswith(gw.url + "/portal/")
     assert gw.upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------ price rules
+
+
+async def publish_rules(gw: Gateway, rules: list[dict[str, Any]]) -> None:
+    r = await gw.admin.post("/price-versions", json={"rules": rules, "note": "compute pricing"})
+    assert r.status_code == 201, r.text
+    r = await gw.admin.post(f"/price-versions/{r.json()['id']}/publish", json={})
+    assert r.status_code == 200, r.text
+
+
+async def usd_balance(gw: Gateway) -> dict[str, Any]:
+    r = await gw.admin.get("/customers/lab/balance")
+    return next((b for b in r.json()["balances"] if b["asset"] == "USD"), {"available": 0, "pending": 0})
+
+
+async def fund_usd(gw: Gateway, micros: int) -> None:
+    r = await gw.admin.post("/customers/lab/credits", json={"asset": "USD", "amount": micros,
+                                                           "idempotency_key": f"usd-{micros}"})
+    assert r.status_code == 201, r.text
+
+
+# A rule for one compute route, drawing US dollars: a cent per job plus $0.002 per unit.
+GPU_IN_USD = {"id": "gpu-usd", "match": {"type": "compute", "route": "/gpu-header"}, "asset": "USD",
+              "event_fee": "0.01", "rates": {"units": "0.002"}}
+# A catch-all rule for token requests, which must not price GPU time.
+TOKENS = {"id": "tokens", "match": {}, "asset": "USD", "per_units": "1000000", "rates": {"input_tokens": "1"}}
+
+
+async def test_a_compute_rule_prices_its_route_in_its_own_asset(gw: Gateway) -> None:
+    await publish_rules(gw, [GPU_IN_USD, TOKENS])
+    await fund(gw, 10_000)
+    await fund_usd(gw, 100_000)
+    response = await run(gw, "/gpu-header", units="7")
+    assert response.status_code == 200
+    assert response.headers["X-Metergate-Asset"] == "USD"
+    record = await only_record(gw)
+    # $0.01 + 7 x $0.002 = $0.024 = 24,000 micro-dollars
+    assert record["asset"] == "USD" and record["charged_amount"] == 24_000
+    assert record["detail"]["price"]["rule"] == "gpu-usd" and "unit_price" not in record["detail"]
+    usd = await usd_balance(gw)
+    assert usd["available"] == 100_000 - 24_000 and usd["pending"] == 0
+    assert (await gpu_balance(gw))["available"] == 10_000  # the route's own asset is not drawn
+
+
+async def test_the_hold_is_the_rules_price_of_the_held_units(gw: Gateway) -> None:
+    await publish_rules(gw, [GPU_IN_USD])
+    await fund(gw, 10_000)
+    await fund_usd(gw, 29_999)  # the hold is $0.01 + 10 held units x $0.002 = $0.03
+    response = await run(gw, "/gpu-header", units="1")
+    assert response.status_code == 402
+    error = response.json()["error"]
+    assert error["asset"] == "USD" and error["required"] == "0.030000"
+    assert gw.upstream.requests == []
+    assert (await usd_balance(gw))["available"] == 29_999
+
+
+async def test_routes_without_a_compute_rule_keep_their_unit_price(gw: Gateway) -> None:
+    await publish_rules(gw, [GPU_IN_USD, TOKENS])  # TOKENS matches every request, but names no type: compute
+    await fund(gw, 10_000)
+    response = await run(gw, "/gpu-call")
+    assert response.status_code == 200
+    record = await only_record(gw)
+    assert record["asset"] == "GPU_SECONDS" and record["charged_amount"] == 2_000
+    assert record["detail"]["unit_price"] == "2"
+
+
+async def test_a_failed_compute_request_pays_no_fee(gw: Gateway) -> None:
+    await publish_rules(gw, [GPU_IN_USD])
+    await fund_usd(gw, 100_000)
+    response = await run(gw, "/gpu-header", fail="502")
+    assert response.status_code == 502
+    record = await only_record(gw)
+    assert record["charged_amount"] == 0
+    assert (await usd_balance(gw))["available"] == 100_000
+
+
+async def test_graduated_units_carry_over_from_job_to_job(gw: Gateway) -> None:
+    tiered = {"id": "gpu-tiers", "match": {"type": "compute", "route": "/gpu-json"}, "asset": "GPU_SECONDS",
+              "tiers": [{"quantity": "units", "mode": "graduated", "period": "month", "key": "gpu",
+                         "steps": [{"up_to": "10", "rate": "1"}, {"up_to": None, "rate": "0.5"}]}]}
+    await publish_rules(gw, [tiered])
+    await fund(gw, 100_000)
+    assert (await run(gw, "/gpu-json", units="7")).status_code == 200
+    assert (await run(gw, "/gpu-json", units="7")).status_code == 200
+    records = list(reversed(await gw.usage("lab")))  # the API lists newest first
+    # 7 units at 1; then 3 more at 1 and 4 at 0.5 = 5 GPU-seconds
+    assert [r["charged_amount"] for r in records] == [7_000, 5_000]
+    assert (await gpu_balance(gw))["available"] == 100_000 - 12_000
+    assert await gw.store.audit() == []
