@@ -69,7 +69,10 @@ async def only_record(gw: Gateway) -> dict[str, Any]:
 async def test_time_metering_is_within_one_percent_of_the_measured_duration(gw: Gateway) -> None:
     await fund(gw, 60_000)
     started = time.perf_counter()
-    response = await run(gw, "/gpu", seconds="1.0")
+    # metergate's clock also runs while the request and the answer cross the network and wait for the event
+    # loops: on a loaded CI machine that took 12 ms once, more than 1% of a 1-second job. 3 s (inside the
+    # route's 5 held seconds) keeps the 1% claim and leaves 30 ms for it.
+    response = await run(gw, "/gpu", seconds="3.0")
     client_seconds = time.perf_counter() - started
     assert response.status_code == 200
     upstream_seconds = Decimal(str(response.json()["elapsed_s"]))
