@@ -172,32 +172,33 @@ class Servers:
                 proc.wait(timeout=5)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc; 0 where /proc is unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
+def _stat_seconds(stat: Path) -> float:
+    """utime + stime from a /proc ``stat`` file (a process's: all its threads; a task's: that thread)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process (all its threads), from /proc; 0 where /proc is unavailable."""
+    try:
+        return _stat_seconds(Path(f"/proc/{pid}/stat"))
+    except OSError:
+        return 0.0
+
+
 def thread_cpu_seconds(pid: int, name: str) -> float:
-    """utime + stime of the process's threads that the kernel knows by ``name`` (see
+    """CPU time of the process's threads that the kernel knows by ``name`` (see
     metergate.observability.threads); 0 when there is none or /proc is unavailable."""
-    total = 0
+    total = 0.0
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return 0.0
     for task in tasks:
-        try:
-            if (task / "comm").read_text().strip() != name:
-                continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            if (task / "comm").read_text().strip() == name:
+                total += _stat_seconds(task / "stat")
+    return total
 
 
 def machine_busy_seconds() -> float:

@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 # few dozen the saving per operation is small (bench/wallet_ops.py).
 WRITE_BATCH_MAX = 64
 
-# The writer's and the checkpointer's names as the kernel shows them (``top -H``, /proc/<pid>/task/*/comm):
-# the writer's CPU is the ledger's share of a request (bench/run.py reads it by this name).
+# The SQLite threads' names, in Python and as the kernel shows them (``top -H``, /proc/<pid>/task/*/comm; at
+# most 15 bytes): the writer's CPU is the ledger's share of a request (bench/run.py reads it by this name).
+# Reader threads are numbered after the prefix (mg-sql-reader_0, ...).
 WRITER_THREAD = "mg-sql-writer"
 CHECKPOINT_THREAD = "mg-sql-ckpt"
 READER_THREAD = "mg-sql-reader"
@@ -206,8 +207,8 @@ class SqliteWriter:
         self._checkpoint_path = database if database and database != ":memory:" else None
         self._checkpoint_interval_s = checkpoint_interval_s if self._checkpoint_path else None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="metergate-sqlite-writer", daemon=True)
-        self._checkpointer = threading.Thread(target=self._checkpoint_main, name="metergate-sqlite-checkpoint",
+        self._thread = threading.Thread(target=self._main, name=WRITER_THREAD, daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoint_main, name=CHECKPOINT_THREAD,
                                               daemon=True)
         self._stop_checkpoints = threading.Event()
         self._closed = False
@@ -241,7 +242,7 @@ class SqliteWriter:
     # ------------------------------------------------------------------ on the writer thread
 
     def _main(self) -> None:
-        name_os_thread(WRITER_THREAD)
+        name_os_thread()
         conn: Connection | None = None
         batch: list[_Op] = []
         stopping = False
@@ -324,7 +325,7 @@ class SqliteWriter:
     def _checkpoint_main(self) -> None:
         """Every interval in which batches were committed, a PASSIVE checkpoint on a connection of its own."""
         assert self._checkpoint_path is not None and self._checkpoint_interval_s is not None
-        name_os_thread(CHECKPOINT_THREAD)
+        name_os_thread()
         checkpointed = 0
         con = sqlite3.connect(self._checkpoint_path, isolation_level=None, check_same_thread=False)
         try:

@@ -181,8 +181,7 @@ class SqlWalletStore:
             self._writer = SqliteWriter(self._sync_writer, batch_max=self._write_batch_max, fast=self._sqlite_fast,
                                         checkpoint_interval_s=self._sqlite_checkpoint_s)
             self._writer.start()
-            self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="metergate-sqlite-reader",
-                                                    initializer=name_os_thread, initargs=(READER_THREAD,))
+            self._read_threads = ThreadPoolExecutor(4, thread_name_prefix=READER_THREAD, initializer=name_os_thread)
         else:
             self._async = create_async_engine(self._url, pool_size=self._pool_size, max_overflow=self._pool_size,
                                               json_serializer=json_dumps,

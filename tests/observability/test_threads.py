@@ -30,10 +30,10 @@ def test_a_thread_gets_its_name_cut_to_what_the_kernel_keeps() -> None:
     seen: list[str] = []
 
     def run() -> None:
-        assert name_os_thread("metergate-a-very-long-name")
+        assert name_os_thread()
         seen.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, name="metergate-a-very-long-name")
     thread.start()
     thread.join()
     assert seen == ["metergate-a-ver"]  # 15 bytes
@@ -48,7 +48,7 @@ async def test_the_sqlite_stores_threads_are_named(tmp_path: Path) -> None:
         names = kernel_thread_names()
         assert names.count(WRITER_THREAD) == 1
         assert names.count(CHECKPOINT_THREAD) == 1
-        assert READER_THREAD in names
+        assert any(name.startswith(READER_THREAD) for name in names)
     finally:
         await store.close()
     assert WRITER_THREAD not in kernel_thread_names()  # closed with the store

@@ -43,15 +43,16 @@ async def gw(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Gateway]:
     await runner.cleanup()
 
 
-async def fund(gw: Gateway, milli_gpu_seconds: int) -> None:
-    r = await gw.admin.post("/customers/lab/credits", json={"asset": "GPU_SECONDS", "amount": milli_gpu_seconds,
-                                                           "idempotency_key": f"gpu-{milli_gpu_seconds}"})
+async def fund(gw: Gateway, amount: int, asset: str = "GPU_SECONDS") -> None:
+    """Credit ``amount`` in the asset's smallest unit (milli-GPU-seconds, micro-dollars)."""
+    r = await gw.admin.post("/customers/lab/credits", json={"asset": asset, "amount": amount,
+                                                           "idempotency_key": f"{asset}-{amount}"})
     assert r.status_code == 201, r.text
 
 
-async def gpu_balance(gw: Gateway) -> dict[str, Any]:
+async def wallet_balance(gw: Gateway, asset: str = "GPU_SECONDS") -> dict[str, Any]:
     r = await gw.admin.get("/customers/lab/balance")
-    return next(b for b in r.json()["balances"] if b["asset"] == "GPU_SECONDS")
+    return next(b for b in r.json()["balances"] if b["asset"] == asset)
 
 
 async def run(gw: Gateway, prefix: str, **query: str) -> httpx.Response:
@@ -83,7 +84,7 @@ async def test_time_metering_is_within_one_percent_of_the_measured_duration(gw: 
     assert record["usage_source"] == "measured" and record["asset"] == "GPU_SECONDS"
     assert record["cost_nanos"] == int((Decimal(record["detail"]["units"]) * Decimal("0.0008") * 10**9)
                                        .quantize(Decimal(1), rounding="ROUND_HALF_UP"))
-    balance = await gpu_balance(gw)
+    balance = await wallet_balance(gw)
     assert balance["available"] == 60_000 - record["charged_amount"] and balance["pending"] == 0
 
 
@@ -94,7 +95,7 @@ async def test_long_job_extends_its_hold_as_it_runs(gw: Gateway) -> None:
     record = await only_record(gw)
     assert record["detail"]["extensions"] >= 2
     assert 1_900 <= record["charged_amount"] <= 2_500
-    assert (await gpu_balance(gw))["pending"] == 0
+    assert (await wallet_balance(gw))["pending"] == 0
 
 
 async def test_gpu_job_stops_at_zero_instead_of_running_up_debt(gw: Gateway) -> None:
@@ -107,7 +108,7 @@ async def test_gpu_job_stops_at_zero_instead_of_running_up_debt(gw: Gateway) -> 
     record = await only_record(gw)
     assert record["detail"]["stopped_for_funds"] is True
     assert record["charged_amount"] <= 1_500 and record["written_off_amount"] == 0
-    balance = await gpu_balance(gw)
+    balance = await wallet_balance(gw)
     assert balance["available"] >= 0 and balance["pending"] == 0
     assert balance["available"] == 1_500 - record["charged_amount"]
 
@@ -124,7 +125,7 @@ async def test_reported_units_and_per_request_pricing(gw: Gateway, prefix: str, 
     assert response.status_code == 200 and response.json()["status"] == "running"
     record = await only_record(gw)
     assert record["charged_amount"] == expected
-    assert (await gpu_balance(gw))["available"] == 10_000 - expected
+    assert (await wallet_balance(gw))["available"] == 10_000 - expected
 
 
 async def test_compute_upstream_error_is_relayed_and_free(gw: Gateway) -> None:
@@ -133,7 +134,7 @@ async def test_compute_upstream_error_is_relayed_and_free(gw: Gateway) -> None:
     assert response.status_code == 503
     record = await only_record(gw)
     assert record["charged_amount"] == 0
-    assert (await gpu_balance(gw))["available"] == 10_000
+    assert (await wallet_balance(gw))["available"] == 10_000
 
 
 async def test_compute_hold_is_refused_with_402_when_the_wallet_cannot_cover_it(gw: Gateway) -> None:
@@ -156,17 +157,6 @@ async def publish_rules(gw: Gateway, rules: list[dict[str, Any]]) -> None:
     assert r.status_code == 200, r.text
 
 
-async def usd_balance(gw: Gateway) -> dict[str, Any]:
-    r = await gw.admin.get("/customers/lab/balance")
-    return next((b for b in r.json()["balances"] if b["asset"] == "USD"), {"available": 0, "pending": 0})
-
-
-async def fund_usd(gw: Gateway, micros: int) -> None:
-    r = await gw.admin.post("/customers/lab/credits", json={"asset": "USD", "amount": micros,
-                                                           "idempotency_key": f"usd-{micros}"})
-    assert r.status_code == 201, r.text
-
-
 # A rule for one compute route, drawing US dollars: a cent per job plus $0.002 per unit.
 GPU_IN_USD = {"id": "gpu-usd", "match": {"type": "compute", "route": "/gpu-header"}, "asset": "USD",
               "event_fee": "0.01", "rates": {"units": "0.002"}}
@@ -177,7 +167,7 @@ TOKENS = {"id": "tokens", "match": {}, "asset": "USD", "per_units": "1000000", "
 async def test_a_compute_rule_prices_its_route_in_its_own_asset(gw: Gateway) -> None:
     await publish_rules(gw, [GPU_IN_USD, TOKENS])
     await fund(gw, 10_000)
-    await fund_usd(gw, 100_000)
+    await fund(gw, 100_000, "USD")
     response = await run(gw, "/gpu-header", units="7")
     assert response.status_code == 200
     assert response.headers["X-Metergate-Asset"] == "USD"
@@ -185,21 +175,21 @@ async def test_a_compute_rule_prices_its_route_in_its_own_asset(gw: Gateway) -> 
     # $0.01 + 7 x $0.002 = $0.024 = 24,000 micro-dollars
     assert record["asset"] == "USD" and record["charged_amount"] == 24_000
     assert record["detail"]["price"]["rule"] == "gpu-usd" and "unit_price" not in record["detail"]
-    usd = await usd_balance(gw)
+    usd = await wallet_balance(gw, "USD")
     assert usd["available"] == 100_000 - 24_000 and usd["pending"] == 0
-    assert (await gpu_balance(gw))["available"] == 10_000  # the route's own asset is not drawn
+    assert (await wallet_balance(gw))["available"] == 10_000  # the route's own asset is not drawn
 
 
 async def test_the_hold_is_the_rules_price_of_the_held_units(gw: Gateway) -> None:
     await publish_rules(gw, [GPU_IN_USD])
     await fund(gw, 10_000)
-    await fund_usd(gw, 29_999)  # the hold is $0.01 + 10 held units x $0.002 = $0.03
+    await fund(gw, 29_999, "USD")  # the hold is $0.01 + 10 held units x $0.002 = $0.03
     response = await run(gw, "/gpu-header", units="1")
     assert response.status_code == 402
     error = response.json()["error"]
     assert error["asset"] == "USD" and error["required"] == "0.030000"
     assert gw.upstream.requests == []
-    assert (await usd_balance(gw))["available"] == 29_999
+    assert (await wallet_balance(gw, "USD"))["available"] == 29_999
 
 
 async def test_routes_without_a_compute_rule_keep_their_unit_price(gw: Gateway) -> None:
@@ -214,12 +204,12 @@ async def test_routes_without_a_compute_rule_keep_their_unit_price(gw: Gateway) 
 
 async def test_a_failed_compute_request_pays_no_fee(gw: Gateway) -> None:
     await publish_rules(gw, [GPU_IN_USD])
-    await fund_usd(gw, 100_000)
+    await fund(gw, 100_000, "USD")
     response = await run(gw, "/gpu-header", fail="502")
     assert response.status_code == 502
     record = await only_record(gw)
     assert record["charged_amount"] == 0
-    assert (await usd_balance(gw))["available"] == 100_000
+    assert (await wallet_balance(gw, "USD"))["available"] == 100_000
 
 
 async def test_graduated_units_carry_over_from_job_to_job(gw: Gateway) -> None:
@@ -233,5 +223,5 @@ async def test_graduated_units_carry_over_from_job_to_job(gw: Gateway) -> None:
     records = list(reversed(await gw.usage("lab")))  # the API lists newest first
     # 7 units at 1; then 3 more at 1 and 4 at 0.5 = 5 GPU-seconds
     assert [r["charged_amount"] for r in records] == [7_000, 5_000]
-    assert (await gpu_balance(gw))["available"] == 100_000 - 12_000
+    assert (await wallet_balance(gw))["available"] == 100_000 - 12_000
     assert await gw.store.audit() == []
