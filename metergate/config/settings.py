@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -354,22 +355,33 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         import os
 
+        # Precedence, highest first: arguments, METERGATE_* variables, the settings file, then the defaults of
+        # the deployment (``serve --default KEY=VALUE``: the image listens on 0.0.0.0 unless told otherwise),
+        # then the defaults written here.
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = _CONFIG_FILE.get() or os.environ.get("METERGATE_CONFIG")
         if config_file:
             sources.append(EnvExpandingYamlSource(settings_cls, yaml_file=config_file))
+        defaults = _DEPLOYMENT_DEFAULTS.get()
+        if defaults:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=defaults))
         return tuple(sources)
 
 
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("metergate_config_file", default=None)
+_DEPLOYMENT_DEFAULTS: ContextVar[dict[str, Any] | None] = ContextVar("metergate_deployment_defaults", default=None)
 
 
 class SettingsError(Exception):
     """Raised when settings are invalid; the message names every offending key."""
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read and validate settings once, turning validation failures into one readable message."""
+def load_settings(config_file: str | Path | None = None, *, defaults: dict[str, Any] | None = None,
+                  **overrides: Any) -> Settings:
+    """Read and validate settings once, turning validation failures into one readable message.
+
+    ``defaults`` rank below the settings file and the environment: a deployment's own defaults (the image's
+    listen address) that any file or variable may still override."""
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -377,6 +389,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     # For this call only (a context variable, not the process environment: a later load must not
     # inherit this file).
     token = _CONFIG_FILE.set(str(config_file) if config_file is not None else None)
+    defaults_token = _DEPLOYMENT_DEFAULTS.set(defaults)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -388,4 +401,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except UnsetReference as exc:
         raise SettingsError(f"invalid settings:\n  {exc}") from None
     finally:
+        _DEPLOYMENT_DEFAULTS.reset(defaults_token)
         _CONFIG_FILE.reset(token)
