@@ -33,6 +33,7 @@ from metergate.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from metergate.observability.logs import AccessLog
 from metergate.wallet.errors import STORAGE_DOWN
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,12 @@ class JsonErrorServer(web.Server):
 
 
 class JsonErrorAppRunner(web.AppRunner):
-    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON."""
+    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON, and whose access
+    log writes no query string (:class:`metergate.observability.logs.AccessLog`: links carry secrets there)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log_class", AccessLog)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's startup and freezes it
