@@ -167,6 +167,11 @@ class AccessLog(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+#: Libraries whose lower levels write request and response bodies, kept at this level or above whatever
+#: ``log_level`` says. Stripe's SDK logs every request's form body and every response body at DEBUG: a
+#: Checkout Session's ``success_url`` is a signed portal link, and the bodies carry customers' data.
+_AT_LEAST = {"stripe": logging.INFO}
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
@@ -213,5 +218,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "json", secrets: Ite
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, floor in _AT_LEAST.items():
+        logging.getLogger(name).setLevel(max(root.level, floor))
     logging.captureWarnings(True)
     return handler
