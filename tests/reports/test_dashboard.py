@@ -221,3 +221,63 @@ async def test_bad_dashboard_parameters_are_refused(gateway: Gateway, query: str
         r = await browser.get(f"/admin/dashboard?{query}")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
 
+
+
+# ---------------------------------------------------------------------------------------------- single use
+
+
+async def test_a_dashboard_link_opens_one_session_and_a_replay_is_refused(gateway: Gateway) -> None:
+    link = await _link(gateway)
+    async with httpx.AsyncClient(base_url=gateway.url) as operator:
+        r = await operator.get(link["path"])
+        assert r.status_code == 303 and "Secure" not in r.headers["Set-Cookie"]  # public_url is plain http
+        assert (await operator.get("/admin/dashboard")).status_code == 200
+        async with httpx.AsyncClient(base_url=gateway.url) as replayer:  # whoever else saw the link
+            r = await replayer.get(link["path"])
+            assert r.status_code == 403 and r.json()["error"]["code"] == "link_used"
+            assert "Set-Cookie" not in r.headers and set(r.json()) == {"error"}
+            r = await replayer.get("/admin/dashboard")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_dashboard_link"
+        # The session the first use opened goes on; the link cannot open another, even for its owner.
+        assert (await operator.get("/admin/dashboard")).status_code == 200
+        assert (await operator.get(link["path"])).json()["error"]["code"] == "link_used"
+
+
+async def test_a_link_used_on_one_replica_is_refused_on_another(upstream: Upstream, tmp_path: Path) -> None:
+    database, secrets = f"sqlite:///{tmp_path / 'shared.db'}", {"k1": "shared-portal-secret-" + "s" * 24}
+    first, first_runner = await start_gateway(upstream, database, portal_secrets=secrets)
+    second, second_runner = await start_gateway(upstream, database, portal_secrets=secrets)
+    try:
+        link = await _link(first)
+        async with httpx.AsyncClient(base_url=second.url) as browser:
+            assert (await browser.get(link["path"])).status_code == 303
+        async with httpx.AsyncClient(base_url=first.url) as browser:
+            r = await browser.get(link["path"])
+        assert r.status_code == 403 and r.json()["error"]["code"] == "link_used"
+    finally:
+        for gw, runner in ((first, first_runner), (second, second_runner)):
+            await gw.close()
+            await runner.cleanup()
+
+
+async def test_the_session_cookie_is_secure_when_public_url_is_https(upstream: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'https.db'}",
+                                     public_url="https://billing.example.com")
+    try:
+        async with httpx.AsyncClient(base_url=gw.url) as browser:
+            r = await browser.get((await _link(gw))["path"])
+        cookie = r.headers["Set-Cookie"]
+        assert r.status_code == 303 and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
+async def test_a_link_without_an_id_is_refused(gateway: Gateway) -> None:
+    """A correctly signed link of the original kind (no id) cannot be remembered as used, so it opens nothing."""
+    secret = gateway.settings.portal_secrets["k1"].get_secret_value()
+    signer = LinkSigner({"k1": secret}, ttl_s=60, base_url=gateway.url, scope="dashboard-link")
+    async with httpx.AsyncClient(base_url=gateway.url) as browser:
+        r = await browser.get(f"/admin/dashboard?{signer.query('test', 'operator')}")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_dashboard_link"
+    assert "Set-Cookie" not in r.headers
