@@ -26,7 +26,6 @@ from tests.conftest import Upstream
 from tests.payments.conftest import PayGate, start_paygate
 from tests.payments.fake_stripe import running_fake_stripe
 
-
 _CLIENT_LOGGERS = ("httpx", "httpcore", "hpack")  # the test's own HTTP client
 
 
@@ -91,7 +90,8 @@ async def test_no_link_signature_reaches_any_log_line_at_any_level(
 
     # A 402's link, and what it opens.
     r = await http.post(f"{gw.url}/openai/v1/chat/completions",
-                        json={"model": "gpt-4o", "max_tokens": 1_000_000, "messages": [{"role": "user", "content": "x"}]},
+                        json={"model": "gpt-4o", "max_tokens": 1_000_000,
+                              "messages": [{"role": "user", "content": "x"}]},
                         headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"})
     assert r.status_code == 402
     view = r.json()["error"]["portal_url"]
