@@ -10,6 +10,7 @@ charts, and a screenshot goes to ``test-artifacts/dashboard.png``. Plain HTTP ch
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import pytest
 
 from metergate.portal.links import LinkSigner
 from metergate.wallet.models import UsageRecord, now_ms
-from tests.conftest import DEFAULT_PRICING, IN_CI, Gateway, Upstream, start_gateway
+from tests.conftest import DEFAULT_PRICING, IN_CI, Gateway, Upstream, _reset_pg, start_gateway
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -243,17 +244,21 @@ async def test_a_dashboard_link_opens_one_session_and_a_replay_is_refused(gatewa
         assert (await operator.get(link["path"])).json()["error"]["code"] == "link_used"
 
 
-async def test_a_link_used_on_one_replica_is_refused_on_another(upstream: Upstream, tmp_path: Path) -> None:
-    database, secrets = f"sqlite:///{tmp_path / 'shared.db'}", {"k1": "shared-portal-secret-" + "s" * 24}
-    first, first_runner = await start_gateway(upstream, database, portal_secrets=secrets)
-    second, second_runner = await start_gateway(upstream, database, portal_secrets=secrets)
+async def test_a_link_opened_on_two_replicas_at_once_opens_one_session(upstream: Upstream, store_url: str) -> None:
+    """Two replicas on one database (SQLite, PostgreSQL) race to open the same link: one session, one refusal."""
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+    secrets = {"k1": "shared-portal-secret-" + "s" * 24}
+    first, first_runner = await start_gateway(upstream, store_url, portal_secrets=secrets)
+    second, second_runner = await start_gateway(upstream, store_url, portal_secrets=secrets)
     try:
-        link = await _link(first)
-        async with httpx.AsyncClient(base_url=second.url) as browser:
-            assert (await browser.get(link["path"])).status_code == 303
-        async with httpx.AsyncClient(base_url=first.url) as browser:
-            r = await browser.get(link["path"])
-        assert r.status_code == 403 and r.json()["error"]["code"] == "link_used"
+        for _ in range(3):
+            link = await _link(first)
+            async with (httpx.AsyncClient(base_url=first.url) as a, httpx.AsyncClient(base_url=second.url) as b):
+                answers = await asyncio.gather(a.get(link["path"]), b.get(link["path"]))
+            assert sorted(r.status_code for r in answers) == [303, 403]
+            (refused,) = [r for r in answers if r.status_code == 403]
+            assert refused.json()["error"]["code"] == "link_used" and "Set-Cookie" not in refused.headers
     finally:
         for gw, runner in ((first, first_runner), (second, second_runner)):
             await gw.close()
