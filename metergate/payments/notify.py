@@ -108,6 +108,9 @@ def settings_changed(notifier: Notifier, mode: str, customer_id: str, setting: s
     """Tell the operator that a wallet's billing setting changed (``before`` / ``after``: ``None`` for off)."""
     if _plain(before) == _plain(after):
         return  # saved as it was: nothing changed
+    # Also logged, so that the change is on record where no notify_url is configured.
+    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", setting, mode, customer_id,
+             changed_by, link_id or "-")
     notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, {
         "setting": setting, "changed_by": changed_by, "link_id": link_id,
         "before": _plain(before), "after": _plain(after)})

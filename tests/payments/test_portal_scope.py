@@ -13,6 +13,7 @@ notified. The operator's link is then shown to do what the 402's cannot, and to 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -167,7 +168,8 @@ async def test_a_402_link_still_tops_up_and_checkout_returns_to_a_view_link(pg: 
 
 
 async def test_admin_links_administer_billing_for_a_bounded_time_and_changes_are_notified(
-        pg: PayGate, receiver: tuple[str, list[tuple[bytes, str]]]) -> None:
+        pg: PayGate, receiver: tuple[str, list[tuple[bytes, str]]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="metergate.payments.notify")
     await _customer_with_a_card(pg)
     r = await pg.gw.admin.post("/customers/acme/portal-link")
     link = r.json()
@@ -193,6 +195,10 @@ async def test_admin_links_administer_billing_for_a_bounded_time_and_changes_are
     assert changes[0]["data"]["before"] is None
     assert changes[0]["data"]["after"] == {"asset": "USD", "threshold": 5_000_000, "amount": 20_000_000}
     assert changes[1]["data"]["after"] == {"asset": "USD", "daily": 50_000_000, "monthly": None}
+    # On record in the log too (for an operator without notify_url), by link id: never the link itself.
+    logged = [r.getMessage() for r in caplog.records if r.name == "metergate.payments.notify"]
+    assert [m for m in logged if "changed through the portal" in m and params["n"] in m] != []
+    assert all(params["s"] not in m for m in logged)
 
 
 async def test_admin_can_ask_for_a_view_link_and_a_bad_access_is_refused(pg: PayGate) -> None:
