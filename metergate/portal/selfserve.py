@@ -239,7 +239,10 @@ class SelfServe:
         logo = (f'<img src="{esc(s.portal_logo_url)}" alt="{brand} logo" height="32">'
                 if s.portal_logo_url.startswith("https://") else "")
         notice = _NOTICES.get(request.query.get("notice", ""), "")
-        cards = "".join(balance_card(b, b.asset, self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0)
+        # Named as the live refresh (metergate.portal.views) names them, so that nothing changes after 2 s.
+        names = {a.code: a.name or a.code for a in s.assets}
+        cards = "".join(balance_card(b, names.get(b.asset, b.asset),
+                                     self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0)
                         for b in balances) or '<div class="card">No balance yet.</div>'
         usage_rows = "".join(
             f"<tr><td>{_utc(u.created_at_ms)}</td><td>{esc(u.model)}</td><td>{u.tokens_input} / {u.tokens_output}"
