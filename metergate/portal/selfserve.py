@@ -8,8 +8,8 @@ one-off top-up, because whoever caused the 402 holds it; auto top-up, spend caps
 ``billing_admin`` link, issued only through the admin API. Every state-changing action checks the link's
 access on the server (403 ``portal_scope`` otherwise, and nothing changes), and each change of a billing
 setting is notified to the operator (``billing_settings.changed``: what changed, from what to what, through
-which link). Every form is a ``POST`` that carries the
-link (which scopes it to one customer in one mode, until the link expires) and a per-link CSRF token,
+which link). Every form is a ``POST`` that carries the link (which scopes it to one customer in one mode,
+until the link expires) and a per-link CSRF token,
 ``HMAC(key, link signature)`` under a key derived from the portal secrets for this use alone; a post with a
 wrong token, or that the browser marks cross-site, changes nothing. Branding (name, logo, colours) and the
 ``frame-ancestors`` of the Content-Security-Policy come from settings; every value shown is HTML-escaped.
@@ -95,8 +95,8 @@ class SelfServe:
 
     def _return_url(self, request: web.Request, grant: PortalGrant, **extra: str) -> str:
         """Where Stripe sends the browser back: this page through a link that views and tops up only. A
-        billing-administration link never leaves for Stripe (nor the browser history of its pages): it is
-        swapped for a fresh ``view_topup`` link for the same customer."""
+        billing-administration link never leaves for Stripe: it is swapped for a fresh ``view_topup`` link
+        for the same customer."""
         link = self._link(request) if not grant.billing_admin else self._signer.query(
             grant.mode, grant.customer_id, access=VIEW_TOPUP)
         query = link + ("&" + urlencode(extra) if extra else "")
