@@ -27,7 +27,7 @@ import sys
 import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Literal
 from urllib.parse import urlsplit
 
@@ -153,7 +153,7 @@ class AccessLog(AbstractAccessLogger):
         try:
             target = without_query(request.raw_path)
             version = f"HTTP/{request.version.major}.{request.version.minor}"
-            started = datetime.now(UTC).strftime("[%d/%b/%Y:%H:%M:%S +0000]")
+            started = (datetime.now(UTC) - timedelta(seconds=time)).strftime("[%d/%b/%Y:%H:%M:%S +0000]")
             referer = without_query(request.headers.get("Referer", "-"))
             agent = request.headers.get("User-Agent", "-")
             self.logger.info('%s %s "%s %s %s" %s %s "%s" "%s" %.6f', request.remote or "-", started,
