@@ -248,7 +248,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         "object": "list", "model": model,
         "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(inputs))]}
     if "no-usage" not in b:
-        payload["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+        payload["usage"] = override_usage({"prompt_tokens": prompt, "total_tokens": prompt}, b)
     return await _json(request, payload, b)
 
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,14 +54,13 @@ from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
-from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
+from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, stored_text
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
 _WATCH_S = 1.0  # how often a stream's watchdog looks for a client that hung up while the upstream is quiet
 _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ANOMALY_CHARS = 200  # each usage anomaly a record keeps (a field name and a shortened value)
 
 
@@ -204,7 +202,7 @@ class Pipeline:
         self.metrics.hold_opened()
         feature = request.headers.get(self.settings.attribution_header)
         ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
-                      feature[:128] if feature else None, time.monotonic())
+                      feature or None, time.monotonic())
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
@@ -483,12 +481,11 @@ class Pipeline:
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
         cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
-        anomalies = [_stored(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
+        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
         return UsageRecord(
             id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
-            route=_stored(ex.match.route.prefix, 128), endpoint=_stored(ex.prepared.endpoint, 64),
-            model=_stored(ex.prepared.model, 128), feature=_stored(ex.feature or "", 128) or None,
-            stream=ex.prepared.stream, status_code=ex.status or 499,
+            route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
+            feature=ex.feature, stream=ex.prepared.stream, status_code=ex.status or 499,
             usage_source=used.source, tokens_input=used.input_tokens,
             tokens_cached_input=used.cached_input_tokens, tokens_output=used.output_tokens,
             tokens_reasoning=used.reasoning_tokens, tokens_cache_write=used.cache_write_tokens,
@@ -537,12 +534,6 @@ class Pipeline:
             receipt["X-Metergate-Available"] = format_minor(balance.available, scale)
         receipt["X-Metergate-Usage-Source"] = usage.source if usage is not None else "none"
         return receipt
-
-
-def _stored(text: str, limit: int) -> str:
-    """A string as a usage record stores it: without control characters, at most ``limit`` characters
-    (the column's size), whatever a request or an upstream put in it."""
-    return _CONTROL.sub("", text)[:limit]
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
