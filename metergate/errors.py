@@ -3,8 +3,9 @@
 Tree::
 
     MetergateError                      (500 internal_error; 504 timeout when aiohttp times a handler out)
-    ├── BadRequest                      400: invalid_json, invalid_request, missing_model,
-    │                                        unknown_model, invalid_customer, invalid_amount,
+    ├── BadRequest                      400: invalid_json, invalid_request (param names the field),
+    │                                        missing_model, invalid_model, unknown_model,
+    │                                        invalid_customer, invalid_amount,
     │                                        malformed_request (HTTP framing aiohttp could not parse)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds

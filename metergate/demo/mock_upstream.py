@@ -10,7 +10,13 @@ chunks (a JSON answer: halfway through its body) · ``no-usage`` never report us
 report zero usage · ``cached:N`` / ``reasoning:N`` report cached-input / reasoning tokens ·
 ``redirect`` answer 307 · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
 without ``[DONE]`` · ``unterminated`` end a stream's last event with one newline instead of the blank
-line · ``header:NAME=VALUE`` add a response header.
+line · ``header:NAME=VALUE`` add a response header · ``usage-field:PATH=JSON`` report ``JSON`` as the
+usage field ``PATH`` (dotted: ``prompt_tokens_details.cached_tokens``), e.g. ``completion_tokens=1e30``
+or ``prompt_tokens="12"``; the Anthropic and Responses endpoints honour it too.
+
+A request streams when its ``stream`` is ``true``, as OpenAI's API reads it. ``coerce-stream`` streams any
+truthy ``stream`` (``1``, ``"true"``), as some OpenAI-compatible servers do; ``force-stream`` streams
+whatever the request asked (an upstream that ignores it).
 
 Every request is recorded (path, headers, JSON body) and listed at ``GET /_mock/requests``.
 """
@@ -61,10 +67,34 @@ def _usage(prompt: int, completion: int, b: dict[str, str]) -> dict[str, Any]:
         prompt = completion = 0
     cached = min(int(b.get("cached", 0)), prompt)
     reasoning = min(int(b.get("reasoning", 0)), completion)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return override_usage({
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}, b)
+
+
+def wants_stream(body: dict[str, Any], b: dict[str, str]) -> bool:
+    """Whether to answer with a stream: ``stream: true``; any truthy value with ``coerce-stream``; always
+    with ``force-stream``; never with ``not-stream``."""
+    if "not-stream" in b:
+        return False
+    return "force-stream" in b or body.get("stream") is True or ("coerce-stream" in b and bool(body.get("stream")))
+
+
+def override_usage(usage: dict[str, Any], b: dict[str, str]) -> dict[str, Any]:
+    """``usage`` with the ``usage-field:PATH=JSON`` knob applied (a copy; nested objects copied on the way)."""
+    if "usage-field" not in b:
+        return usage
+    path, _, value = b["usage-field"].partition("=")
+    *parents, leaf = path.split(".")
+    out = dict(usage)
+    node = out
+    for name in parents:
+        node[name] = dict(node.get(name) or {})
+        node = node[name]
+    node[leaf] = json.loads(value)
+    return out
 
 
 def _headers(b: dict[str, str]) -> dict[str, str]:
@@ -119,7 +149,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     count = counter_for(model).count
     completion = count("".join(words))
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if not body.get("stream") or "not-stream" in b:
+    if not wants_stream(body, b):
         payload: dict[str, Any] = {
             "id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words), "refusal": None},
@@ -188,7 +218,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     words = _reply_words(body, b)
     completion = count("".join(words))
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if not body.get("stream"):
+    if not wants_stream(body, b):
         payload: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created, "model": model,
                                    "choices": [{"index": 0, "text": "".join(words), "logprobs": None,
                                                 "finish_reason": "stop"}]}
@@ -218,7 +248,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         "object": "list", "model": model,
         "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(inputs))]}
     if "no-usage" not in b:
-        payload["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+        payload["usage"] = override_usage({"prompt_tokens": prompt, "total_tokens": prompt}, b)
     return await _json(request, payload, b)
 
 

@@ -54,13 +54,14 @@ from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
-from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
+from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, stored_text
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
 _WATCH_S = 1.0  # how often a stream's watchdog looks for a client that hung up while the upstream is quiet
 _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
+_ANOMALY_CHARS = 200  # each usage anomaly a record keeps (a field name and a shortened value)
 
 
 def _error_event(code: str, message: str) -> bytes:
@@ -201,7 +202,7 @@ class Pipeline:
         self.metrics.hold_opened()
         feature = request.headers.get(self.settings.attribution_header)
         ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
-                      feature[:128] if feature else None, time.monotonic())
+                      feature or None, time.monotonic())
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
@@ -480,6 +481,7 @@ class Pipeline:
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
         cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
+        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
         return UsageRecord(
             id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
             route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
@@ -491,7 +493,8 @@ class Pipeline:
             cost_nanos=cost.nanos if cost else None,
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
-                    "duration_ms": int((time.monotonic() - ex.started) * 1000)},
+                    "duration_ms": int((time.monotonic() - ex.started) * 1000),
+                    **({"usage_anomalies": anomalies} if anomalies else {})},
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:

@@ -47,6 +47,7 @@ class Case:
     chunked: bool = False  # send the body with Transfer-Encoding: chunked and no Content-Length
     raw: bytes | None = None  # bytes written to a socket as they are, instead of an HTTP client request
     untrusted: bool = False  # the gateway trusts only 10.255.0.0/16, so loopback is not the app
+    param: str | None = None  # the field the error must name, for a body that breaks the request schema
 
 
 def _body(**changes: Any) -> bytes:
@@ -97,6 +98,31 @@ CASES: dict[str, Case] = {
     "max-tokens-boolean": Case(400, "invalid_request", body=_body(max_tokens=True)),
     "max-completion-tokens-zero": Case(400, "invalid_request", body=_body(max_completion_tokens=0)),
     "messages-empty": Case(400, "invalid_request", body=_body(messages=[])),
+    # --- a field metergate relies on has the wrong type or is out of bounds (the request schema)
+    "stream-integer": Case(400, "invalid_request", body=_body(stream=1), param="stream"),
+    "stream-string": Case(400, "invalid_request", body=_body(stream="true"), param="stream"),
+    "stream-options-string": Case(400, "invalid_request", body=_body(stream=True, stream_options="usage"),
+                                  param="stream_options"),
+    "include-usage-integer": Case(400, "invalid_request", body=_body(stream=True, stream_options={"include_usage": 1}),
+                                  param="stream_options.include_usage"),
+    "max-tokens-2-pow-63": Case(400, "invalid_request", body=_body(max_tokens=2**63), param="max_tokens"),
+    "max-tokens-10-pow-30": Case(400, "invalid_request", body=_body(max_tokens=10**30), param="max_tokens"),
+    "max-tokens-float": Case(400, "invalid_request", body=_body(max_tokens=5.0), param="max_tokens"),
+    "max-tokens-string": Case(400, "invalid_request", body=_body(max_tokens="5"), param="max_tokens"),
+    "max-completion-tokens-huge": Case(400, "invalid_request", body=_body(max_completion_tokens=10**9),
+                                       param="max_completion_tokens"),
+    "n-zero": Case(400, "invalid_request", body=_body(n=0), param="n"),
+    "n-huge": Case(400, "invalid_request", body=_body(n=2**40), param="n"),
+    "model-too-long": Case(400, "invalid_model", body=_body(model="gpt-4o-mini" + "x" * 200), param="model"),
+    "model-with-newline": Case(400, "invalid_model", body=_body(model="gpt-4o-mini\n"), param="model"),
+    "model-with-space": Case(400, "invalid_model", body=_body(model="gpt 4o"), param="model"),
+    "messages-a-string": Case(400, "invalid_request", body=_body(messages="hello"), param="messages"),
+    "message-a-string": Case(400, "invalid_request", body=_body(messages=["hello"]), param="messages[0]"),
+    "message-without-role": Case(400, "invalid_request", body=_body(messages=[{"content": "hi"}]),
+                                 param="messages[0].role"),
+    "message-content-a-number": Case(400, "invalid_request",
+                                     body=_body(messages=[{"role": "user", "content": 5}]),
+                                     param="messages[0].content"),
     # --- who pays: the customer header
     "missing-customer": Case(401, "missing_customer", headers=_without("X-Metergate-Customer")),
     "unknown-customer": Case(403, "unknown_customer", headers={**AS_ACME, "X-Metergate-Customer": "globex"}),
@@ -220,6 +246,8 @@ async def test_bad_request_is_refused_in_the_envelope_and_changes_nothing(
     error = body["error"]
     assert {"message", "type", "code", "param"} <= set(error)
     assert error["code"] == case.code
+    if case.param is not None:
+        assert error["param"] == case.param
     assert isinstance(error["message"], str) and error["message"]
     assert not LEAKS.search(raw_body.decode()), raw_body
     assert await _ledger(gw) == ledger_before
