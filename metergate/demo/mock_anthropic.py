@@ -3,6 +3,7 @@
 Token counts come from tiktoken (the mock's stand-in for Claude's tokenizer). ``X-Mock-Behavior``:
 ``cached:N`` / ``cache-write:N`` report cache-read / cache-creation tokens (Anthropic's ``input_tokens``
 excludes both), ``no-usage``, ``error:STATUS``, ``die-after:N``, ``chunk-delay:S``, ``words:N``.
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}`` with the same count, free.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.demo.mock_upstream import _preamble, _reply_words, _sse
+from metergate.demo.mock_upstream import _preamble, _reply_words, _sse, record_free
 from metergate.metering.tokenizer import counter_for
 
 
@@ -80,3 +81,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         final_delta["usage"] = {"output_tokens": output}
     events += [final_delta, {"type": "message_stop"}]
     return await _sse(request, events, b, named=True, done=False)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    await record_free(request)
+    body = await request.json()
+    return web.json_response({"input_tokens": _prompt_tokens(body["model"], body)})
