@@ -137,6 +137,27 @@ async def test_route_whose_upstream_ends_in_v1_serves_free_endpoints_without_it(
         await runner.cleanup()
 
 
+async def test_an_empty_wallet_still_lists_models(gw: Gateway) -> None:
+    await gw.customer("broke", funds=0)
+    assert len((await gw.openai("broke").models.list()).data) == 4
+
+
+async def test_free_requests_count_against_the_request_rate_limit(upstream: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'rl.db'}", routes=routes(upstream),
+                                     rate_limits={"customer": {"requests_per_minute": 1}})
+    try:
+        await gw.customer("acme", funds=1_000_000)
+        client = gw.openai("acme")
+        await client.models.list()
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.models.list()
+        assert limited.value.response.headers["x-should-retry"] == "true"
+        assert len(upstream.requests) == 1
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
 # --- still identified, still fenced in
 
 
