@@ -104,7 +104,7 @@ class FreeEndpoints:
             payload = await _read_limited(upstream, p.settings.max_response_bytes)
         finally:
             upstream.release()
-        log.info("%s: free endpoint %s for %s/%s answered %d", request_id, free.endpoint.name, identity.mode,
+        log.debug("%s: free endpoint %s for %s/%s answered %d", request_id, free.endpoint.name, identity.mode,
                  identity.customer_id, upstream.status)
         headers = hh.client_response_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = request_id
