@@ -80,6 +80,28 @@ async def test_openai_sdk_with_retries_sends_a_402_once_and_its_message_holds_th
     assert broke.upstream.requests == []
 
 
+async def test_anthropic_sdk_with_retries_sends_a_402_once_and_its_message_holds_the_portal_url(
+        upstream: Upstream, tmp_path: Path, log_stream: io.StringIO) -> None:
+    import anthropic
+
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'claude.db'}", routes=[
+        {"prefix": "/anthropic", "upstream": upstream.url, "api_key": PROVIDER_KEY, "provider": "anthropic",
+         "provider_id": "anthropic"}], pricing={"asset": "USD", "models": {"*": {"input_per_mtok": "3"}}})
+    try:
+        await gw.customer("acme", funds=0)
+        async with anthropic.AsyncAnthropic(base_url=f"{gw.url}/anthropic", api_key="sk-ant-app-holds-no-key",
+                                            default_headers=AS_ACME, max_retries=3) as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(model="claude-sonnet-4-6", max_tokens=5, messages=MESSAGES)
+        assert refused.value.status_code == 402
+        assert f"Top up at {gw.url}/portal/" in refused.value.message
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        assert len(access_lines(log_stream, "/anthropic/v1/messages")) == 1
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
 @pytest.fixture
 def litellm_offline(monkeypatch: pytest.MonkeyPatch) -> Any:
     """litellm, reading its bundled model table instead of fetching one from the internet."""
