@@ -26,7 +26,7 @@ from aiohttp import web
 from metergate.config import free_endpoints as catalogue
 from metergate.config.free_endpoints import ID_SEGMENT, FreeEndpoint
 from metergate.config.routes import RouteMatch, RouteSettings
-from metergate.errors import BadGateway, GatewayTimeout, NotFound
+from metergate.errors import BadGateway, BadRequest, GatewayTimeout, NotFound
 from metergate.http import REQUEST_ID_HEADER
 from metergate.proxy import headers as hh
 from metergate.proxy.methods import check_method
@@ -123,8 +123,11 @@ class FreeEndpoints:
         headers.update(route.upstream_headers)
         if body is not None:
             headers["Content-Type"] = "application/json"
-        query = {name: value[:_MAX_QUERY_VALUE] for name, value in request.query.items()
-                 if name in free.endpoint.query}
+        query = {name: value for name, value in request.query.items() if name in free.endpoint.query}
+        for name, value in query.items():
+            if len(value) > _MAX_QUERY_VALUE:
+                raise BadRequest(f"The query parameter {name!r} exceeds {_MAX_QUERY_VALUE} characters.",
+                                 code="invalid_request", param=name)
         try:
             return await p.session.request(free.endpoint.method, free.upstream_url, data=body, params=query,
                                            headers=headers, allow_redirects=False)

@@ -227,6 +227,14 @@ async def test_only_the_catalogues_query_parameters_reach_the_upstream(gw: Gatew
     assert [req["query"] for req in gw.upstream.requests] == [{"limit": "5", "after_id": "m1"}, {}]
 
 
+async def test_an_overlong_query_value_is_refused_not_cut(gw: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gw.url, headers=AS_ACME) as client:
+        r = await client.get("/anthropic/v1/models", params={"after_id": "m" * 513})
+    assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (400, "invalid_request",
+                                                                                       "after_id")
+    assert gw.upstream.requests == []
+
+
 # --- HTTP methods
 
 
