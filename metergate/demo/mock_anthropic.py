@@ -5,6 +5,7 @@ Token counts come from tiktoken (the mock's stand-in for Claude's tokenizer). ``
 excludes both), ``no-usage``, ``error:STATUS``, ``die-after:N``, ``chunk-delay:S``, ``words:N``,
 ``usage-field:PATH=JSON`` (the body's usage, or the stream's final ``message_delta`` usage), and
 ``coerce-stream`` / ``force-stream`` as in :mod:`metergate.demo.mock_upstream`.
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}`` with the same count, free.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.demo.mock_upstream import _preamble, _reply_words, _sse, override_usage, wants_stream
+from metergate.demo.mock_upstream import _preamble, _reply_words, _sse, override_usage, record_free, wants_stream
 from metergate.metering.tokenizer import counter_for
 
 
@@ -82,3 +83,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         final_delta["usage"] = override_usage({"output_tokens": output}, b)
     events += [final_delta, {"type": "message_stop"}]
     return await _sse(request, events, b, named=True, done=False)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    await record_free(request)
+    body = await request.json()
+    return web.json_response({"input_tokens": _prompt_tokens(body["model"], body)})

@@ -18,7 +18,11 @@ A request streams when its ``stream`` is ``true``, as OpenAI's API reads it. ``c
 truthy ``stream`` (``1``, ``"true"``), as some OpenAI-compatible servers do; ``force-stream`` streams
 whatever the request asked (an upstream that ignores it).
 
-Every request is recorded (path, headers, JSON body) and listed at ``GET /_mock/requests``.
+It also answers the free endpoints: ``GET /v1/models`` and ``GET /v1/models/{id}`` (in Anthropic's format
+when the request carries ``anthropic-version``, as Anthropic's SDK sends it) and ``POST /v1/moderations``.
+
+Every request is recorded (path, headers, JSON body; for the free endpoints also method and query) and
+listed at ``GET /_mock/requests``.
 """
 
 from __future__ import annotations
@@ -252,6 +256,58 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _json(request, payload, b)
 
 
+MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-sonnet-4-5")
+
+
+async def record_free(request: web.Request) -> dict[str, str]:
+    """Record a free-endpoint request (method, path, query, headers, body) and return its behaviours."""
+    body = await request.read()
+    request.app[REQUESTS].append({"method": request.method, "path": request.path, "query": dict(request.query),
+                                  "headers": dict(request.headers), "body": json.loads(body) if body else None})
+    return _behavior(request)
+
+
+def _model(model_id: str, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
+        return {"type": "model", "id": model_id, "display_name": model_id.replace("-", " ").title(),
+                "created_at": "2026-01-01T00:00:00Z"}
+    return {"id": model_id, "object": "model", "created": 1_767_225_600, "owned_by": "mock"}
+
+
+async def models_list(request: web.Request) -> web.Response:
+    b = await record_free(request)
+    if "error" in b:
+        return web.json_response({"error": {"message": "mock models error", "type": "server_error", "param": None,
+                                            "code": None}}, status=int(b["error"]))
+    anthropic = "anthropic-version" in request.headers
+    data = [_model(m, anthropic) for m in MODELS]
+    if anthropic:
+        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"],
+                                  "last_id": data[-1]["id"]})
+    return web.json_response({"object": "list", "data": data}, headers=_headers(b))
+
+
+async def models_retrieve(request: web.Request) -> web.Response:
+    await record_free(request)
+    model_id = request.match_info["model"]
+    anthropic = "anthropic-version" in request.headers
+    if model_id not in MODELS:
+        kind = "not_found_error" if anthropic else "invalid_request_error"
+        return web.json_response({"error": {"message": f"The model '{model_id}' does not exist", "type": kind,
+                                            "param": "model", "code": "model_not_found"}}, status=404)
+    return web.json_response(_model(model_id, anthropic))
+
+
+async def moderations(request: web.Request) -> web.Response:
+    await record_free(request)
+    body = await request.json()
+    inputs = body["input"] if isinstance(body.get("input"), list) else [body.get("input", "")]
+    results = [{"flagged": False, "categories": {"violence": False}, "category_scores": {"violence": 0.001}}
+               for _ in inputs]
+    return web.json_response({"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.get("model") or
+                              "omni-moderation-latest", "results": results})
+
+
 async def recorded(request: web.Request) -> web.Response:
     return web.json_response(request.app[REQUESTS])
 
@@ -283,8 +339,13 @@ def build_mock_upstream() -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/_mock/requests", recorded)
-    from metergate.demo.mock_anthropic import messages
+    app.router.add_get("/v1/models", models_list)
+    app.router.add_get("/v1/models/{model}", models_retrieve)
+    app.router.add_post("/v1/moderations", moderations)
+    from metergate.demo.mock_anthropic import count_tokens, messages
     from metergate.demo.mock_responses import responses
+
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
 
     app.router.add_route("*", "/compute/run", compute_run)
     app.router.add_post("/v1/messages", messages)
