@@ -3,37 +3,52 @@
 Tree::
 
     MetergateError                      (500 internal_error; 504 timeout when aiohttp times a handler out)
-    ├── BadRequest                      400: invalid_json, invalid_request, missing_model,
-    │                                        unknown_model, invalid_customer, invalid_amount,
+    ├── BadRequest                      400: invalid_json, invalid_request (param names the field),
+    │                                        missing_model, invalid_model, unknown_model,
+    │                                        invalid_customer, invalid_amount,
     │                                        malformed_request (HTTP framing aiohttp could not parse)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
-    ├── NotFound                        404: unknown_route, not_found
-    ├── MethodNotAllowed                405: method_not_allowed
+    ├── NotFound                        404: unknown_route, endpoint_not_metered, not_found
+    ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── Conflict                        409: idempotency_conflict, already_exists
     ├── PayloadTooLarge                 413: body_too_large
     ├── UnsupportedMediaType            415: unsupported_media_type
     ├── TooManyRequests                 429: rate_limited (with a Retry-After header)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
+    ├── ServiceUnavailable              503: storage_unavailable, ledger_backlog
     └── GatewayTimeout                  504: upstream_timeout
 
 The classes carry their HTTP status as data; turning one into a response happens in exactly
 one place, :mod:`metergate.http`. Bodies use the OpenAI error envelope so that client SDKs
 surface ``message`` and ``code``.
+
+Each error also says whether the same request, sent again unchanged, can succeed
+(:attr:`MetergateError.should_retry`); :mod:`metergate.http` sends it as ``x-should-retry``, which
+the OpenAI and Anthropic SDKs obey over their own status-based rules (they would otherwise retry a
+409 or any 5xx). Refusals are final (``false``): a 402 stays a 402 until someone tops up. A 429 and
+the transient 5xx (unreachable upstream or storage, upstream timeout; nothing was charged) are
+``true``. A 500 says nothing and leaves the choice to the client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
+
+# Codes whose verdict differs from their class's: a redirect or an oversized answer from the upstream
+# comes back the same however often it is asked for.
+_RETRY_BY_CODE: dict[str, bool] = {"upstream_redirect": False, "upstream_invalid": False}
 
 
 class MetergateError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "api_error"
     default_code: ClassVar[str] = "internal_error"
+    retry: ClassVar[bool | None] = None  # the class's x-should-retry verdict; None: no header
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
                  **extra: Any) -> None:
@@ -43,6 +58,11 @@ class MetergateError(Exception):
         self.param = param
         self.extra = extra
         self.headers: dict[str, str] = {}  # response headers that go with the error (Retry-After)
+
+    @property
+    def should_retry(self) -> bool | None:
+        """Whether sending the same request again can succeed: ``x-should-retry`` (None: not sent)."""
+        return _RETRY_BY_CODE.get(self.code, self.retry)
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code,
@@ -55,60 +75,74 @@ class BadRequest(MetergateError):
     status = 400
     type = "invalid_request_error"
     default_code = "invalid_request"
+    retry = False
 
 
 class Unauthorized(MetergateError):
     status = 401
     type = "authentication_error"
     default_code = "missing_customer"
+    retry = False
 
 
 class PaymentRequired(MetergateError):
     status = 402
     type = "insufficient_funds"
     default_code = "insufficient_funds"
+    retry = False
 
 
 class Forbidden(MetergateError):
     status = 403
     type = "permission_error"
     default_code = "forbidden"
+    retry = False
 
 
 class NotFound(MetergateError):
     status = 404
     type = "not_found_error"
     default_code = "not_found"
+    retry = False
 
 
 class MethodNotAllowed(MetergateError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+    retry = False
+
+    def __init__(self, message: str, *, allow: Iterable[str], **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["Allow"] = ", ".join(allow)  # RFC 9110 §15.5.6: a 405 lists the methods the path takes
 
 
 class Conflict(MetergateError):
     status = 409
     type = "conflict_error"
     default_code = "idempotency_conflict"
+    retry = False
 
 
 class PayloadTooLarge(MetergateError):
     status = 413
     type = "invalid_request_error"
     default_code = "body_too_large"
+    retry = False
 
 
 class UnsupportedMediaType(MetergateError):
     status = 415
     type = "invalid_request_error"
     default_code = "unsupported_media_type"
+    retry = False
 
 
 class TooManyRequests(MetergateError):
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limited"
+    retry = True  # after Retry-After
 
     def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **extra)
@@ -119,12 +153,14 @@ class BadGateway(MetergateError):
     status = 502
     type = "upstream_error"
     default_code = "upstream_unreachable"
+    retry = True
 
 
 class GatewayTimeout(MetergateError):
     status = 504
     type = "upstream_error"
     default_code = "upstream_timeout"
+    retry = True
 
 
 class ServiceUnavailable(MetergateError):
@@ -133,3 +169,4 @@ class ServiceUnavailable(MetergateError):
     status = 503
     type = "api_error"
     default_code = "storage_unavailable"
+    retry = True

@@ -5,6 +5,10 @@ error envelope. aiohttp's own HTTP exceptions (unknown path, body too large) are
 envelope, and anything unexpected becomes a generic 500 whose details go to the log, never to the
 client.
 
+Every error answer carries ``X-Metergate-Request-Id`` — the id of the request in the logs
+(:func:`metergate.observability.logs.current_request_id`), or a fresh one, logged, for a request refused
+before it got one — and, where the error has a verdict, ``x-should-retry`` (see :mod:`metergate.errors`).
+
 Requests that aiohttp's HTTP parser rejects (a bad request line, CR or LF inside a header value, broken
 chunked framing) never reach a handler or a middleware: aiohttp answers them itself, as text/plain
 (aio-libs/aiohttp#3287 asks for a hook; none exists). :class:`JsonErrorAppRunner` serves an application
@@ -33,6 +37,7 @@ from metergate.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from metergate.observability.logs import AccessLog, current_request_id, new_request_id
 from metergate.wallet.errors import STORAGE_DOWN
 
 log = logging.getLogger(__name__)
@@ -44,14 +49,28 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
                         content_type="application/json", headers=headers)
 
 
-def error_response(error: MetergateError) -> web.Response:
-    return json_response(error.body(), status=error.status, headers=error.headers or None)
+REQUEST_ID_HEADER = "X-Metergate-Request-Id"
 
 
-_AIOHTTP_ERRORS: dict[int, Callable[[], MetergateError]] = {
-    404: lambda: NotFound("No such path.", code="unknown_route"),
-    405: lambda: MethodNotAllowed("Method not allowed on this path."),
-    413: lambda: PayloadTooLarge("The request body is too large."),
+def error_response(error: MetergateError, *, status: int | None = None) -> web.Response:
+    """The answer to ``error``: its envelope, its headers (Retry-After, Allow), the request id, and
+    ``x-should-retry`` when the error says whether a retry can succeed."""
+    headers = {**error.headers, REQUEST_ID_HEADER: current_request_id() or new_request_id()}
+    if error.should_retry is not None:
+        headers["x-should-retry"] = "true" if error.should_retry else "false"
+    return json_response(error.body(), status=status or error.status, headers=headers)
+
+
+def _method_not_allowed(exc: web.HTTPException) -> MetergateError:
+    allow = exc.headers.get("Allow", "")
+    return MethodNotAllowed("Method not allowed on this path.",
+                            allow=[method.strip() for method in allow.split(",") if method.strip()])
+
+
+_AIOHTTP_ERRORS: dict[int, Callable[[web.HTTPException], MetergateError]] = {
+    404: lambda _exc: NotFound("No such path.", code="unknown_route"),
+    405: _method_not_allowed,
+    413: lambda _exc: PayloadTooLarge("The request body is too large."),
 }
 
 
@@ -72,8 +91,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         factory = _AIOHTTP_ERRORS.get(exc.status)
-        mapped = factory() if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
-        return json_response(mapped.body(), status=exc.status)
+        mapped = factory(exc) if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
+        return error_response(mapped, status=exc.status)
     except STORAGE_DOWN as exc:
         log.warning("storage unreachable on %s %s: %s", request.method, request.path, type(exc).__name__)
         return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."))
@@ -101,6 +120,8 @@ class JsonErrorRequestHandler(web.RequestHandler):
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if current_request_id() is None:
+            new_request_id()  # a request the parser refused has none yet; the log lines below get this one
         if status >= 500:
             log.error("error handling request from %s", request.remote, exc_info=exc)
         else:
@@ -118,7 +139,7 @@ class JsonErrorRequestHandler(web.RequestHandler):
         else:
             error = MetergateError("Internal error; the request changed nothing it could not undo.",
                                    code="internal_error")
-        response = json_response(error.body(), status=status)
+        response = error_response(error, status=status)
         response.force_close()
         return response
 
@@ -131,7 +152,12 @@ class JsonErrorServer(web.Server):
 
 
 class JsonErrorAppRunner(web.AppRunner):
-    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON."""
+    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON, and whose access
+    log writes no query string (:class:`metergate.observability.logs.AccessLog`: links carry secrets there)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log_class", AccessLog)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's startup and freezes it

@@ -21,7 +21,7 @@ from metergate.config.settings import Settings
 from metergate.errors import BadRequest, NotFound, Unauthorized
 from metergate.http import json_response
 from metergate.money import format_minor, parse_major
-from metergate.portal.links import LinkSigner
+from metergate.portal.links import ACCESS, BILLING_ADMIN, LinkSigner
 from metergate.proxy.identify import hash_key, new_key, valid_customer_id
 from metergate.wallet.errors import CustomerNotFound, UnknownAsset
 from metergate.wallet.models import Balance, LedgerEntry, Mode, UsageRecord
@@ -231,5 +231,19 @@ class AdminApi:
                               "next_cursor": rows[-1][0] if len(rows) == limit else None})
 
     async def portal_link(self, request: web.Request) -> web.Response:
+        """A signed portal link; by default one for billing administration (auto top-up, spend caps, payment
+        methods as well as what a 402's link shows), for the operator's application to hand to its signed-in
+        customer. ``{"access": "view_topup"}`` asks for the 402's kind instead. No body, or an empty one, is
+        the default."""
         mode, customer_id = await self._customer(request)
-        return json_response({"url": self._signer.url(mode, customer_id), "expires_in_s": self._signer.ttl_s})
+        access = BILLING_ADMIN
+        if request.can_read_body:
+            body = await self._body(request)
+            requested = body.get("access", BILLING_ADMIN)
+            found = next((a for a in ACCESS if a == requested), None)
+            if found is None:
+                raise BadRequest(f"'access' must be one of {', '.join(ACCESS)}.", code="invalid_request",
+                                 param="access")
+            access = found
+        return json_response({"url": self._signer.url(mode, customer_id, access=access), "access": access,
+                              "expires_in_s": self._signer.ttl_for(access)})

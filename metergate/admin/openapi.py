@@ -112,7 +112,9 @@ def document() -> dict[str, Any]:
         f"{customers}/balance": {"get": _op("Balances per asset", params=c)},
         f"{customers}/ledger": {"get": _op("Ledger entries, newest first", params=c, query=page)},
         f"{customers}/usage": {"get": _op("Usage records, newest first", params=c, query=page)},
-        f"{customers}/portal-link": {"post": _op("A signed billing-portal link", params=c)},
+        f"{customers}/portal-link": {"post": _op(
+            "A signed billing-portal link: billing_admin (the default; at most 15 minutes), or view_topup with "
+            'the optional body {"access": "view_topup"}', params=c)},
         f"{customers}/rate-limits": {
             "get": _op("The customer's rate-limit override, the defaults and the limits in effect", params=c),
             "put": _op("Override the customer's rate limits (null lifts a limit)", params=c, body=limits),

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from metergate.config import free_endpoints
+
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 
 
@@ -50,11 +52,16 @@ class RouteSettings(BaseModel):
     upstream_headers: dict[str, str] = Field(
         default_factory=dict, description="Headers set on every upstream request, e.g. OpenAI-Organization.")
     compute: ComputeSettings | None = Field(None, description="Metering of a compute route (provider: compute).")
+    free_endpoints: tuple[str, ...] | None = Field(
+        None, description="Unmetered endpoints passed through for identified customers, by name from the "
+                          "provider's catalogue (metergate/config/free_endpoints.py); unset: all of them, []: none.")
 
     @model_validator(mode="after")
     def _compute(self) -> RouteSettings:
         if (self.provider == "compute") != (self.compute is not None):
             raise ValueError("a route has 'compute' settings exactly when its provider is 'compute'")
+        if self.free_endpoints is not None:
+            free_endpoints.validate(self.provider, self.free_endpoints)
         return self
 
     @field_validator("prefix")

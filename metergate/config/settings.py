@@ -33,6 +33,11 @@ Role = Literal["sidecar", "control", "all"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 _ASSET_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics", "/webhooks")
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+# What the OpenAI and Anthropic SDKs send from a browser (their x-stainless-* telemetry included).
+CORS_DEFAULT_HEADERS = ("authorization", "content-type", "accept", "x-api-key", "api-key", "anthropic-version",
+                        "anthropic-beta", "anthropic-dangerous-direct-browser-access", "x-stainless-*",
+                        "x-metergate-feature")
 
 
 class _Strict(BaseModel):
@@ -283,6 +288,43 @@ class Settings(BaseSettings):
                                         description="CSP frame-ancestors of the portal (who may embed it).")
     billing: BillingSettings = Field(default_factory=BillingSettings,
                                      description="Invoiced customers' usage to Stripe Billing (meter events).")
+
+    # CORS for browser clients of the proxy routes (the gateway case: proxy keys, never cookies).
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, max_length=100,
+        description="Origins (scheme://host[:port]) whose pages may call the proxy routes from a browser, or ['*']; "
+                    "empty: no CORS answers, so browsers refuse cross-origin calls.")
+    cors_allow_headers: list[str] = Field(
+        default_factory=lambda: list(CORS_DEFAULT_HEADERS), max_length=100,
+        description="Request headers such pages may send; a trailing '*' matches a prefix (x-stainless-*). Never "
+                    "the customer or mode header: those are trusted only from the app's own address.")
+    cors_max_age_s: int = Field(600, ge=0, le=86400, description="How long a browser may cache a preflight answer.")
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _cors_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com (no path, no slash)")
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("'*' allows every origin: list it alone")
+        return origins
+
+    @field_validator("cors_allow_headers")
+    @classmethod
+    def _cors_headers(cls, headers: list[str]) -> list[str]:
+        for header in headers:
+            if not re.match(r"^[A-Za-z0-9-]{1,64}\*?$", header):
+                raise ValueError(f"{header!r} is not a header name (or a prefix ending in '*')")
+        return [header.lower() for header in headers]
+
+    @model_validator(mode="after")
+    def _cors_credentials(self) -> Settings:
+        for name in (self.customer_header, self.mode_header):
+            lowered = name.lower()
+            if any(lowered == h or (h.endswith("*") and lowered.startswith(h[:-1])) for h in self.cors_allow_headers):
+                raise ValueError(f"cors_allow_headers must not allow {name}: browsers would send it from any page")
+        return self
 
     @field_validator("admin_keys")
     @classmethod

@@ -2,7 +2,10 @@
 
 Token counts come from tiktoken (the mock's stand-in for Claude's tokenizer). ``X-Mock-Behavior``:
 ``cached:N`` / ``cache-write:N`` report cache-read / cache-creation tokens (Anthropic's ``input_tokens``
-excludes both), ``no-usage``, ``error:STATUS``, ``die-after:N``, ``chunk-delay:S``, ``words:N``.
+excludes both), ``no-usage``, ``error:STATUS``, ``die-after:N``, ``chunk-delay:S``, ``words:N``,
+``usage-field:PATH=JSON`` (the body's usage, or the stream's final ``message_delta`` usage), and
+``coerce-stream`` / ``force-stream`` as in :mod:`metergate.demo.mock_upstream`.
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}`` with the same count, free.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.demo.mock_upstream import _preamble, _reply_words, _sse
+from metergate.demo.mock_upstream import _preamble, _reply_words, _sse, override_usage, record_free, wants_stream
 from metergate.metering.tokenizer import counter_for
 
 
@@ -51,13 +54,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     output = counter_for(model).count("".join(words))
     ident = f"msg_{uuid.uuid4().hex[:24]}"
     usage = _usage(prompt, output, b)
-    if not body.get("stream"):
+    if not wants_stream(body, b):
         payload: dict[str, Any] = {
             "id": ident, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": "".join(words)}], "stop_reason": "end_turn",
             "stop_sequence": None}
         if "no-usage" not in b:
-            payload["usage"] = usage
+            payload["usage"] = override_usage(usage, b)
         return web.json_response(payload)
     start_usage = {**usage, "output_tokens": 1}
     events: list[dict[str, Any]] = [
@@ -77,6 +80,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     final_delta: dict[str, Any] = {"type": "message_delta",
                                    "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if "no-usage" not in b:
-        final_delta["usage"] = {"output_tokens": output}
+        final_delta["usage"] = override_usage({"output_tokens": output}, b)
     events += [final_delta, {"type": "message_stop"}]
     return await _sse(request, events, b, named=True, done=False)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    await record_free(request)
+    body = await request.json()
+    return web.json_response({"input_tokens": _prompt_tokens(body["model"], body)})

@@ -1,5 +1,6 @@
 """The mock upstream's OpenAI Responses endpoint: a response object as JSON, or typed stream events
-ending in ``response.completed`` (``response.failed`` with ``X-Mock-Behavior: failed``; no ``[DONE]``)."""
+ending in ``response.completed`` (``response.failed`` with ``X-Mock-Behavior: failed``; no ``[DONE]``).
+``usage-field:PATH=JSON``, ``coerce-stream`` and ``force-stream`` as in :mod:`metergate.demo.mock_upstream`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.demo.mock_upstream import _preamble, _reply_words, _sse
+from metergate.demo.mock_upstream import _preamble, _reply_words, _sse, override_usage, wants_stream
 from metergate.metering.tokenizer import counter_for
 
 
@@ -56,12 +57,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     output = counter_for(model).count(text)
     cached = min(int(b.get("cached", 0)), prompt)
     reasoning = min(int(b.get("reasoning", 0)), output)
-    usage = None if "no-usage" in b else {
+    usage = None if "no-usage" in b else override_usage({
         "input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
-        "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + output}
+        "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + output}, b)
     ident = f"resp_{uuid.uuid4().hex[:24]}"
     status = "failed" if failed else "completed"
-    if not body.get("stream"):
+    if not wants_stream(body, b):
         return web.json_response(_response(ident, model, status, text, usage))
     item_id = f"msg_{ident[5:]}"
     events: list[dict[str, Any]] = [

@@ -10,9 +10,19 @@ chunks (a JSON answer: halfway through its body) · ``no-usage`` never report us
 report zero usage · ``cached:N`` / ``reasoning:N`` report cached-input / reasoning tokens ·
 ``redirect`` answer 307 · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
 without ``[DONE]`` · ``unterminated`` end a stream's last event with one newline instead of the blank
-line · ``header:NAME=VALUE`` add a response header.
+line · ``header:NAME=VALUE`` add a response header · ``usage-field:PATH=JSON`` report ``JSON`` as the
+usage field ``PATH`` (dotted: ``prompt_tokens_details.cached_tokens``), e.g. ``completion_tokens=1e30``
+or ``prompt_tokens="12"``; the Anthropic and Responses endpoints honour it too.
 
-Every request is recorded (path, headers, JSON body) and listed at ``GET /_mock/requests``.
+A request streams when its ``stream`` is ``true``, as OpenAI's API reads it. ``coerce-stream`` streams any
+truthy ``stream`` (``1``, ``"true"``), as some OpenAI-compatible servers do; ``force-stream`` streams
+whatever the request asked (an upstream that ignores it).
+
+It also answers the free endpoints: ``GET /v1/models`` and ``GET /v1/models/{id}`` (in Anthropic's format
+when the request carries ``anthropic-version``, as Anthropic's SDK sends it) and ``POST /v1/moderations``.
+
+Every request is recorded (path, headers, JSON body; for the free endpoints also method and query) and
+listed at ``GET /_mock/requests``.
 """
 
 from __future__ import annotations
@@ -61,10 +71,34 @@ def _usage(prompt: int, completion: int, b: dict[str, str]) -> dict[str, Any]:
         prompt = completion = 0
     cached = min(int(b.get("cached", 0)), prompt)
     reasoning = min(int(b.get("reasoning", 0)), completion)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return override_usage({
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}, b)
+
+
+def wants_stream(body: dict[str, Any], b: dict[str, str]) -> bool:
+    """Whether to answer with a stream: ``stream: true``; any truthy value with ``coerce-stream``; always
+    with ``force-stream``; never with ``not-stream``."""
+    if "not-stream" in b:
+        return False
+    return "force-stream" in b or body.get("stream") is True or ("coerce-stream" in b and bool(body.get("stream")))
+
+
+def override_usage(usage: dict[str, Any], b: dict[str, str]) -> dict[str, Any]:
+    """``usage`` with the ``usage-field:PATH=JSON`` knob applied (a copy; nested objects copied on the way)."""
+    if "usage-field" not in b:
+        return usage
+    path, _, value = b["usage-field"].partition("=")
+    *parents, leaf = path.split(".")
+    out = dict(usage)
+    node = out
+    for name in parents:
+        node[name] = dict(node.get(name) or {})
+        node = node[name]
+    node[leaf] = json.loads(value)
+    return out
 
 
 def _headers(b: dict[str, str]) -> dict[str, str]:
@@ -119,7 +153,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     count = counter_for(model).count
     completion = count("".join(words))
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if not body.get("stream") or "not-stream" in b:
+    if not wants_stream(body, b):
         payload: dict[str, Any] = {
             "id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words), "refusal": None},
@@ -188,7 +222,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     words = _reply_words(body, b)
     completion = count("".join(words))
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if not body.get("stream"):
+    if not wants_stream(body, b):
         payload: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created, "model": model,
                                    "choices": [{"index": 0, "text": "".join(words), "logprobs": None,
                                                 "finish_reason": "stop"}]}
@@ -218,8 +252,60 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         "object": "list", "model": model,
         "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(inputs))]}
     if "no-usage" not in b:
-        payload["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+        payload["usage"] = override_usage({"prompt_tokens": prompt, "total_tokens": prompt}, b)
     return await _json(request, payload, b)
+
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-sonnet-4-5")
+
+
+async def record_free(request: web.Request) -> dict[str, str]:
+    """Record a free-endpoint request (method, path, query, headers, body) and return its behaviours."""
+    body = await request.read()
+    request.app[REQUESTS].append({"method": request.method, "path": request.path, "query": dict(request.query),
+                                  "headers": dict(request.headers), "body": json.loads(body) if body else None})
+    return _behavior(request)
+
+
+def _model(model_id: str, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
+        return {"type": "model", "id": model_id, "display_name": model_id.replace("-", " ").title(),
+                "created_at": "2026-01-01T00:00:00Z"}
+    return {"id": model_id, "object": "model", "created": 1_767_225_600, "owned_by": "mock"}
+
+
+async def models_list(request: web.Request) -> web.Response:
+    b = await record_free(request)
+    if "error" in b:
+        return web.json_response({"error": {"message": "mock models error", "type": "server_error", "param": None,
+                                            "code": None}}, status=int(b["error"]))
+    anthropic = "anthropic-version" in request.headers
+    data = [_model(m, anthropic) for m in MODELS]
+    if anthropic:
+        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"],
+                                  "last_id": data[-1]["id"]})
+    return web.json_response({"object": "list", "data": data}, headers=_headers(b))
+
+
+async def models_retrieve(request: web.Request) -> web.Response:
+    await record_free(request)
+    model_id = request.match_info["model"]
+    anthropic = "anthropic-version" in request.headers
+    if model_id not in MODELS:
+        kind = "not_found_error" if anthropic else "invalid_request_error"
+        return web.json_response({"error": {"message": f"The model '{model_id}' does not exist", "type": kind,
+                                            "param": "model", "code": "model_not_found"}}, status=404)
+    return web.json_response(_model(model_id, anthropic))
+
+
+async def moderations(request: web.Request) -> web.Response:
+    await record_free(request)
+    body = await request.json()
+    inputs = body["input"] if isinstance(body.get("input"), list) else [body.get("input", "")]
+    results = [{"flagged": False, "categories": {"violence": False}, "category_scores": {"violence": 0.001}}
+               for _ in inputs]
+    return web.json_response({"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.get("model") or
+                              "omni-moderation-latest", "results": results})
 
 
 async def recorded(request: web.Request) -> web.Response:
@@ -253,8 +339,13 @@ def build_mock_upstream() -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/_mock/requests", recorded)
-    from metergate.demo.mock_anthropic import messages
+    app.router.add_get("/v1/models", models_list)
+    app.router.add_get("/v1/models/{model}", models_retrieve)
+    app.router.add_post("/v1/moderations", moderations)
+    from metergate.demo.mock_anthropic import count_tokens, messages
     from metergate.demo.mock_responses import responses
+
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
 
     app.router.add_route("*", "/compute/run", compute_run)
     app.router.add_post("/v1/messages", messages)

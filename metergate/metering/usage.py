@@ -4,6 +4,12 @@
 ``cache_write_tokens`` (Anthropic's cache creation) and ``reasoning_tokens`` are subsets of the input and
 output totals (OpenAI's convention; Anthropic's counts are converted to it). A provider's
 explicit zero is kept as zero: an estimate only replaces usage the provider did not report.
+
+What a provider reports is input like any other: every count must be a JSON integer in
+``[0, MAX_TOKENS]``, the counts a usage object always carries must be there, and the subsets must fit
+in their totals. A report that breaks any of these raises :class:`UsageAnomaly`; the caller bills the
+request from metergate's own estimate and records the anomaly. Nothing is clamped or read as zero: a
+string, a float, a negative or an absurd count never turns into "nothing to charge".
 """
 
 from __future__ import annotations
@@ -12,6 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Source = Literal["provider", "estimated", "none"]
+
+# No model's context window or output comes near 10^8 tokens (the largest are around 10^7), and 10^8
+# tokens at any price per million stays far inside int64 in every asset's smallest unit.
+MAX_TOKENS = 100_000_000
+_SHOWN_CHARS = 40  # how much of a rejected value an anomaly quotes
+
+
+class UsageAnomaly(ValueError):
+    """A provider's usage report metergate does not believe; the message says which field and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,47 +53,86 @@ class Usage:
 NO_USAGE = Usage(source="none")
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+def _count(usage: dict[str, Any], key: str, *, required: bool = False) -> int:
+    value = usage.get(key)
+    if value is None:
+        if required:
+            raise UsageAnomaly(f"usage.{key} is missing")
         return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageAnomaly(f"usage.{key} is not an integer: {_shown(value)}")
+    if not 0 <= value <= MAX_TOKENS:
+        raise UsageAnomaly(f"usage.{key} = {_shown(value)} is outside [0, {MAX_TOKENS}]")
     return value
 
 
-def from_openai(usage: Any) -> Usage | None:
-    """Read an OpenAI ``usage`` object (chat, completions, embeddings); ``None`` if absent or malformed."""
-    if not isinstance(usage, dict) or "prompt_tokens" not in usage:
+def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
+    value = usage.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageAnomaly(f"usage.{key} is not an object: {_shown(value)}")
+    return value
+
+
+def _subset(part: int, part_name: str, whole: int, whole_name: str) -> int:
+    if part > whole:
+        raise UsageAnomaly(f"usage {part_name} = {part} exceeds {whole_name} = {whole}")
+    return part
+
+
+def _object(usage: Any) -> dict[str, Any] | None:
+    if usage is None:
         return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
-    reasoning = _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
-    return Usage(input_tokens=prompt, output_tokens=completion, cached_input_tokens=min(cached, prompt),
-                 reasoning_tokens=min(reasoning, completion), source="provider")
+    if not isinstance(usage, dict):
+        raise UsageAnomaly(f"usage is not an object: {_shown(usage)}")
+    return usage
+
+
+def from_openai(usage: Any, *, output: bool = True) -> Usage | None:
+    """Read an OpenAI ``usage`` object (chat, completions, embeddings); ``None`` if there is none.
+    ``output``: the endpoint generates text, so ``completion_tokens`` must be reported (embeddings: not)."""
+    body = _object(usage)
+    if body is None:
+        return None
+    prompt = _count(body, "prompt_tokens", required=True)
+    completion = _count(body, "completion_tokens", required=output)
+    cached = _count(_details(body, "prompt_tokens_details"), "cached_tokens")
+    reasoning = _count(_details(body, "completion_tokens_details"), "reasoning_tokens")
+    return Usage(input_tokens=prompt, output_tokens=completion,
+                 cached_input_tokens=_subset(cached, "cached_tokens", prompt, "prompt_tokens"),
+                 reasoning_tokens=_subset(reasoning, "reasoning_tokens", completion, "completion_tokens"),
+                 source="provider")
 
 
 def from_anthropic(usage: Any) -> Usage | None:
     """Read an Anthropic ``usage`` object. Its ``input_tokens`` excludes cache reads and writes; here
     they are added back so that ``input_tokens`` is the whole prompt, as for every other provider."""
-    if not isinstance(usage, dict) or ("input_tokens" not in usage and "output_tokens" not in usage):
+    body = _object(usage)
+    if body is None:
         return None
-    base = _int(usage.get("input_tokens"))
-    write = _int(usage.get("cache_creation_input_tokens"))
-    read = _int(usage.get("cache_read_input_tokens"))
-    return Usage(input_tokens=base + write + read, output_tokens=_int(usage.get("output_tokens")),
+    base = _count(body, "input_tokens", required=True)
+    write = _count(body, "cache_creation_input_tokens")
+    read = _count(body, "cache_read_input_tokens")
+    return Usage(input_tokens=base + write + read, output_tokens=_count(body, "output_tokens", required=True),
                  cached_input_tokens=read, cache_write_tokens=write, source="provider")
 
 
 def from_responses(usage: Any) -> Usage | None:
     """Read an OpenAI Responses API ``usage`` object (``input_tokens`` includes cached tokens)."""
-    if not isinstance(usage, dict) or "input_tokens" not in usage:
+    body = _object(usage)
+    if body is None:
         return None
-    prompt = _int(usage.get("input_tokens"))
-    output = _int(usage.get("output_tokens"))
-    input_details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
-    cached = _int(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0
-    reasoning = _int(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0
-    return Usage(input_tokens=prompt, output_tokens=output, cached_input_tokens=min(cached, prompt),
-                 reasoning_tokens=min(reasoning, output), source="provider")
+    prompt = _count(body, "input_tokens", required=True)
+    output = _count(body, "output_tokens", required=True)
+    cached = _count(_details(body, "input_tokens_details"), "cached_tokens")
+    reasoning = _count(_details(body, "output_tokens_details"), "reasoning_tokens")
+    return Usage(input_tokens=prompt, output_tokens=output,
+                 cached_input_tokens=_subset(cached, "cached_tokens", prompt, "input_tokens"),
+                 reasoning_tokens=_subset(reasoning, "reasoning_tokens", output, "output_tokens"),
+                 source="provider")

@@ -10,6 +10,12 @@ every record passing the handler has the configured secret values (provider keys
 secrets, the database password) and anything shaped like a credential (``mgk_...`` proxy keys,
 ``mg_live_...`` admin keys, ``sk-...`` / ``sk_live_...`` provider keys, ``whsec_...``, bearer tokens,
 passwords in URLs) replaced, in the message and in any traceback.
+
+The access log never writes a query string: portal and dashboard links carry their signatures there,
+and a link is a credential until it expires. :class:`AccessLog` writes aiohttp's usual line (client,
+time, request line, status, size, referrer, user agent, duration) with the request's path alone, and
+the referrer cut at its ``?`` too; metergate's runner (:class:`metergate.http.JsonErrorAppRunner`) uses
+it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import sys
 import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Literal
 from urllib.parse import urlsplit
 
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, SecretStr
 
 from metergate.config.settings import Settings
@@ -128,6 +136,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def without_query(target: str) -> str:
+    """A URL or request target up to its query string (or fragment)."""
+    for mark in ("?", "#"):
+        target = target.split(mark, 1)[0]
+    return target
+
+
+class AccessLog(AbstractAccessLogger):
+    """One INFO line per request on ``aiohttp.access``, as aiohttp's default format writes it, except that
+    no query string reaches it: ``%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i" %Tf`` with the
+    request line's target and the referrer cut at ``?``. (The format argument is ignored on purpose: a
+    format with ``%r`` would bring the query string back.)"""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        try:
+            target = without_query(request.raw_path)
+            version = f"HTTP/{request.version.major}.{request.version.minor}"
+            started = (datetime.now(UTC) - timedelta(seconds=time)).strftime("[%d/%b/%Y:%H:%M:%S +0000]")
+            referer = without_query(request.headers.get("Referer", "-"))
+            agent = request.headers.get("User-Agent", "-")
+            self.logger.info('%s %s "%s %s %s" %s %s "%s" "%s" %.6f', request.remote or "-", started,
+                             request.method, target, version, response.status, response.body_length, referer,
+                             agent, time, extra={"path": target, "response_status": response.status})
+        except Exception:
+            self.logger.exception("access log line failed")
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+#: Libraries whose lower levels write request and response bodies, kept at this level or above whatever
+#: ``log_level`` says. Stripe's SDK logs every request's form body and every response body at DEBUG: a
+#: Checkout Session's ``success_url`` is a signed portal link, and the bodies carry customers' data.
+_AT_LEAST = {"stripe": logging.INFO}
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
@@ -174,5 +218,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "json", secrets: Ite
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, floor in _AT_LEAST.items():
+        logging.getLogger(name).setLevel(max(root.level, floor))
     logging.captureWarnings(True)
     return handler

@@ -16,6 +16,8 @@ Metrics (all counters are ``*_total``):
 * ``metergate_tokens_total{type,source}`` tokens settled; type is ``input`` (cached included),
   ``cached_input``, ``output`` or ``reasoning`` (subsets, as OpenAI reports them); source is
   ``provider`` or ``estimated``.
+* ``metergate_usage_anomalies_total{route,endpoint}`` settled requests whose upstream reported usage
+  metergate did not believe (billed from the estimate; the usage record's ``detail.usage_anomalies`` says why).
 * ``metergate_charged_total{asset}`` and ``metergate_written_off_total{asset}`` in the asset's smallest unit.
 * ``metergate_cost_nanodollars_total`` the providers' cost, where known.
 * ``metergate_upstream_latency_seconds`` from forwarding until the upstream's response headers.
@@ -52,6 +54,9 @@ class Metrics:
                                ["reason"], registry=r)
         self.tokens = Counter("metergate_tokens", "Tokens settled, by type and by who counted them.",
                               ["type", "source"], registry=r)
+        self.usage_anomalies = Counter(
+            "metergate_usage_anomalies", "Requests with implausible upstream usage, billed from the estimate.",
+            ["route", "endpoint"], registry=r)
         self.charged = Counter("metergate_charged", "Amount captured from wallets, in the asset's smallest unit.",
                                ["asset"], registry=r)
         self.written_off = Counter("metergate_written_off",
@@ -101,6 +106,8 @@ class Metrics:
             self.upstream_latency.observe(ex.upstream_latency_s)
         if ex.first_token_s is not None:
             self.first_token.observe(ex.first_token_s)
+        if record.detail.get("usage_anomalies"):
+            self.usage_anomalies.labels(record.route, record.endpoint).inc()
         if settlement is None:
             return
         if record.usage_source != "none":

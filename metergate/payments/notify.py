@@ -1,4 +1,6 @@
-"""Signed notifications to the operator: low balance, top-up succeeded or failed, wallet depleted.
+"""Signed notifications to the operator: low balance, top-up succeeded or failed, wallet depleted, and a
+change of a wallet's billing settings (``billing_settings.changed``: auto top-up, spend caps, or a session
+opened to change its payment methods — who changed it, through which link, from what to what).
 
 Each notification is one JSON ``POST`` to ``notify_url`` with the header
 ``Metergate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(notify_secret, "<t>.<raw body>")>`` — Stripe's
@@ -15,12 +17,14 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from dataclasses import asdict, is_dataclass
+from typing import Any, Literal
 
 import aiohttp
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Metergate-Signature"
+BILLING_SETTINGS_CHANGED = "billing_settings.changed"
 _ATTEMPTS = 3
 _TIMEOUT_S = 10.0
 
@@ -89,3 +93,24 @@ class Notifier:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _plain(value: object) -> object:
+    """A setting as the notification shows it: its own fields, without the wallet it belongs to."""
+    if is_dataclass(value) and not isinstance(value, type):
+        fields = asdict(value)
+        return {k: v for k, v in fields.items() if k not in ("mode", "customer_id", "updated_at_ms")}
+    return value
+
+
+def settings_changed(notifier: Notifier, mode: str, customer_id: str, setting: str, before: object, after: object,
+                     *, changed_by: Literal["portal"], link_id: str | None = None) -> None:
+    """Tell the operator that a wallet's billing setting changed (``before`` / ``after``: ``None`` for off)."""
+    if _plain(before) == _plain(after):
+        return  # saved as it was: nothing changed
+    # Also logged, so that the change is on record where no notify_url is configured.
+    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", setting, mode, customer_id,
+             changed_by, link_id or "-")
+    notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, {
+        "setting": setting, "changed_by": changed_by, "link_id": link_id,
+        "before": _plain(before), "after": _plain(after)})

@@ -2,8 +2,14 @@
 CSV), top-up through Stripe Checkout, auto top-up, spend caps and payment methods.
 
 It answers the same signed link as the plain page (:mod:`metergate.portal.views`, which hands its page
-over when payments are on), so a 402's ``portal_url`` opens it. Every form is a ``POST`` that carries the
-link (which scopes it to one customer in one mode, until the link expires) and a per-link CSRF token,
+over when payments are on), so a 402's ``portal_url`` opens it. What a page offers is what its link allows
+(:mod:`metergate.portal.links`): a 402's link (``view_topup``) shows balances, usage and history and offers a
+one-off top-up, because whoever caused the 402 holds it; auto top-up, spend caps and payment methods need a
+``billing_admin`` link, issued only through the admin API. Every state-changing action checks the link's
+access on the server (403 ``portal_scope`` otherwise, and nothing changes), and each change of a billing
+setting is notified to the operator (``billing_settings.changed``: what changed, from what to what, through
+which link). Every form is a ``POST`` that carries the link (which scopes it to one customer in one mode,
+until the link expires) and a per-link CSRF token,
 ``HMAC(key, link signature)`` under a key derived from the portal secrets for this use alone; a post with a
 wrong token, or that the browser marks cross-site, changes nothing. Branding (name, logo, colours) and the
 ``frame-ancestors`` of the Content-Security-Policy come from settings; every value shown is HTML-escaped.
@@ -16,6 +22,7 @@ import hashlib
 import hmac
 import html
 import io
+import json
 import secrets
 from urllib.parse import urlencode, urlsplit
 
@@ -25,13 +32,13 @@ from metergate.config.settings import Settings
 from metergate.errors import BadRequest, Forbidden
 from metergate.money import format_minor, parse_major
 from metergate.payments.admin import validate_auto_topup
+from metergate.payments.notify import settings_changed
 from metergate.payments.service import Payments
 from metergate.payments.spendcaps import validate_caps
-from metergate.portal.links import LinkSigner, PortalGrant
+from metergate.portal.links import LINK_PARAMS, VIEW_TOPUP, LinkSigner, PortalGrant
 from metergate.portal.views import LIVE_REFRESH_JS, balance_card
 from metergate.wallet.models import LedgerEntry
 
-_LINK_PARAMS = ("c", "m", "e", "k", "s")
 _KINDS = {"credit": "Top-ups and credits", "capture": "Usage charges", "hold": "Holds", "void": "Released holds",
           "expire": "Expired holds", "extend": "Hold extensions"}
 _PAGE_SIZE = 20
@@ -84,15 +91,29 @@ class SelfServe:
 
     @staticmethod
     def _link(request: web.Request) -> str:
-        return urlencode({k: request.query[k] for k in _LINK_PARAMS if k in request.query})
+        return urlencode({k: request.query[k] for k in LINK_PARAMS if k in request.query})
+
+    def _return_url(self, request: web.Request, grant: PortalGrant, **extra: str) -> str:
+        """Where Stripe sends the browser back: this page through a link that views and tops up only. A
+        billing-administration link never leaves for Stripe: it is swapped for a fresh ``view_topup`` link
+        for the same customer."""
+        link = self._link(request) if not grant.billing_admin else self._signer.query(
+            grant.mode, grant.customer_id, access=VIEW_TOPUP)
+        query = link + ("&" + urlencode(extra) if extra else "")
+        return f"{self._signer.base_url}/portal/?{query}"
 
     def _portal_url(self, request: web.Request, **extra: str) -> str:
         query = self._link(request) + ("&" + urlencode(extra) if extra else "")
         return f"{self._signer.base_url}/portal/?{query}"
 
-    async def _form(self, request: web.Request) -> tuple[PortalGrant, dict[str, str]]:
-        """The verified link and the form, or a 403 when the link or the CSRF token is not right."""
+    async def _form(self, request: web.Request, *, billing_admin: bool) -> tuple[PortalGrant, dict[str, str]]:
+        """The verified link and the form, or a 403 when the link does not allow the action or the CSRF token
+        is not right."""
         grant = self._signer.verify(dict(request.query))
+        if billing_admin and not grant.billing_admin:
+            raise Forbidden("This billing link can view balances and top up only. Automatic top-up, spending "
+                            "limits and payment methods are changed from your account in the application.",
+                            code="portal_scope")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             raise Forbidden("Forms are accepted from this page only.", code="invalid_csrf_token")
         form = {k: str(v) for k, v in (await request.post()).items()}
@@ -119,37 +140,50 @@ class SelfServe:
     # ---------------------------------------------------------------- actions
 
     async def top_up(self, request: web.Request) -> web.StreamResponse:
-        grant, form = await self._form(request)
+        grant, form = await self._form(request, billing_admin=False)
         cents = self._topups.parse_topup(form.get("amount", ""))
         url = await self._topups.start_checkout(
-            grant.mode, grant.customer_id, cents, success_url=self._portal_url(request, notice="paid"),
-            cancel_url=self._portal_url(request, notice="cancelled"),
+            grant.mode, grant.customer_id, cents, success_url=self._return_url(request, grant, notice="paid"),
+            cancel_url=self._return_url(request, grant, notice="cancelled"),
             product=f"{self._settings.portal_brand_name or 'Prepaid'} credit")
         raise web.HTTPSeeOther(url)
 
+    def _notify(self, grant: PortalGrant, setting: str, before: object, after: object) -> None:
+        settings_changed(self._payments.notifier, grant.mode, grant.customer_id, setting, before, after,
+                         changed_by="portal", link_id=grant.link_id)
+
     async def auto_top_up(self, request: web.Request) -> web.StreamResponse:
-        grant, form = await self._form(request)
+        grant, form = await self._form(request, billing_admin=True)
+        before = await self._store.auto_topup(grant.mode, grant.customer_id, self._asset)
         if form.get("enabled") != "on":
             await self._store.set_auto_topup(None, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
+            self._notify(grant, "auto_top_up", before, None)
             raise web.HTTPSeeOther(self._portal_url(request, notice="auto_off"))
         threshold = self._major(form.get("threshold", ""), "threshold")
         amount = self._topups.cents_to_minor(self._topups.parse_topup(form.get("amount", "")))
         setting = validate_auto_topup(self._topups, grant.mode, grant.customer_id, self._asset, threshold, amount)
         await self._store.set_auto_topup(setting, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
+        self._notify(grant, "auto_top_up", before, setting)
         raise web.HTTPSeeOther(self._portal_url(request, notice="auto_saved"))
 
     async def spend_caps(self, request: web.Request) -> web.StreamResponse:
-        grant, form = await self._form(request)
+        grant, form = await self._form(request, billing_admin=True)
         values = {name: self._major(form[name], name) if form.get(name, "").strip() else None
                   for name in ("daily", "monthly")}
         caps = validate_caps(grant.mode, grant.customer_id, self._asset, values["daily"], values["monthly"])
+        before = await self._store.spend_caps(grant.mode, grant.customer_id, self._asset)
         await self._store.set_spend_caps(caps)
+        self._notify(grant, "spend_caps", before, caps if caps.daily is not None or caps.monthly is not None
+                     else None)
         raise web.HTTPSeeOther(self._portal_url(request, notice="caps_saved"))
 
     async def methods(self, request: web.Request) -> web.StreamResponse:
-        grant, _ = await self._form(request)
+        grant, _ = await self._form(request, billing_admin=True)
         stripe_customer = await self._payments.stripe.customer(grant.mode, grant.customer_id)
-        url = await self._payments.stripe.billing_portal(grant.mode, stripe_customer, self._portal_url(request))
+        url = await self._payments.stripe.billing_portal(grant.mode, stripe_customer, self._return_url(request, grant))
+        # What changes there (cards added, removed, made the default) happens at Stripe; what metergate sees
+        # and reports is that a session able to change them was opened.
+        self._notify(grant, "payment_methods", None, {"stripe_billing_portal": "opened"})
         raise web.HTTPSeeOther(url)
 
     # ---------------------------------------------------------------- history
@@ -205,7 +239,10 @@ class SelfServe:
         logo = (f'<img src="{esc(s.portal_logo_url)}" alt="{brand} logo" height="32">'
                 if s.portal_logo_url.startswith("https://") else "")
         notice = _NOTICES.get(request.query.get("notice", ""), "")
-        cards = "".join(balance_card(b, b.asset, self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0)
+        # Named as the live refresh (metergate.portal.views) names them, so that nothing changes after 2 s.
+        names = {a.code: a.name or a.code for a in s.assets}
+        cards = "".join(balance_card(b, names.get(b.asset, b.asset),
+                                     self._settings.asset(b.asset).scale if b.asset in _codes(s) else 0)
                         for b in balances) or '<div class="card">No balance yet.</div>'
         usage_rows = "".join(
             f"<tr><td>{_utc(u.created_at_ms)}</td><td>{esc(u.model)}</td><td>{u.tokens_input} / {u.tokens_output}"
@@ -228,6 +265,38 @@ class SelfServe:
                            f"{esc(last_auto.error_code or '')}. Update your card, then save these settings again."
                            "</p>")
         hidden = f'<input type="hidden" name="csrf" value="{csrf}">'
+        if grant.billing_admin:
+            admin_forms = f"""<form class="panel" method="post" action="auto-top-up?{link}" aria-labelledby="auto-h">
+<h2 id="auto-h">Automatic top-up</h2>{hidden}{auto_status}
+<label><input type="checkbox" name="enabled" id="auto-enabled"{" checked" if auto else ""}> Top up automatically</label>
+<label for="auto-threshold">When the balance falls below</label>
+<input type="text" id="auto-threshold" name="threshold" inputmode="decimal"
+ value="{self._money(auto.threshold) if auto else "5.00"}">
+<label for="auto-amount">Add</label>
+<input type="text" id="auto-amount" name="amount" inputmode="decimal"
+ value="{self._money(auto.amount) if auto else "20.00"}" aria-describedby="auto-hint">
+<div id="auto-hint" class="hint">Charged to your saved card, at most {s.auto_topup_daily_cap} times a day.</div>
+<button type="submit">Save automatic top-up</button></form>
+<form class="panel" method="post" action="spend-caps?{link}" aria-labelledby="caps-h">
+<h2 id="caps-h">Spending limits</h2>{hidden}
+<label for="cap-daily">Daily limit ({esc(self._asset)})</label>
+<input type="text" id="cap-daily" name="daily" inputmode="decimal" aria-describedby="caps-hint"
+ value="{self._money(caps.daily) if caps and caps.daily else ""}">
+<label for="cap-monthly">Monthly limit ({esc(self._asset)})</label>
+<input type="text" id="cap-monthly" name="monthly" inputmode="decimal" aria-describedby="caps-hint"
+ value="{self._money(caps.monthly) if caps and caps.monthly else ""}">
+<div id="caps-hint" class="hint">Leave empty for no limit. Requests beyond a limit are refused.</div>
+<button type="submit">Save limits</button></form>
+<form class="panel" method="post" action="payment-methods?{link}" aria-labelledby="pm-h">
+<h2 id="pm-h">Payment methods</h2>{hidden}
+<p>Add, remove or change the card used for top-ups.</p><button type="submit">Manage payment methods</button></form>
+"""
+        else:  # a 402's link: whoever caused the 402 holds it, so it changes nothing but the balance
+            admin_forms = """<section class="panel card" aria-labelledby="manage-h">
+<h2 id="manage-h">Billing settings</h2>
+<p>Automatic top-up, spending limits and payment methods are managed from your account in the application:
+open billing from there to change them.</p></section>
+"""
         body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{brand} · {esc(grant.customer_id)}</title>
@@ -269,31 +338,7 @@ class SelfServe:
 <input type="text" id="topup-amount" name="amount" inputmode="decimal" required value="25.00"
  aria-describedby="topup-hint"><div id="topup-hint" class="hint">Between {low} and {high}.</div>
 <button type="submit">Top up</button></form>
-<form class="panel" method="post" action="auto-top-up?{link}" aria-labelledby="auto-h">
-<h2 id="auto-h">Automatic top-up</h2>{hidden}{auto_status}
-<label><input type="checkbox" name="enabled" id="auto-enabled"{" checked" if auto else ""}> Top up automatically</label>
-<label for="auto-threshold">When the balance falls below</label>
-<input type="text" id="auto-threshold" name="threshold" inputmode="decimal"
- value="{self._money(auto.threshold) if auto else "5.00"}">
-<label for="auto-amount">Add</label>
-<input type="text" id="auto-amount" name="amount" inputmode="decimal"
- value="{self._money(auto.amount) if auto else "20.00"}" aria-describedby="auto-hint">
-<div id="auto-hint" class="hint">Charged to your saved card, at most {s.auto_topup_daily_cap} times a day.</div>
-<button type="submit">Save automatic top-up</button></form>
-<form class="panel" method="post" action="spend-caps?{link}" aria-labelledby="caps-h">
-<h2 id="caps-h">Spending limits</h2>{hidden}
-<label for="cap-daily">Daily limit ({esc(self._asset)})</label>
-<input type="text" id="cap-daily" name="daily" inputmode="decimal" aria-describedby="caps-hint"
- value="{self._money(caps.daily) if caps and caps.daily else ""}">
-<label for="cap-monthly">Monthly limit ({esc(self._asset)})</label>
-<input type="text" id="cap-monthly" name="monthly" inputmode="decimal" aria-describedby="caps-hint"
- value="{self._money(caps.monthly) if caps and caps.monthly else ""}">
-<div id="caps-hint" class="hint">Leave empty for no limit. Requests beyond a limit are refused.</div>
-<button type="submit">Save limits</button></form>
-<form class="panel" method="post" action="payment-methods?{link}" aria-labelledby="pm-h">
-<h2 id="pm-h">Payment methods</h2>{hidden}
-<p>Add, remove or change the card used for top-ups.</p><button type="submit">Manage payment methods</button></form>
-</div>
+{admin_forms}</div>
 <section aria-labelledby="use"><h2 id="use">Recent usage</h2>
 <table aria-labelledby="use"><thead><tr><th scope="col">Time (UTC)</th><th scope="col">Model</th>
 <th scope="col">Tokens in / out</th><th scope="col">Charged</th></tr></thead>
@@ -301,7 +346,7 @@ class SelfServe:
 <p class="hint">Updates live. Link valid until <time>{_utc(grant.expires_at * 1000)}</time>.</p></section>
 <section aria-labelledby="hist"><h2 id="hist">Transactions</h2>
 <form method="get" action="" role="search" aria-label="Filter transactions">
-{"".join(f'<input type="hidden" name="{k}" value="{esc(request.query[k])}">' for k in _LINK_PARAMS
+{"".join(f'<input type="hidden" name="{k}" value="{esc(request.query[k])}">' for k in LINK_PARAMS
          if k in request.query)}
 <label for="kind">Show</label><select id="kind" name="kind"><option value="">All transactions</option>{options}
 </select> <button type="submit">Filter</button>
@@ -312,7 +357,7 @@ class SelfServe:
 </main>
 <script>
 const q = "?" + new URLSearchParams([...new URLSearchParams(window.location.search)].filter(
-  ([k]) => ["c", "m", "e", "k", "s"].includes(k))).toString();
+  ([k]) => {json.dumps(list(LINK_PARAMS))}.includes(k))).toString();
 {LIVE_REFRESH_JS}
 </script></body></html>
 """

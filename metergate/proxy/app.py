@@ -41,6 +41,7 @@ from metergate.portal.views import PortalViews
 from metergate.pricing.admin import PricingApi
 from metergate.pricing.service import PricingService
 from metergate.pricing.store import PricingStore
+from metergate.proxy import cors
 from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
 from metergate.wallet.assets import AssetRegistry
@@ -198,5 +199,6 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     if proxy and sql_store is not None:
         pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:
+        cors.install(app, settings, pipeline.routes)  # browser clients of the proxy routes, when configured
         app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app

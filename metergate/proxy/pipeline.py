@@ -30,7 +30,6 @@ from metergate.errors import (
     BadRequest,
     GatewayTimeout,
     MetergateError,
-    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     PaymentRequired,
@@ -50,17 +49,20 @@ from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
 from metergate.proxy.budget import StreamBudget
 from metergate.proxy.identify import Identifier, Identity
+from metergate.proxy.methods import check_method
+from metergate.proxy.passthrough import FreeEndpoints
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
-from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
+from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, stored_text
 from metergate.wallet.store import WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
 _WATCH_S = 1.0  # how often a stream's watchdog looks for a client that hung up while the upstream is quiet
 _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exchanges get to settle
+_ANOMALY_CHARS = 200  # each usage anomaly a record keeps (a field name and a shortened value)
 
 
 def _error_event(code: str, message: str) -> bytes:
@@ -118,6 +120,7 @@ class Pipeline:
         from metergate.proxy.compute import ComputeRelay
 
         self.compute = ComputeRelay(self)
+        self.free = FreeEndpoints(self)
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
         self.spend_caps: SpendCapGuard | None = None
@@ -179,13 +182,15 @@ class Pipeline:
                            code="unknown_route")
         if match.route.compute is not None:
             return await self.compute.handle(request, request_id, match)
+        if (free := self.free.find(match)) is not None:  # models lists, token counting: unmetered
+            return await self.free.handle(request, request_id, match, free)
         adapter = self._adapters[match.route.prefix]
         endpoint = adapter.classify(match.upstream_path)
         if endpoint is None:
             raise NotFound(f"{match.upstream_path} is not a metered endpoint on route {match.route.prefix}.",
                            code="unknown_route")
-        if request.method != "POST":
-            raise MethodNotAllowed(f"{endpoint} accepts POST only.")
+        if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
+            return options
         identity = await self.identifier.identify(request)
         body = await self._read_body(request)
         prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
@@ -201,7 +206,7 @@ class Pipeline:
         self.metrics.hold_opened()
         feature = request.headers.get(self.settings.attribution_header)
         ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
-                      feature[:128] if feature else None, time.monotonic())
+                      feature or None, time.monotonic())
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
@@ -250,13 +255,15 @@ class Pipeline:
         return hold
 
     def insufficient(self, identity: Identity, short: InsufficientFunds) -> PaymentRequired:
-        """The 402 a customer gets when the wallet is short: amounts, and the signed portal link."""
+        """The 402 a customer gets when the wallet is short: amounts, and the signed portal link — in the
+        body's fields and in the message itself, since many clients (litellm, loggers) keep only the message."""
         scale = self.settings.asset(short.asset).scale
+        balance, required = format_minor(short.available, scale), format_minor(short.required, scale)
+        portal_url = self.signer.url(identity.mode, identity.customer_id)
         return PaymentRequired(
-            "Insufficient funds: the wallet cannot cover this request. Top up at portal_url.",
-            code="insufficient_funds", asset=short.asset, balance=format_minor(short.available, scale),
-            required=format_minor(short.required, scale),
-            portal_url=self.signer.url(identity.mode, identity.customer_id))
+            f"Insufficient funds: this request needs {required} {short.asset} and the wallet has {balance} "
+            f"{short.asset}. Top up at {portal_url}",
+            code="insufficient_funds", asset=short.asset, balance=balance, required=required, portal_url=portal_url)
 
     def _upstream_headers(self, request: web.Request, ex: Exchange) -> CIMultiDict[str]:
         key = ex.match.route.api_key
@@ -480,6 +487,7 @@ class Pipeline:
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
         cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
+        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
         return UsageRecord(
             id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
             route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
@@ -491,7 +499,8 @@ class Pipeline:
             cost_nanos=cost.nanos if cost else None,
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
-                    "duration_ms": int((time.monotonic() - ex.started) * 1000)},
+                    "duration_ms": int((time.monotonic() - ex.started) * 1000),
+                    **({"usage_anomalies": anomalies} if anomalies else {})},
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:

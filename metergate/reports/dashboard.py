@@ -2,10 +2,13 @@
 
 Browsers cannot send the admin API's bearer key, so the page is opened through a short-lived signed
 link (``POST /admin/v1/dashboard-link``, scoped to the admin key's mode, ``dashboard_link_ttl_s``).
-Opening the link exchanges it for an ``HttpOnly``, ``SameSite=Strict`` session cookie (itself signed,
-``dashboard_session_ttl_s``, path ``/admin/dashboard``) and redirects to the bare page, so the link
-leaves the address bar and history. Links and sessions are signed with keys derived from the portal
-secrets for their own scopes (:mod:`metergate.portal.links`): a customer's portal link never opens it.
+A link works once: its first use claims its id in the SQL database (:mod:`metergate.portal.used_links`,
+so on every replica) and exchanges it for an ``HttpOnly``, ``SameSite=Strict`` session cookie (itself
+signed, ``dashboard_session_ttl_s``, path ``/admin/dashboard``, ``Secure`` when ``public_url`` or the
+request is https), then redirects to the bare page, so the link leaves the address bar and history; a
+replay is refused (403 ``link_used``) and opens nothing. Links and sessions are signed with keys derived
+from the portal secrets for their own scopes (:mod:`metergate.portal.links`): a customer's portal link
+never opens it.
 
 The page is plain HTML with inline SVG (:mod:`metergate.reports.charts`), no JavaScript and nothing
 fetched from elsewhere; its Content-Security-Policy allows exactly its own stylesheet (by hash) and
@@ -26,7 +29,8 @@ from aiohttp import web
 
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, Forbidden
-from metergate.portal.links import LinkSigner, PortalGrant
+from metergate.portal.links import LinkSigner, PortalGrant, new_link_id
+from metergate.portal.used_links import UsedLinks
 from metergate.reports.charts import Group, Series, bar_chart, grouped_bars, line_chart, percent, usd
 from metergate.reports.margin import (
     MAX_GROUPS,
@@ -161,6 +165,8 @@ class DashboardViews:
         sql = sql_behind(store)
         self._assets = AssetRegistry(sql, settings.assets) if sql is not None else None
         self._pricing_asset = settings.pricing.asset
+        self._used = UsedLinks(sql) if sql is not None else None
+        self._https = settings.public_url.lower().startswith("https://")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(PATH, self.page)]
@@ -168,8 +174,8 @@ class DashboardViews:
     # ------------------------------------------------------------------ authentication
 
     def link_query(self, mode: Mode) -> str:
-        """The query string of a new signed dashboard link for ``mode``."""
-        return self._links.query(mode, SUBJECT)
+        """The query string of a new signed, single-use dashboard link for ``mode``."""
+        return self._links.query(mode, SUBJECT, link_id=new_link_id())
 
     def _verify(self, signer: LinkSigner, params: dict[str, str]) -> PortalGrant:
         try:
@@ -193,14 +199,21 @@ class DashboardViews:
         mode, expires, kid, sig = parts
         return self._verify(self._sessions, {"c": SUBJECT, "m": mode, "e": expires, "k": kid, "s": sig}).mode
 
-    def _open_session(self, request: web.Request) -> web.Response:
-        """Trade a signed link for a session cookie, and send the browser to the page without the link."""
+    async def _open_session(self, request: web.Request) -> web.Response:
+        """Trade a signed link, once, for a session cookie, and send the browser to the page without the link."""
         grant = self._verify(self._links, dict(request.query))
+        if grant.link_id is None or self._used is None:  # a link without an id cannot be used only once
+            raise Forbidden("This dashboard link is not valid; ask the admin API for a new one "
+                            "(POST /admin/v1/dashboard-link).", code="invalid_dashboard_link")
+        if not await self._used.claim(grant.link_id, scope=self._links.scope, expires_at_s=grant.expires_at):
+            raise Forbidden("This dashboard link has been used already; a link opens one session. Ask the admin "
+                            "API for a new one (POST /admin/v1/dashboard-link).", code="link_used")
         fields = dict(parse_qsl(self._sessions.query(grant.mode, SUBJECT)))
         rest = {k: v for k, v in request.query.items() if k in ("days", "period")}
         response = web.Response(status=303, headers={"Location": PATH + (f"?{urlencode(rest)}" if rest else ""),
                                                      **_HEADERS})
-        secure = request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+        secure = (self._https or request.secure
+                  or request.headers.get("X-Forwarded-Proto", "").lower() == "https")
         response.set_cookie(COOKIE, ".".join((fields["m"], fields["e"], fields["k"], fields["s"])),
                             max_age=self._sessions.ttl_s, path=PATH, httponly=True, samesite="Strict",
                             secure=secure)
@@ -210,7 +223,7 @@ class DashboardViews:
 
     async def page(self, request: web.Request) -> web.Response:
         if "s" in request.query:
-            return self._open_session(request)
+            return await self._open_session(request)
         mode = self._session_mode(request)
         days, period = _choice(request.query, "days", RANGES_DAYS, 30), _period(request.query)
         to_ms = (now_ms() // _DAY_MS + 1) * _DAY_MS  # the end of today, UTC

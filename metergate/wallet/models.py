@@ -6,6 +6,7 @@ integer milliseconds since the Unix epoch, so that SQLite and PostgreSQL compare
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,16 @@ UsageSource = Literal["provider", "estimated", "measured", "none"]
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The usage record's strings that requests and upstreams fill, and their columns' sizes in wallet.schema.
+USAGE_TEXT_CHARS = {"route": 128, "endpoint": 64, "model": 128, "feature": 128}
+
+
+def stored_text(text: str, limit: int) -> str:
+    """``text`` as a record stores it: without control characters, at most ``limit`` characters."""
+    return _CONTROL.sub("", text)[:limit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +148,14 @@ class UsageRecord:
     cost_nanos: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     created_at_ms: int = field(default_factory=now_ms)
+
+    def __post_init__(self) -> None:
+        # Whatever a request or an upstream put in these strings, a record stores them sanitized and bounded
+        # (a 20 MB model name once reached the reports).
+        for name, limit in USAGE_TEXT_CHARS.items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, stored_text(value, limit) or (None if name == "feature" else ""))
 
 
 @dataclass(frozen=True, slots=True)

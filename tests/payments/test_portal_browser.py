@@ -1,6 +1,7 @@
 """A customer refused with 402 opens the portal from the answer's ``portal_url`` in a real browser, sees
-the balance, tops up through Checkout, sets auto top-up and watches a new usage line appear without a
-reload; expired, tampered and other customers' links show nothing.
+the balance and no billing settings (that link views and tops up only), tops up through Checkout, then sets
+auto top-up through a billing-administration link from the admin API and watches a new usage line appear
+without a reload; expired, tampered and other customers' links show nothing.
 
 Method: Debian's Chromium driven by Playwright against the running gateway and the fake Stripe. The test
 plays Stripe's part: when the browser has reached the fake Checkout page, it delivers the signed
@@ -64,6 +65,12 @@ async def test_customer_tops_up_sets_auto_top_up_and_sees_usage_live(paygate: Pa
             await page.goto(portal_url)
             await expect(page.get_by_role("heading", name="Billing for acme")).to_be_visible()
             await expect(page.locator('#balances [data-asset="USD"]')).to_have_text("0.000010")
+            # Whoever caused the 402 holds this link: it offers a top-up and no billing settings.
+            await expect(page.get_by_role("button", name="Top up", exact=True)).to_be_visible()
+            await expect(page.get_by_role("heading", name="Billing settings")).to_be_visible()
+            for control in ("Top up automatically", "Daily limit (USD)", "Monthly limit (USD)"):
+                await expect(page.get_by_label(control)).to_have_count(0)
+            await expect(page.get_by_role("button", name="Manage payment methods")).to_have_count(0)
             await page.screenshot(path=str(ARTIFACTS / "portal-1-refused.png"), full_page=True)
 
             # Top up 25.00 through Checkout.
@@ -79,8 +86,12 @@ async def test_customer_tops_up_sets_auto_top_up_and_sees_usage_live(paygate: Pa
             await page.goto(session["success_url"])
             await expect(page.get_by_role("status")).to_contain_text("Thank you")
             await expect(page.locator('#balances [data-asset="USD"]')).to_have_text("25.000010")
+            await expect(page.get_by_label("Top up automatically")).to_have_count(0)  # back on a view link
 
-            # Auto top-up, saved through the CSRF-protected form.
+            # Auto top-up, saved through the CSRF-protected form of a billing-administration link.
+            admin_link = (await paygate.gw.admin.post("/customers/acme/portal-link")).json()
+            assert admin_link["access"] == "billing_admin"
+            await page.goto(admin_link["url"])
             await page.get_by_label("Top up automatically").check()
             await page.get_by_label("When the balance falls below").fill("5.00")
             await page.get_by_label("Add", exact=True).fill("20.00")

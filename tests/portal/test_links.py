@@ -78,13 +78,16 @@ async def test_admin_link_opens_the_billing_page_with_the_balance(gateway: Gatew
     assert r.headers["Cache-Control"] == "no-store" and r.headers["Referrer-Policy"] == "no-referrer"
 
 
-async def test_link_lifetime_matches_what_the_admin_api_reports(gateway: Gateway) -> None:
+@pytest.mark.parametrize("access", ["billing_admin", "view_topup"])
+async def test_link_lifetime_matches_what_the_admin_api_reports(gateway: Gateway, access: str) -> None:
+    """A view link lives ``portal_link_ttl_s``; a billing-administration link 15 minutes at most."""
     await gateway.customer("acme")
     before = int(time.time())
-    r = await gateway.admin.post("/customers/acme/portal-link")
+    r = await gateway.admin.post("/customers/acme/portal-link", json={"access": access})
     expires_at = int(dict(parse_qsl(urlsplit(r.json()["url"]).query))["e"])
     ttl = r.json()["expires_in_s"]
-    assert ttl == gateway.settings.portal_link_ttl_s
+    configured = gateway.settings.portal_link_ttl_s
+    assert ttl == (min(configured, 900) if access == "billing_admin" else configured)
     assert before + ttl <= expires_at <= int(time.time()) + ttl
 
 

@@ -47,6 +47,7 @@ class Case:
     chunked: bool = False  # send the body with Transfer-Encoding: chunked and no Content-Length
     raw: bytes | None = None  # bytes written to a socket as they are, instead of an HTTP client request
     untrusted: bool = False  # the gateway trusts only 10.255.0.0/16, so loopback is not the app
+    param: str | None = None  # the field the error must name, for a body that breaks the request schema
 
 
 def _body(**changes: Any) -> bytes:
@@ -85,7 +86,9 @@ CASES: dict[str, Case] = {
     # --- where the request goes
     "path-outside-any-route": Case(404, "unknown_route", path="/anthropic/v1/messages"),
     "root-path": Case(404, "unknown_route", path="/"),
-    "unmetered-endpoint-under-route": Case(404, "unknown_route", path="/openai/v1/models"),
+    "unknown-endpoint-under-route": Case(404, "unknown_route", path="/openai/v1/assistants"),
+    "unmetered-endpoint-under-route": Case(404, "endpoint_not_metered", path="/openai/v1/batches"),
+    "post-on-free-endpoint": Case(405, "method_not_allowed", path="/openai/v1/models"),
     "get-on-metered-endpoint": Case(405, "method_not_allowed", method="GET", body=None),
     "put-on-metered-endpoint": Case(405, "method_not_allowed", method="PUT"),
     # --- what the body asks for
@@ -97,6 +100,31 @@ CASES: dict[str, Case] = {
     "max-tokens-boolean": Case(400, "invalid_request", body=_body(max_tokens=True)),
     "max-completion-tokens-zero": Case(400, "invalid_request", body=_body(max_completion_tokens=0)),
     "messages-empty": Case(400, "invalid_request", body=_body(messages=[])),
+    # --- a field metergate relies on has the wrong type or is out of bounds (the request schema)
+    "stream-integer": Case(400, "invalid_request", body=_body(stream=1), param="stream"),
+    "stream-string": Case(400, "invalid_request", body=_body(stream="true"), param="stream"),
+    "stream-options-string": Case(400, "invalid_request", body=_body(stream=True, stream_options="usage"),
+                                  param="stream_options"),
+    "include-usage-integer": Case(400, "invalid_request", body=_body(stream=True, stream_options={"include_usage": 1}),
+                                  param="stream_options.include_usage"),
+    "max-tokens-2-pow-63": Case(400, "invalid_request", body=_body(max_tokens=2**63), param="max_tokens"),
+    "max-tokens-10-pow-30": Case(400, "invalid_request", body=_body(max_tokens=10**30), param="max_tokens"),
+    "max-tokens-float": Case(400, "invalid_request", body=_body(max_tokens=5.0), param="max_tokens"),
+    "max-tokens-string": Case(400, "invalid_request", body=_body(max_tokens="5"), param="max_tokens"),
+    "max-completion-tokens-huge": Case(400, "invalid_request", body=_body(max_completion_tokens=10**9),
+                                       param="max_completion_tokens"),
+    "n-zero": Case(400, "invalid_request", body=_body(n=0), param="n"),
+    "n-huge": Case(400, "invalid_request", body=_body(n=2**40), param="n"),
+    "model-too-long": Case(400, "invalid_model", body=_body(model="gpt-4o-mini" + "x" * 200), param="model"),
+    "model-with-newline": Case(400, "invalid_model", body=_body(model="gpt-4o-mini\n"), param="model"),
+    "model-with-space": Case(400, "invalid_model", body=_body(model="gpt 4o"), param="model"),
+    "messages-a-string": Case(400, "invalid_request", body=_body(messages="hello"), param="messages"),
+    "message-a-string": Case(400, "invalid_request", body=_body(messages=["hello"]), param="messages[0]"),
+    "message-without-role": Case(400, "invalid_request", body=_body(messages=[{"content": "hi"}]),
+                                 param="messages[0].role"),
+    "message-content-a-number": Case(400, "invalid_request",
+                                     body=_body(messages=[{"role": "user", "content": 5}]),
+                                     param="messages[0].content"),
     # --- who pays: the customer header
     "missing-customer": Case(401, "missing_customer", headers=_without("X-Metergate-Customer")),
     "unknown-customer": Case(403, "unknown_customer", headers={**AS_ACME, "X-Metergate-Customer": "globex"}),
@@ -157,8 +185,8 @@ async def open_gateway(upstream: Upstream, tmp_path: Path, monkeypatch: pytest.M
         await runner.cleanup()
 
 
-async def _send_raw(gw: Gateway, data: bytes) -> tuple[int, str, bytes]:
-    """Write bytes to the gateway's socket; return the status, Content-Type and body of the answer."""
+async def _send_raw(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Write bytes to the gateway's socket; return the status, headers (lower-case names) and body of the answer."""
     port = int(gw.url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -168,12 +196,12 @@ async def _send_raw(gw: Gateway, data: bytes) -> tuple[int, str, bytes]:
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 10)
-        return int(lines[0].split()[1]), headers.get("content-type", ""), body
+        return int(lines[0].split()[1]), headers, body
     finally:
         writer.close()
 
 
-async def _send(gw: Gateway, case: Case, revoked_key: str) -> tuple[int, str, bytes]:
+async def _send(gw: Gateway, case: Case, revoked_key: str) -> tuple[int, dict[str, str], bytes]:
     if case.raw is not None:
         return await _send_raw(gw, case.raw)
     headers = {k: v.replace("{revoked}", revoked_key) for k, v in case.headers.items()}
@@ -190,7 +218,7 @@ async def _send(gw: Gateway, case: Case, revoked_key: str) -> tuple[int, str, by
         r = await client.request(case.method, case.path, headers=headers, content=content)
     if case.chunked:
         assert "content-length" not in {k.lower() for k in r.request.headers}
-    return r.status_code, r.headers.get("content-type", ""), r.content
+    return r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content
 
 
 async def _ledger(gw: Gateway) -> list[dict[str, Any]]:
@@ -212,14 +240,21 @@ async def test_bad_request_is_refused_in_the_envelope_and_changes_nothing(
     assert revoked.status_code == 200 and revoked.json()["revoked_at_ms"] is not None
     ledger_before, forwarded_before = await _ledger(gw), len(gw.upstream.requests)
 
-    status, content_type, raw_body = await _send(gw, case, issued.json()["key"])
+    status, headers, raw_body = await _send(gw, case, issued.json()["key"])
 
-    assert (status, content_type.split(";")[0]) == (case.status, "application/json"), raw_body
+    assert (status, headers.get("content-type", "").split(";")[0]) == (case.status, "application/json"), raw_body
+    # Every refusal can be quoted to support by its id, and none is worth retrying unchanged.
+    assert re.fullmatch(r"req_[0-9a-f]{32}", headers.get("x-metergate-request-id", "")), headers
+    assert headers.get("x-should-retry") == "false"
+    if status == 405:
+        assert headers["allow"] in ("POST, OPTIONS", "GET, HEAD, OPTIONS")
     body = json.loads(raw_body)
     assert set(body) == {"error"}
     error = body["error"]
     assert {"message", "type", "code", "param"} <= set(error)
     assert error["code"] == case.code
+    if case.param is not None:
+        assert error["param"] == case.param
     assert isinstance(error["message"], str) and error["message"]
     assert not LEAKS.search(raw_body.decode()), raw_body
     assert await _ledger(gw) == ledger_before

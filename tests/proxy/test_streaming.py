@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from metergate.metering.tokenizer import seed_cache
 from metergate.proxy.adapters import openai as oa
+from metergate.proxy.adapters.base import Prepared
 from tests.conftest import Gateway
 from tests.proxy.test_openai_sdk import MESSAGES, expected_price, record_by_id
 
@@ -205,7 +206,9 @@ async def test_ledger_settled_when_client_sees_done(gateway: Gateway, include_us
 def test_pathologically_nested_upstream_json_is_opaque_not_an_error() -> None:
     """Upstream JSON nested deeper than the parser's stack is relayed untouched and read as carrying no usage."""
     deep = b"[" * 100_000
-    assert oa.usage_from_body(deep) == (None, "")
+    prepared = Prepared(oa.CHAT, MODEL, False, 0, 0, True, b"")
+    assert oa.usage_from_body(prepared, deep) == (None, "")
+    assert prepared.anomalies == []
     meter = oa.OpenAIStreamMeter(max_text_chars=1000, injected_usage=True)
     assert meter.on_event(deep) == "forward"
     assert meter.usage is None and meter.content_events == 0

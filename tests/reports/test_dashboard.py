@@ -10,6 +10,7 @@ charts, and a screenshot goes to ``test-artifacts/dashboard.png``. Plain HTTP ch
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import pytest
 
 from metergate.portal.links import LinkSigner
 from metergate.wallet.models import UsageRecord, now_ms
-from tests.conftest import DEFAULT_PRICING, IN_CI, Gateway, Upstream, start_gateway
+from tests.conftest import DEFAULT_PRICING, IN_CI, Gateway, Upstream, _reset_pg, start_gateway
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -221,3 +222,67 @@ async def test_bad_dashboard_parameters_are_refused(gateway: Gateway, query: str
         r = await browser.get(f"/admin/dashboard?{query}")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
 
+
+
+# ---------------------------------------------------------------------------------------------- single use
+
+
+async def test_a_dashboard_link_opens_one_session_and_a_replay_is_refused(gateway: Gateway) -> None:
+    link = await _link(gateway)
+    async with httpx.AsyncClient(base_url=gateway.url) as operator:
+        r = await operator.get(link["path"])
+        assert r.status_code == 303 and "Secure" not in r.headers["Set-Cookie"]  # public_url is plain http
+        assert (await operator.get("/admin/dashboard")).status_code == 200
+        async with httpx.AsyncClient(base_url=gateway.url) as replayer:  # whoever else saw the link
+            r = await replayer.get(link["path"])
+            assert r.status_code == 403 and r.json()["error"]["code"] == "link_used"
+            assert "Set-Cookie" not in r.headers and set(r.json()) == {"error"}
+            r = await replayer.get("/admin/dashboard")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_dashboard_link"
+        # The session the first use opened goes on; the link cannot open another, even for its owner.
+        assert (await operator.get("/admin/dashboard")).status_code == 200
+        assert (await operator.get(link["path"])).json()["error"]["code"] == "link_used"
+
+
+async def test_a_link_opened_on_two_replicas_at_once_opens_one_session(upstream: Upstream, store_url: str) -> None:
+    """Two replicas on one database (SQLite, PostgreSQL) race to open the same link: one session, one refusal."""
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+    secrets = {"k1": "shared-portal-secret-" + "s" * 24}
+    first, first_runner = await start_gateway(upstream, store_url, portal_secrets=secrets)
+    second, second_runner = await start_gateway(upstream, store_url, portal_secrets=secrets)
+    try:
+        for _ in range(3):
+            link = await _link(first)
+            async with (httpx.AsyncClient(base_url=first.url) as a, httpx.AsyncClient(base_url=second.url) as b):
+                answers = await asyncio.gather(a.get(link["path"]), b.get(link["path"]))
+            assert sorted(r.status_code for r in answers) == [303, 403]
+            (refused,) = [r for r in answers if r.status_code == 403]
+            assert refused.json()["error"]["code"] == "link_used" and "Set-Cookie" not in refused.headers
+    finally:
+        for gw, runner in ((first, first_runner), (second, second_runner)):
+            await gw.close()
+            await runner.cleanup()
+
+
+async def test_the_session_cookie_is_secure_when_public_url_is_https(upstream: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'https.db'}",
+                                     public_url="https://billing.example.com")
+    try:
+        async with httpx.AsyncClient(base_url=gw.url) as browser:
+            r = await browser.get((await _link(gw))["path"])
+        cookie = r.headers["Set-Cookie"]
+        assert r.status_code == 303 and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
+async def test_a_link_without_an_id_is_refused(gateway: Gateway) -> None:
+    """A correctly signed link of the original kind (no id) cannot be remembered as used, so it opens nothing."""
+    secret = gateway.settings.portal_secrets["k1"].get_secret_value()
+    signer = LinkSigner({"k1": secret}, ttl_s=60, base_url=gateway.url, scope="dashboard-link")
+    async with httpx.AsyncClient(base_url=gateway.url) as browser:
+        r = await browser.get(f"/admin/dashboard?{signer.query('test', 'operator')}")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_dashboard_link"
+    assert "Set-Cookie" not in r.headers

@@ -13,18 +13,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from metergate.errors import BadRequest
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_anthropic
 from metergate.proxy.adapters.base import (
     Prepared,
     StreamMeter,
     Verdict,
+    believed,
     content_tokens,
     load_json,
-    positive_int,
-    require_model,
+    looks_like_sse,
+    meter_whole_stream,
 )
+from metergate.proxy.adapters.schema import check
 
 MESSAGES = "messages"
 CLAUDE_TOKEN_FACTOR = 1.3  # Claude tokenizers produce more tokens than o200k for the same text
@@ -32,31 +33,24 @@ _PER_MESSAGE_TOKENS = 5
 
 
 def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    model = require_model(payload)
-    count = counter_for(model).count_prompt
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array.", code="invalid_request", param="messages")
+    request = check(MESSAGES, payload)  # every field read below has its API's type
+    count = counter_for(request.model).count_prompt
     tokens = content_tokens(payload.get("system"), count)
-    for message in messages:
-        if not isinstance(message, dict):
-            raise BadRequest("Each message must be an object.", code="invalid_request", param="messages")
-        tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count)
+    for message in payload["messages"]:
+        tokens += _PER_MESSAGE_TOKENS + content_tokens(message["content"], count)
     for extra in ("tools", "tool_choice"):
         if extra in payload:
             tokens += count(json.dumps(payload[extra], ensure_ascii=False))
     estimate = int(tokens * CLAUDE_TOKEN_FACTOR) + 1
-    explicit = positive_int(payload, "max_tokens")
-    max_output = explicit or default_max_output
-    return Prepared(MESSAGES, model, payload.get("stream") is True, estimate, max_output, False, body,
-                    output_capped=explicit is not None)
+    return Prepared(MESSAGES, request.model, request.stream, estimate, request.max_output or default_max_output,
+                    False, body, output_capped=request.max_output is not None)
 
 
-def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
+def usage_from_body(prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
     payload = load_json(body)
     if not isinstance(payload, dict):
         return None, ""
-    usage = from_anthropic(payload.get("usage"))
+    usage = believed(from_anthropic, payload.get("usage"), prepared.anomalies)
     if usage is not None:
         return usage, ""
     texts = [block.get("text", "") for block in payload.get("content") or []
@@ -66,8 +60,8 @@ def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
 
 @dataclass(slots=True)
 class AnthropicStreamMeter(StreamMeter):
-    started: dict[str, Any] | None = None  # message_start's usage
-    latest: dict[str, Any] | None = None  # the last message_delta's cumulative usage
+    started: Any = None  # message_start's usage, as reported
+    latest: Any = None  # the last message_delta's cumulative usage, as reported
     open_block: int | None = None  # the content block being streamed, to be closed on a stop
 
     def on_event(self, data: bytes | None) -> Verdict:
@@ -77,11 +71,11 @@ class AnthropicStreamMeter(StreamMeter):
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message")
-            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+            if isinstance(message, dict) and message.get("usage") is not None:
                 self.started = message["usage"]
-                self.partial = from_anthropic(self.started)
+                self.partial = self.believed(from_anthropic, self.started)
         elif kind == "message_delta":
-            if isinstance(event.get("usage"), dict):
+            if event.get("usage") is not None:
                 self.latest = event["usage"]
                 self._update()
         elif kind == "content_block_delta":
@@ -117,8 +111,12 @@ class AnthropicStreamMeter(StreamMeter):
         # message_delta's counts are cumulative and, in newer API versions, repeat the input counts;
         # fields it leaves out keep their message_start values. Until a message_delta arrives the usage
         # is only partial: message_start's output count is a placeholder.
-        merged = {**(self.started or {}), **{k: v for k, v in (self.latest or {}).items() if v is not None}}
-        self.usage = from_anthropic(merged)
+        if not isinstance(self.latest, dict):
+            self.believed(from_anthropic, self.latest)  # not an object: an anomaly
+            return
+        started = self.started if isinstance(self.started, dict) else {}
+        merged = {**started, **{k: v for k, v in self.latest.items() if v is not None}}
+        self.usage = self.believed(from_anthropic, merged)
 
 
 class AnthropicAdapter:
@@ -131,10 +129,12 @@ class AnthropicAdapter:
         return prepare(body, payload, default_max_output)
 
     def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
-        return usage_from_body(body)
+        if looks_like_sse(body):  # streamed although the request did not ask to: metered as the stream it is
+            return meter_whole_stream(self.stream_meter(prepared, len(body)), body)
+        return usage_from_body(prepared, body)
 
     def stream_meter(self, prepared: Prepared, max_text_chars: int) -> StreamMeter:
-        return AnthropicStreamMeter(max_text_chars)
+        return AnthropicStreamMeter(max_text_chars, anomalies=prepared.anomalies)
 
     def auth_header(self, key: str) -> tuple[str, str]:
         return "x-api-key", key

@@ -6,20 +6,30 @@ is it a stream, how many input tokens and at most how many output tokens, and wh
 :class:`StreamMeter` that reads each event's data and says whether the client gets it now, never, or
 only after settlement (the stream's final event, so that a client that saw the end sees a settled
 ledger).
+
+What a provider reports is believed only within bounds (:mod:`metergate.metering.usage`): a report it
+does not believe is an *anomaly*, noted in the request's ``Prepared.anomalies`` (which the usage record
+keeps) and logged once, and the request is billed from metergate's own estimate. A stream meter that saw an
+anomaly believes none of that stream's later reports either.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from metergate.errors import BadRequest
 from metergate.metering.tokenizer import counter_for
-from metergate.metering.usage import Usage
+from metergate.metering.usage import Usage, UsageAnomaly
+from metergate.observability.logs import current_request_id
+from metergate.proxy.sse import SSEBuffer, event_data
 
+log = logging.getLogger(__name__)
 Verdict = Literal["forward", "drop", "final"]
+MAX_ANOMALIES = 4  # anomalies kept per request (the first one decides; the rest only explain)
+_SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 IMAGE_TOKENS = 1105  # a high-detail 1024x1024 image; images are estimated, never decoded
 
 
@@ -36,6 +46,9 @@ class Prepared:
     # The request names its own output limit, which the upstream enforces: its output cannot outgrow the
     # hold (reasoning tokens included), so a stream needs no mid-stream enforcement.
     output_capped: bool = False
+    # What the provider reported that metergate did not believe (the usage record keeps it): the request
+    # is billed from the estimate instead.
+    anomalies: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -52,6 +65,17 @@ class StreamMeter:
     # then keep the bytes of events that carry only text and read them only if ``delivered_output_tokens``
     # is ever asked for (a stream that ended without the provider's usage).
     lazy_text: bool = False
+    anomalies: list[str] = field(default_factory=list)  # the exchange's ``Prepared.anomalies``
+
+    def believed(self, read: Callable[[Any], Usage | None], reported: Any) -> Usage | None:
+        """The usage this event reports, if the meter believes it. After an anomaly, no report of this
+        stream is believed, and what it reported before is dropped: the stream is billed from the estimate."""
+        if self.anomalies:
+            return None
+        usage = believed(read, reported, self.anomalies)
+        if self.anomalies:
+            self.usage = self.partial = None
+        return usage
 
     def on_event(self, data: bytes | None) -> Verdict:
         raise NotImplementedError
@@ -61,8 +85,11 @@ class StreamMeter:
             self.text.append(piece)
             self.text_chars += len(piece)
 
+    def delivered_text(self) -> str:
+        return "".join(self.text)
+
     def delivered_output_tokens(self, model: str) -> int:
-        return counter_for(model).count("".join(self.text))
+        return counter_for(model).count(self.delivered_text())
 
     def stop_events(self, usage: Usage, notice: dict[str, Any]) -> bytes:
         """The events that end a stream metergate stopped early (the wallet ran dry), in this provider's
@@ -91,20 +118,38 @@ class Adapter(Protocol):
     def auth_header(self, key: str) -> tuple[str, str]: ...
 
 
-def positive_int(payload: dict[str, Any], key: str) -> int | None:
-    value = payload.get(key)
-    if value is None:
+def believed(read: Callable[[Any], Usage | None], reported: Any, anomalies: list[str]) -> Usage | None:
+    """``read(reported)``, or ``None`` (no usage: bill from the estimate) when it is an anomaly, which is
+    noted in ``anomalies`` and logged."""
+    try:
+        return read(reported)
+    except UsageAnomaly as anomaly:
+        if len(anomalies) < MAX_ANOMALIES:
+            anomalies.append(str(anomaly))
+        if len(anomalies) == 1:
+            log.warning("%s: implausible usage from the upstream (%s); billing from the estimate",
+                        current_request_id() or "-", anomaly)
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"'{key}' must be a positive integer.", code="invalid_request", param=key)
-    return value
 
 
-def require_model(payload: dict[str, Any]) -> str:
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string.", code="missing_model", param="model")
-    return model
+def looks_like_sse(body: bytes) -> bool:
+    """True when a whole response body is an event stream (an upstream that streamed a non-stream
+    request, or labelled a stream as something else); JSON starts with ``{`` or ``[``."""
+    return body.lstrip()[:7].startswith(_SSE_FIELDS)
+
+
+def meter_whole_stream(meter: StreamMeter, body: bytes) -> tuple[Usage | None, str]:
+    """Meter an event stream that arrived as one body, event by event as a relayed stream would be: its
+    usage, else the text it delivered (to estimate from)."""
+    sse = SSEBuffer(len(body) + 1)
+    events = sse.feed(body)
+    if (rest := sse.rest()).strip():
+        events.append(rest)
+    for event in events:
+        meter.on_event(event_data(event))
+    if meter.usage is not None:
+        return meter.usage, ""
+    return None, meter.delivered_text()
 
 
 def content_tokens(content: Any, count: Callable[[str], int]) -> int:

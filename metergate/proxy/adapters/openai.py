@@ -9,10 +9,10 @@ and the extra usage chunk that this produces is dropped before it reaches such a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from metergate.errors import BadRequest
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_openai
 from metergate.proxy.adapters import responses
@@ -20,11 +20,13 @@ from metergate.proxy.adapters.base import (
     Prepared,
     StreamMeter,
     Verdict,
+    believed,
     content_tokens,
     load_json,
-    positive_int,
-    require_model,
+    looks_like_sse,
+    meter_whole_stream,
 )
+from metergate.proxy.adapters.schema import check
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 _SUFFIXES = (("/chat/completions", CHAT), ("/completions", COMPLETIONS), ("/embeddings", EMBEDDINGS))
@@ -40,18 +42,12 @@ def classify(path: str) -> str | None:
 
 
 def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    model = require_model(payload)
-    counter = counter_for(model)
+    request = check(endpoint, payload)  # every field read below has its API's type
+    counter = counter_for(request.model)
     count = counter.count_prompt
-    stream = payload.get("stream") is True
     if endpoint == CHAT:
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty array.", code="invalid_request", param="messages")
         tokens = _REPLY_PRIMING_TOKENS
-        for message in messages:
-            if not isinstance(message, dict):
-                raise BadRequest("Each message must be an object.", code="invalid_request", param="messages")
+        for message in payload["messages"]:
             tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count)
             for extra in ("name", "tool_calls", "function_call", "tool_call_id"):
                 if extra in message:
@@ -59,58 +55,37 @@ def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_out
         for extra in ("tools", "functions", "response_format"):
             if extra in payload:
                 tokens += count(json.dumps(payload[extra], ensure_ascii=False))
-        explicit = positive_int(payload, "max_completion_tokens") or positive_int(payload, "max_tokens")
-        limit = explicit or default_max_output
-        choices = positive_int(payload, "n") or 1
-        max_output = limit * choices
-    elif endpoint == COMPLETIONS:
-        tokens = _prompt_tokens(payload.get("prompt"), count, "prompt")
-        explicit = positive_int(payload, "max_tokens")
-        limit = explicit or default_max_output
-        choices = max(positive_int(payload, "n") or 1, positive_int(payload, "best_of") or 1)
-        max_output = limit * choices
     else:
-        tokens = _prompt_tokens(payload.get("input"), count, "input")
-        max_output = 0
-        explicit = 0
-        stream = False
+        tokens = _prompt_tokens(payload["prompt" if endpoint == COMPLETIONS else "input"], count)
+    max_output = 0 if endpoint == EMBEDDINGS else (request.max_output or default_max_output) * request.choices
     injected = False
-    if stream:
-        options = payload.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise BadRequest("'stream_options' must be an object.", code="invalid_request", param="stream_options")
-        if not (options or {}).get("include_usage"):
-            payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
-            body = json.dumps(payload, ensure_ascii=False).encode()
-            injected = True
-    return Prepared(endpoint, model, stream, tokens, max_output, counter.exact, body, injected,
-                    output_capped=explicit is not None)
+    if request.stream and not request.include_usage:
+        options: dict[str, Any] = payload["stream_options"] if request.has_stream_options else {}
+        payload = {**payload, "stream_options": {**options, "include_usage": True}}
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        injected = True
+    return Prepared(endpoint, request.model, request.stream, tokens, max_output, counter.exact, body, injected,
+                    output_capped=request.max_output is not None)
 
 
-def _prompt_tokens(prompt: Any, count: Any, param: str) -> int:
+def _prompt_tokens(prompt: str | list[Any], count: Callable[[str], int]) -> int:
+    """A prompt the schema checked: a string, token ids, or a list of strings and token-id arrays."""
     if isinstance(prompt, str):
-        return int(count(prompt))
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
-            return len(prompt)
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += count(item)
-            elif isinstance(item, list) and all(isinstance(x, int) for x in item):
-                total += len(item)
-            else:
-                raise BadRequest(f"'{param}' items must be strings or token arrays.", param=param)
-        return total
-    raise BadRequest(f"'{param}' must be a string or a non-empty array.", code="invalid_request", param=param)
+        return count(prompt)
+    if all(isinstance(x, int) for x in prompt):
+        return len(prompt)
+    return sum(count(item) if isinstance(item, str) else len(item) for item in prompt)
 
 
-def usage_from_body(body: bytes) -> tuple[Usage | None, str]:
-    """The usage in a JSON response body, and the generated text to estimate from when there is none."""
+def usage_from_body(prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
+    """The usage in a JSON response body, and the generated text to estimate from when there is none (or
+    none metergate believes)."""
     payload = load_json(body)
     if not isinstance(payload, dict):
         return None, ""
-    usage = from_openai(payload.get("usage"))
+    output = prepared.endpoint != EMBEDDINGS
+    usage = believed(lambda reported: from_openai(reported, output=output), payload.get("usage"),
+                     prepared.anomalies)
     if usage is not None:
         return usage, ""
     texts: list[str] = []
@@ -152,7 +127,7 @@ class OpenAIStreamMeter(StreamMeter):
         if not self.head:
             self.head = {k: chunk[k] for k in ("id", "object", "created", "model", "system_fingerprint")
                          if k in chunk}
-        usage = from_openai(chunk.get("usage"))
+        usage = self.believed(from_openai, chunk.get("usage"))
         if usage is not None:
             self.usage = usage  # keep the last non-null usage: some servers send it early, or cumulatively
         choices = chunk.get("choices")
@@ -161,13 +136,13 @@ class OpenAIStreamMeter(StreamMeter):
             if self.unread:
                 self._read_unread()  # the text stays in stream order
             self._take(choices)
-        elif self.injected_usage and usage is not None:
-            return "drop"  # the usage-only chunk the client never asked for
+        elif self.injected_usage and chunk.get("usage") is not None:
+            return "drop"  # the usage-only chunk the client never asked for (believed or not)
         return "forward"
 
-    def delivered_output_tokens(self, model: str) -> int:
+    def delivered_text(self) -> str:
         self._read_unread()
-        return StreamMeter.delivered_output_tokens(self, model)
+        return StreamMeter.delivered_text(self)
 
     def _read_unread(self) -> None:
         """Parse the chunks kept unread, in order, as :meth:`on_event` would have (they carry no usage)."""
@@ -242,14 +217,18 @@ class OpenAIAdapter:
         return prepare(endpoint, body, payload, default_max_output)
 
     def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
+        if looks_like_sse(body):  # streamed although the request did not ask to: metered as the stream it is
+            return meter_whole_stream(self.stream_meter(prepared, len(body)), body)
         if prepared.endpoint == responses.RESPONSES:
-            return responses.usage_from_body(body, self._charge_failed)
-        return usage_from_body(body)
+            return responses.usage_from_body(prepared, body, self._charge_failed)
+        return usage_from_body(prepared, body)
 
     def stream_meter(self, prepared: Prepared, max_text_chars: int) -> StreamMeter:
         if prepared.endpoint == responses.RESPONSES:
-            return responses.ResponsesStreamMeter(max_text_chars, charge_failed=self._charge_failed)
-        return OpenAIStreamMeter(max_text_chars, injected_usage=prepared.injected_usage)
+            return responses.ResponsesStreamMeter(max_text_chars, anomalies=prepared.anomalies,
+                                                  charge_failed=self._charge_failed)
+        return OpenAIStreamMeter(max_text_chars, anomalies=prepared.anomalies,
+                                 injected_usage=prepared.injected_usage)
 
     def auth_header(self, key: str) -> tuple[str, str]:
         return "Authorization", f"Bearer {key}"

@@ -12,18 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from metergate.errors import BadRequest
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_responses
 from metergate.proxy.adapters.base import (
     Prepared,
     StreamMeter,
     Verdict,
+    believed,
     content_tokens,
     load_json,
-    positive_int,
-    require_model,
 )
+from metergate.proxy.adapters.schema import check
 
 RESPONSES = "responses"
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
@@ -31,30 +30,24 @@ _PER_ITEM_TOKENS = 4
 
 
 def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    model = require_model(payload)
-    counter = counter_for(model)
+    request = check(RESPONSES, payload)  # every field read below has its API's type
+    counter = counter_for(request.model)
     count = counter.count_prompt
-    items = payload.get("input")
+    items = payload["input"]
     if isinstance(items, str):
         tokens = count(items)
-    elif isinstance(items, list) and items:
-        tokens = 0
-        for item in items:
-            if not isinstance(item, dict):
-                raise BadRequest("Each input item must be an object.", code="invalid_request", param="input")
-            tokens += _PER_ITEM_TOKENS + content_tokens(item.get("content", item.get("output", item)), count)
     else:
-        raise BadRequest("'input' must be a string or a non-empty array.", code="invalid_request", param="input")
+        tokens = sum(_PER_ITEM_TOKENS + content_tokens(item.get("content", item.get("output", item)), count)
+                     for item in items)
     tokens += content_tokens(payload.get("instructions"), count)
     if "tools" in payload:
         tokens += count(json.dumps(payload["tools"], ensure_ascii=False))
-    explicit = positive_int(payload, "max_output_tokens")
-    max_output = explicit or default_max_output
-    return Prepared(RESPONSES, model, payload.get("stream") is True, tokens, max_output, counter.exact, body,
-                    output_capped=explicit is not None)
+    return Prepared(RESPONSES, request.model, request.stream, tokens, request.max_output or default_max_output,
+                    counter.exact, body, output_capped=request.max_output is not None)
 
 
 def _usage_of(response: Any, charge_failed: bool) -> Usage | None:
+    """The usage a response object reports; raises :class:`UsageAnomaly` when it is not believable."""
     if not isinstance(response, dict):
         return None
     if response.get("status") == "failed" and not charge_failed:
@@ -88,7 +81,8 @@ class ResponsesStreamMeter(StreamMeter):
         if kind in ("response.created", "response.in_progress") and isinstance(event.get("response"), dict):
             self.snapshot = event["response"]
         if kind in _TERMINAL:
-            self.usage = _usage_of(event.get("response"), self.charge_failed) or self.usage
+            self.usage = self.believed(lambda r: _usage_of(r, self.charge_failed), event.get("response")) \
+                or self.usage
             return "final"
         if isinstance(kind, str) and kind.endswith(".delta"):
             self.content_events += 1
@@ -112,9 +106,9 @@ class ResponsesStreamMeter(StreamMeter):
         return b"event: response.incomplete\ndata: " + json.dumps(event).encode() + b"\n\n"
 
 
-def usage_from_body(body: bytes, charge_failed: bool = False) -> tuple[Usage | None, str]:
+def usage_from_body(prepared: Prepared, body: bytes, charge_failed: bool = False) -> tuple[Usage | None, str]:
     payload = load_json(body)
     if not isinstance(payload, dict):
         return None, ""
-    usage = _usage_of(payload, charge_failed)
+    usage = believed(lambda r: _usage_of(r, charge_failed), payload, prepared.anomalies)
     return usage, "" if usage is not None else _text_of(payload)
