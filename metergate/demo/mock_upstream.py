@@ -8,7 +8,8 @@ ask for misbehaviour through the ``X-Mock-Behavior`` header (comma-separated):
 ``chunk-delay:S`` wait between stream chunks · ``die-after:N`` cut the connection after N content
 chunks (a JSON answer: halfway through its body) · ``no-usage`` never report usage · ``usage-zero``
 report zero usage · ``cached:N`` / ``reasoning:N`` report cached-input / reasoning tokens ·
-``redirect`` answer 307 · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
+``redirect`` answer 307 · ``token-limit`` count ``max_tokens`` in tokens (default: in words, which lets a
+reply outgrow it) · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
 without ``[DONE]`` · ``unterminated`` end a stream's last event with one newline instead of the blank
 line · ``header:NAME=VALUE`` add a response header.
 
@@ -86,9 +87,20 @@ async def _json(request: web.Request, payload: dict[str, Any], b: dict[str, str]
 
 
 def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 10_000
     n = min(int(b.get("words", 12)), int(limit))
-    return [(_WORDS[i % len(_WORDS)] + " ") for i in range(n)]
+    words = [(_WORDS[i % len(_WORDS)] + " ") for i in range(n)]
+    if "token-limit" in b:
+        # As a provider counts its limit: in tokens (whole words here), not in words.
+        count, text = counter_for(body["model"]).count, ""
+        kept: list[str] = []
+        for word in words:
+            if count(text + word) > int(limit):
+                break
+            text += word
+            kept.append(word)
+        return kept
+    return words
 
 
 async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, str]] | web.Response:

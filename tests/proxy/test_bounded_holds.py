@@ -1,0 +1,317 @@
+"""Holds sized to what is delivered: a request the wallet cannot hold in full starts on a small hold that
+grows as output flows, streamed or not, so that a small wallet is served (no false 402) and no answer can
+outgrow what the wallet pays for (nothing written off).
+
+Method: the official ``openai`` and ``anthropic`` SDKs against a gateway with default hold settings
+(``initial_output_tokens`` 256, ``stream_extend_tokens`` 256, ``default_max_output_tokens`` 4096) in front of
+the mock upstream, which streams one word per event and caps nothing unless told. Prices are recomputed
+here with ``Decimal`` and half-up rounding; token counts with the project's tokenizer, as the mock counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from metergate.demo.mock_upstream import _WORDS
+from metergate.metering.tokenizer import counter_for
+from tests.conftest import PROVIDER_KEY, Gateway, Upstream, start_gateway
+from tests.proxy.test_disconnect import settled_records
+from tests.proxy.test_openai_sdk import ledger, record_by_id
+
+GPT, CLAUDE = "gpt-4o", "claude-sonnet-4-6"
+RATES = {GPT: {"input_per_mtok": "5.00", "output_per_mtok": "20.00", "request_fee": "0.0001"},
+         CLAUDE: {"input_per_mtok": "3.00", "output_per_mtok": "15.00"}}
+TWO_CENTS = 20_000  # micro-dollars
+# For the long answers: output only, 10 micro-dollars a token, so two cents buy exactly 2000 tokens.
+PER_TOKEN = 10
+FLAT = {"input_per_mtok": "0", "output_per_mtok": str(PER_TOKEN)}
+LONG_MODELS = {"gpt-4o-long": FLAT, "claude-long": FLAT}
+ASK = [{"role": "user", "content": "Say hi"}]
+
+
+def routes(upstream: Upstream, *, unary_streaming: bool = True) -> list[dict[str, Any]]:
+    return [{"prefix": "/openai", "upstream": upstream.url, "api_key": PROVIDER_KEY,
+             "unary_streaming": unary_streaming},
+            {"prefix": "/anthropic", "upstream": upstream.url, "api_key": PROVIDER_KEY, "provider": "anthropic",
+             "provider_id": "anthropic"}]
+
+
+@pytest.fixture
+async def gw(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Gateway]:
+    gateway, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'b.db'}", routes=routes(upstream),
+                                          pricing={"asset": "USD", "models": {**RATES, **LONG_MODELS}})
+    yield gateway
+    await gateway.close()
+    await runner.cleanup()
+
+
+def claude(gw: Gateway) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=f"{gw.url}/anthropic", api_key="sk-ant-app-never-holds-it",
+                                    default_headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"},
+                                    max_retries=0)
+
+
+def price(model: str, input_tokens: int, output_tokens: int) -> int:
+    rate = {**RATES, **LONG_MODELS}[model]
+    micros = (input_tokens * Decimal(rate["input_per_mtok"]) + output_tokens * Decimal(rate["output_per_mtok"])
+              + Decimal(rate.get("request_fee", "0")) * 1_000_000)
+    return int(micros.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def words(n: int) -> str:
+    return "".join(_WORDS[i % len(_WORDS)] + " " for i in range(n))
+
+
+def affordable_prefix(model: str, reply: str, budget_tokens: int) -> str:
+    """The longest run of whole words (one per event) whose text costs at most ``budget_tokens``."""
+    count, text = counter_for(model).count, ""
+    for word in reply.split(" ")[:-1]:
+        if count(text + word + " ") > budget_tokens:
+            break
+        text += word + " "
+    return text
+
+
+async def ask(gw: Gateway, model: str, *, stream: bool, behavior: str,
+              max_tokens: int | None = None) -> tuple[str, str, Any]:
+    """One request through the provider's SDK: (request id, text received, how it ended: the finish or stop
+    reason, the notice if any, the usage the client was shown)."""
+    headers = {"X-Mock-Behavior": behavior}
+    if model.startswith("claude"):
+        client = claude(gw)
+        try:
+            raw = await client.messages.with_raw_response.create(
+                model=model, max_tokens=max_tokens or 4096, messages=ASK, stream=stream,  # type: ignore[call-overload]
+                extra_headers=headers)
+            if stream:
+                events = [event async for event in await raw.parse()]
+                text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+                final = [e for e in events if e.type == "message_delta"][-1]
+                notice = final.model_extra.get("metergate") if final.model_extra else None
+                return raw.headers["X-Metergate-Request-Id"], text, (final.delta.stop_reason, notice,
+                                                                     final.usage.output_tokens)
+            message = await raw.parse()
+            text = "".join(block.text for block in message.content if block.type == "text")
+            notice = message.model_extra.get("metergate") if message.model_extra else None
+            return raw.headers["X-Metergate-Request-Id"], text, (message.stop_reason, notice,
+                                                                 message.usage.output_tokens)
+        finally:
+            await client.close()
+    openai_client = gw.openai()
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+    chat = await openai_client.chat.completions.with_raw_response.create(
+        model=model, messages=ASK, stream=stream, extra_headers=headers, **extra)  # type: ignore[call-overload]
+    if stream:
+        chunks = [chunk async for chunk in chat.parse()]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        last = [c for c in chunks if c.choices][-1]
+        notice = last.model_extra.get("metergate") if last.model_extra else None
+        return chat.headers["X-Metergate-Request-Id"], text, (last.choices[0].finish_reason, notice, None)
+    completion = chat.parse()
+    notice = completion.model_extra.get("metergate") if completion.model_extra else None
+    assert completion.usage is not None
+    return (chat.headers["X-Metergate-Request-Id"], completion.choices[0].message.content or "",
+            (completion.choices[0].finish_reason, notice, completion.usage.completion_tokens))
+
+
+async def settled(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """The request's usage record, with no hold left open and a ledger that audits clean."""
+    record = record_by_id(await gw.usage(), request_id)
+    balance = await gw.balance()
+    assert balance["pending"] == 0
+    assert balance["available"] == TWO_CENTS - record["charged_amount"]
+    assert record["written_off_amount"] == 0
+    assert await gw.store.audit() == []
+    return record
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll until ``condition`` holds; bounded, never a fixed sleep."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            pytest.fail(f"still waiting after {timeout_s}s")
+        await asyncio.sleep(0.01)
+
+
+CASES = [pytest.param(GPT, False, id="openai-chat"), pytest.param(GPT, True, id="openai-chat-stream"),
+         pytest.param(CLAUDE, False, id="anthropic"), pytest.param(CLAUDE, True, id="anthropic-stream")]
+
+
+@pytest.mark.parametrize(("model", "stream"), CASES)
+async def test_a_two_cent_wallet_gets_a_short_answer_to_a_request_it_cannot_hold_in_full(
+        gw: Gateway, model: str, stream: bool) -> None:
+    # Held for the whole possible output (4096 tokens: OpenAI's default here, or the max_tokens the
+    # anthropic SDK must send), this request would need more than the wallet has.
+    output_rate = Decimal(RATES[model]["output_per_mtok"])
+    assert 4096 * output_rate > TWO_CENTS
+    await gw.customer(funds=TWO_CENTS)
+    request_id, text, (finish, notice, _) = await ask(gw, model, stream=stream, behavior="words:12")
+    assert text == words(12)
+    assert finish in ("stop", "end_turn") and notice is None
+    record = await settled(gw, request_id)
+    assert record["usage_source"] == "provider" and record["stream"] is stream
+    output = counter_for(model).count(words(12))
+    assert record["tokens_output"] == output
+    assert record["charged_amount"] == price(model, record["tokens_input"], output)
+    sent = gw.upstream.requests[-1]["body"]
+    assert sent["stream"] is True  # a non-streaming request is streamed from the upstream internally
+    if not model.startswith("claude"):
+        assert sent["stream_options"] == {"include_usage": True} and "max_tokens" not in sent
+    hold = [e for e in await ledger(gw) if e["kind"] == "hold" and e.get("hold_id") == "hold_" + request_id[4:]]
+    assert len(hold) == 1 and 0 < hold[0]["pending_delta"] < TWO_CENTS
+
+
+@pytest.mark.parametrize(("model", "stream"), [
+    pytest.param("gpt-4o-long", False, id="openai-chat"), pytest.param("gpt-4o-long", True, id="openai-chat-stream"),
+    pytest.param("claude-long", False, id="anthropic"), pytest.param("claude-long", True, id="anthropic-stream")])
+async def test_a_long_answer_is_stopped_at_the_wallet_and_billed_exactly(gw: Gateway, model: str,
+                                                                         stream: bool) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    request_id, text, (finish, notice, shown_output) = await ask(gw, model, stream=stream, behavior="words:3000")
+    expected = affordable_prefix(model, words(3000), TWO_CENTS // PER_TOKEN)
+    assert text == expected and 0 < len(expected) < len(words(3000))
+    tokens = counter_for(model).count(text)
+    assert finish == ("max_tokens" if model.startswith("claude") else "length")
+    assert notice is not None and notice["stop_reason"] == "insufficient_funds"
+    assert notice["charged"] == f"{Decimal(tokens * PER_TOKEN) / 1_000_000:.6f}"
+    assert notice["portal_url"].startswith(gw.url)
+    if shown_output is not None:
+        assert shown_output == tokens  # the usage the client reads is the usage billed
+    record = await settled(gw, request_id)
+    assert record["usage_source"] == "estimated"
+    assert (record["tokens_output"], record["charged_amount"]) == (tokens, tokens * PER_TOKEN)
+    assert (await gw.balance())["available"] < PER_TOKEN * 3  # stopped because the wallet was (all but) dry
+
+
+async def test_responses_api_without_a_limit_is_streamed_internally_and_stopped_at_the_wallet(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    raw = await gw.openai().responses.with_raw_response.create(model="gpt-4o-long", input="talk",
+                                                               extra_headers={"X-Mock-Behavior": "words:3000"})
+    response = raw.parse()
+    text = response.output_text
+    assert text == affordable_prefix("gpt-4o-long", words(3000), TWO_CENTS // PER_TOKEN)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    tokens = counter_for("gpt-4o-long").count(text)
+    assert response.usage is not None and response.usage.output_tokens == tokens
+    assert response.model_extra is not None and response.model_extra["metergate"]["stop_reason"] == "insufficient_funds"
+    record = await settled(gw, raw.headers["X-Metergate-Request-Id"])
+    assert record["charged_amount"] == tokens * PER_TOKEN
+
+
+async def test_a_short_responses_answer_is_the_providers_own_response_object(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    raw = await gw.openai().responses.with_raw_response.create(model=GPT, input="hi",
+                                                               extra_headers={"X-Mock-Behavior": "words:5"})
+    response = raw.parse()
+    assert response.status == "completed" and response.output_text == words(5)
+    assert response.usage is not None
+    record = await settled(gw, raw.headers["X-Metergate-Request-Id"])
+    assert record["usage_source"] == "provider"
+    assert record["charged_amount"] == price(GPT, response.usage.input_tokens, response.usage.output_tokens)
+
+
+async def test_a_limit_the_wallet_covers_is_held_in_full_and_forwarded_unchanged(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    request_id, text, (finish, _, _) = await ask(gw, GPT, stream=False, behavior="words:12", max_tokens=300)
+    assert text == words(12) and finish == "stop"
+    assert gw.upstream.requests[-1]["body"] == {"model": GPT, "messages": ASK, "stream": False,
+                                                 "max_tokens": 300}
+    kinds = [e["kind"] for e in await ledger(gw) if e.get("hold_id") == "hold_" + request_id[4:]]
+    assert kinds == ["capture", "hold"]  # held in full, never extended: the upstream keeps to max_tokens
+    await settled(gw, request_id)
+
+
+async def test_concurrent_non_streaming_requests_without_a_limit_write_nothing_off(gw: Gateway) -> None:
+    """The attack of the report: many concurrent non-streaming requests without max_tokens on a small
+    wallet. Each answer is bounded by its own growing hold, so together they can spend the wallet but
+    never more: nothing is written off, and each answer received is exactly what was billed for it."""
+    funds, n = 50_000, 40  # each answer is 400 words (~450 tokens, 4500 micro-dollars): 40 want ~3.6x the wallet
+    await gw.customer(funds=funds)
+    client = gw.openai()
+
+    async def one() -> tuple[int, str, str, str | None]:
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-long", messages=ASK, extra_headers={"X-Mock-Behavior": "words:400"})  # type: ignore[arg-type]
+        except openai.APIStatusError as error:
+            return error.status_code, "", "", None
+        completion = raw.parse()
+        return (200, raw.headers["X-Metergate-Request-Id"], completion.choices[0].message.content or "",
+                completion.choices[0].finish_reason)
+
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    assert {status for status, *_ in results} <= {200, 402}
+    served = [r for r in results if r[0] == 200]
+    records = await gw.usage()
+    assert len(records) == len(served) > 0  # a request refused with 402 placed no hold and has no record
+    assert sum(r["written_off_amount"] for r in records) == 0
+    for _, request_id, text, finish in served:
+        record = record_by_id(records, request_id)
+        assert record["charged_amount"] == counter_for("gpt-4o-long").count(text) * PER_TOKEN
+        assert text == words(400) if finish == "stop" else finish == "length"
+    balance = await gw.balance()
+    assert balance["pending"] == 0 and balance["available"] >= 0
+    assert sum(r["charged_amount"] for r in records) == funds - balance["available"]
+    assert any(finish == "length" for *_, finish in served)  # the wallet ran out: some answers were stopped
+    assert await gw.store.audit() == []
+
+
+async def test_an_upstream_that_cannot_stream_gets_the_output_limit_the_hold_covers(upstream: Upstream,
+                                                                                    tmp_path: Path) -> None:
+    gateway, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'cap.db'}",
+                                          routes=routes(upstream, unary_streaming=False),
+                                          pricing={"asset": "USD", "models": LONG_MODELS})
+    try:
+        await gateway.customer(funds=TWO_CENTS)
+        raw = await gateway.openai().chat.completions.with_raw_response.create(
+            model="gpt-4o-long", messages=ASK, extra_headers={"X-Mock-Behavior": "words:3000,token-limit"})
+        completion = raw.parse()
+        # The hold is all the wallet has (4096 tokens would be more): 2000 tokens, set upstream and reported.
+        sent = upstream.requests[-1]["body"]
+        assert "stream" not in sent and sent["max_completion_tokens"] == TWO_CENTS // PER_TOKEN
+        assert raw.headers["X-Metergate-Output-Limit"] == str(TWO_CENTS // PER_TOKEN)
+        assert completion.usage is not None and completion.usage.completion_tokens <= TWO_CENTS // PER_TOKEN
+        record = record_by_id(await gateway.usage(), raw.headers["X-Metergate-Request-Id"])
+        assert record["usage_source"] == "provider" and record["written_off_amount"] == 0
+        assert record["charged_amount"] == completion.usage.completion_tokens * PER_TOKEN
+        assert (await gateway.balance())["pending"] == 0
+        assert await gateway.store.audit() == []
+    finally:
+        await gateway.close()
+        await runner.cleanup()
+
+
+async def test_a_client_that_leaves_an_internal_stream_stops_the_upstream_and_pays_what_it_produced(
+        gw: Gateway) -> None:
+    """The answer was never delivered, but the upstream produced it on the customer's request and the
+    provider charges for it: what it produced before metergate saw the client leave is billed, within the
+    hold (nothing written off), and the upstream is stopped rather than left to produce the rest."""
+    await gw.customer(funds=TWO_CENTS)
+    body = {"model": "gpt-4o-long", "messages": ASK}
+    headers = {"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test",
+               "X-Mock-Behavior": "words:1000,chunk-delay:0.02"}  # 20 s if left to run
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(session.post(f"{gw.url}/openai/v1/chat/completions", json=body,
+                                                     headers=headers))
+        await until(lambda: bool(gw.upstream.requests))  # the request reached the upstream: hang up
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    [record] = await settled_records(gw)
+    assert record["usage_source"] == "estimated" and record["written_off_amount"] == 0
+    assert 0 < record["tokens_output"] < counter_for("gpt-4o-long").count(words(1000))
+    assert record["charged_amount"] == record["tokens_output"] * PER_TOKEN
+    assert (await gw.balance())["available"] == TWO_CENTS - record["charged_amount"]
+    assert await gw.store.audit() == []
