@@ -315,3 +315,65 @@ async def test_a_client_that_leaves_an_internal_stream_stops_the_upstream_and_pa
     assert record["charged_amount"] == record["tokens_output"] * PER_TOKEN
     assert (await gw.balance())["available"] == TWO_CENTS - record["charged_amount"]
     assert await gw.store.audit() == []
+
+
+async def direct(gw: Gateway, path: str, body: dict[str, Any], behavior: str) -> dict[str, Any]:
+    """The mock's own non-stream answer to the same request, asked for without metergate."""
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{gw.upstream.url}{path}", json=body, headers={"X-Mock-Behavior": behavior}) as response:
+        answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def test_a_tool_call_is_assembled_from_its_streamed_deltas(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    tools: Any = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    raw = await gw.openai().chat.completions.with_raw_response.create(
+        model=GPT, messages=ASK, tools=tools, extra_headers={"X-Mock-Behavior": "words:30,tool-call:search"})
+    completion = raw.parse()
+    own = await direct(gw, "/v1/chat/completions", {"model": GPT, "messages": ASK}, "words:30,tool-call:search")
+    [choice], [expected] = completion.choices, own["choices"]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, call.function.arguments) == ("search", expected["message"]["tool_calls"][0]
+                                                             ["function"]["arguments"])
+    assert completion.usage is not None and completion.usage.model_dump(exclude_none=True) == own["usage"]
+    record = await settled(gw, raw.headers["X-Metergate-Request-Id"])
+    assert record["charged_amount"] == price(GPT, own["usage"]["prompt_tokens"], own["usage"]["completion_tokens"])
+
+
+async def test_a_tool_use_block_is_assembled_from_its_streamed_json(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    client = claude(gw)
+    try:
+        raw = await client.messages.with_raw_response.create(
+            model=CLAUDE, max_tokens=4096, messages=ASK,  # type: ignore[arg-type]
+            extra_headers={"X-Mock-Behavior": "words:30,tool-use:search"})
+        message = await raw.parse()
+    finally:
+        await client.close()
+    own = await direct(gw, "/v1/messages", {"model": CLAUDE, "max_tokens": 4096, "messages": ASK},
+                       "words:30,tool-use:search")
+    assert message.stop_reason == "tool_use"
+    [block] = message.content
+    assert block.type == "tool_use" and block.name == "search" and block.input == own["content"][0]["input"]
+    assert message.usage.output_tokens == own["usage"]["output_tokens"]
+    await settled(gw, raw.headers["X-Metergate-Request-Id"])
+
+
+async def test_a_tool_call_stopped_at_the_wallet_keeps_the_arguments_billed(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    raw = await gw.openai().chat.completions.with_raw_response.create(
+        model="gpt-4o-long", messages=ASK, extra_headers={"X-Mock-Behavior": "words:3000,tool-call:search"})
+    [choice] = raw.parse().choices
+    assert choice.finish_reason == "length" and choice.message.tool_calls is not None
+    arguments = choice.message.tool_calls[0].function.arguments
+    own = await direct(gw, "/v1/chat/completions", {"model": "gpt-4o-long", "messages": ASK},
+                       "words:3000,tool-call:search")
+    assert own["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"].startswith(arguments)
+    tokens = counter_for("gpt-4o-long").count("search" + arguments)
+    assert 0 < tokens <= TWO_CENTS // PER_TOKEN
+    record = await settled(gw, raw.headers["X-Metergate-Request-Id"])
+    assert (record["tokens_output"], record["charged_amount"]) == (tokens, tokens * PER_TOKEN)
