@@ -99,7 +99,7 @@ class Exchange:
     upstream_latency_s: float | None = None  # from forwarding until the upstream's response headers
     first_token_s: float | None = None  # a stream's first content event, counted from the hold
     cut: bool = False  # cut at the shutdown deadline
-    stopped: str | None = None  # why metergate ended the stream early (``insufficient_funds``)
+    stopped: str | None = None  # why metergate ended the answer early (``insufficient_funds``, ``client_left``)
     client_left_at: float | None = None  # when the stream watchdog saw the client's connection close
     covered_tokens: int = 0  # output tokens the hold covered when it was placed
     bounded: bool = True  # the upstream cannot outgrow the hold (or enforcement is off): no budget needed
@@ -407,6 +407,7 @@ class Pipeline:
                         # produce (and the wallet pay for) the rest; what it produced so far is billed.
                         log.info("%s: client left before its answer was whole; stopping the upstream",
                                  ex.request_id)
+                        ex.stopped = "client_left"
                         upstream.close()
                         break
                 out: list[bytes] = []
@@ -500,7 +501,7 @@ class Pipeline:
                              code="upstream_stream_broken")
         usage = self._delivered_usage(ex)
         settlement = await self._settle_shielded(ex, usage)
-        notice = self._stop_notice(ex, settlement) if ex.stopped else None
+        notice = self._stop_notice(ex, settlement) if ex.stopped == "insufficient_funds" else None
         body = assembler.body(usage or self._estimated(ex, 0), notice)
         headers = hh.client_response_headers(upstream.headers)
         for name in ("Content-Type", "Cache-Control"):  # the upstream's stream headers, not the body's
