@@ -377,3 +377,23 @@ async def test_a_tool_call_stopped_at_the_wallet_keeps_the_arguments_billed(gw: 
     assert 0 < tokens <= TWO_CENTS // PER_TOKEN
     record = await settled(gw, raw.headers["X-Metergate-Request-Id"])
     assert (record["tokens_output"], record["charged_amount"]) == (tokens, tokens * PER_TOKEN)
+
+
+async def test_a_growing_hold_stops_at_the_customers_spend_cap(gw: Gateway) -> None:
+    """A hold that grows spends as a whole one does: each step is checked against the customer's cap, and
+    the answer stops where the next step would pass it, though the wallet holds far more."""
+    await gw.customer(funds=1_000_000)
+    cap = 3_000  # covers the first hold (256 tokens, 2560) but not the first extension (512 tokens, 5120)
+    r = await gw.admin.put("/customers/acme/spend-caps", json={"asset": "USD", "daily": cap, "monthly": None})
+    assert r.status_code == 200, r.text
+    raw = await gw.openai().chat.completions.with_raw_response.create(
+        model="gpt-4o-long", messages=ASK, extra_headers={"X-Mock-Behavior": "words:3000"})  # type: ignore[arg-type]
+    [choice] = raw.parse().choices
+    text = choice.message.content or ""
+    assert choice.finish_reason == "length"
+    assert text == affordable_prefix("gpt-4o-long", words(3000), 256)
+    record = record_by_id(await gw.usage(), raw.headers["X-Metergate-Request-Id"])
+    tokens = counter_for("gpt-4o-long").count(text)
+    assert record["charged_amount"] == tokens * PER_TOKEN <= cap and record["written_off_amount"] == 0
+    balance = await gw.balance()
+    assert (balance["available"], balance["pending"]) == (1_000_000 - tokens * PER_TOKEN, 0)
