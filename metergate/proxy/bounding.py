@@ -20,15 +20,82 @@ have bought (item 11).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
+from metergate.config.routes import RouteSettings
+from metergate.payments.spendcaps import SpendCapReached
 from metergate.proxy.adapters.base import Prepared
+from metergate.proxy.assemble import Assembler, assembler_for
+from metergate.proxy.budget import tokens_covered
+from metergate.wallet.errors import InsufficientFunds
+from metergate.wallet.models import Hold
 
 # The key that caps output, per endpoint as the adapters name it. Chat uses max_completion_tokens, which
 # OpenAI accepts for every chat model (max_tokens is refused by reasoning models) and vLLM reads too.
 _LIMIT_KEYS = {"chat.completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
                "responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+
+
+@dataclass(frozen=True, slots=True)
+class HoldPlan:
+    """A request's first hold, the body that goes upstream, and how its output is bounded."""
+
+    hold: Hold
+    prepared: Prepared
+    covered_tokens: int  # output tokens the hold covers
+    bounded: bool = True  # the upstream cannot outgrow the hold (or enforcement is off): no budget needed
+    output_limit: int | None = None  # the per-answer output limit metergate set upstream
+    assembler: Assembler | None = None  # set when a non-streaming request is streamed internally
+
+
+async def plan_hold(prepared: Prepared, route: RouteSettings, *, price: Callable[[int], int],
+                    reserve: Callable[[int], Awaitable[Hold]], initial_output_tokens: int,
+                    extend_tokens: int) -> HoldPlan:
+    """Place the request's first hold and choose how its output is bounded.
+
+    ``price(n)`` is the estimate of the prompt plus ``n`` output tokens; ``reserve(amount)`` places the hold
+    or raises ``InsufficientFunds`` / ``SpendCapReached`` having written nothing, so that a refused attempt
+    can be retried smaller under the same hold id. A request whose own output limit the wallet covers is
+    held in full and goes up unchanged. Any other request is held for ``initial_output_tokens`` and bounded
+    by metergate, so that a small wallet is refused only when it cannot cover the prompt plus that first
+    bit of output. With enforcement off (``extend_tokens`` 0), and for endpoints without output, the hold
+    is the whole possible output, as before."""
+    possible = prepared.max_output_tokens
+    growing = extend_tokens > 0 and can_bound(prepared)
+    metered = prepared.stream or route.unary_streaming  # the output can be metered as it is produced
+    initial = min(initial_output_tokens, possible)
+    if not growing or prepared.output_capped or not metered:
+        try:
+            hold = await reserve(price(possible))
+        except (InsufficientFunds, SpendCapReached) as short:
+            if growing and not metered and isinstance(short, InsufficientFunds):
+                return await _capped(prepared, short, price, reserve)
+            if not growing or not metered or possible <= initial:
+                raise
+        else:
+            if growing and not metered and not prepared.output_capped:
+                per_answer = possible // choices(prepared)
+                return HoldPlan(hold, with_output_limit(prepared, per_answer), possible, output_limit=per_answer)
+            return HoldPlan(hold, prepared, possible)
+    hold = await reserve(price(initial))
+    if prepared.stream:
+        return HoldPlan(hold, prepared, initial, bounded=False)
+    return HoldPlan(hold, as_stream(prepared, route.provider), initial, bounded=False,
+                    assembler=assembler_for(route.provider, prepared.endpoint))
+
+
+async def _capped(prepared: Prepared, short: InsufficientFunds, price: Callable[[int], int],
+                  reserve: Callable[[int], Awaitable[Hold]]) -> HoldPlan:
+    """A non-streaming request to an upstream that cannot stream, whose whole possible output the wallet
+    cannot cover: hold what the wallet has and set the output limit upstream to what that covers."""
+    answers = choices(prepared)
+    per_answer = tokens_covered(price, short.available) // answers
+    if per_answer < 1:
+        raise short
+    hold = await reserve(price(per_answer * answers))
+    return HoldPlan(hold, with_output_limit(prepared, per_answer), per_answer * answers, output_limit=per_answer)
 
 
 def _payload(prepared: Prepared) -> dict[str, Any]:

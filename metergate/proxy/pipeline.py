@@ -48,9 +48,9 @@ from metergate.portal.links import LinkSigner
 from metergate.pricing.service import PricingService, Resolved
 from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
-from metergate.proxy.assemble import Assembler, assembler_for
-from metergate.proxy.bounding import as_stream, can_bound, choices, with_output_limit
-from metergate.proxy.budget import StreamBudget, tokens_covered
+from metergate.proxy.assemble import Assembler
+from metergate.proxy.bounding import HoldPlan, plan_hold
+from metergate.proxy.budget import StreamBudget
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
@@ -105,18 +105,6 @@ class Exchange:
     bounded: bool = True  # the upstream cannot outgrow the hold (or enforcement is off): no budget needed
     output_limit: int | None = None  # the output limit metergate set upstream (an upstream that cannot stream)
     assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
-
-
-@dataclass(frozen=True, slots=True)
-class HoldPlan:
-    """A request's first hold, the body that goes upstream, and how its output is bounded."""
-
-    hold: Hold
-    prepared: Prepared
-    covered_tokens: int
-    bounded: bool = True
-    output_limit: int | None = None
-    assembler: Assembler | None = None
 
 
 class Pipeline:
@@ -256,61 +244,23 @@ class Pipeline:
 
     async def _place_hold(self, identity: Identity, request_id: str, prepared: Prepared, rate: Resolved,
                           match: RouteMatch) -> HoldPlan:
-        """The hold a request starts with, and how its output is kept within what the wallet pays for
-        (:mod:`metergate.proxy.bounding`).
-
-        A request whose own output limit the wallet covers is held in full and goes up unchanged: the
-        upstream bounds it. Any other request is held for ``initial_output_tokens`` of output and bounded by
-        metergate, which grows the hold as output flows: a stream as it is relayed, a non-streaming request
-        by streaming it from the upstream internally (or, where the upstream cannot stream, by setting its
-        output limit upstream to what the wallet covers). A small wallet is refused only when it cannot
-        cover the prompt plus that first bit of output; with enforcement off (``stream_extend_tokens: 0``)
-        every request is held for its whole possible output, as before."""
+        """The request's first hold and how its output is bounded (:func:`metergate.proxy.bounding.plan_hold`);
+        402 when the wallet cannot cover even the smallest hold it may start with."""
         provider = match.route.provider_id
 
         def price(output_tokens: int) -> int:
             return self.prices.estimate(rate, Usage(prepared.input_tokens, output_tokens, source="estimated"),
                                         provider, prepared.model)
 
-        possible = prepared.max_output_tokens
-        growing = self.settings.stream_extend_tokens > 0 and can_bound(prepared)
-        metered = prepared.stream or match.route.unary_streaming  # output can be metered as it is produced
-        initial = min(self.settings.initial_output_tokens, possible)
-        if not growing or prepared.output_capped or not metered:
-            try:
-                hold = await self._reserve(identity, request_id, price(possible), rate.asset)
-            except PaymentRequired as short:
-                if growing and not metered:
-                    return await self._capped_hold(identity, request_id, prepared, rate, short, price)
-                if not growing or possible <= initial:
-                    raise self._refusal(identity, short) from None
-            else:
-                if growing and not metered and not prepared.output_capped:
-                    per_answer = possible // choices(prepared)
-                    return HoldPlan(hold, with_output_limit(prepared, per_answer), possible, output_limit=per_answer)
-                return HoldPlan(hold, prepared, possible)
-        hold = await self._authorize(identity, request_id, price(initial), rate.asset)
-        if prepared.stream:
-            return HoldPlan(hold, prepared, initial, bounded=False)
-        return HoldPlan(hold, as_stream(prepared, match.route.provider), initial, bounded=False,
-                        assembler=assembler_for(match.route.provider, prepared.endpoint))
+        async def reserve(amount: int) -> Hold:
+            return await self._reserve(identity, request_id, amount, rate.asset)
 
-    async def _capped_hold(self, identity: Identity, request_id: str, prepared: Prepared, rate: Resolved,
-                           short: PaymentRequired, price: Callable[[int], int]) -> HoldPlan:
-        """A non-streaming request to an upstream that cannot stream, whose whole possible output the wallet
-        cannot cover: hold what the wallet has and set the output limit upstream to what that covers."""
-        if not isinstance(short, InsufficientFunds):
-            raise short  # a spend cap: what it leaves is not the wallet's to give
-        answers = choices(prepared)
-        per_answer = tokens_covered(price, short.available) // answers
-        if per_answer < 1:
-            raise self._refusal(identity, short)
-        hold = await self._authorize(identity, request_id, price(per_answer * answers), rate.asset)
-        return HoldPlan(hold, with_output_limit(prepared, per_answer), per_answer * answers,
-                        output_limit=per_answer)
-
-    def _refusal(self, identity: Identity, short: PaymentRequired) -> PaymentRequired:
-        return self.insufficient(identity, short) if isinstance(short, InsufficientFunds) else short
+        try:
+            return await plan_hold(prepared, match.route, price=price, reserve=reserve,
+                                   initial_output_tokens=self.settings.initial_output_tokens,
+                                   extend_tokens=self.settings.stream_extend_tokens)
+        except InsufficientFunds as short:
+            raise self.insufficient(identity, short) from None
 
     async def _authorize(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
         try:
