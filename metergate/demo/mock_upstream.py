@@ -238,6 +238,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     events: list[dict[str, Any]] = [
         {"id": ident, "object": "text_completion", "created": created, "model": model,
          "choices": [{"index": 0, "text": w, "logprobs": None, "finish_reason": None}]} for w in words]
+    events.append({"id": ident, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
     if include_usage and "no-usage" not in b:
         events.append({"id": ident, "object": "text_completion", "created": created, "model": model,
                        "choices": [], "usage": _usage(prompt, completion, b)})

@@ -397,3 +397,41 @@ async def test_a_growing_hold_stops_at_the_customers_spend_cap(gw: Gateway) -> N
     assert record["charged_amount"] == tokens * PER_TOKEN <= cap and record["written_off_amount"] == 0
     balance = await gw.balance()
     assert (balance["available"], balance["pending"]) == (1_000_000 - tokens * PER_TOKEN, 0)
+
+
+async def test_a_legacy_completion_without_a_limit_is_served_whole_or_stopped_at_the_wallet(gw: Gateway) -> None:
+    await gw.customer(funds=TWO_CENTS)
+    client = gw.openai()
+    short = await client.completions.with_raw_response.create(model="gpt-4o-long", prompt="hi",
+                                                              extra_headers={"X-Mock-Behavior": "words:7"})
+    [choice] = short.parse().choices
+    assert (choice.text, choice.finish_reason) == (words(7), "stop")
+    first = record_by_id(await gw.usage(), short.headers["X-Metergate-Request-Id"])
+    assert first["usage_source"] == "provider"
+    assert first["charged_amount"] == counter_for("gpt-4o-long").count(words(7)) * PER_TOKEN
+    left = TWO_CENTS - first["charged_amount"]
+    long = await client.completions.with_raw_response.create(model="gpt-4o-long", prompt="hi",
+                                                             extra_headers={"X-Mock-Behavior": "words:3000"})
+    [choice] = long.parse().choices
+    assert choice.finish_reason == "length"
+    assert choice.text == affordable_prefix("gpt-4o-long", words(3000), left // PER_TOKEN)
+    second = record_by_id(await gw.usage(), long.headers["X-Metergate-Request-Id"])
+    assert second["charged_amount"] == counter_for("gpt-4o-long").count(choice.text) * PER_TOKEN
+    assert second["written_off_amount"] == 0 and (await gw.balance())["pending"] == 0
+
+
+async def test_an_internal_stream_the_upstream_breaks_off_is_a_502_and_free(gw: Gateway) -> None:
+    """The client asked for one whole body and gets none: as for any non-streaming request whose upstream
+    failed mid-answer, it pays nothing and no hold stays open."""
+    await gw.customer(funds=TWO_CENTS)
+    with pytest.raises(openai.APIStatusError) as failed:
+        await gw.openai().chat.completions.create(model=GPT, messages=ASK,  # type: ignore[arg-type]
+                                                  extra_headers={"X-Mock-Behavior": "words:50,die-after:5"})
+    assert failed.value.status_code == 502
+    body = failed.value.body
+    assert isinstance(body, dict) and body["code"] == "upstream_stream_broken"
+    [record] = await gw.usage()
+    assert (record["charged_amount"], record["status_code"]) == (0, 502)
+    balance = await gw.balance()
+    assert (balance["available"], balance["pending"]) == (TWO_CENTS, 0)
+    assert await gw.store.audit() == []
