@@ -223,9 +223,11 @@ class ResponsesAssembler:
             parts.append(dict(event["part"]))
         elif kind == "response.output_text.delta":
             parts = item.setdefault("content", [])
-            if not parts:
+            at = event.get("content_index")
+            if not isinstance(at, int) or not 0 <= at < len(parts):
                 parts.append({"type": "output_text", "text": "", "annotations": []})
-            parts[-1]["text"] = _text(parts[-1].get("text")) + _text(event.get("delta"))
+                at = len(parts) - 1
+            parts[at]["text"] = _text(parts[at].get("text")) + _text(event.get("delta"))
         elif kind == "response.function_call_arguments.delta":
             item["arguments"] = _text(item.get("arguments")) + _text(event.get("delta"))
 
