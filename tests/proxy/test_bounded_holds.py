@@ -233,11 +233,9 @@ async def test_a_limit_the_wallet_covers_is_held_in_full_and_forwarded_unchanged
     await settled(gw, request_id)
 
 
-async def test_concurrent_non_streaming_requests_without_a_limit_write_nothing_off(gw: Gateway) -> None:
-    """The attack of the report: many concurrent non-streaming requests without max_tokens on a small
-    wallet. Each answer is bounded by its own growing hold, so together they can spend the wallet but
-    never more: nothing is written off, and each answer received is exactly what was billed for it."""
-    funds, n = 50_000, 40  # each answer is 400 words (~450 tokens, 4500 micro-dollars): 40 want ~3.6x the wallet
+async def unlimited_storm(gw: Gateway, funds: int, n: int) -> list[tuple[int, str, str, str | None]]:
+    """``n`` concurrent non-streaming chat completions without max_tokens, each asking for 400 words (~450
+    tokens), on a wallet funded with ``funds``: (status, request id, text, finish reason) of each."""
     await gw.customer(funds=funds)
     client = gw.openai()
 
@@ -251,21 +249,38 @@ async def test_concurrent_non_streaming_requests_without_a_limit_write_nothing_o
         return (200, raw.headers["X-Metergate-Request-Id"], completion.choices[0].message.content or "",
                 completion.choices[0].finish_reason)
 
-    results = await asyncio.gather(*(one() for _ in range(n)))
-    assert {status for status, *_ in results} <= {200, 402}
-    served = [r for r in results if r[0] == 200]
-    records = await gw.usage()
-    assert len(records) == len(served) > 0  # a request refused with 402 placed no hold and has no record
-    assert sum(r["written_off_amount"] for r in records) == 0
-    for _, request_id, text, finish in served:
-        record = record_by_id(records, request_id)
-        assert record["charged_amount"] == counter_for("gpt-4o-long").count(text) * PER_TOKEN
-        assert text == words(400) if finish == "stop" else finish == "length"
-    balance = await gw.balance()
-    assert balance["pending"] == 0 and balance["available"] >= 0
-    assert sum(r["charged_amount"] for r in records) == funds - balance["available"]
-    assert any(finish == "length" for *_, finish in served)  # the wallet ran out: some answers were stopped
-    assert await gw.store.audit() == []
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_concurrent_non_streaming_requests_without_a_limit_write_nothing_off(upstream: Upstream,
+                                                                                   tmp_path: Path) -> None:
+    """The attack of the report: many concurrent non-streaming requests without max_tokens on a small
+    wallet, each answer far longer than the default_max_output_tokens its hold used to assume (64 here;
+    with enforcement off, as before this change, these 40 requests were all admitted and wrote off 150,800
+    micro-dollars, three times the wallet). Each answer is now bounded by its own growing hold, so together
+    they spend the wallet but never more: nothing is written off, and each answer is exactly what was billed."""
+    gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'storm.db'}", routes=routes(upstream),
+                                     pricing={"asset": "USD", "models": LONG_MODELS}, default_max_output_tokens=64)
+    try:
+        funds, n = 50_000, 40  # 40 answers of ~4500 micro-dollars each want ~3.6x the wallet
+        results = await unlimited_storm(gw, funds, n)
+        assert {status for status, *_ in results} <= {200, 402}
+        served = [r for r in results if r[0] == 200]
+        records = await gw.usage()
+        assert len(records) == len(served) > 0  # a request refused with 402 placed no hold and has no record
+        assert sum(r["written_off_amount"] for r in records) == 0
+        for _, request_id, text, finish in served:
+            record = record_by_id(records, request_id)
+            assert record["charged_amount"] == counter_for("gpt-4o-long").count(text) * PER_TOKEN
+            assert text == words(400) if finish == "stop" else finish == "length"
+        balance = await gw.balance()
+        assert balance["pending"] == 0 and balance["available"] >= 0
+        assert sum(r["charged_amount"] for r in records) == funds - balance["available"]
+        assert any(finish == "length" for *_, finish in served)  # the wallet ran out: some answers were stopped
+        assert await gw.store.audit() == []
+    finally:
+        await gw.close()
+        await runner.cleanup()
 
 
 async def test_an_upstream_that_cannot_stream_gets_the_output_limit_the_hold_covers(upstream: Upstream,
