@@ -450,3 +450,23 @@ async def test_an_internal_stream_the_upstream_breaks_off_is_a_502_and_free(gw: 
     balance = await gw.balance()
     assert (balance["available"], balance["pending"]) == (TWO_CENTS, 0)
     assert await gw.store.audit() == []
+
+
+async def test_an_anthropic_stream_cut_after_an_intermediate_count_bills_all_it_delivered(gw: Gateway) -> None:
+    """message_delta counts are cumulative; one sent before the stop reason counts only what was produced by
+    then. A stream cut after it (here the upstream dies 15 words in, its count said 10) bills the 15."""
+    await gw.customer(funds=TWO_CENTS)
+    client = claude(gw)
+    received: list[str] = []
+    with pytest.raises(anthropic.APIStatusError):
+        async with client.messages.stream(model=CLAUDE, max_tokens=100, messages=ASK,  # type: ignore[arg-type]
+                                          extra_headers={"X-Mock-Behavior": "words:20,die-after:18"}) as stream:
+            async for piece in stream.text_stream:
+                received.append(piece)
+    await client.close()
+    assert "".join(received) == words(15)
+    [record] = await gw.usage()
+    assert record["usage_source"] == "estimated"
+    assert record["tokens_output"] == counter_for(CLAUDE).count(words(15)) > counter_for(CLAUDE).count(words(10))
+    assert record["charged_amount"] == price(CLAUDE, record["tokens_input"], record["tokens_output"])
+    assert record["written_off_amount"] == 0 and (await gw.balance())["pending"] == 0
