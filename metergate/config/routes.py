@@ -49,6 +49,10 @@ class RouteSettings(BaseModel):
     provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices).")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
+    unary_streaming: bool = Field(
+        True, description="The upstream streams: a non-streaming request whose output the hold does not cover is "
+                          "streamed from it internally and stopped where the wallet runs dry. false: its output "
+                          "limit is set upstream to what the hold covers, and the receipt says so.")
     upstream_headers: dict[str, str] = Field(
         default_factory=dict, description="Headers set on every upstream request, e.g. OpenAI-Organization.")
     compute: ComputeSettings | None = Field(None, description="Metering of a compute route (provider: compute).")

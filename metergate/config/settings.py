@@ -219,8 +219,17 @@ class Settings(BaseSettings):
                                    description="After a client disconnects, how long to keep reading for usage.")
     drain_max_bytes: int = Field(16 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024,
                                  description="After a client disconnects, how many bytes to keep reading for usage.")
-    default_max_output_tokens: int = Field(4096, ge=1, le=10_000_000,
-                                           description="Output tokens assumed when a request sets no maximum.")
+    default_max_output_tokens: int = Field(
+        4096, ge=1, le=10_000_000,
+        description="Output tokens a request without a maximum is assumed to ask for: its rate-limit estimate, "
+                    "quotes, and the hold when enforcement is off (stream_extend_tokens: 0) or the upstream "
+                    "cannot stream (a route's unary_streaming: false).")
+    initial_output_tokens: int = Field(
+        256, ge=1, le=10_000_000,
+        description="Output tokens the first hold covers when a request names no output limit, or one the "
+                    "wallet cannot hold in full; the hold then grows by stream_extend_tokens as output flows "
+                    "(non-streaming requests are streamed from the upstream internally). A wallet is refused "
+                    "only when it cannot cover the prompt plus this much output.")
     stream_extend_tokens: int = Field(
         256, ge=0, le=10_000_000,
         description="Mid-stream enforcement: when a stream's output outgrows its hold, the hold grows by this "
