@@ -160,7 +160,7 @@ class ComputeRelay:
             headers["Content-Type"] = request.headers.get("Content-Type", request.content_type)
         try:
             upstream = await p.session.request(request.method, job.match.upstream_url, data=body, headers=headers,
-                                               params=request.query, allow_redirects=False)
+                                               allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
         except aiohttp.ClientError:

@@ -176,7 +176,7 @@ class Pipeline:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = current_request_id() or "req_" + uuid.uuid4().hex
-        match = self.routes.match(request.path)
+        match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
                            code="unknown_route")
