@@ -192,21 +192,21 @@ class Pipeline:
         if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
             return options
         identity = await self.identifier.identify(request)
+        attributes = self.prices.request_attributes(
+            request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request)
         prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
         rate = await self.prices.resolve_request(
             identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
-            route=match.route.prefix, provider=match.route.provider_id,
-            feature=request.headers.get(self.settings.attribution_header), headers=request.headers)
+            route=match.route.prefix, provider=match.route.provider_id, attributes=attributes)
         estimate = self.prices.estimate(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
                                                     source="estimated"), match.route.provider_id, prepared.model)
         # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
         await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
         hold = await self._authorize(identity, request_id, estimate, rate.asset)
         self.metrics.hold_opened()
-        feature = request.headers.get(self.settings.attribution_header)
-        ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
-                      feature or None, time.monotonic())
+        ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold, attributes.get("feature"),
+                      time.monotonic())
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
