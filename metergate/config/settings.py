@@ -83,8 +83,9 @@ class PricingSettings(_Strict):
     attribute_headers: dict[str, str] = Field(
         default_factory=dict,
         description="Request headers that become pricing attributes of proxy requests, attribute name -> header "
-                    "name (e.g. plan: X-Metergate-Plan). The caller chooses them, as it does the feature header: "
-                    "use X-Metergate-* names, which never reach the upstream.")
+                    "name (e.g. plan: X-Metergate-Plan). Only the app on a trusted network chooses them, as it does "
+                    "the feature header; a proxy key's requests carry the key's own attributes and are refused "
+                    "with these headers. Use X-Metergate-* names, which never reach the upstream.")
 
     @field_validator("attribute_headers")
     @classmethod
