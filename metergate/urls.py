@@ -6,6 +6,8 @@ separator: a percent-encoded ``/``, ``?``, ``#`` or ``\\`` (and control characte
 refused, as is a dot segment (``.``, ``..``, also percent-encoded or followed by ``;``, which some servers
 strip), an empty segment inside the path, a malformed escape or a byte sequence that is not UTF-8. What
 the upstream receives is the re-encoding of the segments, so it sees exactly the path that was classified.
+Segments are also checked in Unicode compatibility form (NFKC), which some servers apply: a fullwidth dot or
+solidus is refused like its ASCII original.
 
 The query is parsed into name/value pairs and re-encoded the same way: what reaches the upstream is a
 well-formed query with the same pairs, never raw client bytes.
@@ -14,6 +16,7 @@ well-formed query with the same pairs, never raw client bytes.
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
 from metergate.errors import BadRequest
@@ -52,9 +55,11 @@ def path_segments(raw_path: str) -> tuple[str, ...]:
             decoded = unquote_to_bytes(part).decode("utf-8")
         except UnicodeDecodeError:
             raise invalid_path("an escape that is not UTF-8") from None
-        if _SEPARATORS.search(decoded):
+        # Also as a server that folds compatibility characters would read it: fullwidth "．．" is "..".
+        folded = unicodedata.normalize("NFKC", decoded)
+        if _SEPARATORS.search(decoded) or _SEPARATORS.search(folded):
             raise invalid_path("an encoded separator (%2F, %3F, %23, %5C) or control character")
-        if decoded.split(";", 1)[0] in (".", ".."):
+        if decoded.split(";", 1)[0] in (".", "..") or folded.split(";", 1)[0] in (".", ".."):
             raise invalid_path("a dot segment ('.' or '..')")
         segments.append(decoded)
     return tuple(segments)

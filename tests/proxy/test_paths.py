@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,8 @@ REFUSED_PATHS = [
     "/openai/v1/..;/admin/chat/completions",
     "/based/../admin/chat/completions",
     "/gpu/%2e%2e/v1/chat/completions",
+    "/openai/v1/%EF%BC%8E%EF%BC%8E/admin/chat/completions",  # fullwidth "．．", ".." once NFKC-folded
+    "/openai/v1/images%EF%BC%8Fgenerations/chat/completions",  # fullwidth solidus
     # --- segments that do not decode to one plain string
     "/openai//v1/chat/completions",
     "/openai/v1/%ff/chat/completions",
@@ -197,7 +200,7 @@ async def test_a_query_that_does_not_parse_is_refused_and_changes_nothing(gw: Ga
 JUNK = st.lists(st.sampled_from([
     "v1", "admin", "images", "generations", "chat", "completions", "x", "", ".", "..", "%2e", "%2E%2e", ".%2e",
     "..;", ";", "%2F", "%2f", "%3F", "%3f", "%23", "%5C", "%5c", "\\", "?", "#", "=", "x=1", "&", "%C3%BC",
-    "%E2%80%AE", "é", "%ff", "%", "%0a", "%00", "~", "%7E", "@", ":", "%20", "+",
+    "%E2%80%AE", "%EF%BC%8E", "%EF%BC%8F", "é", "%ff", "%", "%0a", "%00", "~", "%7E", "@", ":", "%20", "+",
 ]), min_size=1, max_size=3).map("".join)
 ENDPOINTS = st.sampled_from([("chat", "completions"), ("completions",), ("embeddings",), ("responses",), ()])
 BODIES = {("chat", "completions"): CHAT_BODY, ("completions",): COMPLETION_BODY, ("embeddings",): EMBED_BODY,
@@ -225,8 +228,9 @@ def check_path(gw: Gateway, outcomes: list[str], junk: list[str], endpoint: tupl
     assert unquote(upstream["raw_path"]) == unquote(requested), (target, upstream)
     # ...made of plain segments only...
     for segment in _decoded_segments(upstream["raw_path"]):
-        assert not set(segment) & set("/?#\\"), (target, upstream)
-        assert segment.split(";", 1)[0] not in (".", ".."), (target, upstream)
+        for form in (segment, unicodedata.normalize("NFKC", segment)):
+            assert not set(form) & set("/?#\\"), (target, upstream)
+            assert form.split(";", 1)[0] not in (".", ".."), (target, upstream)
     # ...ending in the metered endpoint it was classified as, with the query's pairs unchanged.
     assert upstream["raw_path"].endswith(METERED_SUFFIXES), (target, upstream)
     sent_query = target.split("?", 1)[1].split("#", 1)[0] if "?" in target.split("#", 1)[0] else ""
