@@ -35,7 +35,7 @@ from metergate.pricing.rules import Rule
 from metergate.pricing.store import PricingStore
 from metergate.pricing.versions import PriceVersion, VersionTimeline, config_version
 from metergate.wallet.errors import UnknownAsset
-from metergate.wallet.models import Mode, Settlement, UsageRecord, now_ms
+from metergate.wallet.models import Mode, Settlement, UsageRecord, now_ms, stored_text
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,9 @@ class PricingService:
             return dict(key_attributes)
         attributes: dict[str, str] = {}
         for name, header in named.items():
-            value = headers.get(header)
+            value = stored_text(headers.get(header) or "", 128)  # as the usage record keeps it
             if value:
-                attributes[name] = value[:128]
+                attributes[name] = value
         return attributes
 
     def request_price(self, resolved: Resolved, usage: Usage, provider: str, model: str) -> Price:
