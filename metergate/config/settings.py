@@ -83,8 +83,9 @@ class PricingSettings(_Strict):
     attribute_headers: dict[str, str] = Field(
         default_factory=dict,
         description="Request headers that become pricing attributes of proxy requests, attribute name -> header "
-                    "name (e.g. plan: X-Metergate-Plan). The caller chooses them, as it does the feature header: "
-                    "use X-Metergate-* names, which never reach the upstream.")
+                    "name (e.g. plan: X-Metergate-Plan). Only the app on a trusted network chooses them, as it does "
+                    "the feature header; a proxy key's requests carry the key's own attributes and are refused "
+                    "with these headers. Use X-Metergate-* names, which never reach the upstream.")
 
     @field_validator("attribute_headers")
     @classmethod
@@ -201,8 +202,11 @@ class Settings(BaseSettings):
     attribution_header: str = Field("X-Metergate-Feature",
                                     description="Optional feature/task label recorded with usage.")
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
-        description="Source networks whose customer header is trusted (the sidecar's own pod).")
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")],
+        description="Source networks whose customer header (and feature and attribute headers) are trusted: the "
+                    "app in the sidecar's own pod. Not all of 127.0.0.0/8: a service mesh's proxy delivers "
+                    "inbound traffic from other loopback addresses (Istio: 127.0.0.6). [] trusts no one: "
+                    "every client then needs a proxy key.")
 
     # Limits.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,

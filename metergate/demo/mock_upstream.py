@@ -24,7 +24,8 @@ It also answers the free endpoints: ``GET /v1/models`` and ``GET /v1/models/{id}
 when the request carries ``anthropic-version``, as Anthropic's SDK sends it) and ``POST /v1/moderations``.
 
 Every request is recorded (path, headers, JSON body; for the free endpoints also method and query) and
-listed at ``GET /_mock/requests``.
+listed at ``GET /_mock/requests``. Every request line that arrives, whatever its path (including paths no
+handler answers), is also kept under ``SEEN``: the method, the raw path and the raw query string as received.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from aiohttp import web
 from metergate.metering.tokenizer import counter_for
 
 REQUESTS = web.AppKey("requests", list)
+SEEN = web.AppKey("seen", list)
 _WORDS = ["Metergate", "authorizes", "every", "request", "against", "a", "prepaid", "wallet", "before", "the",
           "upstream", "sees", "it,", "meters", "each", "token", "as", "it", "streams,", "and", "settles", "the",
           "exact", "amount", "in", "an", "append-only", "ledger."]
@@ -373,9 +375,19 @@ async def compute_run(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@web.middleware
+async def _see(request: web.Request, handler: Any) -> web.StreamResponse:
+    request.app[SEEN].append({"method": request.method, "raw_path": request.rel_url.raw_path,
+                              "query_string": request.rel_url.raw_query_string,
+                              "headers": dict(request.headers)})
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 def build_mock_upstream() -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_see])
     app[REQUESTS] = []
+    app[SEEN] = []
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

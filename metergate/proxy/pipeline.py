@@ -182,7 +182,7 @@ class Pipeline:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = current_request_id() or "req_" + uuid.uuid4().hex
-        match = self.routes.match(request.path)
+        match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
                            code="unknown_route")
@@ -198,19 +198,19 @@ class Pipeline:
         if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
             return options
         identity = await self.identifier.identify(request)
+        attributes = self.prices.request_attributes(
+            request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request)
         prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
         rate = await self.prices.resolve_request(
             identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
-            route=match.route.prefix, provider=match.route.provider_id,
-            feature=request.headers.get(self.settings.attribution_header), headers=request.headers)
+            route=match.route.prefix, provider=match.route.provider_id, attributes=attributes)
         # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
         await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
         plan = await self._place_hold(identity, request_id, prepared, rate, match)
         self.metrics.hold_opened()
-        feature = request.headers.get(self.settings.attribution_header)
         ex = Exchange(request_id, identity, match, adapter, plan.prepared, rate, plan.hold,
-                      feature or None, time.monotonic(), covered_tokens=plan.covered_tokens,
+                      attributes.get("feature"), time.monotonic(), covered_tokens=plan.covered_tokens,
                       bounded=plan.bounded, output_limit=plan.output_limit, assembler=plan.assembler)
         task = asyncio.current_task()
         assert task is not None

@@ -333,14 +333,18 @@ class RedisWalletStore:
         return await self.sql.list_customers(mode, limit=limit, after=after)
 
     async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
-                             prefix: str) -> ApiKey:
-        return await self.sql.create_api_key(mode, customer_id, key_id=key_id, key_hash=key_hash, prefix=prefix)
+                             prefix: str, attributes: dict[str, str] | None = None) -> ApiKey:
+        return await self.sql.create_api_key(mode, customer_id, key_id=key_id, key_hash=key_hash, prefix=prefix,
+                                             attributes=attributes)
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
         return await self.sql.find_api_key(key_hash)
 
     async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None:
         return await self.sql.revoke_api_key(mode, key_id)
+
+    async def set_api_key_attributes(self, mode: Mode, key_id: str, attributes: dict[str, str]) -> ApiKey | None:
+        return await self.sql.set_api_key_attributes(mode, key_id, attributes)
 
     # ------------------------------------------------------------------ projection
 
