@@ -19,7 +19,8 @@ from aiohttp import web
 
 from metergate.proxy.app import PIPELINE, build_app
 from metergate.proxy.ratelimit import WINDOW_MS
-from metergate.wallet.models import Mode, RateLimitCharge, RateLimitDenial
+from metergate.wallet.models import Mode, RateLimitDenial
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
 from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Gateway, Upstream, _reset_pg, serve, start_gateway
 
@@ -156,31 +157,35 @@ async def test_each_api_key_has_its_own_limit_and_the_header_path_has_none(open_
 
 
 class CountingStore(SqlWalletStore):
-    """The real store, counting the rate-limit charges it is asked for (build_app takes a store: a seam)."""
+    """The real store, counting the quota claims it is asked for (build_app takes a store: a seam)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.consumed = 0
+        self.claims = 0
 
-    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
-                                  tokens: int) -> RateLimitDenial | None:
-        self.consumed += 1
-        return await super().consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        self.claims += 1
+        return await super().claim_rate_quota(mode, customer_id, claims, window_start_ms=window_start_ms)
 
 
-@pytest.mark.parametrize(("requests_per_minute", "consumed"), [(None, 0), (100, 3)])
-async def test_no_limit_costs_no_database_call(upstream: Upstream, tmp_path: Path, requests_per_minute: int | None,
-                                               consumed: int) -> None:
+# 20 requests at one instant: each claim doubles the chunk (1, 2, 4, 8, 16 requests: 31 leased in 5 claims).
+@pytest.mark.parametrize(("requests_per_minute", "claims"), [(None, 0), (10**6, 5)])
+async def test_a_well_funded_hot_customer_costs_a_store_call_per_chunk_not_per_request(
+        upstream: Upstream, tmp_path: Path, requests_per_minute: int | None, claims: int) -> None:
     gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'limits.db'}",
                                      **limits({"requests_per_minute": requests_per_minute}))
     await runner.cleanup()  # keep its settings and admin client; serve the same app over a counting store
     store = CountingStore(gw.settings.database_url)
-    runner, _ = await serve(build_app(gw.settings, store, public_url=gw.url), gw.settings.port)
+    app = build_app(gw.settings, store, public_url=gw.url)
+    app[PIPELINE].ratelimiter.clock = lambda: T0
+    runner, _ = await serve(app, gw.settings.port)
     try:
         await gw.customer("acme")
-        for _ in range(3):
+        for _ in range(20):
             await ask(gw.openai("acme"))
-        assert store.consumed == consumed
+        assert store.claims == claims
+        assert len(await gw.usage()) == 20
     finally:
         await gw.close()
         await runner.cleanup()
