@@ -342,3 +342,18 @@ async def test_three_replicas_hold_the_token_limit_when_it_binds_first(open_gate
     admitted = await storm(gateways, 40, max_tokens=100)
     assert 23 <= admitted <= 25
     assert len(await gateways[1].usage()) == admitted
+
+
+async def test_a_stopping_replica_gives_its_unused_lease_back(upstream: Upstream, open_gateway: Opener,
+                                                              shared_url: str) -> None:
+    """64 a minute: a cap of 4 per lease. Two requests at one instant lease 1, then 2: one left unused,
+    which the first replica returns as it stops, so the second admits all of the other 62."""
+    gw, runner = await start_gateway(upstream, shared_url, **limits({"requests_per_minute": 64}))
+    pin(gw, T0)
+    await gw.customer("acme")
+    await ask(gw.openai("acme"))
+    await ask(gw.openai("acme"))
+    await gw.close()
+    await runner.cleanup()  # stops the limiter, which gives back the unused request
+    other = await open_gateway(shared_url, **limits({"requests_per_minute": 64}))
+    assert await storm([other], 70, max_tokens=10) == 62
