@@ -11,7 +11,9 @@ key in Redis shows the limit claimed, and expires by itself.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,10 +21,13 @@ import httpx2 as httpx
 import pytest
 
 from metergate.proxy.ratelimit import WINDOW_MS
+from metergate.wallet.models import RateLimitDenial
+from metergate.wallet.quota import QuotaClaim
+from metergate.wallet.redis.quota import window_key
+from metergate.wallet.redis.store import RedisWalletStore
 from tests.conftest import Upstream, _reset_pg
 from tests.redis.cluster import Cluster, chat
 
-pytestmark = pytest.mark.postgres
 LIMIT = 120
 PER_PROCESS = 130
 
@@ -46,6 +51,7 @@ async def wait_for_window_start() -> int:
     return now - now % WINDOW_MS
 
 
+@pytest.mark.postgres
 async def test_three_processes_on_one_redis_admit_exactly_the_limit(cluster: Cluster) -> None:
     await cluster.start(3)
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
@@ -71,3 +77,31 @@ async def test_three_processes_on_one_redis_admit_exactly_the_limit(cluster: Clu
         assert 0 < await store.redis.pttl(keys[0]) <= 3 * WINDOW_MS
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_lua_claim_grants_what_the_sql_claim_grants(rstore: RedisWalletStore, seed: int) -> None:
+    """The Lua script mirrors :func:`metergate.wallet.quota.grant`: the same random sequence of claims
+    (needs, wants and limits of two subjects, all or none) gets the same grants and refusals from Redis as
+    from the SQL store under it, and neither ever claims past a limit."""
+    rng = random.Random(seed)
+    customer, window = f"c{seed}-{uuid.uuid4().hex[:8]}", 1_900_000_020_000 - 1_900_000_020_000 % WINDOW_MS
+    rpm, tpm = rng.randint(5, 60), rng.randint(100, 5000)
+    claimed = {"customer": [0, 0], "key": [0, 0]}
+    for _ in range(60):
+        claims = []
+        for name in rng.sample(["customer", "key"], rng.randint(1, 2)):
+            need_r, need_t = rng.randint(0, 1), rng.randint(0, 400)
+            claims.append(QuotaClaim(f"{name}:{customer}", rpm, tpm if name == "customer" else None, need_r,
+                                     need_r + rng.randint(0, 8), need_t if name == "customer" else 0,
+                                     need_t + rng.randint(0, 900) if name == "customer" else 0))
+        in_sql = await rstore.sql.claim_rate_quota("test", customer, claims, window_start_ms=window)
+        in_redis = await rstore.claim_rate_quota("test", customer, claims, window_start_ms=window)
+        assert in_redis == in_sql
+        if not isinstance(in_sql, RateLimitDenial):
+            for g in in_sql:
+                claimed[g.subject.split(":")[0]] = [g.claimed_requests, g.claimed_tokens]
+        assert claimed["customer"][0] <= rpm and claimed["key"][0] <= rpm and claimed["customer"][1] <= tpm
+    await rstore.release_rate_quota("test", customer, [(f"customer:{customer}", 1, 0)], window_start_ms=window)
+    key = window_key(rstore, "test", customer, f"customer:{customer}", window)
+    assert await rstore.redis.hget(key, "r") == str(max(0, claimed["customer"][0] - 1))

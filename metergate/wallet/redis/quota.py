@@ -67,8 +67,9 @@ for i = 1, #KEYS do
     local w = redis.call('HMGET', KEYS[i], 'r', 't')
     local r = math.min(tonumber(ARGV[2 * i - 1]), tonumber(w[1]) or 0)
     local t = math.min(tonumber(ARGV[2 * i]), tonumber(w[2]) or 0)
-    redis.call('HINCRBY', KEYS[i], 'r', -r)
-    redis.call('HINCRBY', KEYS[i], 't', -t)
+    -- 0 - x, not -x: Lua's -0 would reach Redis as "-0", which HINCRBY refuses
+    if r > 0 then redis.call('HINCRBY', KEYS[i], 'r', 0 - r) end
+    if t > 0 then redis.call('HINCRBY', KEYS[i], 't', 0 - t) end
   end
 end
 return 1
