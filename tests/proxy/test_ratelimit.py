@@ -3,7 +3,8 @@ so a refused request costs nothing and never reaches the upstream — and replic
 
 Method: the official ``openai`` SDK through real gateways in front of the mock upstream. The limiter's
 clock is its injected ``clock`` seam, pinned to a chosen instant so that windows roll over without
-sleeping; two gateway apps on one SQLite file, and on one PostgreSQL database, take turns and race.
+sleeping; two gateway apps on one SQLite file, and on one PostgreSQL database, take turns and race, and
+three hammer one limit (each process leases quota in chunks: see metergate/proxy/leases.py).
 """
 
 from __future__ import annotations
