@@ -113,6 +113,8 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
+from metergate.wallet.quota_sql import claim_quota, release_quota
 
 T = TypeVar("T")
 _PG_MIGRATION_LOCK = 0x6D657465  # "mete": serialises schema migration across replicas
@@ -726,6 +728,14 @@ class SqlWalletStore:
             return None
 
         return await self._write(op)
+
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        return await self._write(claim_quota, self._dialect_insert, mode, window_start_ms, claims)
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        await self._write(release_quota, mode, window_start_ms, releases)
 
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         w = t.rate_limit_windows.c
