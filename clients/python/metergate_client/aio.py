@@ -208,3 +208,10 @@ class AsyncClient:
 
     async def validate_prices(self, rules: Any) -> Json:
         return await self._send(calls.validate_prices(rules))
+
+    async def create_price_version(self, rules: Any, note: str = "") -> Json:
+        """Validate and store a draft price version (422 :class:`InvalidRequest` naming the rule)."""
+        return await self._send(calls.create_price_version(rules, note))
+
+    async def publish_price_version(self, version_id: str, effective_at: int | str | None = None) -> Json:
+        return await self._send(calls.publish_price_version(version_id, effective_at))

@@ -244,3 +244,13 @@ def send_events(events: list[Json]) -> Call[list[EventResult]]:
 
 def validate_prices(rules: Any) -> Call[Json]:
     return Call("POST", "/price-versions/validate", _raw, {"rules": rules})
+
+
+def create_price_version(rules: Any, note: str = "") -> Call[Json]:
+    return Call("POST", "/price-versions", _raw, {"rules": rules, "note": note}, retry=False)
+
+
+def publish_price_version(version_id: str, effective_at: int | str | None = None) -> Call[Json]:
+    """Publishing is idempotent: the same version published again answers as the first time."""
+    body: Json = {} if effective_at is None else {"effective_at": effective_at}
+    return Call("POST", f"/price-versions/{_p(version_id)}/publish", _raw, body, idempotency_key=new_key())

@@ -212,3 +212,10 @@ class Client:
 
     def validate_prices(self, rules: Any) -> Json:
         return self._send(calls.validate_prices(rules))
+
+    def create_price_version(self, rules: Any, note: str = "") -> Json:
+        """Validate and store a draft price version (422 :class:`InvalidRequest` naming the rule)."""
+        return self._send(calls.create_price_version(rules, note))
+
+    def publish_price_version(self, version_id: str, effective_at: int | str | None = None) -> Json:
+        return self._send(calls.publish_price_version(version_id, effective_at))
