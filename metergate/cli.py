@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from metergate.cli_admin import add_admin_commands, run_admin_command
 from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="what to serve (else the role setting / METERGATE_ROLE; default all)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
+    add_admin_commands(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "admin_handler", None) is not None:
+        return run_admin_command(args)
 
     if args.command == "demo":
         from metergate.demo.run import run_demo

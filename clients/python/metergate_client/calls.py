@@ -254,3 +254,14 @@ def publish_price_version(version_id: str, effective_at: int | str | None = None
     """Publishing is idempotent: the same version published again answers as the first time."""
     body: Json = {} if effective_at is None else {"effective_at": effective_at}
     return Call("POST", f"/price-versions/{_p(version_id)}/publish", _raw, body, idempotency_key=new_key())
+
+
+def list_keys(customer_id: str, limit: int = 200) -> Call[list[ApiKey]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/api-keys", lambda j: [ApiKey.of(k) for k in j["data"]],
+                params={"limit": str(limit)})
+
+
+def list_holds(customer_id: str | None = None, limit: int = 200) -> Call[list[Hold]]:
+    """Open (pending) holds, soonest expiry first."""
+    params = {"limit": str(limit), **({"customer_id": customer_id} if customer_id is not None else {})}
+    return Call("GET", "/holds", lambda j: [Hold.of(h) for h in j["data"]], params=params)

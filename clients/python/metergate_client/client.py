@@ -219,3 +219,11 @@ class Client:
 
     def publish_price_version(self, version_id: str, effective_at: int | str | None = None) -> Json:
         return self._send(calls.publish_price_version(version_id, effective_at))
+
+    def list_keys(self, customer_id: str, limit: int = 200) -> list[ApiKey]:
+        """The customer's proxy API keys, newest first (prefixes only: a secret is shown once, when issued)."""
+        return self._send(calls.list_keys(customer_id, limit))
+
+    def list_holds(self, customer_id: str | None = None, limit: int = 200) -> list[Hold]:
+        """Open holds (all customers, or one), soonest expiry first."""
+        return self._send(calls.list_holds(customer_id, limit))
