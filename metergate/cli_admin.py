@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from metergate.cli_table import dump, fields, table, when
 
 if TYPE_CHECKING:
-    from metergate_client import ApiKey, Balance, Client, Grant
+    from metergate_client import ApiKey, Balance, Client, Grant, UsageRecord
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 Handler = Callable[["Client", argparse.Namespace], int]
@@ -325,32 +325,46 @@ def _grants_void(client: Client, args: argparse.Namespace) -> int:
 _USAGE_HEADERS = ["time (UTC)", "id", "route", "model", "in", "out", "charged", "asset"]
 
 
+_TAIL_MAX_PAGES = 10  # per poll: beyond 2,000 new records between two polls, the oldest are skipped
+
+
+def _new_usage(client: Client, customer: str, seen: set[str]) -> list[UsageRecord]:
+    """The records not seen yet, oldest first: newest pages until one holds a record already seen."""
+    found: list[UsageRecord] = []
+    cursor = None
+    for _ in range(_TAIL_MAX_PAGES):
+        page = client.usage(customer, limit=200, cursor=cursor)
+        fresh = [u for u in page.data if u.id not in seen]
+        found.extend(fresh)
+        if len(fresh) < len(page.data) or page.next_cursor is None or not seen:
+            break  # reached what was printed before (or, on the first poll, the latest page is enough)
+        cursor = page.next_cursor
+    return found[::-1]
+
+
 def _usage_tail(client: Client, args: argparse.Namespace) -> int:
-    """Print the latest ``--lines`` records oldest first; with ``--follow``, poll the newest page and print the
-    records not seen yet, until ``--count`` records are printed or Ctrl-C."""
+    """Print the latest ``--lines`` records oldest first; with ``--follow``, keep polling and print each record
+    not seen yet, until ``--count`` records are printed or Ctrl-C."""
     seen: set[str] = set()
     printed = 0
-    header = not args.json
     first = True
+    if not args.json:
+        table(_USAGE_HEADERS, [])
     while True:
-        page = client.usage(args.customer, limit=200 if not first else max(1, min(args.lines, 200)))
-        fresh = [u for u in reversed(page.data) if u.id not in seen]
-        if first and not args.follow:
-            fresh = fresh[-args.lines:]
+        fresh = _new_usage(client, args.customer, seen)
+        seen.update(u.id for u in fresh)
+        if first:
+            fresh = fresh[-args.lines:] if args.lines > 0 else []
+            first = False
         for u in fresh:
-            seen.add(u.id)
             if args.json:
                 dump(u.raw)
             else:
-                if header:
-                    table(_USAGE_HEADERS, [])
-                    header = False
                 print("  ".join(str(v) for v in [when(u.created_at_ms), u.id, u.route, u.model, u.tokens_input,
                                                   u.tokens_output, u.charged, u.asset]), flush=True)
             printed += 1
             if args.count is not None and printed >= args.count:
                 return EXIT_OK
-        first = False
         if not args.follow:
             return EXIT_OK
         time.sleep(args.interval_s)

@@ -101,21 +101,25 @@ def test_holds_list_shows_open_holds_and_void_releases_one(env: dict[str, str], 
 def test_usage_tail_follows_new_usage_records(env: dict[str, str], client: Client) -> None:
     client.create_customer("cli-tail")
     client.credit("cli-tail", 100, asset="CALLS", idempotency_key="seed-cli-tail")
-    client.send_events([{"id": "tail-0", "customer_id": "cli-tail", "type": "api.call", "quantity": "1"}])
-    with subprocess.Popen([sys.executable, "-m", "metergate", "usage", "tail", "cli-tail", "--follow", "--json",
-                           "--count", "3", "--interval-s", "0.2"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as tail:
+
+    def events(*ids: str) -> list[str]:
+        results = client.send_events([{"id": i, "customer_id": "cli-tail", "type": "api.call", "quantity": "1"}
+                                      for i in ids])
+        return [str(r.raw["usage_record_id"]) for r in results]
+
+    before = events("tail-a", "tail-b", "tail-c")
+    with subprocess.Popen([sys.executable, "-m", "metergate", "usage", "tail", "cli-tail", "--lines", "1",
+                           "--follow", "--json", "--count", "3", "--interval-s", "0.2"], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as tail:
         assert tail.stdout is not None
         try:
-            first = json.loads(tail.stdout.readline())  # the record that was there before
-            client.send_events([{"id": f"tail-{i}", "customer_id": "cli-tail", "type": "api.call", "quantity": "1"}
-                                for i in (1, 2)])
+            first = json.loads(tail.stdout.readline())  # the latest record that was there before
+            after = events("tail-d", "tail-e")
             later = [json.loads(tail.stdout.readline()) for _ in range(2)]  # printed as they arrive
             assert tail.wait(timeout=COMMAND_TIMEOUT_S) == 0
         finally:
             tail.kill()
-    assert [r["model"] for r in [first, *later]] == ["api.call"] * 3
-    assert len({r["id"] for r in [first, *later]}) == 3
+    assert [r["id"] for r in [first, *later]] == [before[-1], *after]  # the older two are never printed
     assert [r["charged_decimal"] for r in later] == ["1", "1"]
     people = mg(env, "usage", "tail", "cli-tail", "-n", "2")
     assert people.returncode == 0 and len(people.stdout.strip().splitlines()) == 3  # header and two records
