@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from metergate.cli_table import dump, fields, table, when
 
@@ -48,12 +48,37 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _OneLineErrors:
+    """A usage error as one line on stderr (naming the command and what is wrong), exit code 2."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._prog = parser.prog
+
+    def __call__(self, message: str) -> NoReturn:
+        print(f"{self._prog}: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.error = _OneLineErrors(parser)  # type: ignore[method-assign]
+    return parser
+
+
 def add_admin_commands(sub: Any) -> None:
     """Register the admin commands on ``metergate``'s subparsers; each sets ``admin_handler``."""
     c = _common()
+    plain_add = sub.add_parser
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _one_line(plain_add(name, **kwargs))
+
+    sub.add_parser = add  # every parser below reports usage errors in one line
 
     def group(name: str, help: str) -> Any:
-        return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+        nested = add(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+        nested_add = nested.add_parser
+        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, **kw))  # type: ignore[method-assign]
+        return nested
 
     customers = group("customers", "create, list and show customers")
     p = customers.add_parser("create", parents=[c], help="create a customer")
@@ -148,6 +173,7 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("config")
     p.add_argument("--probe", action="store_true")
     p.set_defaults(admin_handler=_check)
+    sub.add_parser = plain_add
 
 
 def _check(client: Client, args: argparse.Namespace) -> int:
