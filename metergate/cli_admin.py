@@ -214,6 +214,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         return EXIT_OK  # the way to end ``usage tail --follow``
     except BrokenPipeError:
         return EXIT_OK  # piped into head
+    except Exception as exc:  # a bug: still one line, never a traceback
+        return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_REFUSED)
 
 
 # ---------------------------------------------------------------------- customers

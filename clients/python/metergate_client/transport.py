@@ -17,7 +17,7 @@ from typing import TypeVar
 import httpx2 as httpx
 
 from metergate_client.calls import Call
-from metergate_client.errors import ApiError, ConnectionFailed, error_from_response
+from metergate_client.errors import ApiError, ConnectionFailed, ServerError, error_from_response
 
 T = TypeVar("T")
 RETRY_STATUS = frozenset({429, 502, 503, 504})
@@ -54,7 +54,12 @@ def _headers(admin_key: str, call: Call[T]) -> dict[str, str]:
 def _outcome(call: Call[T], response: httpx.Response) -> T:
     if response.is_error:
         raise error_from_response(response)
-    return call.parse(response.json())
+    try:
+        return call.parse(response.json())
+    except (ValueError, KeyError, TypeError):
+        raise ServerError(response.status_code, "invalid_response",
+                          f"{call.method} {response.url.path} did not answer as the metergate admin API does: "
+                          "is this URL a metergate control plane?") from None
 
 
 def _unreachable(base_url: str, exc: httpx.TransportError) -> ConnectionFailed:
