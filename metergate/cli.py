@@ -1,4 +1,5 @@
-"""The ``metergate`` command: ``serve`` runs the proxy, ``demo`` shows it working end to end."""
+"""The ``metergate`` command: ``serve`` runs the proxy, ``demo`` shows it working end to end; the admin commands
+(customers, credit, keys, ..., check) drive a running control plane (:mod:`metergate.cli_admin`)."""
 
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from metergate_client import ApiKey, Balance, Client, Grant, UsageRecord
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CODES = ("exit codes: 0 done; 1 the server refused (its error code is printed); 2 usage or configuration "
+              "error; 3 the server (for check --probe: an upstream) cannot be reached")
 Handler = Callable[["Client", argparse.Namespace], int]
 
 
@@ -70,14 +72,14 @@ def add_admin_commands(sub: Any) -> None:
     plain_add = sub.add_parser
 
     def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return _one_line(plain_add(name, **kwargs))
+        return _one_line(plain_add(name, epilog=EXIT_CODES, **kwargs))
 
     sub.add_parser = add  # every parser below reports usage errors in one line
 
     def group(name: str, help: str) -> Any:
         nested = add(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
         nested_add = nested.add_parser
-        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, **kw))  # type: ignore[method-assign]
+        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, epilog=EXIT_CODES, **kw))  # type: ignore[method-assign]
         return nested
 
     customers = group("customers", "create, list and show customers")
