@@ -1,5 +1,6 @@
 """The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
-end to end."""
+end to end; the admin commands (customers, credit, keys, ..., check) drive a running control plane
+(:mod:`metergate.cli_admin`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from metergate.cli_admin import add_admin_commands, run_admin_command
 from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
@@ -36,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                                                            "entry point)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
+    add_admin_commands(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "admin_handler", None) is not None:
+        return run_admin_command(args)
 
     if args.command == "demo":
         from metergate.demo.run import run_demo

@@ -111,7 +111,9 @@ def document() -> dict[str, Any]:
         },
         customers: {"get": _op("Get a customer with balances", params=c)},
         f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)", ok=201,
-                                              params=c, body=key_attributes)},
+                                              params=c, body=key_attributes),
+                                  "get": _op("The customer's proxy API keys (prefixes only), newest first",
+                                             params=c, query=page[:1])},
         "/admin/v1/api-keys/{key_id}": {
             "delete": _op("Revoke a proxy API key", params=("key_id",)),
             "patch": _op("Replace a proxy API key's pricing attributes", params=("key_id",), body=key_attributes),

@@ -77,7 +77,9 @@ def wallet_paths() -> dict[str, Any]:
         "/admin/v1/subscriptions/{subscription_id}/cancel": {"post": _op("Cancel: no period after now", params=s)},
         "/admin/v1/subscriptions/{subscription_id}/tick": {"post": _op(
             "Grant the periods due (idempotent; the sweeper ticks too)", params=s)},
-        "/admin/v1/holds": {"post": _op("Hold funds for a workload (idempotent)", ok=201, body=hold)},
+        "/admin/v1/holds": {"post": _op("Hold funds for a workload (idempotent)", ok=201, body=hold),
+                            "get": _op("Open (pending) holds, soonest expiry first", query=[
+                                {"name": "customer_id", "in": "query", "schema": {"type": "string"}}, *page[:1]])},
         "/admin/v1/holds/{hold_id}": {"get": _op("A hold and the grants it draws", params=h)},
         "/admin/v1/holds/{hold_id}/extend": {"post": _op("Grow the hold (idempotent)", params=h, body=extend)},
         "/admin/v1/holds/{hold_id}/capture": {"post": _op("Capture part of the hold, or the final amount",

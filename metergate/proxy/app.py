@@ -22,6 +22,7 @@ from aiohttp import web
 
 from metergate.admin.api import AdminApi
 from metergate.admin.holds import HoldsApi
+from metergate.admin.listings import ListingsApi
 from metergate.admin.ratelimits import RateLimitsApi
 from metergate.admin.reports import ReportsApi
 from metergate.admin.wallets import WalletsApi
@@ -178,6 +179,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         if isinstance(store, SqlWalletStore):  # assets, grants, plans, subscriptions; holds for any workload
             app.add_routes(WalletsApi(settings, store, admin).routes())
             app.add_routes(HoldsApi(settings, store, admin).routes())
+            app.add_routes(ListingsApi(store, admin).routes())  # API keys of a customer, open holds
         if pricing_store is not None:  # price versions, quotes, the simulator, usage events
             event_caps = SpendCapGuard(PaymentsStore(pricing_store.wallet), cache_ttl_s=settings.key_cache_ttl_s)
             app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())

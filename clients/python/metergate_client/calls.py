@@ -1,0 +1,267 @@
+"""Each admin API call once, as data: method, path, body, idempotency key and how to read the answer.
+
+The sync :class:`~metergate_client.Client` and the :class:`~metergate_client.AsyncClient` send the same
+:class:`Call` objects, so a path, a field name or a parser lives in one place. Every write carries an
+idempotency key (given, or a fresh one per call, reused by every retry of that call); ``retry`` says whether
+the call may be sent again after the server may have seen it (false where the admin API has no idempotency
+for it: creating a customer, issuing an API key).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote as _q
+
+from metergate_client.models import (
+    ApiKey,
+    Asset,
+    Balance,
+    Credit,
+    Customer,
+    EventResult,
+    Grant,
+    Heartbeat,
+    Hold,
+    Json,
+    LedgerEntry,
+    Link,
+    Page,
+    Quote,
+    UsageRecord,
+)
+
+T = TypeVar("T")
+U = TypeVar("U")
+Amount = Decimal | str | int  # in the asset's major unit; never a float
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[Json], T]
+    json: Json | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    retry: bool = True
+
+
+def new_key(prefix: str = "mgc") -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def decimal_text(amount: Amount, name: str = "amount") -> str:
+    """A plain decimal string of a non-negative amount; floats are refused (they are not exact)."""
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | str | int):
+        raise TypeError(f"{name} must be a Decimal, a decimal string or an int, not {type(amount).__name__}")
+    try:
+        value = Decimal(amount) if not isinstance(amount, Decimal) else amount
+    except ArithmeticError:
+        raise ValueError(f"{name} is not a decimal number: {amount!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{name} must be a finite, non-negative decimal: {amount!r}")
+    return format(value, "f")
+
+
+def _p(segment: str) -> str:
+    return _q(segment, safe="")
+
+
+def _page(parse: Callable[[Json], U]) -> Callable[[Json], Page[U]]:
+    def read(j: Json) -> Page[U]:
+        cursor = j.get("next_cursor")
+        return Page([parse(item) for item in j["data"]], None if cursor is None else str(cursor))
+
+    return read
+
+
+def _paging(limit: int, cursor: str | None, **extra: str | None) -> dict[str, str]:
+    params = {"limit": str(limit), **{k: v for k, v in extra.items() if v is not None}}
+    if cursor is not None:
+        params["cursor"] = cursor
+    return params
+
+
+def _raw(j: Json) -> Json:
+    return j
+
+
+# ---------------------------------------------------------------------- customers, keys, money
+
+
+def create_customer(customer_id: str, name: str = "") -> Call[Customer]:
+    return Call("POST", "/customers", Customer.of, {"id": customer_id, "name": name}, retry=False)
+
+
+def list_customers(limit: int = 50, cursor: str | None = None) -> Call[Page[Customer]]:
+    return Call("GET", "/customers", _page(Customer.of), params=_paging(limit, cursor))
+
+
+def get_customer(customer_id: str) -> Call[Customer]:
+    return Call("GET", f"/customers/{_p(customer_id)}", Customer.of)
+
+
+def balances(customer_id: str) -> Call[list[Balance]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/balance", lambda j: [Balance.of(b) for b in j["balances"]])
+
+
+def credit(customer_id: str, amount: Amount, *, asset: str | None = None, idempotency_key: str | None = None,
+           memo: str = "") -> Call[Credit]:
+    key = idempotency_key or new_key("credit")
+    body: Json = {"amount_decimal": decimal_text(amount), "idempotency_key": key, "memo": memo}
+    if asset is not None:
+        body["asset"] = asset
+    return Call("POST", f"/customers/{_p(customer_id)}/credits", Credit.of, body, idempotency_key=key)
+
+
+def issue_key(customer_id: str) -> Call[ApiKey]:
+    return Call("POST", f"/customers/{_p(customer_id)}/api-keys", ApiKey.of, {}, idempotency_key=new_key(),
+                retry=False)
+
+
+def revoke_key(key_id: str) -> Call[ApiKey]:
+    return Call("DELETE", f"/api-keys/{_p(key_id)}", ApiKey.of, idempotency_key=new_key())
+
+
+def ledger(customer_id: str, limit: int = 50, cursor: str | None = None) -> Call[Page[LedgerEntry]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/ledger", _page(LedgerEntry.of), params=_paging(limit, cursor))
+
+
+def usage(customer_id: str, limit: int = 50, cursor: str | None = None) -> Call[Page[UsageRecord]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/usage", _page(UsageRecord.of), params=_paging(limit, cursor))
+
+
+def portal_link(customer_id: str, access: str | None = None) -> Call[Link]:
+    body: Json = {} if access is None else {"access": access}
+    return Call("POST", f"/customers/{_p(customer_id)}/portal-link", Link.of, body, idempotency_key=new_key())
+
+
+def dashboard_link() -> Call[Link]:
+    return Call("POST", "/dashboard-link", Link.of, {}, idempotency_key=new_key())
+
+
+def assets() -> Call[list[Asset]]:
+    return Call("GET", "/assets", lambda j: [Asset.of(a) for a in j["data"]])
+
+
+# ---------------------------------------------------------------------- grants
+
+
+def list_grants(customer_id: str, *, asset: str | None = None, limit: int = 50,
+                cursor: str | None = None) -> Call[Page[Grant]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/grants", _page(Grant.of),
+                params=_paging(limit, cursor, asset=asset))
+
+
+def create_grant(customer_id: str, amount: Amount, *, asset: str | None = None, purpose: str = "paid",
+                 priority: int = 0, effective_at_ms: int | None = None, expires_at_ms: int | None = None,
+                 memo: str = "", idempotency_key: str | None = None) -> Call[Grant]:
+    key = idempotency_key or new_key("grant")
+    body: Json = {"amount_decimal": decimal_text(amount), "purpose": purpose, "priority": priority, "memo": memo,
+                  "idempotency_key": key}
+    optional = {"asset": asset, "effective_at_ms": effective_at_ms, "expires_at_ms": expires_at_ms}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return Call("POST", f"/customers/{_p(customer_id)}/grants", Grant.of, body, idempotency_key=key)
+
+
+def void_grant(grant_id: str) -> Call[Grant]:
+    return Call("POST", f"/grants/{_p(grant_id)}/void", Grant.of, {}, idempotency_key=new_key())
+
+
+# ---------------------------------------------------------------------- holds
+
+
+def create_hold(customer_id: str, amount: Amount, *, asset: str | None = None, ttl_s: int = 300,
+                idempotency_key: str | None = None, hold_id: str | None = None) -> Call[Hold]:
+    key = idempotency_key or new_key("hold")
+    body: Json = {"customer_id": customer_id, "amount_decimal": decimal_text(amount), "ttl_s": ttl_s}
+    if asset is not None:
+        body["asset"] = asset
+    if hold_id is not None:
+        body["hold_id"] = hold_id
+    return Call("POST", "/holds", Hold.of, body, idempotency_key=key)
+
+
+def get_hold(hold_id: str) -> Call[Hold]:
+    return Call("GET", f"/holds/{_p(hold_id)}", Hold.of)
+
+
+def heartbeat(hold_id: str, *, used: Amount, next_amount: Amount, ttl_s: int = 300,
+              idempotency_key: str | None = None) -> Call[Heartbeat]:
+    """``used`` is cumulative (all the job used so far): a lost or repeated heartbeat can never bill twice."""
+    body: Json = {"used_decimal": decimal_text(used, "used"), "next_decimal": decimal_text(next_amount, "next"),
+                  "ttl_s": ttl_s}
+    return Call("POST", f"/holds/{_p(hold_id)}/heartbeat", Heartbeat.of, body,
+                idempotency_key=idempotency_key or new_key("beat"))
+
+
+def capture(hold_id: str, amount: Amount, *, final: bool = False, idempotency_key: str | None = None) -> Call[Hold]:
+    body: Json = {"amount_decimal": decimal_text(amount), "final": final}
+    return Call("POST", f"/holds/{_p(hold_id)}/capture", Hold.of, body,
+                idempotency_key=idempotency_key or new_key("capture"))
+
+
+def extend_hold(hold_id: str, amount: Amount, *, ttl_s: int = 300, idempotency_key: str | None = None) -> Call[Hold]:
+    body: Json = {"amount_decimal": decimal_text(amount), "ttl_s": ttl_s}
+    return Call("POST", f"/holds/{_p(hold_id)}/extend", Hold.of, body,
+                idempotency_key=idempotency_key or new_key("extend"))
+
+
+def void_hold(hold_id: str, *, idempotency_key: str | None = None) -> Call[Hold]:
+    return Call("POST", f"/holds/{_p(hold_id)}/void", Hold.of, {}, idempotency_key=idempotency_key or new_key("void"))
+
+
+# ---------------------------------------------------------------------- prices and events
+
+
+def quote(customer_id: str, *, model: str | None = None, usage: Mapping[str, int] | None = None,
+          payload: Json | None = None, type: str | None = None, quantities: Mapping[str, Amount] | None = None,
+          attributes: Mapping[str, str] | None = None, feature: str | None = None, route: str | None = None,
+          cost_usd: Amount | None = None, version: str | None = None) -> Call[Quote]:
+    body: Json = {"customer_id": customer_id}
+    if quantities is not None:
+        body["quantities"] = {name: decimal_text(q, name) for name, q in quantities.items()}
+    if usage is not None:
+        body["usage"] = dict(usage)
+    if attributes is not None:
+        body["attributes"] = dict(attributes)
+    if cost_usd is not None:
+        body["cost_usd"] = decimal_text(cost_usd, "cost_usd")
+    optional = {"model": model, "payload": payload, "type": type, "feature": feature, "route": route,
+                "version": version}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return Call("POST", "/quote", Quote.of, body)  # reads only: safe to retry without a key
+
+
+def send_events(events: list[Json]) -> Call[list[EventResult]]:
+    """One batch (up to 500); exactly once by event id, so a retry of the whole batch is safe."""
+    return Call("POST", "/events", lambda j: [EventResult.of(r) for r in j["data"]], {"events": events})
+
+
+def validate_prices(rules: Any) -> Call[Json]:
+    return Call("POST", "/price-versions/validate", _raw, {"rules": rules})
+
+
+def create_price_version(rules: Any, note: str = "") -> Call[Json]:
+    return Call("POST", "/price-versions", _raw, {"rules": rules, "note": note}, retry=False)
+
+
+def publish_price_version(version_id: str, effective_at: int | str | None = None) -> Call[Json]:
+    """Publishing is idempotent: the same version published again answers as the first time."""
+    body: Json = {} if effective_at is None else {"effective_at": effective_at}
+    return Call("POST", f"/price-versions/{_p(version_id)}/publish", _raw, body, idempotency_key=new_key())
+
+
+def list_keys(customer_id: str, limit: int = 200) -> Call[list[ApiKey]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/api-keys", lambda j: [ApiKey.of(k) for k in j["data"]],
+                params={"limit": str(limit)})
+
+
+def list_holds(customer_id: str | None = None, limit: int = 200) -> Call[list[Hold]]:
+    """Open (pending) holds, soonest expiry first."""
+    params = {"limit": str(limit), **({"customer_id": customer_id} if customer_id is not None else {})}
+    return Call("GET", "/holds", lambda j: [Hold.of(h) for h in j["data"]], params=params)
