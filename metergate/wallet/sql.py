@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from metergate.observability.threads import name_os_thread
 from metergate.wallet import schema as t
 from metergate.wallet.audit import audit_ledger, upgrade_v1_to_v2
+from metergate.wallet.engine import EngineOp, ExtendOp, ReserveOp, SettleOp
 from metergate.wallet.errors import (
     CaptureBelowCaptured,
     CustomerExists,
@@ -113,6 +114,7 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.pgcommit import PgGroupCommit
 
 T = TypeVar("T")
 _PG_MIGRATION_LOCK = 0x6D657465  # "mete": serialises schema migration across replicas
@@ -153,7 +155,8 @@ class SqlWalletStore:
     leaves WAL checkpoints to SQLite, inside a COMMIT. See :mod:`metergate.wallet.execution`."""
 
     def __init__(self, url: str, *, pool_size: int = 10, write_batch_max: int = WRITE_BATCH_MAX,
-                 sqlite_fast: bool = True, sqlite_checkpoint_s: float | None = CHECKPOINT_INTERVAL_S) -> None:
+                 sqlite_fast: bool = True, sqlite_checkpoint_s: float | None = CHECKPOINT_INTERVAL_S,
+                 batch_engine: bool = True) -> None:
         parsed = make_url(url)
         self._sqlite = parsed.get_backend_name() == "sqlite"
         if self._sqlite:
@@ -171,6 +174,10 @@ class SqlWalletStore:
         self._sync_reader: Engine | None = None
         self._writer: SqliteWriter | None = None
         self._read_threads: ThreadPoolExecutor | None = None
+        # The batch engine for the hot operations (reserve, extend, settle): on SQLite inside the writer's group
+        # commit, on PostgreSQL its own group-commit loop (batch_engine=False: each its own classic operation).
+        self._batch_engine = batch_engine
+        self._pg_commit: PgGroupCommit | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +194,10 @@ class SqlWalletStore:
                                               json_serializer=json_dumps,
                                               pool_pre_ping=True)
         await self._write(self._migrate)
+        if not self._sqlite and self._batch_engine:
+            dsn = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
+            self._pg_commit = PgGroupCommit(dsn)
+            self._pg_commit.start()
 
     def _sqlite_engine(self, *, immediate: bool, pool_size: int) -> Engine:
         engine = create_engine(self._url, pool_size=pool_size, max_overflow=0, json_serializer=json_dumps,
@@ -209,6 +220,9 @@ class SqlWalletStore:
         return engine
 
     async def close(self) -> None:
+        if self._pg_commit is not None:
+            await self._pg_commit.close()  # applies what is queued first
+            self._pg_commit = None
         if self._async is not None:
             await self._async.dispose()
             self._async = None
@@ -250,6 +264,19 @@ class SqlWalletStore:
         assert self._async is not None, "store is not open"
         async with self._async.begin() as aconn:
             return await aconn.run_sync(fn, *args)
+
+    async def _hot(self, op: EngineOp, classic: Callable[..., T], *args: Any) -> T:
+        """Apply a hot operation through the batch engine (:mod:`metergate.wallet.engine`), grouped with the
+        others queued meanwhile; ``classic(conn, *args)`` is the same operation on the per-operation path, for
+        what the engine hands back. Returns once the transaction that applied it has committed."""
+        if not self._batch_engine:
+            return await self._write(classic, *args)
+        if self._sqlite:
+            assert self._writer is not None, "store is not open"
+            result: T = await self._writer.submit(classic, args, engine=op)
+            return result
+        assert self._pg_commit is not None, "store is not open"
+        return cast(T, await self._pg_commit.submit(op, lambda: self._write(classic, *args)))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a read-only transaction."""
@@ -393,8 +420,9 @@ class SqlWalletStore:
                 raise IdempotencyConflict(f"hold:{hold_id}")
             return _hold(existing), _balance_of(conn, mode, customer_id, asset)
 
+        engine_op = ReserveOp(mode, customer_id, asset, amount, hold_id, ttl_ms, now, overdraw)
         try:
-            outcome = await self._write(op)
+            outcome = await self._hot(engine_op, op)
         except IntegrityError:
             replayed = await self._read(replay)
             if replayed is None:
@@ -431,7 +459,7 @@ class SqlWalletStore:
                 _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=total, written_off_amount=written_off))
             return Settlement(hold_id, total, written_off, done.balance)
 
-        return await self._write(op)
+        return await self._hot(SettleOp(hold_id, amount, usage, now, overdraw), op)
 
     async def capture(self, hold_id: str, amount: int, *, idempotency_key: str, overdraw: bool = False,
                       at_ms: int | None = None) -> Capture:
@@ -478,7 +506,7 @@ class SqlWalletStore:
                 raise InsufficientFunds(asset=hold.asset, available=balance.available, required=amount)
             return extended
 
-        return await self._write(op)
+        return await self._hot(ExtendOp(hold_id, amount, key, ttl_ms, now, overdraw), op)
 
     async def expire_holds(self, *, now_ms: int, limit: int = 500) -> int:
         ids = await self._read(lambda conn: conn.execute(select(t.holds.c.id).where(

@@ -1,0 +1,258 @@
+"""The batch engine's statements and rows: how one batch of :mod:`metergate.wallet.engine` operations is
+loaded from and written to SQLite (``sqlite3``) and PostgreSQL (``asyncpg``), on the driver directly.
+
+Why on the driver: per statement, SQLAlchemy's Core execution costs more Python than SQLite spends running
+it, and a batch's work is a handful of statements. Each statement here is plain SQL text, prepared once per
+connection by the driver (``sqlite3``'s statement cache; asyncpg's), with every multi-row write an
+``executemany``.
+
+A batch, on either backend, inside one transaction that the caller opened and commits:
+
+1. **read**: the holds it names (PostgreSQL: ``FOR UPDATE``, in id order), then the accounts they and its
+   reserves touch with their consumption order (``FOR UPDATE``, in key order: hold rows, then account rows,
+   the lock order of every wallet operation, so batches and classic operations never deadlock), their open
+   grants, its holds' allocations with their grants, and the idempotency keys its extensions would write;
+2. **decide** every operation in memory (:func:`metergate.wallet.engine.decide`);
+3. **write**: one ``executemany`` per table for ledger rows, holds, allocations, grants, usage records, and
+   last one aggregated ``UPDATE`` per touched account.
+
+Idempotency stays the unique index on the ledger key, in the same transaction: a key written concurrently
+by another process makes this batch's INSERT fail, the whole batch rolls back, and its caller re-applies each
+operation alone (where the replay is then found and answered).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from metergate.wallet import engine as en
+from metergate.wallet.execution import json_dumps
+from metergate.wallet.grants import DEFAULT_ORDER
+from metergate.wallet.models import UsageRecord
+
+USAGE_FIELDS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
+
+_HOLD_COLS = ", ".join(en.HOLD_COLUMNS)
+_GRANT_COLS = ", ".join(f"g.{c}" for c in en.GRANT_COLUMNS)
+_ACCOUNT_COLS = ("a.mode, a.customer_id, a.asset, a.credits_posted, a.debits_posted, a.debits_pending, "
+                 "a.overdraft_limit, ws.consumption_order")
+_OPEN = "g.state IN ('active', 'scheduled') AND g.amount - g.consumed - g.held - g.removed > 0"
+
+
+def _placeholders(n: int, style: str, start: int = 1) -> str:
+    return ", ".join("?" if style == "qmark" else f"${i}" for i in range(start, start + n))
+
+
+def _writes(style: str) -> dict[str, str]:
+    """The write statements, in the driver's parameter style (``qmark``: sqlite3, ``numeric``: asyncpg)."""
+    def p(n: int, start: int = 1) -> str:
+        return _placeholders(n, style, start)
+
+    json_cast = "" if style == "qmark" else "::json"
+    usage_values = [*(p(1, i + 1) for i in range(len(USAGE_FIELDS)))]
+    usage_values[USAGE_FIELDS.index("detail")] += json_cast
+
+    def at(i: int) -> str:
+        return p(1, i)
+
+    return {
+        "hold": f"INSERT INTO holds ({_HOLD_COLS}) VALUES ({p(len(en.HOLD_COLUMNS))})",
+        "hold_update": (f"UPDATE holds SET amount = {at(1)}, state = {at(2)}, captured_amount = {at(3)}, "
+                        f"expires_at_ms = {at(4)}, resolved_at_ms = {at(5)} WHERE id = {at(6)}"),
+        "entry": f"INSERT INTO ledger_entries ({', '.join(en.ENTRY_COLUMNS)}) VALUES ({p(len(en.ENTRY_COLUMNS))})",
+        "alloc": f"INSERT INTO hold_allocations (hold_id, grant_id, held, captured) VALUES ({p(4)})",
+        "alloc_move": (f"UPDATE hold_allocations SET held = held + {at(1)}, captured = captured + {at(2)} "
+                       f"WHERE hold_id = {at(3)} AND grant_id = {at(4)}"),
+        "grant_move": (f"UPDATE grants SET held = held + {at(1)}, consumed = consumed + {at(2)}, "
+                       f"removed = removed + {at(3)} WHERE id = {at(4)}"),
+        "usage": f"INSERT INTO usage_records ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join(usage_values)})",
+        "account_move": (f"UPDATE accounts SET credits_posted = credits_posted + {at(1)}, "
+                         f"debits_posted = debits_posted + {at(2)}, debits_pending = debits_pending + {at(3)} "
+                         f"WHERE mode = {at(4)} AND customer_id = {at(5)} AND asset = {at(6)}"),
+    }
+
+
+# ------------------------------------------------------------------ rows into state
+
+
+def _add_holds(state: en.BatchState, rows: Sequence[Sequence[Any]]) -> None:
+    for r in rows:
+        state.holds[r[0]] = en.HoldState(r[0], r[1], r[2], r[3], int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
+                                         None if r[9] is None else int(r[9]))
+
+
+def _add_account(state: en.BatchState, r: Sequence[Any]) -> None:
+    state.accounts[(r[0], r[1], r[2])] = en.AccountState(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]),
+                                                         int(r[6]), r[7] or DEFAULT_ORDER)
+
+
+def _add_open_grant(state: en.BatchState, r: Sequence[Any]) -> None:
+    """A row of (mode, customer, asset, *GRANT_COLUMNS)."""
+    account = state.accounts.get((r[0], r[1], r[2]))
+    if account is not None:
+        account.grants.append(en.add_grant(state, r[3:]))
+
+
+def _add_alloc(state: en.BatchState, r: Sequence[Any]) -> None:
+    """A row of (hold, grant, held, captured, *GRANT_COLUMNS of its grant, NULL for the unbacked part)."""
+    state.allocs.setdefault(r[0], {})[r[1]] = en.AllocState(r[1], int(r[2]), int(r[3]))
+    if r[1] and r[4] is not None:
+        grant = en.add_grant(state, r[4:])
+        # A grant the hold fully holds has nothing free now, but will once the hold releases it: it must be
+        # drawable by the batch's later operations on the same account.
+        hold = state.holds[r[0]]
+        account = state.accounts.get((hold.mode, hold.customer_id, hold.asset))
+        if account is not None and grant.state in ("active", "scheduled") and all(g is not grant
+                                                                                  for g in account.grants):
+            account.grants.append(grant)
+
+
+def _usage_row(u: UsageRecord, *, sqlite: bool) -> tuple[Any, ...]:
+    values = [getattr(u, name) for name in USAGE_FIELDS]
+    values[USAGE_FIELDS.index("detail")] = json_dumps(u.detail)
+    if sqlite:
+        values[USAGE_FIELDS.index("stream")] = int(u.stream)
+    return tuple(values)
+
+
+def _alloc_holds(state: en.BatchState, ops: Sequence[en.EngineOp]) -> list[str]:
+    """The committed holds whose allocations the batch needs (the ones it extends or settles)."""
+    return sorted({op.hold_id for op in ops if not isinstance(op, en.ReserveOp) and op.hold_id in state.holds})
+
+
+# ------------------------------------------------------------------ SQLite
+
+
+_SQ = _writes("qmark")
+_SQ_HOLDS = f"SELECT {_HOLD_COLS} FROM holds WHERE id IN (SELECT value FROM json_each(?))"
+_SQ_ACCOUNT = (f"SELECT {_ACCOUNT_COLS} FROM accounts a LEFT JOIN wallet_settings ws "
+               "ON ws.mode = a.mode AND ws.customer_id = a.customer_id "
+               "WHERE a.mode = ? AND a.customer_id = ? AND a.asset = ?")
+_SQ_GRANTS = (f"SELECT g.mode, g.customer_id, g.asset, {_GRANT_COLS} FROM grants g "
+              f"WHERE g.mode = ? AND g.customer_id = ? AND g.asset = ? AND {_OPEN}")
+_SQ_ALLOCS = (f"SELECT al.hold_id, al.grant_id, al.held, al.captured, {_GRANT_COLS} FROM hold_allocations al "
+              "LEFT JOIN grants g ON g.id = al.grant_id WHERE al.hold_id IN (SELECT value FROM json_each(?))")
+_SQ_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
+            "WHERE mode = ? AND idempotency_key IN (SELECT value FROM json_each(?))")
+
+
+def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[Any]:
+    """Load, decide and write one batch on the SQLite writer's connection, inside its open transaction."""
+    state = en.BatchState()
+    _add_holds(state, raw.execute(_SQ_HOLDS, (json.dumps(en.hold_ids(ops)),)).fetchall())
+    for key in en.account_keys(ops, state.holds):
+        row = raw.execute(_SQ_ACCOUNT, key).fetchone()
+        if row is not None:
+            _add_account(state, row)
+            for g in raw.execute(_SQ_GRANTS, key).fetchall():
+                _add_open_grant(state, g)
+    alloc_holds = _alloc_holds(state, ops)
+    if alloc_holds:
+        for r in raw.execute(_SQ_ALLOCS, (json.dumps(alloc_holds),)).fetchall():
+            _add_alloc(state, r)
+    keys = en.extend_keys(ops, state.holds)
+    for mode in sorted({m for m, _ in keys}):
+        for m, k, h in raw.execute(_SQ_KEYS, (mode, json.dumps([k for km, k in keys if km == mode]))).fetchall():
+            state.keys[(m, k)] = h
+    outcomes = en.decide(state, ops)
+    _write_sqlite(raw, state)
+    return outcomes
+
+
+def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
+    news = [en.hold_values(h) for h in en.new_holds(state)]
+    if news:
+        raw.executemany(_SQ["hold"], news)
+    changed = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
+               for h in en.changed_holds(state)]
+    if changed:
+        raw.executemany(_SQ["hold_update"], changed)
+    if state.entries:
+        raw.executemany(_SQ["entry"], state.entries)
+    inserts, moves = en.alloc_rows(state)
+    if inserts:
+        raw.executemany(_SQ["alloc"], inserts)
+    if moves:
+        raw.executemany(_SQ["alloc_move"], moves)
+    grants = en.grant_moves(state)
+    if grants:
+        raw.executemany(_SQ["grant_move"], grants)
+    if state.usage:
+        raw.executemany(_SQ["usage"], [_usage_row(u, sqlite=True) for u in state.usage])
+    accounts = en.account_moves(state)
+    if accounts:
+        raw.executemany(_SQ["account_move"], accounts)
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+_PG = _writes("numeric")
+_PG_HOLDS = f"SELECT {_HOLD_COLS} FROM holds WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+_PG_KEYSET = "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+_PG_ACCOUNTS = (f"SELECT {_ACCOUNT_COLS} FROM accounts a LEFT JOIN wallet_settings ws "
+                "ON ws.mode = a.mode AND ws.customer_id = a.customer_id "
+                f"WHERE (a.mode, a.customer_id, a.asset) IN {_PG_KEYSET} "
+                "ORDER BY a.mode, a.customer_id, a.asset FOR UPDATE OF a")
+_PG_GRANTS = (f"SELECT g.mode, g.customer_id, g.asset, {_GRANT_COLS} FROM grants g "
+              f"WHERE (g.mode, g.customer_id, g.asset) IN {_PG_KEYSET} AND {_OPEN}")
+_PG_ALLOCS = (f"SELECT al.hold_id, al.grant_id, al.held, al.captured, {_GRANT_COLS} FROM hold_allocations al "
+              "LEFT JOIN grants g ON g.id = al.grant_id WHERE al.hold_id = ANY($1::text[])")
+_PG_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
+            "WHERE (mode, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))")
+
+
+async def apply_postgres(con: Any, ops: Sequence[en.EngineOp]) -> list[Any]:
+    """Load (locking holds, then accounts), decide and write one batch on an asyncpg connection, inside the
+    transaction the caller opened."""
+    state = en.BatchState()
+    _add_holds(state, await con.fetch(_PG_HOLDS, en.hold_ids(ops)))
+    keys = en.account_keys(ops, state.holds)
+    if keys:
+        columns = [list(c) for c in zip(*keys, strict=True)]
+        for r in await con.fetch(_PG_ACCOUNTS, *columns):
+            _add_account(state, r)
+        for r in await con.fetch(_PG_GRANTS, *columns):
+            _add_open_grant(state, r)
+    alloc_holds = _alloc_holds(state, ops)
+    if alloc_holds:
+        for r in await con.fetch(_PG_ALLOCS, alloc_holds):
+            _add_alloc(state, r)
+    extend = en.extend_keys(ops, state.holds)
+    if extend:
+        for m, k, h in await con.fetch(_PG_KEYS, [m for m, _ in extend], [k for _, k in extend]):
+            state.keys[(m, k)] = h
+    outcomes = en.decide(state, ops)
+    await _write_postgres(con, state)
+    return outcomes
+
+
+async def _write_postgres(con: Any, state: en.BatchState) -> None:
+    news = [en.hold_values(h) for h in en.new_holds(state)]
+    if news:
+        await con.executemany(_PG["hold"], news)
+    changed = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
+               for h in en.changed_holds(state)]
+    if changed:
+        await con.executemany(_PG["hold_update"], changed)
+    if state.entries:
+        await con.executemany(_PG["entry"], state.entries)
+    inserts, moves = en.alloc_rows(state)
+    if inserts:
+        await con.executemany(_PG["alloc"], inserts)
+    if moves:
+        await con.executemany(_PG["alloc_move"], moves)
+    grants = en.grant_moves(state)
+    if grants:
+        await con.executemany(_PG["grant_move"], grants)
+    if state.usage:
+        await con.executemany(_PG["usage"], [_usage_row(u, sqlite=False) for u in state.usage])
+    accounts = en.account_moves(state)
+    if accounts:
+        await con.executemany(_PG["account_move"], accounts)
+
+
+__all__ = ["apply_postgres", "apply_sqlite"]
