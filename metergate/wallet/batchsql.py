@@ -29,11 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from metergate.wallet import engine as en
-from metergate.wallet.execution import json_dumps
 from metergate.wallet.grants import DEFAULT_ORDER
-from metergate.wallet.models import UsageRecord
 
-USAGE_FIELDS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
+USAGE_FIELDS = en.USAGE_COLUMNS
 
 _HOLD_COLS = ", ".join(en.HOLD_COLUMNS)
 _GRANT_COLS = ", ".join(f"g.{c}" for c in en.GRANT_COLUMNS)
@@ -58,7 +56,7 @@ def _writes(style: str) -> dict[str, str]:
     def at(i: int) -> str:
         return p(1, i)
 
-    return {
+    return {  # the SQLite writes (PostgreSQL's are one statement, below)
         "hold": f"INSERT INTO holds ({_HOLD_COLS}) VALUES ({p(len(en.HOLD_COLUMNS))})",
         "hold_update": (f"UPDATE holds SET amount = {at(1)}, state = {at(2)}, captured_amount = {at(3)}, "
                         f"expires_at_ms = {at(4)}, resolved_at_ms = {at(5)} WHERE id = {at(6)}"),
@@ -93,7 +91,9 @@ def _add_open_grant(state: en.BatchState, r: Sequence[Any]) -> None:
     """A row of (mode, customer, asset, *GRANT_COLUMNS)."""
     account = state.accounts.get((r[0], r[1], r[2]))
     if account is not None:
-        account.grants.append(en.add_grant(state, r[3:]))
+        grant = en.add_grant(state, r[3:])
+        account.grant_ids.add(grant.id)
+        account.grants.append(grant)
 
 
 def _add_alloc(state: en.BatchState, r: Sequence[Any]) -> None:
@@ -103,19 +103,12 @@ def _add_alloc(state: en.BatchState, r: Sequence[Any]) -> None:
         grant = en.add_grant(state, r[4:])
         # A grant the hold fully holds has nothing free now, but will once the hold releases it: it must be
         # drawable by the batch's later operations on the same account.
-        hold = state.holds[r[0]]
-        account = state.accounts.get((hold.mode, hold.customer_id, hold.asset))
-        if account is not None and grant.state in ("active", "scheduled") and all(g is not grant
-                                                                                  for g in account.grants):
-            account.grants.append(grant)
-
-
-def _usage_row(u: UsageRecord, *, sqlite: bool) -> tuple[Any, ...]:
-    values = [getattr(u, name) for name in USAGE_FIELDS]
-    values[USAGE_FIELDS.index("detail")] = json_dumps(u.detail)
-    if sqlite:
-        values[USAGE_FIELDS.index("stream")] = int(u.stream)
-    return tuple(values)
+        if grant.state in ("active", "scheduled"):
+            hold = state.holds[r[0]]
+            account = state.accounts.get((hold.mode, hold.customer_id, hold.asset))
+            if account is not None and grant.id not in account.grant_ids:
+                account.grant_ids.add(grant.id)
+                account.grants.append(grant)
 
 
 def _alloc_holds(state: en.BatchState, ops: Sequence[en.EngineOp]) -> list[str]:
@@ -181,46 +174,126 @@ def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
     if grants:
         raw.executemany(_SQ["grant_move"], grants)
     if state.usage:
-        raw.executemany(_SQ["usage"], [_usage_row(u, sqlite=True) for u in state.usage])
+        raw.executemany(_SQ["usage"], state.usage)
     accounts = en.account_moves(state)
     if accounts:
         raw.executemany(_SQ["account_move"], accounts)
 
 
 # ------------------------------------------------------------------ PostgreSQL
+#
+# On PostgreSQL every statement is a round trip, and under load each costs as much as its work: so a batch is
+# four of them whatever its size: read its holds with their allocations (locking the holds), read its accounts
+# with their order and open grants (locking the accounts), write everything in one statement whose parts are
+# data-modifying CTEs over ``unnest`` of one array per column, and COMMIT. Empty arrays write nothing, so the
+# write is always the same prepared statement.
 
-
-_PG = _writes("numeric")
-_PG_HOLDS = f"SELECT {_HOLD_COLS} FROM holds WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
-_PG_KEYSET = "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
-_PG_ACCOUNTS = (f"SELECT {_ACCOUNT_COLS} FROM accounts a LEFT JOIN wallet_settings ws "
-                "ON ws.mode = a.mode AND ws.customer_id = a.customer_id "
-                f"WHERE (a.mode, a.customer_id, a.asset) IN {_PG_KEYSET} "
-                "ORDER BY a.mode, a.customer_id, a.asset FOR UPDATE OF a")
-_PG_GRANTS = (f"SELECT g.mode, g.customer_id, g.asset, {_GRANT_COLS} FROM grants g "
-              f"WHERE (g.mode, g.customer_id, g.asset) IN {_PG_KEYSET} AND {_OPEN}")
-_PG_ALLOCS = (f"SELECT al.hold_id, al.grant_id, al.held, al.captured, {_GRANT_COLS} FROM hold_allocations al "
-              "LEFT JOIN grants g ON g.id = al.grant_id WHERE al.hold_id = ANY($1::text[])")
+_HOLDS_AND_ALLOCS = (f"SELECT {', '.join(f'h.{c}' for c in en.HOLD_COLUMNS)}, al.grant_id, al.held, al.captured, "
+                     f"{_GRANT_COLS} FROM holds h LEFT JOIN hold_allocations al ON al.hold_id = h.id "
+                     "LEFT JOIN grants g ON g.id = al.grant_id WHERE h.id = ANY($1::text[]) "
+                     "ORDER BY h.id FOR UPDATE OF h")
+_ACCOUNTS_AND_GRANTS = (f"SELECT {_ACCOUNT_COLS}, {_GRANT_COLS} FROM accounts a LEFT JOIN wallet_settings ws "
+                        "ON ws.mode = a.mode AND ws.customer_id = a.customer_id "
+                        "LEFT JOIN grants g ON g.mode = a.mode AND g.customer_id = a.customer_id "
+                        f"AND g.asset = a.asset AND {_OPEN} "
+                        "WHERE (a.mode, a.customer_id, a.asset) IN "
+                        "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[])) "
+                        "ORDER BY a.mode, a.customer_id, a.asset FOR UPDATE OF a")
 _PG_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE (mode, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))")
+
+
+def _pg_type(column: str, table: Any) -> str:
+    from sqlalchemy import JSON, BigInteger, Boolean, Integer
+
+    kind = table.c[column].type
+    if isinstance(kind, JSON):
+        return "text"  # cast to json where it is inserted
+    if isinstance(kind, Boolean):
+        return "boolean"
+    if isinstance(kind, BigInteger | Integer):
+        return "bigint"
+    return "text"
+
+
+def _build_pg_write() -> tuple[str, list[int]]:
+    """The one write statement, and how many columns each of its parts takes (in order)."""
+    from metergate.wallet import schema as t
+
+    n = 0
+    widths: list[int] = []
+
+    def unnest(columns: Sequence[tuple[str, str]], *, ordinality: bool = False) -> str:
+        nonlocal n
+        arrays = []
+        for _, kind in columns:
+            n += 1
+            arrays.append(f"${n}::{kind}[]")
+        widths.append(len(columns))
+        names = ", ".join(name for name, _ in columns)
+        if ordinality:
+            return f"unnest({', '.join(arrays)}) WITH ORDINALITY AS u({names}, ord)"
+        return f"unnest({', '.join(arrays)}) AS u({names})"
+
+    def typed(names: Sequence[str], table: Any) -> list[tuple[str, str]]:
+        return [(c, _pg_type(c, table)) for c in names]
+
+    bigint = "bigint"
+    hold_moves = [("amount", bigint), ("state", "text"), ("captured_amount", bigint), ("expires_at_ms", bigint),
+                  ("resolved_at_ms", bigint), ("id", "text")]
+    account_moves = [("dc", bigint), ("dp", bigint), ("dq", bigint), ("mode", "text"), ("customer_id", "text"),
+                     ("asset", "text")]
+    usage_cols = ", ".join(f"u.{c}::json" if c == "detail" else f"u.{c}" for c in USAGE_FIELDS)
+    parts = [
+        f"new_holds AS (INSERT INTO holds ({_HOLD_COLS}) SELECT * FROM "
+        f"{unnest(typed(en.HOLD_COLUMNS, t.holds))})",
+        "moved_holds AS (UPDATE holds h SET amount = u.amount, state = u.state, captured_amount = u.captured_amount, "
+        "expires_at_ms = u.expires_at_ms, resolved_at_ms = u.resolved_at_ms FROM "
+        f"{unnest(hold_moves)} WHERE h.id = u.id)",
+        f"entries AS (INSERT INTO ledger_entries ({', '.join(en.ENTRY_COLUMNS)}) "
+        f"SELECT {', '.join(f'u.{c}' for c in en.ENTRY_COLUMNS)} FROM "
+        f"{unnest(typed(en.ENTRY_COLUMNS, t.ledger_entries), ordinality=True)} ORDER BY u.ord)",
+        "new_allocs AS (INSERT INTO hold_allocations (hold_id, grant_id, held, captured) SELECT * FROM "
+        f"{unnest([('hold_id', 'text'), ('grant_id', 'text'), ('held', bigint), ('captured', bigint)])})",
+        "moved_allocs AS (UPDATE hold_allocations al SET held = al.held + u.dh, captured = al.captured + u.dc FROM "
+        f"{unnest([('dh', bigint), ('dc', bigint), ('hold_id', 'text'), ('grant_id', 'text')])} "
+        "WHERE al.hold_id = u.hold_id AND al.grant_id = u.grant_id)",
+        "moved_grants AS (UPDATE grants g SET held = g.held + u.dh, consumed = g.consumed + u.dc, "
+        f"removed = g.removed + u.dr FROM {unnest([('dh', bigint), ('dc', bigint), ('dr', bigint), ('id', 'text')])} "
+        "WHERE g.id = u.id)",
+        f"usage AS (INSERT INTO usage_records ({', '.join(USAGE_FIELDS)}) SELECT {usage_cols} FROM "
+        f"{unnest(typed(USAGE_FIELDS, t.usage_records))})",
+        "moved_accounts AS (UPDATE accounts a SET credits_posted = a.credits_posted + u.dc, "
+        "debits_posted = a.debits_posted + u.dp, debits_pending = a.debits_pending + u.dq FROM "
+        f"{unnest(account_moves)} "
+        "WHERE a.mode = u.mode AND a.customer_id = u.customer_id AND a.asset = u.asset)",
+    ]
+    return "WITH " + ", ".join(parts) + " SELECT 1", widths
+
+
+_PG_WRITE, _PG_WIDTHS = _build_pg_write()
 
 
 async def apply_postgres(con: Any, ops: Sequence[en.EngineOp]) -> list[Any]:
     """Load (locking holds, then accounts), decide and write one batch on an asyncpg connection, inside the
     transaction the caller opened."""
     state = en.BatchState()
-    _add_holds(state, await con.fetch(_PG_HOLDS, en.hold_ids(ops)))
+    allocs: list[Sequence[Any]] = []
+    width = len(en.HOLD_COLUMNS)
+    for r in await con.fetch(_HOLDS_AND_ALLOCS, en.hold_ids(ops)):
+        if r[0] not in state.holds:
+            _add_holds(state, [r[:width]])
+        if r[width] is not None:
+            allocs.append((r[0], *r[width:]))
     keys = en.account_keys(ops, state.holds)
     if keys:
-        columns = [list(c) for c in zip(*keys, strict=True)]
-        for r in await con.fetch(_PG_ACCOUNTS, *columns):
-            _add_account(state, r)
-        for r in await con.fetch(_PG_GRANTS, *columns):
-            _add_open_grant(state, r)
-    alloc_holds = _alloc_holds(state, ops)
-    if alloc_holds:
-        for r in await con.fetch(_PG_ALLOCS, alloc_holds):
-            _add_alloc(state, r)
+        for r in await con.fetch(_ACCOUNTS_AND_GRANTS, *([k[i] for k in keys] for i in range(3))):
+            if (r[0], r[1], r[2]) not in state.accounts:
+                _add_account(state, r[:8])
+            if r[8] is not None:
+                _add_open_grant(state, (r[0], r[1], r[2], *r[8:]))
+    for r in allocs:
+        _add_alloc(state, r)
     extend = en.extend_keys(ops, state.holds)
     if extend:
         for m, k, h in await con.fetch(_PG_KEYS, [m for m, _ in extend], [k for _, k in extend]):
@@ -231,28 +304,19 @@ async def apply_postgres(con: Any, ops: Sequence[en.EngineOp]) -> list[Any]:
 
 
 async def _write_postgres(con: Any, state: en.BatchState) -> None:
-    news = [en.hold_values(h) for h in en.new_holds(state)]
-    if news:
-        await con.executemany(_PG["hold"], news)
-    changed = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
-               for h in en.changed_holds(state)]
-    if changed:
-        await con.executemany(_PG["hold_update"], changed)
-    if state.entries:
-        await con.executemany(_PG["entry"], state.entries)
     inserts, moves = en.alloc_rows(state)
-    if inserts:
-        await con.executemany(_PG["alloc"], inserts)
-    if moves:
-        await con.executemany(_PG["alloc_move"], moves)
-    grants = en.grant_moves(state)
-    if grants:
-        await con.executemany(_PG["grant_move"], grants)
-    if state.usage:
-        await con.executemany(_PG["usage"], [_usage_row(u, sqlite=False) for u in state.usage])
-    accounts = en.account_moves(state)
-    if accounts:
-        await con.executemany(_PG["account_move"], accounts)
+    tables: list[Sequence[Sequence[Any]]] = [
+        [en.hold_values(h) for h in en.new_holds(state)],
+        [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
+         for h in en.changed_holds(state)],
+        state.entries, inserts, moves, en.grant_moves(state), state.usage, en.account_moves(state),
+    ]
+    if not any(tables):
+        return
+    args: list[Sequence[Any]] = []
+    for rows, width in zip(tables, _PG_WIDTHS, strict=True):
+        args.extend(list(column) for column in zip(*rows, strict=True)) if rows else args.extend([[]] * width)
+    await con.execute(_PG_WRITE, *args)
 
 
 __all__ = ["apply_postgres", "apply_sqlite"]

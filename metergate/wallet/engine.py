@@ -23,8 +23,10 @@ hold. They are rare on the hot path, and keeping them out keeps one copy of thei
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from metergate.wallet.errors import (
@@ -38,6 +40,11 @@ from metergate.wallet.ledger import request_hash
 from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
 
 AccountKey = tuple[str, str, str]  # (mode, customer_id, asset)
+
+
+def json_dumps(value: Any) -> str:
+    """As :func:`metergate.wallet.execution.json_dumps`: a value JSON has no type for is written as its string."""
+    return json.dumps(value, default=str)
 
 
 class _Classic:
@@ -124,7 +131,8 @@ class AccountState:
     pending: int
     overdraft: int
     order: str
-    grants: list[GrantState] = field(default_factory=list)  # the open grants with something free at load
+    grants: list[GrantState] = field(default_factory=list)  # the grants it may draw: open, or held by its holds
+    grant_ids: set[str] = field(default_factory=set)
     d_credits: int = 0
     d_posted: int = 0
     d_pending: int = 0
@@ -200,7 +208,7 @@ class BatchState:
     allocs: dict[str, dict[str, AllocState]] = field(default_factory=dict)  # hold id -> grant id -> allocation
     keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (mode, idempotency key) -> request hash
     entries: list[tuple[Any, ...]] = field(default_factory=list)  # ledger rows, in ENTRY_COLUMNS order
-    usage: list[UsageRecord] = field(default_factory=list)
+    usage: list[list[Any]] = field(default_factory=list)  # usage record rows, in USAGE_COLUMNS order
 
 
 ENTRY_COLUMNS = ("idempotency_key", "request_hash", "mode", "customer_id", "asset", "kind", "amount",
@@ -382,7 +390,7 @@ def _settle(state: BatchState, op: SettleOp) -> Any:
     hold.settle_hash = hashed
     total = hold.captured_amount
     if op.usage is not None:
-        state.usage.append(_with_charge(op.usage, total, written_off))
+        state.usage.append(usage_row(op.usage, total, written_off))
     return Settlement(op.hold_id, total, written_off, account.balance())
 
 
@@ -455,10 +463,18 @@ def _capture_final(state: BatchState, account: AccountState, hold: HoldState, al
     return charged, written_off
 
 
-def _with_charge(usage: UsageRecord, charged: int, written_off: int) -> UsageRecord:
-    from dataclasses import replace
+USAGE_COLUMNS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
+_USAGE_GET = attrgetter(*USAGE_COLUMNS)
+_CHARGED, _WRITTEN_OFF, _DETAIL = (USAGE_COLUMNS.index(c) for c in ("charged_amount", "written_off_amount", "detail"))
 
-    return replace(usage, charged_amount=charged, written_off_amount=written_off)
+
+def usage_row(usage: UsageRecord, charged: int, written_off: int) -> list[Any]:
+    """The usage record's row (``USAGE_COLUMNS`` order) as settled: what it was charged and what was written
+    off, its detail as JSON text (the JSON columns' serialiser)."""
+    row = list(_USAGE_GET(usage))
+    row[_CHARGED], row[_WRITTEN_OFF] = charged, written_off
+    row[_DETAIL] = json_dumps(row[_DETAIL]) if row[_DETAIL] else "{}"
+    return row
 
 
 # ------------------------------------------------------------------ what a batch writes

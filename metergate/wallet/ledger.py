@@ -56,7 +56,7 @@ INSERT_ENTRY = Prepared(insert(t.ledger_entries).returning(_e.seq), columns=(
 
 
 def request_hash(*parts: object) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
 def append(conn: Connection, key: str, hashed: str, mode: str, customer_id: str, asset: str, kind: EntryKind,
