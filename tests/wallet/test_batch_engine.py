@@ -56,7 +56,7 @@ async def one_batch(store: SqlWalletStore, calls: list[Awaitable[Any]]) -> list[
     """Run ``calls`` so that they share one group commit; their outcomes (results or exceptions), in order."""
     busy = None
     if store._writer is not None:  # SQLite: occupy the writer so that what comes next queues up
-        busy = asyncio.ensure_future(store._write(lambda _conn: time.sleep(0.2)))
+        busy = asyncio.ensure_future(store.write(lambda _conn: time.sleep(0.2)))
         await asyncio.sleep(0.02)
     before = batches(store)
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
