@@ -28,6 +28,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+
 from metergate.wallet import engine as en
 from metergate.wallet.grants import DEFAULT_ORDER
 
@@ -79,7 +81,8 @@ def _writes(style: str) -> dict[str, str]:
 def _add_holds(state: en.BatchState, rows: Sequence[Sequence[Any]]) -> None:
     for r in rows:
         state.holds[r[0]] = en.HoldState(r[0], r[1], r[2], r[3], int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
-                                         None if r[9] is None else int(r[9]))
+                                         None if r[9] is None else int(r[9]), amount0=int(r[4]),
+                                         captured0=int(r[6]))
 
 
 def _add_account(state: en.BatchState, r: Sequence[Any]) -> None:
@@ -182,23 +185,32 @@ def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
 
 # ------------------------------------------------------------------ PostgreSQL
 #
-# On PostgreSQL every statement is a round trip, and under load each costs as much as its work: so a batch is
-# four of them whatever its size: read its holds with their allocations (locking the holds), read its accounts
-# with their order and open grants (locking the accounts), write everything in one statement whose parts are
-# data-modifying CTEs over ``unnest`` of one array per column, and COMMIT. Empty arrays write nothing, so the
-# write is always the same prepared statement.
+# On PostgreSQL every statement is a round trip, and under load each costs as much as its work; and on a hot
+# wallet the account row's lock is the bottleneck, held from whenever it is taken until the COMMIT's flush. So a
+# batch first runs *optimistically*, in three round trips with the lock taken last: read its holds with their
+# allocations, and its accounts with their order and open grants, without locks; decide; then write everything
+# in one statement, committed on its own, whose parts are data-modifying CTEs over ``unnest`` of one array per
+# column (empty arrays write nothing, so it is always the same prepared statement). That statement applies
+# only if what the decisions relied on still holds, re-checked under each row's lock on its newest version
+# (Read Committed re-evaluates an UPDATE's WHERE on the row it waited for): every hold it changes is still
+# pending with the amounts read; every grant it draws is in the state read and keeps a free remainder >= 0;
+# every account it moves keeps ``available >= min(0, what the batch expected)``, so no batch can overspend
+# whatever another replica did meanwhile. If any part applies to fewer rows than decided, the statement raises
+# (``batch conflict``) and nothing of it is written; the batch then runs again *pessimistically*, in a
+# transaction that locks its holds and then its accounts (``FOR UPDATE``, in key order) before reading.
 
 _HOLDS_AND_ALLOCS = (f"SELECT {', '.join(f'h.{c}' for c in en.HOLD_COLUMNS)}, al.grant_id, al.held, al.captured, "
                      f"{_GRANT_COLS} FROM holds h LEFT JOIN hold_allocations al ON al.hold_id = h.id "
                      "LEFT JOIN grants g ON g.id = al.grant_id WHERE h.id = ANY($1::text[]) "
-                     "ORDER BY h.id FOR UPDATE OF h")
+                     "ORDER BY h.id")
 _ACCOUNTS_AND_GRANTS = (f"SELECT {_ACCOUNT_COLS}, {_GRANT_COLS} FROM accounts a LEFT JOIN wallet_settings ws "
                         "ON ws.mode = a.mode AND ws.customer_id = a.customer_id "
                         "LEFT JOIN grants g ON g.mode = a.mode AND g.customer_id = a.customer_id "
                         f"AND g.asset = a.asset AND {_OPEN} "
                         "WHERE (a.mode, a.customer_id, a.asset) IN "
                         "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[])) "
-                        "ORDER BY a.mode, a.customer_id, a.asset FOR UPDATE OF a")
+                        "ORDER BY a.mode, a.customer_id, a.asset")
+_LOCK = {_HOLDS_AND_ALLOCS: " FOR UPDATE OF h", _ACCOUNTS_AND_GRANTS: " FOR UPDATE OF a"}
 _PG_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE (mode, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))")
 
@@ -240,16 +252,18 @@ def _build_pg_write() -> tuple[str, list[int]]:
 
     bigint = "bigint"
     hold_moves = [("amount", bigint), ("state", "text"), ("captured_amount", bigint), ("expires_at_ms", bigint),
-                  ("resolved_at_ms", bigint), ("id", "text")]
+                  ("resolved_at_ms", bigint), ("id", "text"), ("amount0", bigint), ("captured0", bigint)]
+    grant_moves = [("dh", bigint), ("dc", bigint), ("dr", bigint), ("id", "text"), ("state0", "text")]
     account_moves = [("dc", bigint), ("dp", bigint), ("dq", bigint), ("mode", "text"), ("customer_id", "text"),
-                     ("asset", "text")]
+                     ("asset", "text"), ("floor", bigint)]
     usage_cols = ", ".join(f"u.{c}::json" if c == "detail" else f"u.{c}" for c in USAGE_FIELDS)
     parts = [
         f"new_holds AS (INSERT INTO holds ({_HOLD_COLS}) SELECT * FROM "
         f"{unnest(typed(en.HOLD_COLUMNS, t.holds))})",
         "moved_holds AS (UPDATE holds h SET amount = u.amount, state = u.state, captured_amount = u.captured_amount, "
         "expires_at_ms = u.expires_at_ms, resolved_at_ms = u.resolved_at_ms FROM "
-        f"{unnest(hold_moves)} WHERE h.id = u.id)",
+        f"{unnest(hold_moves)} WHERE h.id = u.id AND h.state = 'pending' AND h.amount = u.amount0 "
+        "AND h.captured_amount = u.captured0 RETURNING 1)",
         f"entries AS (INSERT INTO ledger_entries ({', '.join(en.ENTRY_COLUMNS)}) "
         f"SELECT {', '.join(f'u.{c}' for c in en.ENTRY_COLUMNS)} FROM "
         f"{unnest(typed(en.ENTRY_COLUMNS, t.ledger_entries), ordinality=True)} ORDER BY u.ord)",
@@ -259,35 +273,49 @@ def _build_pg_write() -> tuple[str, list[int]]:
         f"{unnest([('dh', bigint), ('dc', bigint), ('hold_id', 'text'), ('grant_id', 'text')])} "
         "WHERE al.hold_id = u.hold_id AND al.grant_id = u.grant_id)",
         "moved_grants AS (UPDATE grants g SET held = g.held + u.dh, consumed = g.consumed + u.dc, "
-        f"removed = g.removed + u.dr FROM {unnest([('dh', bigint), ('dc', bigint), ('dr', bigint), ('id', 'text')])} "
-        "WHERE g.id = u.id)",
+        f"removed = g.removed + u.dr FROM {unnest(grant_moves)} WHERE g.id = u.id AND g.state = u.state0 "
+        "AND g.amount - g.consumed - g.held - g.removed - u.dh - u.dc - u.dr >= 0 RETURNING 1)",
         f"usage AS (INSERT INTO usage_records ({', '.join(USAGE_FIELDS)}) SELECT {usage_cols} FROM "
         f"{unnest(typed(USAGE_FIELDS, t.usage_records))})",
         "moved_accounts AS (UPDATE accounts a SET credits_posted = a.credits_posted + u.dc, "
         "debits_posted = a.debits_posted + u.dp, debits_pending = a.debits_pending + u.dq FROM "
         f"{unnest(account_moves)} "
-        "WHERE a.mode = u.mode AND a.customer_id = u.customer_id AND a.asset = u.asset)",
+        "WHERE a.mode = u.mode AND a.customer_id = u.customer_id AND a.asset = u.asset "
+        "AND a.credits_posted + u.dc + a.overdraft_limit - a.debits_posted - u.dp - a.debits_pending - u.dq "
+        ">= LEAST(0, u.floor) RETURNING 1)",
     ]
-    return "WITH " + ", ".join(parts) + " SELECT 1", widths
+    n += 3
+    # Checked in this order (holds, then accounts, then grants: the lock order of every wallet operation); a
+    # shortfall fails the whole statement (the cast of a non-number), so that nothing of it commits.
+    check = (f"SELECT CASE WHEN (SELECT count(*) FROM moved_holds) = ${n - 2} "
+             f"AND (SELECT count(*) FROM moved_accounts) = ${n} AND (SELECT count(*) FROM moved_grants) = ${n - 1} "
+             "THEN 0 ELSE CAST('batch conflict: ' || (SELECT count(*) FROM moved_accounts) AS integer) END")
+    return "WITH " + ", ".join(parts) + " " + check, widths
 
 
 _PG_WRITE, _PG_WIDTHS = _build_pg_write()
 
 
-async def apply_postgres(con: Any, ops: Sequence[en.EngineOp]) -> list[Any]:
-    """Load (locking holds, then accounts), decide and write one batch on an asyncpg connection, inside the
-    transaction the caller opened."""
+class BatchConflict(Exception):
+    """An optimistic batch's write found rows changed since it read them: nothing of it was written."""
+
+
+async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) -> list[Any]:
+    """Load, decide and write one batch on an asyncpg connection. ``locked=False``: optimistically, outside any
+    transaction (the write commits on its own, or raises :class:`BatchConflict`); ``locked=True``: inside the
+    caller's transaction, locking holds, then accounts, as it reads."""
     state = en.BatchState()
     allocs: list[Sequence[Any]] = []
     width = len(en.HOLD_COLUMNS)
-    for r in await con.fetch(_HOLDS_AND_ALLOCS, en.hold_ids(ops)):
+    for r in await con.fetch(_read(_HOLDS_AND_ALLOCS, locked), en.hold_ids(ops)):
         if r[0] not in state.holds:
             _add_holds(state, [r[:width]])
         if r[width] is not None:
             allocs.append((r[0], *r[width:]))
     keys = en.account_keys(ops, state.holds)
     if keys:
-        for r in await con.fetch(_ACCOUNTS_AND_GRANTS, *([k[i] for k in keys] for i in range(3))):
+        columns = ([k[i] for k in keys] for i in range(3))
+        for r in await con.fetch(_read(_ACCOUNTS_AND_GRANTS, locked), *columns):
             if (r[0], r[1], r[2]) not in state.accounts:
                 _add_account(state, r[:8])
             if r[8] is not None:
@@ -303,20 +331,35 @@ async def apply_postgres(con: Any, ops: Sequence[en.EngineOp]) -> list[Any]:
     return outcomes
 
 
+def _read(sql: str, locked: bool) -> str:
+    return sql + _LOCK[sql] if locked else sql
+
+
 async def _write_postgres(con: Any, state: en.BatchState) -> None:
     inserts, moves = en.alloc_rows(state)
+    holds = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id, h.amount0, h.captured0)
+             for h in en.changed_holds(state)]
+    grants = [(g.d_held, g.d_consumed, g.d_removed, g.id, g.state) for g in sorted(state.grants.values(),
+                                                                                   key=lambda g: g.id)
+              if g.d_held or g.d_consumed or g.d_removed]
+    accounts = [(a.d_credits, a.d_posted, a.d_pending, a.mode, a.customer_id, a.asset, a.available)
+                for _, a in sorted(state.accounts.items()) if a.d_credits or a.d_posted or a.d_pending]
     tables: list[Sequence[Sequence[Any]]] = [
-        [en.hold_values(h) for h in en.new_holds(state)],
-        [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
-         for h in en.changed_holds(state)],
-        state.entries, inserts, moves, en.grant_moves(state), state.usage, en.account_moves(state),
+        [en.hold_values(h) for h in en.new_holds(state)], holds, state.entries, inserts, moves, grants,
+        state.usage, accounts,
     ]
     if not any(tables):
         return
-    args: list[Sequence[Any]] = []
+    args: list[Any] = []
     for rows, width in zip(tables, _PG_WIDTHS, strict=True):
         args.extend(list(column) for column in zip(*rows, strict=True)) if rows else args.extend([[]] * width)
-    await con.execute(_PG_WRITE, *args)
+    args += [len(holds), len(grants), len(accounts)]
+    try:
+        await con.execute(_PG_WRITE, *args)
+    except asyncpg.InvalidTextRepresentationError as error:
+        if "batch conflict" not in str(error):
+            raise
+        raise BatchConflict(str(error)) from None
 
 
-__all__ = ["apply_postgres", "apply_sqlite"]
+__all__ = ["BatchConflict", "apply_postgres", "apply_sqlite"]

@@ -176,6 +176,9 @@ class HoldState:
     hold_hash: str | None = None  # for a hold created by this batch: its ``hold:`` entry's request hash
     settle_hash: str | None = None  # for a hold settled by this batch: its ``settle:`` entry's request hash
     settle_amount: int = 0
+    # As loaded: a write that does not lock first (PostgreSQL's) applies only if the row still has these.
+    amount0: int = 0
+    captured0: int = 0
 
     def value(self) -> Hold:
         return Hold(self.id, self.mode, self.customer_id, self.asset, self.amount, self.state,  # type: ignore[arg-type]

@@ -16,8 +16,12 @@ Contract, as the SQLite writer's (:mod:`metergate.wallet.execution`):
 * what the engine hands back as classic runs through the store's per-operation path after the COMMIT (all
   operations of a batch are concurrent, so running it after the others is a valid order).
 
-Many replicas: each runs its own loop; their batches serialise on the account row locks, taken in one order
-(holds, then accounts), and the availability check happens under the lock, so no replica can overspend.
+Many replicas: each runs its own loop. A batch first runs optimistically (read without locks, decide, one
+write statement that commits on its own and re-checks under each row's lock that what the decisions relied on
+still holds: the account lock is taken last and held only until that COMMIT); if another replica changed those
+rows meanwhile, nothing is written and the batch runs again in a transaction that locks holds, then accounts,
+before it reads (:mod:`metergate.wallet.batchsql`). Either way the availability check happens under the row
+lock, so no replica can overspend.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from metergate.wallet.batchsql import apply_postgres
+from metergate.wallet.batchsql import BatchConflict, apply_postgres
 from metergate.wallet.engine import CLASSIC, EngineOp
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class PgGroupCommit:
         self._closing = False
         self.batches = 0  # committed batches and operations, for the benchmarks and tests
         self.ops = 0
+        self.conflicts = 0  # optimistic batches that found their rows changed and ran again locked
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._main(), name="metergate-pg-group-commit")
@@ -161,9 +166,14 @@ class PgGroupCommit:
             self._con = None
             self._con = await asyncpg.connect(self._dsn)
         con = self._con
+        ops = [job.op for job in batch]
         try:
+            try:
+                return await apply_postgres(con, ops, locked=False)
+            except BatchConflict:
+                self.conflicts += 1
             async with con.transaction():
-                return await apply_postgres(con, [job.op for job in batch])
+                return await apply_postgres(con, ops, locked=True)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
             await self._drop()
             raise

@@ -167,3 +167,37 @@ async def test_two_postgres_engines_racing_on_one_wallet_never_overspend(pg_url:
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.postgres
+async def test_an_optimistic_batch_that_lost_its_race_is_decided_again_under_the_lock(pg_url: str) -> None:
+    """Both engines read the wallet while a third session holds its row, both decide that their hold fits; the
+    second write to get the row must find it no longer does, write nothing, and refuse under the lock."""
+    import asyncpg
+
+    await _reset_pg(pg_url)
+    a, b = SqlWalletStore(pg_url), SqlWalletStore(pg_url)
+    await a.open()
+    await b.open()
+    blocker = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await funded(a, 1000)
+        tr = blocker.transaction()
+        await tr.start()
+        await blocker.execute("SELECT 1 FROM accounts WHERE customer_id = 'acme' FOR UPDATE")
+        small = asyncio.ensure_future(a.reserve(MODE, "acme", "USD", 10, hold_id="small", ttl_ms=60_000))
+        large = asyncio.ensure_future(b.reserve(MODE, "acme", "USD", 995, hold_id="large", ttl_ms=60_000))
+        await asyncio.sleep(0.5)  # both have read and are waiting for the row in their write
+        assert not small.done() and not large.done()
+        await tr.rollback()
+        outcomes = await asyncio.gather(small, large, return_exceptions=True)
+        assert sum(isinstance(o, InsufficientFunds) for o in outcomes) == 1
+        assert a._pg_commit is not None and b._pg_commit is not None
+        assert a._pg_commit.conflicts + b._pg_commit.conflicts == 1
+        balance = await a.balance(MODE, "acme", "USD")
+        assert balance.debits_pending in (10, 995) and balance.available >= 0
+        assert await a.audit() == []
+    finally:
+        await blocker.close()
+        await a.close()
+        await b.close()
