@@ -228,10 +228,10 @@ class SqlWalletStore(GrantAdmin, RateLimits):
         even beyond what the wallet covers (replaying a capture decided elsewhere, see :meth:`reserve`)."""
         assert amount >= 0, "a capture cannot be negative"
         key = f"settle:{hold_id}"
-        hashed = _hash("settle", amount)
         now = now_ms() if at_ms is None else at_ms
 
-        def op(conn: Connection) -> Settlement:
+        def op(conn: Connection) -> Settlement:  # the classic path (the batch engine hashes for itself)
+            hashed = _hash("settle", amount)
             hold = locked_hold(conn, hold_id)
             if hold.state in ("captured", "voided"):
                 entry = previous_entry(conn, hold.mode, key, hashed)
