@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -119,6 +119,48 @@ def _alloc_holds(state: en.BatchState, ops: Sequence[en.EngineOp]) -> list[str]:
     return sorted({op.hold_id for op in ops if not isinstance(op, en.ReserveOp) and op.hold_id in state.holds})
 
 
+# ------------------------------------------------------------------ what a batch writes
+
+
+def new_holds(state: en.BatchState) -> Iterable[en.HoldState]:
+    return (h for h in state.holds.values() if h.new)
+
+
+def changed_holds(state: en.BatchState) -> Iterable[en.HoldState]:
+    return (h for h in state.holds.values() if h.dirty and not h.new)
+
+
+def hold_values(h: en.HoldState) -> tuple[Any, ...]:
+    return (h.id, h.mode, h.customer_id, h.asset, h.amount, h.state, h.captured_amount, h.expires_at_ms,
+            h.created_at_ms, h.resolved_at_ms)
+
+
+def alloc_rows(state: en.BatchState) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(new allocations as (hold, grant, held, captured), moved ones as (held delta, captured delta, hold,
+    grant))."""
+    inserts: list[tuple[Any, ...]] = []
+    moves: list[tuple[Any, ...]] = []
+    for hold_id, allocs in state.allocs.items():
+        for a in allocs.values():
+            if a.new:
+                inserts.append((hold_id, a.grant_id, a.held, a.captured))
+            elif a.d_held or a.d_captured:
+                moves.append((a.d_held, a.d_captured, hold_id, a.grant_id))
+    return inserts, moves
+
+
+def grant_moves(state: en.BatchState) -> list[tuple[int, int, int, str]]:
+    """One (held, consumed, removed, id) delta per grant the batch touched."""
+    return [(g.d_held, g.d_consumed, g.d_removed, g.id) for g in state.grants.values()
+            if g.d_held or g.d_consumed or g.d_removed]
+
+
+def account_moves(state: en.BatchState) -> list[tuple[int, int, int, str, str, str]]:
+    """One (credits, posted, pending, mode, customer, asset) delta per account the batch touched, in key order."""
+    return [(a.d_credits, a.d_posted, a.d_pending, a.mode, a.customer_id, a.asset)
+            for _, a in sorted(state.accounts.items()) if a.d_credits or a.d_posted or a.d_pending]
+
+
 # ------------------------------------------------------------------ SQLite
 
 
@@ -159,26 +201,26 @@ def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[An
 
 
 def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
-    news = [en.hold_values(h) for h in en.new_holds(state)]
+    news = [hold_values(h) for h in new_holds(state)]
     if news:
         raw.executemany(_SQ["hold"], news)
     changed = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id)
-               for h in en.changed_holds(state)]
+               for h in changed_holds(state)]
     if changed:
         raw.executemany(_SQ["hold_update"], changed)
     if state.entries:
         raw.executemany(_SQ["entry"], state.entries)
-    inserts, moves = en.alloc_rows(state)
+    inserts, moves = alloc_rows(state)
     if inserts:
         raw.executemany(_SQ["alloc"], inserts)
     if moves:
         raw.executemany(_SQ["alloc_move"], moves)
-    grants = en.grant_moves(state)
+    grants = grant_moves(state)
     if grants:
         raw.executemany(_SQ["grant_move"], grants)
     if state.usage:
         raw.executemany(_SQ["usage"], state.usage)
-    accounts = en.account_moves(state)
+    accounts = account_moves(state)
     if accounts:
         raw.executemany(_SQ["account_move"], accounts)
 
@@ -336,16 +378,16 @@ def _read(sql: str, locked: bool) -> str:
 
 
 async def _write_postgres(con: Any, state: en.BatchState) -> None:
-    inserts, moves = en.alloc_rows(state)
+    inserts, moves = alloc_rows(state)
     holds = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id, h.amount0, h.captured0)
-             for h in en.changed_holds(state)]
+             for h in changed_holds(state)]
     grants = [(g.d_held, g.d_consumed, g.d_removed, g.id, g.state) for g in sorted(state.grants.values(),
                                                                                    key=lambda g: g.id)
               if g.d_held or g.d_consumed or g.d_removed]
     accounts = [(a.d_credits, a.d_posted, a.d_pending, a.mode, a.customer_id, a.asset, a.available)
                 for _, a in sorted(state.accounts.items()) if a.d_credits or a.d_posted or a.d_pending]
     tables: list[Sequence[Sequence[Any]]] = [
-        [en.hold_values(h) for h in en.new_holds(state)], holds, state.entries, inserts, moves, grants,
+        [hold_values(h) for h in new_holds(state)], holds, state.entries, inserts, moves, grants,
         state.usage, accounts,
     ]
     if not any(tables):

@@ -24,7 +24,7 @@ hold. They are rare on the hot path, and keeping them out keeps one copy of thei
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -478,48 +478,6 @@ def usage_row(usage: UsageRecord, charged: int, written_off: int) -> list[Any]:
     row[_CHARGED], row[_WRITTEN_OFF] = charged, written_off
     row[_DETAIL] = json_dumps(row[_DETAIL]) if row[_DETAIL] else "{}"
     return row
-
-
-# ------------------------------------------------------------------ what a batch writes
-
-
-def new_holds(state: BatchState) -> Iterable[HoldState]:
-    return (h for h in state.holds.values() if h.new)
-
-
-def changed_holds(state: BatchState) -> Iterable[HoldState]:
-    return (h for h in state.holds.values() if h.dirty and not h.new)
-
-
-def hold_values(h: HoldState) -> tuple[Any, ...]:
-    return (h.id, h.mode, h.customer_id, h.asset, h.amount, h.state, h.captured_amount, h.expires_at_ms,
-            h.created_at_ms, h.resolved_at_ms)
-
-
-def alloc_rows(state: BatchState) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(new allocations as (hold, grant, held, captured), moved ones as (held delta, captured delta, hold,
-    grant))."""
-    inserts: list[tuple[Any, ...]] = []
-    moves: list[tuple[Any, ...]] = []
-    for hold_id, allocs in state.allocs.items():
-        for a in allocs.values():
-            if a.new:
-                inserts.append((hold_id, a.grant_id, a.held, a.captured))
-            elif a.d_held or a.d_captured:
-                moves.append((a.d_held, a.d_captured, hold_id, a.grant_id))
-    return inserts, moves
-
-
-def grant_moves(state: BatchState) -> list[tuple[int, int, int, str]]:
-    """One (held, consumed, removed, id) delta per grant the batch touched."""
-    return [(g.d_held, g.d_consumed, g.d_removed, g.id) for g in state.grants.values()
-            if g.d_held or g.d_consumed or g.d_removed]
-
-
-def account_moves(state: BatchState) -> list[tuple[int, int, int, str, str, str]]:
-    """One (credits, posted, pending, mode, customer, asset) delta per account the batch touched, in key order."""
-    return [(a.d_credits, a.d_posted, a.d_pending, a.mode, a.customer_id, a.asset)
-            for _, a in sorted(state.accounts.items()) if a.d_credits or a.d_posted or a.d_pending]
 
 
 __all__ = ["CLASSIC", "BatchState", "EngineOp", "ExtendOp", "ReserveOp", "SettleOp", "decide"]
