@@ -9,12 +9,17 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 * ``sqlite``        SqlWalletStore on a SQLite file: the single-process embedded default (the ratio's base);
 * ``postgres``      SqlWalletStore on PostgreSQL (127.0.0.1:5432, a throwaway database);
 * ``redis+sqlite``  RedisWalletStore over the SQLite ledger; the sink drains into SQLite concurrently;
-* ``redis+pg``      RedisWalletStore over the PostgreSQL ledger.
+* ``redis+pg``      RedisWalletStore over the PostgreSQL ledger;
+* ``<any>-classic`` the same with ``batch_engine=False``: every operation its own classic operation (SQLite:
+  a savepoint each in the writer's group commit; PostgreSQL: a transaction each), the store before the batch
+  engine.
+
+``--configs`` picks and orders them (default: all eight).
 
 For the Redis stores the time includes draining: a round ends when every event has reached SQL, and the
 pairs/s counts only what the ledger holds (``drained pairs/s``), beside the admission rate seen by the
-workers (``hot pairs/s``). ``x sqlite`` is the drained rate over SQLite's in the same round, median over
-rounds.
+workers (``hot pairs/s``). ``x sqlite`` is the drained rate over SQLite's (batch engine) in the same round,
+``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from metergate.wallet.redis.store import RedisWalletStore
 from metergate.wallet.sql import SqlWalletStore
 
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
+CONFIGS = ("sqlite-classic", "sqlite", "postgres-classic", "postgres", "redis+sqlite-classic", "redis+sqlite",
+           "redis+pg-classic", "redis+pg")
 
 
 def usage(i: str, hold_id: str) -> UsageRecord:
@@ -83,27 +90,39 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    results: dict[str, list[tuple[float, float, float]]] = {}
+    results: dict[str, list[tuple[float, float]]] = {}
+    ratios: dict[str, list[float]] = {}
+    twins: dict[str, list[float]] = {}
     async with Scratch() as scratch:
         for r in range(args.rounds):
-            base = 0.0
-            for config in ("sqlite", "postgres", "redis+sqlite", "redis+pg"):
+            drained_by: dict[str, float] = {}
+            for config in args.configs:
                 pg_url = await scratch.fresh_database()
+                name = config.removesuffix("-classic")
                 sqlite_url = f"sqlite:///{tmp / f'{config}-{r}.db'}"
                 prefix = scratch.prefix()
-                url = pg_url if config.endswith(("postgres", "pg")) else sqlite_url
-                ledger = BatchingSqlWalletStore(url) if config.startswith("redis") else SqlWalletStore(url)
-                store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if config.startswith("redis") else ledger
+                url = pg_url if name.endswith(("postgres", "pg")) else sqlite_url
+                engine = not config.endswith("-classic")
+                ledger = (BatchingSqlWalletStore(url, batch_engine=engine) if name.startswith("redis")
+                          else SqlWalletStore(url, batch_engine=engine))
+                store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if name.startswith("redis") else ledger
                 hot, drained = await run_one(store, args.seconds, args.concurrency)
-                if config == "sqlite":
-                    base = drained
-                results.setdefault(config, []).append((hot, drained, drained / base))
-    print(f"{'config':<14}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}")
+                drained_by[config] = drained
+                results.setdefault(config, []).append((hot, drained))
+            for config, drained in drained_by.items():
+                if "sqlite" in drained_by:
+                    ratios.setdefault(config, []).append(drained / drained_by["sqlite"])
+                if not config.endswith("-classic") and f"{config}-classic" in drained_by:
+                    twins.setdefault(config, []).append(drained / drained_by[f"{config}-classic"])
+    print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}")
     for config, rows in results.items():
-        print(f"{config:<14}{statistics.median(h for h, _, _ in rows):>14.0f}"
-              f"{statistics.median(d for _, d, _ in rows):>18.0f}{statistics.median(x for *_, x in rows):>10.2f}")
+        x_sqlite = f"{statistics.median(ratios[config]):.2f}" if config in ratios else "-"
+        x_classic = f"{statistics.median(twins[config]):.2f}" if config in twins else "-"
+        print(f"{config:<22}{statistics.median(h for h, _ in rows):>14.0f}"
+              f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}")
 
 
 if __name__ == "__main__":

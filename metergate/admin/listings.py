@@ -48,7 +48,7 @@ class ListingsApi:
                                   revoked_at_ms=None if r.revoked_at_ms is None else int(r.revoked_at_ms)))
                     for r in rows]
 
-        return json_response({"data": await self._store._read(read)})
+        return json_response({"data": await self._store.read(read)})
 
     async def open_holds(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
@@ -63,4 +63,4 @@ class ListingsApi:
             rows = conn.execute(query.order_by(h.expires_at_ms, h.id).limit(limit))
             return [hold_view(hold_of(r)) for r in rows]
 
-        return json_response({"data": await self._store._read(read)})
+        return json_response({"data": await self._store.read(read)})

@@ -97,19 +97,19 @@ class BillingStore:
 
     async def open(self) -> None:
         """Create the billing tables on a wallet opened before this module was imported."""
-        await self.wallet._write(lambda conn: w.metadata.create_all(conn, tables=list(b.TABLES), checkfirst=True))
+        await self.wallet.write(lambda conn: w.metadata.create_all(conn, tables=list(b.TABLES), checkfirst=True))
 
     # ---------------------------------------------------------------- modes
 
     async def changes(self, mode: Mode, customer_id: str) -> list[ModeChange]:
         """The customer's mode changes, oldest first."""
         c = b.billing_mode_changes.c
-        rows = await self.wallet._read(lambda conn: conn.execute(select(b.billing_mode_changes).where(
+        rows = await self.wallet.read(lambda conn: conn.execute(select(b.billing_mode_changes).where(
             c.mode == mode, c.customer_id == customer_id).order_by(c.seq)).all())
         return [_change(r) for r in rows]
 
     async def current(self, mode: Mode, customer_id: str) -> ModeChange | None:
-        return await self.wallet._read(_latest, mode, customer_id)
+        return await self.wallet.read(_latest, mode, customer_id)
 
     async def set_config(self, mode: Mode, customer_id: str, config: BillingConfig, *, changed_by: str,
                          memo: str = "") -> ModeChange | None:
@@ -120,7 +120,7 @@ class BillingStore:
 
         def op(conn: Connection) -> ModeChange | None:
             cu = w.customers.c
-            if conn.execute(wallet._for_update(select(cu.id).where(cu.mode == mode, cu.id == customer_id))
+            if conn.execute(wallet.for_update(select(cu.id).where(cu.mode == mode, cu.id == customer_id))
                             ).first() is None:
                 raise CustomerNotFound(customer_id)
             latest = _latest(conn, mode, customer_id)
@@ -132,7 +132,7 @@ class BillingStore:
             balances: dict[str, dict[str, int]] = {}
             for asset, scale in self.scales.items():
                 if config.mode_of(asset) == "invoiced":
-                    wallet._ensure_account(conn, mode, customer_id, asset)  # a hold needs a row to draw on
+                    wallet.ensure_account(conn, mode, customer_id, asset)  # a hold needs a row to draw on
                 account = _account(conn, wallet, mode, customer_id, asset)
                 if account is None:
                     continue  # never used and prepaid: nothing to limit
@@ -154,7 +154,7 @@ class BillingStore:
             return ModeChange(change_id, mode, customer_id, config, old if latest else None, targets, balances,
                               changed_by, memo, at)
 
-        change: ModeChange | None = await self.wallet._write(op)
+        change: ModeChange | None = await self.wallet.write(op)
         if change is not None and self.on_limit_changed is not None:
             for asset in change.targets:
                 await self.on_limit_changed(mode, customer_id, asset)
@@ -162,7 +162,7 @@ class BillingStore:
 
     async def overdraft_history(self, mode: Mode, customer_id: str) -> list[dict[str, Any]]:
         o = b.overdraft_changes.c
-        rows = await self.wallet._read(lambda conn: conn.execute(select(b.overdraft_changes).where(
+        rows = await self.wallet.read(lambda conn: conn.execute(select(b.overdraft_changes).where(
             o.mode == mode, o.customer_id == customer_id).order_by(o.seq)).all())
         return [{"asset": r.asset, "from_limit": int(r.from_limit), "to_limit": int(r.to_limit),
                  "target": int(r.target), "reason": r.reason, "created_at_ms": int(r.created_at_ms)} for r in rows]
@@ -182,13 +182,13 @@ class BillingStore:
             return out
 
         changed = 0
-        for mode, customer_id, asset, target in await self.wallet._read(due):
+        for mode, customer_id, asset, target in await self.wallet.read(due):
             def op(conn: Connection, mode: Mode = mode, customer_id: str = customer_id, asset: str = asset,
                    target: int = target) -> bool:
                 account = _account(conn, wallet, mode, customer_id, asset)
                 return account is not None and _apply(conn, account, target, "converge", now_ms(), tighten_only=True)
 
-            if await self.wallet._write(op):
+            if await self.wallet.write(op):
                 changed += 1
                 if self.on_limit_changed is not None:
                     await self.on_limit_changed(mode, customer_id, asset)
@@ -226,7 +226,7 @@ class BillingStore:
                     break
             return found
 
-        found = await self.wallet._read(scan)
+        found = await self.wallet.read(scan)
         if not found:
             return 0
         at = now_ms()
@@ -243,9 +243,9 @@ class BillingStore:
                                attempts=0, next_attempt_at_ms=at, claimed_until_ms=0, claim_token=None,
                                last_error=None, stripe_customer_id=None, duplicate=0, created_at_ms=at,
                                sent_at_ms=None))
-        insert = self.wallet._dialect_insert(b.meter_event_outbox).values(values).on_conflict_do_nothing(
+        insert = self.wallet.dialect_insert(b.meter_event_outbox).values(values).on_conflict_do_nothing(
             index_elements=["usage_id"])
-        inserted: int = await self.wallet._write(lambda conn: conn.execute(insert).rowcount)
+        inserted: int = await self.wallet.write(lambda conn: conn.execute(insert).rowcount)
         return inserted
 
     async def claim(self, *, batch: int, lease_ms: int) -> tuple[str, list[OutboxRow]]:
@@ -268,26 +268,26 @@ class BillingStore:
             return [OutboxRow(r.usage_id, r.mode, r.customer_id, r.asset, r.event_name, int(r.value),
                               int(r.usage_created_at_ms), int(r.attempts)) for r in rows]
 
-        return token, await self.wallet._write(op)
+        return token, await self.wallet.write(op)
 
     async def mark_sent(self, usage_id: str, stripe_customer_id: str, *, duplicate: bool) -> None:
         """Sent once, whoever marks it: a row another replica marked already stays as it was marked."""
         o = b.meter_event_outbox.c
-        await self.wallet._write(lambda conn: conn.execute(update(b.meter_event_outbox).where(
+        await self.wallet.write(lambda conn: conn.execute(update(b.meter_event_outbox).where(
             o.usage_id == usage_id, o.state == "pending").values(
             state="sent", sent_at_ms=now_ms(), stripe_customer_id=stripe_customer_id, duplicate=int(duplicate),
             claim_token=None, claimed_until_ms=0, last_error=None, attempts=o.attempts + 1)))
 
     async def mark_retry(self, usage_id: str, token: str, error: str, *, next_attempt_at_ms: int) -> None:
         o = b.meter_event_outbox.c
-        await self.wallet._write(lambda conn: conn.execute(update(b.meter_event_outbox).where(
+        await self.wallet.write(lambda conn: conn.execute(update(b.meter_event_outbox).where(
             o.usage_id == usage_id, o.claim_token == token, o.state == "pending").values(
             attempts=o.attempts + 1, next_attempt_at_ms=next_attempt_at_ms, last_error=error[:2000],
             claim_token=None, claimed_until_ms=0)))
 
     async def outbox(self, mode: Mode, customer_id: str) -> list[dict[str, Any]]:
         o = b.meter_event_outbox.c
-        rows = await self.wallet._read(lambda conn: conn.execute(select(b.meter_event_outbox).where(
+        rows = await self.wallet.read(lambda conn: conn.execute(select(b.meter_event_outbox).where(
             o.mode == mode, o.customer_id == customer_id).order_by(o.usage_created_at_ms, o.usage_id)).all())
         keep = ("usage_id", "asset", "billing_mode", "state", "skip_reason", "event_name", "value",
                 "usage_created_at_ms", "attempts", "last_error", "stripe_customer_id", "sent_at_ms")
@@ -338,7 +338,7 @@ class BillingStore:
                      for (cid, asset), posted in ledger.items()]
             return sorted(rows, key=lambda r: (r.customer_id, r.asset))
 
-        return await self.wallet._read(op)
+        return await self.wallet.read(op)
 
     # ---------------------------------------------------------------- exports
 
@@ -350,7 +350,7 @@ class BillingStore:
                                t.c.seq > after_seq)
         if customer_id is not None:
             stmt = stmt.where(t.c.customer_id == customer_id)
-        rows = await self.wallet._read(lambda conn: conn.execute(stmt.order_by(t.c.seq).limit(limit)).all())
+        rows = await self.wallet.read(lambda conn: conn.execute(stmt.order_by(t.c.seq).limit(limit)).all())
         return [dict(r._mapping) for r in rows]
 
     # ---------------------------------------------------------------- audit
@@ -370,7 +370,7 @@ class BillingStore:
                     problems.append(f"{pk}: overdraft_limit {a.overdraft_limit} != recorded {recorded.get(pk, 0)}")
             return problems
 
-        return await self.wallet._read(op)
+        return await self.wallet.read(op)
 
 
 # -------------------------------------------------------------------- helpers
@@ -411,7 +411,7 @@ def _account(conn: Connection, wallet: SqlWalletStore, mode: Mode, customer_id: 
              lock: bool = True) -> Any:
     a = w.accounts.c
     stmt = select(w.accounts).where(a.mode == mode, a.customer_id == customer_id, a.asset == asset)
-    return conn.execute(wallet._for_update(stmt) if lock else stmt).first()
+    return conn.execute(wallet.for_update(stmt) if lock else stmt).first()
 
 
 def _exposure(account: Any) -> int:

@@ -76,20 +76,20 @@ class PaymentsStore:
 
     async def open(self) -> None:
         """Create the payment tables on a wallet opened before this module was imported."""
-        await self.wallet._write(lambda conn: w.metadata.create_all(conn, tables=list(p.TABLES), checkfirst=True))
+        await self.wallet.write(lambda conn: w.metadata.create_all(conn, tables=list(p.TABLES), checkfirst=True))
 
     # ---------------------------------------------------------------- Stripe customers
 
     async def stripe_customer(self, mode: Mode, customer_id: str) -> str | None:
         c = p.stripe_customers.c
-        found: str | None = await self.wallet._read(lambda conn: conn.execute(select(c.stripe_customer_id).where(
+        found: str | None = await self.wallet.read(lambda conn: conn.execute(select(c.stripe_customer_id).where(
             c.mode == mode, c.customer_id == customer_id)).scalar())
         return found
 
     async def save_stripe_customer(self, mode: Mode, customer_id: str, stripe_customer_id: str) -> str:
         """Store the id unless another replica stored one first; return the one stored."""
         with contextlib.suppress(IntegrityError):
-            await self.wallet._write(lambda conn: conn.execute(insert(p.stripe_customers).values(
+            await self.wallet.write(lambda conn: conn.execute(insert(p.stripe_customers).values(
                 mode=mode, customer_id=customer_id, stripe_customer_id=stripe_customer_id,
                 created_at_ms=now_ms())))
         stored = await self.stripe_customer(mode, customer_id)
@@ -103,7 +103,7 @@ class PaymentsStore:
         at = now_ms()
         topup = TopUp(f"tu_{uuid.uuid4().hex}", mode, customer_id, asset, amount, kind, "pending", stripe_id,
                       None, None, at, at)
-        await self.wallet._write(lambda conn: conn.execute(insert(p.topups).values(**_values(topup))))
+        await self.wallet.write(lambda conn: conn.execute(insert(p.topups).values(**_values(topup))))
         return topup
 
     async def begin_auto_topup(self, mode: Mode, customer_id: str, asset: str, amount: int, *, day_start_ms: int,
@@ -126,14 +126,14 @@ class PaymentsStore:
             return True
 
         try:
-            claimed = await self.wallet._write(op)
+            claimed = await self.wallet.write(op)
         except IntegrityError:
             return None  # another replica claimed the slot meanwhile
         return topup if claimed else None
 
     async def set_stripe_id(self, topup_id: str, stripe_id: str) -> None:
         c = p.topups.c
-        await self.wallet._write(lambda conn: conn.execute(update(p.topups).where(c.id == topup_id).values(
+        await self.wallet.write(lambda conn: conn.execute(update(p.topups).where(c.id == topup_id).values(
             stripe_id=stripe_id, updated_at_ms=now_ms())))
 
     async def finish_topup(self, topup_id: str, state: Literal["succeeded", "failed"], *,
@@ -149,24 +149,24 @@ class PaymentsStore:
                 error_message=error_message if state == "failed" else None, updated_at_ms=now_ms())).rowcount
             return conn.execute(select(p.topups).where(c.id == topup_id)).first() if changed else None
 
-        row = await self.wallet._write(op)
+        row = await self.wallet.write(op)
         return _topup(row) if row is not None else None
 
     async def stale_in_flight(self, *, updated_before_ms: int, limit: int = 100) -> list[TopUp]:
         """Auto top-ups still in flight since before ``updated_before_ms`` (their process died mid-charge)."""
         c = p.topups.c
-        rows = await self.wallet._read(lambda conn: conn.execute(select(p.topups).where(
+        rows = await self.wallet.read(lambda conn: conn.execute(select(p.topups).where(
             c.state == "in_flight", c.updated_at_ms < updated_before_ms).order_by(c.updated_at_ms).limit(limit)).all())
         return [_topup(r) for r in rows]
 
     async def get_topup(self, topup_id: str) -> TopUp | None:
         c = p.topups.c
-        row = await self.wallet._read(lambda conn: conn.execute(select(p.topups).where(c.id == topup_id)).first())
+        row = await self.wallet.read(lambda conn: conn.execute(select(p.topups).where(c.id == topup_id)).first())
         return _topup(row) if row is not None else None
 
     async def topups(self, mode: Mode, customer_id: str, *, limit: int = 20) -> list[TopUp]:
         c = p.topups.c
-        rows = await self.wallet._read(lambda conn: conn.execute(select(p.topups).where(
+        rows = await self.wallet.read(lambda conn: conn.execute(select(p.topups).where(
             c.mode == mode, c.customer_id == customer_id).order_by(c.created_at_ms.desc()).limit(limit)).all())
         return [_topup(r) for r in rows]
 
@@ -182,7 +182,7 @@ class PaymentsStore:
         if max_age_s > 0 and (hit := self._auto_topups.get(wallet)) is not None and hit[0] > now:
             return hit[1]
         c = p.auto_topup_settings.c
-        row = await self.wallet._read(lambda conn: conn.execute(select(p.auto_topup_settings).where(
+        row = await self.wallet.read(lambda conn: conn.execute(select(p.auto_topup_settings).where(
             c.mode == mode, c.customer_id == customer_id, c.asset == asset)).first())
         setting = _setting(row) if row else None
         if max_age_s > 0:
@@ -192,7 +192,7 @@ class PaymentsStore:
         return setting
 
     async def auto_topups(self) -> list[AutoTopUpSetting]:
-        rows = await self.wallet._read(lambda conn: conn.execute(select(p.auto_topup_settings)).all())
+        rows = await self.wallet.read(lambda conn: conn.execute(select(p.auto_topup_settings)).all())
         return [_setting(r) for r in rows]
 
     async def set_auto_topup(self, setting: AutoTopUpSetting | None, *, mode: Mode, customer_id: str,
@@ -208,12 +208,12 @@ class PaymentsStore:
                     mode=mode, customer_id=customer_id, asset=asset, threshold=setting.threshold,
                     amount=setting.amount, updated_at_ms=now_ms()))
 
-        await self.wallet._write(op)
+        await self.wallet.write(op)
         self._auto_topups.pop((mode, customer_id, asset), None)
 
     async def spend_caps(self, mode: Mode, customer_id: str, asset: str) -> SpendCaps | None:
         c = p.spend_caps.c
-        row = await self.wallet._read(lambda conn: conn.execute(select(p.spend_caps).where(
+        row = await self.wallet.read(lambda conn: conn.execute(select(p.spend_caps).where(
             c.mode == mode, c.customer_id == customer_id, c.asset == asset)).first())
         if row is None:
             return None
@@ -230,7 +230,7 @@ class PaymentsStore:
                     mode=caps.mode, customer_id=caps.customer_id, asset=caps.asset, daily=caps.daily,
                     monthly=caps.monthly, updated_at_ms=now_ms()))
 
-        await self.wallet._write(op)
+        await self.wallet.write(op)
 
     async def spent_since(self, mode: Mode, customer_id: str, asset: str, since_ms: int) -> int:
         """What the wallet has captured since ``since_ms``, plus what it holds now (spend in flight)."""
@@ -245,7 +245,7 @@ class PaymentsStore:
                 w.accounts.c.asset == asset)).scalar()
             return int(posted) + int(pending or 0)
 
-        result: int = await self.wallet._read(op)
+        result: int = await self.wallet.read(op)
         return result
 
     # ---------------------------------------------------------------- transaction history
@@ -259,7 +259,7 @@ class PaymentsStore:
             stmt = stmt.where(e.seq < before)
         if kinds:
             stmt = stmt.where(e.kind.in_(kinds))
-        rows = await self.wallet._read(lambda conn: conn.execute(stmt.order_by(e.seq.desc()).limit(limit)).all())
+        rows = await self.wallet.read(lambda conn: conn.execute(stmt.order_by(e.seq.desc()).limit(limit)).all())
         return [_entry(r) for r in rows]
 
 

@@ -35,7 +35,7 @@ class UsedLinks:
     async def _ensure(self) -> None:
         # A wallet opened before this module was imported has no such table yet.
         if not self._ready:
-            await self._sql._write(lambda conn: w.metadata.create_all(conn, tables=[used_links], checkfirst=True))
+            await self._sql.write(lambda conn: w.metadata.create_all(conn, tables=[used_links], checkfirst=True))
             self._ready = True
 
     async def claim(self, link_id: str, *, scope: str, expires_at_s: int) -> bool:
@@ -54,7 +54,7 @@ class UsedLinks:
             return True
 
         try:
-            claimed: bool = await self._sql._write(op)
+            claimed: bool = await self._sql.write(op)
         except IntegrityError:
             return False  # another replica claimed it between our check and our insert
         return claimed

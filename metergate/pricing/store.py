@@ -32,20 +32,20 @@ class PricingStore:
 
     async def open(self) -> None:
         """Create the pricing tables on a wallet opened before this module was imported."""
-        await self.wallet._write(lambda conn: w.metadata.create_all(conn, tables=list(p.TABLES), checkfirst=True))
+        await self.wallet.write(lambda conn: w.metadata.create_all(conn, tables=list(p.TABLES), checkfirst=True))
 
     # ---------------------------------------------------------------- versions
 
     async def create_draft(self, mode: Mode, rules: RuleSet, note: str) -> PriceVersion:
         version = PriceVersion(f"pv_{uuid.uuid4().hex[:24]}", mode, "draft", rules, note, now_ms())
-        await self.wallet._write(lambda conn: conn.execute(insert(p.price_versions).values(
+        await self.wallet.write(lambda conn: conn.execute(insert(p.price_versions).values(
             id=version.id, mode=mode, state="draft", rules=rules.source, note=note,
             created_at_ms=version.created_at_ms)))
         return version
 
     async def get(self, mode: Mode, version_id: str) -> PriceVersion | None:
         c = p.price_versions.c
-        row = await self.wallet._read(lambda conn: conn.execute(select(p.price_versions).where(
+        row = await self.wallet.read(lambda conn: conn.execute(select(p.price_versions).where(
             c.mode == mode, c.id == version_id)).first())
         return self._version(row) if row is not None else None
 
@@ -54,7 +54,7 @@ class PricingStore:
         stmt = select(p.price_versions).where(c.mode == mode)
         if before_ms is not None:
             stmt = stmt.where(c.created_at_ms < before_ms)
-        rows = await self.wallet._read(lambda conn: conn.execute(
+        rows = await self.wallet.read(lambda conn: conn.execute(
             stmt.order_by(c.created_at_ms.desc(), c.id.desc()).limit(limit)).all())
         return [self._version(r) for r in rows]
 
@@ -70,7 +70,7 @@ class PricingStore:
                 return []
             return list(conn.execute(select(p.price_versions).where(c.id.in_(ids))).all())
 
-        rows = await self.wallet._read(op)
+        rows = await self.wallet.read(op)
         return [self._version(r) for r in rows]
 
     async def publish(self, mode: Mode, version_id: str, effective_at_ms: int) -> PriceVersion:
@@ -82,7 +82,7 @@ class PricingStore:
                 state="published", effective_at_ms=effective_at_ms, published_at_ms=now_ms()))
             return conn.execute(select(p.price_versions).where(c.mode == mode, c.id == version_id)).first()
 
-        row = await self.wallet._write(op)
+        row = await self.wallet.write(op)
         if row is None:
             raise NotFound(f"No price version {version_id!r} in this mode.", code="not_found", param="version_id")
         version = self._version(row)
@@ -116,7 +116,7 @@ class PricingStore:
                 totals[counter] = Decimal(int(total)) / _MICROS
             return totals
 
-        result: dict[str, Decimal] = await self.wallet._read(op)
+        result: dict[str, Decimal] = await self.wallet.read(op)
         return result
 
     async def add_period_usage(self, record_id: str, mode: Mode, customer_id: str,
@@ -129,7 +129,7 @@ class PricingStore:
                   for counter, start, quantity in rows]
         # A retried item was counted already: the primary key keeps it to once.
         with contextlib.suppress(IntegrityError):
-            await self.wallet._write(lambda conn: conn.execute(insert(p.pricing_period_usage), values))
+            await self.wallet.write(lambda conn: conn.execute(insert(p.pricing_period_usage), values))
 
     # ---------------------------------------------------------------- recorded usage (the simulator)
 
@@ -141,7 +141,7 @@ class PricingStore:
         stmt = select(w.usage_records).where(c.mode == mode, c.created_at_ms >= from_ms, c.created_at_ms < to_ms)
         if after is not None:
             stmt = stmt.where(or_(c.created_at_ms > after[0], and_(c.created_at_ms == after[0], c.seq > after[1])))
-        rows = await self.wallet._read(lambda conn: conn.execute(
+        rows = await self.wallet.read(lambda conn: conn.execute(
             stmt.order_by(c.created_at_ms, c.seq).limit(limit)).all())
         return [((int(r.created_at_ms), int(r.seq)), _usage(r)) for r in rows]
 

@@ -66,7 +66,7 @@ class AssetRegistry:
         if code in self._configured:
             return self._from_settings(mode, self._configured[code])
         c = t.assets.c
-        row = await self._store._read(lambda conn: conn.execute(select(t.assets).where(
+        row = await self._store.read(lambda conn: conn.execute(select(t.assets).where(
             c.mode == mode, c.code == code)).first())
         return _asset(row) if row is not None else None
 
@@ -78,7 +78,7 @@ class AssetRegistry:
 
     async def all(self, mode: Mode) -> list[Asset]:
         c = t.assets.c
-        rows = await self._store._read(lambda conn: conn.execute(select(t.assets).where(c.mode == mode)
+        rows = await self._store.read(lambda conn: conn.execute(select(t.assets).where(c.mode == mode)
                                                                  .order_by(c.code)).all())
         return [self._from_settings(mode, a) for a in self._configured.values()] + [_asset(r) for r in rows]
 
@@ -106,7 +106,7 @@ class AssetRegistry:
             raise Conflict(f"Asset {code!r} already exists with other properties.", code="already_exists",
                            param="code")
         try:
-            await self._store._write(lambda conn: conn.execute(insert(t.assets).values(
+            await self._store.write(lambda conn: conn.execute(insert(t.assets).values(
                 mode=mode, code=code, name=name, scale=scale, value_per_unit=value_per_unit,
                 value_currency=value_currency, created_at_ms=now_ms())))
         except IntegrityError as exc:  # a concurrent create of the same code
@@ -128,23 +128,23 @@ class AssetRegistry:
         values = {"rate": str(rate), "purpose": purpose, "updated_at_ms": now_ms()}
 
         def op(conn: Connection) -> None:
-            stmt = self._store._dialect_insert(t.asset_conversions).values(
+            stmt = self._store.dialect_insert(t.asset_conversions).values(
                 mode=mode, from_asset=from_asset, to_asset=to_asset, **values)
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["mode", "from_asset", "to_asset"], set_=values))
 
-        await self._store._write(op)
+        await self._store.write(op)
         return Conversion(mode, from_asset, to_asset, str(rate), purpose)
 
     async def conversion(self, mode: Mode, from_asset: str, to_asset: str) -> Conversion | None:
         c = t.asset_conversions.c
-        row = await self._store._read(lambda conn: conn.execute(select(t.asset_conversions).where(
+        row = await self._store.read(lambda conn: conn.execute(select(t.asset_conversions).where(
             c.mode == mode, c.from_asset == from_asset, c.to_asset == to_asset)).first())
         return _conversion(row) if row is not None else None
 
     async def conversions(self, mode: Mode) -> list[Conversion]:
         c = t.asset_conversions.c
-        rows = await self._store._read(lambda conn: conn.execute(select(t.asset_conversions).where(
+        rows = await self._store.read(lambda conn: conn.execute(select(t.asset_conversions).where(
             c.mode == mode).order_by(c.from_asset, c.to_asset)).all())
         return [_conversion(r) for r in rows]
 

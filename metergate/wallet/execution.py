@@ -179,6 +179,7 @@ class _Op:
     loop: asyncio.AbstractEventLoop
     ok: bool = False
     outcome: Any = field(default=None)
+    engine: Any = None  # a batch engine operation (metergate.wallet.engine), decided with the batch's others
 
 
 def _resolve(ops: list[_Op]) -> None:
@@ -220,12 +221,14 @@ class SqliteWriter:
         if self._checkpoint_interval_s is not None:
             self._checkpointer.start()
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed."""
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, engine: Any = None) -> asyncio.Future[Any]:
+        """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed. With
+        ``engine`` (a :mod:`metergate.wallet.engine` operation) the batch engine decides it together with the
+        batch's other engine operations, and ``fn`` runs only if the engine hands it back as classic."""
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop))
+        self._queue.put(_Op(fn, args, future, loop, engine=engine))
         return future
 
     def close(self) -> None:
@@ -346,14 +349,31 @@ class SqliteWriter:
         assert isinstance(raw, sqlite3.Connection), "the SQLite writer needs the sqlite3 driver"
         if self._fast:
             conn.info[_RAW] = raw
-        if len(batch) == 1:
+        classic = [op for op in batch if op.engine is None]
+        engine_ops = [op for op in batch if op.engine is not None]
+        if engine_ops:
+            # First the batch engine, set-based, over what the whole batch touches; then what it hands back
+            # and the other operations, each in its own savepoint (see the module docstring).
+            from metergate.wallet.batchsql import apply_sqlite
+            from metergate.wallet.engine import CLASSIC
+
+            try:
+                outcomes = apply_sqlite(raw, [op.engine for op in engine_ops])
+            except sqlite3.Error as error:
+                raise DBAPIError.instance("batch", None, error, sqlite3.Error) from error
+            for op, outcome in zip(engine_ops, outcomes, strict=True):
+                if outcome is CLASSIC:
+                    classic.append(op)
+                else:
+                    op.outcome, op.ok = outcome, not isinstance(outcome, BaseException)
+        if len(batch) == 1 and classic:
             # Alone in its transaction, an operation needs no savepoint: its error rolls it all back (in
             # _apply) and is its outcome.
             op = batch[0]
             op.outcome, op.ok = op.fn(conn, *op.args), True
             conn.commit()
             return
-        for op in batch:
+        for op in classic:
             raw.execute("SAVEPOINT mg_op")
             try:
                 op.outcome, op.ok = op.fn(conn, *op.args), True

@@ -100,9 +100,9 @@ class HoldService:
             return answer
 
         try:
-            return await self._store._write(op)
+            return await self._store.write(op)
         except IntegrityError:  # the same call, concurrently: its twin committed first
-            found = await self._store._read(recorded)
+            found = await self._store.read(recorded)
             if found is None:
                 raise
             return found
@@ -121,7 +121,7 @@ class HoldService:
         hashed = request_hash("create", customer_id, asset, amount, ttl_ms)
 
         def fn(conn: Connection, now: int) -> Answer:
-            SqlWalletStore._require_customer(conn, mode, customer_id)
+            SqlWalletStore.require_customer(conn, mode, customer_id)
             existing = hold_row(conn, hold_id)
             if existing is not None:  # created by another key: the same hold, or a conflict
                 entry = entry_row(conn, existing.mode, f"hold:{hold_id}")
@@ -229,7 +229,7 @@ class HoldService:
                            for a in gr.allocations(conn, hold_id)]
             return {"hold": hold_view(hold), "allocations": allocations}
 
-        return await self._store._read(fn)
+        return await self._store.read(fn)
 
 
 __all__ = ["HoldService", "balance_view", "hold_view", "new_hold_id"]

@@ -14,6 +14,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from metergate.wallet import schema as t
+from metergate.wallet.errors import HoldNotFound, IdempotencyConflict
 from metergate.wallet.execution import Prepared
 from metergate.wallet.models import Balance, EntryKind, Hold, LedgerEntry, Mode, now_ms
 
@@ -56,7 +57,7 @@ INSERT_ENTRY = Prepared(insert(t.ledger_entries).returning(_e.seq), columns=(
 
 
 def request_hash(*parts: object) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
 def append(conn: Connection, key: str, hashed: str, mode: str, customer_id: str, asset: str, kind: EntryKind,
@@ -124,3 +125,20 @@ def all_rows(stmt: Prepared, conn: Connection, values: dict[str, Any]) -> list[A
     if raw is None:
         return list(conn.execute(stmt.core, values).all())
     return [stmt._row_of(r) for r in stmt._rows(raw, values)]
+
+
+def locked_hold(conn: Connection, hold_id: str) -> Hold:
+    """The hold, locked for this transaction (PostgreSQL); ``HoldNotFound`` if there is none."""
+    row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})
+    if row is None:
+        raise HoldNotFound(hold_id)
+    return hold_of(row)
+
+
+def previous_entry(conn: Connection, mode: Mode, key: str, hashed: str) -> Any | None:
+    """The ledger entry an earlier call with this idempotency key wrote, if any; ``IdempotencyConflict`` when
+    that call had other content."""
+    entry = entry_row(conn, mode, key)
+    if entry is not None and entry.request_hash != hashed:
+        raise IdempotencyConflict(key)
+    return entry

@@ -84,7 +84,7 @@ class Subscriptions:
         stored = [{"asset": e.asset, "amount": e.amount, "rollover_cap": e.rollover_cap, "priority": e.priority}
                   for e in entitlements]
         try:
-            await self._store._write(lambda conn: conn.execute(insert(t.plans).values(
+            await self._store.write(lambda conn: conn.execute(insert(t.plans).values(
                 mode=mode, id=plan_id, name=name, period=period, period_days=period_days, entitlements=stored,
                 created_at_ms=plan.created_at_ms)))
         except IntegrityError:
@@ -97,12 +97,12 @@ class Subscriptions:
         return plan
 
     async def get_plan(self, mode: Mode, plan_id: str) -> Plan | None:
-        row = await self._store._read(lambda conn: _plan_row(conn, mode, plan_id))
+        row = await self._store.read(lambda conn: _plan_row(conn, mode, plan_id))
         return _plan(row) if row is not None else None
 
     async def plans(self, mode: Mode) -> list[Plan]:
         p = t.plans.c
-        rows = await self._store._read(lambda conn: conn.execute(select(t.plans).where(p.mode == mode)
+        rows = await self._store.read(lambda conn: conn.execute(select(t.plans).where(p.mode == mode)
                                                                  .order_by(p.id)).all())
         return [_plan(r) for r in rows]
 
@@ -115,7 +115,7 @@ class Subscriptions:
         anchor = now if anchor_ms is None else anchor_ms
 
         def op(conn: Connection) -> None:
-            SqlWalletStore._require_customer(conn, mode, customer_id)
+            SqlWalletStore.require_customer(conn, mode, customer_id)
             if _plan_row(conn, mode, plan_id) is None:
                 raise NotFound(f"No plan {plan_id!r} in this mode.", code="plan_not_found", param="plan_id")
             conn.execute(insert(t.subscriptions).values(
@@ -123,7 +123,7 @@ class Subscriptions:
                 next_period=0, state="active", canceled_at_ms=None, created_at_ms=now))
 
         try:
-            await self._store._write(op)
+            await self._store.write(op)
         except IntegrityError:
             existing = await self.get(mode, subscription_id)
             if existing is None or (existing.customer_id, existing.plan_id) != (customer_id, plan_id) or (
@@ -137,13 +137,13 @@ class Subscriptions:
 
     async def get(self, mode: Mode, subscription_id: str) -> Subscription | None:
         s = t.subscriptions.c
-        row = await self._store._read(lambda conn: conn.execute(select(t.subscriptions).where(
+        row = await self._store.read(lambda conn: conn.execute(select(t.subscriptions).where(
             s.mode == mode, s.id == subscription_id)).first())
         return _subscription(row) if row is not None else None
 
     async def of_customer(self, mode: Mode, customer_id: str) -> list[Subscription]:
         s = t.subscriptions.c
-        rows = await self._store._read(lambda conn: conn.execute(select(t.subscriptions).where(
+        rows = await self._store.read(lambda conn: conn.execute(select(t.subscriptions).where(
             s.mode == mode, s.customer_id == customer_id).order_by(s.created_at_ms, s.id)).all())
         return [_subscription(r) for r in rows]
 
@@ -153,19 +153,19 @@ class Subscriptions:
             return None
         await self.tick(mode, subscription_id, now_ms=now)
         s = t.subscriptions.c
-        await self._store._write(lambda conn: conn.execute(update(t.subscriptions).where(
+        await self._store.write(lambda conn: conn.execute(update(t.subscriptions).where(
             s.mode == mode, s.id == subscription_id, s.state == "active").values(state="canceled", canceled_at_ms=now)))
         return await self.get(mode, subscription_id)
 
     async def tick(self, mode: Mode, subscription_id: str, *, now_ms: int) -> int:
         """Grant every period of the subscription not granted yet up to the one containing ``now_ms``; return
         how many periods this call granted (0 when another tick got there first)."""
-        return await self._store._write(_tick, mode, subscription_id, now_ms)
+        return await self._store.write(_tick, mode, subscription_id, now_ms)
 
     async def tick_all(self, *, now_ms: int, limit: int = 500) -> int:
         """The sweeper's tick: every active subscription, each in its own transaction."""
         s = t.subscriptions.c
-        ids = await self._store._read(lambda conn: conn.execute(select(s.mode, s.id).where(
+        ids = await self._store.read(lambda conn: conn.execute(select(s.mode, s.id).where(
             s.state == "active").order_by(s.mode, s.id).limit(limit)).all())
         granted = 0
         for mode, subscription_id in ids:
@@ -206,7 +206,7 @@ def period_grant_id(sub: Subscription, asset: str, k: int, *, rollover: bool = F
 def _grant_period(conn: Connection, sub: Subscription, e: Entitlement, k: int, start: int, end: int,
                   now: int) -> None:
     mode, customer_id, asset = sub.mode, sub.customer_id, e.asset
-    SqlWalletStore._ensure_account_in(conn, mode, customer_id, asset)
+    SqlWalletStore.ensure_account_in(conn, mode, customer_id, asset)
     lock_account(conn, mode, customer_id, asset)
     carry = 0
     if e.rollover_cap and k > 0:

@@ -193,7 +193,7 @@ async def test_orphaned_attempt_is_resumed_without_charging_twice(paygate: PayGa
     await paygate.payments.stripe.off_session_payment("test", stripe_customer, "pm_card_visa", topup_id=topup.id,
                                                       customer_id="acme", asset="USD", amount_cents=2_000,
                                                       currency="usd")
-    await store.wallet._write(lambda conn: conn.execute(update(schema.topups).where(
+    await store.wallet.write(lambda conn: conn.execute(update(schema.topups).where(
         schema.topups.c.id == topup.id).values(updated_at_ms=0)))
     await paygate.payments.topups.check_all()
     found = await store.get_topup(topup.id)

@@ -187,7 +187,7 @@ async def test_a_capture_beyond_its_hold_draws_further_grants_in_order_then_writ
 async def test_an_overdraft_covers_what_grants_cannot_and_is_recorded_unbacked(store: SqlWalletStore) -> None:
     await customer(store)
     await store.credit(MODE, "acme", "USD", 100, idempotency_key="seed", memo="seed", at_ms=T0)
-    await store._write(lambda conn: conn.execute(  # the billing module's credit limit
+    await store.write(lambda conn: conn.execute(  # the billing module's credit limit
         text("UPDATE accounts SET overdraft_limit = 50")))
     await store.reserve(MODE, "acme", "USD", 140, hold_id="h", ttl_ms=MIN, at_ms=T0)
     assert await drawn(store, "h") == {"seed": (100, 0), "": (40, 0)}

@@ -43,7 +43,7 @@ async def funded(store: SqlWalletStore, amount: int) -> None:
 
 async def writer_busy(store: SqlWalletStore, seconds: float = 0.2) -> asyncio.Task[Any]:
     """Occupy the writer thread, so that what is submitted next queues up into one batch."""
-    task = asyncio.ensure_future(store._write(lambda _conn: time.sleep(seconds)))
+    task = asyncio.ensure_future(store.write(lambda _conn: time.sleep(seconds)))
     await asyncio.sleep(0.02)  # the writer has taken it
     return task
 
@@ -144,7 +144,7 @@ async def test_a_batch_that_fails_as_a_whole_is_reapplied_one_by_one(store: SqlW
     busy = await writer_busy(store)
     good = [asyncio.ensure_future(store.reserve(MODE, "acme", "USD", 10, hold_id=f"h{i}", ttl_ms=60_000))
             for i in range(10)]
-    bad = asyncio.ensure_future(store._write(bad_op))
+    bad = asyncio.ensure_future(store.write(bad_op))
     more = [asyncio.ensure_future(store.reserve(MODE, "acme", "USD", 10, hold_id=f"g{i}", ttl_ms=60_000))
             for i in range(10)]
     await busy

@@ -19,7 +19,7 @@ async def test_a_v1_wallet_is_upgraded_to_grants(store_url: str) -> None:
     store = SqlWalletStore(store_url)
     await store.open()
     try:
-        await store._write(lambda conn: [conn.execute(delete(table)) for table in reversed(t.metadata.sorted_tables)
+        await store.write(lambda conn: [conn.execute(delete(table)) for table in reversed(t.metadata.sorted_tables)
                                          if table is not t.schema_version])
         await store.create_customer(MODE, "acme", "Acme")
         await store.credit(MODE, "acme", "USD", 1000, idempotency_key="seed")
@@ -35,13 +35,13 @@ async def test_a_v1_wallet_is_upgraded_to_grants(store_url: str) -> None:
             conn.execute(delete(t.schema_version))
             conn.execute(t.schema_version.insert().values(version=1, applied_at_ms=0))
 
-        await store._write(downgrade)
+        await store.write(downgrade)
     finally:
         await store.close()
     upgraded = SqlWalletStore(store_url)
     await upgraded.open()
     try:
-        version = await upgraded._read(lambda conn: conn.execute(select(func.max(t.schema_version.c.version)))
+        version = await upgraded.read(lambda conn: conn.execute(select(func.max(t.schema_version.c.version)))
                                        .scalar())
         assert version == t.SCHEMA_VERSION == 3
         balance = await upgraded.balance(MODE, "acme", "USD")
@@ -61,7 +61,7 @@ async def test_a_v2_wallets_keys_survive_the_upgrade_to_key_attributes(store_url
     store = SqlWalletStore(store_url)
     await store.open()
     try:
-        await store._write(lambda conn: [conn.execute(delete(table)) for table in reversed(t.metadata.sorted_tables)
+        await store.write(lambda conn: [conn.execute(delete(table)) for table in reversed(t.metadata.sorted_tables)
                                          if table is not t.schema_version])
         await store.create_customer(MODE, "acme", "Acme")
         await store.create_api_key(MODE, "acme", key_id="key_old", key_hash="h" * 64, prefix="mgk_test_old")
@@ -71,13 +71,13 @@ async def test_a_v2_wallets_keys_survive_the_upgrade_to_key_attributes(store_url
             conn.execute(delete(t.schema_version))
             conn.execute(t.schema_version.insert().values(version=2, applied_at_ms=0))
 
-        await store._write(downgrade)
+        await store.write(downgrade)
     finally:
         await store.close()
     upgraded = SqlWalletStore(store_url)
     await upgraded.open()
     try:
-        versions = await upgraded._read(lambda conn: conn.execute(select(t.schema_version.c.version)).scalars().all())
+        versions = await upgraded.read(lambda conn: conn.execute(select(t.schema_version.c.version)).scalars().all())
         assert sorted(versions) == [2, 3]
         key = await upgraded.find_api_key("h" * 64)
         assert key is not None and (key.id, key.customer_id, key.attributes) == ("key_old", "acme", {})

@@ -32,9 +32,9 @@ class BatchingSqlWalletStore(SqlWalletStore):
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
 
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
         if self._sqlite:
-            return await super()._write(fn, *args)
+            return await super().write(fn, *args)
         if self._flusher is None or self._flusher.done():
             self._wakeup = asyncio.Event()
             self._flusher = asyncio.create_task(self._flush_forever(), name="metergate-pg-group-commit")

@@ -70,10 +70,10 @@ async def _redis_view(store: RedisWalletStore, w: WalletRef) -> tuple[tuple[int,
 async def reconcile(store: RedisWalletStore, *, repair: bool = False, mode: Mode | None = None) -> list[WalletDrift]:
     """One row per SQL account (of ``mode``, or all); with ``repair``, drifting wallets are rebuilt."""
     before = {}
-    views = await store.sql._read(_ledger_view)
+    views = await store.sql.read(_ledger_view)
     for w, *_ in views:
         before[w] = await _redis_view(store, w)
-    views = await store.sql._read(_ledger_view)  # after: a wallet whose projection moved meanwhile is busy
+    views = await store.sql.read(_ledger_view)  # after: a wallet whose projection moved meanwhile is busy
     report: list[WalletDrift] = []
     for w, ledger, captured, charged in views:
         if mode is not None and w.mode != mode:

@@ -208,11 +208,11 @@ class LedgerSink:
             await sql.settle(hold_id, int(f["amt"]), usage, overdraw=True)
             written_off = int(f.get("wo") or 0)
             if written_off and usage is not None:
-                await sql._write(_record_write_off, usage.id, written_off)
+                await sql.write(_record_write_off, usage.id, written_off)
         elif kind == "expire":
             # At the sink's clock, not Redis's decision time ``at``: the SQL hold (and its grant allocations)
             # were written at the sink's clock, and a grant must not look "not yet live" to its own hold.
-            await sql._write(_expire_hold, hold_id, max(int(f["at"]), now_ms()))
+            await sql.write(_expire_hold, hold_id, max(int(f["at"]), now_ms()))
         else:
             log.error("ledger sink: unknown event %r, skipped", kind)
 

@@ -371,7 +371,7 @@ class RedisWalletStore:
                 e.created_at_ms >= since)).scalars().all()
             return account, list(holds), list(credits)
 
-        snap = await self.sql._read(snapshot)
+        snap = await self.sql.read(snapshot)
         if snap is None:
             return False
         account, holds, credits = snap
@@ -594,7 +594,7 @@ class RedisWalletStore:
             return 0
         ids = [hid for hid, _ in due]
         h = t.holds.c
-        states: dict[str, str] = dict(await self.sql._read(lambda conn: conn.execute(
+        states: dict[str, str] = dict(await self.sql.read(lambda conn: conn.execute(
             select(h.id, h.state).where(h.id.in_(ids))).all()))
         reapplied = 0
         for hold_id, u in due:
@@ -617,7 +617,7 @@ class RedisWalletStore:
             if u.written_off and u.usage is not None:
                 from metergate.wallet.redis.sink import _record_write_off
 
-                await self.sql._write(_record_write_off, u.usage.id, u.written_off)
+                await self.sql.write(_record_write_off, u.usage.id, u.written_off)
             log.warning("settlement of %s was lost with Redis data; applied to the ledger directly", hold_id)
             self._unconfirmed.pop(hold_id, None)
             reapplied += 1
