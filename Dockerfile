@@ -27,6 +27,9 @@ RUN pip install --no-cache-dir uv==0.13.9
 WORKDIR /src
 # Dependencies first, so that a change to the code alone reuses this layer.
 COPY pyproject.toml uv.lock ./
+# The Python client is a workspace member the server depends on (the admin commands use it): small, and it
+# changes rarely, so it belongs with the dependencies.
+COPY clients/python ./clients/python
 RUN uv sync --frozen --no-dev --no-editable --no-install-project
 COPY README.md ./
 COPY metergate ./metergate
