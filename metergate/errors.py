@@ -5,18 +5,22 @@ Tree::
     MetergateError                      (500 internal_error; 504 timeout when aiohttp times a handler out)
     ├── BadRequest                      400: invalid_json, invalid_request, missing_model,
     │                                        unknown_model, invalid_customer, invalid_amount,
-    │                                        malformed_request (HTTP framing aiohttp could not parse)
+    │                                        malformed_request (HTTP framing aiohttp could not parse, or
+    │                                        Transfer-Encoding on HTTP/1.0), unsupported_transfer_encoding,
+    │                                        unknown_field
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, not_found
-    ├── MethodNotAllowed                405: method_not_allowed
+    ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
+    ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists
     ├── PayloadTooLarge                 413: body_too_large
-    ├── UnsupportedMediaType            415: unsupported_media_type
-    ├── TooManyRequests                 429: rate_limited (with a Retry-After header)
+    ├── UnsupportedMediaType            415: unsupported_media_type, unsupported_content_encoding
+    ├── TooManyRequests                 429: rate_limited (with a Retry-After header; also failed
+    │                                        admin-key attempts from one address)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
     └── GatewayTimeout                  504: upstream_timeout
 
@@ -85,6 +89,12 @@ class MethodNotAllowed(MetergateError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(MetergateError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class Conflict(MetergateError):

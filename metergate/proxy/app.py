@@ -27,7 +27,7 @@ from metergate.admin.reports import ReportsApi
 from metergate.admin.wallets import WalletsApi
 from metergate.billing.service import BILLING, Billing
 from metergate.config.settings import Settings
-from metergate.http import error_middleware, json_response
+from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.tokenizer import preload
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
@@ -120,6 +120,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     app[PIPELINE] = pipeline
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[LISTENER] = ListenerLimits(settings.header_read_timeout_s, settings.body_read_timeout_s)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
