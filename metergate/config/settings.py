@@ -244,6 +244,10 @@ class Settings(BaseSettings):
         1024 * 1024, ge=0, le=256 * 1024 * 1024,
         description="Request bodies above this size are never tokenized: their prompt is estimated at one token "
                     "per byte of text (an upper bound; the provider's reported usage is what is billed).")
+    request_max_output_tokens: int = Field(
+        10_000_000, ge=1, le=1_000_000_000,
+        description="Most output tokens one proxy request may ask for (max_tokens times n, or the default); "
+                    "more is refused with 400 invalid_request before anything is priced or held.")
     tokenizer_threads: int = Field(2, ge=1, le=64, description="Threads that count large prompts "
                                                                "(tiktoken releases the GIL while encoding).")
     default_max_output_tokens: int = Field(4096, ge=1, le=10_000_000,
@@ -364,6 +368,8 @@ class Settings(BaseSettings):
         for route in self.routes:
             if any(route.prefix == p or route.prefix.startswith(p + "/") for p in RESERVED_PREFIXES):
                 raise ValueError(f"routes: prefix {route.prefix!r} collides with metergate's own paths")
+        if self.default_max_output_tokens > self.request_max_output_tokens:
+            raise ValueError("default_max_output_tokens must not exceed request_max_output_tokens")
         if self.tokenizer_inline_max_bytes > self.tokenizer_exact_max_bytes:
             raise ValueError("tokenizer_inline_max_bytes must not exceed tokenizer_exact_max_bytes")
         drain = self.upstream_timeout_s + self.drain_timeout_s
