@@ -172,6 +172,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     app.router.add_get("/metrics", metrics_text)
     if control:
         admin = AdminApi(settings, store, signer)
+        app.middlewares.append(admin.validation)  # the OpenAPI document, enforced before any admin handler
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
