@@ -16,8 +16,10 @@ ASSET = {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,31}$"}
 KEY = {"type": "string", "minLength": 1, "maxLength": 128}
 MAX_AMOUNT = 10**15
 AMOUNT = {"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT, "x-error-code": "invalid_amount"}
-AMOUNT_DECIMAL = {"type": "string", "pattern": r"^[0-9]{1,16}(\.[0-9]{1,18})?$", "x-error-code": "invalid_amount",
-                  "description": "a plain decimal string in the asset's major unit"}
+DECIMAL0 = {"type": "string", "pattern": r"^[0-9]{1,16}(\.[0-9]{1,18})?$", "x-error-code": "invalid_amount",
+            "description": "a plain decimal string in the asset's major unit"}
+# The same, above zero (an amount of 0 is refused wherever AMOUNT's minimum is 1).
+AMOUNT_DECIMAL = {**DECIMAL0, "pattern": r"^([1-9][0-9]{0,15}(\.[0-9]{1,18})?|0\.[0-9]{0,17}[1-9][0-9]{0,17})$"}
 SEQ_CURSOR = {"type": "string", "pattern": "^[0-9]{1,18}$", "description": "next_cursor of the previous page"}
 LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
 # A calendar date (days 1-28: valid in every month) or date-time in UTC, or epoch milliseconds.

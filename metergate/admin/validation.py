@@ -5,8 +5,9 @@ server accepts cannot drift apart.
 In order, for a path the document declares:
 
 1. a method it does not declare for that path: 405 ``method_not_allowed`` with ``Allow``;
-2. a remote address past its failed admin-key attempts (:class:`AuthThrottle`): 429 ``rate_limited`` with
-   ``Retry-After``; then the admin key itself (401 ``invalid_admin_key``, counted as a failure);
+2. a request with an ``Authorization`` header from a remote address past its failed admin-key attempts
+   (:class:`AuthThrottle`): 429 ``rate_limited`` with ``Retry-After``; then the admin key itself (401
+   ``invalid_admin_key``, counted as a failure when a key was sent);
 3. path and query parameters against their schemas, and the JSON body when the handler reads it
    (:func:`body_of`, from :meth:`AdminApi.read_json`: after the handler has looked up what the path names,
    so an unknown object is a 404 first): 400 ``invalid_request`` (or the schema's ``x-error-code``),
@@ -227,11 +228,13 @@ def middleware(document: dict[str, Any], authenticate: Callable[[web.Request], A
             raise refused
         if op.get("security", operations.security):
             address = request.remote or "unknown"
-            throttle.check(address)
+            if "Authorization" in request.headers:  # a request without a key guesses nothing: a plain 401
+                throttle.check(address)
             try:
                 authenticate(request)
             except Unauthorized:
-                throttle.failed(address)
+                if "Authorization" in request.headers:
+                    throttle.failed(address)
                 raise
         try:
             _check(request, op, path_params)

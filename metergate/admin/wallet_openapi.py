@@ -14,15 +14,15 @@ def _one(name: str) -> dict[str, Any]:
 
 def wallet_paths() -> dict[str, Any]:
     # here, not at import: openapi imports this module
-    from metergate.admin.openapi import AMOUNT, AMOUNT_DECIMAL, ASSET, ID, KEY, SEQ_CURSOR, _op, strict
+    from metergate.admin.openapi import AMOUNT, AMOUNT_DECIMAL, ASSET, DECIMAL0, ID, KEY, SEQ_CURSOR, _op, strict
 
     c, g, p, s, h = ("customer_id",), ("grant_id",), ("plan_id",), ("subscription_id",), ("hold_id",)
     customers = "/admin/v1/customers/{customer_id}"
     minor = AMOUNT
     minor0 = {**AMOUNT, "minimum": 0}
     decimal = AMOUNT_DECIMAL
-    rate = {"type": "string", "pattern": r"^[0-9]{1,16}(\.[0-9]{1,18})?$",
-            "description": "major units of to_asset per major unit of from_asset"}
+    rate = {**AMOUNT_DECIMAL, "x-error-code": "invalid_request",
+            "description": "major units of to_asset per major unit of from_asset, above zero"}
     ms = {"type": "integer", "minimum": 0, "maximum": 253_402_300_799_999, "description": "epoch milliseconds"}
     priority = {"type": "integer", "minimum": -1000, "maximum": 1000}
     ttl = {"type": "integer", "minimum": 1, "maximum": 604800}
@@ -34,7 +34,7 @@ def wallet_paths() -> dict[str, Any]:
             {"name": "asset", "in": "query", "schema": ASSET}]
     asset = strict({"code": {**ASSET, "x-error-code": "invalid_asset"}, "name": name,
                     "scale": {"type": "integer", "minimum": 0, "maximum": 12},
-                    "value_per_unit": {**decimal, "x-error-code": "invalid_request"},
+                    "value_per_unit": {**DECIMAL0, "x-error-code": "invalid_request"},
                     "value_currency": {"type": "string", "pattern": "^[A-Z]{3}$", "x-error-code": "invalid_asset"}},
                    "code", "scale")
     conversion = strict({"from_asset": ASSET, "to_asset": ASSET, "rate": rate, "purpose": purpose},
@@ -57,9 +57,9 @@ def wallet_paths() -> dict[str, Any]:
                    "idempotency_key": KEY}, "customer_id", **_one("amount"))
     extend = strict({"amount": minor, "amount_decimal": decimal, "ttl_s": ttl, "idempotency_key": KEY},
                     **_one("amount"))
-    capture = strict({"amount": minor0, "amount_decimal": decimal, "final": {"type": "boolean"},
+    capture = strict({"amount": minor0, "amount_decimal": DECIMAL0, "final": {"type": "boolean"},
                       "idempotency_key": KEY}, **_one("amount"))
-    heartbeat = strict({"used": minor0, "used_decimal": decimal, "next": minor0, "next_decimal": decimal,
+    heartbeat = strict({"used": minor0, "used_decimal": DECIMAL0, "next": minor0, "next_decimal": DECIMAL0,
                         "ttl_s": ttl, "partial": {"type": "boolean"}, "idempotency_key": KEY},
                        allOf=[_one("used"), _one("next")])
     return {

@@ -226,7 +226,7 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024,
                                         description="Largest webhook body read before its signature is checked "
                                                     "(the sender is not yet authenticated).")
-    admin_auth_max_failures: int = Field(20, ge=1, le=10_000,
+    admin_auth_max_failures: int = Field(20, ge=1, le=1_000_000,
                                          description="Failed admin-key attempts one remote address may make per "
                                                      "admin_auth_window_s; beyond, 429 rate_limited with "
                                                      "Retry-After until the window ends.")
