@@ -79,7 +79,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 def build_app() -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=8 * 1024 * 1024)  # bench/large_prompts.py sends 4 MB prompts
     app.router.add_post("/v1/chat/completions", chat)
     return app
 

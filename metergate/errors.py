@@ -6,8 +6,9 @@ Tree::
     ├── BadRequest                      400: invalid_json, invalid_request (param names the field),
     │                                        missing_model, invalid_model, unknown_model,
     │                                        invalid_customer, invalid_amount,
-    │                                        malformed_request (HTTP framing aiohttp could not parse),
-    │                                        invalid_path, invalid_query (metergate.urls)
+    │                                        malformed_request (HTTP framing aiohttp could not parse, or
+    │                                        Transfer-Encoding on HTTP/1.0), unsupported_transfer_encoding,
+    │                                        unknown_field, invalid_path, invalid_query (metergate.urls)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
@@ -16,10 +17,12 @@ Tree::
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
+    ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists
     ├── PayloadTooLarge                 413: body_too_large
-    ├── UnsupportedMediaType            415: unsupported_media_type
-    ├── TooManyRequests                 429: rate_limited (with a Retry-After header)
+    ├── UnsupportedMediaType            415: unsupported_media_type, unsupported_content_encoding
+    ├── TooManyRequests                 429: rate_limited (with a Retry-After header; also failed
+    │                                        admin-key attempts from one address)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
     ├── ServiceUnavailable              503: storage_unavailable, ledger_backlog
     └── GatewayTimeout                  504: upstream_timeout
@@ -117,6 +120,12 @@ class MethodNotAllowed(MetergateError):
     def __init__(self, message: str, *, allow: Iterable[str], **extra: Any) -> None:
         super().__init__(message, **extra)
         self.headers["Allow"] = ", ".join(allow)  # RFC 9110 §15.5.6: a 405 lists the methods the path takes
+
+
+class RequestTimeout(MetergateError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class Conflict(MetergateError):

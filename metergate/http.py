@@ -14,6 +14,16 @@ chunked framing) never reach a handler or a middleware: aiohttp answers them its
 (aio-libs/aiohttp#3287 asks for a hook; none exists). :class:`JsonErrorAppRunner` serves an application
 with a request handler that renders those answers in the same envelope; :func:`run_app` is
 ``web.run_app`` on that runner. Serve metergate with one of the two, never with a bare ``web.AppRunner``.
+
+The same request handler puts a deadline on slow clients (:class:`ListenerLimits`, from the settings
+``header_read_timeout_s`` and ``body_read_timeout_s``): a request line and headers that take longer, from
+their first byte, get a 408 ``request_timeout`` and a closed connection; a body that takes longer, from the
+end of its headers, fails its reader with the same error, answered by :func:`error_middleware`, and the
+connection is closed. aiohttp itself bounds only the idle time between requests (keep-alive).
+
+:func:`error_middleware` also refuses framing that aiohttp accepts but that a relay cannot pass on
+faithfully: ``Transfer-Encoding`` on HTTP/1.0, any transfer coding but a lone ``chunked``, and a
+``Content-Encoding`` on a request (aiohttp would decompress the body and the header would travel on).
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
 from metergate.errors import (
@@ -35,7 +47,9 @@ from metergate.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
+    UnsupportedMediaType,
 )
 from metergate.observability.logs import AccessLog, current_request_id, new_request_id
 from metergate.wallet.errors import STORAGE_DOWN
@@ -78,12 +92,50 @@ def _malformed() -> MetergateError:
     return BadRequest("The HTTP request is malformed and could not be parsed.", code="malformed_request")
 
 
+def _framing_error(request: web.BaseRequest) -> MetergateError | None:
+    """Why this request's framing cannot be relayed faithfully, if it cannot."""
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if codings and request.version < HttpVersion11:
+        return BadRequest("Transfer-Encoding is not allowed on HTTP/1.0.", code="malformed_request")
+    if codings and ",".join(codings).replace(" ", "").replace("\t", "").lower() != "chunked":
+        return BadRequest("The only transfer coding accepted is 'chunked' alone.",
+                          code="unsupported_transfer_encoding")
+    encodings = [e.strip().lower() for e in ",".join(request.headers.getall("Content-Encoding", [])).split(",")]
+    if any(e not in ("", "identity") for e in encodings):
+        return UnsupportedMediaType("Compressed request bodies are not accepted; send the body uncompressed.",
+                                    code="unsupported_content_encoding")
+    return None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refused with 413 ``body_too_large`` as soon as it is known to exceed
+    ``limit`` bytes: by its Content-Length before a byte is read, else while reading."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    framing = _framing_error(request)
+    if framing is not None:
+        refused = error_response(framing)
+        refused.force_close()  # the body's end is not known reliably: nothing more is read from this connection
+        return refused
     try:
         return await handler(request)
     except MetergateError as error:
-        return error_response(error)
+        response = error_response(error)
+        if isinstance(error, RequestTimeout):
+            response.force_close()
+        return response
     except RequestPayloadError:
         # The body's framing is broken (bad chunk size, truncated chunk): the client's fault, not ours.
         return error_response(_malformed())
@@ -110,13 +162,84 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 # ---------------------------------------------------------------------------------- serving
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Deadlines on slow clients: the request line and headers, from their first byte (a new connection's
+    from its start), and the whole body, from the end of the headers."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+
+
+LISTENER = web.AppKey("listener_limits", ListenerLimits)
+
+
 class JsonErrorRequestHandler(web.RequestHandler):
-    """aiohttp's per-connection protocol, with its own error answers rendered in the OpenAI envelope.
+    """aiohttp's per-connection protocol, with its own error answers rendered in the OpenAI envelope, and
+    deadlines on slow clients (:class:`ListenerLimits`).
 
     aiohttp calls :meth:`handle_error` for a request its parser rejected (status 400), and for an
     exception that escaped the handler chain (500, or 504 on a timeout). The body never carries the
     parser's message or a traceback: those go to the log.
     """
+
+    limits = ListenerLimits()
+    _header_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        for timer in (self._header_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._body_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._waiter is not None and not self._waiter.done()  # no request in flight
+        if data and waiting and self._header_timer is None:
+            self._arm_header_timer()  # the first byte of the next request on a kept-alive connection
+        before = self._request_count
+        super().data_received(data)
+        produced = self._request_count - before
+        if produced and self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if produced:
+            _message, payload = self._messages[-1]
+            if isinstance(payload, StreamReader) and not payload.is_eof():
+                if self._body_timer is not None:
+                    self._body_timer.cancel()
+                self._body_timer = self._loop.call_later(self.limits.body_timeout_s, self._body_timeout, payload)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self._loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport is None:
+            return
+        log.info("closing a connection whose request headers took over %gs", self.limits.header_timeout_s)
+        if self._current_request is None:  # nothing of another answer is on the wire: say why
+            error = RequestTimeout(f"The request headers were not received within {self.limits.header_timeout_s:g} s.")
+            body = json.dumps(error.body(), separators=(",", ":")).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        self.force_close()
+
+    def _body_timeout(self, payload: StreamReader) -> None:
+        self._body_timer = None
+        if payload.is_eof() or self.transport is None:
+            return
+        log.info("failing a request whose body took over %gs", self.limits.body_timeout_s)
+        # Its reader raises this (answered 408 by error_middleware); the rest is never read: no lingering.
+        self._lingering_time = 0.0
+        payload.set_exception(RequestTimeout(f"The request body was not received within "
+                                             f"{self.limits.body_timeout_s:g} s."))
+        self.close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -147,13 +270,18 @@ class JsonErrorRequestHandler(web.RequestHandler):
 class JsonErrorServer(web.Server):
     """A low-level server whose connections use :class:`JsonErrorRequestHandler`."""
 
+    limits = ListenerLimits()
+
     def __call__(self) -> web.RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.limits = self.limits
+        return handler
 
 
 class JsonErrorAppRunner(web.AppRunner):
-    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON, and whose access
-    log writes no query string (:class:`metergate.observability.logs.AccessLog`: links carry secrets there)."""
+    """``web.AppRunner`` (same arguments) whose server renders parser-level errors as JSON, applies the app's
+    :data:`LISTENER` limits (defaults without them), and whose access log writes no query string
+    (:class:`metergate.observability.logs.AccessLog`: links carry secrets there)."""
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         kwargs.setdefault("access_log_class", AccessLog)
@@ -161,9 +289,11 @@ class JsonErrorAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's startup and freezes it
-        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
-                               handler_cancellation=server.handler_cancellation, loop=server._loop,
-                               **server._kwargs)
+        json_server = JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+                                      handler_cancellation=server.handler_cancellation, loop=server._loop,
+                                      **server._kwargs)
+        json_server.limits = self.app.get(LISTENER, ListenerLimits())
+        return json_server
 
 
 async def _serve_forever(app: web.Application, host: str, port: int, backlog: int, **runner_kwargs: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from metergate.admin import validation
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, NotFound, Unauthorized
 from metergate.http import json_response
@@ -44,6 +45,11 @@ class AdminApi:
         self._signer = signer
         self._keys = [(k.get_secret_value(), k.get_secret_value()[3:7]) for k in settings.admin_keys]
         self._scales = {asset.code: asset.scale for asset in settings.assets}
+        from metergate.admin.openapi import document
+
+        # Every admin request passes this before its handler (metergate/admin/validation.py).
+        self.validation = validation.middleware(document(), self._mode, validation.AuthThrottle(
+            settings.admin_auth_max_failures, settings.admin_auth_window_s, settings.admin_auth_tracked_addresses))
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -84,8 +90,9 @@ class AdminApi:
         """The request's mode and the customer its path names (or ``customer_id``); 404 when that customer
         does not exist in the key's mode. For every admin module."""
         mode = self._mode(request)
-        customer_id = customer_id or request.match_info["customer_id"]
-        if await self._store.get_customer(mode, customer_id) is None:
+        if customer_id is None:
+            customer_id = request.match_info["customer_id"]
+        if not valid_customer_id(customer_id) or await self._store.get_customer(mode, customer_id) is None:
             raise CustomerNotFound(customer_id)
         return mode, customer_id
 
@@ -101,7 +108,7 @@ class AdminApi:
             raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-        return payload
+        return validation.body_of(request, payload)
 
     @staticmethod
     def _limit(request: web.Request) -> int:

@@ -66,10 +66,9 @@ class HoldsApi:
         """The mode, hold id, JSON body (naming only ``fields``) and the hold's asset, for the calls on an
         existing hold."""
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request)
         hold_id = request.match_info["hold_id"]
         found = (await self.service.get(mode, hold_id))["hold"]  # 404 first: the path names the object
-        only(body, *fields, "idempotency_key")
+        body = only(await self._admin.read_json(request), *fields, "idempotency_key")
         return mode, hold_id, body, await self._assets.require(mode, found["asset"])
 
     async def create(self, request: web.Request) -> web.Response:
@@ -118,8 +117,8 @@ class HoldsApi:
 
     async def void(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
-        body = await self._admin.read_json(request) if request.can_read_body else {}
         await self.service.get(mode, request.match_info["hold_id"])  # 404 first: the path names the object
+        body = await self._admin.read_json(request) if request.can_read_body else {}
         only(body, "idempotency_key")
         key = body.get("idempotency_key") or request.headers.get("Idempotency-Key") or "void"
         if not isinstance(key, str) or len(key) > 128:

@@ -9,16 +9,51 @@ from metergate.admin.wallet_openapi import wallet_paths
 from metergate.pricing.openapi import pricing_paths
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+# Shared schemas. The document is also what the server enforces (metergate/admin/validation.py): every
+# object that takes a fixed set of fields says additionalProperties: false, every integer has bounds.
+ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"}
+ASSET = {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,31}$"}
+KEY = {"type": "string", "minLength": 1, "maxLength": 128}
+MAX_AMOUNT = 10**15
+AMOUNT = {"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT, "x-error-code": "invalid_amount"}
+DECIMAL0 = {"type": "string", "pattern": r"^[0-9]{1,16}(\.[0-9]{1,18})?$", "x-error-code": "invalid_amount",
+            "description": "a plain decimal string in the asset's major unit"}
+# The same, above zero (an amount of 0 is refused wherever AMOUNT's minimum is 1).
+AMOUNT_DECIMAL = {**DECIMAL0, "pattern": r"^([1-9][0-9]{0,15}(\.[0-9]{1,18})?|0\.[0-9]{0,17}[1-9][0-9]{0,17})$"}
+SEQ_CURSOR = {"type": "string", "pattern": "^[0-9]{1,18}$", "description": "next_cursor of the previous page"}
+LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
+# A calendar date (days 1-28: valid in every month) or date-time in UTC, or epoch milliseconds.
+INSTANT = {"type": "string", "pattern": r"^([0-9]{1,13}|[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+                                        r"(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?Z)?)$",
+           "description": "ISO 8601 date or date-time (UTC), or epoch milliseconds"}
+
+
+def one_amount(name: str = "amount") -> dict[str, Any]:
+    """Schema keywords: exactly one of ``name`` and ``name_decimal`` (never both: one would silently win)."""
+    return {"oneOf": [{"required": [name], "not": {"required": [f"{name}_decimal"]}},
+                      {"required": [f"{name}_decimal"], "not": {"required": [name]}}],
+            "x-alternatives-code": "invalid_amount",
+            "x-alternatives-message": f"give exactly one of '{name}' and '{name}_decimal'."}
+
+
+def strict(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str, Any]:
+    """An object schema that takes exactly ``properties``."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False, **extra}
+    if required:
+        schema["required"] = list(required)
+    return schema
 
 
 def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
-        params: tuple[str, ...] = (), query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    json_object = {"application/json": {"schema": {"type": "object"}}}
+        params: tuple[str, ...] = (), query: list[dict[str, Any]] | None = None,
+        media: tuple[str, ...] = ("application/json",)) -> dict[str, Any]:
+    ok_content = {m: {"schema": {"type": "object"}} if m == "application/json" else {"schema": {"type": "string"}}
+                  for m in media}
     op: dict[str, Any] = {
         "summary": summary,
-        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": ID}
                        for p in params] + (query or []),
-        "responses": {str(ok): {"description": "OK", "content": json_object},
+        "responses": {str(ok): {"description": "OK", "content": ok_content},
                       "default": {"description": "Error",
                                   "content": {"application/json": {"schema": _ERROR}}}},
     }
@@ -29,12 +64,10 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
 
 def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
     """Auto top-up, spend caps and top-up history (metergate/payments/admin.py)."""
-    asset = [{"name": "asset", "in": "query", "schema": {"type": "string"}}]
-    minor = {"type": "integer", "minimum": 1}
-    auto = {"type": "object", "required": ["threshold", "amount"], "properties": {
-        "asset": {"type": "string"}, "threshold": minor, "amount": minor}}
-    cap = {"type": ["integer", "null"], "minimum": 1}
-    caps = {"type": "object", "properties": {"asset": {"type": "string"}, "daily": cap, "monthly": cap}}
+    asset = [{"name": "asset", "in": "query", "schema": ASSET}]
+    auto = strict({"asset": ASSET, "threshold": AMOUNT, "amount": AMOUNT}, "threshold", "amount")
+    cap = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_AMOUNT}
+    caps = strict({"asset": ASSET, "daily": cap, "monthly": cap})
     return {
         f"{customers}/auto-top-up": {
             "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", params=c, query=asset),
@@ -52,12 +85,15 @@ def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
 def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -> dict[str, Any]:
     """Billing modes, meter events, reconciliation and exports (metergate/billing/admin.py)."""
     mode = {"type": "string", "enum": ["prepaid", "invoiced"]}
-    config = {"type": "object", "required": ["billing_mode"], "properties": {
-        "billing_mode": mode, "asset_modes": {"type": "object", "additionalProperties": mode},
-        "credit_limits": {"type": "object", "additionalProperties": {"type": ["integer", "null"], "minimum": 0}},
-        "memo": {"type": "string", "maxLength": 500}, "changed_by": {"type": "string", "maxLength": 80}}}
-    customer = [{"name": "customer_id", "in": "query", "schema": {"type": "string"}}]
+    limit = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_AMOUNT}
+    config = strict({
+        "billing_mode": mode, "asset_modes": {"type": "object", "additionalProperties": mode, "maxProperties": 64},
+        "credit_limits": {"type": "object", "additionalProperties": limit, "maxProperties": 64},
+        "memo": {"type": "string", "maxLength": 500}, "changed_by": {"type": "string", "maxLength": 80}},
+        "billing_mode")
+    customer = [{"name": "customer_id", "in": "query", "schema": ID}]
     fmt = [{"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"}}]
+    streamed = ("text/csv", "application/x-ndjson")
     return {
         f"{customers}/billing": {
             "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history", params=c),
@@ -67,32 +103,29 @@ def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -
         "/admin/v1/billing/reconciliation": {"get": _op(
             "Usage and ledger totals beside meter events sent, pending and failing", query=period + customer)},
         "/admin/v1/exports/usage": {"get": _op("Usage records by period, streamed (CSV or JSON Lines)",
-                                               query=period + customer + fmt)},
+                                               query=period + customer + fmt, media=streamed)},
         "/admin/v1/exports/ledger": {"get": _op("Ledger entries by period, streamed (CSV or JSON Lines)",
-                                                query=period + customer + fmt)},
+                                                query=period + customer + fmt, media=streamed)},
     }
 
 
 def document() -> dict[str, Any]:
     c = ("customer_id",)
-    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-            {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
-             "schema": {"type": "string"}}]
-    credit = {
-        "type": "object", "required": ["idempotency_key"],
-        "properties": {"asset": {"type": "string"}, "amount": {"type": "integer", "minimum": 1},
-                       "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
-                       "memo": {"type": "string"}}}
+    page = [LIMIT, {"name": "cursor", "in": "query", "schema": SEQ_CURSOR}]
+    customer_page = [LIMIT, {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
+                             "schema": ID}]
+    credit = strict({"asset": ASSET, "amount": AMOUNT, "amount_decimal": AMOUNT_DECIMAL, "idempotency_key": KEY,
+                     "memo": {"type": "string", "maxLength": 500}}, **one_amount())  # or the Idempotency-Key header
     customers = "/admin/v1/customers/{customer_id}"
-    key_attributes = {"type": "object", "properties": {"attributes": {
+    key_attributes = {"type": "object", "additionalProperties": False, "properties": {"attributes": {
         "type": "object", "maxProperties": 16, "additionalProperties": {"type": "string", "minLength": 1,
                                                                          "maxLength": 128},
         "description": "Pricing attributes of the key's requests (e.g. feature); its client cannot change them"}}}
-    per_minute = {"type": ["integer", "null"], "minimum": 1}
-    limits = {"type": "object", "required": ["requests_per_minute", "tokens_per_minute"],
-              "properties": {"requests_per_minute": per_minute, "tokens_per_minute": per_minute}}
-    instant = {"type": "string", "description": "ISO 8601 date or date-time (UTC unless an offset is given), "
-                                                "or epoch milliseconds"}
+    per_minute = {"type": ["integer", "null"], "minimum": 1, "maximum": 1_000_000_000}
+    per_minute_tokens = {"type": ["integer", "null"], "minimum": 1, "maximum": 10**12}
+    limits = strict({"requests_per_minute": per_minute, "tokens_per_minute": per_minute_tokens},
+                    "requests_per_minute", "tokens_per_minute")
+    instant = INSTANT
     margin = [
         {"name": "group_by", "in": "query", "schema": {
             "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month"],
@@ -103,11 +136,10 @@ def document() -> dict[str, Any]:
     ]
     paths: dict[str, Any] = {
         "/admin/v1/customers": {
-            "post": _op("Create a customer", ok=201, body={
-                "type": "object", "required": ["id"],
-                "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
-                               "name": {"type": "string", "maxLength": 256}}}),
-            "get": _op("List customers", query=page),
+            "post": _op("Create a customer", ok=201, body=strict(
+                {"id": {**ID, "x-error-code": "invalid_customer"}, "name": {"type": "string", "maxLength": 256}},
+                "id")),
+            "get": _op("List customers", query=customer_page),
         },
         customers: {"get": _op("Get a customer with balances", params=c)},
         f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)", ok=201,
@@ -131,7 +163,8 @@ def document() -> dict[str, Any]:
             "delete": _op("Drop the override: the configured defaults apply again", params=c),
         },
         "/admin/v1/reports/margin": {"get": _op(
-            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", query=margin)},
+            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", query=margin,
+            media=("application/json", "text/csv"))},
         "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard", ok=201)},
     }
     paths.update(_payments(customers, c))

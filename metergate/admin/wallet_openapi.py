@@ -6,55 +6,62 @@ from __future__ import annotations
 from typing import Any
 
 
+def _one(name: str) -> dict[str, Any]:
+    from metergate.admin.openapi import one_amount
+
+    return one_amount(name)
+
+
 def wallet_paths() -> dict[str, Any]:
-    from metergate.admin.openapi import _op  # here, not at import: openapi imports this module
+    # here, not at import: openapi imports this module
+    from metergate.admin.openapi import AMOUNT, AMOUNT_DECIMAL, ASSET, DECIMAL0, ID, KEY, SEQ_CURSOR, _op, strict
 
     c, g, p, s, h = ("customer_id",), ("grant_id",), ("plan_id",), ("subscription_id",), ("hold_id",)
     customers = "/admin/v1/customers/{customer_id}"
-    minor = {"type": "integer", "minimum": 1}
-    minor0 = {"type": "integer", "minimum": 0}
-    decimal = {"type": "string", "description": "a plain decimal string in the asset's major unit"}
-    key = {"type": "string", "minLength": 1, "maxLength": 128}
-    ms = {"type": "integer", "minimum": 0, "description": "epoch milliseconds"}
+    minor = AMOUNT
+    minor0 = {**AMOUNT, "minimum": 0}
+    decimal = AMOUNT_DECIMAL
+    rate = {**AMOUNT_DECIMAL, "x-error-code": "invalid_request",
+            "description": "major units of to_asset per major unit of from_asset, above zero"}
+    ms = {"type": "integer", "minimum": 0, "maximum": 253_402_300_799_999, "description": "epoch milliseconds"}
+    priority = {"type": "integer", "minimum": -1000, "maximum": 1000}
+    ttl = {"type": "integer", "minimum": 1, "maximum": 604800}
+    memo = {"type": "string", "maxLength": 500}
+    name = {"type": "string", "maxLength": 256}
     purpose = {"type": "string", "enum": ["paid", "promotional", "trial", "entitlement", "adjustment"]}
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-            {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-            {"name": "asset", "in": "query", "schema": {"type": "string"}}]
-    asset = {"type": "object", "required": ["code", "scale"], "properties": {
-        "code": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,31}$"}, "name": {"type": "string"},
-        "scale": {"type": "integer", "minimum": 0, "maximum": 12}, "value_per_unit": decimal,
-        "value_currency": {"type": "string", "pattern": "^[A-Z]{3}$"}}}
-    conversion = {"type": "object", "required": ["from_asset", "to_asset", "rate"], "properties": {
-        "from_asset": {"type": "string"}, "to_asset": {"type": "string"}, "rate": decimal, "purpose": purpose}}
-    convert = {"type": "object", "required": ["from_asset", "to_asset"], "properties": {
-        "from_asset": {"type": "string"}, "to_asset": {"type": "string"}, "amount": minor, "amount_decimal": decimal,
-        "idempotency_key": key}}
-    grant = {"type": "object", "properties": {
-        "asset": {"type": "string"}, "amount": minor, "amount_decimal": decimal, "purpose": purpose,
-        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000}, "effective_at_ms": ms,
-        "expires_at_ms": ms, "memo": {"type": "string", "maxLength": 500}, "idempotency_key": key}}
-    order = {"type": "object", "required": ["order"], "properties": {
-        "order": {"type": "string", "enum": ["priority", "expiry", "fifo"]}}}
-    plan = {"type": "object", "required": ["id", "period", "entitlements"], "properties": {
-        "id": {"type": "string"}, "name": {"type": "string"},
-        "period": {"type": "string", "enum": ["month", "week", "days"]},
-        "period_days": {"type": "integer", "minimum": 1, "maximum": 3660},
-        "entitlements": {"type": "array", "minItems": 1, "maxItems": 20, "items": {"type": "object", "properties": {
-            "asset": {"type": "string"}, "amount": minor, "amount_decimal": decimal, "rollover_cap": minor,
-            "priority": {"type": "integer"}}}}}}
-    subscribe = {"type": "object", "required": ["id", "plan_id"], "properties": {
-        "id": {"type": "string"}, "plan_id": {"type": "string"}, "anchor_ms": ms}}
-    hold = {"type": "object", "required": ["customer_id"], "properties": {
-        "customer_id": {"type": "string"}, "asset": {"type": "string"}, "amount": minor, "amount_decimal": decimal,
-        "ttl_s": {"type": "integer", "minimum": 1, "maximum": 604800}, "hold_id": {"type": "string"},
-        "idempotency_key": key}}
-    extend = {"type": "object", "properties": {"amount": minor, "amount_decimal": decimal,
-                                               "ttl_s": {"type": "integer"}, "idempotency_key": key}}
-    capture = {"type": "object", "properties": {"amount": minor0, "amount_decimal": decimal,
-                                                "final": {"type": "boolean"}, "idempotency_key": key}}
-    heartbeat = {"type": "object", "properties": {
-        "used": minor0, "used_decimal": decimal, "next": minor0, "next_decimal": decimal,
-        "ttl_s": {"type": "integer"}, "partial": {"type": "boolean"}, "idempotency_key": key}}
+            {"name": "cursor", "in": "query", "schema": SEQ_CURSOR},
+            {"name": "asset", "in": "query", "schema": ASSET}]
+    asset = strict({"code": {**ASSET, "x-error-code": "invalid_asset"}, "name": name,
+                    "scale": {"type": "integer", "minimum": 0, "maximum": 12},
+                    "value_per_unit": {**DECIMAL0, "x-error-code": "invalid_request"},
+                    "value_currency": {"type": "string", "pattern": "^[A-Z]{3}$", "x-error-code": "invalid_asset"}},
+                   "code", "scale")
+    conversion = strict({"from_asset": ASSET, "to_asset": ASSET, "rate": rate, "purpose": purpose},
+                        "from_asset", "to_asset", "rate")
+    convert = strict({"from_asset": ASSET, "to_asset": ASSET, "amount": minor, "amount_decimal": decimal,
+                      "idempotency_key": KEY}, "from_asset", "to_asset", **_one("amount"))
+    grant = strict({"asset": ASSET, "amount": minor, "amount_decimal": decimal, "purpose": purpose,
+                    "priority": priority, "effective_at_ms": ms, "expires_at_ms": ms, "memo": memo,
+                    "idempotency_key": KEY}, **_one("amount"))
+    order = strict({"order": {"type": "string", "enum": ["priority", "expiry", "fifo"]}}, "order")
+    entitlement = strict({"asset": ASSET, "amount": minor, "amount_decimal": decimal, "rollover_cap": minor,
+                          "priority": priority}, "asset", **_one("amount"))
+    plan = strict({"id": ID, "name": name, "period": {"type": "string", "enum": ["month", "week", "days"]},
+                   "period_days": {"type": "integer", "minimum": 1, "maximum": 3660},
+                   "entitlements": {"type": "array", "minItems": 1, "maxItems": 20, "items": entitlement}},
+                  "id", "period", "entitlements")
+    subscribe = strict({"id": ID, "plan_id": ID, "anchor_ms": ms}, "id", "plan_id")
+    hold = strict({"customer_id": {**ID, "x-error-code": "invalid_customer"}, "asset": ASSET, "amount": minor,
+                   "amount_decimal": decimal, "ttl_s": ttl, "hold_id": {**ID, "maxLength": 64},
+                   "idempotency_key": KEY}, "customer_id", **_one("amount"))
+    extend = strict({"amount": minor, "amount_decimal": decimal, "ttl_s": ttl, "idempotency_key": KEY},
+                    **_one("amount"))
+    capture = strict({"amount": minor0, "amount_decimal": DECIMAL0, "final": {"type": "boolean"},
+                      "idempotency_key": KEY}, **_one("amount"))
+    heartbeat = strict({"used": minor0, "used_decimal": DECIMAL0, "next": minor0, "next_decimal": DECIMAL0,
+                        "ttl_s": ttl, "partial": {"type": "boolean"}, "idempotency_key": KEY},
+                       allOf=[_one("used"), _one("next")])
     return {
         "/admin/v1/assets": {"get": _op("Assets of this mode (configured ones first)"),
                              "post": _op("Define a custom asset", ok=201, body=asset)},

@@ -223,6 +223,43 @@ class Settings(BaseSettings):
                                    description="After a client disconnects, how long to keep reading for usage.")
     drain_max_bytes: int = Field(16 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024,
                                  description="After a client disconnects, how many bytes to keep reading for usage.")
+    # Slow clients and hostile input (metergate/http.py, metergate/admin/validation.py).
+    header_read_timeout_s: float = Field(10, gt=0, le=300,
+                                         description="Longest a client may take to send a request's line and "
+                                                     "headers, from its first byte (from the connection's start for "
+                                                     "a new connection); then 408 request_timeout and the "
+                                                     "connection is closed.")
+    body_read_timeout_s: float = Field(60, gt=0, le=3600,
+                                       description="Longest a client may take to send a whole request body, from "
+                                                   "the end of its headers; then 408 request_timeout and the "
+                                                   "connection is closed.")
+    webhook_max_body_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024,
+                                        description="Largest webhook body read before its signature is checked "
+                                                    "(the sender is not yet authenticated).")
+    admin_auth_max_failures: int = Field(20, ge=1, le=1_000_000,
+                                         description="Failed admin-key attempts one remote address may make per "
+                                                     "admin_auth_window_s; beyond, 429 rate_limited with "
+                                                     "Retry-After until the window ends.")
+    admin_auth_window_s: float = Field(60, gt=0, le=86400,
+                                       description="The window of admin_auth_max_failures.")
+    admin_auth_tracked_addresses: int = Field(10_000, ge=16, le=1_000_000,
+                                              description="Remote addresses the failed-admin-key throttle remembers "
+                                                          "(the oldest are forgotten first; bounds its memory).")
+    tokenizer_inline_max_bytes: int = Field(
+        16 * 1024, ge=0, le=256 * 1024 * 1024,
+        description="Request bodies up to this size have their prompt counted on the event loop. A larger one "
+                    "must first be covered at one token per byte of prompt text (a token is at least a byte), "
+                    "then is counted in the tokenizer's thread pool.")
+    tokenizer_exact_max_bytes: int = Field(
+        1024 * 1024, ge=0, le=256 * 1024 * 1024,
+        description="Request bodies above this size are never tokenized: their prompt is estimated at one token "
+                    "per byte of text (an upper bound; the provider's reported usage is what is billed).")
+    request_max_output_tokens: int = Field(
+        10_000_000, ge=1, le=1_000_000_000,
+        description="Most output tokens one proxy request may ask for (max_tokens times n, or the default); "
+                    "more is refused with 400 invalid_request before anything is priced or held.")
+    tokenizer_threads: int = Field(2, ge=1, le=64, description="Threads that count large prompts "
+                                                               "(tiktoken releases the GIL while encoding).")
     default_max_output_tokens: int = Field(
         4096, ge=1, le=10_000_000,
         description="Output tokens a request without a maximum is assumed to ask for: its rate-limit estimate, "
@@ -387,6 +424,10 @@ class Settings(BaseSettings):
         for route in self.routes:
             if any(route.prefix == p or route.prefix.startswith(p + "/") for p in RESERVED_PREFIXES):
                 raise ValueError(f"routes: prefix {route.prefix!r} collides with metergate's own paths")
+        if self.default_max_output_tokens > self.request_max_output_tokens:
+            raise ValueError("default_max_output_tokens must not exceed request_max_output_tokens")
+        if self.tokenizer_inline_max_bytes > self.tokenizer_exact_max_bytes:
+            raise ValueError("tokenizer_inline_max_bytes must not exceed tokenizer_exact_max_bytes")
         drain = self.upstream_timeout_s + self.drain_timeout_s
         if self.hold_ttl_s <= drain:
             raise ValueError(f"hold_ttl_s ({self.hold_ttl_s}) must exceed upstream_timeout_s + drain_timeout_s "

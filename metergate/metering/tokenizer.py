@@ -6,18 +6,34 @@ tiktoken's cache directory under the names tiktoken looks for (the sha1 of the d
 their sha256 is checked against tiktoken's pinned hash *before* tiktoken sees them, so tiktoken never
 falls through to a download. If anything is missing, counting degrades to an approximation
 (UTF-8 bytes / 4, rounded up) and says so through :attr:`TokenCounter.exact`.
+
+Counting is CPU work proportional to the text (about 2 MB/s per core): a large prompt must never be
+counted on the event loop. Two tools bound it: :func:`upper_bound_counts`, within which every count is the
+text's UTF-8 length, an upper bound of any BPE count (a token is at least one byte) computed at memory speed,
+and :func:`count_off_loop`, which runs a count in a small thread pool (tiktoken releases the GIL while
+encoding, so the loop keeps serving). :mod:`metergate.proxy.prompt_size` decides which applies.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gzip
 import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from metergate.observability.threads import name_os_thread
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +126,15 @@ class TokenCounter:
     def count(self, text: str) -> int:
         if not text:
             return 0
+        if _UPPER_BOUND.get():
+            return len(text.encode("utf-8", "surrogatepass"))
         if self._encoding is not None:
             return len(self._encoding.encode_ordinary(text))
         return -(-len(text.encode("utf-8")) // 4)
 
     def count_prompt(self, text: str) -> int:
         """:meth:`count`, remembered for texts that are likely to come again (parts of a prompt)."""
-        if self._encoding is None or len(text) > PROMPT_CACHE_MAX_CHARS:
+        if self._encoding is None or len(text) > PROMPT_CACHE_MAX_CHARS or _UPPER_BOUND.get():
             return self.count(text)
         return _count_cached(self._encoding, text)
 
@@ -129,6 +147,34 @@ def _count_cached(encoding: Any, text: str) -> int:
 @lru_cache(maxsize=256)
 def counter_for(model: str) -> TokenCounter:
     return TokenCounter(model)
+
+
+_UPPER_BOUND: ContextVar[bool] = ContextVar("metergate_token_upper_bound", default=False)
+
+
+@contextlib.contextmanager
+def upper_bound_counts() -> Iterator[None]:
+    """Within this block (in this context only), every count is the text's UTF-8 length in bytes: never less
+    than its true token count, and computed without tokenizing."""
+    token = _UPPER_BOUND.set(True)
+    try:
+        yield
+    finally:
+        _UPPER_BOUND.reset(token)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+async def count_off_loop(threads: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (something that counts tokens) in the tokenizer's pool of ``threads`` threads, so that
+    the event loop goes on serving meanwhile. The pool is made on first use and lives as long as the
+    process; a count that is no longer awaited still runs to its end (it is bounded by the body size)."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mg-tokenizer",
+                                                    initializer=name_os_thread)
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
 def preload() -> bool:

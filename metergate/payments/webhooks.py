@@ -18,7 +18,7 @@ from aiohttp import web
 
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, NotFound
-from metergate.http import json_response
+from metergate.http import json_response, read_body
 from metergate.payments.stripe_api import PaymentsUnavailable
 from metergate.payments.topups import TopUps
 from metergate.wallet.models import Mode
@@ -29,6 +29,7 @@ TOLERANCE_S = 300
 class StripeWebhooks:
     def __init__(self, settings: Settings, topups: TopUps) -> None:
         self._topups = topups
+        self._max_body_bytes = settings.webhook_max_body_bytes
         self._secrets: dict[str, str] = {}
         for mode in ("test", "live"):
             secret = getattr(settings, f"stripe_{mode}_webhook_secret")
@@ -67,7 +68,11 @@ class StripeWebhooks:
 
     async def receive(self, request: web.Request) -> web.Response:
         mode = request.match_info["mode"]
-        event = self.verify(mode, await request.read(), request.headers.get("Stripe-Signature"))
+        if mode not in ("test", "live"):
+            raise NotFound("No such webhook endpoint.", code="not_found")
+        # The sender is not authenticated until the signature is checked: read only a small body.
+        payload = await read_body(request, self._max_body_bytes)
+        event = self.verify(mode, payload, request.headers.get("Stripe-Signature"))
         mode_: Mode = "live" if mode == "live" else "test"
         result = await self._topups.handle_event(mode_, event)
         return json_response({"received": True, "event": event.get("id"), "result": result})

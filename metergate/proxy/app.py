@@ -28,7 +28,7 @@ from metergate.admin.reports import ReportsApi
 from metergate.admin.wallets import WalletsApi
 from metergate.billing.service import BILLING, Billing
 from metergate.config.settings import Settings
-from metergate.http import error_middleware, json_response
+from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.tokenizer import preload
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
@@ -122,6 +122,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     app[PIPELINE] = pipeline
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[LISTENER] = ListenerLimits(settings.header_read_timeout_s, settings.body_read_timeout_s)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -173,6 +174,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     app.router.add_get("/metrics", metrics_text)
     if control:
         admin = AdminApi(settings, store, signer)
+        app.middlewares.append(admin.validation)  # the OpenAPI document, enforced before any admin handler
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())

@@ -53,6 +53,7 @@ from metergate.proxy.budget import StreamBudget
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.methods import check_method
 from metergate.proxy.passthrough import FreeEndpoints
+from metergate.proxy.prompt_size import prepare_bounded
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
@@ -201,7 +202,8 @@ class Pipeline:
         attributes = self.prices.request_attributes(
             request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request)
-        prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
+        # A large prompt is priced at its upper bound before it is counted, and never counted on the event loop.
+        prepared = await prepare_bounded(self, attributes, identity, match, adapter, endpoint, body, _json_object(body))
         rate = await self.prices.resolve_request(
             identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
             route=match.route.prefix, provider=match.route.provider_id, attributes=attributes)
