@@ -25,8 +25,8 @@ LIVE_ID, LIVE_NAME, LIVE_MODEL = "livecorp", "Live Secret Corp", "live-secret-mo
 LIVE_FUNDS = 7_777_777
 BODY: dict[str, Any] = {"id": "test-only-customer", "name": "Test Only", "amount": 1_000, "asset": "USD",
                         "idempotency_key": "isolation-probe", "memo": "probe", "threshold": 5_000_000,
-                        "requests_per_minute": 1, "tokens_per_minute": 1, "daily": 1, "monthly": 1,
-                        "attributes": {"plan": "probe"}}
+                        "requests_per_minute": 1, "tokens_per_minute": 1, "daily": 1, "monthly": 1}
+PATCH_BODY: dict[str, Any] = {"attributes": {"plan": "probe"}}  # well formed: only mode scoping may refuse it
 
 
 async def _live_state(pg: PayGate, key_hash: str) -> dict[str, Any]:
@@ -120,8 +120,8 @@ async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(p
         for query in ("", "?format=csv&group_by=customer", "?group_by=model", "?group_by=feature"):
             if query and "reports" not in path:
                 continue
-            r = await paygate.gw.admin.request(method, path.removeprefix("/admin/v1") + query,
-                                               json=BODY if method in ("POST", "PUT", "PATCH") else None)
+            body = PATCH_BODY if method == "PATCH" else BODY if method in ("POST", "PUT") else None
+            r = await paygate.gw.admin.request(method, path.removeprefix("/admin/v1") + query, json=body)
             # An error may echo the ids the path itself named; nothing else live may appear.
             markers = secrets + tuple(i for i in (LIVE_ID, key_id) if i not in path)
             for marker in markers:
