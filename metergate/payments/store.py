@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -137,9 +138,13 @@ class PaymentsStore:
             stripe_id=stripe_id, updated_at_ms=now_ms())))
 
     async def finish_topup(self, topup_id: str, state: Literal["succeeded", "failed"], *,
-                           error_code: str | None = None, error_message: str | None = None) -> TopUp | None:
+                           error_code: str | None = None, error_message: str | None = None,
+                           also: Callable[[Connection, TopUp], object] | None = None) -> TopUp | None:
         """Record an outcome once: a succeeded top-up stays succeeded whatever arrives later (events come out
-        of order), a failed one may still succeed. Returns the top-up if this call changed its state."""
+        of order), a failed one may still succeed. Returns the top-up if this call changed its state.
+
+        ``also``: run in the same transaction when this call changes the state (the outbox row that notifies
+        the outcome, so that the outcome and its notification commit together or not at all)."""
         c = p.topups.c
         allowed = ("pending", "in_flight") if state == "failed" else ("pending", "in_flight", "failed")
 
@@ -147,7 +152,10 @@ class PaymentsStore:
             changed = conn.execute(update(p.topups).where(c.id == topup_id, c.state.in_(allowed)).values(
                 state=state, in_flight_key=None, error_code=error_code if state == "failed" else None,
                 error_message=error_message if state == "failed" else None, updated_at_ms=now_ms())).rowcount
-            return conn.execute(select(p.topups).where(c.id == topup_id)).first() if changed else None
+            row = conn.execute(select(p.topups).where(c.id == topup_id)).first() if changed else None
+            if row is not None and also is not None:
+                also(conn, _topup(row))
+            return row
 
         row = await self.wallet._write(op)
         return _topup(row) if row is not None else None

@@ -148,8 +148,8 @@ class SelfServe:
             product=f"{self._settings.portal_brand_name or 'Prepaid'} credit")
         raise web.HTTPSeeOther(url)
 
-    def _notify(self, grant: PortalGrant, setting: str, before: object, after: object) -> None:
-        settings_changed(self._payments.notifier, grant.mode, grant.customer_id, setting, before, after,
+    async def _notify(self, grant: PortalGrant, setting: str, before: object, after: object) -> None:
+        await settings_changed(self._payments.notifier, grant.mode, grant.customer_id, setting, before, after,
                          changed_by="portal", link_id=grant.link_id)
 
     async def auto_top_up(self, request: web.Request) -> web.StreamResponse:
@@ -157,13 +157,13 @@ class SelfServe:
         before = await self._store.auto_topup(grant.mode, grant.customer_id, self._asset)
         if form.get("enabled") != "on":
             await self._store.set_auto_topup(None, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
-            self._notify(grant, "auto_top_up", before, None)
+            await self._notify(grant, "auto_top_up", before, None)
             raise web.HTTPSeeOther(self._portal_url(request, notice="auto_off"))
         threshold = self._major(form.get("threshold", ""), "threshold")
         amount = self._topups.cents_to_minor(self._topups.parse_topup(form.get("amount", "")))
         setting = validate_auto_topup(self._topups, grant.mode, grant.customer_id, self._asset, threshold, amount)
         await self._store.set_auto_topup(setting, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
-        self._notify(grant, "auto_top_up", before, setting)
+        await self._notify(grant, "auto_top_up", before, setting)
         raise web.HTTPSeeOther(self._portal_url(request, notice="auto_saved"))
 
     async def spend_caps(self, request: web.Request) -> web.StreamResponse:
@@ -173,7 +173,7 @@ class SelfServe:
         caps = validate_caps(grant.mode, grant.customer_id, self._asset, values["daily"], values["monthly"])
         before = await self._store.spend_caps(grant.mode, grant.customer_id, self._asset)
         await self._store.set_spend_caps(caps)
-        self._notify(grant, "spend_caps", before, caps if caps.daily is not None or caps.monthly is not None
+        await self._notify(grant, "spend_caps", before, caps if caps.daily is not None or caps.monthly is not None
                      else None)
         raise web.HTTPSeeOther(self._portal_url(request, notice="caps_saved"))
 
@@ -183,7 +183,7 @@ class SelfServe:
         url = await self._payments.stripe.billing_portal(grant.mode, stripe_customer, self._return_url(request, grant))
         # What changes there (cards added, removed, made the default) happens at Stripe; what metergate sees
         # and reports is that a session able to change them was opened.
-        self._notify(grant, "payment_methods", None, {"stripe_billing_portal": "opened"})
+        await self._notify(grant, "payment_methods", None, {"stripe_billing_portal": "opened"})
         raise web.HTTPSeeOther(url)
 
     # ---------------------------------------------------------------- history
