@@ -1,4 +1,5 @@
-"""The ``metergate`` command: ``serve`` runs the proxy, ``demo`` shows it working end to end."""
+"""The ``metergate`` command: ``serve`` runs the proxy, ``demo`` shows it working end to end, ``webhooks listen``
+forwards notifications to a local app."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from metergate import cli_webhooks
 from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
@@ -23,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="what to serve (else the role setting / METERGATE_ROLE; default all)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
+    cli_webhooks.add_command(sub)  # metergate webhooks listen
     args = parser.parse_args(argv)
+    if args.command == "webhooks":
+        return cli_webhooks.run(args)
 
     if args.command == "demo":
         from metergate.demo.run import run_demo
