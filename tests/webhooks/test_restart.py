@@ -33,16 +33,20 @@ async def _serve(config: Path, log: Path) -> asyncio.subprocess.Process:
     return process
 
 
+def _text(log: Path) -> str:
+    return log.read_text()
+
+
 async def _ready(client: httpx.AsyncClient, process: asyncio.subprocess.Process, log: Path) -> None:
     for _ in range(300):
-        assert process.returncode is None, log.read_text()
+        assert process.returncode is None, _text(log)
         try:
             if (await client.get("/readyz")).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         await asyncio.sleep(0.1)
-    raise AssertionError(f"metergate did not start: {log.read_text()}")
+    raise AssertionError(f"metergate did not start: {_text(log)}")
 
 
 async def _webhooks(client: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
@@ -103,7 +107,7 @@ async def test_notifications_recorded_before_a_crash_are_delivered_after_the_res
             assert await _webhooks(client) == await _webhooks(client, status="delivered")
         finally:
             second.send_signal(signal.SIGTERM)
-            assert await second.wait() == 0, log.read_text()
+            assert await second.wait() == 0, _text(log)
     ids = {row["id"] for row in recorded}
     assert sorted(down_receiver.ids()) == sorted(ids)  # each delivered once, none lost, none made up
     assert set(down_receiver.processed) == ids  # and each verified with the standardwebhooks package
