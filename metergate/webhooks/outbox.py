@@ -11,6 +11,7 @@ each other); a row leaves ``pending`` only as ``delivered`` or ``failed``, and o
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -65,8 +66,13 @@ def parse_cursor(text: str) -> tuple[int, str]:
     return int(found.group(1)), found.group(2)
 
 
-def new_id() -> str:
-    return f"ntf_{uuid.uuid4().hex}"
+_SEQUENCE = itertools.count()
+
+
+def new_id(at_ms: int) -> str:
+    """Ordered like the notifications: the creation time, then this process's sequence, then randomness (so
+    that two notifications of one millisecond follow in the order they were made)."""
+    return f"ntf_{at_ms:012x}{next(_SEQUENCE) % 65536:04x}{uuid.uuid4().hex[:16]}"
 
 
 class WebhookOutbox:
@@ -85,7 +91,7 @@ class WebhookOutbox:
         """Add one notification inside the caller's transaction (so it commits with the event it reports);
         returns its id. ``deliver``: whether a ``notify_url`` will send it (else it is ``skipped``)."""
         at = now_ms() if at_ms is None else at_ms
-        msg_id = new_id()
+        msg_id = new_id(at)
         body = json.dumps({"id": msg_id, "type": event_type, "created": at // 1000, "mode": mode,
                            "customer_id": customer_id, "data": data}, separators=(",", ":"), default=str)
         conn.execute(insert(s.webhook_outbox).values(
