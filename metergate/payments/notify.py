@@ -13,6 +13,7 @@ fails the operation that caused it: a storage error is logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
@@ -23,7 +24,8 @@ from metergate.webhooks.delivery import WebhookDelivery
 from metergate.webhooks.outbox import WebhookOutbox
 from metergate.webhooks.signing import SIGNATURE_HEADER, sign, verify
 
-__all__ = ["BILLING_SETTINGS_CHANGED", "SIGNATURE_HEADER", "Notifier", "settings_changed", "sign", "verify"]
+__all__ = ["BILLING_SETTINGS_CHANGED", "SIGNATURE_HEADER", "Notifier", "settings_change", "settings_changed", "sign",
+           "verify"]
 log = logging.getLogger(__name__)
 BILLING_SETTINGS_CHANGED = "billing_settings.changed"
 
@@ -60,14 +62,39 @@ def _plain(value: object) -> object:
     return value
 
 
+def _change(mode: Mode, customer_id: str, setting: str, before: object, after: object, changed_by: str,
+            link_id: str | None) -> dict[str, Any] | None:
+    """The notification's data, or ``None`` when the setting was saved as it was (nothing changed)."""
+    if _plain(before) == _plain(after):
+        return None
+    return {"setting": setting, "changed_by": changed_by, "link_id": link_id, "before": _plain(before),
+            "after": _plain(after)}
+
+
+def settings_change(notifier: Notifier, mode: Mode, customer_id: str, setting: str, before: object, after: object,
+                    *, changed_by: Literal["portal"], link_id: str | None = None) -> Callable[[Connection], object]:
+    """The ``billing_settings.changed`` notification of a change (``before`` / ``after``: ``None`` for off),
+    to run in the transaction that saves it; it records nothing when the setting is saved as it was."""
+    data = _change(mode, customer_id, setting, before, after, changed_by, link_id)
+
+    def record(conn: Connection) -> None:
+        if data is not None:
+            notifier.record(conn, BILLING_SETTINGS_CHANGED, mode, customer_id, data)
+            _log_change(data, mode, customer_id)
+
+    return record
+
+
 async def settings_changed(notifier: Notifier, mode: Mode, customer_id: str, setting: str, before: object,
                            after: object, *, changed_by: Literal["portal"], link_id: str | None = None) -> None:
-    """Tell the operator that a wallet's billing setting changed (``before`` / ``after``: ``None`` for off)."""
-    if _plain(before) == _plain(after):
-        return  # saved as it was: nothing changed
+    """Tell the operator of a change that metergate does not store itself (a Stripe billing portal opened)."""
+    data = _change(mode, customer_id, setting, before, after, changed_by, link_id)
+    if data is not None:
+        await notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, data)
+        _log_change(data, mode, customer_id)
+
+
+def _log_change(data: dict[str, Any], mode: Mode, customer_id: str) -> None:
     # Also logged, so that the change is on record where no notify_url is configured.
-    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", setting, mode, customer_id,
-             changed_by, link_id or "-")
-    await notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, {
-        "setting": setting, "changed_by": changed_by, "link_id": link_id,
-        "before": _plain(before), "after": _plain(after)})
+    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", data["setting"], mode,
+             customer_id, data["changed_by"], data["link_id"] or "-")

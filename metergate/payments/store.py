@@ -204,8 +204,9 @@ class PaymentsStore:
         return [_setting(r) for r in rows]
 
     async def set_auto_topup(self, setting: AutoTopUpSetting | None, *, mode: Mode, customer_id: str,
-                             asset: str) -> None:
-        """Replace the wallet's auto top-up (``None`` turns it off)."""
+                             asset: str, also: Callable[[Connection], object] | None = None) -> None:
+        """Replace the wallet's auto top-up (``None`` turns it off); ``also`` runs in the same transaction
+        (the notification of the change)."""
         c = p.auto_topup_settings.c
 
         def op(conn: Connection) -> None:
@@ -215,6 +216,8 @@ class PaymentsStore:
                 conn.execute(insert(p.auto_topup_settings).values(
                     mode=mode, customer_id=customer_id, asset=asset, threshold=setting.threshold,
                     amount=setting.amount, updated_at_ms=now_ms()))
+            if also is not None:
+                also(conn)
 
         await self.wallet._write(op)
         self._auto_topups.pop((mode, customer_id, asset), None)
@@ -227,7 +230,8 @@ class PaymentsStore:
             return None
         return SpendCaps(mode, customer_id, asset, _opt(row.daily), _opt(row.monthly))
 
-    async def set_spend_caps(self, caps: SpendCaps) -> None:
+    async def set_spend_caps(self, caps: SpendCaps, *, also: Callable[[Connection], object] | None = None) -> None:
+        """Replace the wallet's caps; ``also`` runs in the same transaction (the notification of the change)."""
         c = p.spend_caps.c
 
         def op(conn: Connection) -> None:
@@ -237,6 +241,8 @@ class PaymentsStore:
                 conn.execute(insert(p.spend_caps).values(
                     mode=caps.mode, customer_id=caps.customer_id, asset=caps.asset, daily=caps.daily,
                     monthly=caps.monthly, updated_at_ms=now_ms()))
+            if also is not None:
+                also(conn)
 
         await self.wallet._write(op)
 
