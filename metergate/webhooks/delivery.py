@@ -4,9 +4,10 @@ A 2xx answer marks the row delivered; anything else (an error status, a refused 
 after ``webhooks.timeout_s``) schedules the next attempt after ``retry_base_s * 2**attempts``, capped at
 ``retry_max_s`` and jittered down by up to a quarter so that rows and replicas do not retry in lockstep;
 after ``max_attempts`` the row is ``failed`` (the defaults spread twenty attempts over about a day). At
-most ``concurrency`` deliveries are in flight per replica. A replica that stops mid-delivery leaves its
-claim to run out; the row is then sent again with the same ``webhook-id``, which is why receivers
-deduplicate by it: delivery is at least once, processing exactly once.
+most ``concurrency`` deliveries are in flight per replica. A replica shutting down gives its unanswered
+rows back at once; one that dies leaves its claim to run out (``lease_s``). Either way such a row is sent
+again with the same ``webhook-id`` (the receiver may have got it), which is why receivers deduplicate by
+it: delivery is at least once, processing exactly once.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class WebhookDelivery:
         delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** min(attempts - 1, 40))
         return float(delay * (1 - 0.25 * self._jitter()))
 
-    async def run_once(self) -> int:
-        """Send what is due; returns how many were delivered."""
+    async def _prune(self) -> None:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + _PRUNE_EVERY_S
             await self.outbox.prune(before_ms=now_ms() - self.config.retention_days * _DAY_MS)
+
+    async def run_once(self) -> int:
+        """Send what is due now, batch by batch, and wait for the answers; returns how many were delivered."""
+        await self._prune()
         delivered = 0
         while True:
             token, rows = await self.outbox.claim(batch=self.config.batch_size,
@@ -69,10 +73,55 @@ class WebhookDelivery:
             if not rows:
                 return delivered
             sem = asyncio.Semaphore(self.config.concurrency)
-            results = await asyncio.gather(*(self._bounded(sem, row, token) for row in rows))
+            try:
+                results = await asyncio.gather(*(self._bounded(sem, row, token) for row in rows))
+            except asyncio.CancelledError:  # shutting down: what was not answered yet is due again at once
+                await asyncio.shield(self.outbox.release(token))
+                raise
             delivered += sum(results)
             if len(rows) < self.config.batch_size or not any(results):
                 return delivered
+
+    async def run_forever(self) -> None:
+        """The loop a replica runs: keep up to ``concurrency`` deliveries in flight, claiming more as slots
+        free up, so that one slow receiver answer holds one slot, not the rest of the outbox."""
+        in_flight: dict[asyncio.Task[bool], str] = {}
+        try:
+            while True:
+                free = self.config.concurrency - len(in_flight)
+                rows: list[Webhook] = []
+                if free > 0:
+                    try:
+                        await self._prune()
+                        token, rows = await self.outbox.claim(batch=min(free, self.config.batch_size),
+                                                              lease_ms=int(self.config.lease_s * 1000))
+                    except Exception:
+                        log.exception("webhook delivery failed; retrying next interval")
+                    for row in rows:
+                        task = asyncio.create_task(self._guarded(row, token))
+                        in_flight[task] = token
+                        task.add_done_callback(lambda t: in_flight.pop(t, None))
+                if rows and len(in_flight) < self.config.concurrency:
+                    continue  # more may be due
+                if in_flight:
+                    await asyncio.wait(list(in_flight), timeout=self.config.poll_interval_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(self.config.poll_interval_s)
+        finally:  # cancelled (shutting down): give the unanswered rows back, so they are due again at once
+            tokens = set(in_flight.values())
+            for task in list(in_flight):
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            for token in tokens:
+                await asyncio.shield(self.outbox.release(token))
+
+    async def _guarded(self, message: Webhook, token: str) -> bool:
+        try:
+            return await self._send(message, token)
+        except Exception:  # recording the outcome failed (storage): the claim runs out and the row is retried
+            log.exception("webhook delivery of %s not recorded", message.id)
+            return False
 
     async def _bounded(self, sem: asyncio.Semaphore, message: Webhook, token: str) -> bool:
         async with sem:
@@ -104,14 +153,6 @@ class WebhookDelivery:
             if not await self.outbox.due():
                 return
             await asyncio.sleep(0.01)  # another task or replica holds a due row: let it finish
-
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("webhook delivery failed; retrying next interval")
-            await asyncio.sleep(self.config.poll_interval_s)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -149,6 +149,13 @@ class WebhookOutbox:
         await self.sql._write(lambda conn: conn.execute(update(s.webhook_outbox).where(
             o.id == msg_id, o.claim_token == token, o.status == "pending").values(**values)))
 
+    async def release(self, token: str) -> None:
+        """Give back what is left of a claim (a replica shutting down mid-batch), so that those rows are due
+        again at once instead of when the lease runs out."""
+        o = s.webhook_outbox.c
+        await self.sql._write(lambda conn: conn.execute(update(s.webhook_outbox).where(
+            o.claim_token == token, o.status == "pending").values(claim_token=None, claimed_until_ms=0)))
+
     async def due(self) -> int:
         """How many rows are pending and due now, claimed or not (what a flush waits for)."""
         o = s.webhook_outbox.c

@@ -8,6 +8,7 @@ often it is delivered.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ class Receiver:
     deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     processed: dict[str, dict[str, Any]] = field(default_factory=dict)
     fail_first: int = 0  # answer 500 to this many deliveries first
+    hang: bool = False  # never answer (until the receiver stops)
     _runner: web.AppRunner | None = None
 
     @property
@@ -46,6 +48,8 @@ class Receiver:
         body = await request.read()
         headers = dict(request.headers)
         self.deliveries.append((headers, body))
+        if self.hang:
+            await asyncio.Event().wait()
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "not now"}, status=500)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +165,28 @@ async def test_replicas_on_postgresql_share_the_outbox_and_send_each_row_once(
         await stop_hookgate(first, first_runner)
         await stop_hookgate(second, second_runner)
     assert len(receiver.ids()) == 20 and len(set(receiver.ids())) == 20
+
+
+async def test_a_shutdown_mid_delivery_gives_the_claim_back_for_the_next_process(
+        upstream: Upstream, tmp_path: Path, fake_stripe: FakeStripe, receiver: Receiver) -> None:
+    database = f"sqlite:///{tmp_path / 'hooks.db'}"
+    receiver.hang = True
+    # Leases and timeouts far longer than the test: only the shutdown's release lets the next process send.
+    slow = {"lease_s": 3600, "timeout_s": 120}
+    first, first_runner = await start_hookgate(upstream, database, fake_stripe, receiver.url, **slow)
+    try:
+        await low_balance(first, "acme")
+        await eventually(lambda: _received(receiver, 2), what="both deliveries under way")
+    finally:
+        await stop_hookgate(first, first_runner)
+    receiver.hang = False
+    second, second_runner = await start_hookgate(upstream, database, fake_stripe, receiver.url, **slow)
+    try:
+        await eventually(lambda: _all_delivered(second, 2), what="the released rows delivered")
+    finally:
+        await stop_hookgate(second, second_runner)
+    assert len(receiver.processed) == 2 and len(receiver.ids()) == 4  # each sent twice, processed once
+
+
+async def _received(receiver: Receiver, n: int) -> bool:
+    return len(receiver.deliveries) >= n
