@@ -13,8 +13,12 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
+# PIP_BREAK_SYSTEM_PACKAGES: a Debian base's Python is "externally managed" (PEP 668) and its pip would refuse
+# to install uv into it; the official python images ignore the variable. Only uv is installed this way, in the
+# build stage, which is thrown away.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
@@ -41,13 +45,14 @@ COPY --from=build /opt/metergate /opt/metergate
 ENV PATH=/opt/metergate/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    TIKTOKEN_CACHE_DIR=/opt/metergate/tiktoken \
-    METERGATE_HOST=0.0.0.0
+    TIKTOKEN_CACHE_DIR=/opt/metergate/tiktoken
 # The embedded default database (sqlite:///metergate.db) lands in the working directory, a volume in practice.
 WORKDIR /var/lib/metergate
 USER 10001:10001
 EXPOSE 8080
-# No curl in a slim image: the health check is Python's own HTTP client.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('METERGATE_PORT', '8080'), timeout=2)"]
-ENTRYPOINT ["metergate", "serve"]
+# The health check asks /livez on the port serve's own settings give (file, METERGATE_* variables, defaults),
+# read from PID 1's command line: a port set in the settings file is followed. No curl in a slim image.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+  CMD ["metergate", "health"]
+# The image listens on all addresses by default; a settings file's host: or METERGATE_HOST still wins.
+ENTRYPOINT ["metergate", "serve", "--default", "host=0.0.0.0"]

@@ -444,11 +444,16 @@ def verdicts(summary: dict[str, Any], stream_modes: list[bool], concurrencies: l
 # ---------------------------------------------------------------------------------------- main
 
 
-def _setting(text: str) -> tuple[str, str]:
+def _setting(text: str) -> tuple[str, Any]:
+    """KEY=VALUE; a VALUE that parses as JSON is taken as JSON, so that nested settings can be set
+    (``rate_limits={"customer": {"requests_per_minute": 1000000000}}``); any other VALUE is a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError("expected KEY=VALUE")
-    return key, value
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -473,7 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before starting, wait up to this long for other load on the machine to drop")
     parser.add_argument("--metergate-set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
-                        help="a top-level metergate setting for the run, e.g. sqlite_writer=thread (repeatable)")
+                        help="a top-level metergate setting for the run, e.g. sqlite_writer=thread; a JSON "
+                             "VALUE sets a nested one, e.g. 'rate_limits={\"customer\": {...}}' (repeatable)")
     parser.add_argument("--passthrough-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="the pass-through's event loop (default uvloop, as metergate's event_loop default)")
     parser.add_argument("--json", type=Path, help="also write every per-round cell and the summary here")
@@ -517,7 +523,7 @@ def machine_notes(args: argparse.Namespace) -> str:
             f"pinning: {pin}\n"
             f"metergate: `python -m metergate serve`, SQLite ledger (WAL) in a temp dir, log level "
             f"{args.metergate_log_level}; customer header identification, test mode"
-            + "".join(f"; {k}={v}" for k, v in args.metergate_set)
+            + "".join(f"; {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in args.metergate_set)
             + f"\npassthrough: bench/passthrough.py on the {args.passthrough_loop} event loop")
 
 

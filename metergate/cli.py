@@ -1,5 +1,5 @@
-"""The ``metergate`` command: ``serve`` runs the proxy, ``demo`` shows it working end to end, ``webhooks listen``
-forwards notifications to a local app."""
+"""The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
+end to end, ``webhooks listen`` forwards notifications to a local app."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="json: one object per line (default); text: for people at a terminal")
     serve.add_argument("--role", choices=("sidecar", "control", "all"),
                        help="what to serve (else the role setting / METERGATE_ROLE; default all)")
+    serve.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
+                       help="a default for a top-level setting, below the settings file and METERGATE_* "
+                            "variables (the image: --default host=0.0.0.0); repeatable")
+    health = sub.add_parser("health", help="ask the running serve's /livez on the address its settings give "
+                                           "(the image's HEALTHCHECK)")
+    health.add_argument("--config", help="settings file (else that of the `metergate serve` that is PID 1, "
+                                         "else METERGATE_CONFIG)")
+    health.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
+                        help="as for serve (else taken from PID 1's command line)")
+    health.add_argument("--timeout-s", type=float, default=2.0)
+    health.add_argument("--pid", type=int, default=1, help="the serve process to follow (default 1, the image's "
+                                                           "entry point)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
     cli_webhooks.add_command(sub)  # metergate webhooks listen
@@ -36,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_demo(keep=args.keep)
 
+    if args.command == "health":
+        from metergate.healthcheck import check
+
+        return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid)
+
+    from metergate.healthcheck import parse_defaults
+
     try:
-        settings = load_settings(args.config, **({"role": args.role} if args.role else {}))
+        settings = load_settings(args.config, defaults=parse_defaults(args.default) or None,
+                                 **({"role": args.role} if args.role else {}))
     except SettingsError as exc:
         print(f"metergate: {exc}", file=sys.stderr)
         return 2

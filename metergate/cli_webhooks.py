@@ -18,9 +18,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 _WAIT_S = 25  # the long poll; the server's limit is 30
 _TIMEOUT_S = 10.0  # one forward to the local app
@@ -55,6 +56,8 @@ async def listen(url: str, admin_key: str, forward_to: str, *, from_start: bool 
                  say: Callable[[str], None] = print) -> int:
     """Forward notifications until ``until(count forwarded)`` is true (never, from the command line);
     returns how many were forwarded."""
+    import aiohttp  # here, not at the top: ``metergate`` starts without it for every other command
+
     follow = f"{url.rstrip('/')}/admin/v1/webhooks/follow"
     auth = {"Authorization": f"Bearer {admin_key}"}
     cursor: str | None = "0:" if from_start else None
@@ -83,6 +86,8 @@ async def listen(url: str, admin_key: str, forward_to: str, *, from_start: bool 
 
 async def _forward(session: aiohttp.ClientSession, forward_to: str, event: dict[str, Any],
                    say: Callable[[str], None]) -> None:
+    import aiohttp
+
     try:
         async with session.post(forward_to, data=event["body"].encode(), headers=event["headers"],
                                 timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S)) as response:

@@ -6,10 +6,12 @@ Tree::
     ├── BadRequest                      400: invalid_json, invalid_request (param names the field),
     │                                        missing_model, invalid_model, unknown_model,
     │                                        invalid_customer, invalid_amount,
-    │                                        malformed_request (HTTP framing aiohttp could not parse)
+    │                                        malformed_request (HTTP framing aiohttp could not parse),
+    │                                        invalid_path, invalid_query (metergate.urls)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
+    │                                        untrusted_attribute_header,
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, not_found

@@ -30,6 +30,11 @@ from metergate.wallet.store import WalletStore
 PREFIX = "/admin/v1"
 _MAX_PAGE = 200
 _DECIMAL = re.compile(r"[0-9]{1,16}(\.[0-9]{1,18})?")  # plain notation: no sign, no exponent
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
+_ATTRIBUTE_VALUE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+# Attributes every request has of its own; a key cannot set them (``feature`` it can).
+_RESERVED_ATTRIBUTES = frozenset({"type", "model", "endpoint", "route", "provider", "customer", "path"})
+_ATTRIBUTES_MAX = 16
 
 
 class AdminApi:
@@ -48,6 +53,7 @@ class AdminApi:
             web.get(f"{PREFIX}/customers/{{customer_id}}", self.get_customer),
             web.post(f"{PREFIX}/customers/{{customer_id}}/api-keys", self.create_api_key),
             web.delete(f"{PREFIX}/api-keys/{{key_id}}", self.revoke_api_key),
+            web.patch(f"{PREFIX}/api-keys/{{key_id}}", self.update_api_key),
             web.post(f"{PREFIX}/customers/{{customer_id}}/credits", self.credit),
             web.get(f"{PREFIX}/customers/{{customer_id}}/balance", self.balance),
             web.get(f"{PREFIX}/customers/{{customer_id}}/ledger", self.ledger),
@@ -163,10 +169,25 @@ class AdminApi:
 
     async def create_api_key(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._customer(request)
+        body = await self._body(request) if request.body_exists else {}
+        attributes = _attributes(body.get("attributes", {}))
         secret = new_key(mode)
         key = await self._store.create_api_key(mode, customer_id, key_id="key_" + uuid.uuid4().hex[:20],
-                                               key_hash=hash_key(secret), prefix=secret[:13])
+                                               key_hash=hash_key(secret), prefix=secret[:13], attributes=attributes)
         return json_response({**asdict(key), "key": secret}, status=201)
+
+    async def update_api_key(self, request: web.Request) -> web.Response:
+        """Replace a key's pricing attributes; its requests are priced by them within ``key_cache_ttl_s``."""
+        mode = self._mode(request)
+        body = await self._body(request)
+        if "attributes" not in body:
+            raise BadRequest("Send {\"attributes\": {...}}: the key's pricing attributes, which replace its current "
+                             "ones.", code="invalid_request", param="attributes")
+        key = await self._store.set_api_key_attributes(mode, request.match_info["key_id"],
+                                                       _attributes(body["attributes"]))
+        if key is None:
+            raise NotFound("No such API key in this mode.", code="not_found", param="key_id")
+        return json_response(asdict(key))
 
     async def revoke_api_key(self, request: web.Request) -> web.Response:
         mode = self._mode(request)
@@ -247,3 +268,19 @@ class AdminApi:
             access = found
         return json_response({"url": self._signer.url(mode, customer_id, access=access), "access": access,
                               "expires_in_s": self._signer.ttl_for(access)})
+
+
+def _attributes(value: object) -> dict[str, str]:
+    """A key's pricing attributes from an admin request: at most 16, each a free attribute name (``feature``
+    included, the request's own ``model``, ``route``... excluded) with a string of 1-128 characters."""
+    if not isinstance(value, dict) or len(value) > _ATTRIBUTES_MAX:
+        raise BadRequest(f"'attributes' must be an object of at most {_ATTRIBUTES_MAX} entries.",
+                         code="invalid_request", param="attributes")
+    for name, item in value.items():
+        if name in _RESERVED_ATTRIBUTES or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise BadRequest(f"attributes: {name[:64]!r} is not an attribute name a key can set.",
+                             code="invalid_request", param="attributes")
+        if not isinstance(item, str) or not _ATTRIBUTE_VALUE.fullmatch(item):
+            raise BadRequest(f"attributes.{name}: the value must be a string of 1-128 characters without "
+                             "control characters.", code="invalid_request", param="attributes")
+    return dict(value)

@@ -85,6 +85,10 @@ def document() -> dict[str, Any]:
                        "amount_decimal": {"type": "string"}, "idempotency_key": {"type": "string"},
                        "memo": {"type": "string"}}}
     customers = "/admin/v1/customers/{customer_id}"
+    key_attributes = {"type": "object", "properties": {"attributes": {
+        "type": "object", "maxProperties": 16, "additionalProperties": {"type": "string", "minLength": 1,
+                                                                         "maxLength": 128},
+        "description": "Pricing attributes of the key's requests (e.g. feature); its client cannot change them"}}}
     per_minute = {"type": ["integer", "null"], "minimum": 1}
     limits = {"type": "object", "required": ["requests_per_minute", "tokens_per_minute"],
               "properties": {"requests_per_minute": per_minute, "tokens_per_minute": per_minute}}
@@ -107,8 +111,12 @@ def document() -> dict[str, Any]:
             "get": _op("List customers", query=page),
         },
         customers: {"get": _op("Get a customer with balances", params=c)},
-        f"{customers}/api-keys": {"post": _op("Issue a proxy API key", ok=201, params=c)},
-        "/admin/v1/api-keys/{key_id}": {"delete": _op("Revoke a proxy API key", params=("key_id",))},
+        f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)", ok=201,
+                                              params=c, body=key_attributes)},
+        "/admin/v1/api-keys/{key_id}": {
+            "delete": _op("Revoke a proxy API key", params=("key_id",)),
+            "patch": _op("Replace a proxy API key's pricing attributes", params=("key_id",), body=key_attributes),
+        },
         f"{customers}/credits": {"post": _op("Credit a wallet (idempotent)", ok=201, params=c, body=credit)},
         f"{customers}/balance": {"get": _op("Balances per asset", params=c)},
         f"{customers}/ledger": {"get": _op("Ledger entries, newest first", params=c, query=page)},

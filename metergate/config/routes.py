@@ -1,7 +1,10 @@
 """The route table: which path prefix goes to which upstream, decided by config alone.
 
 The upstream of a request is never taken from the request itself (a request-chosen base URL is an
-SSRF). A path that matches no prefix is refused rather than passed through unmetered.
+SSRF). A path that matches no prefix is refused rather than passed through unmetered. Matching works on
+the decoded segments of the raw path (:mod:`metergate.urls`), and the upstream URL is built from parsed
+components (the route's scheme, authority and base path, the request's remaining segments re-encoded, its
+query re-encoded), never by concatenating strings, so what the upstream receives is the path matched.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from yarl import URL
 
 from metergate.config import free_endpoints
+from metergate.errors import BadRequest
+from metergate.urls import clean_query, decoded_path, encode_path, path_segments
 
-_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 
 
 class ComputeSettings(BaseModel):
@@ -49,6 +55,10 @@ class RouteSettings(BaseModel):
     provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices).")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
+    unary_streaming: bool = Field(
+        True, description="The upstream streams: a non-streaming request whose output the hold does not cover is "
+                          "streamed from it internally and stopped where the wallet runs dry. false: its output "
+                          "limit is set upstream to what the hold covers, and the receipt says so.")
     upstream_headers: dict[str, str] = Field(
         default_factory=dict, description="Headers set on every upstream request, e.g. OpenAI-Organization.")
     compute: ComputeSettings | None = Field(None, description="Metering of a compute route (provider: compute).")
@@ -68,8 +78,9 @@ class RouteSettings(BaseModel):
     @classmethod
     def _prefix(cls, value: str) -> str:
         value = value.rstrip("/")
-        if not _PREFIX.match(value):
-            raise ValueError("prefix must be a path like /openai (letters, digits, '.', '_', '~', '-')")
+        if not _PREFIX.fullmatch(value) or any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("prefix must be a path like /openai (letters, digits, '.', '_', '~', '-'; "
+                             "no '.' or '..' segments)")
         return value
 
     @field_validator("upstream")
@@ -80,28 +91,53 @@ class RouteSettings(BaseModel):
             raise ValueError("upstream must be an absolute http(s) URL")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("upstream must not carry a query, fragment or credentials")
-        return value.rstrip("/")
+        value = value.rstrip("/")
+        try:
+            path_segments(urlsplit(value).path or "/")
+        except BadRequest as exc:
+            raise ValueError(f"upstream's path: {exc.message}") from None
+        return value
 
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     route: RouteSettings
-    upstream_path: str  # the request path with the prefix removed, always starting with "/"
+    base: URL  # the route's upstream, parsed once
+    segments: tuple[str, ...]  # the request's decoded path segments after the prefix
+    query: str = ""  # the request's query, parsed and re-encoded
 
     @property
-    def upstream_url(self) -> str:
-        return self.route.upstream + self.upstream_path
+    def upstream_path(self) -> str:
+        """The decoded path after the prefix, always starting with "/": what endpoints are classified on."""
+        return decoded_path(self.segments)
+
+    @property
+    def upstream_url(self) -> URL:
+        """The route's upstream with the request's segments and query, built from components."""
+        base_path = self.base.raw_path.rstrip("/")
+        return URL.build(scheme=self.base.scheme, authority=self.base.raw_authority,
+                         path=base_path + encode_path(self.segments), query_string=self.query, encoded=True)
 
 
 class RouteTable:
-    """Longest-prefix match over the configured routes."""
+    """Longest-prefix match, segment by segment, over the configured routes."""
 
     def __init__(self, routes: list[RouteSettings]) -> None:
-        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        ordered = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._routes = [(route, tuple(route.prefix[1:].split("/")), URL(route.upstream)) for route in ordered]
 
-    def match(self, path: str) -> RouteMatch | None:
-        for route in self._routes:
-            if path == route.prefix or path.startswith(route.prefix + "/"):
-                rest = path[len(route.prefix):] or "/"
-                return RouteMatch(route, rest)
+    def match(self, raw_path: str, raw_query: str = "") -> RouteMatch | None:
+        """The route of a raw (percent-encoded) request path; 400 ``invalid_path`` / ``invalid_query`` for a
+        path or query that does not parse cleanly, ``None`` when no route has its prefix."""
+        segments = path_segments(raw_path)
+        for route, prefix, base in self._routes:
+            if segments[:len(prefix)] == prefix:
+                return RouteMatch(route, base, segments[len(prefix):], clean_query(raw_query))
         return None
+
+    def serves(self, raw_path: str) -> bool:
+        """Whether a raw request path is a clean path under one of the routes (never raises)."""
+        try:
+            return self.match(raw_path) is not None
+        except BadRequest:
+            return False

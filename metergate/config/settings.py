@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -84,8 +85,9 @@ class PricingSettings(_Strict):
     attribute_headers: dict[str, str] = Field(
         default_factory=dict,
         description="Request headers that become pricing attributes of proxy requests, attribute name -> header "
-                    "name (e.g. plan: X-Metergate-Plan). The caller chooses them, as it does the feature header: "
-                    "use X-Metergate-* names, which never reach the upstream.")
+                    "name (e.g. plan: X-Metergate-Plan). Only the app on a trusted network chooses them, as it does "
+                    "the feature header; a proxy key's requests carry the key's own attributes and are refused "
+                    "with these headers. Use X-Metergate-* names, which never reach the upstream.")
 
     @field_validator("attribute_headers")
     @classmethod
@@ -244,8 +246,11 @@ class Settings(BaseSettings):
     attribution_header: str = Field("X-Metergate-Feature",
                                     description="Optional feature/task label recorded with usage.")
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
-        description="Source networks whose customer header is trusted (the sidecar's own pod).")
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")],
+        description="Source networks whose customer header (and feature and attribute headers) are trusted: the "
+                    "app in the sidecar's own pod. Not all of 127.0.0.0/8: a service mesh's proxy delivers "
+                    "inbound traffic from other loopback addresses (Istio: 127.0.0.6). [] trusts no one: "
+                    "every client then needs a proxy key.")
 
     # Limits.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
@@ -262,8 +267,17 @@ class Settings(BaseSettings):
                                    description="After a client disconnects, how long to keep reading for usage.")
     drain_max_bytes: int = Field(16 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024,
                                  description="After a client disconnects, how many bytes to keep reading for usage.")
-    default_max_output_tokens: int = Field(4096, ge=1, le=10_000_000,
-                                           description="Output tokens assumed when a request sets no maximum.")
+    default_max_output_tokens: int = Field(
+        4096, ge=1, le=10_000_000,
+        description="Output tokens a request without a maximum is assumed to ask for: its rate-limit estimate, "
+                    "quotes, and the hold when enforcement is off (stream_extend_tokens: 0) or the upstream "
+                    "cannot stream (a route's unary_streaming: false).")
+    initial_output_tokens: int = Field(
+        256, ge=1, le=10_000_000,
+        description="Output tokens the first hold covers when a request names no output limit, or one the "
+                    "wallet cannot hold in full; the hold then grows by stream_extend_tokens as output flows "
+                    "(non-streaming requests are streamed from the upstream internally). A wallet is refused "
+                    "only when it cannot cover the prompt plus this much output.")
     stream_extend_tokens: int = Field(
         256, ge=0, le=10_000_000,
         description="Mid-stream enforcement: when a stream's output outgrows its hold, the hold grows by this "
@@ -449,22 +463,33 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         import os
 
+        # Precedence, highest first: arguments, METERGATE_* variables, the settings file, then the defaults of
+        # the deployment (``serve --default KEY=VALUE``: the image listens on 0.0.0.0 unless told otherwise),
+        # then the defaults written here.
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = _CONFIG_FILE.get() or os.environ.get("METERGATE_CONFIG")
         if config_file:
             sources.append(EnvExpandingYamlSource(settings_cls, yaml_file=config_file))
+        defaults = _DEPLOYMENT_DEFAULTS.get()
+        if defaults:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=defaults))
         return tuple(sources)
 
 
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("metergate_config_file", default=None)
+_DEPLOYMENT_DEFAULTS: ContextVar[dict[str, Any] | None] = ContextVar("metergate_deployment_defaults", default=None)
 
 
 class SettingsError(Exception):
     """Raised when settings are invalid; the message names every offending key."""
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read and validate settings once, turning validation failures into one readable message."""
+def load_settings(config_file: str | Path | None = None, *, defaults: dict[str, Any] | None = None,
+                  **overrides: Any) -> Settings:
+    """Read and validate settings once, turning validation failures into one readable message.
+
+    ``defaults`` rank below the settings file and the environment: a deployment's own defaults (the image's
+    listen address) that any file or variable may still override."""
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -472,6 +497,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     # For this call only (a context variable, not the process environment: a later load must not
     # inherit this file).
     token = _CONFIG_FILE.set(str(config_file) if config_file is not None else None)
+    defaults_token = _DEPLOYMENT_DEFAULTS.set(defaults)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -483,4 +509,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except UnsetReference as exc:
         raise SettingsError(f"invalid settings:\n  {exc}") from None
     finally:
+        _DEPLOYMENT_DEFAULTS.reset(defaults_token)
         _CONFIG_FILE.reset(token)

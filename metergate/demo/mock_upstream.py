@@ -8,7 +8,9 @@ ask for misbehaviour through the ``X-Mock-Behavior`` header (comma-separated):
 ``chunk-delay:S`` wait between stream chunks · ``die-after:N`` cut the connection after N content
 chunks (a JSON answer: halfway through its body) · ``no-usage`` never report usage · ``usage-zero``
 report zero usage · ``cached:N`` / ``reasoning:N`` report cached-input / reasoning tokens ·
-``redirect`` answer 307 · ``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
+``tool-call:NAME`` answer with a call of tool NAME, its arguments streamed in pieces · ``redirect`` answer
+307 · ``token-limit`` count ``max_tokens`` in tokens (default: in words, which lets a reply outgrow it) ·
+``not-stream`` answer a stream request with JSON · ``no-done`` end a stream
 without ``[DONE]`` · ``unterminated`` end a stream's last event with one newline instead of the blank
 line · ``header:NAME=VALUE`` add a response header · ``usage-field:PATH=JSON`` report ``JSON`` as the
 usage field ``PATH`` (dotted: ``prompt_tokens_details.cached_tokens``), e.g. ``completion_tokens=1e30``
@@ -22,7 +24,8 @@ It also answers the free endpoints: ``GET /v1/models`` and ``GET /v1/models/{id}
 when the request carries ``anthropic-version``, as Anthropic's SDK sends it) and ``POST /v1/moderations``.
 
 Every request is recorded (path, headers, JSON body; for the free endpoints also method and query) and
-listed at ``GET /_mock/requests``.
+listed at ``GET /_mock/requests``. Every request line that arrives, whatever its path (including paths no
+handler answers), is also kept under ``SEEN``: the method, the raw path and the raw query string as received.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from aiohttp import web
 from metergate.metering.tokenizer import counter_for
 
 REQUESTS = web.AppKey("requests", list)
+SEEN = web.AppKey("seen", list)
 _WORDS = ["Metergate", "authorizes", "every", "request", "against", "a", "prepaid", "wallet", "before", "the",
           "upstream", "sees", "it,", "meters", "each", "token", "as", "it", "streams,", "and", "settles", "the",
           "exact", "amount", "in", "an", "append-only", "ledger."]
@@ -120,9 +124,20 @@ async def _json(request: web.Request, payload: dict[str, Any], b: dict[str, str]
 
 
 def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 10_000
     n = min(int(b.get("words", 12)), int(limit))
-    return [(_WORDS[i % len(_WORDS)] + " ") for i in range(n)]
+    words = [(_WORDS[i % len(_WORDS)] + " ") for i in range(n)]
+    if "token-limit" in b:
+        # As a provider counts its limit: in tokens (whole words here), not in words.
+        count, text = counter_for(body["model"]).count, ""
+        kept: list[str] = []
+        for word in words:
+            if count(text + word) > int(limit):
+                break
+            text += word
+            kept.append(word)
+        return kept
+    return words
 
 
 async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, str]] | web.Response:
@@ -151,13 +166,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
     prompt = _chat_prompt_tokens(model, body.get("messages", []))
     words = _reply_words(body, b)
     count = counter_for(model).count
-    completion = count("".join(words))
+    tool = b.get("tool-call")
+    arguments = tool_arguments(words)
+    completion = count(tool + arguments) if tool else count("".join(words))
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    call_id = f"call_{ident[9:21]}"
     if not wants_stream(body, b):
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(words), "refusal": None}
+        if tool:
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": tool, "arguments": arguments}}]}
         payload: dict[str, Any] = {
             "id": ident, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words), "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if tool else "stop"}],
             "system_fingerprint": "fp_mock"}
         if "no-usage" not in b:
             payload["usage"] = _usage(prompt, completion, b)
@@ -172,13 +194,32 @@ async def chat(request: web.Request) -> web.StreamResponse:
             c["usage"] = None
         return c
 
-    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": w}) for w in words]
-    events.append(chunk({}, "stop"))
+    if tool:
+        # A tool call streams as OpenAI's does: id, type and name first, then the arguments in pieces.
+        events = [chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": ""}}]})]
+        events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                   for piece in _pieces(arguments, len(words))]
+        events.append(chunk({}, "tool_calls"))
+    else:
+        events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        events += [chunk({"content": w}) for w in words]
+        events.append(chunk({}, "stop"))
     if include_usage and "no-usage" not in b:
         events.append({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                        "system_fingerprint": "fp_mock", "choices": [], "usage": _usage(prompt, completion, b)})
     return await _sse(request, events, b)
+
+
+def tool_arguments(words: list[str]) -> str:
+    """The arguments of the mock's tool call (``tool-call:NAME``, ``tool-use:NAME``): the reply as JSON."""
+    return json.dumps({"query": "".join(words).strip()})
+
+
+def _pieces(text: str, n: int) -> list[str]:
+    """``text`` in ``n`` (or fewer) consecutive pieces, as a provider streams a tool call's arguments."""
+    size = max(1, -(-len(text) // max(1, n)))
+    return [text[i:i + size] for i in range(0, len(text), size)]
 
 
 async def _sse(request: web.Request, events: list[dict[str, Any]], b: dict[str, str], *,
@@ -233,6 +274,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     events: list[dict[str, Any]] = [
         {"id": ident, "object": "text_completion", "created": created, "model": model,
          "choices": [{"index": 0, "text": w, "logprobs": None, "finish_reason": None}]} for w in words]
+    events.append({"id": ident, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
     if include_usage and "no-usage" not in b:
         events.append({"id": ident, "object": "text_completion", "created": created, "model": model,
                        "choices": [], "usage": _usage(prompt, completion, b)})
@@ -332,9 +375,19 @@ async def compute_run(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@web.middleware
+async def _see(request: web.Request, handler: Any) -> web.StreamResponse:
+    request.app[SEEN].append({"method": request.method, "raw_path": request.rel_url.raw_path,
+                              "query_string": request.rel_url.raw_query_string,
+                              "headers": dict(request.headers)})
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 def build_mock_upstream() -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_see])
     app[REQUESTS] = []
+    app[SEEN] = []
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

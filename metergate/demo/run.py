@@ -89,7 +89,7 @@ def run_demo(*, keep: bool = False) -> int:
                                                         "output_per_mtok": "20.00"}}},
             admin_keys=[admin_key], portal_secrets={"demo": secrets.token_urlsafe(32)},
             # A request without max_tokens is held for 64 output tokens, then grown 32 at a time as it streams.
-            default_max_output_tokens=64, stream_extend_tokens=32)
+            initial_output_tokens=64, stream_extend_tokens=32)
         base = f"http://127.0.0.1:{port}"
         bg.serve(lambda _p: build_app(settings, public_url=base), port)
         return _script(base, admin_key, workdir)

@@ -13,6 +13,8 @@ Metrics (all counters are ``*_total``):
   the shutdown deadline), ``cancelled`` (the handler was cancelled before an answer) or
   ``settlement_failed`` (the hold is left to expire). Refused requests are in ``denials``.
 * ``metergate_denials_total{reason}`` requests refused with a 4xx error, by error code.
+* ``metergate_unavailable_total{reason}`` requests refused with a 503 because storage metergate needs is
+  unreachable or full (``storage_unavailable``, ``wallet_unavailable``, ``ledger_backlog``); nothing charged.
 * ``metergate_tokens_total{type,source}`` tokens settled; type is ``input`` (cached included),
   ``cached_input``, ``output`` or ``reasoning`` (subsets, as OpenAI reports them); source is
   ``provider`` or ``estimated``.
@@ -52,6 +54,9 @@ class Metrics:
                                 ["route", "endpoint", "status_class", "outcome"], registry=r)
         self.denials = Counter("metergate_denials", "Requests refused with a 4xx error, by error code.",
                                ["reason"], registry=r)
+        self.unavailable = Counter("metergate_unavailable",
+                                   "Requests refused with a 503 (storage unreachable or full), by error code.",
+                                   ["reason"], registry=r)
         self.tokens = Counter("metergate_tokens", "Tokens settled, by type and by who counted them.",
                               ["type", "source"], registry=r)
         self.usage_anomalies = Counter(
@@ -83,6 +88,9 @@ class Metrics:
 
     def denied(self, reason: str) -> None:
         self.denials.labels(reason).inc()
+
+    def refused_unavailable(self, reason: str) -> None:
+        self.unavailable.labels(reason).inc()
 
     def expired(self, count: int) -> None:
         self.expired_holds.inc(count)

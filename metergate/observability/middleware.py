@@ -1,4 +1,5 @@
-"""The observing middleware: gives each request its id (for logs and receipts) and counts refusals.
+"""The observing middleware: gives each request its id (for logs and receipts) and counts refusals
+(4xx by code as denials; 503s, storage unreachable or full, apart).
 
 It sits inside :func:`metergate.http.error_middleware`, so it sees metergate's errors as raised — a
 refusal is counted by its stable error code — and the error middleware's own log lines still carry the
@@ -25,6 +26,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         except MetergateError as error:
             if 400 <= error.status < 500:
                 metrics.denied(error.code)
+            elif error.status == 503:  # storage down or full: an operator's problem, not the caller's
+                metrics.refused_unavailable(error.code)
             raise
 
     return observe

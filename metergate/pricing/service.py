@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from metergate.config.settings import Settings
-from metergate.errors import BadRequest
+from metergate.errors import BadRequest, Forbidden
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.usage import Usage
 from metergate.pricing.engine import CostUnknown, Price, fold, period_start_ms, price, request_quantities
@@ -35,7 +35,7 @@ from metergate.pricing.rules import Rule
 from metergate.pricing.store import PricingStore
 from metergate.pricing.versions import PriceVersion, VersionTimeline, config_version
 from metergate.wallet.errors import UnknownAsset
-from metergate.wallet.models import Mode, Settlement, UsageRecord, now_ms
+from metergate.wallet.models import Mode, Settlement, UsageRecord, now_ms, stored_text
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class PricingService:
         self.config = config_version(settings.pricing, set(self._scales))
         self._refresh_s = settings.pricing.refresh_interval_s
         self._attribute_headers = settings.pricing.attribute_headers
+        self._feature_header = settings.attribution_header
         self._known: dict[str, PriceVersion] = {}
         self._timelines: dict[str, VersionTimeline] = {m: VersionTimeline([], self.config) for m in ("test", "live")}
 
@@ -186,39 +187,49 @@ class PricingService:
         return Resolved(chosen.id, rule, attrs, at, scale, prior, starts)
 
     async def resolve_request(self, mode: Mode, customer_id: str, *, model: str, endpoint: str, route: str,
-                              provider: str, feature: str | None,
-                              headers: Mapping[str, str] | None = None) -> Resolved:
+                              provider: str, attributes: Mapping[str, str] | None = None) -> Resolved:
         """A proxy request's terms; 400 ``unknown_model`` when no rule prices it (as in version 0). Besides its
-        own attributes, the request has one per ``pricing.attribute_headers`` entry whose header it carries."""
-        attributes = {"type": "request", "model": model, "endpoint": endpoint, "route": route, "provider": provider}
-        resolved = await self.resolve(mode, customer_id, self._with_request_attributes(attributes, feature, headers))
+        own attributes, the request has those of :meth:`request_attributes` (``attributes``)."""
+        own = {"type": "request", "model": model, "endpoint": endpoint, "route": route, "provider": provider}
+        resolved = await self.resolve(mode, customer_id, {**(attributes or {}), **own})
         if resolved is None:
             raise BadRequest(f"Model {model!r} has no price on this gateway.", code="unknown_model", param="model")
         return resolved
 
     async def resolve_compute(self, mode: Mode, customer_id: str, *, route: str, provider: str, path: str,
-                              feature: str | None, headers: Mapping[str, str] | None = None) -> Resolved | None:
+                              attributes: Mapping[str, str] | None = None) -> Resolved | None:
         """A compute request's terms, when the rule chosen for it names ``type: compute``; ``None`` leaves the
         request to its route's ``unit_price``. Only such a rule applies: a catch-all rule written for token
         requests (no ``type``) would otherwise price GPU time by token rates it has none of. The quantities a
         compute rule prices are ``units`` (seconds, or the units the upstream reports) and ``requests`` (1)."""
-        attributes = {"type": "compute", "route": route, "provider": provider, "path": path[:128]}
-        resolved = await self.resolve(mode, customer_id, self._with_request_attributes(attributes, feature, headers))
+        own = {"type": "compute", "route": route, "provider": provider, "path": path[:128]}
+        resolved = await self.resolve(mode, customer_id, {**(attributes or {}), **own})
         if resolved is None or ("type", "compute") not in resolved.rule.match:
             return None
         return resolved
 
-    def _with_request_attributes(self, attributes: dict[str, str], feature: str | None,
-                                 headers: Mapping[str, str] | None) -> dict[str, str]:
-        """Add the attribution header's feature and one attribute per ``pricing.attribute_headers`` entry whose
-        header the request carries."""
-        if feature:
-            attributes["feature"] = feature[:128]
-        if headers is not None:
-            for name, header in self._attribute_headers.items():
-                value = headers.get(header)
-                if value:
-                    attributes[name] = value[:128]
+    def request_attributes(self, headers: Mapping[str, str],
+                           key_attributes: Mapping[str, str] | None) -> dict[str, str]:
+        """The pricing attributes a proxy request brings, from a trusted source only.
+
+        A request identified by the customer header comes from the application (a trusted network): its feature
+        header and its ``pricing.attribute_headers`` are its attributes. A request identified by a proxy key
+        (``key_attributes``: the key's own, set through the admin API) has the key's attributes and nothing
+        else: its client would otherwise choose its own price rule, so a feature or attribute header on such a
+        request is refused (403 ``untrusted_attribute_header``) rather than silently ignored."""
+        named = {"feature": self._feature_header, **self._attribute_headers}
+        if key_attributes is not None:
+            sent = [header for header in named.values() if header in headers]
+            if sent:
+                raise Forbidden(f"{sent[0]} is only accepted from the application's own address: a proxy API key "
+                                "carries its pricing attributes itself (set through the admin API).",
+                                code="untrusted_attribute_header", param=sent[0])
+            return dict(key_attributes)
+        attributes: dict[str, str] = {}
+        for name, header in named.items():
+            value = stored_text(headers.get(header) or "", 128)  # as the usage record keeps it
+            if value:
+                attributes[name] = value
         return attributes
 
     def request_price(self, resolved: Resolved, usage: Usage, provider: str, model: str) -> Price:

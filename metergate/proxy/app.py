@@ -200,5 +200,6 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
         pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:
         cors.install(app, settings, pipeline.routes)  # browser clients of the proxy routes, when configured
-        app.router.add_route("*", "/{tail:.*}", pipeline.handle)
+        # Every other path, control characters included (".*" stops at a decoded newline): the pipeline judges it.
+        app.router.add_route("*", r"/{tail:[\s\S]*}", pipeline.handle)
     return app

@@ -1,14 +1,16 @@
 """Mid-stream enforcement: a stream never delivers more output than its hold pays for.
 
-A stream's hold covers the prompt plus the output the request allows (its ``max_tokens``, or the
-configured default when it names none). The output can still outgrow the hold: a request without
-``max_tokens`` is not capped upstream, so it can run past the default the hold assumed. As content
+A stream's hold covers the prompt plus the output the request allows when the wallet covers that (its
+``max_tokens``), else a small initial output (``initial_output_tokens``). The output can then outgrow the
+hold: a request without ``max_tokens`` is not capped upstream, and one whose limit was not held in full
+can run past what was held. Non-streaming requests are streamed from the upstream internally and metered
+the same way (:mod:`metergate.proxy.bounding`). As content
 events pass, :class:`StreamBudget` keeps a count of the output delivered and, before an event would take
 it past what the hold covers, grows the hold by ``increment_tokens`` worth of output. When the wallet
 cannot cover a whole increment it takes what is left; when nothing is left the event is not delivered
 and the relay ends the stream cleanly (see ``StreamMeter.stop_events``), billing exactly what was delivered.
-A request that names its own output limit (``max_tokens`` and the like) needs none of this: the upstream
-stops it there, within the hold, so such streams are relayed without counting.
+A request that names its own output limit (``max_tokens`` and the like) held in full needs none of this:
+the upstream stops it there, within the hold, so such streams are relayed without counting.
 
 Counting is cheap on the common path: a token is at least one byte and a character at most four bytes,
 so while ``4 x characters delivered`` stays within the covered output no token is counted at all. Past
@@ -120,16 +122,21 @@ class StreamBudget:
         return True
 
     def _covered_by(self, held: int) -> int:
-        """The most output tokens whose price is within ``held`` (prices are monotonic in tokens)."""
-        low, high = self.covered, max(self.covered * 2, 64)
-        while self._price_of(high) <= held:
-            if high >= _UNLIMITED:
-                return _UNLIMITED
-            low, high = high, high * 2
-        while high - low > 1:  # price_of(low) <= held < price_of(high)
-            middle = (low + high) // 2
-            if self._price_of(middle) <= held:
-                low = middle
-            else:
-                high = middle
-        return low
+        return tokens_covered(self._price_of, held, self.covered)
+
+
+def tokens_covered(price_of: Callable[[int], int], held: int, floor: int = 0) -> int:
+    """The most output tokens whose price is within ``held``, at least ``floor`` (known to be covered):
+    prices are monotonic in tokens, so a doubling search and a bisection find it."""
+    low, high = floor, max(floor * 2, 64)
+    while price_of(high) <= held:
+        if high >= _UNLIMITED:
+            return _UNLIMITED
+        low, high = high, high * 2
+    while high - low > 1:  # price_of(low) <= held < price_of(high)
+        middle = (low + high) // 2
+        if price_of(middle) <= held:
+            low = middle
+        else:
+            high = middle
+    return low

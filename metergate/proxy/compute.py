@@ -111,11 +111,12 @@ class ComputeRelay:
         assert config is not None
         p = self._p
         identity = await p.identifier.identify(request)
+        attributes = p.prices.request_attributes(request.headers,
+                                                 identity.attributes if identity.via == "api_key" else None)
         body = await p._read_body(request, json_only=False)
         terms = await p.prices.resolve_compute(
             identity.mode, identity.customer_id, route=match.route.prefix, provider=match.route.provider_id,
-            path=match.upstream_path or "/", feature=request.headers.get(p.settings.attribution_header),
-            headers=request.headers)
+            path=match.upstream_path, attributes=attributes)
         price = UnitPrice(config, terms, terms.asset, terms.scale) if terms is not None else UnitPrice(
             config, None, config.asset, p.settings.asset(config.asset).scale)
         held_units = config.hold_units if config.meter != "request" else Decimal(1)
@@ -160,7 +161,7 @@ class ComputeRelay:
             headers["Content-Type"] = request.headers.get("Content-Type", request.content_type)
         try:
             upstream = await p.session.request(request.method, job.match.upstream_url, data=body, headers=headers,
-                                               params=request.query, allow_redirects=False)
+                                               allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
         except aiohttp.ClientError:

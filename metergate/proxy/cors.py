@@ -40,7 +40,7 @@ class Cors:
     def allowed_origin(self, request: web.BaseRequest) -> str | None:
         """The ``Access-Control-Allow-Origin`` for ``request``, or ``None`` when it gets no CORS answer."""
         origin = request.headers.get(hdrs.ORIGIN)
-        if origin is None or not self._is_proxy_path(request.path):
+        if origin is None or not self._is_proxy_path(request.rel_url.raw_path):
             return None
         if self._any:
             return "*"
@@ -78,6 +78,6 @@ def install(app: web.Application, settings: Settings, routes: RouteTable) -> Non
     """Answer CORS on ``app``'s proxy routes, if ``cors_allow_origins`` names any origin."""
     if not settings.cors_allow_origins:
         return
-    cors = Cors(settings, lambda path: routes.match(path) is not None)
+    cors = Cors(settings, routes.serves)
     app.middlewares.append(cors.preflight)
     app.on_response_prepare.append(cors.on_prepare)

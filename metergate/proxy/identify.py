@@ -1,9 +1,11 @@
 """Who is paying: a trusted customer header, or a per-customer proxy API key.
 
 The customer header is a credential, so it is trusted only from configured source networks (by default
-loopback: the app in the same pod). Proxy keys look like ``mgk_<mode>_<secret>``; only their SHA-256 is
-stored. Lookups are cached briefly (``key_cache_ttl_s``) so that a revoked key stops working within
-that bound without a database read on every request.
+127.0.0.1 and ::1: the app in the same pod). Proxy keys look like ``mgk_<mode>_<secret>`` and are accepted
+wherever a provider's SDK puts its own key: ``Authorization: Bearer`` (OpenAI), ``x-api-key`` (Anthropic)
+and ``api-key`` (Azure OpenAI); none of them reaches the upstream. Only a key's SHA-256 is stored. Lookups
+are cached briefly (``key_cache_ttl_s``) so that a revoked key, or a change of its attributes, takes effect
+within that bound without a database read on every request.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import ipaddress
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -22,8 +25,10 @@ from metergate.errors import BadRequest, Forbidden, Unauthorized
 from metergate.wallet.models import ApiKey, Mode
 from metergate.wallet.store import WalletStore
 
-CUSTOMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_KEY = re.compile(r"^mgk_(test|live)_[A-Za-z0-9_-]{20,100}$")
+# Matched with fullmatch: ``$`` would also accept a trailing newline.
+CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_KEY = re.compile(r"mgk_(test|live)_[A-Za-z0-9_-]{20,100}")
+_KEY_HEADERS = ("x-api-key", "api-key")  # besides Authorization: Anthropic's and Azure OpenAI's key headers
 _CACHE_MAX = 100_000
 
 
@@ -33,6 +38,8 @@ class Identity:
     customer_id: str
     via: str  # "header" or "api_key"
     key_id: str | None = None
+    # A proxy key's pricing attributes, set through the admin API (never by the key's client).
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 def hash_key(key: str) -> str:
@@ -44,7 +51,7 @@ def new_key(mode: Mode) -> str:
 
 
 def valid_customer_id(value: str) -> bool:
-    return bool(CUSTOMER_ID.match(value))
+    return CUSTOMER_ID.fullmatch(value) is not None
 
 
 class Identifier:
@@ -95,11 +102,12 @@ class Identifier:
                                  param=self._mode_header)
             await self._require_customer(mode, claimed)  # type: ignore[arg-type]
             return Identity(mode, claimed, "header")  # type: ignore[arg-type]
-        authorization = request.headers.get("Authorization", "")
-        if authorization[:7].lower() == "bearer ":
-            return await self._by_key(authorization[7:].strip())
+        token = _presented_key(request)
+        if token is not None:
+            return await self._by_key(token)
         raise Unauthorized(f"Say who is paying: send the {self._header} header from the application, or a "
-                           "proxy API key as 'Authorization: Bearer mgk_...'.", code="missing_customer")
+                           "proxy API key as 'Authorization: Bearer mgk_...' (or in x-api-key or api-key).",
+                           code="missing_customer")
 
     async def _require_customer(self, mode: Mode, customer_id: str) -> None:
         if (mode, customer_id) in self._known:
@@ -111,7 +119,7 @@ class Identifier:
         self._known.add((mode, customer_id))
 
     async def _by_key(self, token: str) -> Identity:
-        if not _KEY.match(token):
+        if not _KEY.fullmatch(token):
             raise Unauthorized("That is not a metergate proxy API key.", code="invalid_api_key")
         digest = hash_key(token)
         now = time.monotonic()
@@ -125,4 +133,22 @@ class Identifier:
             self._keys[digest] = (now, key)
         if key is None or key.revoked_at_ms is not None:
             raise Unauthorized("This proxy API key is unknown or revoked.", code="invalid_api_key")
-        return Identity(key.mode, key.customer_id, "api_key", key.id)
+        return Identity(key.mode, key.customer_id, "api_key", key.id, key.attributes)
+
+
+def _presented_key(request: web.Request) -> str | None:
+    """The proxy key a request presents, from whichever of the SDKs' key headers carries one: a bearer token,
+    ``x-api-key`` or ``api-key``. A credential that is no proxy key is returned (to be refused as such) only
+    when no header carries a proxy key; two different proxy keys are refused, since either could be meant."""
+    presented: list[str] = []
+    for value in request.headers.getall("Authorization", []):
+        if value[:7].lower() == "bearer ":
+            presented.append(value[7:].strip())
+    for name in _KEY_HEADERS:
+        presented.extend(value.strip() for value in request.headers.getall(name, []))
+    proxy_keys = {token for token in presented if token.startswith("mgk_")}
+    if len(proxy_keys) > 1:
+        raise Unauthorized("The request presents more than one proxy API key.", code="invalid_api_key")
+    if proxy_keys:
+        return proxy_keys.pop()
+    return presented[0] if presented else None

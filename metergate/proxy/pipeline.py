@@ -42,11 +42,13 @@ from metergate.metering.usage import Usage
 from metergate.money import format_minor
 from metergate.observability.logs import current_request_id
 from metergate.observability.metrics import Metrics
-from metergate.payments.spendcaps import SpendCapGuard
+from metergate.payments.spendcaps import SpendCapGuard, SpendCapReached
 from metergate.portal.links import LinkSigner
 from metergate.pricing.service import PricingService, Resolved
 from metergate.proxy import headers as hh
 from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
+from metergate.proxy.assemble import Assembler
+from metergate.proxy.bounding import HoldPlan, plan_hold
 from metergate.proxy.budget import StreamBudget
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.methods import check_method
@@ -99,8 +101,12 @@ class Exchange:
     upstream_latency_s: float | None = None  # from forwarding until the upstream's response headers
     first_token_s: float | None = None  # a stream's first content event, counted from the hold
     cut: bool = False  # cut at the shutdown deadline
-    stopped: str | None = None  # why metergate ended the stream early (``insufficient_funds``)
+    stopped: str | None = None  # why metergate ended the answer early (``insufficient_funds``, ``client_left``)
     client_left_at: float | None = None  # when the stream watchdog saw the client's connection close
+    covered_tokens: int = 0  # output tokens the hold covered when it was placed
+    bounded: bool = True  # the upstream cannot outgrow the hold (or enforcement is off): no budget needed
+    output_limit: int | None = None  # the output limit metergate set upstream (an upstream that cannot stream)
+    assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
 
 
 class Pipeline:
@@ -176,7 +182,7 @@ class Pipeline:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = current_request_id() or "req_" + uuid.uuid4().hex
-        match = self.routes.match(request.path)
+        match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
                            code="unknown_route")
@@ -192,26 +198,25 @@ class Pipeline:
         if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
             return options
         identity = await self.identifier.identify(request)
+        attributes = self.prices.request_attributes(
+            request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request)
         prepared = adapter.prepare(endpoint, body, _json_object(body), self.settings.default_max_output_tokens)
         rate = await self.prices.resolve_request(
             identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
-            route=match.route.prefix, provider=match.route.provider_id,
-            feature=request.headers.get(self.settings.attribution_header), headers=request.headers)
-        estimate = self.prices.estimate(rate, Usage(prepared.input_tokens, prepared.max_output_tokens,
-                                                    source="estimated"), match.route.provider_id, prepared.model)
+            route=match.route.prefix, provider=match.route.provider_id, attributes=attributes)
         # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
         await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
-        hold = await self._authorize(identity, request_id, estimate, rate.asset)
+        plan = await self._place_hold(identity, request_id, prepared, rate, match)
         self.metrics.hold_opened()
-        feature = request.headers.get(self.settings.attribution_header)
-        ex = Exchange(request_id, identity, match, adapter, prepared, rate, hold,
-                      feature or None, time.monotonic())
+        ex = Exchange(request_id, identity, match, adapter, plan.prepared, rate, plan.hold,
+                      attributes.get("feature"), time.monotonic(), covered_tokens=plan.covered_tokens,
+                      bounded=plan.bounded, output_limit=plan.output_limit, assembler=plan.assembler)
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
         try:
-            if prepared.stream:
+            if prepared.stream or ex.assembler is not None:
                 return await self._stream(request, ex)
             return await self._unary(request, ex)
         except MetergateError as error:
@@ -242,16 +247,40 @@ class Pipeline:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _place_hold(self, identity: Identity, request_id: str, prepared: Prepared, rate: Resolved,
+                          match: RouteMatch) -> HoldPlan:
+        """The request's first hold and how its output is bounded (:func:`metergate.proxy.bounding.plan_hold`);
+        402 when the wallet cannot cover even the smallest hold it may start with."""
+        provider = match.route.provider_id
+
+        def price(output_tokens: int) -> int:
+            return self.prices.estimate(rate, Usage(prepared.input_tokens, output_tokens, source="estimated"),
+                                        provider, prepared.model)
+
+        async def reserve(amount: int) -> Hold:
+            return await self._reserve(identity, request_id, amount, rate.asset)
+
+        try:
+            return await plan_hold(prepared, match.route, price=price, reserve=reserve,
+                                   initial_output_tokens=self.settings.initial_output_tokens,
+                                   extend_tokens=self.settings.stream_extend_tokens)
+        except InsufficientFunds as short:
+            raise self.insufficient(identity, short) from None
+
     async def _authorize(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
+        try:
+            return await self._reserve(identity, request_id, amount, asset)
+        except InsufficientFunds as short:
+            raise self.insufficient(identity, short) from None
+
+    async def _reserve(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
+        """Hold ``amount``; raises ``InsufficientFunds`` or ``SpendCapReached`` (a refusal may be retried
+        smaller: every attempt has the same hold id, and a refused one wrote nothing)."""
         asset = asset or self.prices.asset
         if self.spend_caps is not None:
             await self.spend_caps.admit(identity.mode, identity.customer_id, asset, amount)
-        try:
-            hold, _ = await self.store.reserve(identity.mode, identity.customer_id, asset, amount,
-                                               hold_id="hold_" + request_id[4:],
-                                               ttl_ms=self.settings.hold_ttl_s * 1000)
-        except InsufficientFunds as short:
-            raise self.insufficient(identity, short) from None
+        hold, _ = await self.store.reserve(identity.mode, identity.customer_id, asset, amount,
+                                           hold_id="hold_" + request_id[4:], ttl_ms=self.settings.hold_ttl_s * 1000)
         return hold
 
     def insufficient(self, identity: Identity, short: InsufficientFunds) -> PaymentRequired:
@@ -301,6 +330,9 @@ class Pipeline:
         return await self._relay_whole(ex, upstream)
 
     async def _stream(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        """Relay a stream event by event, metered (and its hold grown) as it goes. A non-streaming request
+        streamed internally (``ex.assembler``) is metered the same way, event by event, but the events go to
+        its assembler instead of the client, which gets one body at the end (:meth:`_answer_assembled`)."""
         upstream = await self._send(request, ex)
         self._check_redirect(upstream)
         if upstream.status >= 400 or "text/event-stream" not in upstream.headers.get("Content-Type", ""):
@@ -310,6 +342,7 @@ class Pipeline:
         meter = ex.meter = ex.adapter.stream_meter(ex.prepared, self.settings.drain_max_bytes)
         budget = self._budget(ex)
         meter.lazy_text = budget is None  # only a budget reads the delivered text while the stream runs
+        assembler = ex.assembler
         response = web.StreamResponse(status=upstream.status, headers=hh.client_response_headers(upstream.headers))
         response.headers.update(self._receipt(ex, None, None))
         sse = SSEBuffer(self.settings.sse_max_event_bytes)
@@ -320,15 +353,25 @@ class Pipeline:
         drain_deadline = 0.0
         drained = 0
         try:
-            await response.prepare(request)
+            if assembler is None:
+                await response.prepare(request)
             watchdog = asyncio.get_running_loop().call_later(_WATCH_S, self._watch, request, ex, upstream, None)
             async for chunk in upstream.content.iter_any():
                 if ex.client_left_at is not None and not client_gone:  # seen by the watchdog, not by a write
                     client_gone, drain_deadline = True, ex.client_left_at + self.settings.drain_timeout_s
+                    if assembler is not None:
+                        # Nobody is waiting for the body any more: stop the upstream now rather than let it
+                        # produce (and the wallet pay for) the rest; what it produced so far is billed.
+                        log.info("%s: client left before its answer was whole; stopping the upstream",
+                                 ex.request_id)
+                        ex.stopped = "client_left"
+                        upstream.close()
+                        break
                 out: list[bytes] = []
                 for event in sse.feed(chunk):
                     first_new = len(meter.text) if budget is not None else 0
-                    verdict = meter.on_event(event_data(event))
+                    data = event_data(event)
+                    verdict = meter.on_event(data)
                     if verdict == "forward":
                         if (budget is not None and len(meter.text) > first_new
                                 and not await budget.admit(meter, first_new)):
@@ -338,6 +381,8 @@ class Pipeline:
                         out.append(event)
                     elif verdict == "final":
                         held_back.append(event)  # sent after settlement: a client that saw the end sees it settled
+                    if assembler is not None:
+                        assembler.feed(data)  # every admitted event, the usage chunk the client never sees too
                 if meter.content_events and not ex.delivered:
                     ex.delivered, ex.first_token_s = True, time.monotonic() - ex.started
                 if client_gone:
@@ -345,7 +390,7 @@ class Pipeline:
                     if drained > self.settings.drain_max_bytes or time.monotonic() > drain_deadline:
                         log.info("%s: stopped draining after client disconnect", ex.request_id)
                         break
-                elif out:
+                elif out and assembler is None:
                     try:
                         await response.write(b"".join(out))
                     except _CLIENT_GONE:
@@ -362,7 +407,9 @@ class Pipeline:
                 # still there, and a final event still waits for the settlement.
                 event = tail.rstrip(b"\r\n") + b"\n\n"
                 verdict = meter.on_event(event_data(event))
-                if verdict == "final":
+                if assembler is not None:
+                    assembler.feed(event_data(event))
+                elif verdict == "final":
                     held_back.append(event)
                 elif verdict == "forward" and not client_gone:
                     await _write_quietly(response, event)
@@ -376,6 +423,8 @@ class Pipeline:
             if watchdog is not None:
                 watchdog.cancel()
             upstream.release()
+        if assembler is not None:
+            return await self._answer_assembled(ex, upstream, assembler, incomplete=broken or ex.cut)
         delivered = self._delivered_usage(ex)
         settlement = await self._settle_shielded(ex, delivered)
         if not client_gone:
@@ -389,6 +438,34 @@ class Pipeline:
                 await _write_quietly(response, b"".join(held_back))
             await _write_eof_quietly(response)
         return response
+
+    async def _answer_assembled(self, ex: Exchange, upstream: aiohttp.ClientResponse, assembler: Assembler, *,
+                                incomplete: bool) -> web.StreamResponse:
+        """Settle a non-streaming request that was streamed internally and answer its one body.
+
+        Billed: what the upstream produced and the budget admitted: the provider's usage when the stream
+        ended whole, else the delivered text counted with the model's tokenizer (a stop at the wallet, or a
+        client that left before the end; the hold covered that text, so nothing is written off). An
+        upstream that broke off, or a cut at shutdown, leaves no whole answer: the client gets an error
+        and, as for any non-streaming request without an answer, pays nothing."""
+        if incomplete:
+            ex.status, ex.delivered, ex.meter = 502, False, None
+            await self._settle_shielded(ex, None)
+            if ex.cut:
+                raise BadGateway("metergate is shutting down: the answer was cut before it was whole; nothing "
+                                 "was charged.", code="shutting_down")
+            raise BadGateway("The upstream stream broke off before the answer was whole; nothing was charged.",
+                             code="upstream_stream_broken")
+        usage = self._delivered_usage(ex)
+        settlement = await self._settle_shielded(ex, usage)
+        notice = self._stop_notice(ex, settlement) if ex.stopped == "insufficient_funds" else None
+        body = assembler.body(usage or self._estimated(ex, 0), notice)
+        headers = hh.client_response_headers(upstream.headers)
+        for name in ("Content-Type", "Cache-Control"):  # the upstream's stream headers, not the body's
+            headers.popall(name, None)
+        headers["Content-Type"] = "application/json"
+        headers.update(self._receipt(ex, settlement, usage))
+        return web.Response(body=body, status=upstream.status, headers=headers)
 
     async def _relay_whole(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Read a whole (non-stream) upstream answer, settle from its usage, relay it with a receipt."""
@@ -439,7 +516,7 @@ class Pipeline:
     def _budget(self, ex: Exchange) -> StreamBudget | None:
         """Mid-stream enforcement for this stream (see :mod:`metergate.proxy.budget`), unless turned off."""
         increment = self.settings.stream_extend_tokens
-        if increment <= 0 or ex.prepared.output_capped:
+        if increment <= 0 or ex.bounded:
             return None
         input_tokens, ttl_ms = ex.prepared.input_tokens, self.settings.hold_ttl_s * 1000
 
@@ -447,17 +524,24 @@ class Pipeline:
             return self._price(ex, Usage(input_tokens, output_tokens, source="estimated"))
 
         async def extend(amount: int, step: int) -> None:
+            if self.spend_caps is not None:
+                # A hold that grows is spending as much as one placed whole: the customer's cap applies to
+                # each step, and a step past it stops the answer like an empty wallet does.
+                try:
+                    await self.spend_caps.admit(ex.hold.mode, ex.hold.customer_id, ex.hold.asset, amount)
+                except SpendCapReached:
+                    raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
             ex.hold = await self.store.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
 
-        return StreamBudget(held=ex.hold.amount, covered_tokens=ex.prepared.max_output_tokens, price_of=price_of,
+        return StreamBudget(held=ex.hold.amount, covered_tokens=ex.covered_tokens, price_of=price_of,
                             count=counter_for(ex.prepared.model).count, extend=extend, increment_tokens=increment)
 
     def _stop_notice(self, ex: Exchange, settlement: Settlement | None) -> dict[str, Any]:
         """What a stream metergate stopped tells its client, inside the provider's own final event."""
         notice: dict[str, Any] = {
             "stop_reason": ex.stopped,
-            "message": "The wallet ran out of funds mid-stream: the answer was stopped here and what was "
-                       "delivered is billed. Top up at portal_url.",
+            "message": "The wallet ran out of funds: the answer was stopped here and what was delivered is "
+                       "billed. Top up at portal_url.",
             "asset": ex.hold.asset,
             "portal_url": self.signer.url(ex.identity.mode, ex.identity.customer_id),
         }
@@ -474,14 +558,17 @@ class Pipeline:
         else an estimate from the text delivered so far (with the provider's input counts if it sent them
         before the cut), else nothing (nothing was delivered)."""
         meter = ex.meter
-        if meter is not None and meter.usage is not None:
+        if meter is not None and meter.usage is not None and not ex.stopped:
             return meter.usage
         if not ex.delivered:
             return None
         output = meter.delivered_output_tokens(ex.prepared.model) if meter is not None else 0
-        if meter is not None and meter.partial is not None:
-            return replace(meter.partial, output_tokens=max(output, meter.partial.output_tokens),
-                           reasoning_tokens=0, source="estimated")
+        # A stream metergate stopped may have carried a provider count from before the stop (Anthropic's
+        # cumulative message_delta): its input counts are kept, its output is what was delivered.
+        reported = meter.usage or meter.partial if meter is not None else None
+        if reported is not None:
+            return replace(reported, output_tokens=max(output, reported.output_tokens) if ex.stopped is None
+                           else output, reasoning_tokens=0, source="estimated")
         return self._estimated(ex, output)
 
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
@@ -539,6 +626,8 @@ class Pipeline:
         if balance.overdraft_limit:
             receipt["X-Metergate-Available"] = format_minor(balance.available, scale)
         receipt["X-Metergate-Usage-Source"] = usage.source if usage is not None else "none"
+        if ex.output_limit is not None:
+            receipt["X-Metergate-Output-Limit"] = str(ex.output_limit)  # set upstream by metergate, per answer
         return receipt
 
 

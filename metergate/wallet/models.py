@@ -50,6 +50,8 @@ class ApiKey:
     prefix: str
     created_at_ms: int
     revoked_at_ms: int | None = None
+    # Pricing attributes of the key's requests (e.g. {"feature": "search"}), set only through the admin API.
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2  # v2: ledger_entries.grant_id, grants and allocations (issue #3)
+SCHEMA_VERSION = 3  # v2: ledger_entries.grant_id, grants and allocations (issue #3); v3: api_keys.attributes
 
 metadata = MetaData()
 
@@ -62,6 +62,7 @@ api_keys = Table(
     Column("customer_id", String(128), nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("revoked_at_ms", BigInteger, nullable=True),
+    Column("attributes", JSON, nullable=True),  # v3: the key's pricing attributes (NULL: none)
     ForeignKeyConstraint(["mode", "customer_id"], ["customers.mode", "customers.id"]),
 )
 

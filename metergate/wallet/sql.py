@@ -113,6 +113,8 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
+from metergate.wallet.quota_sql import claim_quota, release_quota
 
 T = TypeVar("T")
 _PG_MIGRATION_LOCK = 0x6D657465  # "mete": serialises schema migration across replicas
@@ -236,9 +238,13 @@ class SqlWalletStore:
             conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION, applied_at_ms=now_ms()))
         elif current > t.SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{current} is newer than this metergate (v{t.SCHEMA_VERSION})")
-        elif current == 1:
-            upgrade_v1_to_v2(conn)
-            conn.execute(insert(t.schema_version).values(version=2, applied_at_ms=now_ms()))
+        else:
+            if current == 1:
+                upgrade_v1_to_v2(conn)
+                conn.execute(insert(t.schema_version).values(version=2, applied_at_ms=now_ms()))
+            if current <= 2:
+                conn.execute(text("ALTER TABLE api_keys ADD COLUMN attributes JSON"))  # NULL: no attributes
+                conn.execute(insert(t.schema_version).values(version=3, applied_at_ms=now_ms()))
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one write transaction (on SQLite, in a savepoint of the writer's next
@@ -293,12 +299,13 @@ class SqlWalletStore:
         return [_customer(r) for r in rows]
 
     async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
-                             prefix: str) -> ApiKey:
-        key = ApiKey(id=key_id, mode=mode, customer_id=customer_id, prefix=prefix, created_at_ms=now_ms())
+                             prefix: str, attributes: dict[str, str] | None = None) -> ApiKey:
+        key = ApiKey(id=key_id, mode=mode, customer_id=customer_id, prefix=prefix, created_at_ms=now_ms(),
+                     attributes=dict(attributes or {}))
         try:
             await self._write(lambda conn: conn.execute(insert(t.api_keys).values(
                 id=key_id, key_hash=key_hash, prefix=prefix, mode=mode, customer_id=customer_id,
-                created_at_ms=key.created_at_ms)))
+                created_at_ms=key.created_at_ms, attributes=key.attributes or None)))
         except IntegrityError:
             raise CustomerNotFound(customer_id) from None
         return key
@@ -313,6 +320,16 @@ class SqlWalletStore:
             conn.execute(update(t.api_keys).where(
                 t.api_keys.c.id == key_id, t.api_keys.c.mode == mode, t.api_keys.c.revoked_at_ms.is_(None),
             ).values(revoked_at_ms=now_ms()))
+            return conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id,
+                                                         t.api_keys.c.mode == mode)).first()
+
+        row = await self._write(op)
+        return _api_key(row) if row else None
+
+    async def set_api_key_attributes(self, mode: Mode, key_id: str, attributes: dict[str, str]) -> ApiKey | None:
+        def op(conn: Connection) -> Row[Any] | None:
+            conn.execute(update(t.api_keys).where(t.api_keys.c.id == key_id, t.api_keys.c.mode == mode)
+                         .values(attributes=dict(attributes) or None))
             return conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id,
                                                          t.api_keys.c.mode == mode)).first()
 
@@ -712,6 +729,14 @@ class SqlWalletStore:
 
         return await self._write(op)
 
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        return await self._write(claim_quota, self._dialect_insert, mode, window_start_ms, claims)
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        await self._write(release_quota, mode, window_start_ms, releases)
+
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         w = t.rate_limit_windows.c
         pruned: int = await self._write(lambda conn: conn.execute(delete(t.rate_limit_windows).where(
@@ -847,7 +872,8 @@ def _customer(row: Row[Any]) -> Customer:
 
 def _api_key(row: Row[Any]) -> ApiKey:
     return ApiKey(id=row.id, mode=row.mode, customer_id=row.customer_id, prefix=row.prefix,
-                  created_at_ms=row.created_at_ms, revoked_at_ms=row.revoked_at_ms)
+                  created_at_ms=row.created_at_ms, revoked_at_ms=row.revoked_at_ms,
+                  attributes={str(k): str(v) for k, v in (row.attributes or {}).items()})
 
 
 

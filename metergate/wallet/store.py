@@ -23,7 +23,6 @@ from metergate.wallet.models import (
     Hold,
     LedgerEntry,
     Mode,
-    RateLimitCharge,
     RateLimitDenial,
     RateLimitOverride,
     Settlement,
@@ -31,6 +30,7 @@ from metergate.wallet.models import (
     UsageGrouping,
     UsageRecord,
 )
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
 
 
 class WalletStore(Protocol):
@@ -47,9 +47,11 @@ class WalletStore(Protocol):
     async def get_customer(self, mode: Mode, customer_id: str) -> Customer | None: ...
     async def list_customers(self, mode: Mode, *, limit: int, after: str | None = None) -> list[Customer]: ...
     async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
-                             prefix: str) -> ApiKey: ...
+                             prefix: str, attributes: dict[str, str] | None = None) -> ApiKey: ...
     async def find_api_key(self, key_hash: str) -> ApiKey | None: ...
     async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None: ...
+    async def set_api_key_attributes(self, mode: Mode, key_id: str, attributes: dict[str, str]) -> ApiKey | None:
+        """Replace a key's pricing attributes; ``None`` when the mode has no such key."""
 
     # Money.
     async def credit(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
@@ -84,10 +86,15 @@ class WalletStore(Protocol):
     async def set_rate_limit_override(self, mode: Mode, customer_id: str, *, requests_per_minute: int | None,
                                       tokens_per_minute: int | None) -> RateLimitOverride: ...
     async def delete_rate_limit_override(self, mode: Mode, customer_id: str) -> bool: ...
-    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
-                                  tokens: int) -> RateLimitDenial | None:
-        """Count one request of ``tokens`` against every charge's window, all or none, atomically; return
-        the first limit that refuses it (nothing counted), or ``None`` when admitted."""
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        """Lease quota from the shared windows by :func:`metergate.wallet.quota.grant`, every subject or none,
+        atomically; ``customer_id`` is whose request it is (the key subjects are that customer's keys), so a
+        store may keep all of a customer's windows together."""
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        """Give back unused leased quota, (subject, requests, tokens), to a window that is still open."""
 
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         """Delete the windows that started before ``before_ms``; return how many."""

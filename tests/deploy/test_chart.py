@@ -3,7 +3,9 @@
 Method: no cluster and no helm binary — ``helm-python-sdk`` (Helm's Go SDK) lints the chart strictly and
 renders it with its defaults and with edge-case values, enforcing ``values.schema.json``; every rendered
 manifest is validated strictly by ``kubernetes-validate`` against Kubernetes 1.29 and the newest schema
-it ships; the settings files the ConfigMap carries are loaded by metergate's own ``load_settings``.
+it ships (the Prometheus Operator kinds, which it does not know, against the closed schemas in
+``tests/deploy/prometheus_operator.py``); the settings files the ConfigMap carries are loaded by
+metergate's own ``load_settings``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import helm_python
+import jsonschema
 import pytest
 import yaml
 from kubernetes_validate import utils as kv
 
 from metergate.config.settings import load_settings
+from tests.deploy import prometheus_operator
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "metergate"
 KUBE_VERSIONS = ["1.29.0", kv.latest_version()]
@@ -55,6 +59,17 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
         "exampleApp": {"enabled": True}},
     "gateway-only": {"control": {"enabled": False}, "gateway": {"enabled": True, "preStopSleepSeconds": 0}},
     "no-routes-extra-settings": {"routes": [], "settings": {"hold_ttl_s": 1200, "sweep_interval_s": 10}},
+    "observability-everything-on": {
+        "gateway": {"enabled": True, "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}},
+        "control": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 2}},
+        "podDisruptionBudget": {"enabled": True},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+                    "prometheusRule": {"enabled": True, "selector": 'job=~"billing-metergate-.*"'},
+                    "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Billing"}}}},
+    "budget-as-percentage-memory-only-autoscaler": {
+        "podDisruptionBudget": {"enabled": True, "minAvailable": "50%", "maxUnavailable": None},
+        "control": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None,
+                                    "targetMemoryUtilizationPercentage": 75}}},
 }
 
 
@@ -93,6 +108,9 @@ def test_every_rendered_manifest_is_valid_kubernetes(chart: helm_python.Chart, c
     objects = render(chart, EDGE_CASES[case])
     assert objects
     for obj in objects:
+        if prometheus_operator.is_operator_kind(obj):
+            prometheus_operator.validate(obj)
+            continue
         for version in KUBE_VERSIONS:
             # Raises ValidationError on an unknown field or a wrong type; SchemaNotFoundError on an unknown kind.
             kv.validate(obj, version, strict=True)
@@ -218,7 +236,81 @@ def test_configmap_settings_load_in_metergate(chart: helm_python.Chart, case: st
     ({"routes": [{"prefix": "openai", "upstream": "https://api.openai.com"}]}, "/routes/0/prefix"),
     ({"logFormat": "xml"}, "/logFormat"),
     ({"replicaCount": 2}, "replicaCount"),  # a typo'd key at the top level is refused, not ignored
+    # Disruption budgets: exactly one of minAvailable and maxUnavailable, a count or a percentage.
+    ({"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, "/podDisruptionBudget"),  # both set
+    ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": None}}, "/podDisruptionBudget"),  # neither
+    ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": "150%"}}, "/podDisruptionBudget/maxUnavailable"),
+    ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": -1}}, "/podDisruptionBudget/maxUnavailable"),
+    # Autoscalers: a replica range and at least one target.
+    ({"gateway": {"enabled": True, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 3}}},
+     "/gateway/autoscaling/minReplicas"),
+    ({"control": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}},
+     "/control/autoscaling"),
+    ({"control": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}}},
+     "/control/autoscaling/targetCPUUtilizationPercentage"),
+    # Monitoring.
+    ({"metrics": {"serviceMonitor": {"enabled": True, "interval": "30 seconds"}}},
+     "/metrics/serviceMonitor/interval"),
+    ({"metrics": {"prometheusRule": {"enabled": True, "serverErrorRatio": 5}}},
+     "/metrics/prometheusRule/serverErrorRatio"),
+    ({"metrics": {"prometheusRule": {"enabled": True, "selector": '{namespace="x"}'}}},
+     "/metrics/prometheusRule/selector"),
+    ({"metrics": {"dashboard": {"enabled": "yes"}}}, "/metrics/dashboard/enabled"),
 ])
 def test_schema_rejects_bad_values(chart: helm_python.Chart, values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=complaint):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_an_autoscaler_takes_replicas_over_from_its_deployment(chart: helm_python.Chart) -> None:
+    objects = render(chart, EDGE_CASES["observability-everything-on"])
+    for component in ("control", "gateway"):
+        deployment = find(objects, "Deployment", f"-{component}")
+        assert "replicas" not in deployment["spec"]  # else every upgrade would reset what the autoscaler chose
+        hpa = find(objects, "HorizontalPodAutoscaler", f"-{component}")
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "name": deployment["metadata"]["name"]}
+    gateway = find(objects, "HorizontalPodAutoscaler", "-gateway")["spec"]
+    assert (gateway["minReplicas"], gateway["maxReplicas"]) == (2, 10)
+    assert [(m["resource"]["name"], m["resource"]["target"]["averageUtilization"]) for m in gateway["metrics"]] == [
+        ("cpu", 70), ("memory", 80)]
+    plain = render(chart, {"gateway": {"enabled": True, "replicaCount": 3}})
+    assert find(plain, "Deployment", "-gateway")["spec"]["replicas"] == 3
+    assert not [o for o in plain if o["kind"] == "HorizontalPodAutoscaler"]
+    with pytest.raises(helm_python.HelmRenderError, match=r"minReplicas \(5\) exceeds maxReplicas \(2\)"):
+        render(chart, {"gateway": {"enabled": True,
+                                   "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}})
+
+
+def test_each_deployment_gets_a_disruption_budget_over_its_own_pods(chart: helm_python.Chart) -> None:
+    objects = render(chart, EDGE_CASES["observability-everything-on"])
+    for component in ("control", "gateway"):
+        budget = find(objects, "PodDisruptionBudget", f"-{component}")["spec"]
+        pod_labels = find(objects, "Deployment", f"-{component}")["spec"]["template"]["metadata"]["labels"]
+        assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
+        assert budget["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+        assert budget == {"maxUnavailable": 1, "selector": budget["selector"]}  # one replica never blocks a drain
+    percent = render(chart, EDGE_CASES["budget-as-percentage-memory-only-autoscaler"])
+    [budget] = [o["spec"] for o in percent if o["kind"] == "PodDisruptionBudget"]  # no gateway, no budget for it
+    assert budget["minAvailable"] == "50%" and "maxUnavailable" not in budget
+    assert not [o for o in render(chart, {}) if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_service_monitor_scrapes_metrics_of_both_services(chart: helm_python.Chart) -> None:
+    objects = render(chart, EDGE_CASES["observability-everything-on"])
+    monitor = find(objects, "ServiceMonitor", "-metergate")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    selected = [o for o in objects if o["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()]
+    assert sorted(s["metadata"]["name"] for s in selected) == ["billing-metergate-control", "billing-metergate-gateway"]
+    for service in selected:
+        assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    kinds = {o["kind"] for o in render(chart, {})}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}  # off by default: the CRDs may not exist
+    # The validator has teeth: a field the schema does not know is refused, as kubernetes-validate would.
+    monitor["spec"]["endpoints"][0]["honorLabelz"] = True
+    with pytest.raises(jsonschema.ValidationError, match="honorLabelz"):
+        prometheus_operator.validate(monitor)

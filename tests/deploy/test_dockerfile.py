@@ -99,9 +99,10 @@ def test_image_is_slim_multi_stage_and_non_root(stages: list[Stage]) -> None:
     assert runtime.env["TIKTOKEN_CACHE_DIR"] == f"{IMAGE_ROOT}/tiktoken"
     runs = [args for instruction, args in build.steps if instruction == "RUN"]
     assert any(run.startswith("uv sync --frozen --no-dev") for run in runs)  # from the lock file, as locked
-    assert json.loads(runtime.first("ENTRYPOINT")) == ["metergate", "serve"]
+    assert json.loads(runtime.first("ENTRYPOINT")) == ["metergate", "serve", "--default", "host=0.0.0.0"]
+    assert "METERGATE_HOST" not in runtime.env  # a variable would override the settings file's host:
     assert runtime.first("EXPOSE") == "8080"
-    assert " CMD [\"python\", " in " " + runtime.first("HEALTHCHECK")
+    assert runtime.first("HEALTHCHECK").endswith('CMD ["metergate", "health"]')
 
 
 def test_build_steps_and_entrypoint_run_in_a_fresh_environment(stages: list[Stage], tmp_path: Path) -> None:
@@ -143,7 +144,11 @@ def test_build_steps_and_entrypoint_run_in_a_fresh_environment(stages: list[Stag
     port = free_port()
     (tmp_path / "etc").mkdir()
     config = tmp_path / "etc" / "metergate.yaml"
+    # The port and the host come from the file alone: the image's default host (0.0.0.0) must yield to it, and
+    # the health check must follow the port it names.
     config.write_text(f"""
+host: 127.0.0.1
+port: {port}
 database_url: sqlite:///{tmp_path / 'var' / 'metergate.db'}
 routes: [{{prefix: /openai, upstream: "http://127.0.0.1:9"}}]
 pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
@@ -152,8 +157,6 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
     run_env = {"HOME": str(tmp_path / "home"), "LANG": "C.UTF-8"}
     for key, value in runtime.env.items():
         run_env[key] = relocate(value, tmp_path).replace("$PATH", os.environ["PATH"])
-    # The image listens on 0.0.0.0; a test on this machine stays on loopback.
-    run_env.update(METERGATE_HOST="127.0.0.1", METERGATE_PORT=str(port))
     entrypoint = json.loads(runtime.first("ENTRYPOINT"))
     command = [shutil.which(entrypoint[0], path=run_env["PATH"]) or entrypoint[0], *entrypoint[1:],
                "--config", str(config)]
@@ -180,7 +183,8 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
         probe = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
         probe[0] = shutil.which(probe[0], path=run_env["PATH"]) or probe[0]
         assert probe[0].startswith(str(image))
-        assert subprocess.run(probe, env=run_env, timeout=30).returncode == 0
+        # Here the server is not PID 1: point the probe at its process, whose command line it reads as PID 1's.
+        assert subprocess.run([*probe, "--pid", str(server.pid)], env=run_env, timeout=30).returncode == 0
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -192,3 +196,4 @@ pricing: {{models: {{"*": {{input_per_mtok: "1", output_per_mtok: "2"}}}}}}
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert {"ts", "level", "logger", "msg"} <= set(lines[0])  # JSON logs by default
     assert any(line["msg"] == "metergate stopped" for line in lines)
+    assert any(line["msg"] == f"metergate serving as all on 127.0.0.1:{port}" for line in lines)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import openai
 import pytest
 
+from metergate.errors import PaymentRequired
+from metergate.payments.spendcaps import SpendCapGuard
+from metergate.payments.store import PaymentsStore, SpendCaps
 from metergate.proxy.app import PIPELINE
+from metergate.wallet.models import Mode
+from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Gateway
 
 
@@ -44,3 +49,58 @@ async def test_daily_cap_refuses_the_request_that_would_pass_it(gateway: Gateway
                                          max_tokens=50)
     assert len(await gateway.usage()) == 2
     assert await gateway.store.audit() == []
+
+
+class CountingPaymentsStore(PaymentsStore):
+    """The real payments store, counting the ledger reads the guard makes (the pipeline's guard is a seam)."""
+
+    def __init__(self, wallet: SqlWalletStore) -> None:
+        super().__init__(wallet)
+        self.spend_reads = 0
+
+    async def spent_since(self, mode: Mode, customer_id: str, asset: str, since_ms: int) -> int:
+        self.spend_reads += 1
+        return await super().spent_since(mode, customer_id, asset, since_ms)
+
+
+async def test_a_hot_wallet_far_below_its_cap_reads_the_ledger_once_per_cache_period(gateway: Gateway) -> None:
+    """Far below the cap, requests are admitted on the spend read with the caps (the cache period is an hour
+    here, so no cached value expires during the test)."""
+    await gateway.customer("acme", funds=10_000_000)
+    store = gateway.store
+    assert isinstance(store, SqlWalletStore)
+    counting = CountingPaymentsStore(store)
+    gateway.app[PIPELINE].spend_caps = SpendCapGuard(counting, cache_ttl_s=3600)
+    r = await gateway.admin.put("/customers/acme/spend-caps", json={"asset": "USD", "daily": 9_000_000,
+                                                                    "monthly": None})
+    assert r.status_code == 200, r.text
+    client = gateway.openai("acme")
+    for _ in range(10):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=50)
+    assert counting.spend_reads == 1
+    assert len(await gateway.usage()) == 10
+
+
+async def test_two_replicas_guards_spend_up_to_the_cap_exactly_reading_less_often_far_from_it(
+        gateway: Gateway) -> None:
+    """Two guards (two replicas' worth) admit holds alternately until one refuses. Each admits at most 1/16
+    of the headroom it read before reading again, so near the cap every admission reads the ledger and the
+    holds end exactly at the cap; far from it they read less often than they admit."""
+    await gateway.customer("acme", funds=10_000_000)
+    store = gateway.store
+    assert isinstance(store, SqlWalletStore)
+    counting = CountingPaymentsStore(store)
+    await counting.set_spend_caps(SpendCaps("test", "acme", "USD", daily=1_600_000, monthly=None))
+    guards = [SpendCapGuard(counting, cache_ttl_s=3600) for _ in range(2)]
+    held = 0
+    for i in range(1000):
+        try:
+            await guards[i % 2].admit("test", "acme", "USD", 10_000)
+        except PaymentRequired as exc:
+            assert exc.code == "spend_cap_reached"
+            break
+        await store.reserve("test", "acme", "USD", 10_000, hold_id=f"h{i}", ttl_ms=60_000)  # as the pipeline does
+        held += 10_000
+    assert held == 1_600_000
+    assert counting.spend_reads < 160, counting.spend_reads

@@ -183,7 +183,7 @@ PATHS_REFUSED = {
     "anthropic-files": ("GET", "/anthropic/v1/files", 404, "endpoint_not_metered"),
     # --- not in the catalogue: never passed through
     "model-id-with-slash": ("GET", "/openai/v1/models/gpt-4o/../../admin", 404, "unknown_route"),
-    "model-id-encoded-slash": ("GET", "/openai/v1/models/a%2Fb", 404, "unknown_route"),
+    "model-id-encoded-slash": ("GET", "/openai/v1/models/a%2Fb", 400, "invalid_path"),  # before any route
     "model-id-dot-dot": ("GET", "/openai/v1/models/..", 404, "unknown_route"),
     "models-sub-path": ("GET", "/openai/v1/models/gpt-4o/permissions", 404, "unknown_route"),
     "anthropic-moderations": ("POST", "/anthropic/v1/moderations", 404, "unknown_route"),

@@ -151,10 +151,12 @@ async def test_feature_header_is_recorded_on_the_usage_record_and_not_forwarded(
         assert not any(name.lower().startswith("x-metergate-") for name in forwarded["headers"])
 
 
-async def test_feature_header_is_recorded_for_key_identified_requests(gateway: Gateway) -> None:
+async def test_a_keys_own_feature_is_recorded_for_key_identified_requests(gateway: Gateway) -> None:
+    # The key's client cannot send the feature header (tests/proxy/test_trust.py); the key carries it.
     await gateway.customer("acme")
-    secret = (await _issue_key(gateway))["key"]
-    client = _sdk(gateway, secret, default_headers={"X-Metergate-Feature": "search"})
+    r = await gateway.admin.post("/customers/acme/api-keys", json={"attributes": {"feature": "search"}})
+    assert r.status_code == 201, r.text
+    client = _sdk(gateway, r.json()["key"])
     await client.embeddings.create(model="text-embedding-3-small", input="find me")
     [record] = await gateway.usage()
     assert (record["feature"], record["endpoint"]) == ("search", "embeddings")

@@ -37,7 +37,7 @@ def encoding() -> Iterator[tiktoken.Encoding]:
 @pytest.fixture
 async def gw(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Gateway]:
     gateway, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'mid.db'}", pricing=PRICING,
-                                          default_max_output_tokens=8, stream_extend_tokens=4)
+                                          initial_output_tokens=8, stream_extend_tokens=4)
     yield gateway
     await gateway.close()
     await runner.cleanup()

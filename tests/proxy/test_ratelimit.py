@@ -3,12 +3,14 @@ so a refused request costs nothing and never reaches the upstream — and replic
 
 Method: the official ``openai`` SDK through real gateways in front of the mock upstream. The limiter's
 clock is its injected ``clock`` seam, pinned to a chosen instant so that windows roll over without
-sleeping; two gateway apps on one SQLite file, and on one PostgreSQL database, take turns and race.
+sleeping; two gateway apps on one SQLite file, and on one PostgreSQL database, take turns and race, and
+three hammer one limit (each process leases quota in chunks: see metergate/proxy/leases.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from aiohttp import web
 
 from metergate.proxy.app import PIPELINE, build_app
 from metergate.proxy.ratelimit import WINDOW_MS
-from metergate.wallet.models import Mode, RateLimitCharge, RateLimitDenial
+from metergate.wallet.models import Mode, RateLimitDenial
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
 from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Gateway, Upstream, _reset_pg, serve, start_gateway
 
@@ -156,31 +159,35 @@ async def test_each_api_key_has_its_own_limit_and_the_header_path_has_none(open_
 
 
 class CountingStore(SqlWalletStore):
-    """The real store, counting the rate-limit charges it is asked for (build_app takes a store: a seam)."""
+    """The real store, counting the quota claims it is asked for (build_app takes a store: a seam)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.consumed = 0
+        self.claims = 0
 
-    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
-                                  tokens: int) -> RateLimitDenial | None:
-        self.consumed += 1
-        return await super().consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        self.claims += 1
+        return await super().claim_rate_quota(mode, customer_id, claims, window_start_ms=window_start_ms)
 
 
-@pytest.mark.parametrize(("requests_per_minute", "consumed"), [(None, 0), (100, 3)])
-async def test_no_limit_costs_no_database_call(upstream: Upstream, tmp_path: Path, requests_per_minute: int | None,
-                                               consumed: int) -> None:
+# 20 requests at one instant: each claim doubles the chunk (1, 2, 4, 8, 16 requests: 31 leased in 5 claims).
+@pytest.mark.parametrize(("requests_per_minute", "claims"), [(None, 0), (10**6, 5)])
+async def test_a_well_funded_hot_customer_costs_a_store_call_per_chunk_not_per_request(
+        upstream: Upstream, tmp_path: Path, requests_per_minute: int | None, claims: int) -> None:
     gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'limits.db'}",
                                      **limits({"requests_per_minute": requests_per_minute}))
     await runner.cleanup()  # keep its settings and admin client; serve the same app over a counting store
     store = CountingStore(gw.settings.database_url)
-    runner, _ = await serve(build_app(gw.settings, store, public_url=gw.url), gw.settings.port)
+    app = build_app(gw.settings, store, public_url=gw.url)
+    app[PIPELINE].ratelimiter.clock = lambda: T0
+    runner, _ = await serve(app, gw.settings.port)
     try:
         await gw.customer("acme")
-        for _ in range(3):
+        for _ in range(20):
             await ask(gw.openai("acme"))
-        assert store.consumed == consumed
+        assert store.claims == claims
+        assert len(await gw.usage()) == 20
     finally:
         await gw.close()
         await runner.cleanup()
@@ -285,3 +292,69 @@ async def test_racing_replicas_never_admit_more_than_the_limit(open_gateway: Ope
     assert all(o is None or (isinstance(o, openai.RateLimitError) and o.code == "rate_limited") for o in outcomes)
     assert len(await one.usage()) == 4
     assert await one.store.audit() == []
+
+
+async def admission_estimate(gw: Gateway, max_tokens: int) -> int:
+    """The tokens a request of ``ask`` is counted for (prompt estimate + ``max_tokens``), read from the answer
+    that refuses it for a customer allowed one token a minute."""
+    await gw.customer("probe")
+    r = await gw.admin.put("/customers/probe/rate-limits", json={"requests_per_minute": None,
+                                                                 "tokens_per_minute": 1})
+    assert r.status_code == 200, r.text
+    found = re.search(r"alone needs (\d+) tokens", (await refused(gw.openai("probe"), max_tokens)).message)
+    assert found is not None
+    return int(found.group(1))
+
+
+async def storm(gateways: list[Gateway], per_gateway: int, max_tokens: int) -> int:
+    """Every gateway sends ``per_gateway`` requests for acme at once; the number admitted (all others must
+    be refused as rate limited)."""
+    clients = [gw.openai("acme") for gw in gateways]
+    outcomes = await asyncio.gather(*(ask(c, max_tokens) for c in clients for _ in range(per_gateway)),
+                                    return_exceptions=True)
+    assert all(o is None or (isinstance(o, openai.RateLimitError) and o.code == "rate_limited")
+               for o in outcomes), [o for o in outcomes if o is not None][:3]
+    return sum(o is None for o in outcomes)
+
+
+async def test_three_replicas_hammering_one_limit_admit_exactly_the_limit(open_gateway: Opener,
+                                                                          shared_url: str) -> None:
+    """Each replica alone sends more than the limit, so every replica ends with its lease spent or has
+    admitted the whole limit itself: the total is the limit exactly. Chunks are leased (a cap of 5)."""
+    gateways = [await open_gateway(shared_url, **limits({"requests_per_minute": 90, "tokens_per_minute": 10**9}))
+                for _ in range(3)]
+    await gateways[0].customer("acme")
+    assert await storm(gateways, 100, max_tokens=10) == 90
+    assert len(await gateways[1].usage()) == 90
+    assert await gateways[2].store.audit() == []
+
+
+async def test_three_replicas_hold_the_token_limit_when_it_binds_first(open_gateway: Opener,
+                                                                       shared_url: str) -> None:
+    """Tokens per minute for 25.5 requests. The total admitted never passes it; it may fall short of the
+    25 an exact counter admits by the partial leases the replicas are left holding (each under one request,
+    and what is left unclaimed with them under one request too: at least 23)."""
+    probe = await open_gateway(shared_url)
+    estimate = await admission_estimate(probe, 100)
+    tpm = 25 * estimate + estimate // 2
+    gateways = [await open_gateway(shared_url, **limits({"requests_per_minute": 10**6, "tokens_per_minute": tpm}))
+                for _ in range(3)]
+    await gateways[0].customer("acme")
+    admitted = await storm(gateways, 40, max_tokens=100)
+    assert 23 <= admitted <= 25
+    assert len(await gateways[1].usage()) == admitted
+
+
+async def test_a_stopping_replica_gives_its_unused_lease_back(upstream: Upstream, open_gateway: Opener,
+                                                              shared_url: str) -> None:
+    """64 a minute: a cap of 4 per lease. Two requests at one instant lease 1, then 2: one left unused,
+    which the first replica returns as it stops, so the second admits all of the other 62."""
+    gw, runner = await start_gateway(upstream, shared_url, **limits({"requests_per_minute": 64}))
+    pin(gw, T0)
+    await gw.customer("acme")
+    await ask(gw.openai("acme"))
+    await ask(gw.openai("acme"))
+    await gw.close()
+    await runner.cleanup()  # stops the limiter, which gives back the unused request
+    other = await open_gateway(shared_url, **limits({"requests_per_minute": 64}))
+    assert await storm([other], 70, max_tokens=10) == 62

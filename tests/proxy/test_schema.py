@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,19 @@ async def test_a_field_of_the_wrong_type_or_out_of_bounds_is_refused_and_changes
     assert (await gw.balance())["available"] == FUNDS
 
 
-async def test_the_largest_max_tokens_the_schema_allows_is_a_402_not_a_500(gw: Gateway) -> None:
-    """10^8 output tokens pass the schema; their hold exceeds the wallet, which is a refusal like any other."""
-    before = await ledger(gw)
+async def test_the_largest_max_tokens_the_schema_allows_is_served_within_the_wallet_not_a_500(gw: Gateway) -> None:
+    """10^8 output tokens pass the schema. The wallet cannot hold them, so the request is held for its prompt plus
+    the initial output allowance and streamed from the upstream internally: a bounded answer, billed exactly, and
+    the upstream never sees the client's limit as something metergate promised to pay for."""
     path, body = CHAT
     r = await post(gw, path, {**body, "max_tokens": 100_000_000})
-    assert r.status_code == 402, r.text
-    assert r.json()["error"]["code"] == "insufficient_funds"
-    assert gw.upstream.requests == [] and await ledger(gw) == before
+    assert r.status_code == 200, r.text
+    [record] = await gw.usage()
+    assert record["charged_amount"] == Decimal(r.headers["X-Metergate-Charged"]) * 10**6 > 0  # micro-USD
+    assert (await gw.balance())["available"] == FUNDS - record["charged_amount"]
+    assert (await gw.balance())["pending"] == 0
+    [sent] = gw.upstream.requests
+    assert sent["body"]["stream"] is True  # metered as it flows, extended or stopped at the wallet
 
 
 async def test_a_model_at_the_length_bound_is_accepted_and_recorded_whole(gw: Gateway) -> None:

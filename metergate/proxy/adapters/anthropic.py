@@ -77,7 +77,8 @@ class AnthropicStreamMeter(StreamMeter):
         elif kind == "message_delta":
             if event.get("usage") is not None:
                 self.latest = event["usage"]
-                self._update()
+                delta = event.get("delta")
+                self._update(final=not isinstance(delta, dict) or delta.get("stop_reason") is not None)
         elif kind == "content_block_delta":
             self.content_events += 1
             delta = event.get("delta")
@@ -107,16 +108,22 @@ class AnthropicStreamMeter(StreamMeter):
         return b"".join(f"event: {name}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n"
                         for name, data in events)
 
-    def _update(self) -> None:
+    def _update(self, *, final: bool) -> None:
         # message_delta's counts are cumulative and, in newer API versions, repeat the input counts;
-        # fields it leaves out keep their message_start values. Until a message_delta arrives the usage
-        # is only partial: message_start's output count is a placeholder.
+        # fields it leaves out keep their message_start values. Until the message_delta that names the
+        # stop reason arrives the usage is only partial (message_start's output count is a placeholder, an
+        # earlier delta's count is what was produced by then): a stream cut before it bills at least the
+        # text delivered.
         if not isinstance(self.latest, dict):
             self.believed(from_anthropic, self.latest)  # not an object: an anomaly
             return
         started = self.started if isinstance(self.started, dict) else {}
         merged = {**started, **{k: v for k, v in self.latest.items() if v is not None}}
-        self.usage = self.believed(from_anthropic, merged)
+        usage = self.believed(from_anthropic, merged)
+        if final:
+            self.usage = usage
+        else:
+            self.partial = usage
 
 
 class AnthropicAdapter:

@@ -42,7 +42,8 @@ Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
   (:meth:`RedisWalletStore.confirm_settlements`) and applies to SQL directly the ones Redis lost.
 * **Multi-replica safety, checked:** expiry sweeps are one idempotent script per hold (any number of
   replicas sweep at once); the ledger sink is leased per shard; reconciliation runs on the replica holding
-  shard 0's lease; rate limits stay in SQL (atomic conditional upserts, unchanged); payments (auto top-up,
+  shard 0's lease; rate-limit windows live in Redis (quota leases claimed by one script per chunk,
+  :mod:`metergate.wallet.redis.quota`; the overrides stay in SQL); payments (auto top-up,
   spend caps), pricing, events and billing run over this store (credits through :meth:`credit`, a credit line
   set in SQL through :meth:`refresh_overdraft`); the grants, plans and hold-API admin routes are served only over the
   SQL store (a grant change made in SQL directly shows as drift and is rebuilt by the reconciliation).
@@ -55,7 +56,8 @@ Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
   new epoch, so such a hold is *stale* (scripts.py): it never moves the wallet again, its expiry only tells
   the ledger, its settle and ``get_hold`` are answered by the ledger. A cluster URL names one seed node; a
   sentinel URL ``host:port[,host:port...]/service``.
-* **Everything else** (customers, keys, history, reports, rate limits) is the SQL store's, by delegation.
+* **Everything else** (customers, keys, history, reports, rate-limit overrides) is the SQL store's, by
+  delegation.
 """
 
 from __future__ import annotations
@@ -89,7 +91,6 @@ from metergate.wallet.models import (
     HoldState,
     LedgerEntry,
     Mode,
-    RateLimitCharge,
     RateLimitDenial,
     RateLimitOverride,
     Settlement,
@@ -98,6 +99,8 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
+from metergate.wallet.redis import quota as redis_quota
 from metergate.wallet.redis import scripts
 from metergate.wallet.sql import SqlWalletStore
 
@@ -266,6 +269,8 @@ class RedisWalletStore:
         for name in ("RESERVE", "EXTEND", "SETTLE", "EXPIRE", "CREDIT", "LOAD", "INVALIDATE", "SET_OVERDRAFT",
                      "ADOPT", "ACK", "LEASE"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
+        self._scripts["RL_CLAIM"] = self._client.register_script(redis_quota.CLAIM)
+        self._scripts["RL_RELEASE"] = self._client.register_script(redis_quota.RELEASE)
         self.sink = LedgerSink(self, batch=self._sink_batch, lease_ms=self._lease_ms,
                                reconcile_interval_s=self._reconcile_interval_s)
         if self._run_sink:
@@ -333,14 +338,18 @@ class RedisWalletStore:
         return await self.sql.list_customers(mode, limit=limit, after=after)
 
     async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
-                             prefix: str) -> ApiKey:
-        return await self.sql.create_api_key(mode, customer_id, key_id=key_id, key_hash=key_hash, prefix=prefix)
+                             prefix: str, attributes: dict[str, str] | None = None) -> ApiKey:
+        return await self.sql.create_api_key(mode, customer_id, key_id=key_id, key_hash=key_hash, prefix=prefix,
+                                             attributes=attributes)
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
         return await self.sql.find_api_key(key_hash)
 
     async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None:
         return await self.sql.revoke_api_key(mode, key_id)
+
+    async def set_api_key_attributes(self, mode: Mode, key_id: str, attributes: dict[str, str]) -> ApiKey | None:
+        return await self.sql.set_api_key_attributes(mode, key_id, attributes)
 
     # ------------------------------------------------------------------ projection
 
@@ -736,7 +745,7 @@ class RedisWalletStore:
         ledger by :func:`metergate.wallet.redis.reconcile.reconcile`."""
         return await self.sql.audit()
 
-    # ------------------------------------------------------------------ reports and rate limits (SQL)
+    # ------------------------------------------------------------------ reports (SQL) and rate limits
 
     async def usage_summary(self, mode: Mode, *, group_by: UsageGrouping, from_ms: int, to_ms: int,
                             limit: int) -> list[UsageAggregate]:
@@ -753,11 +762,17 @@ class RedisWalletStore:
     async def delete_rate_limit_override(self, mode: Mode, customer_id: str) -> bool:
         return await self.sql.delete_rate_limit_override(mode, customer_id)
 
-    async def consume_rate_limits(self, mode: Mode, charges: list[RateLimitCharge], *, window_start_ms: int,
-                                  tokens: int) -> RateLimitDenial | None:
-        return await self.sql.consume_rate_limits(mode, charges, window_start_ms=window_start_ms, tokens=tokens)
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        """In Redis, one script per claim (:mod:`metergate.wallet.redis.quota`)."""
+        return await redis_quota.claim(self, mode, customer_id, claims, window_start_ms)
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        await redis_quota.release(self, mode, customer_id, releases, window_start_ms)
 
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
+        """Windows in Redis expire by themselves; this prunes the SQL store's (left by an SQL-only run)."""
         return await self.sql.prune_rate_limit_windows(before_ms=before_ms)
 
 
