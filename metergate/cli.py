@@ -1,6 +1,6 @@
 """The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
 end to end; the admin commands (customers, credit, keys, ..., check) drive a running control plane
-(:mod:`metergate.cli_admin`)."""
+(:mod:`metergate.cli_admin`), and ``webhooks listen`` forwards notifications to a local app."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from metergate import cli_webhooks
 from metergate.cli_admin import add_admin_commands, run_admin_command
 from metergate.config.settings import SettingsError, load_settings
 
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
     add_admin_commands(sub)
+    cli_webhooks.add_command(sub)  # metergate webhooks listen
     args = parser.parse_args(argv)
+    if args.command == "webhooks":
+        return cli_webhooks.run(args)
     if getattr(args, "admin_handler", None) is not None:
         return run_admin_command(args)
 

@@ -7,6 +7,7 @@ from typing import Any
 from metergate import __version__
 from metergate.admin.wallet_openapi import wallet_paths
 from metergate.pricing.openapi import pricing_paths
+from metergate.webhooks.openapi import webhook_paths, webhook_schemas
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 # Shared schemas. The document is also what the server enforces (metergate/admin/validation.py): every
@@ -171,6 +172,7 @@ def document() -> dict[str, Any]:
     paths.update(wallet_paths())  # assets, grants, plans, subscriptions, the hold API (metergate/admin/wallets.py)
     paths.update(pricing_paths())  # price versions, quote, simulator, events (metergate/pricing)
     paths.update(_billing(customers, c, margin[1:3]))
+    paths.update(webhook_paths())  # the notification outbox (metergate/webhooks/admin.py)
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},
@@ -178,7 +180,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
-                "param": {"type": ["string", "null"]}}}}}},
+                "param": {"type": ["string", "null"]}}}}}, **webhook_schemas()},
         },
         "security": [{"adminKey": []}],
         "paths": paths,

@@ -10,6 +10,8 @@ named, never at the first request.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from contextvars import ContextVar
@@ -125,6 +127,48 @@ class RateLimitSettings(_Strict):
     refresh_interval_s: float = Field(5, gt=0, le=3600,
                                       description="How often each replica reloads per-customer overrides and "
                                                   "prunes old windows.")
+
+
+class WebhookSettings(_Strict):
+    """Operator notifications through the durable outbox, signed as Standard Webhooks (metergate/webhooks)."""
+
+    signing_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks signing secret: 'whsec_' and the base64 of 24 to 64 random bytes; "
+                          "signs webhook-signature (none: only Metergate-Signature, from notify_secret).")
+    retry_base_s: float = Field(5, gt=0, le=3600, description="First retry delay of a failed delivery; doubles.")
+    retry_max_s: float = Field(3 * 3600, gt=0, le=86400, description="Longest retry delay of a failed delivery.")
+    max_attempts: int = Field(20, ge=1, le=10_000,
+                              description="Attempts before a notification is marked failed (defaults: about a day).")
+    concurrency: int = Field(8, ge=1, le=64, description="Deliveries in flight at once per replica.")
+    batch_size: int = Field(50, ge=1, le=1000, description="Due notifications one replica claims at a time.")
+    timeout_s: float = Field(10, gt=0, le=120, description="Longest wait for the receiver's answer to one delivery.")
+    lease_s: float = Field(60, gt=0, le=3600, description="How long a claimed notification is this replica's alone.")
+    poll_interval_s: float = Field(1, gt=0, le=60, description="How often the delivery loop looks for due rows.")
+    retention_days: int = Field(30, ge=1, le=3650, description="Delivered and failed notifications are kept this long.")
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _whsec(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        if not value.startswith("whsec_"):
+            raise ValueError("must start with 'whsec_' (Standard Webhooks format)")
+        try:
+            key = base64.b64decode(value[6:], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("after 'whsec_' must come base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError("must hold 24 to 64 bytes of key")
+        return secret
+
+    @model_validator(mode="after")
+    def _timing(self) -> WebhookSettings:
+        if self.retry_base_s > self.retry_max_s:
+            raise ValueError("retry_base_s must not exceed retry_max_s")
+        if self.timeout_s >= self.lease_s:
+            raise ValueError("timeout_s must be shorter than lease_s, so that no lease runs out mid-delivery")
+        return self
 
 
 class BillingSettings(_Strict):
@@ -330,6 +374,8 @@ class Settings(BaseSettings):
                                          description="How often the control plane checks auto top-up thresholds.")
     notify_url: str = Field("", description="Operator URL that receives signed event notifications (none: off).")
     notify_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing operator notifications.")
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings,
+                                      description="Outbox, retries and Standard Webhooks signing of notifications.")
     portal_brand_name: str = Field("", max_length=80, description="Product name shown in the portal.")
     portal_logo_url: str = Field("", max_length=500, description="https URL of a logo shown in the portal.")
     portal_primary_color: str = Field("#1d2433", pattern=r"^#[0-9a-fA-F]{6}$", description="Portal header colour.")
@@ -367,6 +413,13 @@ class Settings(BaseSettings):
             if not re.match(r"^[A-Za-z0-9-]{1,64}\*?$", header):
                 raise ValueError(f"{header!r} is not a header name (or a prefix ending in '*')")
         return [header.lower() for header in headers]
+
+    @model_validator(mode="after")
+    def _notify_signed(self) -> Settings:
+        if self.notify_url and self.notify_secret is None and self.webhooks.signing_secret is None:
+            raise ValueError("notify_url needs webhooks.signing_secret (whsec_...) or notify_secret: notifications "
+                             "are always signed")
+        return self
 
     @model_validator(mode="after")
     def _cors_credentials(self) -> Settings:

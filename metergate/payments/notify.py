@@ -1,98 +1,57 @@
-"""Signed notifications to the operator: low balance, top-up succeeded or failed, wallet depleted, and a
-change of a wallet's billing settings (``billing_settings.changed``: auto top-up, spend caps, or a session
-opened to change its payment methods — who changed it, through which link, from what to what).
+"""Notifications to the operator: low balance, top-up succeeded or failed, wallet depleted, and a change of
+a wallet's billing settings (``billing_settings.changed``: auto top-up, spend caps, or a session opened to
+change its payment methods — who changed it, through which link, from what to what).
 
-Each notification is one JSON ``POST`` to ``notify_url`` with the header
-``Metergate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(notify_secret, "<t>.<raw body>")>`` — Stripe's
-scheme, so a receiver checks it the same way and refuses stale timestamps. Delivery runs in the background
-with a bounded number of attempts; it never blocks nor fails the operation that caused it.
+Each notification is a row of the durable webhook outbox (:mod:`metergate.webhooks.outbox`), committed
+before :meth:`Notifier.notify` returns, and sent by the delivery loop (:mod:`metergate.webhooks.delivery`)
+as one JSON ``POST`` to ``notify_url``, signed in the Standard Webhooks format (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``) and, when ``notify_secret`` is set, with the earlier
+``Metergate-Signature`` header too (:mod:`metergate.webhooks.signing`). Recording a notification never
+fails the operation that caused it: a storage error is logged.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
-import aiohttp
+from sqlalchemy import Connection
 
+from metergate.wallet.models import Mode
+from metergate.webhooks.delivery import WebhookDelivery
+from metergate.webhooks.outbox import WebhookOutbox
+from metergate.webhooks.signing import SIGNATURE_HEADER, sign, verify
+
+__all__ = ["BILLING_SETTINGS_CHANGED", "SIGNATURE_HEADER", "Notifier", "settings_change", "settings_changed", "sign",
+           "verify"]
 log = logging.getLogger(__name__)
-SIGNATURE_HEADER = "Metergate-Signature"
 BILLING_SETTINGS_CHANGED = "billing_settings.changed"
-_ATTEMPTS = 3
-_TIMEOUT_S = 10.0
-
-
-def sign(body: bytes, secret: str, timestamp: int) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify(body: bytes, header: str, secret: str, *, tolerance_s: int = 300, now: float | None = None) -> bool:
-    """What a receiver does: recompute the signature, compare in constant time, refuse a stale timestamp."""
-    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
-    try:
-        timestamp = int(parts["t"])
-    except (KeyError, ValueError):
-        return False
-    expected = sign(body, secret, timestamp).encode()
-    fresh = abs((now if now is not None else time.time()) - timestamp) <= tolerance_s
-    return fresh and hmac.compare_digest(expected, header.encode())
 
 
 class Notifier:
-    def __init__(self, url: str, secret: str | None) -> None:
-        self.url = url
-        self._secret = secret or ""
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, outbox: WebhookOutbox, delivery: WebhookDelivery) -> None:
+        self.outbox = outbox
+        self.delivery = delivery
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.url and self._secret)
+    async def notify(self, event_type: str, mode: Mode, customer_id: str, data: dict[str, Any]) -> str | None:
+        """Record one notification (sent when a ``notify_url`` is configured, else kept as ``skipped``);
+        returns its id, or ``None`` when it could not be recorded."""
+        try:
+            return await self.outbox.add(event_type, mode, customer_id, data, deliver=self.delivery.enabled)
+        except Exception:
+            log.exception("notification %s for %s customer %s not recorded", event_type, mode, customer_id)
+            return None
 
-    def notify(self, event_type: str, mode: str, customer_id: str, data: dict[str, Any]) -> None:
-        """Queue one notification (nothing when no URL is configured)."""
-        if not self.enabled:
-            return
-        body = json.dumps({"id": f"ntf_{uuid.uuid4().hex}", "type": event_type, "created": int(time.time()),
-                           "mode": mode, "customer_id": customer_id, "data": data}).encode()
-        task = asyncio.create_task(self._deliver(body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _deliver(self, body: bytes) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S))
-        for attempt in range(_ATTEMPTS):
-            headers = {"Content-Type": "application/json",
-                       SIGNATURE_HEADER: sign(body, self._secret, int(time.time()))}
-            try:
-                async with self._session.post(self.url, data=body, headers=headers) as response:
-                    if response.status < 300:
-                        return
-                    log.warning("notification answered %d (attempt %d)", response.status, attempt + 1)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("notification failed (attempt %d): %s", attempt + 1, type(exc).__name__)
-            await asyncio.sleep(0.5 * 2 ** attempt)
-        log.error("notification dropped after %d attempts", _ATTEMPTS)
+    def record(self, conn: Connection, event_type: str, mode: Mode, customer_id: str, data: dict[str, Any]) -> str:
+        """Record one notification inside the caller's transaction, so that it commits with the event."""
+        return self.outbox.insert(conn, event_type, mode, customer_id, data, deliver=self.delivery.enabled)
 
     async def flush(self) -> None:
-        """Wait for the notifications queued so far."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self) -> None:
-        await self.flush()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Send the notifications due so far."""
+        if self.delivery.enabled:
+            await self.delivery.flush()
 
 
 def _plain(value: object) -> object:
@@ -103,14 +62,39 @@ def _plain(value: object) -> object:
     return value
 
 
-def settings_changed(notifier: Notifier, mode: str, customer_id: str, setting: str, before: object, after: object,
-                     *, changed_by: Literal["portal"], link_id: str | None = None) -> None:
-    """Tell the operator that a wallet's billing setting changed (``before`` / ``after``: ``None`` for off)."""
+def _change(mode: Mode, customer_id: str, setting: str, before: object, after: object, changed_by: str,
+            link_id: str | None) -> dict[str, Any] | None:
+    """The notification's data, or ``None`` when the setting was saved as it was (nothing changed)."""
     if _plain(before) == _plain(after):
-        return  # saved as it was: nothing changed
+        return None
+    return {"setting": setting, "changed_by": changed_by, "link_id": link_id, "before": _plain(before),
+            "after": _plain(after)}
+
+
+def settings_change(notifier: Notifier, mode: Mode, customer_id: str, setting: str, before: object, after: object,
+                    *, changed_by: Literal["portal"], link_id: str | None = None) -> Callable[[Connection], object]:
+    """The ``billing_settings.changed`` notification of a change (``before`` / ``after``: ``None`` for off),
+    to run in the transaction that saves it; it records nothing when the setting is saved as it was."""
+    data = _change(mode, customer_id, setting, before, after, changed_by, link_id)
+
+    def record(conn: Connection) -> None:
+        if data is not None:
+            notifier.record(conn, BILLING_SETTINGS_CHANGED, mode, customer_id, data)
+            _log_change(data, mode, customer_id)
+
+    return record
+
+
+async def settings_changed(notifier: Notifier, mode: Mode, customer_id: str, setting: str, before: object,
+                           after: object, *, changed_by: Literal["portal"], link_id: str | None = None) -> None:
+    """Tell the operator of a change that metergate does not store itself (a Stripe billing portal opened)."""
+    data = _change(mode, customer_id, setting, before, after, changed_by, link_id)
+    if data is not None:
+        await notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, data)
+        _log_change(data, mode, customer_id)
+
+
+def _log_change(data: dict[str, Any], mode: Mode, customer_id: str) -> None:
     # Also logged, so that the change is on record where no notify_url is configured.
-    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", setting, mode, customer_id,
-             changed_by, link_id or "-")
-    notifier.notify(BILLING_SETTINGS_CHANGED, mode, customer_id, {
-        "setting": setting, "changed_by": changed_by, "link_id": link_id,
-        "before": _plain(before), "after": _plain(after)})
+    log.info("billing setting %s of %s customer %s changed through the %s (link %s)", data["setting"], mode,
+             customer_id, data["changed_by"], data["link_id"] or "-")

@@ -1,5 +1,8 @@
 """The payments feature assembled: storage, Stripe, notifications, top-ups, webhooks, the periodic check.
 
+Notifications go through the durable webhook outbox; this process runs its delivery loop when a
+``notify_url`` is set.
+
 Served by the control plane (``role: control`` or ``all``). Opened after the wallet store and closed before
 it, through one ``cleanup_ctx`` generator.
 """
@@ -24,6 +27,9 @@ from metergate.payments.webhooks import StripeWebhooks
 from metergate.wallet.models import Balance, Mode
 from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
+from metergate.webhooks.admin import WebhooksAdminApi
+from metergate.webhooks.delivery import WebhookDelivery
+from metergate.webhooks.outbox import WebhookOutbox
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +43,15 @@ class Payments:
         self.settings = settings
         self.store = PaymentsStore(sql, money=wallet)
         self.stripe = StripeApi(settings, self.store)
-        secret = settings.notify_secret.get_secret_value() if settings.notify_secret else None
-        self.notifier = Notifier(settings.notify_url, secret)
+        self.outbox = WebhookOutbox(sql)  # notifications: durable, retried, signed (metergate/webhooks)
+        self.delivery = WebhookDelivery(settings, self.outbox)
+        self.notifier = Notifier(self.outbox, self.delivery)
         self.topups = TopUps(settings, self.store, self.stripe, self.notifier)
         self.webhooks = StripeWebhooks(settings, self.topups)
 
     def routes(self, admin: AdminApi) -> list[web.RouteDef]:
-        return [*self.webhooks.routes(), *PaymentsAdminApi(admin, self.store, self.topups).routes()]
+        return [*self.webhooks.routes(), *PaymentsAdminApi(admin, self.store, self.topups).routes(),
+                *WebhooksAdminApi(admin, self.outbox, self.delivery).routes()]
 
     async def after_settlement(self, mode: Mode, customer_id: str, asset: str, balance: Balance | None = None) -> None:
         """The hook to call after a settlement, with the balance it left (never raises: a payment problem
@@ -63,12 +71,16 @@ class Payments:
 
     async def lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
         await self.store.open()
-        task = asyncio.create_task(self._periodic())
+        await self.outbox.open()
+        tasks = [asyncio.create_task(self._periodic())]
+        if self.delivery.enabled:
+            tasks.append(asyncio.create_task(self.delivery.run_forever()))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await self.notifier.close()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.delivery.close()
         await self.stripe.close()
 
 

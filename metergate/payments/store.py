@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -137,9 +138,13 @@ class PaymentsStore:
             stripe_id=stripe_id, updated_at_ms=now_ms())))
 
     async def finish_topup(self, topup_id: str, state: Literal["succeeded", "failed"], *,
-                           error_code: str | None = None, error_message: str | None = None) -> TopUp | None:
+                           error_code: str | None = None, error_message: str | None = None,
+                           also: Callable[[Connection, TopUp], object] | None = None) -> TopUp | None:
         """Record an outcome once: a succeeded top-up stays succeeded whatever arrives later (events come out
-        of order), a failed one may still succeed. Returns the top-up if this call changed its state."""
+        of order), a failed one may still succeed. Returns the top-up if this call changed its state.
+
+        ``also``: run in the same transaction when this call changes the state (the outbox row that notifies
+        the outcome, so that the outcome and its notification commit together or not at all)."""
         c = p.topups.c
         allowed = ("pending", "in_flight") if state == "failed" else ("pending", "in_flight", "failed")
 
@@ -147,7 +152,10 @@ class PaymentsStore:
             changed = conn.execute(update(p.topups).where(c.id == topup_id, c.state.in_(allowed)).values(
                 state=state, in_flight_key=None, error_code=error_code if state == "failed" else None,
                 error_message=error_message if state == "failed" else None, updated_at_ms=now_ms())).rowcount
-            return conn.execute(select(p.topups).where(c.id == topup_id)).first() if changed else None
+            row = conn.execute(select(p.topups).where(c.id == topup_id)).first() if changed else None
+            if row is not None and also is not None:
+                also(conn, _topup(row))
+            return row
 
         row = await self.wallet.write(op)
         return _topup(row) if row is not None else None
@@ -196,8 +204,9 @@ class PaymentsStore:
         return [_setting(r) for r in rows]
 
     async def set_auto_topup(self, setting: AutoTopUpSetting | None, *, mode: Mode, customer_id: str,
-                             asset: str) -> None:
-        """Replace the wallet's auto top-up (``None`` turns it off)."""
+                             asset: str, also: Callable[[Connection], object] | None = None) -> None:
+        """Replace the wallet's auto top-up (``None`` turns it off); ``also`` runs in the same transaction
+        (the notification of the change)."""
         c = p.auto_topup_settings.c
 
         def op(conn: Connection) -> None:
@@ -207,6 +216,8 @@ class PaymentsStore:
                 conn.execute(insert(p.auto_topup_settings).values(
                     mode=mode, customer_id=customer_id, asset=asset, threshold=setting.threshold,
                     amount=setting.amount, updated_at_ms=now_ms()))
+            if also is not None:
+                also(conn)
 
         await self.wallet.write(op)
         self._auto_topups.pop((mode, customer_id, asset), None)
@@ -219,7 +230,8 @@ class PaymentsStore:
             return None
         return SpendCaps(mode, customer_id, asset, _opt(row.daily), _opt(row.monthly))
 
-    async def set_spend_caps(self, caps: SpendCaps) -> None:
+    async def set_spend_caps(self, caps: SpendCaps, *, also: Callable[[Connection], object] | None = None) -> None:
+        """Replace the wallet's caps; ``also`` runs in the same transaction (the notification of the change)."""
         c = p.spend_caps.c
 
         def op(conn: Connection) -> None:
@@ -229,6 +241,8 @@ class PaymentsStore:
                 conn.execute(insert(p.spend_caps).values(
                     mode=caps.mode, customer_id=caps.customer_id, asset=caps.asset, daily=caps.daily,
                     monthly=caps.monthly, updated_at_ms=now_ms()))
+            if also is not None:
+                also(conn)
 
         await self.wallet.write(op)
 

@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import stripe
+from sqlalchemy import Connection
 
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest
@@ -119,24 +120,25 @@ class TopUps:
         await self.store.money.credit(mode, customer_id, asset, amount, idempotency_key=f"stripe:{obj['id']}",
                                        memo=f"Stripe top-up {obj['id']}")
         topup_id = meta.get("metergate_topup")
-        finished = await self.store.finish_topup(topup_id, "succeeded") if topup_id else None
+        def notify(conn: Connection, topup: TopUp) -> None:  # committed with the top-up's new state
+            self.notifier.record(conn, "topup.succeeded", mode, customer_id, {
+                "topup_id": topup.id, "kind": topup.kind, "asset": asset, "amount": amount, "stripe_id": obj["id"]})
+
+        finished = await self.store.finish_topup(topup_id, "succeeded", also=notify) if topup_id else None
         if finished is not None:
             self._low.discard((mode, customer_id, asset))
-            self.notifier.notify("topup.succeeded", mode, customer_id, {
-                "topup_id": finished.id, "kind": finished.kind, "asset": asset, "amount": amount,
-                "stripe_id": obj["id"]})
         return "credited"
 
     async def _fail(self, meta: dict[str, Any], code: str, message: str) -> None:
         topup_id = meta.get("metergate_topup")
         if not topup_id:
             return
-        finished = await self.store.finish_topup(topup_id, "failed", error_code=code, error_message=message)
-        if finished is not None:
-            self._notify_failed(finished)
+        await self.store.finish_topup(topup_id, "failed", error_code=code, error_message=message,
+                                      also=self._notify_failed)
 
-    def _notify_failed(self, topup: TopUp) -> None:
-        self.notifier.notify("topup.failed", topup.mode, topup.customer_id, {
+    def _notify_failed(self, conn: Connection, topup: TopUp) -> None:
+        """The ``topup.failed`` notification, committed with the top-up's new state."""
+        self.notifier.record(conn, "topup.failed", topup.mode, topup.customer_id, {
             "topup_id": topup.id, "kind": topup.kind, "asset": topup.asset, "amount": topup.amount,
             "error_code": topup.error_code, "error_message": topup.error_message})
 
@@ -159,12 +161,13 @@ class TopUps:
                 self._low.discard(wallet)
             if balance.available <= 0 and balance.credits_posted > 0 and wallet not in self._low:
                 self._low.add(wallet)
-                self.notifier.notify("wallet.depleted", mode, customer_id, {"asset": asset, "available": 0})
+                await self.notifier.notify("wallet.depleted", mode, customer_id,
+                                           {"asset": asset, "available": 0})
             return None
         if wallet not in self._low:
             self._low.add(wallet)
             event = "wallet.depleted" if balance.available <= 0 else "balance.low"
-            self.notifier.notify(event, mode, customer_id, {
+            await self.notifier.notify(event, mode, customer_id, {
                 "asset": asset, "available": balance.available, "threshold": setting.threshold})
         if not self.stripe.configured(mode) or await self._failed_since(setting):
             return None
@@ -215,9 +218,8 @@ class TopUps:
         return found
 
     async def _record_failure(self, topup: TopUp, code: str, message: str) -> TopUp:
-        finished = await self.store.finish_topup(topup.id, "failed", error_code=code, error_message=message)
-        if finished is not None:
-            self._notify_failed(finished)
+        await self.store.finish_topup(topup.id, "failed", error_code=code, error_message=message,
+                                      also=self._notify_failed)
         found = await self.store.get_topup(topup.id)
         assert found is not None
         return found

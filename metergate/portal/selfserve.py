@@ -24,15 +24,17 @@ import html
 import io
 import json
 import secrets
+from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
+from sqlalchemy import Connection
 
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, Forbidden
 from metergate.money import format_minor, parse_major
 from metergate.payments.admin import validate_auto_topup
-from metergate.payments.notify import settings_changed
+from metergate.payments.notify import settings_change, settings_changed
 from metergate.payments.service import Payments
 from metergate.payments.spendcaps import validate_caps
 from metergate.portal.links import LINK_PARAMS, VIEW_TOPUP, LinkSigner, PortalGrant
@@ -148,22 +150,24 @@ class SelfServe:
             product=f"{self._settings.portal_brand_name or 'Prepaid'} credit")
         raise web.HTTPSeeOther(url)
 
-    def _notify(self, grant: PortalGrant, setting: str, before: object, after: object) -> None:
-        settings_changed(self._payments.notifier, grant.mode, grant.customer_id, setting, before, after,
-                         changed_by="portal", link_id=grant.link_id)
+    def _change(self, grant: PortalGrant, setting: str, before: object,
+                after: object) -> Callable[[Connection], object]:
+        """The notification of a change, recorded in the transaction that saves it."""
+        return settings_change(self._payments.notifier, grant.mode, grant.customer_id, setting, before, after,
+                               changed_by="portal", link_id=grant.link_id)
 
     async def auto_top_up(self, request: web.Request) -> web.StreamResponse:
         grant, form = await self._form(request, billing_admin=True)
         before = await self._store.auto_topup(grant.mode, grant.customer_id, self._asset)
         if form.get("enabled") != "on":
-            await self._store.set_auto_topup(None, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
-            self._notify(grant, "auto_top_up", before, None)
+            await self._store.set_auto_topup(None, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset,
+                                             also=self._change(grant, "auto_top_up", before, None))
             raise web.HTTPSeeOther(self._portal_url(request, notice="auto_off"))
         threshold = self._major(form.get("threshold", ""), "threshold")
         amount = self._topups.cents_to_minor(self._topups.parse_topup(form.get("amount", "")))
         setting = validate_auto_topup(self._topups, grant.mode, grant.customer_id, self._asset, threshold, amount)
-        await self._store.set_auto_topup(setting, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset)
-        self._notify(grant, "auto_top_up", before, setting)
+        await self._store.set_auto_topup(setting, mode=grant.mode, customer_id=grant.customer_id, asset=self._asset,
+                                         also=self._change(grant, "auto_top_up", before, setting))
         raise web.HTTPSeeOther(self._portal_url(request, notice="auto_saved"))
 
     async def spend_caps(self, request: web.Request) -> web.StreamResponse:
@@ -172,9 +176,8 @@ class SelfServe:
                   for name in ("daily", "monthly")}
         caps = validate_caps(grant.mode, grant.customer_id, self._asset, values["daily"], values["monthly"])
         before = await self._store.spend_caps(grant.mode, grant.customer_id, self._asset)
-        await self._store.set_spend_caps(caps)
-        self._notify(grant, "spend_caps", before, caps if caps.daily is not None or caps.monthly is not None
-                     else None)
+        after = caps if caps.daily is not None or caps.monthly is not None else None
+        await self._store.set_spend_caps(caps, also=self._change(grant, "spend_caps", before, after))
         raise web.HTTPSeeOther(self._portal_url(request, notice="caps_saved"))
 
     async def methods(self, request: web.Request) -> web.StreamResponse:
@@ -183,7 +186,8 @@ class SelfServe:
         url = await self._payments.stripe.billing_portal(grant.mode, stripe_customer, self._return_url(request, grant))
         # What changes there (cards added, removed, made the default) happens at Stripe; what metergate sees
         # and reports is that a session able to change them was opened.
-        self._notify(grant, "payment_methods", None, {"stripe_billing_portal": "opened"})
+        await settings_changed(self._payments.notifier, grant.mode, grant.customer_id, "payment_methods", None,
+                               {"stripe_billing_portal": "opened"}, changed_by="portal", link_id=grant.link_id)
         raise web.HTTPSeeOther(url)
 
     # ---------------------------------------------------------------- history

@@ -81,6 +81,8 @@ async def _seed_live_wallet(pg: PayGate) -> dict[str, str]:
     await subs.subscribe("live", "live-sub", customer_id=LIVE_ID, plan_id="live-plan")
     await store.reserve("live", LIVE_ID, "USD", 500, hold_id="hold_live2", ttl_ms=600_000)
     assert entry.grant_id is not None
+    # A live notification in the webhook outbox (metergate/webhooks), naming the live customer.
+    webhook_id = await pg.payments.outbox.add("balance.low", "live", LIVE_ID, {"memo": "live memo"}, deliver=False)
     # A live draft price version (metergate/pricing), made with the live admin key.
     async with httpx.AsyncClient(base_url=pg.gw.admin.base_url,
                                  headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live_admin:
@@ -89,7 +91,7 @@ async def _seed_live_wallet(pg: PayGate) -> dict[str, str]:
              "per_units": "1000000", "rates": {"input_tokens": "7", "output_tokens": "11"}}]})
         assert r.status_code == 201, r.text
     return {"grant_id": entry.grant_id, "plan_id": "live-plan", "subscription_id": "live-sub",
-            "hold_id": "hold_live2", "version_id": r.json()["id"]}
+            "hold_id": "hold_live2", "version_id": r.json()["id"], "webhook_id": webhook_id}
 
 
 async def _live_wallet_state(pg: PayGate, ids: dict[str, str]) -> dict[str, Any]:
@@ -98,7 +100,8 @@ async def _live_wallet_state(pg: PayGate, ids: dict[str, str]) -> dict[str, Any]
                                  headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live_admin:
         version = (await live_admin.get(f"/price-versions/{ids['version_id']}")).json()
     return {"grants": await store.grants("live", LIVE_ID),  # type: ignore[attr-defined]
-            "hold": await store.get_hold(ids["hold_id"]), "price_version": version}
+            "hold": await store.get_hold(ids["hold_id"]), "price_version": version,
+            "webhook": await pg.payments.outbox.get("live", ids["webhook_id"])}
 
 
 async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(paygate: PayGate) -> None:
