@@ -37,7 +37,7 @@ class MediaSettings(BaseModel):
                     "1,445 tokens; Anthropic: 1,600).")
     audio_max_s: int = Field(
         3600, ge=1, le=86_400,
-        description="Longest clip believed: a header declaring more (or a clip given by file id, unread) is held "
+        description="Longest clip believed: a clip whose header or bytes say more is held "
                     "for this many seconds.")
 
 
