@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from metergate.config.envrefs import EnvExpandingYamlSource, UnsetReference
+from metergate.config.media import MediaSettings, is_multimodal_path
 from metergate.config.routes import RouteSettings
 
 Mode = Literal["test", "live"]
@@ -254,7 +255,15 @@ class Settings(BaseSettings):
 
     # Limits.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
-                                description="Largest request body accepted.")
+                                description="Largest request body accepted by endpoints that carry no media "
+                                            "(completions, embeddings, compute, free endpoints).")
+    max_body_bytes_multimodal: int = Field(
+        32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="Largest request body accepted by the endpoints whose prompts may carry base64 images, audio "
+                    "and PDFs: chat completions, Responses, Anthropic Messages (and their token counting). "
+                    "OpenAI accepts images up to 20 MB; base64 adds a third.")
+    media: MediaSettings = Field(default_factory=MediaSettings,
+                                 description="How images, audio and PDFs in prompts are estimated.")
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
                                     description="Largest upstream response relayed.")
     sse_max_event_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
@@ -485,7 +494,15 @@ class Settings(BaseSettings):
         if self.hold_ttl_s <= drain:
             raise ValueError(f"hold_ttl_s ({self.hold_ttl_s}) must exceed upstream_timeout_s + drain_timeout_s "
                              f"({drain:g}) so that no live request loses its hold")
+        if self.max_body_bytes_multimodal < self.max_body_bytes:
+            raise ValueError(f"max_body_bytes_multimodal ({self.max_body_bytes_multimodal}) must be at least "
+                             f"max_body_bytes ({self.max_body_bytes})")
         return self
+
+    def max_body_bytes_for(self, path: str) -> int:
+        """The body limit of a request to ``path``: ``max_body_bytes_multimodal`` for the endpoints whose
+        prompts may carry media, ``max_body_bytes`` for the rest."""
+        return self.max_body_bytes_multimodal if is_multimodal_path(path) else self.max_body_bytes
 
     def asset(self, code: str) -> AssetSettings:
         for asset in self.assets:

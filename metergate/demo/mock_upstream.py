@@ -385,7 +385,7 @@ async def _see(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def build_mock_upstream() -> web.Application:
-    app = web.Application(middlewares=[_see])
+    app = web.Application(middlewares=[_see], client_max_size=64 * 1024 * 1024)  # multimodal prompts
     app[REQUESTS] = []
     app[SEEN] = []
     app.router.add_post("/v1/chat/completions", chat)

@@ -220,7 +220,8 @@ class PricingApi:
             if not isinstance(payload, dict):
                 raise BadRequest("'payload' must be a request body object.", param="payload")
             endpoint = _text(body, "endpoint") if "endpoint" in body else "chat.completions"
-            adapter = adapter_for(self._providers.get(attributes.get("route", ""), "openai"))
+            adapter = adapter_for(self._providers.get(attributes.get("route", ""), "openai"),
+                                  media=self._settings.media)
             prepared = adapter.prepare(endpoint, b"", payload, self._settings.default_max_output_tokens)
             model, endpoint = prepared.model, prepared.endpoint
             usage = Usage(prepared.input_tokens, prepared.max_output_tokens, source="estimated")

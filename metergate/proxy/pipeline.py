@@ -122,7 +122,8 @@ class Pipeline:
         self.costs = costs
         self.signer = signer
         self.routes = RouteTable(settings.routes)
-        self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies)
+        self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies,
+                                                    media=settings.media)
                           for route in settings.routes if route.compute is None}
         from metergate.proxy.compute import ComputeRelay
 
@@ -232,7 +233,7 @@ class Pipeline:
                 await self._settle_shielded(ex, self._delivered_usage(ex))
 
     async def _read_body(self, request: web.Request, *, json_only: bool = True) -> bytes:
-        limit = self.settings.max_body_bytes
+        limit = self.settings.max_body_bytes_for(request.path) if json_only else self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
         if json_only and request.content_type != "application/json":

@@ -175,7 +175,8 @@ async def open_gateway(upstream: Upstream, tmp_path: Path, monkeypatch: pytest.M
 
     async def open_(**overrides: Any) -> Gateway:
         gw, runner = await start_gateway(upstream, f"sqlite:///{tmp_path / 'gateway.db'}",
-                                         max_body_bytes=MAX_BODY, key_cache_ttl_s=0, **overrides)
+                                         max_body_bytes=MAX_BODY, max_body_bytes_multimodal=MAX_BODY,
+                                         key_cache_ttl_s=0, **overrides)
         running.append((gw, runner))
         return gw
 

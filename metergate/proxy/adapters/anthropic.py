@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from metergate.config.media import MediaSettings
+from metergate.metering.media import MediaTally
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_anthropic
 from metergate.proxy.adapters.base import (
@@ -32,16 +34,20 @@ CLAUDE_TOKEN_FACTOR = 1.3  # Claude tokenizers produce more tokens than o200k fo
 _PER_MESSAGE_TOKENS = 5
 
 
-def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+def prepare(body: bytes, payload: dict[str, Any], default_max_output: int,
+            media_settings: MediaSettings | None = None) -> Prepared:
     request = check(MESSAGES, payload)  # every field read below has its API's type
     count = counter_for(request.model).count_prompt
-    tokens = content_tokens(payload.get("system"), count)
+    media = MediaTally(media_settings or MediaSettings(), "anthropic", request.model)
+    tokens = content_tokens(payload.get("system"), count, media)
     for message in payload["messages"]:
-        tokens += _PER_MESSAGE_TOKENS + content_tokens(message["content"], count)
+        tokens += _PER_MESSAGE_TOKENS + content_tokens(message["content"], count, media)
     for extra in ("tools", "tool_choice"):
         if extra in payload:
             tokens += count(json.dumps(payload[extra], ensure_ascii=False))
-    estimate = int(tokens * CLAUDE_TOKEN_FACTOR) + 1
+    # Text is counted with tiktoken and inflated to Claude's tokenizer; images and pages are already in
+    # Claude's own units (width x height / 750, tokens per page).
+    estimate = int((tokens - media.tokens) * CLAUDE_TOKEN_FACTOR) + 1 + media.tokens
     return Prepared(MESSAGES, request.model, request.stream, estimate, request.max_output or default_max_output,
                     False, body, output_capped=request.max_output is not None)
 
@@ -129,11 +135,14 @@ class AnthropicStreamMeter(StreamMeter):
 class AnthropicAdapter:
     name = "anthropic"
 
+    def __init__(self, *, media: MediaSettings | None = None) -> None:
+        self._media = media or MediaSettings()
+
     def classify(self, path: str) -> str | None:
         return MESSAGES if path.endswith("/messages") else None
 
     def prepare(self, endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-        return prepare(body, payload, default_max_output)
+        return prepare(body, payload, default_max_output, self._media)
 
     def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
         if looks_like_sse(body):  # streamed although the request did not ask to: metered as the stream it is

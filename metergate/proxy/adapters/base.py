@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from metergate.config.media import MediaSettings
+from metergate.metering.media import MediaTally
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, UsageAnomaly
 from metergate.observability.logs import current_request_id
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 Verdict = Literal["forward", "drop", "final"]
 MAX_ANOMALIES = 4  # anomalies kept per request (the first one decides; the rest only explain)
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
-IMAGE_TOKENS = 1105  # a high-detail 1024x1024 image; images are estimated, never decoded
 
 
 @dataclass(slots=True)
@@ -152,8 +153,10 @@ def meter_whole_stream(meter: StreamMeter, body: bytes) -> tuple[Usage | None, s
     return None, meter.delivered_text()
 
 
-def content_tokens(content: Any, count: Callable[[str], int]) -> int:
-    """Tokens of a message's content: a string, or a list of typed parts (text, images, tool calls...)."""
+def content_tokens(content: Any, count: Callable[[str], int], media: MediaTally | None = None) -> int:
+    """Tokens of a message's content: a string, or a list of typed parts (text, images, audio, documents,
+    tool calls...). Media parts are estimated by the provider's rules (:mod:`metergate.metering.media`) and
+    tallied in ``media`` as well; without ``media`` every non-text part counts as its JSON."""
     if content is None:
         return 0
     if isinstance(content, str):
@@ -163,10 +166,17 @@ def content_tokens(content: Any, count: Callable[[str], int]) -> int:
         for part in content:
             if isinstance(part, dict):
                 kind = part.get("type")
+                source = part.get("source")
                 if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
                     total += count(part["text"])
-                elif kind in ("image_url", "input_image", "image"):
-                    total += IMAGE_TOKENS
+                elif kind == "document" and isinstance(source, dict) and source.get("type") == "text" \
+                        and isinstance(source.get("data"), str):
+                    total += count(source["data"])  # a plain-text document is prompt text
+                elif kind == "tool_result" and isinstance(part.get("content"), list):
+                    total += count(json.dumps({k: v for k, v in part.items() if k != "content"}))
+                    total += content_tokens(part["content"], count, media)  # may carry images
+                elif media is not None and (tokens := media.part(part)) is not None:
+                    total += tokens
                 else:
                     total += count(json.dumps(part, ensure_ascii=False))
             elif isinstance(part, str):
@@ -183,10 +193,10 @@ def load_json(data: bytes) -> Any:
         return None
 
 
-def adapter_for(provider: str, *, charge_failed: bool = False) -> Adapter:
+def adapter_for(provider: str, *, charge_failed: bool = False, media: MediaSettings | None = None) -> Adapter:
     from metergate.proxy.adapters.anthropic import AnthropicAdapter
     from metergate.proxy.adapters.openai import OpenAIAdapter
 
     if provider == "anthropic":
-        return AnthropicAdapter()
-    return OpenAIAdapter(charge_failed=charge_failed)
+        return AnthropicAdapter(media=media)
+    return OpenAIAdapter(charge_failed=charge_failed, media=media)

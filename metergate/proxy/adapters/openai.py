@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from metergate.config.media import MediaSettings
+from metergate.metering.media import MediaTally
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_openai
 from metergate.proxy.adapters import responses
@@ -41,14 +43,16 @@ def classify(path: str) -> str | None:
     return None
 
 
-def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int,
+            media_settings: MediaSettings | None = None) -> Prepared:
     request = check(endpoint, payload)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
+    media = MediaTally(media_settings or MediaSettings(), "openai", request.model)
     if endpoint == CHAT:
         tokens = _REPLY_PRIMING_TOKENS
         for message in payload["messages"]:
-            tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count)
+            tokens += _PER_MESSAGE_TOKENS + content_tokens(message.get("content"), count, media)
             for extra in ("name", "tool_calls", "function_call", "tool_call_id"):
                 if extra in message:
                     tokens += content_tokens(message[extra], count)
@@ -64,7 +68,8 @@ def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_out
         payload = {**payload, "stream_options": {**options, "include_usage": True}}
         body = json.dumps(payload, ensure_ascii=False).encode()
         injected = True
-    return Prepared(endpoint, request.model, request.stream, tokens, max_output, counter.exact, body, injected,
+    return Prepared(endpoint, request.model, request.stream, tokens, max_output, counter.exact and media.exact,
+                    body, injected,
                     output_capped=request.max_output is not None)
 
 
@@ -205,16 +210,17 @@ class OpenAIAdapter:
 
     name = "openai"
 
-    def __init__(self, *, charge_failed: bool = False) -> None:
+    def __init__(self, *, charge_failed: bool = False, media: MediaSettings | None = None) -> None:
         self._charge_failed = charge_failed
+        self._media = media or MediaSettings()
 
     def classify(self, path: str) -> str | None:
         return responses.RESPONSES if path.endswith("/responses") else classify(path)
 
     def prepare(self, endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
         if endpoint == responses.RESPONSES:
-            return responses.prepare(body, payload, default_max_output)
-        return prepare(endpoint, body, payload, default_max_output)
+            return responses.prepare(body, payload, default_max_output, self._media)
+        return prepare(endpoint, body, payload, default_max_output, self._media)
 
     def usage_from_body(self, prepared: Prepared, body: bytes) -> tuple[Usage | None, str]:
         if looks_like_sse(body):  # streamed although the request did not ask to: metered as the stream it is

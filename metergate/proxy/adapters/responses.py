@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from metergate.config.media import MediaSettings
+from metergate.metering.media import MediaTally
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_responses
 from metergate.proxy.adapters.base import (
@@ -29,21 +31,23 @@ _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _PER_ITEM_TOKENS = 4
 
 
-def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
+def prepare(body: bytes, payload: dict[str, Any], default_max_output: int,
+            media_settings: MediaSettings | None = None) -> Prepared:
     request = check(RESPONSES, payload)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
+    media = MediaTally(media_settings or MediaSettings(), "openai", request.model)
     items = payload["input"]
     if isinstance(items, str):
         tokens = count(items)
     else:
-        tokens = sum(_PER_ITEM_TOKENS + content_tokens(item.get("content", item.get("output", item)), count)
+        tokens = sum(_PER_ITEM_TOKENS + content_tokens(item.get("content", item.get("output", item)), count, media)
                      for item in items)
     tokens += content_tokens(payload.get("instructions"), count)
     if "tools" in payload:
         tokens += count(json.dumps(payload["tools"], ensure_ascii=False))
     return Prepared(RESPONSES, request.model, request.stream, tokens, request.max_output or default_max_output,
-                    counter.exact, body, output_capped=request.max_output is not None)
+                    counter.exact and media.exact, body, output_capped=request.max_output is not None)
 
 
 def _usage_of(response: Any, charge_failed: bool) -> Usage | None:
