@@ -7,14 +7,16 @@ Tree::
     │                                        missing_model, invalid_model, unknown_model,
     │                                        invalid_customer, invalid_amount,
     │                                        malformed_request (HTTP framing aiohttp could not parse),
-    │                                        invalid_path, invalid_query (metergate.urls)
+    │                                        invalid_path, invalid_query (metergate.urls),
+    │                                        missing_api_version, invalid_api_version (Azure routes)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
     │                                        untrusted_attribute_header,
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
-    ├── NotFound                        404: unknown_route, endpoint_not_metered, not_found
+    ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
+    │                                        not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── Conflict                        409: idempotency_conflict, already_exists
     ├── PayloadTooLarge                 413: body_too_large
