@@ -121,7 +121,8 @@ class Pipeline:
         self.costs = costs
         self.signer = signer
         self.routes = RouteTable(settings.routes)
-        self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies)
+        self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies,
+                                                    deployments=route.deployments)
                           for route in settings.routes if route.compute is None}
         from metergate.proxy.compute import ComputeRelay
 
@@ -587,7 +588,8 @@ class Pipeline:
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
                     "duration_ms": int((time.monotonic() - ex.started) * 1000),
-                    **({"usage_anomalies": anomalies} if anomalies else {})},
+                    **({"usage_anomalies": anomalies} if anomalies else {}),
+                    **({"deployment": ex.prepared.deployment} if ex.prepared.deployment else {})},
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:

@@ -41,8 +41,10 @@ def classify(path: str) -> str | None:
     return None
 
 
-def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    request = check(endpoint, payload)  # every field read below has its API's type
+def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int, *,
+            model: str | None = None) -> Prepared:
+    """``model``: the model to price and count as, when not the body's (see :func:`schema.check`)."""
+    request = check(endpoint, payload, model=model)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
     if endpoint == CHAT:

@@ -29,8 +29,9 @@ _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _PER_ITEM_TOKENS = 4
 
 
-def prepare(body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-    request = check(RESPONSES, payload)  # every field read below has its API's type
+def prepare(body: bytes, payload: dict[str, Any], default_max_output: int, *, model: str | None = None) -> Prepared:
+    """``model``: the model to price and count as, when not the body's (see :func:`schema.check`)."""
+    request = check(RESPONSES, payload, model=model)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
     items = payload["input"]
