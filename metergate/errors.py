@@ -8,14 +8,16 @@ Tree::
     │                                        invalid_customer, invalid_amount,
     │                                        malformed_request (HTTP framing aiohttp could not parse, or
     │                                        Transfer-Encoding on HTTP/1.0), unsupported_transfer_encoding,
-    │                                        unknown_field, invalid_path, invalid_query (metergate.urls)
+    │                                        unknown_field, invalid_path, invalid_query (metergate.urls),
+    │                                        missing_api_version, invalid_api_version (Azure routes)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
     │                                        untrusted_attribute_header,
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
-    ├── NotFound                        404: unknown_route, endpoint_not_metered, not_found
+    ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
+    │                                        not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists

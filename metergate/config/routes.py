@@ -12,17 +12,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from metergate.config import free_endpoints
+from metergate.config import azure, free_endpoints
 from metergate.errors import BadRequest
 from metergate.urls import clean_query, decoded_path, encode_path, path_segments
 
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")  # as metergate.proxy.adapters.schema checks models
 
 
 class ComputeSettings(BaseModel):
@@ -50,9 +51,10 @@ class RouteSettings(BaseModel):
 
     prefix: str = Field(description="Path prefix, e.g. /openai; it is removed before forwarding.")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.openai.com (may include a path).")
-    provider: Literal["openai", "anthropic", "compute"] = Field(
-        "openai", description="Wire format spoken by the upstream.")
-    provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices).")
+    provider: Literal["openai", "anthropic", "azure", "compute"] = Field(
+        "openai", description="Wire format spoken by the upstream (azure: Azure OpenAI's deployment paths).")
+    provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices); an azure "
+                                                   "route's defaults to azure.")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
     unary_streaming: bool = Field(
@@ -62,17 +64,40 @@ class RouteSettings(BaseModel):
     upstream_headers: dict[str, str] = Field(
         default_factory=dict, description="Headers set on every upstream request, e.g. OpenAI-Organization.")
     compute: ComputeSettings | None = Field(None, description="Metering of a compute route (provider: compute).")
+    deployments: dict[str, str] = Field(
+        default_factory=dict, description="An azure route's deployments, each mapped to the model it is priced "
+                                          "as, e.g. {my-gpt4o: gpt-4o}; the route serves these deployments only.")
     free_endpoints: tuple[str, ...] | None = Field(
         None, description="Unmetered endpoints passed through for identified customers, by name from the "
                           "provider's catalogue (metergate/config/free_endpoints.py); unset: all of them, []: none.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _azure_provider_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider") == "azure" and "provider_id" not in data:
+            return {**data, "provider_id": "azure"}  # genai-prices prices Azure, falling back to OpenAI's
+        return data
 
     @model_validator(mode="after")
     def _compute(self) -> RouteSettings:
         if (self.provider == "compute") != (self.compute is not None):
             raise ValueError("a route has 'compute' settings exactly when its provider is 'compute'")
+        if (self.provider == "azure") != bool(self.deployments):
+            raise ValueError("a route has 'deployments' exactly when its provider is 'azure' (at least one)")
         if self.free_endpoints is not None:
             free_endpoints.validate(self.provider, self.free_endpoints)
         return self
+
+    @field_validator("deployments")
+    @classmethod
+    def _deployments(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, model in value.items():
+            if not azure.DEPLOYMENT_NAME.fullmatch(name):
+                raise ValueError(f"deployment {name!r}: 2-64 letters, digits, '.', '_' or '-', starting with a "
+                                 "letter or digit")
+            if not _MODEL.fullmatch(model) or len(model) > 128:
+                raise ValueError(f"deployment {name!r}: {model!r} is not a model name")
+        return value
 
     @field_validator("prefix")
     @classmethod
@@ -128,16 +153,26 @@ class RouteTable:
 
     def match(self, raw_path: str, raw_query: str = "") -> RouteMatch | None:
         """The route of a raw (percent-encoded) request path; 400 ``invalid_path`` / ``invalid_query`` for a
-        path or query that does not parse cleanly, ``None`` when no route has its prefix."""
+        path or query that does not parse cleanly (on an azure route, also for its ``api-version``:
+        :func:`metergate.config.azure.upstream_query`), ``None`` when no route has its prefix."""
+        found = self._find(raw_path)
+        if found is None:
+            return None
+        route, base, segments = found
+        query = azure.upstream_query(segments, raw_query) if route.provider == "azure" else clean_query(raw_query)
+        return RouteMatch(route, base, segments, query)
+
+    def _find(self, raw_path: str) -> tuple[RouteSettings, URL, tuple[str, ...]] | None:
         segments = path_segments(raw_path)
         for route, prefix, base in self._routes:
             if segments[:len(prefix)] == prefix:
-                return RouteMatch(route, base, segments[len(prefix):], clean_query(raw_query))
+                return route, base, segments[len(prefix):]
         return None
 
     def serves(self, raw_path: str) -> bool:
-        """Whether a raw request path is a clean path under one of the routes (never raises)."""
+        """Whether a raw request path is a clean path under one of the routes (never raises; the query is
+        not judged: a CORS preflight carries the path only)."""
         try:
-            return self.match(raw_path) is not None
+            return self._find(raw_path) is not None
         except BadRequest:
             return False

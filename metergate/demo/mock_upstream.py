@@ -41,6 +41,8 @@ from aiohttp import web
 from metergate.metering.tokenizer import counter_for
 
 REQUESTS = web.AppKey("requests", list)
+# A request's JSON body, already read and rewritten by a front (metergate.demo.mock_azure).
+BODY = web.RequestKey("mock_body", dict)
 SEEN = web.AppKey("seen", list)
 _WORDS = ["Metergate", "authorizes", "every", "request", "against", "a", "prepaid", "wallet", "before", "the",
           "upstream", "sees", "it,", "meters", "each", "token", "as", "it", "streams,", "and", "settles", "the",
@@ -141,7 +143,7 @@ def _reply_words(body: dict[str, Any], b: dict[str, str]) -> list[str]:
 
 
 async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, str]] | web.Response:
-    body = await request.json()
+    body = request[BODY] if BODY in request else await request.json()
     # ``headers`` is the convenient view; ``header_list`` keeps repeated headers, in the order received.
     request.app[REQUESTS].append({"path": request.path, "headers": dict(request.headers),
                                   "header_list": [[k, v] for k, v in request.headers.items()], "body": body})

@@ -58,6 +58,7 @@ class PricingApi:
         self._wallet = wallet
         self._admin = admin
         self._providers = {r.prefix: r.provider_id for r in settings.routes}
+        self._routes = {r.prefix: r for r in settings.routes}
         self._events = EventIngest(pricing, wallet, hold_ttl_s=settings.hold_ttl_s, spend_caps=spend_caps)
 
     def routes(self) -> list[web.RouteDef]:
@@ -220,8 +221,10 @@ class PricingApi:
             if not isinstance(payload, dict):
                 raise BadRequest("'payload' must be a request body object.", param="payload")
             endpoint = _text(body, "endpoint") if "endpoint" in body else "chat.completions"
-            adapter = adapter_for(self._providers.get(attributes.get("route", ""), "openai"),
-                                  media=self._settings.media)
+            route = self._routes.get(attributes.get("route", ""))
+            # An azure route's quote names a deployment as the model.
+            adapter = (adapter_for(route.provider, deployments=route.deployments, media=self._settings.media)
+                       if route is not None else adapter_for("openai", media=self._settings.media))
             prepared = adapter.prepare(endpoint, b"", payload, self._settings.default_max_output_tokens)
             model, endpoint = prepared.model, prepared.endpoint
             usage = Usage(prepared.input_tokens, prepared.max_output_tokens, source="estimated")

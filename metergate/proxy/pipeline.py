@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import time
@@ -123,7 +124,7 @@ class Pipeline:
         self.signer = signer
         self.routes = RouteTable(settings.routes)
         self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies,
-                                                    media=settings.media)
+                                                    media=settings.media, deployments=route.deployments)
                           for route in settings.routes if route.compute is None}
         from metergate.proxy.compute import ComputeRelay
 
@@ -311,7 +312,7 @@ class Pipeline:
         assert self.session is not None
         sent = time.monotonic()
         try:
-            upstream = await self.session.post(ex.match.upstream_url, data=ex.prepared.body,
+            upstream = await self.session.post(ex.match.upstream_url, data=_upstream_body(ex.prepared.body),
                                                headers=self._upstream_headers(request, ex), allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
@@ -590,7 +591,8 @@ class Pipeline:
             detail={"price": ex.rate.as_detail(), "cost": {"source": cost.source, **cost.rates} if cost else None,
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
                     "duration_ms": int((time.monotonic() - ex.started) * 1000),
-                    **({"usage_anomalies": anomalies} if anomalies else {})},
+                    **({"usage_anomalies": anomalies} if anomalies else {}),
+                    **({"deployment": ex.prepared.deployment} if ex.prepared.deployment else {})},
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:
@@ -632,6 +634,12 @@ class Pipeline:
         if ex.output_limit is not None:
             receipt["X-Metergate-Output-Limit"] = str(ex.output_limit)  # set upstream by metergate, per answer
         return receipt
+
+
+def _upstream_body(body: bytes) -> bytes | io.BytesIO:
+    """The body as aiohttp sends it without a warning: a large one (an inline image or PDF) as a stream of
+    known length, since aiohttp warns about copying raw bytes of 1 MiB or more."""
+    return io.BytesIO(body) if len(body) >= 1 << 20 else body
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

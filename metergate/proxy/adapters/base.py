@@ -50,6 +50,8 @@ class Prepared:
     # What the provider reported that metergate did not believe (the usage record keeps it): the request
     # is billed from the estimate instead.
     anomalies: list[str] = field(default_factory=list)
+    # The deployment the request named when the upstream is Azure's (``model`` is what it is priced as).
+    deployment: str | None = None
 
 
 @dataclass(slots=True)
@@ -193,10 +195,15 @@ def load_json(data: bytes) -> Any:
         return None
 
 
-def adapter_for(provider: str, *, charge_failed: bool = False, media: MediaSettings | None = None) -> Adapter:
+def adapter_for(provider: str, *, charge_failed: bool = False, media: MediaSettings | None = None,
+                deployments: dict[str, str] | None = None) -> Adapter:
+    """The adapter of a route's provider; ``deployments``: an azure route's deployment-to-model map."""
     from metergate.proxy.adapters.anthropic import AnthropicAdapter
+    from metergate.proxy.adapters.azure import AzureAdapter
     from metergate.proxy.adapters.openai import OpenAIAdapter
 
     if provider == "anthropic":
         return AnthropicAdapter(media=media)
+    if provider == "azure":
+        return AzureAdapter(deployments or {}, charge_failed=charge_failed, media=media)
     return OpenAIAdapter(charge_failed=charge_failed, media=media)

@@ -44,8 +44,9 @@ def classify(path: str) -> str | None:
 
 
 def prepare(endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int,
-            media_settings: MediaSettings | None = None) -> Prepared:
-    request = check(endpoint, payload)  # every field read below has its API's type
+            media_settings: MediaSettings | None = None, *, model: str | None = None) -> Prepared:
+    """``model``: the model to price and count as, when not the body's (see :func:`schema.check`)."""
+    request = check(endpoint, payload, model=model)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
     media = MediaTally(media_settings or MediaSettings(), "openai", request.model)

@@ -32,8 +32,9 @@ _PER_ITEM_TOKENS = 4
 
 
 def prepare(body: bytes, payload: dict[str, Any], default_max_output: int,
-            media_settings: MediaSettings | None = None) -> Prepared:
-    request = check(RESPONSES, payload)  # every field read below has its API's type
+            media_settings: MediaSettings | None = None, *, model: str | None = None) -> Prepared:
+    """``model``: the model to price and count as, when not the body's (see :func:`schema.check`)."""
+    request = check(RESPONSES, payload, model=model)  # every field read below has its API's type
     counter = counter_for(request.model)
     count = counter.count_prompt
     media = MediaTally(media_settings or MediaSettings(), "openai", request.model)

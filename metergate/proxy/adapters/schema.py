@@ -188,10 +188,15 @@ def check_model(payload: dict[str, Any]) -> str:
     return model
 
 
-def check(endpoint: str, payload: dict[str, Any]) -> Checked:
-    """Check ``payload`` against ``endpoint``'s schema; 400 naming the first field that breaks its rule."""
+def check(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -> Checked:
+    """Check ``payload`` against ``endpoint``'s schema; 400 naming the first field that breaks its rule.
+    ``model``: the model the request is priced as when the upstream decides it, not the body (an Azure
+    deployment's); the body's own ``model`` is then optional, and still checked when present."""
     schema = SCHEMAS[endpoint]
-    model = check_model(payload)
+    if model is None:
+        model = check_model(payload)
+    elif "model" in payload:
+        check_model(payload)
     for name, rule in schema.fields.items():
         rule(payload.get(name), name)
     options = payload.get("stream_options")
