@@ -340,6 +340,10 @@ class Settings(BaseSettings):
     # Deployment.
     role: Role = Field("all", description="sidecar: the proxy only; control: admin API, portal and hold sweeper; "
                                           "all: both (the embedded default).")
+    tracing: Literal["auto", "off", "otlp"] = Field(
+        "auto", description="OpenTelemetry spans of proxied requests, exported over OTLP/HTTP as the OTEL_* "
+                            "variables configure it (needs the metergate[otel] extra). auto: on when "
+                            "OTEL_TRACES_EXPORTER names otlp; OTEL_SDK_DISABLED=true turns it off in every mode.")
 
     # Money.
     assets: list[AssetSettings] = Field(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ from metergate.config.settings import Settings
 from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.tokenizer import preload
+from metergate.observability import tracing
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
 from metergate.observability.middleware import observe_middleware
 from metergate.payments.service import PAYMENTS, Payments
@@ -94,8 +96,10 @@ def wallet_store(settings: Settings) -> WalletStore:
     return SqlWalletStore(settings.database_url)
 
 
-def build_app(settings: Settings, store: WalletStore | None = None, *,
-              public_url: str | None = None) -> web.Application:
+def build_app(settings: Settings, store: WalletStore | None = None, *, public_url: str | None = None,
+              tracer_provider: Any | None = None) -> web.Application:
+    """``tracer_provider``: an OpenTelemetry ``TracerProvider`` to trace the proxy with, whatever the
+    ``tracing`` setting says (the tests' in-memory exporter); without one, ``tracing`` decides."""
     store = store or wallet_store(settings)
     signer = LinkSigner({k: v.get_secret_value() for k, v in settings.portal_secrets.items()},
                         ttl_s=settings.portal_link_ttl_s,
@@ -205,5 +209,27 @@ def build_app(settings: Settings, store: WalletStore | None = None, *,
     if proxy:
         cors.install(app, settings, pipeline.routes)  # browser clients of the proxy routes, when configured
         # Every other path, control characters included (".*" stops at a decoded newline): the pipeline judges it.
-        app.router.add_route("*", r"/{tail:[\s\S]*}", pipeline.handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", _traced(app, settings, pipeline, tracer_provider))
     return app
+
+
+def _traced(app: web.Application, settings: Settings, pipeline: Pipeline, provider: Any | None) -> Any:
+    """The proxy's handler, with a server span around each request when tracing is on. Off, it is the
+    pipeline's own handler and OpenTelemetry is never imported."""
+    if provider is None and not tracing.enabled(settings.tracing):
+        return pipeline.handle
+    try:
+        from metergate.observability import otel
+    except ModuleNotFoundError as missing:
+        if not (missing.name or "").startswith("opentelemetry"):
+            raise
+        raise RuntimeError(f"tracing is on (tracing={settings.tracing}, OTEL_TRACES_EXPORTER) but OpenTelemetry "
+                           "is not installed: install metergate[otel], or set tracing: off") from None
+    if provider is None:
+        provider = owned = otel.otlp_provider()
+
+        async def flush(_app: web.Application) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, owned.shutdown)  # exports what is queued
+
+        app.on_cleanup.append(flush)
+    return otel.traced(pipeline.handle, provider)

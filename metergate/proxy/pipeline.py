@@ -41,6 +41,7 @@ from metergate.metering.costs import ProviderCosts
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage
 from metergate.money import format_minor
+from metergate.observability import tracing
 from metergate.observability.logs import current_request_id
 from metergate.observability.metrics import Metrics
 from metergate.payments.spendcaps import SpendCapGuard, SpendCapReached
@@ -265,9 +266,10 @@ class Pipeline:
             return await self._reserve(identity, request_id, amount, rate.asset)
 
         try:
-            return await plan_hold(prepared, match.route, price=price, reserve=reserve,
-                                   initial_output_tokens=self.settings.initial_output_tokens,
-                                   extend_tokens=self.settings.stream_extend_tokens)
+            with tracing.holding(prepared, match):
+                return await plan_hold(prepared, match.route, price=price, reserve=reserve,
+                                       initial_output_tokens=self.settings.initial_output_tokens,
+                                       extend_tokens=self.settings.stream_extend_tokens)
         except InsufficientFunds as short:
             raise self.insufficient(identity, short) from None
 
@@ -311,15 +313,18 @@ class Pipeline:
     async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
         assert self.session is not None
         sent = time.monotonic()
+        headers = self._upstream_headers(request, ex)
+        tracing.forwarding(ex, headers)
         try:
             upstream = await self.session.post(ex.match.upstream_url, data=_upstream_body(ex.prepared.body),
-                                               headers=self._upstream_headers(request, ex), allow_redirects=False)
+                                               headers=headers, allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", ex.match.route.prefix, type(exc).__name__)
             raise BadGateway("The upstream could not be reached; nothing was charged.") from None
         ex.upstream, ex.upstream_latency_s = upstream, time.monotonic() - sent
+        tracing.answered(upstream)
         return upstream
 
     def _check_redirect(self, upstream: aiohttp.ClientResponse) -> None:
@@ -376,6 +381,7 @@ class Pipeline:
                     first_new = len(meter.text) if budget is not None else 0
                     data = event_data(event)
                     verdict = meter.on_event(data)
+                    tracing.event(data)
                     if verdict == "forward":
                         if (budget is not None and len(meter.text) > first_new
                                 and not await budget.admit(meter, first_new)):
@@ -482,6 +488,7 @@ class Pipeline:
         finally:
             upstream.release()
         ex.status = upstream.status
+        tracing.body(body)
         usage: Usage | None = None
         if upstream.status < 400:
             ex.delivered = True
@@ -535,7 +542,8 @@ class Pipeline:
                     await self.spend_caps.admit(ex.hold.mode, ex.hold.customer_id, ex.hold.asset, amount)
                 except SpendCapReached:
                     raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
-            ex.hold = await self.store.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
+            with tracing.span("metergate.extend"):
+                ex.hold = await self.store.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
 
         return StreamBudget(held=ex.hold.amount, covered_tokens=ex.covered_tokens, price_of=price_of,
                             count=counter_for(ex.prepared.model).count, extend=extend, increment_tokens=increment)
@@ -598,6 +606,7 @@ class Pipeline:
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:
         """Settle once; if the handler is cancelled meanwhile, the settlement still runs to its end."""
         if ex.settlement is None:
+            tracing.upstream_done(ex)
             # usage "none" is a provider's explicit "nothing to charge" (a failed reply): no request fee either.
             price = self._price(ex, usage) if usage is not None and usage.source != "none" else 0
             record = self._record(ex, usage, price)
@@ -606,10 +615,13 @@ class Pipeline:
             self._inflight.add(ex.settlement)
             ex.settlement.add_done_callback(self._inflight.discard)
             ex.settlement.add_done_callback(lambda task: self.metrics.settled(ex, record, task))
+            ex.settlement.add_done_callback(lambda task: tracing.settled(ex, record, task))
         return await asyncio.shield(ex.settlement)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
-        settlement = await settle_with_retries(self.store, ex.hold.id, price, record)
+        with tracing.span("metergate.settle") as span:
+            settlement = await settle_with_retries(self.store, ex.hold.id, price, record)
+            span.set_attribute("metergate.charged", settlement.charged if settlement is not None else 0)
         if settlement is not None and self.on_settled is not None:
             hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
                                                          settlement.balance))

@@ -1,0 +1,134 @@
+"""A/B in one run: what tracing costs metergate per request (req/s and CPU per request, off and on).
+
+    uv run python bench/tracing.py            # 5 rounds of 2 s windows per target, about a minute
+    uv run python bench/tracing.py --quick    # 3 rounds of 0.5 s windows
+
+Two ``python -m metergate serve`` processes, identical but for ``tracing``: ``off`` (the default) and ``otlp``,
+exporting every span over OTLP/HTTP (batched, the SDK's defaults) to a sink in this process that answers 200
+and counts the bytes. Each has its own upstream (bench/upstream.py) and SQLite ledger (run.py's ``Servers``);
+all servers are pinned to CPU 0 and this load generator to CPU 1. Rounds interleave the two targets,
+alternating which goes first; the ratios are taken within a round, then the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from aiohttp import web  # noqa: E402
+from run import Cell, Servers, fund_customer, run_cell  # noqa: E402 - bench/ is a directory of scripts
+
+TARGETS = ("off", "otlp")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 s windows")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 3)")
+    parser.add_argument("--duration", type=float, help="measurement window per target and round, seconds "
+                                                       "(default 2; --quick 0.5)")
+    parser.add_argument("--concurrency", type=int, default=32, help="workers (default 32)")
+    parser.add_argument("--stream", action="store_true", help="streaming requests instead of unary")
+    parser.add_argument("--server-cpus", default="0")
+    parser.add_argument("--client-cpus", default="1")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.duration = args.duration or (0.5 if args.quick else 2.0)
+    if not (1 <= args.rounds <= 50 and 0.1 <= args.duration <= 60 and 1 <= args.concurrency <= 512):
+        parser.error("--rounds 1-50, --duration 0.1-60 s, --concurrency 1-512")
+    return args
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    workdir = Path(tempfile.mkdtemp(prefix="metergate-bench-otel-"))
+    received = {"requests": 0, "bytes": 0}
+
+    async def sink(request: web.Request) -> web.Response:
+        received["requests"] += 1
+        received["bytes"] += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    sink_app = web.Application()
+    sink_app.router.add_post("/v1/traces", sink)
+    sink_runner = web.AppRunner(sink_app, access_log=None)
+    await sink_runner.setup()
+    site = web.TCPSite(sink_runner, "127.0.0.1", 0)
+    await site.start()
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"http://127.0.0.1:{sink_runner.addresses[0][1]}/v1/traces"
+    servers = {
+        "off": Servers(workdir / "off", args.server_cpus, "WARNING", {"tracing": "off"}),
+        "otlp": Servers(workdir / "otlp", args.server_cpus, "WARNING", {"tracing": "otlp"}),
+    }
+    cells: dict[str, list[Cell]] = {name: [] for name in TARGETS}
+    print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU {args.server_cpus}, load generator to CPU "
+          f"{args.client_cpus}\notlp: spans exported to a sink on the load generator's CPU\n"
+          f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
+          f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
+    try:
+        for s in servers.values():
+            s.workdir.mkdir()
+            s.start()
+        for s in servers.values():
+            await s.wait_ready()
+        urls = {}
+        for name, s in servers.items():
+            base = f"http://127.0.0.1:{s.ports['metergate']}"
+            await fund_customer(base)
+            urls[name] = f"{base}/openai/v1/chat/completions"
+            warm = Cell("metergate", args.stream, 4, -1)
+            await run_cell(urls[name], warm, 0.0, 0.5, {})  # imports, tokenizer, first SQLite pages
+            if warm.errors:
+                raise RuntimeError(f"{name} failed during warm-up: {warm.error_samples}")
+        for rnd in range(args.rounds):
+            for name in (TARGETS if rnd % 2 == 0 else TARGETS[::-1]):
+                s = servers[name]
+                cell = Cell("metergate", args.stream, args.concurrency, rnd)
+                await run_cell(urls[name], cell, 0.4, args.duration,
+                               {"upstream": s.pid("upstream"), "proxy": s.pid("metergate")},
+                               [p for srv in servers.values() for p in srv.procs_pids()])
+                cells[name].append(cell)
+                if cell.errors:
+                    print(f"  ! {name}: {cell.errors} errors, e.g. {cell.error_samples}", file=sys.stderr)
+            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        await sink_runner.cleanup()
+
+    print(f"\n{'target':<8} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")
+    for name in TARGETS:
+        cs = cells[name]
+        print(f"{name:<8} {statistics.median(c.rps for c in cs):>8.0f} "
+              f"{statistics.median(c.proxy_cpu_us or 0 for c in cs):>13.0f} "
+              f"{statistics.median(c.writer_cpu_us or 0 for c in cs):>14.0f} "
+              f"{statistics.median(c.p50_ms for c in cs):>7.2f} "
+              f"{statistics.median(c.other_cpu_pct for c in cs):>5.0f}%")
+    print(f"\nOTLP sink: {received['requests']} export requests, {received['bytes']} bytes")
+    pairs = list(zip(cells["off"], cells["otlp"], strict=True))
+    rps = statistics.median(b.rps / a.rps for a, b in pairs if a.rps)
+    cpu = statistics.median((b.proxy_cpu_us or 0) / a.proxy_cpu_us for a, b in pairs if a.proxy_cpu_us)
+    print(f"\notlp / off, per round, median: req/s x{rps:.2f}, proxy CPU per request x{cpu:.2f}")
+    errors = sum(c.errors for cs in cells.values() for c in cs)
+    return 0 if not errors else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    code = asyncio.run(main_async(parse_args(argv)))
+    print(f"total wall time {time.monotonic() - started:.0f}s")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
