@@ -250,6 +250,11 @@ class Settings(BaseSettings):
     # Deployment.
     role: Role = Field("all", description="sidecar: the proxy only; control: admin API, portal and hold sweeper; "
                                           "all: both (the embedded default).")
+    tokenizer_preload: bool = Field(
+        False, description="Load at start-up the tiktoken encodings of the price table's model families, instead "
+                           "of on each family's first request (which then waits about 0.3-0.5 s, once per "
+                           "process). Off by default: a sidecar pays for every encoding in every pod, and most "
+                           "apps use one family (o200k_base costs about 45 MiB, cl100k_base about 20).")
 
     # Money.
     assets: list[AssetSettings] = Field(
