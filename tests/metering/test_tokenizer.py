@@ -27,3 +27,24 @@ def test_prompt_counts_equal_fresh_counts_every_time(model: str, monkeypatch: py
         for text in TEXTS:
             expected = len(reference.encode_ordinary(text))
             assert counter.count_prompt(text) == counter.count(text) == expected
+
+
+@pytest.mark.parametrize(("model", "encoding"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")])
+def test_an_encoding_without_its_python_ranks_still_counts_encodes_and_decodes(
+        model: str, encoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # metergate drops the Encoding's Python dict of ranks once the Rust encoder is built (the bulk of its memory);
+    # what metergate uses of it must keep working, and a registered encoding still pickles (by name).
+    import pickle
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(seed_cache()))
+    counter = counter_for(model)
+    assert counter.exact
+    enc = tiktoken.get_encoding(encoding)
+    assert "_mergeable_ranks" not in enc.__dict__
+    for text in TEXTS[1:4]:
+        tokens = enc.encode_ordinary(text)
+        assert counter.count(text) == len(tokens)
+        assert enc.decode(tokens) == text
+        assert b"".join(enc.decode_single_token_bytes(t) for t in tokens) == text.encode()
+    assert enc.decode(enc.encode("<|endoftext|>", allowed_special="all")) == "<|endoftext|>"
+    assert pickle.loads(pickle.dumps(enc)).encode_ordinary(TEXTS[1]) == enc.encode_ordinary(TEXTS[1])
