@@ -42,6 +42,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from redis_proxy import free_port, wait_ready
 from scratch import REDIS, Scratch
 
 from metergate.wallet.redis.store import RedisWalletStore
@@ -61,15 +62,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "ledger_lag": (0.50, 2000.0), "p99_ms": (0.50, 50.0)}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Topology:
     name: str
@@ -84,21 +76,6 @@ class Topology:
     @property
     def urls(self) -> list[str]:
         return [url for _, url in self.procs]
-
-
-async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):
-            if process.poll() is not None:
-                raise RuntimeError(f"{url} exited with {process.returncode}")
-            try:
-                async with session.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} not ready")
 
 
 async def start(top: Topology, n: int, upstream: str) -> None:
