@@ -47,7 +47,7 @@ def strict(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str
 
 def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
         params: tuple[str, ...] = (), query: list[dict[str, Any]] | None = None,
-        media: tuple[str, ...] = ("application/json",)) -> dict[str, Any]:
+        media: tuple[str, ...] = ("application/json",), body_required: bool = True) -> dict[str, Any]:
     ok_content = {m: {"schema": {"type": "object"}} if m == "application/json" else {"schema": {"type": "string"}}
                   for m in media}
     op: dict[str, Any] = {
@@ -59,7 +59,7 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
                                   "content": {"application/json": {"schema": _ERROR}}}},
     }
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
     return op
 
 
@@ -144,7 +144,7 @@ def document() -> dict[str, Any]:
         },
         customers: {"get": _op("Get a customer with balances", params=c)},
         f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)", ok=201,
-                                              params=c, body=key_attributes),
+                                              params=c, body=key_attributes, body_required=False),
                                   "get": _op("The customer's proxy API keys (prefixes only), newest first",
                                              params=c, query=page[:1])},
         "/admin/v1/api-keys/{key_id}": {

@@ -150,12 +150,17 @@ def _object(schema: dict[str, Any], value: dict[str, Any], where: str, code: str
 
 
 def _query_value(schema: dict[str, Any], raw: str, where: str) -> Any:
-    """A query parameter's text as the type its schema names (an integer must be written as one)."""
+    """A query parameter's text as the type its schema names (an integer must be written as one; a number is
+    decimal digits with at most one point, a duration such as ``wait_s``)."""
     types = schema.get("type", "string")
     if "integer" in (types if isinstance(types, list) else [types]):
         if not re.fullmatch(r"-?[0-9]{1,18}", raw):
             raise Invalid(where, "must be an integer.", schema.get("x-error-code", "invalid_request"))
         return validate(schema, int(raw), where)
+    if "number" in (types if isinstance(types, list) else [types]):
+        if not re.fullmatch(r"-?[0-9]{1,18}(\.[0-9]{1,9})?", raw):
+            raise Invalid(where, "must be a number.", schema.get("x-error-code", "invalid_request"))
+        return validate(schema, float(raw) if "." in raw else int(raw), where)
     return validate(schema, raw, where)
 
 

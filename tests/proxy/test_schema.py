@@ -115,12 +115,12 @@ async def test_a_field_of_the_wrong_type_or_out_of_bounds_is_refused_and_changes
     assert (await gw.balance())["available"] == FUNDS
 
 
-async def test_the_largest_max_tokens_the_schema_allows_is_served_within_the_wallet_not_a_500(gw: Gateway) -> None:
-    """10^8 output tokens pass the schema. The wallet cannot hold them, so the request is held for its prompt plus
-    the initial output allowance and streamed from the upstream internally: a bounded answer, billed exactly, and
-    the upstream never sees the client's limit as something metergate promised to pay for."""
+async def test_the_largest_max_tokens_a_request_may_ask_is_served_within_the_wallet_not_a_500(gw: Gateway) -> None:
+    """``request_max_output_tokens`` (10^7 by default) output tokens pass the schema and the bound. The wallet
+    cannot hold them, so the request is held for its prompt plus the initial output allowance and streamed from
+    the upstream internally: a bounded answer, billed exactly."""
     path, body = CHAT
-    r = await post(gw, path, {**body, "max_tokens": 100_000_000})
+    r = await post(gw, path, {**body, "max_tokens": gw.settings.request_max_output_tokens})
     assert r.status_code == 200, r.text
     [record] = await gw.usage()
     assert record["charged_amount"] == Decimal(r.headers["X-Metergate-Charged"]) * 10**6 > 0  # micro-USD
