@@ -28,7 +28,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import Cell, Servers, fund_customer, run_cell  # noqa: E402 - bench/ is a directory of scripts
+from ab import measure_ab  # noqa: E402
+from run import Servers  # noqa: E402 - bench/ is a directory of scripts
 
 README_SHAPED_LIMITS: dict[str, Any] = {"customer": {"requests_per_minute": 10**9, "tokens_per_minute": 10**13},
                                         "api_key": {"requests_per_minute": 10**9}}
@@ -62,40 +63,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "plain": Servers(workdir / "plain", args.server_cpus, "WARNING"),
         "limited": Servers(workdir / "limited", args.server_cpus, "WARNING", {"rate_limits": args.limits}),
     }
-    cells: dict[str, list[Cell]] = {name: [] for name in TARGETS}
     print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU {args.server_cpus}, load generator to CPU "
           f"{args.client_cpus}\nlimited: rate_limits={json.dumps(args.limits)}\n"
           f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
           f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
     try:
-        for s in servers.values():
-            s.workdir.mkdir()
-            s.start()
-        for s in servers.values():
-            await s.wait_ready()
-        urls = {}
-        for name, s in servers.items():
-            base = f"http://127.0.0.1:{s.ports['metergate']}"
-            await fund_customer(base)
-            urls[name] = f"{base}/openai/v1/chat/completions"
-            warm = Cell("metergate", args.stream, 4, -1)
-            await run_cell(urls[name], warm, 0.0, 0.5, {})  # imports, tokenizer, first SQLite pages
-            if warm.errors:
-                raise RuntimeError(f"{name} failed during warm-up: {warm.error_samples}")
-        for rnd in range(args.rounds):
-            for name in (TARGETS if rnd % 2 == 0 else TARGETS[::-1]):
-                s = servers[name]
-                cell = Cell("metergate", args.stream, args.concurrency, rnd)
-                await run_cell(urls[name], cell, 0.4, args.duration,
-                               {"upstream": s.pid("upstream"), "proxy": s.pid("metergate")},
-                               [p for srv in servers.values() for p in srv.procs_pids()])
-                cells[name].append(cell)
-                if cell.errors:
-                    print(f"  ! {name}: {cell.errors} errors, e.g. {cell.error_samples}", file=sys.stderr)
-            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
+        cells = await measure_ab(servers, stream=args.stream, concurrency=args.concurrency,
+                                 rounds=args.rounds, duration=args.duration)
     finally:
-        for s in servers.values():
-            s.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\n{'target':<8} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")

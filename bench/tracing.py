@@ -24,8 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from ab import measure_ab  # noqa: E402
 from aiohttp import web  # noqa: E402
-from run import Cell, Servers, fund_customer, run_cell  # noqa: E402 - bench/ is a directory of scripts
+from run import Servers  # noqa: E402 - bench/ is a directory of scripts
 
 TARGETS = ("off", "otlp")
 
@@ -69,40 +70,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "off": Servers(workdir / "off", args.server_cpus, "WARNING", {"tracing": "off"}),
         "otlp": Servers(workdir / "otlp", args.server_cpus, "WARNING", {"tracing": "otlp"}),
     }
-    cells: dict[str, list[Cell]] = {name: [] for name in TARGETS}
     print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU {args.server_cpus}, load generator to CPU "
           f"{args.client_cpus}\notlp: spans exported to a sink on the load generator's CPU\n"
           f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
           f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
     try:
-        for s in servers.values():
-            s.workdir.mkdir()
-            s.start()
-        for s in servers.values():
-            await s.wait_ready()
-        urls = {}
-        for name, s in servers.items():
-            base = f"http://127.0.0.1:{s.ports['metergate']}"
-            await fund_customer(base)
-            urls[name] = f"{base}/openai/v1/chat/completions"
-            warm = Cell("metergate", args.stream, 4, -1)
-            await run_cell(urls[name], warm, 0.0, 0.5, {})  # imports, tokenizer, first SQLite pages
-            if warm.errors:
-                raise RuntimeError(f"{name} failed during warm-up: {warm.error_samples}")
-        for rnd in range(args.rounds):
-            for name in (TARGETS if rnd % 2 == 0 else TARGETS[::-1]):
-                s = servers[name]
-                cell = Cell("metergate", args.stream, args.concurrency, rnd)
-                await run_cell(urls[name], cell, 0.4, args.duration,
-                               {"upstream": s.pid("upstream"), "proxy": s.pid("metergate")},
-                               [p for srv in servers.values() for p in srv.procs_pids()])
-                cells[name].append(cell)
-                if cell.errors:
-                    print(f"  ! {name}: {cell.errors} errors, e.g. {cell.error_samples}", file=sys.stderr)
-            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
+        cells = await measure_ab(servers, stream=args.stream, concurrency=args.concurrency,
+                                 rounds=args.rounds, duration=args.duration)
     finally:
-        for s in servers.values():
-            s.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         await sink_runner.cleanup()
 
