@@ -31,7 +31,10 @@ Tree::
 
 The classes carry their HTTP status as data; turning one into a response happens in exactly
 one place, :mod:`metergate.http`. Bodies use the OpenAI error envelope so that client SDKs
-surface ``message`` and ``code``.
+surface ``message`` and ``code`` (the Anthropic SDK reads it too); on Gemini routes they use Google's,
+``{"error": {"code": <HTTP status>, "message", "status": <google.rpc.Code name>, "details": [ErrorInfo]}}``,
+where the ``ErrorInfo``'s ``reason`` is metergate's code and its ``metadata`` the error's other fields
+(:meth:`MetergateError.google_body`), so that the ``google-genai`` SDK raises its own error types with them.
 
 Each error also says whether the same request, sent again unchanged, can succeed
 (:attr:`MetergateError.should_retry`); :mod:`metergate.http` sends it as ``x-should-retry``, which
@@ -45,6 +48,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any, ClassVar
+
+# Google's canonical status names (google.rpc.Code) by HTTP status, for the envelope of Gemini routes.
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "FAILED_PRECONDITION",
+                  403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED",
+                  409: "ABORTED", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                  499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+                  504: "DEADLINE_EXCEEDED"}
+
+
+def google_error(code: str, message: str, status: int, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error in Google's envelope: ``status`` is the HTTP status, ``code`` metergate's stable code (the
+    ``ErrorInfo`` reason), ``metadata`` its other fields (as strings, which ``ErrorInfo`` requires)."""
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": code, "domain": "metergate",
+            "metadata": {key: str(value) for key, value in (metadata or {}).items() if value is not None}}
+    return {"error": {"code": status, "message": message, "status": _GOOGLE_STATUS.get(status, "UNKNOWN"),
+                      "details": [info]}}
+
 
 # Codes whose verdict differs from their class's: a redirect or an oversized answer from the upstream
 # comes back the same however often it is asked for.
@@ -76,6 +96,10 @@ class MetergateError(Exception):
                                  "param": self.param}
         error.update(self.extra)
         return {"error": error}
+
+    def google_body(self, status: int | None = None) -> dict[str, Any]:
+        """The error in Google's envelope (Gemini routes), answered with ``status`` (default: the class's)."""
+        return google_error(self.code, self.message, status or self.status, {"param": self.param, **self.extra})
 
 
 class BadRequest(MetergateError):

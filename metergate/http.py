@@ -1,9 +1,9 @@
 """The one place where errors become HTTP responses.
 
 Every handler raises members of :mod:`metergate.errors`; this middleware renders them in the OpenAI
-error envelope. aiohttp's own HTTP exceptions (unknown path, body too large) are mapped to the same
-envelope, and anything unexpected becomes a generic 500 whose details go to the log, never to the
-client.
+error envelope, or in Google's for a request the proxy marked with :data:`ERROR_ENVELOPE` (a Gemini
+route's). aiohttp's own HTTP exceptions (unknown path, body too large) are mapped to the same envelope,
+and anything unexpected becomes a generic 500 whose details go to the log, never to the client.
 
 Every error answer carries ``X-Metergate-Request-Id`` — the id of the request in the logs
 (:func:`metergate.observability.logs.current_request_id`), or a fresh one, logged, for a request refused
@@ -64,15 +64,19 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
 
 
 REQUEST_ID_HEADER = "X-Metergate-Request-Id"
+# The envelope a request's errors are answered in, when not the OpenAI one: "google" (set by the proxy on a
+# Gemini route's requests).
+ERROR_ENVELOPE = web.RequestKey("error_envelope", str)
 
 
-def error_response(error: MetergateError, *, status: int | None = None) -> web.Response:
-    """The answer to ``error``: its envelope, its headers (Retry-After, Allow), the request id, and
-    ``x-should-retry`` when the error says whether a retry can succeed."""
+def error_response(error: MetergateError, *, status: int | None = None, envelope: str | None = None) -> web.Response:
+    """The answer to ``error``: its envelope (OpenAI's, or ``envelope="google"``), its headers (Retry-After,
+    Allow), the request id, and ``x-should-retry`` when the error says whether a retry can succeed."""
     headers = {**error.headers, REQUEST_ID_HEADER: current_request_id() or new_request_id()}
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
-    return json_response(error.body(), status=status or error.status, headers=headers)
+    body = error.google_body(status) if envelope == "google" else error.body()
+    return json_response(body, status=status or error.status, headers=headers)
 
 
 def _method_not_allowed(exc: web.HTTPException) -> MetergateError:
@@ -132,31 +136,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except MetergateError as error:
-        response = error_response(error)
+        response = error_response(error, envelope=request.get(ERROR_ENVELOPE))
         if isinstance(error, RequestTimeout):
             response.force_close()
         return response
     except RequestPayloadError:
         # The body's framing is broken (bad chunk size, truncated chunk): the client's fault, not ours.
-        return error_response(_malformed())
+        return error_response(_malformed(), envelope=request.get(ERROR_ENVELOPE))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         factory = _AIOHTTP_ERRORS.get(exc.status)
         mapped = factory(exc) if factory else MetergateError(exc.reason, code=f"http_{exc.status}")
-        return error_response(mapped, status=exc.status)
+        return error_response(mapped, status=exc.status, envelope=request.get(ERROR_ENVELOPE))
     except STORAGE_DOWN as exc:
         log.warning("storage unreachable on %s %s: %s", request.method, request.path, type(exc).__name__)
-        return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."))
+        return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."),
+                              envelope=request.get(ERROR_ENVELOPE))
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
             # The client left mid-request (typically while sending its body): nothing went wrong here and
             # no answer can reach it, so this is no error worth a traceback.
             log.info("client disconnected during %s %s", request.method, request.path)
-            return error_response(BadRequest("The client closed the connection.", code="client_closed"))
+            return error_response(BadRequest("The client closed the connection.", code="client_closed"),
+                                  envelope=request.get(ERROR_ENVELOPE))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(MetergateError("Internal error; the request changed nothing it could not undo.",
-                                             code="internal_error"))
+                                             code="internal_error"), envelope=request.get(ERROR_ENVELOPE))
 
 
 # ---------------------------------------------------------------------------------- serving

@@ -7,8 +7,10 @@ from it (by default a route serves all of its provider's), never add to it, so t
 request can open a path to anything else at the upstream.
 
 Paths are relative to the provider's API root, ``/v1``: a client sends ``/v1/models`` under the route's
-prefix, unless the route's upstream URL already ends in ``/v1``, when it sends ``/models``. ``{id}`` stands
-for one path segment checked against :data:`ID_SEGMENT`.
+prefix, unless the route's upstream URL already ends in ``/v1``, when it sends ``/models`` (Gemini's roots are
+``/v1beta`` and ``/v1``: :func:`api_roots`). ``{id}`` stands for one path segment checked against the
+endpoint's ``segment`` pattern (:data:`ID_SEGMENT`, or a Gemini model id, which never holds the ``:`` that
+separates it from its method).
 
 Endpoints that would spend provider money metergate cannot meter (files, batches) are listed as
 :data:`NOT_METERED`, so that a client is told so by name (``endpoint_not_metered``) instead of
@@ -20,8 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from metergate.config import gemini
 
 ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$")  # model ids: gpt-4o, ft:gpt-4o:org:x:1, claude-x@1
+GEMINI_MODEL_SEGMENT = re.compile(rf"^{gemini.MODEL_ID.pattern}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,7 @@ class FreeEndpoint:
     method: str  # GET or POST
     path: str  # relative to the API root; "{id}" is one validated segment
     query: frozenset[str] = frozenset()  # query parameters forwarded; any other is dropped
+    segment: re.Pattern[str] = ID_SEGMENT  # what "{id}" accepts
 
     @property
     def allow(self) -> tuple[str, ...]:
@@ -49,13 +56,28 @@ CATALOGUE: dict[str, tuple[FreeEndpoint, ...]] = {
         FreeEndpoint("models.retrieve", "GET", "/models/{id}", frozenset({"beta"})),
         FreeEndpoint("messages.count_tokens", "POST", "/messages/count_tokens", frozenset({"beta"})),
     ),
+    "gemini": (  # named after the google-genai SDK's methods: client.models.list(), .get(), .count_tokens()
+        FreeEndpoint("models.list", "GET", "/models", frozenset({"pageSize", "pageToken"})),
+        FreeEndpoint("models.get", "GET", "/models/{id}", segment=GEMINI_MODEL_SEGMENT),
+        FreeEndpoint("models.count_tokens", "POST", "/models/{id}:countTokens", segment=GEMINI_MODEL_SEGMENT),
+    ),
 }
 
 # Path prefixes (relative to the API root) of endpoints that cost provider money metergate does not meter.
 NOT_METERED: dict[str, tuple[tuple[str, str], ...]] = {
     "openai": (("/files", "files"), ("/batches", "batches"), ("/uploads", "uploads")),
     "anthropic": (("/messages/batches", "message batches"), ("/files", "files")),
+    "gemini": (("/files", "files"), ("/cachedContents", "cached contents"), ("/batches", "batches"),
+               ("/tunedModels", "tuned models"), ("/corpora", "corpora")),
 }
+
+
+def api_roots(provider: str, upstream: str) -> tuple[str, ...]:
+    """The API roots a route's clients put before a catalogue path: ``""`` when the route's upstream URL
+    already ends in the API version, else ``/v1`` (Gemini: ``/v1beta`` or ``/v1``)."""
+    if provider == "gemini":
+        return tuple(f"/{v}" for v in gemini.API_VERSIONS) if gemini.versioned(upstream) else ("",)
+    return ("",) if urlsplit(upstream).path.rstrip("/").endswith("/v1") else ("/v1",)
 
 
 def names(provider: str) -> list[str]:

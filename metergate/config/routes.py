@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from metergate.config import azure, free_endpoints
+from metergate.config import azure, free_endpoints, gemini
 from metergate.errors import BadRequest
 from metergate.urls import clean_query, decoded_path, encode_path, path_segments
 
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")  # as metergate.proxy.adapters.schema checks models
+_PROVIDER_IDS = {"azure": "azure", "gemini": "google"}  # a route's default provider_id, when not openai
 
 
 class ComputeSettings(BaseModel):
@@ -51,10 +52,11 @@ class RouteSettings(BaseModel):
 
     prefix: str = Field(description="Path prefix, e.g. /openai; it is removed before forwarding.")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.openai.com (may include a path).")
-    provider: Literal["openai", "anthropic", "azure", "compute"] = Field(
-        "openai", description="Wire format spoken by the upstream (azure: Azure OpenAI's deployment paths).")
+    provider: Literal["openai", "anthropic", "azure", "gemini", "compute"] = Field(
+        "openai", description="Wire format spoken by the upstream (azure: Azure OpenAI's deployment paths; gemini: "
+                              "Google's Gemini API, models/{model}:generateContent).")
     provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices); an azure "
-                                                   "route's defaults to azure.")
+                                                   "route's defaults to azure, a gemini route's to google.")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
     unary_streaming: bool = Field(
@@ -74,8 +76,9 @@ class RouteSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _azure_provider_id(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("provider") == "azure" and "provider_id" not in data:
-            return {**data, "provider_id": "azure"}  # genai-prices prices Azure, falling back to OpenAI's
+        if isinstance(data, dict) and data.get("provider") in _PROVIDER_IDS and "provider_id" not in data:
+            # genai-prices prices Azure (falling back to OpenAI's) and Google's Gemini models under these ids.
+            return {**data, "provider_id": _PROVIDER_IDS[data["provider"]]}
         return data
 
     @model_validator(mode="after")
@@ -154,12 +157,18 @@ class RouteTable:
     def match(self, raw_path: str, raw_query: str = "") -> RouteMatch | None:
         """The route of a raw (percent-encoded) request path; 400 ``invalid_path`` / ``invalid_query`` for a
         path or query that does not parse cleanly (on an azure route, also for its ``api-version``:
-        :func:`metergate.config.azure.upstream_query`), ``None`` when no route has its prefix."""
+        :func:`metergate.config.azure.upstream_query`; on a gemini route, for its method, model and ``alt``:
+        :func:`metergate.config.gemini.upstream_query`), ``None`` when no route has its prefix."""
         found = self._find(raw_path)
         if found is None:
             return None
         route, base, segments = found
-        query = azure.upstream_query(segments, raw_query) if route.provider == "azure" else clean_query(raw_query)
+        if route.provider == "azure":
+            query = azure.upstream_query(segments, raw_query)
+        elif route.provider == "gemini":
+            query = gemini.upstream_query(segments, raw_query, with_version=gemini.versioned(route.upstream))
+        else:
+            query = clean_query(raw_query)
         return RouteMatch(route, base, segments, query)
 
     def _find(self, raw_path: str) -> tuple[RouteSettings, URL, tuple[str, ...]] | None:
@@ -168,6 +177,14 @@ class RouteTable:
             if segments[:len(prefix)] == prefix:
                 return route, base, segments[len(prefix):]
         return None
+
+    def provider_of(self, raw_path: str) -> str | None:
+        """The provider of the route a raw request path falls under, if any (never raises)."""
+        try:
+            found = self._find(raw_path)
+        except BadRequest:
+            return None
+        return found[0].provider if found is not None else None
 
     def serves(self, raw_path: str) -> bool:
         """Whether a raw request path is a clean path under one of the routes (never raises; the query is

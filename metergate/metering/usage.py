@@ -136,3 +136,22 @@ def from_responses(usage: Any) -> Usage | None:
                  cached_input_tokens=_subset(cached, "cached_tokens", prompt, "input_tokens"),
                  reasoning_tokens=_subset(reasoning, "reasoning_tokens", output, "output_tokens"),
                  source="provider")
+
+
+def from_gemini(usage: Any) -> Usage | None:
+    """Read a Gemini ``usageMetadata`` object, by the provider's billing rules (as genai-prices reads it):
+    ``promptTokenCount`` is the whole prompt, cached content included (``cachedContentTokenCount`` is a
+    subset of it); tool-use prompt tokens are billed as input on top of it; the output is the candidates'
+    tokens plus the thinking tokens (``thoughtsTokenCount``, billed at the output rate and recorded as
+    reasoning)."""
+    body = _object(usage)
+    if body is None:
+        return None
+    prompt = _count(body, "promptTokenCount", required=True)
+    cached = _subset(_count(body, "cachedContentTokenCount"), "cachedContentTokenCount", prompt, "promptTokenCount")
+    tool_prompt = _count(body, "toolUsePromptTokenCount")
+    candidates = _count(body, "candidatesTokenCount")
+    thoughts = _count(body, "thoughtsTokenCount")
+    _count(body, "totalTokenCount")  # not used, but a report whose total is not a count is not believed
+    return Usage(input_tokens=prompt + tool_prompt, output_tokens=candidates + thoughts,
+                 cached_input_tokens=cached, reasoning_tokens=thoughts, source="provider")

@@ -10,7 +10,9 @@ metergate instead:
   arrives), the same budget meters it, and :mod:`metergate.proxy.assemble` answers the client one body;
 * on a route whose upstream cannot stream (``unary_streaming: false``), :func:`with_output_limit` sets the
   request's output limit upstream to what its hold covers, and the receipt says so
-  (``X-Metergate-Output-Limit``).
+  (``X-Metergate-Output-Limit``). Gemini requests, streams included, are always bounded this way
+  (:data:`BOUNDED_UPSTREAM`): their thinking tokens never reach metergate as text, so no budget over the
+  delivered text could bound them, while ``maxOutputTokens`` bounds thinking and answer together.
 
 Either way an answer can never outgrow its hold, so nothing delivered goes unpaid and nothing is
 written off because of output (item 2), and a small wallet is never refused for output it would not
@@ -34,8 +36,12 @@ from metergate.wallet.models import Hold
 
 # The key that caps output, per endpoint as the adapters name it. Chat uses max_completion_tokens, which
 # OpenAI accepts for every chat model (max_tokens is refused by reasoning models) and vLLM reads too.
+# A dotted key is a field inside an object (Gemini's generationConfig.maxOutputTokens).
 _LIMIT_KEYS = {"chat.completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
-               "responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+               "responses": ("max_output_tokens",), "messages": ("max_tokens",),
+               "generate_content": ("generationConfig.maxOutputTokens",)}
+# Providers whose output is always bounded by an output limit set upstream, never by a budget mid-stream.
+BOUNDED_UPSTREAM = frozenset({"gemini"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,8 @@ async def plan_hold(prepared: Prepared, route: RouteSettings, *, price: Callable
     is the whole possible output, as before."""
     possible = prepared.max_output_tokens
     growing = extend_tokens > 0 and can_bound(prepared)
-    metered = prepared.stream or route.unary_streaming  # the output can be metered as it is produced
+    # The output can be metered (and stopped) as it is produced.
+    metered = (prepared.stream or route.unary_streaming) and route.provider not in BOUNDED_UPSTREAM
     initial = min(initial_output_tokens, possible)
     if not growing or prepared.output_capped or not metered:
         try:
@@ -122,8 +129,34 @@ def as_stream(prepared: Prepared, provider: str) -> Prepared:
 def choices(prepared: Prepared) -> int:
     """How many answers the request asks for: its output limit applies to each."""
     payload = _payload(prepared)
-    counts = [payload.get("n"), payload.get("best_of") if prepared.endpoint == "completions" else None]
+    counts = [payload.get("n"), payload.get("best_of") if prepared.endpoint == "completions" else None,
+              _get(payload, "generationConfig.candidateCount") if prepared.endpoint == "generate_content" else None]
     return max([1] + [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0])
+
+
+def _get(payload: dict[str, Any], key: str) -> Any:
+    head, _, rest = key.partition(".")
+    value = payload.get(head)
+    return _get(value, rest) if rest and isinstance(value, dict) else (None if rest else value)
+
+
+def _set(payload: dict[str, Any], key: str, value: int) -> None:
+    head, _, rest = key.partition(".")
+    if rest:
+        inner = payload.get(head)
+        payload[head] = inner = dict(inner) if isinstance(inner, dict) else {}
+        _set(inner, rest, value)
+    else:
+        payload[head] = value
+
+
+def _pop(payload: dict[str, Any], key: str) -> None:
+    head, _, rest = key.partition(".")
+    if rest:
+        if isinstance(inner := payload.get(head), dict):
+            _pop(inner, rest)
+    else:
+        payload.pop(head, None)
 
 
 def with_output_limit(prepared: Prepared, tokens: int) -> Prepared:
@@ -131,9 +164,9 @@ def with_output_limit(prepared: Prepared, tokens: int) -> Prepared:
     endpoint's own), so that the upstream stops where the hold ends."""
     payload = _payload(prepared)
     keys = _LIMIT_KEYS[prepared.endpoint]
-    key = next((k for k in keys if payload.get(k) is not None), keys[0])
+    key = next((k for k in keys if _get(payload, k) is not None), keys[0])
     for other in keys:
-        payload.pop(other, None)  # a second, larger limit must not survive beside the one set here
-    payload[key] = tokens
+        _pop(payload, other)  # a second, larger limit must not survive beside the one set here
+    _set(payload, key, tokens)
     return replace(prepared, body=json.dumps(payload, ensure_ascii=False).encode(), output_capped=True,
                    max_output_tokens=tokens * choices(prepared))

@@ -15,11 +15,12 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade",
 })
-# Client credentials in every form an OpenAI-compatible upstream accepts ("api-key" is Azure OpenAI's).
+# Client credentials in every form an upstream accepts ("api-key" is Azure OpenAI's, "x-goog-api-key" Google's).
 # Credentials, and the headers that choose whose account a provider bills (OpenAI's organization and
 # project): with the operator's key injected, a client must not pick the operator's org or project.
 # A route sets them itself through ``upstream_headers``.
 _REQUEST_DROP = frozenset({"host", "content-length", "authorization", "accept-encoding", "x-api-key", "api-key",
+                           "x-goog-api-key",
                            "openai-organization", "openai-project",
                            "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"})
 _RESPONSE_DROP = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})

@@ -2,8 +2,9 @@
 
 The customer header is a credential, so it is trusted only from configured source networks (by default
 127.0.0.1 and ::1: the app in the same pod). Proxy keys look like ``mgk_<mode>_<secret>`` and are accepted
-wherever a provider's SDK puts its own key: ``Authorization: Bearer`` (OpenAI), ``x-api-key`` (Anthropic)
-and ``api-key`` (Azure OpenAI); none of them reaches the upstream. Only a key's SHA-256 is stored. Lookups
+wherever a provider's SDK puts its own key: ``Authorization: Bearer`` (OpenAI), ``x-api-key`` (Anthropic),
+``api-key`` (Azure OpenAI) and ``x-goog-api-key`` (Gemini; on a Gemini route also the ``key`` query parameter,
+Google's other place for a key); none of them reaches the upstream. Only a key's SHA-256 is stored. Lookups
 are cached briefly (``key_cache_ttl_s``) so that a revoked key, or a change of its attributes, takes effect
 within that bound without a database read on every request.
 """
@@ -28,7 +29,9 @@ from metergate.wallet.store import WalletStore
 # Matched with fullmatch: ``$`` would also accept a trailing newline.
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _KEY = re.compile(r"mgk_(test|live)_[A-Za-z0-9_-]{20,100}")
-_KEY_HEADERS = ("x-api-key", "api-key")  # besides Authorization: Anthropic's and Azure OpenAI's key headers
+# Besides Authorization: Anthropic's, Azure OpenAI's and Google's key headers.
+_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+_KEY_QUERY = "key"  # Google's key query parameter (metergate.config.gemini never forwards it)
 _CACHE_MAX = 100_000
 
 
@@ -86,7 +89,9 @@ class Identifier:
             return any(address.ipv4_mapped in network for network in self._trusted)
         return any(address in network for network in self._trusted)
 
-    async def identify(self, request: web.Request) -> Identity:
+    async def identify(self, request: web.Request, *, query_key: bool = False) -> Identity:
+        """Who pays for ``request``; ``query_key``: a proxy key may also come as the ``key`` query parameter
+        (a Gemini route, which strips it from what goes upstream)."""
         claimed = request.headers.get(self._header)
         if claimed is not None:
             if not self.trusted(request.remote):
@@ -102,11 +107,12 @@ class Identifier:
                                  param=self._mode_header)
             await self._require_customer(mode, claimed)  # type: ignore[arg-type]
             return Identity(mode, claimed, "header")  # type: ignore[arg-type]
-        token = _presented_key(request)
+        token = _presented_key(request, query_key=query_key)
         if token is not None:
             return await self._by_key(token)
         raise Unauthorized(f"Say who is paying: send the {self._header} header from the application, or a "
-                           "proxy API key as 'Authorization: Bearer mgk_...' (or in x-api-key or api-key).",
+                           "proxy API key as 'Authorization: Bearer mgk_...' (or in x-api-key, api-key or "
+                           "x-goog-api-key).",
                            code="missing_customer")
 
     async def _require_customer(self, mode: Mode, customer_id: str) -> None:
@@ -136,16 +142,19 @@ class Identifier:
         return Identity(key.mode, key.customer_id, "api_key", key.id, key.attributes)
 
 
-def _presented_key(request: web.Request) -> str | None:
+def _presented_key(request: web.Request, *, query_key: bool = False) -> str | None:
     """The proxy key a request presents, from whichever of the SDKs' key headers carries one: a bearer token,
-    ``x-api-key`` or ``api-key``. A credential that is no proxy key is returned (to be refused as such) only
-    when no header carries a proxy key; two different proxy keys are refused, since either could be meant."""
+    ``x-api-key``, ``api-key``, ``x-goog-api-key`` or (``query_key``) the ``key`` query parameter. A credential
+    that is no proxy key is returned (to be refused as such) only when no header carries a proxy key; two
+    different proxy keys are refused, since either could be meant."""
     presented: list[str] = []
     for value in request.headers.getall("Authorization", []):
         if value[:7].lower() == "bearer ":
             presented.append(value[7:].strip())
     for name in _KEY_HEADERS:
         presented.extend(value.strip() for value in request.headers.getall(name, []))
+    if query_key:
+        presented.extend(value.strip() for value in request.query.getall(_KEY_QUERY, []))
     proxy_keys = {token for token in presented if token.startswith("mgk_")}
     if len(proxy_keys) > 1:
         raise Unauthorized("The request presents more than one proxy API key.", code="invalid_api_key")

@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from metergate.config import free_endpoints as catalogue
-from metergate.config.free_endpoints import ID_SEGMENT, FreeEndpoint
+from metergate.config.free_endpoints import FreeEndpoint
 from metergate.config.routes import RouteMatch, RouteSettings
 from metergate.errors import BadGateway, BadRequest, GatewayTimeout, NotFound
 from metergate.http import REQUEST_ID_HEADER
@@ -50,7 +49,7 @@ class FreeRequest:
 @dataclass(frozen=True, slots=True)
 class _RouteEndpoints:
     route: RouteSettings
-    root: str  # "/v1", or "" when the route's upstream URL already ends in /v1
+    roots: tuple[str, ...]  # ("/v1",), or ("",) when the route's upstream URL already ends in /v1 (api_roots)
     enabled: tuple[FreeEndpoint, ...]
 
 
@@ -60,26 +59,29 @@ class FreeEndpoints:
         self._routes: dict[str, _RouteEndpoints] = {}
         for route in pipeline.settings.routes:
             if route.compute is None:
-                root = "" if urlsplit(route.upstream).path.rstrip("/").endswith("/v1") else "/v1"
                 self._routes[route.prefix] = _RouteEndpoints(
-                    route, root, catalogue.enabled(route.provider, route.free_endpoints))
+                    route, catalogue.api_roots(route.provider, route.upstream),
+                    catalogue.enabled(route.provider, route.free_endpoints))
 
     def find(self, match: RouteMatch) -> FreeRequest | None:
         """The free endpoint ``match`` names; ``None`` for any other path. Raises 404 ``endpoint_not_metered``
         for an endpoint this route refuses by name (files, batches, a free endpoint it turned off)."""
         served = self._routes.get(match.route.prefix)
-        if served is None or not match.upstream_path.startswith(served.root + "/"):
+        if served is None:
             return None
-        relative = match.upstream_path[len(served.root):]
+        root = next((r for r in served.roots if match.upstream_path.startswith(r + "/")), None)
+        if root is None:
+            return None
+        relative = match.upstream_path[len(root):]
         for endpoint in catalogue.CATALOGUE.get(served.route.provider, ()):
-            concrete = _concrete(endpoint.path, relative)
+            concrete = _concrete(endpoint, relative)
             if concrete is None:
                 continue
             if endpoint not in served.enabled:
                 raise NotFound(f"{match.upstream_path} ({endpoint.name}) is a free endpoint that route "
                                f"{match.route.prefix} does not serve (its free_endpoints setting).",
                                code="endpoint_not_metered")
-            return FreeRequest(endpoint, match.upstream_path, served.route.upstream + served.root + concrete)
+            return FreeRequest(endpoint, match.upstream_path, served.route.upstream + root + concrete)
         for prefix, what in catalogue.NOT_METERED.get(served.route.provider, ()):
             if relative == prefix or relative.startswith(prefix + "/"):
                 raise NotFound(f"{match.upstream_path} ({what}) is not metered by metergate, so route "
@@ -93,7 +95,7 @@ class FreeEndpoints:
         options = check_method(request, free.endpoint.allow, free.path)
         if options is not None:
             return options
-        identity = await p.identifier.identify(request)
+        identity = await p.identifier.identify(request, query_key=match.route.provider == "gemini")
         body = await p._read_body(request) if free.endpoint.method == "POST" else None
         await p.ratelimiter.admit(identity, 0)  # counted as a request; it carries no tokens to count
         upstream = await self._send(request, match, free, body)
@@ -138,15 +140,16 @@ class FreeEndpoints:
             raise BadGateway("The upstream could not be reached.") from None
 
 
-def _concrete(pattern: str, path: str) -> str | None:
-    """``path`` if it is an instance of ``pattern`` (whose ``{id}`` is one valid segment), else ``None``."""
+def _concrete(endpoint: FreeEndpoint, path: str) -> str | None:
+    """``path`` if it is an instance of the endpoint's path (whose ``{id}`` is one valid segment), else ``None``."""
+    pattern = endpoint.path
     head, marker, tail = pattern.partition("{id}")
     if not marker:
         return path if path == pattern else None
     if not path.startswith(head) or not path.endswith(tail):
         return None
     segment = path[len(head):len(path) - len(tail)]
-    return path if ID_SEGMENT.match(segment) else None
+    return path if endpoint.segment.match(segment) else None
 
 
 async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:

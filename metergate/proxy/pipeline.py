@@ -36,7 +36,7 @@ from metergate.errors import (
     PaymentRequired,
     UnsupportedMediaType,
 )
-from metergate.http import json_response
+from metergate.http import ERROR_ENVELOPE, json_response
 from metergate.metering.costs import ProviderCosts
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage
@@ -70,17 +70,12 @@ _CUT_GRACE_S = 5.0  # after cutting at the drain deadline, how long the cut exch
 _ANOMALY_CHARS = 200  # each usage anomaly a record keeps (a field name and a shortened value)
 
 
-def _error_event(code: str, message: str) -> bytes:
-    """An ``error`` event that ends a stream which did not end as the provider meant: both the OpenAI and
-    the Anthropic SDKs raise it as an API error, so the client knows its answer is incomplete."""
-    error = {"type": "error", "error": {"message": message, "type": "server_error", "code": code, "param": None}}
-    return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
-
-
-_CUT_EVENT = _error_event("shutting_down", "metergate is shutting down: this stream was cut at the drain deadline; "
-                                           "what was delivered is billed.")
-_BROKEN_EVENT = _error_event("upstream_stream_broken", "The upstream stream broke off before its end; what was "
-                                                       "delivered is billed.")
+# How a stream that did not end as the provider meant says so, in its provider's error event
+# (:meth:`metergate.proxy.adapters.base.StreamMeter.error_event`): the client knows its answer is incomplete.
+_CUT = ("shutting_down", "metergate is shutting down: this stream was cut at the drain deadline; what was "
+                         "delivered is billed.", 503)
+_BROKEN = ("upstream_stream_broken", "The upstream stream broke off before its end; what was delivered is billed.",
+           502)
 
 
 @dataclass(slots=True)
@@ -124,8 +119,10 @@ class Pipeline:
         self.costs = costs
         self.signer = signer
         self.routes = RouteTable(settings.routes)
+        self._google_errors = any(route.provider == "gemini" for route in settings.routes)
         self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies,
-                                                    media=settings.media, deployments=route.deployments)
+                                                    media=settings.media, deployments=route.deployments,
+                                                    upstream=route.upstream)
                           for route in settings.routes if route.compute is None}
         from metergate.proxy.compute import ComputeRelay
 
@@ -186,6 +183,8 @@ class Pipeline:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = current_request_id() or "req_" + uuid.uuid4().hex
+        if self._google_errors and self.routes.provider_of(request.rel_url.raw_path) == "gemini":
+            request[ERROR_ENVELOPE] = "google"  # this request's errors are answered as Google's APIs answer them
         match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
@@ -201,7 +200,7 @@ class Pipeline:
                            code="unknown_route")
         if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
             return options
-        identity = await self.identifier.identify(request)
+        identity = await self.identifier.identify(request, query_key=match.route.provider == "gemini")
         attributes = self.prices.request_attributes(
             request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request)
@@ -441,9 +440,9 @@ class Pipeline:
             if ex.stopped:
                 held_back = [meter.stop_events(delivered or self._estimated(ex, 0), self._stop_notice(ex, settlement))]
             if ex.cut and not held_back:
-                held_back.append(_CUT_EVENT)
+                held_back.append(meter.error_event(*_CUT))
             elif broken and not held_back:
-                held_back.append(_BROKEN_EVENT)
+                held_back.append(meter.error_event(*_BROKEN))
             if held_back:
                 await _write_quietly(response, b"".join(held_back))
             await _write_eof_quietly(response)

@@ -104,6 +104,13 @@ class StreamMeter:
                  "metergate": notice}
         return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
 
+    def error_event(self, code: str, message: str, status: int) -> bytes:
+        """The event that ends a stream which did not end as the provider meant (cut at shutdown, broken
+        upstream), so that the client knows its answer is incomplete: by default an ``error`` event, which both
+        the OpenAI and the Anthropic SDKs raise as an API error; ``status`` is the HTTP status it stands for."""
+        error = {"type": "error", "error": {"message": message, "type": "server_error", "code": code, "param": None}}
+        return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+
 
 class Adapter(Protocol):
     name: str
@@ -196,11 +203,16 @@ def load_json(data: bytes) -> Any:
 
 
 def adapter_for(provider: str, *, charge_failed: bool = False, media: MediaSettings | None = None,
-                deployments: dict[str, str] | None = None) -> Adapter:
-    """The adapter of a route's provider; ``deployments``: an azure route's deployment-to-model map."""
+                deployments: dict[str, str] | None = None, upstream: str | None = None) -> Adapter:
+    """The adapter of a route's provider; ``deployments``: an azure route's deployment-to-model map;
+    ``upstream``: the route's upstream URL (a gemini route's paths carry the API version unless it does)."""
     from metergate.proxy.adapters.anthropic import AnthropicAdapter
     from metergate.proxy.adapters.azure import AzureAdapter
+    from metergate.proxy.adapters.gemini import GeminiAdapter
     from metergate.proxy.adapters.openai import OpenAIAdapter
+
+    if provider == "gemini":
+        return GeminiAdapter(upstream=upstream)
 
     if provider == "anthropic":
         return AnthropicAdapter(media=media)

@@ -148,6 +148,71 @@ _COUNT = _bounded(MAX_TOKENS)
 _CHOICES = _bounded(MAX_CHOICES)
 
 
+def _object(fields: dict[str, Rule], *, refused: tuple[str, ...] = ()) -> Rule:
+    """An optional JSON object whose ``fields`` follow their rules; ``refused`` fields are spellings the API
+    accepts too but that metergate does not read (so that a limit cannot slip past it under another name)."""
+    def rule(value: Any, param: str) -> None:
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise _refuse(param, "must be an object")
+        for name in refused:
+            if name in value:
+                raise _refuse(f"{param}.{name}", "is not accepted here: spell the field in lowerCamelCase")
+        for name, field_rule in fields.items():
+            field_rule(value.get(name), f"{param}.{name}")
+    return rule
+
+
+def _thinking_budget(value: Any, param: str) -> None:
+    if value is not None and (not _is_int(value) or not -1 <= value <= MAX_TOKENS):
+        raise _refuse(param, f"must be an integer from -1 (dynamic) to {MAX_TOKENS}")
+
+
+def _gemini_parts(value: Any, param: str) -> None:
+    if not isinstance(value, list):
+        raise _refuse(param, "must be an array of parts")
+    for index, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise _refuse(f"{param}[{index}]", "must be an object")
+        if "text" in part:
+            _string(part["text"], f"{param}[{index}].text")
+
+
+def _gemini_content(value: Any, param: str) -> None:
+    if not isinstance(value, dict):
+        raise _refuse(param, "must be an object with 'parts'")
+    if value.get("role") is not None:
+        _string(value["role"], f"{param}.role")
+    _gemini_parts(value.get("parts"), f"{param}.parts")
+
+
+def _gemini_contents(value: Any, param: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise _refuse(param, "must be a non-empty array")
+    for index, content in enumerate(value):
+        _gemini_content(content, f"{param}[{index}]")
+
+
+def _array(value: Any, param: str) -> None:
+    if value is not None and not isinstance(value, list):
+        raise _refuse(param, "must be an array")
+
+
+# Gemini's generationConfig: the output limit and the candidate count bound the hold; thinking settings are
+# checked for their types. The API also parses snake_case names, which metergate refuses for the fields it reads.
+_GENERATION_CONFIG = _object(
+    {"maxOutputTokens": _COUNT, "candidateCount": _CHOICES,
+     "thinkingConfig": _object({"thinkingBudget": _thinking_budget, "includeThoughts": _boolean},
+                               refused=("thinking_budget", "include_thoughts"))},
+    refused=("max_output_tokens", "candidate_count", "thinking_config"))
+
+
+def _absent(value: Any, param: str) -> None:
+    if value is not None:
+        raise _refuse(param, "is not accepted here: spell the field in lowerCamelCase")
+
+
 @dataclass(frozen=True, slots=True)
 class Schema:
     fields: dict[str, Rule]
@@ -175,7 +240,22 @@ SCHEMAS: dict[str, Schema] = {
         {**_STREAMING, "messages": _messages(content_required=True), "system": _optional(_text_or_parts),
          "max_tokens": _COUNT},
         limits=("max_tokens",)),
+    # Gemini: the model is in the path, a stream is chosen by the method (streamGenerateContent).
+    "generate_content": Schema(
+        {"contents": _gemini_contents, "systemInstruction": _optional(_gemini_content),
+         "generationConfig": _GENERATION_CONFIG, "cachedContent": _optional(_string), "tools": _array,
+         "safetySettings": _array, "toolConfig": _object({}),
+         **{name: _absent for name in ("generation_config", "system_instruction", "cached_content")}},
+        limits=("generationConfig.maxOutputTokens",), choices=("generationConfig.candidateCount",), streams=False),
 }
+
+
+def _dotted(payload: dict[str, Any], name: str) -> Any:
+    """``payload[a][b]`` for ``name`` "a.b" (a field inside an object, as Gemini nests its limits)."""
+    value: Any = payload
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def check_model(payload: dict[str, Any]) -> str:
@@ -200,9 +280,9 @@ def check(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -
     for name, rule in schema.fields.items():
         rule(payload.get(name), name)
     options = payload.get("stream_options")
-    limit = next((payload[name] for name in schema.limits if payload.get(name) is not None), None)
+    limit = next((_dotted(payload, name) for name in schema.limits if _dotted(payload, name) is not None), None)
     return Checked(
         model=model, stream=schema.streams and payload.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         has_stream_options=isinstance(options, dict),
-        max_output=limit, choices=max([payload.get(name) or 1 for name in schema.choices], default=1))
+        max_output=limit, choices=max([_dotted(payload, name) or 1 for name in schema.choices], default=1))
