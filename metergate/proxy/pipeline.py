@@ -631,6 +631,8 @@ class Pipeline:
     def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
         receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": ex.hold.asset}
         scale = ex.rate.scale  # the scale of the asset the request's price rule draws
+        if ex.output_limit is not None:
+            receipt["X-Metergate-Output-Limit"] = str(ex.output_limit)  # set upstream by metergate, per answer
         if settlement is None:
             receipt["X-Metergate-Held"] = format_minor(ex.hold.amount, scale)
             receipt["X-Metergate-Usage-Source"] = "pending" if ex.prepared.stream and usage is None else "unknown"
@@ -642,8 +644,6 @@ class Pipeline:
         if balance.overdraft_limit:
             receipt["X-Metergate-Available"] = format_minor(balance.available, scale)
         receipt["X-Metergate-Usage-Source"] = usage.source if usage is not None else "none"
-        if ex.output_limit is not None:
-            receipt["X-Metergate-Output-Limit"] = str(ex.output_limit)  # set upstream by metergate, per answer
         return receipt
 
 
