@@ -17,7 +17,7 @@ Tree::
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
-    │                                        not_found
+    │                                        unknown_method (Gemini routes), not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists
