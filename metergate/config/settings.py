@@ -37,10 +37,11 @@ NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_place
 _ASSET_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 RESERVED_PREFIXES = ("/admin", "/portal", "/livez", "/readyz", "/metrics", "/webhooks")
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
-# What the OpenAI and Anthropic SDKs send from a browser (their x-stainless-* telemetry included).
+# What the OpenAI, Anthropic and Google GenAI SDKs send from a browser (their x-stainless-* and x-goog-api-client
+# telemetry included).
 CORS_DEFAULT_HEADERS = ("authorization", "content-type", "accept", "x-api-key", "api-key", "anthropic-version",
                         "anthropic-beta", "anthropic-dangerous-direct-browser-access", "x-stainless-*",
-                        "x-metergate-feature")
+                        "x-goog-api-key", "x-goog-api-client", "x-metergate-feature")
 
 
 class _Strict(BaseModel):
