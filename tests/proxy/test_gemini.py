@@ -24,6 +24,7 @@ from google.genai import errors, types
 
 from metergate.config.settings import SettingsError, load_settings
 from metergate.demo.mock_gemini import RECEIVED, build_mock_gemini
+from metergate.metering.usage import UsageAnomaly, from_gemini
 from tests.conftest import PROVIDER_KEY, Gateway, Upstream, serve, start_gateway
 
 MODEL = "gemini-2.5-flash"
@@ -280,6 +281,29 @@ async def test_free_endpoints_count_tokens_and_models_pass_unbilled(gw: Gateway)
     assert (await gw.balance())["available"] == FUNDS
 
 
+async def test_a_route_whose_upstream_names_the_version_takes_paths_without_it(
+        upstream_gemini: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(upstream_gemini, f"sqlite:///{tmp_path / 'v.db'}", pricing=PRICING, routes=[
+        {"prefix": "/gemini", "upstream": upstream_gemini.url + "/v1beta", "provider": "gemini",
+         "api_key": PROVIDER_KEY, "free_endpoints": []}])
+    try:
+        await gw.customer("acme", funds=FUNDS)
+        async with httpx.AsyncClient(base_url=gw.url, headers=AS_ACME) as http:
+            served = await http.post(f"/gemini/models/{MODEL}:generateContent", json=BODY)
+            doubled = await http.post(GENERATE, json=BODY)
+            counted = await http.post(f"/gemini/models/{MODEL}:countTokens", json=BODY)
+        assert served.status_code == 200, served.text
+        assert [r["raw_path"] for r in received(gw)] == [f"/v1beta/models/{MODEL}:generateContent"]
+        assert (doubled.status_code, doubled.json()["error"]["details"][0]["reason"]) == (404, "unknown_route")
+        # free_endpoints: [] turns the free endpoints off, by name
+        assert (counted.status_code, counted.json()["error"]["details"][0]["reason"]) == (404, "endpoint_not_metered")
+        [record] = await gw.usage()
+        assert record["usage_source"] == "provider"
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------- holds
 
 
@@ -478,3 +502,36 @@ def test_free_endpoints_of_a_gemini_route_are_named_after_the_sdk() -> None:
     with pytest.raises(SettingsError, match=r"moderations\.create"):
         load_settings(routes=[{"prefix": "/g", "upstream": "https://x.example", "provider": "gemini",
                                "free_endpoints": ["moderations.create"]}])
+
+
+# ---------------------------------------------------------------------------------------------- usageMetadata
+
+
+@pytest.mark.parametrize(("reported", "expected"), [
+    # (input, cached, output, reasoning): tool prompt tokens are input, thinking tokens are output and reasoning
+    ({"promptTokenCount": 10, "candidatesTokenCount": 5}, (10, 0, 5, 0)),
+    ({"promptTokenCount": 10, "candidatesTokenCount": 5, "cachedContentTokenCount": 4, "thoughtsTokenCount": 7,
+      "toolUsePromptTokenCount": 2, "totalTokenCount": 24}, (12, 4, 12, 7)),
+    ({"promptTokenCount": 0, "candidatesTokenCount": 0}, (0, 0, 0, 0)),  # an explicit zero stays zero
+    ({"promptTokenCount": 8}, (8, 0, 0, 0)),  # a blocked prompt: no candidates
+])
+def test_usage_metadata_is_read_by_the_providers_billing_rules(reported: dict[str, Any],
+                                                                 expected: tuple[int, int, int, int]) -> None:
+    usage = from_gemini(reported)
+    assert usage is not None
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens, usage.reasoning_tokens) == expected
+
+
+@pytest.mark.parametrize("reported", [
+    {"candidatesTokenCount": 5},  # no prompt count
+    {"promptTokenCount": True, "candidatesTokenCount": 5},
+    {"promptTokenCount": 10.0, "candidatesTokenCount": 5},
+    {"promptTokenCount": 10, "candidatesTokenCount": 10**8 + 1},
+    {"promptTokenCount": 10, "thoughtsTokenCount": -1},
+    {"promptTokenCount": 10, "cachedContentTokenCount": 11},
+    {"promptTokenCount": 10, "totalTokenCount": "15"},
+    [1, 2],
+])
+def test_implausible_usage_metadata_is_an_anomaly(reported: Any) -> None:
+    with pytest.raises(UsageAnomaly):
+        from_gemini(reported)
