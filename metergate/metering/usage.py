@@ -138,6 +138,10 @@ def from_responses(usage: Any) -> Usage | None:
                  source="provider")
 
 
+_GEMINI_COUNTS = frozenset({"promptTokenCount", "cachedContentTokenCount", "toolUsePromptTokenCount",
+                            "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount"})
+
+
 def from_gemini(usage: Any) -> Usage | None:
     """Read a Gemini ``usageMetadata`` object, by the provider's billing rules (as genai-prices reads it):
     ``promptTokenCount`` is the whole prompt, cached content included (``cachedContentTokenCount`` is a
@@ -145,8 +149,8 @@ def from_gemini(usage: Any) -> Usage | None:
     tokens plus the thinking tokens (``thoughtsTokenCount``, billed at the output rate and recorded as
     reasoning)."""
     body = _object(usage)
-    if body is None:
-        return None
+    if body is None or not body.keys() & _GEMINI_COUNTS:
+        return None  # an empty report is no report (an explicit zero is a count, and is kept)
     prompt = _count(body, "promptTokenCount", required=True)
     cached = _subset(_count(body, "cachedContentTokenCount"), "cachedContentTokenCount", prompt, "promptTokenCount")
     tool_prompt = _count(body, "toolUsePromptTokenCount")

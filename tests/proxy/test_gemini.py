@@ -412,6 +412,22 @@ async def test_bad_input_is_refused_in_googles_envelope_and_charges_nothing(
     await assert_nothing_happened(gw)
 
 
+@pytest.mark.parametrize(("headers", "query", "code"), [
+    ({}, {}, "missing_customer"),
+    ({"x-goog-api-key": "mgk_test_" + "n" * 30}, {}, "invalid_api_key"),
+    ({}, {"key": "mgk_test_" + "n" * 30}, "invalid_api_key"),
+    ({"x-goog-api-key": "mgk_test_" + "a" * 30}, {"key": "mgk_test_" + "b" * 30}, "invalid_api_key"),  # two keys
+])
+async def test_an_unidentified_client_gets_googles_401(gw: Gateway, headers: dict[str, str], query: dict[str, str],
+                                                       code: str) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post(GENERATE, params=query, json=BODY, headers=headers)
+    assert r.status_code == 401
+    error = r.json()["error"]
+    assert (error["code"], error["status"], error["details"][0]["reason"]) == (401, "UNAUTHENTICATED", code)
+    await assert_nothing_happened(gw)
+
+
 async def test_an_oversize_body_is_refused_with_413_before_it_is_read(gw: Gateway) -> None:
     limit = gw.settings.max_body_bytes_for(GENERATE)
     huge = _raw({"contents": [{"parts": [{"text": "x" * (limit + 10)}]}]})
@@ -535,3 +551,7 @@ def test_usage_metadata_is_read_by_the_providers_billing_rules(reported: dict[st
 def test_implausible_usage_metadata_is_an_anomaly(reported: Any) -> None:
     with pytest.raises(UsageAnomaly):
         from_gemini(reported)
+
+
+def test_an_empty_usage_metadata_is_no_report() -> None:
+    assert from_gemini({}) is None and from_gemini({"promptTokensDetails": []}) is None
