@@ -10,8 +10,10 @@ tokens on their own rates; a refused one is answered in Google's error envelope,
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 from collections.abc import AsyncIterator
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -25,6 +27,7 @@ from google.genai import errors, types
 from metergate.config.settings import SettingsError, load_settings
 from metergate.demo.mock_gemini import RECEIVED, build_mock_gemini
 from metergate.metering.usage import UsageAnomaly, from_gemini
+from metergate.proxy.adapters import gemini as gemini_adapter
 from tests.conftest import PROVIDER_KEY, Gateway, Upstream, serve, start_gateway
 
 MODEL = "gemini-2.5-flash"
@@ -518,6 +521,39 @@ def test_free_endpoints_of_a_gemini_route_are_named_after_the_sdk() -> None:
     with pytest.raises(SettingsError, match=r"moderations\.create"):
         load_settings(routes=[{"prefix": "/g", "upstream": "https://x.example", "provider": "gemini",
                                "free_endpoints": ["moderations.create"]}])
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+def _png(width: int, height: int) -> str:
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + struct.pack(">II", width, height) + b"\x08\x02\x00\x00\x00"
+    return base64.b64encode(header + b"\x00" * 32).decode()
+
+
+@pytest.mark.parametrize(("width", "height", "tokens"), [
+    (384, 384, 258),  # small: one flat charge
+    (385, 100, 258),  # one tile
+    (1000, 500, 516),  # two 768 px tiles across, one down
+    (2000, 2000, 258 * 9),
+])
+def test_inline_images_are_held_by_geminis_tile_rule(width: int, height: int, tokens: int) -> None:
+    text_only = {"contents": [{"parts": [{"text": PROMPT}]}]}
+    with_image = {"contents": [{"parts": [{"text": PROMPT},
+                                          {"inlineData": {"mimeType": "image/png", "data": _png(width, height)}}]}]}
+    plain = gemini_adapter.prepare(b"", text_only, 100, model=MODEL)
+    pictured = gemini_adapter.prepare(b"", with_image, 100, model=MODEL)
+    assert pictured.input_tokens - plain.input_tokens == tokens
+    assert (pictured.tokens_exact, pictured.max_output_tokens) == (False, 100)
+
+
+async def test_an_unreadable_inline_image_is_refused_before_anything_is_held(gw: Gateway) -> None:
+    body = {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png", "data": "bm90IGFuIGltYWdl"}}]}]}
+    async with httpx.AsyncClient(base_url=gw.url, headers=AS_ACME) as http:
+        r = await http.post(GENERATE, json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["details"][0]["reason"] == "invalid_image"
+    await assert_nothing_happened(gw)
 
 
 # ---------------------------------------------------------------------------------------------- usageMetadata
