@@ -64,15 +64,31 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
 
 
 REQUEST_ID_HEADER = "X-Metergate-Request-Id"
+# Set on a request to a route whose clients are AWS SDKs (provider: bedrock): its errors also speak AWS's JSON
+# error shape, which botocore raises as a ClientError whose message is metergate's.
+AWS_ERRORS = web.RequestKey("metergate_aws_errors", bool)
+# AWS's exception name for each status metergate answers (402 has none: AWS never asks for money).
+_AWS_TYPES = {400: "ValidationException", 401: "AccessDeniedException", 402: "InsufficientFundsException",
+              403: "AccessDeniedException", 404: "ResourceNotFoundException", 409: "ConflictException",
+              429: "ThrottlingException", 502: "ServiceUnavailableException", 503: "ServiceUnavailableException",
+              504: "ModelTimeoutException"}
 
 
-def error_response(error: MetergateError, *, status: int | None = None) -> web.Response:
+def error_response(error: MetergateError, *, status: int | None = None, aws: bool = False) -> web.Response:
     """The answer to ``error``: its envelope, its headers (Retry-After, Allow), the request id, and
-    ``x-should-retry`` when the error says whether a retry can succeed."""
+    ``x-should-retry`` when the error says whether a retry can succeed. ``aws``: the body also carries AWS's
+    ``message`` and ``__type`` (with ``x-amzn-ErrorType``), and ``X-Metergate-Error-Code`` names the code,
+    since an AWS SDK keeps only the message, the type and the headers of an error."""
+    status = status or error.status
     headers = {**error.headers, REQUEST_ID_HEADER: current_request_id() or new_request_id()}
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
-    return json_response(error.body(), status=status or error.status, headers=headers)
+    body = error.body()
+    if aws:
+        kind = _AWS_TYPES.get(status, "ValidationException" if status < 500 else "InternalServerException")
+        body = {"message": error.message, "__type": kind, **body}
+        headers.update({"x-amzn-ErrorType": kind, "X-Metergate-Error-Code": error.code})
+    return json_response(body, status=status, headers=headers)
 
 
 def _method_not_allowed(exc: web.HTTPException) -> MetergateError:
@@ -132,7 +148,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except MetergateError as error:
-        response = error_response(error)
+        response = error_response(error, aws=request.get(AWS_ERRORS, False))
         if isinstance(error, RequestTimeout):
             response.force_close()
         return response
@@ -147,7 +163,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(mapped, status=exc.status)
     except STORAGE_DOWN as exc:
         log.warning("storage unreachable on %s %s: %s", request.method, request.path, type(exc).__name__)
-        return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."))
+        return error_response(ServiceUnavailable("The database is unreachable; nothing was charged. Retry shortly."),
+                              aws=request.get(AWS_ERRORS, False))
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
             # The client left mid-request (typically while sending its body): nothing went wrong here and
@@ -156,7 +173,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return error_response(BadRequest("The client closed the connection.", code="client_closed"))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(MetergateError("Internal error; the request changed nothing it could not undo.",
-                                             code="internal_error"))
+                                             code="internal_error"), aws=request.get(AWS_ERRORS, False))
 
 
 # ---------------------------------------------------------------------------------- serving

@@ -35,7 +35,8 @@ from metergate.wallet.models import Hold
 # The key that caps output, per endpoint as the adapters name it. Chat uses max_completion_tokens, which
 # OpenAI accepts for every chat model (max_tokens is refused by reasoning models) and vLLM reads too.
 _LIMIT_KEYS = {"chat.completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
-               "responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+               "responses": ("max_output_tokens",), "messages": ("max_tokens",),
+               "converse": ("inferenceConfig.maxTokens",), "converse-stream": ("inferenceConfig.maxTokens",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,9 @@ async def plan_hold(prepared: Prepared, route: RouteSettings, *, price: Callable
     is the whole possible output, as before."""
     possible = prepared.max_output_tokens
     growing = extend_tokens > 0 and can_bound(prepared)
-    metered = prepared.stream or route.unary_streaming  # the output can be metered as it is produced
+    # The output can be metered as it is produced. A bedrock route's never is: its output limit is set
+    # upstream to what the hold covers, streams included (their frames carry no stop metergate could add).
+    metered = (prepared.stream or route.unary_streaming) and route.provider != "bedrock"
     initial = min(initial_output_tokens, possible)
     if not growing or prepared.output_capped or not metered:
         try:
@@ -129,6 +132,10 @@ def choices(prepared: Prepared) -> int:
 def with_output_limit(prepared: Prepared, tokens: int) -> Prepared:
     """The request with its output limit set to ``tokens`` per answer (the key the client used, else the
     endpoint's own), so that the upstream stops where the hold ends."""
+    if prepared.endpoint in ("converse", "converse-stream"):  # nested: Bedrock's inferenceConfig.maxTokens
+        from metergate.proxy.adapters.bedrock import with_max_tokens
+
+        return with_max_tokens(prepared, tokens)
     payload = _payload(prepared)
     keys = _LIMIT_KEYS[prepared.endpoint]
     key = next((k for k in keys if payload.get(k) is not None), keys[0])

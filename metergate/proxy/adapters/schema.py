@@ -148,6 +148,39 @@ _COUNT = _bounded(MAX_TOKENS)
 _CHOICES = _bounded(MAX_CHOICES)
 
 
+def _blocks(value: Any, param: str) -> None:
+    """Bedrock content: an array of blocks, each an object (``{"text": ...}``, ``{"image": ...}``, ...)."""
+    if not isinstance(value, list):
+        raise _refuse(param, "must be an array of content blocks")
+    for index, block in enumerate(value):
+        if not isinstance(block, dict):
+            raise _refuse(f"{param}[{index}]", "must be an object")
+        if "text" in block:
+            _string(block["text"], f"{param}[{index}].text")
+
+
+def _converse_messages(value: Any, param: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise _refuse(param, "must be a non-empty array")
+    for index, message in enumerate(value):
+        at = f"{param}[{index}]"
+        if not isinstance(message, dict):
+            raise _refuse(at, "must be an object")
+        _string(message.get("role"), f"{at}.role")
+        _blocks(message.get("content"), f"{at}.content")
+
+
+def _inference_config(value: Any, param: str) -> None:
+    if not isinstance(value, dict):
+        raise _refuse(param, "must be an object")
+    _COUNT(value.get("maxTokens"), f"{param}.maxTokens")
+
+
+def _object(value: Any, param: str) -> None:
+    if not isinstance(value, dict):
+        raise _refuse(param, "must be an object")
+
+
 @dataclass(frozen=True, slots=True)
 class Schema:
     fields: dict[str, Rule]
@@ -176,6 +209,12 @@ SCHEMAS: dict[str, Schema] = {
          "max_tokens": _COUNT},
         limits=("max_tokens",)),
 }
+# Bedrock's Converse and ConverseStream (the model is in the path, the stream in the operation; the output
+# limit is inferenceConfig.maxTokens, read by the adapter once checked here).
+_CONVERSE = {"messages": _required(_converse_messages), "system": _optional(_blocks),
+             "inferenceConfig": _optional(_inference_config), "toolConfig": _optional(_object)}
+SCHEMAS["converse"] = Schema(_CONVERSE, streams=False)
+SCHEMAS["converse-stream"] = Schema(_CONVERSE, streams=False)
 
 
 def check_model(payload: dict[str, Any]) -> str:
