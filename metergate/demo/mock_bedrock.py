@@ -38,9 +38,10 @@ from metergate.proxy.eventstream import event_frame, exception_frame
 
 RECEIVED = web.AppKey("bedrock_received", list)
 _CONFIG = web.AppKey("bedrock_config", dict)
-TEXT = ("Prepaid wallets meter every token before it is paid for and settle exactly what was delivered "
-        "so that nobody spends money they do not have and no answer outgrows its hold in any case at all "
-        "while the ledger keeps every entry append only and idempotent for audits later on").split()
+_SENTENCE = ("Prepaid wallets meter every token before it is paid for and settle exactly what was delivered "
+             "so that nobody spends money they do not have and no answer outgrows its hold in any case at all "
+             "while the ledger keeps every entry append only and idempotent for audits later on")
+TEXT = _SENTENCE.split(" ")
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request, "
                    r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})")
 
