@@ -17,6 +17,7 @@ Tree::
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
+    │                                        unknown_model (a model id a Bedrock route does not serve),
     │                                        not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
@@ -31,7 +32,7 @@ Tree::
 
 The classes carry their HTTP status as data; turning one into a response happens in exactly
 one place, :mod:`metergate.http`. Bodies use the OpenAI error envelope so that client SDKs
-surface ``message`` and ``code``.
+surface ``message`` and ``code`` (on a Bedrock route, AWS's ``message`` and ``__type`` as well).
 
 Each error also says whether the same request, sent again unchanged, can succeed
 (:attr:`MetergateError.should_retry`); :mod:`metergate.http` sends it as ``x-should-retry``, which

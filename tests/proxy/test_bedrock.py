@@ -280,6 +280,35 @@ async def test_a_small_wallet_is_served_with_max_tokens_capped_to_what_it_covers
         assert (await gw.balance())["available"] == 400 - record["charged_amount"]
 
 
+async def test_a_quote_for_a_converse_payload_is_what_the_proxy_holds(gw: Gateway) -> None:
+    payload = {"modelId": PROFILE, "messages": MESSAGES, "inferenceConfig": {"maxTokens": 40}}
+    on_route = {"customer_id": "acme", "attributes": {"route": "/bedrock"}, "endpoint": "converse"}
+    r = await gw.admin.post("/quote", json={**on_route, "payload": payload})
+    assert r.status_code == 200, r.text
+    answer = await call(bedrock(gw).converse, modelId=PROFILE, messages=MESSAGES, inferenceConfig={"maxTokens": 40})
+    record = await billed_once(gw)
+    assert record["detail"]["hold"] == r.json()["amount"] > 0
+    assert record["charged_amount"] == expected_price(answer["usage"])
+    r = await gw.admin.post("/quote", json={**on_route, "payload": {**payload, "modelId": RETIRED}})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_billed_the_usage_bedrock_reported(gw: Gateway) -> None:
+    def read_one_event_and_leave() -> dict[str, Any]:
+        response = bedrock(gw).converse_stream(modelId=HAIKU, messages=MESSAGES, inferenceConfig={"maxTokens": 30})
+        first: dict[str, Any] = next(iter(response["stream"]))
+        response["stream"].close()
+        return first
+
+    assert "messageStart" in await asyncio.to_thread(read_one_event_and_leave)
+    for _ in range(200):  # the drain and settlement finish after the client has gone
+        if await gw.usage():
+            break
+        await asyncio.sleep(0.05)
+    record = await billed_once(gw)
+    assert (record["usage_source"], record["tokens_output"]) == ("provider", 30)
+
+
 # ---------------------------------------------------------------------------------------------- who pays
 
 

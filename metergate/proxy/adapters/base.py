@@ -57,7 +57,8 @@ class Prepared:
     # What the provider reported that metergate did not believe (the usage record keeps it): the request
     # is billed from the estimate instead.
     anomalies: list[str] = field(default_factory=list)
-    # The deployment the request named when the upstream is Azure's (``model`` is what it is priced as).
+    # The deployment the request named when the upstream is Azure's, or its model id when it is Bedrock's
+    # (``model`` is what it is priced as).
     deployment: str | None = None
 
 

@@ -27,7 +27,7 @@ from yarl import URL
 from metergate.config import bedrock
 from metergate.config.media import MediaSettings
 from metergate.config.routes import RouteMatch
-from metergate.errors import NotFound
+from metergate.errors import BadRequest, NotFound
 from metergate.metering.media import MediaTally
 from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, from_bedrock
@@ -195,10 +195,19 @@ class BedrockAdapter:
         return model
 
     def prepare(self, endpoint: str, body: bytes, payload: dict[str, Any], default_max_output: int) -> Prepared:
-        if not isinstance(endpoint, BedrockEndpoint):
-            raise NotFound("A Bedrock request names its model id in the path.", code="unknown_model",
-                           param="modelId")
-        model_id = endpoint.target.model_id
+        if isinstance(endpoint, BedrockEndpoint):
+            model_id = endpoint.target.model_id
+        else:
+            # A price quote names the operation alone: the payload's modelId names the model id (a proxy
+            # request's is in its path, and a modelId in its body is ignored).
+            if endpoint not in bedrock.OPERATIONS:
+                raise BadRequest(f"A bedrock route's endpoints are {' and '.join(bedrock.OPERATIONS)}.",
+                                 code="invalid_request", param="endpoint")
+            named = payload.get("modelId")
+            if not isinstance(named, str) or not bedrock.valid_model_id(named):
+                raise BadRequest("'modelId' is required and must be a Bedrock model id.", code="missing_model",
+                                 param="modelId")
+            model_id = named
         prepared = prepare(str(endpoint), body, payload, default_max_output, self.model_of(model_id), self._media)
         return replace(prepared, deployment=model_id)
 
