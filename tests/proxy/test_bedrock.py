@@ -331,9 +331,11 @@ async def test_a_client_that_names_no_customer_is_refused_in_aws_shape(gw: Gatew
 # ---------------------------------------------------------------------------------------------- refused
 
 
-async def test_an_empty_wallet_raises_a_client_error_with_the_portal_link(broke: Gateway) -> None:
+@pytest.mark.parametrize("operation", ["converse", "converse_stream"])
+async def test_an_empty_wallet_raises_a_client_error_with_the_portal_link(broke: Gateway, operation: str) -> None:
     with pytest.raises(ClientError) as refused:
-        await call(bedrock(broke).converse, modelId=HAIKU, messages=MESSAGES, inferenceConfig={"maxTokens": 10})
+        await call(getattr(bedrock(broke), operation), modelId=HAIKU, messages=MESSAGES,
+                   inferenceConfig={"maxTokens": 10})
     status, code, message, metergate_code = aws_error(refused.value)
     assert (status, code, metergate_code) == (402, "InsufficientFundsException", "insufficient_funds")
     assert "Insufficient funds" in message and f"{broke.url}/portal/?c=acme&m=test" in message
@@ -504,6 +506,18 @@ def test_a_bad_frame_stops_the_reader_after_the_good_ones(damage: Callable[[byte
     assert [f.raw for f in frames] == [good]
     assert buffer.error is not None and reason in str(buffer.error)
     assert buffer.feed(good) == []  # nothing after a bad frame is believed
+
+
+def test_garbage_never_raises_and_yields_only_verified_frames() -> None:
+    rng = random.Random(11)
+    good = event_frame("messageStop", b'{"stopReason": "end_turn"}')
+    for _ in range(300):
+        noise = bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
+        buffer = FrameBuffer(4096)
+        frames = buffer.feed(good + noise) + buffer.feed(noise)
+        assert [f.raw for f in frames][:1] == [good]
+        assert all(f.raw == good for f in frames)
+        assert buffer.error is not None or buffer.pending < 12 + len(good)
 
 
 # ---------------------------------------------------------------------------------------------- settings
