@@ -416,6 +416,26 @@ async def test_bedrocks_own_errors_reach_the_client_and_charge_nothing(fake: Ups
         await runner.cleanup()
 
 
+async def test_temporary_credentials_send_their_session_token_signed(tmp_path: Path) -> None:
+    token = "operator-session-token-" + "t" * 20
+    app = build_mock_bedrock(key_id=KEY_ID, secret=SECRET, region=REGION, models=[HAIKU], session_token=token)
+    runner, port = await serve(app)
+    fake = Upstream(f"http://127.0.0.1:{port}", app)
+    gw, gateway_runner = await start_gateway(fake, f"sqlite:///{tmp_path / 'sts.db'}",
+                                             routes=[route(fake, session_token=token)], pricing=PRICING)
+    try:
+        await gw.customer("acme", funds=FUNDS)
+        answer = await call(bedrock(gw).converse, modelId=HAIKU, messages=MESSAGES, inferenceConfig={"maxTokens": 3})
+        [arrived] = received(gw)
+        assert arrived["headers"]["X-Amz-Security-Token"] == token
+        assert "x-amz-security-token" in arrived["headers"]["Authorization"]  # among the signed headers
+        assert (await billed_once(gw))["charged_amount"] == expected_price(answer["usage"])
+    finally:
+        await gw.close()
+        await gateway_runner.cleanup()
+        await runner.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------- bad frames
 
 
