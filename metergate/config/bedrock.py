@@ -25,7 +25,7 @@ from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from metergate.urls import invalid_path, path_segments
+from metergate.urls import invalid_path
 
 CONVERSE, CONVERSE_STREAM = "converse", "converse-stream"
 OPERATIONS = (CONVERSE, CONVERSE_STREAM)
@@ -123,7 +123,7 @@ def raw_target(raw_tail: str) -> tuple[str, ...] | None:
     """The decoded segments of a raw path tail ``/model/{raw id}/{operation}`` whose id is an ARN sent with
     ``%2F`` (which :func:`metergate.urls.path_segments` refuses everywhere else), or ``None`` when the tail
     is not of that form. The id is decoded on its own and must be a valid model id: 400 ``invalid_path``
-    otherwise. The other segments go through the general rules."""
+    otherwise. The other segments are fixed words."""
     parts = raw_tail.split("/")
     if len(parts) != 4 or parts[0] != "" or parts[1] != "model" or parts[3] not in OPERATIONS:
         return None
@@ -136,5 +136,4 @@ def raw_target(raw_tail: str) -> tuple[str, ...] | None:
         raise invalid_path("a model id that is not a percent-encoded Bedrock model id") from None
     if "/" not in decoded or not valid_model_id(decoded):
         raise invalid_path("an encoded separator outside a Bedrock model ARN")
-    path_segments("/model/" + parts[3])  # the fixed segments, as any path
     return ("model", decoded, parts[3])
