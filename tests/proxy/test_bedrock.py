@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from decimal import ROUND_HALF_UP, Decimal
@@ -31,6 +32,7 @@ from botocore.exceptions import ClientError, EventStreamError
 from metergate.config.settings import SettingsError, load_settings
 from metergate.demo.mock_bedrock import RECEIVED, TEXT, build_mock_bedrock
 from metergate.metering.tokenizer import counter_for
+from metergate.observability.logs import secrets_of
 from metergate.proxy.eventstream import FrameBuffer, encode_frame, event_frame
 from tests.conftest import DEFAULT_PRICING, Gateway, Upstream, serve, start_gateway
 
@@ -434,6 +436,18 @@ async def test_temporary_credentials_send_their_session_token_signed(tmp_path: P
         await gw.close()
         await gateway_runner.cleanup()
         await runner.cleanup()
+
+
+async def test_the_operators_aws_secrets_are_redacted_and_never_logged(gw: Gateway,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    assert SECRET in secrets_of(gw.settings)  # the redaction filter scrubs it from every log line
+    caplog.set_level(logging.DEBUG)
+    await call(bedrock(gw).converse, modelId=HAIKU, messages=MESSAGES, inferenceConfig={"maxTokens": 3})
+    await stream_until_error(bedrock(gw, {**AS_ACME, "X-Mock-Behavior": "bad-crc"}), modelId=HAIKU,
+                             messages=MESSAGES)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "bad frame from the upstream" in logged  # the log is real
+    assert SECRET not in logged and CLIENT_SECRET not in logged
 
 
 # ---------------------------------------------------------------------------------------------- bad frames
