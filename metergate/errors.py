@@ -17,7 +17,8 @@ Tree::
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
-    │                                        unknown_method (Gemini routes), not_found
+    │                                        unknown_method (Gemini routes), unknown_model (a model id a
+    │                                        Bedrock route does not serve), not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists
@@ -34,7 +35,8 @@ one place, :mod:`metergate.http`. Bodies use the OpenAI error envelope so that c
 surface ``message`` and ``code`` (the Anthropic SDK reads it too); on Gemini routes they use Google's,
 ``{"error": {"code": <HTTP status>, "message", "status": <google.rpc.Code name>, "details": [ErrorInfo]}}``,
 where the ``ErrorInfo``'s ``reason`` is metergate's code and its ``metadata`` the error's other fields
-(:meth:`MetergateError.google_body`), so that the ``google-genai`` SDK raises its own error types with them.
+(:meth:`MetergateError.google_body`), so that the ``google-genai`` SDK raises its own error types with them;
+on a Bedrock route the OpenAI envelope also carries AWS's ``message`` and ``__type``.
 
 Each error also says whether the same request, sent again unchanged, can succeed
 (:attr:`MetergateError.should_retry`); :mod:`metergate.http` sends it as ``x-should-retry``, which

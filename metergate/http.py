@@ -2,8 +2,9 @@
 
 Every handler raises members of :mod:`metergate.errors`; this middleware renders them in the OpenAI
 error envelope, or in Google's for a request the proxy marked with :data:`ERROR_ENVELOPE` (a Gemini
-route's). aiohttp's own HTTP exceptions (unknown path, body too large) are mapped to the same envelope,
-and anything unexpected becomes a generic 500 whose details go to the log, never to the client.
+route's; on a Bedrock route's, the OpenAI envelope also carries AWS's fields). aiohttp's own HTTP
+exceptions (unknown path, body too large) are mapped to the same envelope, and anything unexpected
+becomes a generic 500 whose details go to the log, never to the client.
 
 Every error answer carries ``X-Metergate-Request-Id`` — the id of the request in the logs
 (:func:`metergate.observability.logs.current_request_id`), or a fresh one, logged, for a request refused
@@ -64,19 +65,34 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
 
 
 REQUEST_ID_HEADER = "X-Metergate-Request-Id"
-# The envelope a request's errors are answered in, when not the OpenAI one: "google" (set by the proxy on a
-# Gemini route's requests).
+# The envelope a request's errors are answered in, when not the OpenAI one (set by the proxy per route):
+# "google" on a Gemini route's requests; "aws" on a Bedrock route's, whose clients are AWS SDKs: the OpenAI
+# envelope then also speaks AWS's JSON error shape, which botocore raises as a ClientError whose message is
+# metergate's.
 ERROR_ENVELOPE = web.RequestKey("error_envelope", str)
+# AWS's exception name for each status metergate answers (402 has none: AWS never asks for money).
+_AWS_TYPES = {400: "ValidationException", 401: "AccessDeniedException", 402: "InsufficientFundsException",
+              403: "AccessDeniedException", 404: "ResourceNotFoundException", 409: "ConflictException",
+              429: "ThrottlingException", 502: "ServiceUnavailableException", 503: "ServiceUnavailableException",
+              504: "ModelTimeoutException"}
 
 
 def error_response(error: MetergateError, *, status: int | None = None, envelope: str | None = None) -> web.Response:
     """The answer to ``error``: its envelope (OpenAI's, or ``envelope="google"``), its headers (Retry-After,
-    Allow), the request id, and ``x-should-retry`` when the error says whether a retry can succeed."""
+    Allow), the request id, and ``x-should-retry`` when the error says whether a retry can succeed.
+    ``envelope="aws"``: the OpenAI body also carries AWS's ``message`` and ``__type`` (with
+    ``x-amzn-ErrorType``), and ``X-Metergate-Error-Code`` names the code, since an AWS SDK keeps only the
+    message, the type and the headers of an error."""
+    status = status or error.status
     headers = {**error.headers, REQUEST_ID_HEADER: current_request_id() or new_request_id()}
     if error.should_retry is not None:
         headers["x-should-retry"] = "true" if error.should_retry else "false"
     body = error.google_body(status) if envelope == "google" else error.body()
-    return json_response(body, status=status or error.status, headers=headers)
+    if envelope == "aws":
+        kind = _AWS_TYPES.get(status, "ValidationException" if status < 500 else "InternalServerException")
+        body = {"message": error.message, "__type": kind, **body}
+        headers.update({"x-amzn-ErrorType": kind, "X-Metergate-Error-Code": error.code})
+    return json_response(body, status=status, headers=headers)
 
 
 def _method_not_allowed(exc: web.HTTPException) -> MetergateError:

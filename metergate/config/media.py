@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 MULTIMODAL_PATH_SUFFIXES = ("/chat/completions", "/responses", "/messages", "/messages/count_tokens",
-                            "/responses/input_tokens")
+                            "/responses/input_tokens", "/converse", "/converse-stream")
 
 
 class MediaSettings(BaseModel):

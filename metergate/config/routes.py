@@ -19,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from yarl import URL
 
 from metergate.config import azure, free_endpoints, gemini
+from metergate.config.bedrock import BedrockSettings, raw_target
 from metergate.errors import BadRequest
 from metergate.urls import clean_query, decoded_path, encode_path, path_segments
 
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")  # as metergate.proxy.adapters.schema checks models
-_PROVIDER_IDS = {"azure": "azure", "gemini": "google"}  # a route's default provider_id, when not openai
+# A route's default provider_id, when not openai.
+_PROVIDER_IDS = {"azure": "azure", "gemini": "google", "bedrock": "aws"}
 
 
 class ComputeSettings(BaseModel):
@@ -52,11 +54,13 @@ class RouteSettings(BaseModel):
 
     prefix: str = Field(description="Path prefix, e.g. /openai; it is removed before forwarding.")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.openai.com (may include a path).")
-    provider: Literal["openai", "anthropic", "azure", "gemini", "compute"] = Field(
+    provider: Literal["openai", "anthropic", "azure", "gemini", "bedrock", "compute"] = Field(
         "openai", description="Wire format spoken by the upstream (azure: Azure OpenAI's deployment paths; gemini: "
-                              "Google's Gemini API, models/{model}:generateContent).")
+                              "Google's Gemini API, models/{model}:generateContent; bedrock: AWS Bedrock's "
+                              "Converse API, signed with SigV4).")
     provider_id: str = Field("openai", description="Provider id for the cost table (genai-prices); an azure "
-                                                   "route's defaults to azure, a gemini route's to google.")
+                                                   "route's defaults to azure, a gemini route's to google, a "
+                                                   "bedrock route's to aws.")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
     unary_streaming: bool = Field(
@@ -69,6 +73,8 @@ class RouteSettings(BaseModel):
     deployments: dict[str, str] = Field(
         default_factory=dict, description="An azure route's deployments, each mapped to the model it is priced "
                                           "as, e.g. {my-gpt4o: gpt-4o}; the route serves these deployments only.")
+    bedrock: BedrockSettings | None = Field(
+        None, description="A bedrock route's region, SigV4 credentials and model map (metergate/config/bedrock.py).")
     free_endpoints: tuple[str, ...] | None = Field(
         None, description="Unmetered endpoints passed through for identified customers, by name from the "
                           "provider's catalogue (metergate/config/free_endpoints.py); unset: all of them, []: none.")
@@ -77,7 +83,8 @@ class RouteSettings(BaseModel):
     @classmethod
     def _azure_provider_id(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("provider") in _PROVIDER_IDS and "provider_id" not in data:
-            # genai-prices prices Azure (falling back to OpenAI's) and Google's Gemini models under these ids.
+            # genai-prices prices Azure (falling back to OpenAI's), Google's Gemini models and AWS Bedrock's
+            # (by Bedrock model id) under these ids.
             return {**data, "provider_id": _PROVIDER_IDS[data["provider"]]}
         return data
 
@@ -87,6 +94,10 @@ class RouteSettings(BaseModel):
             raise ValueError("a route has 'compute' settings exactly when its provider is 'compute'")
         if (self.provider == "azure") != bool(self.deployments):
             raise ValueError("a route has 'deployments' exactly when its provider is 'azure' (at least one)")
+        if (self.provider == "bedrock") != (self.bedrock is not None):
+            raise ValueError("a route has 'bedrock' settings exactly when its provider is 'bedrock'")
+        if self.provider == "bedrock" and self.api_key is not None:
+            raise ValueError("a bedrock route signs with its 'bedrock' credentials; it takes no 'api_key'")
         if self.free_endpoints is not None:
             free_endpoints.validate(self.provider, self.free_endpoints)
         return self
@@ -153,6 +164,7 @@ class RouteTable:
     def __init__(self, routes: list[RouteSettings]) -> None:
         ordered = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._routes = [(route, tuple(route.prefix[1:].split("/")), URL(route.upstream)) for route in ordered]
+        self._arn_routes = [entry for entry in self._routes if entry[0].provider == "bedrock"]
 
     def match(self, raw_path: str, raw_query: str = "") -> RouteMatch | None:
         """The route of a raw (percent-encoded) request path; 400 ``invalid_path`` / ``invalid_query`` for a
@@ -172,7 +184,15 @@ class RouteTable:
         return RouteMatch(route, base, segments, query)
 
     def _find(self, raw_path: str) -> tuple[RouteSettings, URL, tuple[str, ...]] | None:
-        segments = path_segments(raw_path)
+        try:
+            segments = path_segments(raw_path)
+        except BadRequest:
+            # A Bedrock model ARN arrives with its "/" encoded; only a bedrock route's model segment may hold it.
+            for route, prefix, base in self._arn_routes:
+                head = "/" + "/".join(prefix)
+                if raw_path.startswith(head + "/") and (tail := raw_target(raw_path[len(head):])):
+                    return route, base, tail
+            raise
         for route, prefix, base in self._routes:
             if segments[:len(prefix)] == prefix:
                 return route, base, segments[len(prefix):]

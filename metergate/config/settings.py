@@ -268,7 +268,8 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
                                     description="Largest upstream response relayed.")
     sse_max_event_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
-                                     description="Largest single SSE event read from an upstream.")
+                                     description="Largest single SSE event (or AWS event-stream frame) read from an "
+                                                 "upstream.")
     upstream_connect_timeout_s: float = Field(10, gt=0, le=120, description="Connect timeout to an upstream.")
     upstream_read_timeout_s: float = Field(120, gt=0, le=3600,
                                            description="Longest silence between two reads from an upstream.")

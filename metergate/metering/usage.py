@@ -159,3 +159,22 @@ def from_gemini(usage: Any) -> Usage | None:
     _count(body, "totalTokenCount")  # not used, but a report whose total is not a count is not believed
     return Usage(input_tokens=prompt + tool_prompt, output_tokens=candidates + thoughts,
                  cached_input_tokens=cached, reasoning_tokens=thoughts, source="provider")
+
+
+def from_bedrock(usage: Any) -> Usage | None:
+    """Read a Bedrock Converse ``usage`` object (``inputTokens``, ``outputTokens``, ``totalTokens``,
+    ``cacheReadInputTokens``, ``cacheWriteInputTokens``). Like Anthropic's, its ``inputTokens`` excludes cache
+    reads and writes, which are added back here; ``totalTokens`` is the sum of all four, so a smaller one is
+    an anomaly."""
+    body = _object(usage)
+    if body is None:
+        return None
+    base = _count(body, "inputTokens", required=True)
+    output = _count(body, "outputTokens", required=True)
+    read = _count(body, "cacheReadInputTokens")
+    write = _count(body, "cacheWriteInputTokens")
+    total = _count(body, "totalTokens", required=True)
+    if total < base + output:
+        raise UsageAnomaly(f"usage totalTokens = {total} is below inputTokens + outputTokens = {base + output}")
+    return Usage(input_tokens=base + read + write, output_tokens=output, cached_input_tokens=read,
+                 cache_write_tokens=write, source="provider")

@@ -223,7 +223,8 @@ class PricingApi:
             endpoint = _text(body, "endpoint") if "endpoint" in body else "chat.completions"
             route = self._routes.get(attributes.get("route", ""))
             # An azure route's quote names a deployment as the model.
-            adapter = (adapter_for(route.provider, deployments=route.deployments, media=self._settings.media)
+            adapter = (adapter_for(route.provider, deployments=route.deployments, media=self._settings.media,
+                                   bedrock=route.bedrock)
                        if route is not None else adapter_for("openai", media=self._settings.media))
             prepared = adapter.prepare(endpoint, b"", payload, self._settings.default_max_output_tokens)
             model, endpoint = prepared.model, prepared.endpoint

@@ -10,9 +10,10 @@ metergate instead:
   arrives), the same budget meters it, and :mod:`metergate.proxy.assemble` answers the client one body;
 * on a route whose upstream cannot stream (``unary_streaming: false``), :func:`with_output_limit` sets the
   request's output limit upstream to what its hold covers, and the receipt says so
-  (``X-Metergate-Output-Limit``). Gemini requests, streams included, are always bounded this way
-  (:data:`BOUNDED_UPSTREAM`): their thinking tokens never reach metergate as text, so no budget over the
-  delivered text could bound them, while ``maxOutputTokens`` bounds thinking and answer together.
+  (``X-Metergate-Output-Limit``). Gemini and Bedrock requests, streams included, are always bounded this
+  way (:data:`BOUNDED_UPSTREAM`): Gemini's thinking tokens never reach metergate as text, so no budget over
+  the delivered text could bound them, while ``maxOutputTokens`` bounds thinking and answer together; a
+  Bedrock event stream's frames carry no stop metergate could add, so ``inferenceConfig.maxTokens`` does.
 
 Either way an answer can never outgrow its hold, so nothing delivered goes unpaid and nothing is
 written off because of output (item 2), and a small wallet is never refused for output it would not
@@ -39,9 +40,10 @@ from metergate.wallet.models import Hold
 # A dotted key is a field inside an object (Gemini's generationConfig.maxOutputTokens).
 _LIMIT_KEYS = {"chat.completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
                "responses": ("max_output_tokens",), "messages": ("max_tokens",),
-               "generate_content": ("generationConfig.maxOutputTokens",)}
+               "generate_content": ("generationConfig.maxOutputTokens",),
+               "converse": ("inferenceConfig.maxTokens",), "converse-stream": ("inferenceConfig.maxTokens",)}
 # Providers whose output is always bounded by an output limit set upstream, never by a budget mid-stream.
-BOUNDED_UPSTREAM = frozenset({"gemini"})
+BOUNDED_UPSTREAM = frozenset({"gemini", "bedrock"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,9 @@ async def plan_hold(prepared: Prepared, route: RouteSettings, *, price: Callable
     is the whole possible output, as before."""
     possible = prepared.max_output_tokens
     growing = extend_tokens > 0 and can_bound(prepared)
-    # The output can be metered (and stopped) as it is produced.
+    # The output can be metered (and stopped) as it is produced. A gemini or bedrock route's never is: its
+    # output limit is set upstream to what the hold covers, streams included (Gemini's thinking never reaches
+    # metergate as text; Bedrock's frames carry no stop metergate could add).
     metered = (prepared.stream or route.unary_streaming) and route.provider not in BOUNDED_UPSTREAM
     initial = min(initial_output_tokens, possible)
     if not growing or prepared.output_capped or not metered:
@@ -162,6 +166,10 @@ def _pop(payload: dict[str, Any], key: str) -> None:
 def with_output_limit(prepared: Prepared, tokens: int) -> Prepared:
     """The request with its output limit set to ``tokens`` per answer (the key the client used, else the
     endpoint's own), so that the upstream stops where the hold ends."""
+    if prepared.endpoint in ("converse", "converse-stream"):  # nested: Bedrock's inferenceConfig.maxTokens
+        from metergate.proxy.adapters.bedrock import with_max_tokens
+
+        return with_max_tokens(prepared, tokens)
     payload = _payload(prepared)
     keys = _LIMIT_KEYS[prepared.endpoint]
     key = next((k for k in keys if _get(payload, k) is not None), keys[0])

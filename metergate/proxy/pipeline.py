@@ -48,7 +48,7 @@ from metergate.payments.spendcaps import SpendCapGuard, SpendCapReached
 from metergate.portal.links import LinkSigner
 from metergate.pricing.service import PricingService, Resolved
 from metergate.proxy import headers as hh
-from metergate.proxy.adapters.base import Adapter, Prepared, StreamMeter, adapter_for
+from metergate.proxy.adapters.base import Adapter, Prepared, SignsUpstream, StreamMeter, adapter_for
 from metergate.proxy.assemble import Assembler
 from metergate.proxy.bounding import HoldPlan, plan_hold
 from metergate.proxy.budget import StreamBudget
@@ -122,8 +122,10 @@ class Pipeline:
         self._google_errors = any(route.provider == "gemini" for route in settings.routes)
         self._adapters = {route.prefix: adapter_for(route.provider, charge_failed=route.charge_failed_replies,
                                                     media=settings.media, deployments=route.deployments,
-                                                    upstream=route.upstream)
+                                                    upstream=route.upstream, bedrock=route.bedrock)
                           for route in settings.routes if route.compute is None}
+        # Routes whose clients are AWS SDKs: their errors are also in AWS's shape (metergate.http).
+        self._aws_prefixes = tuple(route.prefix + "/" for route in settings.routes if route.provider == "bedrock")
         from metergate.proxy.compute import ComputeRelay
 
         self.compute = ComputeRelay(self)
@@ -185,6 +187,8 @@ class Pipeline:
         request_id = current_request_id() or "req_" + uuid.uuid4().hex
         if self._google_errors and self.routes.provider_of(request.rel_url.raw_path) == "gemini":
             request[ERROR_ENVELOPE] = "google"  # this request's errors are answered as Google's APIs answer them
+        elif self._aws_prefixes and request.rel_url.raw_path.startswith(self._aws_prefixes):
+            request[ERROR_ENVELOPE] = "aws"  # the OpenAI envelope, with AWS's fields for the AWS SDKs
         match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
         if match is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
@@ -313,9 +317,12 @@ class Pipeline:
         assert self.session is not None
         sent = time.monotonic()
         headers = self._upstream_headers(request, ex)
+        url = ex.match.upstream_url
+        if isinstance(ex.adapter, SignsUpstream):  # Bedrock: its own path encoding, and a SigV4 signature
+            url, headers = ex.adapter.upstream_request(ex.match, headers, ex.prepared)
         tracing.forwarding(ex, headers)
         try:
-            upstream = await self.session.post(ex.match.upstream_url, data=_upstream_body(ex.prepared.body),
+            upstream = await self.session.post(url, data=_upstream_body(ex.prepared.body),
                                                headers=headers, allow_redirects=False)
         except TimeoutError:
             raise GatewayTimeout("The upstream did not answer in time; nothing was charged.") from None
@@ -343,6 +350,10 @@ class Pipeline:
         its assembler instead of the client, which gets one body at the end (:meth:`_answer_assembled`)."""
         upstream = await self._send(request, ex)
         self._check_redirect(upstream)
+        if upstream.status < 400 and "application/vnd.amazon.eventstream" in upstream.headers.get("Content-Type", ""):
+            from metergate.proxy.eventstream_relay import relay_frames
+
+            return await relay_frames(self, request, ex, upstream)
         if upstream.status >= 400 or "text/event-stream" not in upstream.headers.get("Content-Type", ""):
             # A stream request answered without a stream (an upstream error, usually): relay it whole.
             return await self._relay_whole(ex, upstream)

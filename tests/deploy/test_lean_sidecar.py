@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTROL_ONLY = ("stripe", "openai", "metergate.admin", "metergate.billing", "metergate.payments.service",
                 "metergate.payments.stripe_api", "metergate.portal.views", "metergate.portal.selfserve",
                 "metergate.pricing.admin", "metergate.demo")
+# Optional extras, imported only when a route needs them (botocore: a bedrock route's SigV4 signer).
+UNUSED_EXTRAS = ("botocore", "boto3", "metergate.proxy.sigv4", "metergate.proxy.adapters.bedrock",
+                 "metergate.proxy.eventstream_relay")
 # A text whose counts differ between the two encodings, so a wrong family would show.
 PROMPT = "Prepaid wallets, metered tokens: 12345 déjà-vu — 計量された トークン 🎉"
 PER_MESSAGE, PRIMING = 4, 3  # metergate/proxy/adapters/openai.py's framing of one chat message
@@ -108,6 +111,7 @@ async def test_sidecar_imports_no_control_plane_and_counts_both_families_exactly
     modules = imported(stderr)
     assert "metergate.proxy.pipeline" in modules  # the listing is real
     assert sorted(m for m in modules if m.startswith(CONTROL_ONLY)) == []
+    assert sorted(m for m in modules if m.startswith(UNUSED_EXTRAS)) == []
 
     store = SqlWalletStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
     await store.open()

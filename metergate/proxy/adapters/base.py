@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from metergate.config.media import MediaSettings
 from metergate.metering.media import MediaTally
@@ -27,6 +27,13 @@ from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage, UsageAnomaly
 from metergate.observability.logs import current_request_id
 from metergate.proxy.sse import SSEBuffer, event_data
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDict
+    from yarl import URL
+
+    from metergate.config.bedrock import BedrockSettings
+    from metergate.config.routes import RouteMatch
 
 log = logging.getLogger(__name__)
 Verdict = Literal["forward", "drop", "final"]
@@ -50,7 +57,8 @@ class Prepared:
     # What the provider reported that metergate did not believe (the usage record keeps it): the request
     # is billed from the estimate instead.
     anomalies: list[str] = field(default_factory=list)
-    # The deployment the request named when the upstream is Azure's (``model`` is what it is priced as).
+    # The deployment the request named when the upstream is Azure's, or its model id when it is Bedrock's
+    # (``model`` is what it is priced as).
     deployment: str | None = None
 
 
@@ -128,6 +136,14 @@ class Adapter(Protocol):
     def auth_header(self, key: str) -> tuple[str, str]: ...
 
 
+@runtime_checkable
+class SignsUpstream(Protocol):
+    """An adapter that builds its upstream URL and signs each request itself (Bedrock's SigV4)."""
+
+    def upstream_request(self, match: RouteMatch, headers: CIMultiDict[str], prepared: Prepared
+                         ) -> tuple[URL, CIMultiDict[str]]: ...
+
+
 def believed(read: Callable[[Any], Usage | None], reported: Any, anomalies: list[str]) -> Usage | None:
     """``read(reported)``, or ``None`` (no usage: bill from the estimate) when it is an anomaly, which is
     noted in ``anomalies`` and logged."""
@@ -203,9 +219,16 @@ def load_json(data: bytes) -> Any:
 
 
 def adapter_for(provider: str, *, charge_failed: bool = False, media: MediaSettings | None = None,
-                deployments: dict[str, str] | None = None, upstream: str | None = None) -> Adapter:
+                deployments: dict[str, str] | None = None, upstream: str | None = None,
+                bedrock: BedrockSettings | None = None) -> Adapter:
     """The adapter of a route's provider; ``deployments``: an azure route's deployment-to-model map;
-    ``upstream``: the route's upstream URL (a gemini route's paths carry the API version unless it does)."""
+    ``upstream``: the route's upstream URL (a gemini route's paths carry the API version unless it does);
+    ``bedrock``: a bedrock route's settings (its adapter, and botocore, are imported only for one)."""
+    if provider == "bedrock":
+        from metergate.proxy.adapters.bedrock import BedrockAdapter
+
+        assert bedrock is not None, "config.routes requires bedrock settings on a bedrock route"
+        return BedrockAdapter(bedrock, media=media)
     from metergate.proxy.adapters.anthropic import AnthropicAdapter
     from metergate.proxy.adapters.azure import AzureAdapter
     from metergate.proxy.adapters.gemini import GeminiAdapter

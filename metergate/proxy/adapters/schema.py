@@ -213,6 +213,34 @@ def _absent(value: Any, param: str) -> None:
         raise _refuse(param, "is not accepted here: spell the field in lowerCamelCase")
 
 
+def _blocks(value: Any, param: str) -> None:
+    """Bedrock content: an array of blocks, each an object (``{"text": ...}``, ``{"image": ...}``, ...)."""
+    if not isinstance(value, list):
+        raise _refuse(param, "must be an array of content blocks")
+    for index, block in enumerate(value):
+        if not isinstance(block, dict):
+            raise _refuse(f"{param}[{index}]", "must be an object")
+        if "text" in block:
+            _string(block["text"], f"{param}[{index}].text")
+
+
+def _converse_messages(value: Any, param: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise _refuse(param, "must be a non-empty array")
+    for index, message in enumerate(value):
+        at = f"{param}[{index}]"
+        if not isinstance(message, dict):
+            raise _refuse(at, "must be an object")
+        _string(message.get("role"), f"{at}.role")
+        _blocks(message.get("content"), f"{at}.content")
+
+
+def _inference_config(value: Any, param: str) -> None:
+    if not isinstance(value, dict):
+        raise _refuse(param, "must be an object")
+    _COUNT(value.get("maxTokens"), f"{param}.maxTokens")
+
+
 @dataclass(frozen=True, slots=True)
 class Schema:
     fields: dict[str, Rule]
@@ -248,6 +276,12 @@ SCHEMAS: dict[str, Schema] = {
          **{name: _absent for name in ("generation_config", "system_instruction", "cached_content")}},
         limits=("generationConfig.maxOutputTokens",), choices=("generationConfig.candidateCount",), streams=False),
 }
+# Bedrock's Converse and ConverseStream (the model is in the path, the stream in the operation; the output
+# limit is inferenceConfig.maxTokens, read by the adapter once checked here).
+_CONVERSE = {"messages": _required(_converse_messages), "system": _optional(_blocks),
+             "inferenceConfig": _optional(_inference_config), "toolConfig": _object({})}
+SCHEMAS["converse"] = Schema(_CONVERSE, streams=False)
+SCHEMAS["converse-stream"] = Schema(_CONVERSE, streams=False)
 
 
 def _dotted(payload: dict[str, Any], name: str) -> Any:
