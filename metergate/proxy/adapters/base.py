@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from metergate.config.media import MediaSettings
 from metergate.metering.media import MediaTally
@@ -30,6 +30,7 @@ from metergate.proxy.sse import SSEBuffer, event_data
 
 log = logging.getLogger(__name__)
 Verdict = Literal["forward", "drop", "final"]
+T = TypeVar("T")
 MAX_ANOMALIES = 4  # anomalies kept per request (the first one decides; the rest only explain)
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 
@@ -52,6 +53,8 @@ class Prepared:
     anomalies: list[str] = field(default_factory=list)
     # The deployment the request named when the upstream is Azure's (``model`` is what it is priced as).
     deployment: str | None = None
+    # How ``body`` is encoded upstream: a multipart upload (audio, image edits) keeps the client's boundary.
+    content_type: str = "application/json"
 
 
 @dataclass(slots=True)
@@ -121,7 +124,7 @@ class Adapter(Protocol):
     def auth_header(self, key: str) -> tuple[str, str]: ...
 
 
-def believed(read: Callable[[Any], Usage | None], reported: Any, anomalies: list[str]) -> Usage | None:
+def believed(read: Callable[[Any], T | None], reported: Any, anomalies: list[str]) -> T | None:
     """``read(reported)``, or ``None`` (no usage: bill from the estimate) when it is an anomaly, which is
     noted in ``anomalies`` and logged."""
     try:
