@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
@@ -73,8 +74,9 @@ async def parse_form(body: bytes, content_type: str, *, files: Mapping[str, int]
             if not isinstance(part, BodyPartReader):
                 raise invalid("nested multipart bodies are not accepted")
             await _take(part, form, files, repeated)
-    except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's own refusals of a broken body
-        raise invalid(str(exc)[:200] or "the body does not parse") from None
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # aiohttp's refusals
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise invalid(str(detail)[:200] or "the body does not parse") from None
     return form
 
 
