@@ -413,3 +413,24 @@ async def test_the_margin_report_shows_media_cost_beside_revenue(gw: Gateway) ->
     assert (rows["whisper-1"]["cost_nanos"], rows["whisper-1"]["revenue_nanos"]) == (3_000_000, 3_000_000)
     assert (rows["tts-1"]["cost_nanos"], rows["tts-1"]["revenue_nanos"]) == (15_000_000, 15_000_000)
     assert rows["tts-1"]["unknown_cost"]["requests"] == 0 and rows["tts-1"]["margin_nanos"] == 0
+
+
+# --- implausible usage is not believed
+
+
+async def test_whisper_seconds_it_cannot_believe_are_billed_as_measured(gw: Gateway) -> None:
+    client = gw.openai(headers={"X-Mock-Behavior": 'usage-field:seconds="30000000"'})
+    await client.audio.transcriptions.create(file=("clip.wav", wav(6)), model="whisper-1")
+    record = await only_record(gw)
+    assert (record["charged_amount"], record["usage_source"]) == (600, "measured")
+    assert "seconds" in record["detail"]["usage_anomalies"][0]
+
+
+async def test_token_usage_it_cannot_believe_is_billed_from_the_estimate(gw: Gateway) -> None:
+    client = gw.openai(headers={"X-Mock-Behavior": "usage-field:input_token_details.audio_tokens=999999"})
+    await client.audio.transcriptions.create(file=("clip.wav", wav(3)), model="gpt-4o-transcribe")
+    record = await only_record(gw)
+    output = counter_for("gpt-4o-transcribe").count(TRANSCRIPT)
+    # 3 s held as 30 audio tokens; the output counted from the transcript itself.
+    assert record["charged_amount"] == micros(Decimal(30 * 6) + output * 10)
+    assert record["usage_source"] == "estimated" and record["detail"]["usage_anomalies"]
