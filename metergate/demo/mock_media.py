@@ -26,6 +26,8 @@ from aiohttp import BodyPartReader, web
 from metergate.demo.mock_upstream import REQUESTS, _behavior, _sse, override_usage
 from metergate.metering.tokenizer import counter_for
 
+# The model a front (metergate.demo.mock_azure) says the request runs, whatever its body names.
+MODEL = web.RequestKey("mock_media_model", str)
 TRANSCRIPT = "Metergate holds a prepaid wallet before the upstream hears a single second of audio."
 AUDIO_CHUNK = b"\xff\xfb\x90\x64" + b"\x00" * 412  # an MPEG audio frame's worth of bytes
 
@@ -76,7 +78,7 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
     _record(request, fields, files)
     if (failed := _error(b)) is not None:
         return failed
-    model = fields.get("model", "")
+    model = request.get(MODEL) or fields.get("model", "")
     raw = (files.get("file") or [b""])[0]
     seconds = int(b["seconds"]) if "seconds" in b else _wav_seconds(raw)
     count = counter_for(model).count
@@ -114,6 +116,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     _record(request, body, {})
     if (failed := _error(b)) is not None:
         return failed
+    body = {**body, "model": request.get(MODEL) or body.get("model", "")}
     chunks = max(1, len(body.get("input", "")) // 16)
     if body.get("stream_format") == "sse":
         text = counter_for(body.get("model", "")).count(body.get("input", "") + body.get("instructions", ""))
@@ -142,7 +145,7 @@ async def images(request: web.Request) -> web.StreamResponse:
     _record(request, body, files)
     if (failed := _error(b)) is not None:
         return failed
-    model = body.get("model", "dall-e-2")
+    model = request.get(MODEL) or body.get("model", "dall-e-2")
     n = int(b["images"]) if "images" in b else int(body.get("n") or 1)
     picture = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64).decode()
     data = [{"b64_json": picture} if body.get("response_format") == "b64_json" or model.startswith("gpt-image")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,8 +36,10 @@ from metergate.errors import (
 from metergate.metering.usage import Usage
 from metergate.pricing.service import Resolved
 from metergate.proxy import headers as hh
+from metergate.proxy.adapters.azure import AzureAdapter, AzureEndpoint
 from metergate.proxy.adapters.base import Prepared
 from metergate.proxy.adapters.media import (
+    ENDPOINTS,
     MULTIPART,
     SPEECH,
     Basis,
@@ -47,6 +50,7 @@ from metergate.proxy.adapters.media import (
     read_request,
     stream_report,
 )
+from metergate.proxy.adapters.schema import check_model
 from metergate.proxy.methods import check_method
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 
@@ -61,12 +65,29 @@ _UNIT_NAMES = {"audio_seconds": "second of audio", "characters": "character"}
 class MediaRelay:
     def __init__(self, pipeline: Pipeline) -> None:
         self._p = pipeline
-        self._served = {route.prefix for route in pipeline.settings.routes
-                        if route.compute is None and route.provider == "openai"}
+        self._served = {route.prefix: route.provider for route in pipeline.settings.routes
+                        if route.compute is None and route.provider in ("openai", "azure")}
 
     def find(self, match: RouteMatch) -> str | None:
-        """The media endpoint ``match`` names on an ``openai`` route, else ``None``."""
-        return classify(match.upstream_path) if match.route.prefix in self._served else None
+        """The media endpoint ``match`` names on an ``openai`` or ``azure`` route, else ``None`` (an Azure
+        deployment the route does not serve: 404 ``unknown_deployment``, before the body is read)."""
+        provider = self._served.get(match.route.prefix)
+        if provider == "openai":
+            return classify(match.upstream_path)
+        if provider == "azure":
+            endpoint = self._p._adapters[match.route.prefix].classify(match.upstream_path)
+            return endpoint if endpoint in ENDPOINTS else None
+        return None
+
+    def _priced_as(self, match: RouteMatch, endpoint: str) -> Callable[[dict[str, Any]], str] | None:
+        """On an Azure route, the model a request is priced as: its deployment's (from the path, or from the
+        body's ``model`` on the v1 API); ``None`` elsewhere (the body's ``model``)."""
+        adapter = self._p._adapters[match.route.prefix]
+        if not isinstance(adapter, AzureAdapter):
+            return None
+        target = endpoint.target if isinstance(endpoint, AzureEndpoint) else None
+        named = target.deployment if target is not None else None
+        return lambda payload: adapter.model_of(named or check_model(payload))
 
     async def handle(self, request: web.Request, request_id: str, match: RouteMatch,
                      endpoint: str) -> web.StreamResponse:
@@ -80,7 +101,12 @@ class MediaRelay:
             request.headers, identity.attributes if identity.via == "api_key" else None)
         body = await self._read_body(request, endpoint)
         content_type = request.headers.get("Content-Type", "")
-        asked = await read_request(endpoint, body, content_type, p.settings.media)
+        priced_as = self._priced_as(match, endpoint)
+        asked = await read_request(endpoint, body, content_type, p.settings.media, priced_as)
+        deployment = None  # an Azure request's deployment, which its usage record names
+        if priced_as is not None:
+            target = endpoint.target if isinstance(endpoint, AzureEndpoint) else None
+            deployment = target.deployment if target is not None and target.deployment else asked.named
         provider = match.route.provider_id
         rate = await p.prices.resolve_request(
             identity.mode, identity.customer_id, model=asked.model, endpoint=endpoint, route=match.route.prefix,
@@ -91,8 +117,8 @@ class MediaRelay:
         hold = await p._authorize(identity, request_id, p.prices.estimate(rate, held, provider, asked.model),
                                   rate.asset)
         p.metrics.hold_opened()
-        prepared = Prepared(endpoint, asked.model, asked.stream, held.input_tokens, held.output_tokens,
-                            asked.exact, body, output_capped=True,
+        prepared = Prepared(str(endpoint), asked.model, asked.stream, held.input_tokens, held.output_tokens,
+                            asked.exact, body, output_capped=True, deployment=deployment,
                             content_type=content_type if endpoint in MULTIPART else "application/json")
         ex = Exchange(request_id, identity, match, p._adapters[match.route.prefix], prepared, rate, hold,
                       attributes.get("feature"), time.monotonic())

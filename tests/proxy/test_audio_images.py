@@ -434,3 +434,56 @@ async def test_token_usage_it_cannot_believe_is_billed_from_the_estimate(gw: Gat
     # 3 s held as 30 audio tokens; the output counted from the transcript itself.
     assert record["charged_amount"] == micros(Decimal(30 * 6) + output * 10)
     assert record["usage_source"] == "estimated" and record["detail"]["usage_anomalies"]
+
+
+# --- Azure OpenAI: the same endpoints under a deployment, priced as the deployment's model
+
+
+@pytest.fixture
+async def azure_gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    from metergate.demo.mock_azure import build_mock_azure
+    from tests.conftest import PROVIDER_KEY, serve
+
+    resource = build_mock_azure({"listen": "whisper-1", "draw": "dall-e-3"}, PROVIDER_KEY)
+    runner, port = await serve(resource)
+    upstream = Upstream(f"http://127.0.0.1:{port}", resource)
+    async for gateway in _gateway(upstream, tmp_path, FUNDS, routes=[
+            {"prefix": "/azure", "upstream": upstream.url, "provider": "azure", "api_key": PROVIDER_KEY,
+             "deployments": {"listen": "whisper-1", "draw": "dall-e-3"}}]):
+        yield gateway
+    await runner.cleanup()
+
+
+def azure(gw: Gateway) -> openai.AsyncAzureOpenAI:
+    client = openai.AsyncAzureOpenAI(azure_endpoint=f"{gw.url}/azure", api_version="2025-04-01-preview",
+                                     api_key="azure-key-the-app-holds", max_retries=0,
+                                     default_headers={"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"})
+    gw.clients.append(client)  # type: ignore[arg-type]
+    return client
+
+
+async def test_azure_deployments_are_billed_as_the_model_they_map_to(azure_gw: Gateway) -> None:
+    from metergate.demo.mock_azure import RECEIVED
+    from tests.conftest import PROVIDER_KEY
+
+    client = azure(azure_gw)
+    await client.audio.transcriptions.create(file=("clip.wav", wav(30)), model="listen")
+    # 1792x1024 is a dall-e-3 size, not a dall-e-2 one: the deployment's model decides what is valid.
+    await client.images.generate(model="draw", prompt="a wallet", size="1792x1024", quality="hd")
+    records = sorted(await azure_gw.usage(), key=lambda r: r["endpoint"])
+    assert [(r["model"], r["detail"]["deployment"], r["charged_amount"]) for r in records] == [
+        ("whisper-1", "listen", 3000), ("dall-e-3", "draw", 120_000)]
+    received = azure_gw.upstream.app[RECEIVED]
+    assert [r["raw_path"] for r in received] == ["/openai/deployments/listen/audio/transcriptions",
+                                                 "/openai/deployments/draw/images/generations"]
+    assert all(r["headers"]["api-key"] == PROVIDER_KEY for r in received)
+    assert all(r["query_string"] == "api-version=2025-04-01-preview" for r in received)
+
+
+async def test_an_azure_deployment_the_route_does_not_serve_is_refused_unread(azure_gw: Gateway) -> None:
+    from metergate.demo.mock_azure import RECEIVED
+
+    with pytest.raises(openai.NotFoundError) as refused:
+        await azure(azure_gw).audio.transcriptions.create(file=("clip.wav", wav(1)), model="elsewhere")
+    assert refused.value.code == "unknown_deployment"
+    assert azure_gw.upstream.app[RECEIVED] == [] and await azure_gw.usage() == []

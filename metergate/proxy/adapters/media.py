@@ -21,7 +21,8 @@ is held (400 ``unpriced_unit``): a catch-all rule written for tokens would other
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ IMAGES, IMAGE_EDITS = "images.generations", "images.edits"
 _SUFFIXES = (("/audio/transcriptions", TRANSCRIPTIONS), ("/audio/translations", TRANSLATIONS),
              ("/audio/speech", SPEECH), ("/images/generations", IMAGES), ("/images/edits", IMAGE_EDITS))
 MULTIPART = frozenset({TRANSCRIPTIONS, TRANSLATIONS, IMAGE_EDITS})
+ENDPOINTS = frozenset(endpoint for _, endpoint in _SUFFIXES)
 Basis = Literal["unit", "tokens"]
 _MAX_STREAM_TEXT = 1_000_000  # characters of a streamed transcript kept to estimate from
 # gpt-image-1's output tokens per image by quality and size (OpenAI's image generation guide, "Cost and
@@ -74,6 +76,7 @@ class MediaRequest:
     images: int = 0  # n
     image_unit: str | None = None  # images_<size>_<quality>, when size and quality are both concrete
     uploads: int = 0  # images uploaded to an edit
+    named: str | None = None  # the body's own ``model`` (an Azure v1 request's deployment)
 
     @property
     def unit(self) -> str | None:
@@ -98,9 +101,18 @@ class MediaRequest:
         return self.endpoint not in (TRANSCRIPTIONS, TRANSLATIONS) or self.seconds is not None
 
 
-async def read_request(endpoint: str, body: bytes, content_type: str, media: MediaSettings) -> MediaRequest:
+async def read_request(endpoint: str, body: bytes, content_type: str, media: MediaSettings,
+                       priced_as: Callable[[dict[str, Any]], str] | None = None) -> MediaRequest:
     """Parse and check a media request; 400 (``invalid_multipart``, ``invalid_request``, ``invalid_audio``) or
-    413 ``file_too_large`` before anything is held."""
+    413 ``file_too_large`` before anything is held. ``priced_as``: the model a request is priced as, from its
+    checked fields, when the upstream decides it (an Azure deployment's model); else the body's ``model``."""
+    payload, request = await _read(endpoint, body, content_type, media, priced_as)
+    named = payload.get("model")
+    return replace(request, named=named) if isinstance(named, str) else request
+
+
+async def _read(endpoint: str, body: bytes, content_type: str, media: MediaSettings,
+                priced_as: Callable[[dict[str, Any]], str] | None) -> tuple[dict[str, Any], MediaRequest]:
     form: Form | None = None
     if endpoint in MULTIPART:
         files = {"file": media.upload_audio_max_bytes} if endpoint != IMAGE_EDITS else {
@@ -111,7 +123,7 @@ async def read_request(endpoint: str, body: bytes, content_type: str, media: Med
         payload = typed_form({name: values[0] for name, values in form.text.items()})
     else:
         payload = _json_object(body)
-    model = check_media(endpoint, payload)
+    model = check_media(endpoint, payload, model=priced_as(payload) if priced_as is not None else None)
     count = counter_for(model).count_prompt
     if endpoint in (TRANSCRIPTIONS, TRANSLATIONS):
         assert form is not None
@@ -123,16 +135,16 @@ async def read_request(endpoint: str, body: bytes, content_type: str, media: Med
             raise MediaError("Unreadable audio: the uploaded file is empty.", code="invalid_audio", param="file")
         micros = audio_duration_us(raw)
         seconds = None if micros is None or micros > media.audio_max_s * 1_000_000 else -(-micros // 1_000_000)
-        return MediaRequest(endpoint, model, payload.get("stream") is True, count(payload.get("prompt") or ""),
-                            seconds=seconds,
-                            held_seconds=seconds if seconds is not None else (
-                                media.upload_audio_max_s if micros is None else media.audio_max_s))
+        return payload, MediaRequest(endpoint, model, payload.get("stream") is True, count(payload.get("prompt") or ""),
+                                     seconds=seconds,
+                                     held_seconds=seconds if seconds is not None else (
+                                         media.upload_audio_max_s if micros is None else media.audio_max_s))
     if endpoint == SPEECH:
         text = payload["input"]
         speed = payload.get("speed")
-        return MediaRequest(endpoint, model, payload.get("stream_format") == "sse",
-                            count(text) + count(payload.get("instructions") or ""), characters=len(text),
-                            speed=Decimal(str(speed)) if speed is not None else Decimal(1))
+        return payload, MediaRequest(endpoint, model, payload.get("stream_format") == "sse",
+                                     count(text) + count(payload.get("instructions") or ""), characters=len(text),
+                                     speed=Decimal(str(speed)) if speed is not None else Decimal(1))
     if payload.get("stream") is True:
         raise BadRequest("Streamed image generation is not metered by metergate; send the request without "
                          "'stream'.", code="invalid_request", param="stream")
@@ -146,9 +158,9 @@ async def read_request(endpoint: str, body: bytes, content_type: str, media: Med
             raise invalid("an image edit needs at least one file in the field 'image' (or 'image[]')", "image")
         if len(form.files.get("mask", [])) > 1:
             raise invalid("an image edit takes at most one mask", "mask")
-    return ImageRequest(endpoint, model, False, count(payload["prompt"]), images=payload.get("n") or 1,
-                        image_unit=image_quantity(size, quality) if "auto" not in (size, quality) else None,
-                        uploads=uploaded, size=size, quality=quality)
+    return payload, ImageRequest(endpoint, model, False, count(payload["prompt"]), images=payload.get("n") or 1,
+                                 image_unit=image_quantity(size, quality) if "auto" not in (size, quality) else None,
+                                 uploads=uploaded, size=size, quality=quality)
 
 
 @dataclass(frozen=True, slots=True)

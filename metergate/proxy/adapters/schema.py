@@ -301,11 +301,17 @@ def typed_form(fields: dict[str, str]) -> dict[str, Any]:
     return typed
 
 
-def check_media(endpoint: str, payload: dict[str, Any]) -> str:
+def check_media(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -> str:
     """Check a media request's fields; returns its model. Image requests are also checked against their
-    model's sizes, qualities and ``n`` (dall-e-3 makes one image a request)."""
-    default = endpoint.startswith("images.") and "model" not in payload
-    model = DEFAULT_IMAGE_MODEL if default else check_model(payload)
+    model's sizes, qualities and ``n`` (dall-e-3 makes one image a request). ``model``: the model the request
+    is priced as when the upstream decides it (an Azure deployment's); the body's own is then only checked."""
+    if model is not None:
+        if "model" in payload:
+            check_model(payload)
+    elif endpoint.startswith("images.") and "model" not in payload:
+        model = DEFAULT_IMAGE_MODEL
+    else:
+        model = check_model(payload)
     for name, rule in MEDIA_SCHEMAS[endpoint].items():
         rule(payload.get(name), name)
     if endpoint.startswith("images."):
