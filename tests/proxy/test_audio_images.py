@@ -487,3 +487,27 @@ async def test_an_azure_deployment_the_route_does_not_serve_is_refused_unread(az
         await azure(azure_gw).audio.transcriptions.create(file=("clip.wav", wav(1)), model="elsewhere")
     assert refused.value.code == "unknown_deployment"
     assert azure_gw.upstream.app[RECEIVED] == [] and await azure_gw.usage() == []
+
+
+# --- a client that hangs up mid-stream
+
+
+async def test_a_client_that_leaves_a_speech_stream_is_billed_the_usage_metergate_drains(gw: Gateway) -> None:
+    import asyncio
+
+    text = "x" * 160  # ten audio events, 0.1 s apart
+    body = {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": text, "stream_format": "sse"}
+    async with raw_client(gw) as client, client.stream(
+            "POST", "/audio/speech", headers={"X-Mock-Behavior": "chunk-delay:0.1"}, json=body) as response:
+        assert response.status_code == 200
+        async for _ in response.aiter_bytes():
+            break  # the first event, then hang up
+    for _ in range(200):  # the settlement lands once metergate has drained the upstream's last event
+        if records := await gw.usage():
+            break
+        await asyncio.sleep(0.05)
+    [record] = records
+    prompt = counter_for("gpt-4o-mini-tts").count(text)
+    assert (record["tokens_output"], record["usage_source"]) == (250, "provider")  # 10 events x 25 tokens
+    assert record["charged_amount"] == micros(Decimal(prompt) * Decimal("0.6") + 250 * 12)
+    assert (await gw.balance())["pending"] == 0
