@@ -9,7 +9,8 @@ Tree::
     │                                        malformed_request (HTTP framing aiohttp could not parse, or
     │                                        Transfer-Encoding on HTTP/1.0), unsupported_transfer_encoding,
     │                                        unknown_field, invalid_path, invalid_query (metergate.urls),
-    │                                        missing_api_version, invalid_api_version (Azure routes)
+    │                                        missing_api_version, invalid_api_version (Azure routes),
+    │                                        invalid_multipart, invalid_audio, unpriced_unit (media)
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
@@ -22,7 +23,7 @@ Tree::
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
     ├── Conflict                        409: idempotency_conflict, already_exists
-    ├── PayloadTooLarge                 413: body_too_large
+    ├── PayloadTooLarge                 413: body_too_large, file_too_large (an upload over its limit)
     ├── UnsupportedMediaType            415: unsupported_media_type, unsupported_content_encoding
     ├── TooManyRequests                 429: rate_limited (with a Retry-After header; also failed
     │                                        admin-key attempts from one address)

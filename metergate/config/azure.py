@@ -3,7 +3,9 @@
 Azure serves the OpenAI wire format under two families of paths, relative to the resource
 (``https://<resource>.openai.azure.com``), which is the route's upstream:
 
-* ``/openai/deployments/{deployment}/chat/completions`` (also ``completions``, ``embeddings``): the
+* ``/openai/deployments/{deployment}/chat/completions`` (also ``completions``, ``embeddings``, and the audio
+  and image endpoints ``audio/transcriptions``, ``audio/translations``, ``audio/speech``,
+  ``images/generations``, ``images/edits``): the
   deployment is in the path, and ``api-version`` is required. This is what the ``openai`` SDK's
   ``AzureOpenAI`` client builds from ``azure_endpoint``. ``/openai/responses`` takes the deployment as
   the body's ``model``, with ``api-version`` required as well.
@@ -32,6 +34,10 @@ _V1_VERSIONS = ("preview", "latest")
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,63}")
 _DEPLOYMENT_ENDPOINTS = {"chat/completions": "chat.completions", "completions": "completions",
                          "embeddings": "embeddings"}
+# Audio and images (metergate.proxy.adapters.media): the same paths under a deployment or the v1 API.
+_DEPLOYMENT_ENDPOINTS.update({
+    "audio/transcriptions": "audio.transcriptions", "audio/translations": "audio.translations",
+    "audio/speech": "audio.speech", "images/generations": "images.generations", "images/edits": "images.edits"})
 _V1_ENDPOINTS = {**_DEPLOYMENT_ENDPOINTS, "responses": "responses"}
 
 

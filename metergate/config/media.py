@@ -39,6 +39,29 @@ class MediaSettings(BaseModel):
         3600, ge=1, le=86_400,
         description="Longest clip believed: a clip whose header or bytes say more is held "
                     "for this many seconds.")
+    upload_audio_max_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest audio file a transcription or translation may upload (OpenAI's limit: 25 MB); "
+                    "a larger one is refused with 413 file_too_large.")
+    upload_audio_max_s: int = Field(
+        1500, ge=1, le=86_400,
+        description="What an upload whose duration cannot be read from its header is held for, in seconds "
+                    "(marked inexact); 25 minutes is about what OpenAI's 25 MB limit holds at a low bitrate. "
+                    "A readable upload is held for its own duration, up to audio_max_s.")
+    upload_image_max_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest image (or mask) an image edit may upload (gpt-image-1: 50 MB; dall-e-2: 4 MB).")
+    transcript_tokens_per_s: int = Field(
+        8, ge=1, le=10_000,
+        description="Output tokens a token-priced transcription (gpt-4o-transcribe) is held for per second of "
+                    "audio: speech runs at 2-4 words a second.")
+    speech_tokens_per_char: int = Field(
+        2, ge=1, le=10_000,
+        description="Output (audio) tokens a token-priced speech request (gpt-4o-mini-tts) is held for per "
+                    "input character, at speed 1 (a slower speed holds proportionally more).")
+    edit_image_tokens: int = Field(
+        1600, ge=1, le=1_000_000,
+        description="Input tokens each uploaded image of a token-priced image edit (gpt-image-1) is held for.")
 
 
 def is_multimodal_path(path: str) -> bool:

@@ -64,7 +64,45 @@ class AssetSettings(_Strict):
         return value
 
 
-class ModelRate(_Strict):
+class MediaRates(_Strict):
+    """Rates of the media endpoints' own units and token kinds (:mod:`metergate.metering.media_units`)."""
+
+    audio_input_per_mtok: NonNegativeDecimal | None = Field(
+        None, description="Rate for audio input tokens (gpt-4o-transcribe); defaults to the input rate.")
+    image_input_per_mtok: NonNegativeDecimal | None = Field(
+        None, description="Rate for image input tokens (gpt-image-1 edits); defaults to the input rate.")
+    per_audio_second: NonNegativeDecimal | None = Field(
+        None, description="Per second of transcribed or translated audio, rounded up (whisper-1: 0.0001).")
+    per_mchar: NonNegativeDecimal | None = Field(
+        None, description="Per million characters of speech input (tts-1: 15, tts-1-hd: 30).")
+    per_image: dict[str, NonNegativeDecimal] = Field(
+        default_factory=dict,
+        description="Per image, by 'WIDTHxHEIGHT' or 'WIDTHxHEIGHT/quality' (dall-e-3: {'1024x1024': '0.04', "
+                    "'1024x1024/hd': '0.08'}); a size alone is quality 'standard'.")
+
+    @field_validator("per_image")
+    @classmethod
+    def _image_keys(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        from metergate.metering.media_units import image_key_quantity
+
+        quantities = [image_key_quantity(key) for key in value]
+        if len(set(quantities)) != len(quantities):
+            raise ValueError("per_image names one size and quality twice ('1024x1024' is '1024x1024/standard')")
+        return value
+
+    def media_quantities(self) -> dict[str, Decimal]:
+        """The media units these rates price, per unit (quantity name -> rate), per_mchar per character."""
+        from metergate.metering.media_units import AUDIO_SECONDS, CHARACTERS, image_key_quantity
+
+        out = {image_key_quantity(key): rate for key, rate in self.per_image.items()}
+        if self.per_audio_second is not None:
+            out[AUDIO_SECONDS] = self.per_audio_second
+        if self.per_mchar is not None:
+            out[CHARACTERS] = self.per_mchar / Decimal(1_000_000)
+        return out
+
+
+class ModelRate(MediaRates):
     """Prices in the pricing asset's major unit: per million tokens, plus a per-request fee."""
 
     input_per_mtok: NonNegativeDecimal = Decimal(0)
@@ -103,8 +141,9 @@ class PricingSettings(_Strict):
         return headers
 
 
-class CostRate(_Strict):
-    """A provider cost override in US dollars per million tokens (e.g. a self-hosted model)."""
+class CostRate(MediaRates):
+    """A provider cost override in US dollars per million tokens (e.g. a self-hosted model), and per media
+    unit (seconds, characters, images)."""
 
     input_per_mtok: NonNegativeDecimal = Decimal(0)
     cached_input_per_mtok: NonNegativeDecimal | None = None

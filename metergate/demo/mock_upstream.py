@@ -405,4 +405,7 @@ def build_mock_upstream() -> web.Application:
     app.router.add_route("*", "/compute/run", compute_run)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/responses", responses)
+    from metergate.demo.mock_media import add_routes
+
+    add_routes(app)  # audio and images
     return app

@@ -2,7 +2,11 @@
 
 ``input_tokens`` counts every prompt token, cached ones included; ``cached_input_tokens`` (cache reads),
 ``cache_write_tokens`` (Anthropic's cache creation) and ``reasoning_tokens`` are subsets of the input and
-output totals (OpenAI's convention; Anthropic's counts are converted to it). A provider's
+output totals (OpenAI's convention; Anthropic's counts are converted to it); so are ``audio_input_tokens`` and
+``image_input_tokens`` (a transcription's audio, an image edit's pictures), which providers price apart.
+``units`` are what media endpoints use besides tokens: whole seconds of audio (``audio_seconds``), characters
+of speech input (``characters``) and images by size and quality (``images_1024x1024_hd``), each a quantity
+that price rules can name (:mod:`metergate.metering.media_units`). A provider's
 explicit zero is kept as zero: an estimate only replaces usage the provider did not report.
 
 What a provider reports is input like any other: every count must be a JSON integer in
@@ -17,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Source = Literal["provider", "estimated", "none"]
+# "measured": counted by metergate itself where that count is what the provider bills (speech characters,
+# images delivered, audio seconds read from the file's header).
+Source = Literal["provider", "estimated", "measured", "none"]
 
 # No model's context window or output comes near 10^8 tokens (the largest are around 10^7), and 10^8
 # tokens at any price per million stays far inside int64 in every asset's smallest unit.
@@ -37,13 +43,24 @@ class Usage:
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0
     source: Source = "provider"
+    audio_input_tokens: int = 0
+    image_input_tokens: int = 0
+    units: tuple[tuple[str, int], ...] = ()  # (quantity, count) of media units, sorted, each count > 0
 
     def __post_init__(self) -> None:
         if min(self.input_tokens, self.output_tokens, self.cached_input_tokens, self.reasoning_tokens,
-               self.cache_write_tokens) < 0:
+               self.cache_write_tokens, self.audio_input_tokens, self.image_input_tokens) < 0:
             raise ValueError("token counts cannot be negative")
         if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
             raise ValueError("cache tokens exceed input tokens")
+        if self.cached_input_tokens + self.cache_write_tokens + self.audio_input_tokens \
+                + self.image_input_tokens > self.input_tokens:
+            raise ValueError("audio and image tokens exceed input tokens")
+        if any(count <= 0 for _, count in self.units) or list(self.units) != sorted(dict(self.units).items()):
+            raise ValueError("media units must be positive counts, sorted by quantity, each named once")
+
+    def unit(self, quantity: str) -> int:
+        return dict(self.units).get(quantity, 0)
 
     @property
     def total_tokens(self) -> int:
@@ -178,3 +195,54 @@ def from_bedrock(usage: Any) -> Usage | None:
         raise UsageAnomaly(f"usage totalTokens = {total} is below inputTokens + outputTokens = {base + output}")
     return Usage(input_tokens=base + read + write, output_tokens=output, cached_input_tokens=read,
                  cache_write_tokens=write, source="provider")
+
+
+def from_openai_audio(usage: Any) -> Usage | None:
+    """A transcription's token usage (gpt-4o-transcribe: ``{"type": "tokens", "input_tokens", "output_tokens",
+    "input_token_details": {"audio_tokens", "text_tokens"}}``) or a speech stream's; ``None`` for none, or for
+    usage of another ``type`` (``duration``: read by :func:`reported_seconds`)."""
+    body = _object(usage)
+    if body is None or body.get("type", "tokens") != "tokens":
+        return None
+    prompt = _count(body, "input_tokens", required=True)
+    details = _details(body, "input_token_details")
+    audio = _count(details, "audio_tokens")
+    text = _count(details, "text_tokens")
+    _subset(audio + text, "audio_tokens + text_tokens", prompt, "input_tokens")
+    return Usage(input_tokens=prompt, output_tokens=_count(body, "output_tokens", required=True),
+                 audio_input_tokens=audio, source="provider")
+
+
+def from_openai_images(usage: Any) -> Usage | None:
+    """An image generation's or edit's token usage (gpt-image-1: ``{"input_tokens", "output_tokens",
+    "input_tokens_details": {"text_tokens", "image_tokens"}}``)."""
+    body = _object(usage)
+    if body is None:
+        return None
+    prompt = _count(body, "input_tokens", required=True)
+    details = _details(body, "input_tokens_details")
+    image = _count(details, "image_tokens")
+    _subset(image + _count(details, "text_tokens"), "text_tokens + image_tokens", prompt, "input_tokens")
+    return Usage(input_tokens=prompt, output_tokens=_count(body, "output_tokens", required=True),
+                 image_input_tokens=image, source="provider")
+
+
+MAX_AUDIO_SECONDS = 10**6  # about 11.5 days: no upload plays longer
+
+
+def reported_seconds(usage: Any, *, field: str = "seconds") -> int | None:
+    """Whole seconds (rounded up) of a ``{"type": "duration", "seconds": N}`` usage object (whisper-1), or of
+    a ``duration`` field (``verbose_json``: pass the body and ``field="duration"``); ``None`` when absent.
+    A number that is not finite, negative or absurd is an anomaly."""
+    body = _object(usage)
+    if body is None or (field == "seconds" and body.get("type") != "duration"):
+        return None
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_AUDIO_SECONDS:
+        raise UsageAnomaly(f"usage.{field} = {_shown(value)} is not a number of seconds in [0, {MAX_AUDIO_SECONDS}]")
+    if isinstance(value, int):
+        return value
+    whole = int(value)  # a JSON number read as a float: round up to the next whole second, exactly
+    return whole if whole == value else whole + 1

@@ -50,11 +50,19 @@ class Price:
 
 def request_quantities(usage: Usage) -> dict[str, Decimal]:
     """A proxy request's disjoint quantities (see :mod:`metergate.pricing.rules`)."""
-    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
-    return {"input_tokens": Decimal(uncached), "cached_input_tokens": Decimal(usage.cached_input_tokens),
-            "cache_write_tokens": Decimal(usage.cache_write_tokens),
-            "output_tokens": Decimal(usage.output_tokens - usage.reasoning_tokens),
-            "reasoning_tokens": Decimal(usage.reasoning_tokens), "requests": Decimal(1)}
+    uncached = (usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+                - usage.audio_input_tokens - usage.image_input_tokens)
+    quantities = {"input_tokens": Decimal(uncached), "cached_input_tokens": Decimal(usage.cached_input_tokens),
+                  "cache_write_tokens": Decimal(usage.cache_write_tokens),
+                  "output_tokens": Decimal(usage.output_tokens - usage.reasoning_tokens),
+                  "reasoning_tokens": Decimal(usage.reasoning_tokens), "requests": Decimal(1)}
+    if usage.audio_input_tokens:
+        quantities["audio_input_tokens"] = Decimal(usage.audio_input_tokens)
+    if usage.image_input_tokens:
+        quantities["image_input_tokens"] = Decimal(usage.image_input_tokens)
+    for name, count in usage.units:  # media units (audio seconds, characters, images): never folded into tokens
+        quantities[name] = Decimal(count)
+    return quantities
 
 
 def fold(rule: Rule, quantities: Mapping[str, Decimal]) -> dict[str, Decimal]:

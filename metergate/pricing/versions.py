@@ -5,7 +5,8 @@ with the latest ``effective_at`` at or before that moment (on a tie, the one pub
 nothing until published, except in a quote or a simulation that names them. When a mode has no published
 version in force, the configuration's ``pricing:`` section is its implicit version 0 (id ``"config"``):
 one rule per model, matching ``type: request`` and the model (``*`` matches the type only), with the model's
-rates per million tokens and its request fee — so prices from the file are unchanged.
+rates per million tokens and its request fee — so prices from the file are unchanged. Media rates (per audio
+second, per million characters, per image) become rates per million of their units.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 from metergate.config.settings import PricingSettings
@@ -21,6 +23,7 @@ from metergate.wallet.models import Mode
 
 VersionState = Literal["draft", "published"]
 CONFIG_VERSION_ID = "config"
+_MILLION = Decimal(1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,12 @@ def config_version(pricing: PricingSettings, assets: set[str]) -> PriceVersion:
             rates["cached_input_tokens"] = plain(rate.cached_input_per_mtok)
         if rate.cache_write_per_mtok is not None:
             rates["cache_write_tokens"] = plain(rate.cache_write_per_mtok)
+        if rate.audio_input_per_mtok is not None:
+            rates["audio_input_tokens"] = plain(rate.audio_input_per_mtok)
+        if rate.image_input_per_mtok is not None:
+            rates["image_input_tokens"] = plain(rate.image_input_per_mtok)
+        for quantity, per_unit in rate.media_quantities().items():  # per unit, as rates per million units
+            rates[quantity] = plain(per_unit * _MILLION)
         match = {"type": "request"} if model == "*" else {"type": "request", "model": model}
         rule_id = f"config{index}:" + re.sub(r"[^A-Za-z0-9_.:@-]", "_", model)
         rules.append({"id": rule_id[:64], "match": match, "asset": pricing.asset,

@@ -130,6 +130,9 @@ class Pipeline:
 
         self.compute = ComputeRelay(self)
         self.free = FreeEndpoints(self)
+        from metergate.proxy.media import MediaRelay
+
+        self.media = MediaRelay(self)  # audio and image endpoints, billed per second, character or image
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
         self.spend_caps: SpendCapGuard | None = None
@@ -197,6 +200,8 @@ class Pipeline:
             return await self.compute.handle(request, request_id, match)
         if (free := self.free.find(match)) is not None:  # models lists, token counting: unmetered
             return await self.free.handle(request, request_id, match, free)
+        if (media := self.media.find(match)) is not None:
+            return await self.media.handle(request, request_id, match, media)
         adapter = self._adapters[match.route.prefix]
         endpoint = adapter.classify(match.upstream_path)
         if endpoint is None:
@@ -310,7 +315,7 @@ class Pipeline:
             request.headers, auth=auth,
             drop=(self.settings.customer_header, self.settings.mode_header, self.settings.attribution_header))
         out.update(ex.match.route.upstream_headers)
-        out["Content-Type"] = "application/json"
+        out["Content-Type"] = ex.prepared.content_type
         return out
 
     async def _send(self, request: web.Request, ex: Exchange) -> aiohttp.ClientResponse:
@@ -610,7 +615,8 @@ class Pipeline:
                     "hold": ex.hold.amount, "tokens_exact": ex.prepared.tokens_exact,
                     "duration_ms": int((time.monotonic() - ex.started) * 1000),
                     **({"usage_anomalies": anomalies} if anomalies else {}),
-                    **({"deployment": ex.prepared.deployment} if ex.prepared.deployment else {})},
+                    **({"deployment": ex.prepared.deployment} if ex.prepared.deployment else {}),
+                    **({"units": dict(used.units)} if used.units else {})},
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:

@@ -16,7 +16,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metergate.metering.usage import MAX_TOKENS, Usage, UsageAnomaly, from_anthropic, from_openai, from_responses
+from metergate.metering.usage import (
+    MAX_AUDIO_SECONDS,
+    MAX_TOKENS,
+    Usage,
+    UsageAnomaly,
+    from_anthropic,
+    from_openai,
+    from_openai_audio,
+    from_openai_images,
+    from_responses,
+    reported_seconds,
+)
 
 COUNTS = st.one_of(st.integers(0, 200), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=5),
                    st.booleans(), st.none(), st.lists(st.integers(), max_size=2))
@@ -30,6 +41,12 @@ FIELDS: dict[str, tuple[Callable[[Any], Usage | None], list[str], dict[str, list
                   {"input_tokens_details": ["cached_tokens"], "output_tokens_details": ["reasoning_tokens"]}),
     "anthropic": (from_anthropic, ["input_tokens", "output_tokens", "cache_creation_input_tokens",
                                    "cache_read_input_tokens"], {}),
+    # A transcription's usage of type "tokens" (a usage of another type is no token usage: None).
+    "audio": (lambda u: from_openai_audio({**u, "type": "tokens"} if isinstance(u, dict) else u),
+              ["input_tokens", "output_tokens", "total_tokens"],
+              {"input_token_details": ["audio_tokens", "text_tokens"]}),
+    "images": (from_openai_images, ["input_tokens", "output_tokens", "total_tokens"],
+               {"input_tokens_details": ["text_tokens", "image_tokens"]}),
 }
 
 
@@ -55,6 +72,7 @@ def check(read: Callable[[Any], Usage | None], reported: Any) -> None:
               usage.cache_write_tokens)
     assert all(type(c) is int and 0 <= c <= 3 * MAX_TOKENS for c in counts)
     assert usage.cached_input_tokens + usage.cache_write_tokens <= usage.input_tokens
+    assert usage.audio_input_tokens + usage.image_input_tokens <= usage.input_tokens
     assert usage.reasoning_tokens <= usage.output_tokens
 
 
@@ -79,3 +97,23 @@ def test_embeddings_usage_needs_no_completion_count() -> None:
     assert from_openai({"prompt_tokens": 8, "total_tokens": 8}, output=False) == Usage(8, 0)
     with pytest.raises(UsageAnomaly, match="completion_tokens is missing"):
         from_openai({"prompt_tokens": 8, "total_tokens": 8})
+
+
+@given(seconds=st.one_of(COUNTS, st.floats(-1e7, 1e7)), kind=st.sampled_from(["duration", "tokens", None]))
+def test_reported_seconds_are_whole_and_bounded_or_an_anomaly(seconds: Any, kind: str | None) -> None:
+    try:
+        whole = reported_seconds({"type": kind, "seconds": seconds})
+    except UsageAnomaly:
+        return
+    if kind != "duration" or seconds is None:
+        assert whole is None
+        return
+    assert type(whole) is int and 0 <= whole <= MAX_AUDIO_SECONDS
+    assert whole - 1 < seconds <= whole  # rounded up, never down
+
+
+def test_whisper_seconds_round_up_to_the_whole_second() -> None:
+    assert reported_seconds({"type": "duration", "seconds": 29.01}) == 30
+    assert reported_seconds({"type": "duration", "seconds": 30}) == 30
+    assert reported_seconds({"type": "duration", "seconds": 0}) == 0  # an explicit zero stays zero
+    assert reported_seconds({"duration": 7.5}, field="duration") == 8

@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from metergate.config.media import MediaSettings
 from metergate.metering.media import MediaTally
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Verdict = Literal["forward", "drop", "final"]
+T = TypeVar("T")
 MAX_ANOMALIES = 4  # anomalies kept per request (the first one decides; the rest only explain)
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 
@@ -60,6 +61,8 @@ class Prepared:
     # The deployment the request named when the upstream is Azure's, or its model id when it is Bedrock's
     # (``model`` is what it is priced as).
     deployment: str | None = None
+    # How ``body`` is encoded upstream: a multipart upload (audio, image edits) keeps the client's boundary.
+    content_type: str = "application/json"
 
 
 @dataclass(slots=True)
@@ -144,7 +147,7 @@ class SignsUpstream(Protocol):
                          ) -> tuple[URL, CIMultiDict[str]]: ...
 
 
-def believed(read: Callable[[Any], Usage | None], reported: Any, anomalies: list[str]) -> Usage | None:
+def believed(read: Callable[[Any], T | None], reported: Any, anomalies: list[str]) -> T | None:
     """``read(reported)``, or ``None`` (no usage: bill from the estimate) when it is an anomaly, which is
     noted in ``anomalies`` and logged."""
     try:

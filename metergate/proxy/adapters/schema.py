@@ -320,3 +320,117 @@ def check(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         has_stream_options=isinstance(options, dict),
         max_output=limit, choices=max([_dotted(payload, name) or 1 for name in schema.choices], default=1))
+
+
+# ---------------------------------------------------------------------- media endpoints
+# The audio and image endpoints' fields that metergate prices from. A multipart form's text fields are
+# typed first (:func:`typed_form`), so that both bodies meet the same rules: ``n`` is an integer either way.
+
+MAX_IMAGES = 10  # OpenAI's bound on n for image generation and edits
+MAX_SPEECH_CHARS = 4096  # OpenAI's bound on a speech request's input
+MAX_IMAGE_PROMPT_CHARS = 32_000  # gpt-image-1's; DALL-E's are shorter, and the upstream says so
+MAX_TEXT_CHARS = 32_000  # any other free-text field metergate reads (a transcription prompt, instructions)
+IMAGE_SIZES = {
+    "dall-e-2": ("256x256", "512x512", "1024x1024"),
+    "dall-e-3": ("1024x1024", "1792x1024", "1024x1792"),
+    "gpt-image-1": ("auto", "1024x1024", "1536x1024", "1024x1536"),
+}
+IMAGE_QUALITIES = {"dall-e-2": ("standard",), "dall-e-3": ("standard", "hd"),
+                   "gpt-image-1": ("auto", "low", "medium", "high")}
+IMAGE_MAX_N = {"dall-e-2": MAX_IMAGES, "dall-e-3": 1, "gpt-image-1": MAX_IMAGES}
+DEFAULT_IMAGE_MODEL = "dall-e-2"  # what OpenAI's API uses when a request names none
+
+
+def image_family(model: str) -> str:
+    """The image-model family whose sizes and qualities apply: ``gpt-image-1-mini`` is a gpt-image-1."""
+    for family in ("gpt-image-1", "dall-e-3", "dall-e-2"):
+        if model == family or model.startswith(family + "-"):
+            return family
+    return "gpt-image-1" if model.startswith("gpt-image") else "dall-e-2"
+
+
+def _one_of(*allowed: str) -> Rule:
+    def rule(value: Any, param: str) -> None:
+        if value is not None and value not in allowed:
+            raise _refuse(param, f"must be one of {', '.join(allowed)}")
+    return rule
+
+
+def _text(high: int, *, required: bool = False) -> Rule:
+    def rule(value: Any, param: str) -> None:
+        if value is None:
+            if required:
+                raise _refuse(param, "is required")
+            return
+        if not isinstance(value, str) or (required and not value) or len(value) > high:
+            raise _refuse(param, f"must be a {'non-empty ' if required else ''}string of at most {high} characters")
+    return rule
+
+
+def _number(low: float, high: float) -> Rule:
+    def rule(value: Any, param: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not low <= value <= high):
+            raise _refuse(param, f"must be a number from {low} to {high}")
+    return rule
+
+
+def _voice(value: Any, param: str) -> None:
+    if isinstance(value, dict):
+        _text(128, required=True)(value.get("id"), f"{param}.id")
+    else:
+        _text(128, required=True)(value, param)
+
+
+_TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+MEDIA_SCHEMAS: dict[str, dict[str, Rule]] = {
+    "audio.transcriptions": {"response_format": _one_of(*_TRANSCRIPT_FORMATS), "stream": _boolean,
+                             "prompt": _text(MAX_TEXT_CHARS), "language": _text(16)},
+    "audio.translations": {"response_format": _one_of(*_TRANSCRIPT_FORMATS[:5]), "prompt": _text(MAX_TEXT_CHARS)},
+    "audio.speech": {"input": _text(MAX_SPEECH_CHARS, required=True), "voice": _voice,
+                     "instructions": _text(MAX_TEXT_CHARS), "speed": _number(0.25, 4.0),
+                     "response_format": _one_of("mp3", "opus", "aac", "flac", "wav", "pcm"),
+                     "stream_format": _one_of("audio", "sse")},
+    "images.generations": {"prompt": _text(MAX_IMAGE_PROMPT_CHARS, required=True), "n": _bounded(MAX_IMAGES),
+                           "response_format": _one_of("url", "b64_json"), "stream": _boolean},
+    "images.edits": {"prompt": _text(MAX_IMAGE_PROMPT_CHARS, required=True), "n": _bounded(MAX_IMAGES),
+                     "response_format": _one_of("url", "b64_json"), "stream": _boolean},
+}
+_FORM_INTEGERS = frozenset({"n"})
+_FORM_BOOLEANS = frozenset({"stream"})
+
+
+def typed_form(fields: dict[str, str]) -> dict[str, Any]:
+    """A multipart form's text fields with the types their JSON twins have: ``n`` an integer (decimal digits
+    only), ``stream`` a boolean (``true`` / ``false`` only). Anything else stays a string."""
+    typed: dict[str, Any] = dict(fields)
+    for name in _FORM_INTEGERS & fields.keys():
+        if not re.fullmatch(r"[0-9]{1,4}", fields[name]):
+            raise _refuse(name, "must be an integer")
+        typed[name] = int(fields[name])
+    for name in _FORM_BOOLEANS & fields.keys():
+        if fields[name] not in ("true", "false"):
+            raise _refuse(name, "must be true or false")
+        typed[name] = fields[name] == "true"
+    return typed
+
+
+def check_media(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -> str:
+    """Check a media request's fields; returns its model. Image requests are also checked against their
+    model's sizes, qualities and ``n`` (dall-e-3 makes one image a request). ``model``: the model the request
+    is priced as when the upstream decides it (an Azure deployment's); the body's own is then only checked."""
+    if model is not None:
+        if "model" in payload:
+            check_model(payload)
+    elif endpoint.startswith("images.") and "model" not in payload:
+        model = DEFAULT_IMAGE_MODEL
+    else:
+        model = check_model(payload)
+    for name, rule in MEDIA_SCHEMAS[endpoint].items():
+        rule(payload.get(name), name)
+    if endpoint.startswith("images."):
+        family = image_family(model)
+        _one_of(*IMAGE_SIZES[family])(payload.get("size"), "size")
+        _one_of(*IMAGE_QUALITIES[family])(payload.get("quality"), "quality")
+        _bounded(IMAGE_MAX_N[family])(payload.get("n"), "n")
+    return model
