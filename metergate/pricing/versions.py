@@ -52,6 +52,11 @@ def config_version(pricing: PricingSettings, assets: set[str]) -> PriceVersion:
             rates["cached_input_tokens"] = plain(rate.cached_input_per_mtok)
         if rate.cache_write_per_mtok is not None:
             rates["cache_write_tokens"] = plain(rate.cache_write_per_mtok)
+        for quantity, audio in (("audio_input_tokens", rate.audio_input_per_mtok),
+                                ("cached_audio_input_tokens", rate.cached_audio_input_per_mtok),
+                                ("audio_output_tokens", rate.audio_output_per_mtok)):
+            if audio is not None:
+                rates[quantity] = plain(audio)
         match = {"type": "request"} if model == "*" else {"type": "request", "model": model}
         rule_id = f"config{index}:" + re.sub(r"[^A-Za-z0-9_.:@-]", "_", model)
         rules.append({"id": rule_id[:64], "match": match, "asset": pricing.asset,

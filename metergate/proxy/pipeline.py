@@ -130,6 +130,9 @@ class Pipeline:
         from metergate.proxy.compute import ComputeRelay
 
         self.compute = ComputeRelay(self)
+        from metergate.proxy import realtime
+
+        self.realtime, self._realtime_serves = realtime.RealtimeRelay(self), realtime.serves
         self.free = FreeEndpoints(self)
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
@@ -192,6 +195,8 @@ class Pipeline:
                            code="unknown_route")
         if match.route.compute is not None:
             return await self.compute.handle(request, request_id, match)
+        if self._realtime_serves(match):  # the Realtime API's WebSocket, billed per response
+            return await self.realtime.handle(request, request_id, match)
         if (free := self.free.find(match)) is not None:  # models lists, token counting: unmetered
             return await self.free.handle(request, request_id, match, free)
         adapter = self._adapters[match.route.prefix]

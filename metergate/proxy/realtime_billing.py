@@ -1,0 +1,361 @@
+"""The wallet side of a Realtime API session: one hold per response, settled from its ``response.done``.
+
+A session is a series of responses, each billed like a request of its own: a hold placed before the response
+may start, settled from the usage the upstream reports in ``response.done`` (a usage record per response, with
+the text and audio split in its detail), the rest released. Between responses the session keeps one *spare*
+hold, the one the next response will draw: placed at the upgrade (the session's authorization) and again
+after every settlement. A client ``response.create`` is forwarded only when a spare is in place or can be
+placed; otherwise the session is cut off. A response the upstream starts by itself (server VAD) claims the
+spare; without one, metergate cancels it upstream and ends the session, and bills what ``response.done``
+reports for the cancelled response against an empty hold (captured as far as the wallet covers, the rest
+written off: never lost).
+
+Why one hold per response rather than partial captures from one session hold: it works on every wallet store
+(the Redis wallet has no partial captures), each response gets its usage record (prices, margins, invoiced
+meter events and tier counters work as for any request), and a spare hold that sits idle is simply voided and
+placed again to keep it ahead of ``hold_ttl_s`` (:meth:`SessionMeter.refresh`).
+
+Nothing lost: a response whose ``response.done`` never comes (the client left and the grace period passed,
+the upstream broke off) is billed an estimate marked ``estimated``: the context the previous response saw plus
+its output and what the client sent since, and the output delivered (text tokens counted, audio by its
+duration). When the session ends every hold it still has is settled or voided; if the process dies, they
+expire after ``hold_ttl_s``, which the session keeps pushing out while it lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from metergate.config.routes import RouteMatch
+from metergate.errors import BadRequest
+from metergate.metering.realtime import RealtimeUsage, genai_audio_rates
+from metergate.metering.tokenizer import counter_for
+from metergate.payments.spendcaps import SpendCapReached
+from metergate.pricing.engine import CostUnknown
+from metergate.pricing.service import Resolved
+from metergate.proxy.identify import Identity
+from metergate.proxy.settlement import settle_with_retries
+from metergate.wallet.errors import HoldNotFound, InsufficientFunds
+from metergate.wallet.models import Hold, Settlement, UsageRecord, stored_text
+
+if TYPE_CHECKING:
+    from metergate.proxy.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_PCM16_BYTES_PER_S = 48_000  # the Realtime API's default audio: 16-bit mono PCM at 24 kHz
+_ANOMALY_CHARS = 200
+
+
+class Refused(Exception):
+    """The wallet cannot cover the next response (``error`` is the 402 the client would have got over HTTP)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(slots=True)
+class Response:
+    """One response in flight: its hold and what was seen of it, for an estimate should no usage come."""
+
+    id: str
+    seq: int
+    hold: Hold
+    held_usage: RealtimeUsage  # the input it is expected to see (for an estimate)
+    started: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    audio_bytes: int = 0
+    refreshed: int = 0
+
+
+class SessionMeter:
+    """Holds and settlements of one session; every method may be called from either relay direction."""
+
+    def __init__(self, pipeline: Pipeline, identity: Identity, match: RouteMatch, model: str, rate: Resolved,
+                 session_id: str, feature: str | None) -> None:
+        self._p = pipeline
+        self.identity = identity
+        self.match = match
+        self.model = model
+        self.rate = rate
+        self.session_id = session_id
+        self.feature = feature
+        self._settings = pipeline.settings.realtime
+        self._ttl_ms = pipeline.settings.hold_ttl_s * 1000
+        self._lock = asyncio.Lock()  # one hold decision at a time
+        self.spare: Hold | None = None
+        self.active: dict[str, Response] = {}
+        self._seq = 0
+        self._holds = 0
+        self.last: RealtimeUsage | None = None  # the previous response's usage (the context grows from it)
+        self.last_price = 0
+        self.sent_audio_bytes = 0  # client input since the previous response
+        self.sent_text: list[str] = []
+        self.settled: list[Settlement] = []
+        self._rates = genai_audio_rates(match.route.provider_id, model)
+        self._open: dict[str, Hold] = {}  # every hold placed and not yet settled or voided
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self.closed = False
+
+    # ------------------------------------------------------------------ pricing
+
+    def price(self, usage: RealtimeUsage) -> int:
+        """Raises ``CostUnknown`` for a cost-plus rule whose provider cost is unknown."""
+        cost = self.cost_nanos(usage) if self.rate.rule.markup is not None else None
+        return self.rate.price(usage.quantities(), cost).amount
+
+    def cost_nanos(self, usage: RealtimeUsage) -> int | None:
+        """The provider's cost: a configured override (text rates, which then price audio too), else
+        genai-prices' audio rates for the model, else its text rates."""
+        costs = self._p.costs
+        if self.model in self._p.settings.cost_overrides or self._rates is None:
+            return costs.cost(self.match.route.provider_id, self.model, usage.as_usage()).nanos
+        return self._rates.nanos(usage)
+
+    def hold_estimate(self) -> RealtimeUsage:
+        s = self._settings
+        return RealtimeUsage(audio_input=s.response_hold_input_tokens, audio_output=s.response_hold_output_tokens,
+                             source="estimated")
+
+    def hold_amount(self) -> int:
+        """What the next response is held for: the configured estimate priced as audio, and at least what
+        the previous response cost (the conversation it saw only grows)."""
+        try:
+            return max(self.price(self.hold_estimate()), self.last_price)
+        except CostUnknown:
+            raise BadRequest(f"Model {self.model!r} is priced over its provider cost, which is unknown.",
+                             code="unknown_cost", param="model") from None
+
+    # ------------------------------------------------------------------ holds
+
+    async def _reserve(self, amount: int) -> Hold:
+        """Place a hold, remembered in ``_open`` until it is settled or voided: should the caller be cancelled
+        meanwhile, :meth:`close` still finds it (the reservation itself runs to its end, shielded)."""
+        p = self._p
+        self._holds += 1
+        hold_id = f"hold_{self.session_id[4:]}_{self._holds}"
+
+        async def place() -> Hold:
+            if p.spend_caps is not None:
+                await p.spend_caps.admit(self.identity.mode, self.identity.customer_id, self.rate.asset, amount)
+            hold, _ = await p.store.reserve(self.identity.mode, self.identity.customer_id, self.rate.asset,
+                                            amount, hold_id=hold_id, ttl_ms=self._ttl_ms)
+            self._open[hold.id] = hold
+            p.metrics.hold_opened()
+            return hold
+
+        return await self._tracked(place())
+
+    async def _tracked(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a wallet operation to its end even if the caller is cancelled; :meth:`close` waits for it."""
+        task = asyncio.ensure_future(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def authorize(self) -> None:
+        """The session's first hold, before the upgrade; raises the 402 (or 400 ``unknown_cost``) to answer."""
+        try:
+            self.spare = await self._reserve(self.hold_amount())
+        except InsufficientFunds as short:
+            raise self._p.insufficient(self.identity, short) from None
+
+    async def admit_response(self) -> None:
+        """Before a client's ``response.create`` is forwarded: a spare hold must be in place; raises
+        :class:`Refused` when the wallet cannot cover one."""
+        async with self._lock:
+            if self.spare is None:
+                self.spare = await self._place_spare()
+
+    async def _place_spare(self) -> Hold:
+        if self.closed:
+            raise Refused(RuntimeError("the session is over"))
+        amount = self.hold_amount()
+        try:
+            return await self._reserve(amount)
+        except InsufficientFunds as short:
+            raise Refused(self._p.insufficient(self.identity, short)) from None
+        except SpendCapReached as capped:
+            raise Refused(capped) from None
+
+    async def started(self, response_id: str) -> Refused | None:
+        """The upstream announced a response (``response.created``): it draws the spare hold. When there is
+        none and none can be placed, the refusal is returned: the caller cancels the response and ends the
+        session, and the response is billed against an empty hold."""
+        async with self._lock:
+            if response_id in self.active:
+                return None
+            hold, refused = self.spare, None
+            self.spare = None
+            if hold is None:
+                try:
+                    hold = await self._place_spare()
+                except Refused as short:
+                    hold, refused = await self._reserve(0), short
+            self._seq += 1
+            self.active[response_id] = Response(response_id, self._seq, hold, self._context_estimate())
+            self.sent_audio_bytes, self.sent_text = 0, []
+            return refused
+
+    def _context_estimate(self) -> RealtimeUsage:
+        """The input the next response will at least see: the previous one's context and output, and what
+        the client sent since (audio by its duration, text by the model's tokenizer)."""
+        media = self._p.settings.media
+        sent_audio = self.sent_audio_bytes * media.audio_tokens_per_s // _PCM16_BYTES_PER_S
+        sent_text = counter_for(self.model).count("".join(self.sent_text)) if self.sent_text else 0
+        last = self.last or RealtimeUsage(source="estimated")
+        return RealtimeUsage(text_input=last.text_input + last.cached_text_input + last.text_output + sent_text,
+                             audio_input=last.audio_input + last.cached_audio_input + last.audio_output + sent_audio,
+                             source="estimated")
+
+    def delta(self, response_id: str, *, text: str | None = None, audio_b64_chars: int = 0) -> None:
+        response = self.active.get(response_id)
+        if response is None:
+            return
+        if text:
+            response.text.append(text)
+        response.audio_bytes += audio_b64_chars * 3 // 4
+
+    def estimate(self, response: Response) -> RealtimeUsage:
+        """A response whose usage never came: its expected input, and the output delivered."""
+        text_out = counter_for(self.model).count("".join(response.text)) if response.text else 0
+        audio_out = response.audio_bytes * self._settings.audio_output_tokens_per_s // _PCM16_BYTES_PER_S
+        return replace(response.held_usage, text_output=text_out, audio_output=audio_out, source="estimated")
+
+    async def done(self, response_id: str, usage: RealtimeUsage | None, *, status: str,
+                   anomaly: str | None = None) -> Settlement | None:
+        """Settle a response from its ``response.done`` (``usage`` ``None``: none reported, or an anomaly,
+        so the estimate is billed), then place the next spare hold (a refusal is left for the next
+        response.create to report). Runs to its end even if the caller is cancelled."""
+        return await self._tracked(self._done(response_id, usage, status=status, anomaly=anomaly))
+
+    async def _done(self, response_id: str, usage: RealtimeUsage | None, *, status: str,
+                    anomaly: str | None) -> Settlement | None:
+        response = self.active.pop(response_id, None)
+        if response is None:
+            async with self._lock:  # a response.done for a response never announced: bill it all the same
+                self._seq += 1
+                spare, self.spare = self.spare, None
+                hold = spare or await self._reserve(0)
+                response = Response(response_id, self._seq, hold, self._context_estimate())
+        billed = usage if usage is not None else self.estimate(response)
+        settlement = await self._settle(response, billed, status=status, anomaly=anomaly)
+        if usage is not None:
+            self.last, self.last_price = usage, self._final_price(billed, response.hold.amount)
+        async with self._lock:
+            if self.spare is None and not self.closed:
+                try:
+                    self.spare = await self._place_spare()
+                except Refused:
+                    log.info("%s: the wallet cannot cover the next response", self.session_id)
+        return settlement
+
+    def _final_price(self, usage: RealtimeUsage, fallback: int) -> int:
+        try:
+            return self.price(usage)
+        except CostUnknown:
+            return fallback
+
+    async def _settle(self, response: Response, usage: RealtimeUsage, *, status: str,
+                      anomaly: str | None) -> Settlement | None:
+        price = self._final_price(usage, response.hold.amount)
+        totals = usage.as_usage()
+        cost = self.cost_nanos(usage)
+        detail: dict[str, Any] = {
+            "price": self.rate.as_detail(), "hold": response.hold.amount, "session": self.session_id,
+            "response_id": stored_text(response.id, 64), "response_status": stored_text(status, 32),
+            "tokens": usage.detail(), "duration_ms": int((time.monotonic() - response.started) * 1000),
+            "cost": {"source": "override" if self.model in self._p.settings.cost_overrides else
+                     "genai-prices" if self._rates is not None else "text-rates"},
+        }
+        if anomaly:
+            detail["usage_anomalies"] = [stored_text(anomaly, _ANOMALY_CHARS)]
+        record = UsageRecord(
+            id=f"{self.session_id}_r{response.seq}", mode=self.identity.mode, customer_id=self.identity.customer_id,
+            hold_id=response.hold.id, route=self.match.route.prefix, endpoint="realtime", model=self.model,
+            feature=self.feature, stream=True, status_code=200 if status == "completed" else 499,
+            usage_source=usage.source, tokens_input=totals.input_tokens,
+            tokens_cached_input=totals.cached_input_tokens, tokens_output=totals.output_tokens, tokens_reasoning=0,
+            asset=response.hold.asset, price_amount=price, cost_nanos=cost, detail=detail)
+        settlement = await settle_with_retries(self._p.store, response.hold.id, price, record)
+        self._open.pop(response.hold.id, None)
+        self._count(record, settlement)
+        if settlement is not None:
+            self.settled.append(settlement)
+            await self._p.prices.count(self.rate, record.id, record.mode, record.customer_id, usage.quantities())
+            if self._p.on_settled is not None:
+                try:
+                    await self._p.on_settled(record.mode, record.customer_id, record.asset, settlement.balance)
+                except Exception:
+                    log.exception("%s: after-settlement hook failed", record.id)
+        return settlement
+
+    def _count(self, record: UsageRecord, settlement: Settlement | None) -> None:
+        """The response in the proxy's metrics, as a request (``endpoint="realtime"``)."""
+        m = self._p.metrics
+        m.open_holds.dec()
+        outcome = "ok" if settlement is not None else "settlement_failed"
+        m.requests.labels(record.route, record.endpoint, f"{record.status_code // 100}xx", outcome).inc()
+        if record.detail.get("usage_anomalies"):
+            m.usage_anomalies.labels(record.route, record.endpoint).inc()
+        if settlement is None:
+            return
+        for kind, count in (("input", record.tokens_input), ("cached_input", record.tokens_cached_input),
+                            ("output", record.tokens_output)):
+            if count:
+                m.tokens.labels(kind, record.usage_source).inc(count)
+        if settlement.charged:
+            m.charged.labels(record.asset).inc(settlement.charged)
+        if settlement.written_off:
+            m.written_off.labels(record.asset).inc(settlement.written_off)
+        if record.cost_nanos:
+            m.cost.inc(record.cost_nanos)
+
+    async def refresh(self) -> None:
+        """Keep the session's holds ahead of their expiry: the idle spare is voided and placed again (nothing
+        is charged for it), a long response's hold is pushed out by extending it by one unit."""
+        await self._tracked(self._refresh())
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if self.spare is not None and not self.closed:
+                old, self.spare = self.spare, None
+                await self._void(old)
+                with contextlib.suppress(Refused):  # the next response.create reports it
+                    self.spare = await self._place_spare()
+        for response in list(self.active.values()):
+            response.refreshed += 1
+            with contextlib.suppress(InsufficientFunds, HoldNotFound):  # it keeps its expiry: rarely outlived
+                response.hold = await self._p.store.extend_hold(response.hold.id, 1, step=response.refreshed,
+                                                                ttl_ms=self._ttl_ms)
+
+    async def _void(self, hold: Hold) -> None:
+        try:
+            await self._p.store.settle(hold.id, 0)
+            self._open.pop(hold.id, None)
+            self._p.metrics.open_holds.dec()
+        except Exception:
+            log.exception("%s: voiding hold %s failed; it expires after hold_ttl_s", self.session_id, hold.id)
+
+    async def close(self) -> None:
+        """The session is over: let the wallet operations in flight finish, bill every response still in
+        flight by its estimate, and void every other hold the session placed."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        self.closed = True
+        for response_id, response in list(self.active.items()):
+            self.active.pop(response_id, None)
+            await self._settle(response, self.estimate(response), status="incomplete", anomaly=None)
+        self.spare = None
+        for hold in list(self._open.values()):
+            await self._void(hold)
+
+
+__all__ = ["Refused", "Response", "SessionMeter"]

@@ -1,0 +1,397 @@
+"""The Realtime API over WebSocket, prepaid: every response held before it starts and billed by its
+``response.done``.
+
+Method: the official ``openai`` SDK's realtime client (``client.realtime.connect``) talks to metergate, which
+relays to the mock Realtime upstream (:mod:`metergate.demo.mock_realtime`, the real event format); frames the
+SDK cannot send (malformed, binary) go through aiohttp's WebSocket client. Each test adds up what the mock
+reported in its ``response.done`` events, prices it by hand from the configured rates (text and audio apart),
+and compares with the ledger through the admin API: charged to the unit, one usage record per response, no
+hold left open. The kill -9 test runs ``metergate serve`` as a subprocess and then lets its holds expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx2 as httpx
+import openai
+import pytest
+import yaml
+
+from metergate.demo.mock_realtime import CONNECTIONS, SENT_USAGE, build_mock_realtime
+from metergate.wallet.sql import SqlWalletStore
+from tests.conftest import ADMIN_KEY, DEFAULT_PRICING, PROVIDER_KEY, Gateway, Upstream, free_port, serve, start_gateway
+
+MODEL = "gpt-realtime"
+RATES = {"input_per_mtok": "4", "cached_input_per_mtok": "0.4", "output_per_mtok": "16",
+         "audio_input_per_mtok": "32", "cached_audio_input_per_mtok": "0.4", "audio_output_per_mtok": "64"}
+PRICING = {**DEFAULT_PRICING, "models": {**DEFAULT_PRICING["models"], MODEL: RATES}}
+AS_ACME = {"X-Metergate-Customer": "acme", "X-Metergate-Mode": "test"}
+SMALL_HOLDS = {"response_hold_input_tokens": 100, "response_hold_output_tokens": 100, "done_grace_s": 2}
+WAIT_S = 20  # the longest any condition below is waited for (never asserted on as a duration)
+
+
+def price_of(usage: dict[str, Any]) -> int:
+    """One response's price in micro-dollars, from the mock's own report, by the rates above: each kind on
+    its own rate, the exact sum rounded half-up once."""
+    ind, outd = usage["input_token_details"], usage["output_token_details"]
+    cached = ind["cached_tokens_details"]
+    per = {k: Decimal(v) for k, v in RATES.items()}
+    exact = ((ind["text_tokens"] - cached["text_tokens"]) * per["input_per_mtok"]
+             + cached["text_tokens"] * per["cached_input_per_mtok"]
+             + (ind["audio_tokens"] - cached["audio_tokens"]) * per["audio_input_per_mtok"]
+             + cached["audio_tokens"] * per["cached_audio_input_per_mtok"]
+             + outd["text_tokens"] * per["output_per_mtok"] + outd["audio_tokens"] * per["audio_output_per_mtok"])
+    return int((exact / 1_000_000 * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[Upstream]:
+    app = build_mock_realtime(PROVIDER_KEY)
+    runner, port = await serve(app)
+    yield Upstream(f"http://127.0.0.1:{port}", app)
+    await runner.cleanup()
+
+
+async def _gateway(mock: Upstream, tmp_path: Path, funds: int, **realtime: Any) -> AsyncIterator[Gateway]:
+    gw, runner = await start_gateway(mock, f"sqlite:///{tmp_path / 'realtime.db'}", pricing=PRICING, routes=[
+        {"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY, "realtime": True}],
+        realtime=realtime)
+    await gw.customer("acme", funds=funds)
+    yield gw
+    await gw.close()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def gw(mock: Upstream, tmp_path: Path) -> AsyncIterator[Gateway]:
+    async for gateway in _gateway(mock, tmp_path, 1_000_000, done_grace_s=2):
+        yield gateway
+
+
+def sent(mock: Upstream) -> list[dict[str, Any]]:
+    return mock.app[SENT_USAGE]
+
+
+async def settled(gw: Gateway, records: int) -> list[dict[str, Any]]:
+    """The usage records once ``records`` of them exist and no hold is pending (settlement after a client
+    left runs on in the server)."""
+    for _ in range(WAIT_S * 20):
+        usage = await gw.usage()
+        if len(usage) >= records and (await gw.balance())["pending"] == 0:
+            return usage
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not settled: {await gw.usage()} {await gw.balance()}")
+
+
+async def charged_total(gw: Gateway) -> int:
+    return sum(record["charged_amount"] for record in await gw.usage())
+
+
+async def until_done(connection: Any) -> Any:
+    async for event in connection:
+        if event.type == "response.done":
+            return event
+        if event.type == "error":
+            return event
+    raise AssertionError("the session ended before response.done")
+
+
+# ---------------------------------------------------------------------------------- billing
+
+
+async def test_session_is_billed_the_sum_of_its_responses(gw: Gateway, mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        created = await connection.recv()
+        assert created.type == "session.created"
+        for turn, deltas in enumerate((3, 7, 2)):
+            await connection.conversation.item.create(item={
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": f"turn {turn} " * 9}]})
+            await connection.input_audio_buffer.append(audio="AAAA" * 12_000)  # 0.75 s of silence
+            await connection.input_audio_buffer.commit()
+            await connection.response.create(response={"metadata": {"mock_deltas": str(deltas)}})
+            done = await until_done(connection)
+            assert done.type == "response.done" and done.response.status == "completed"
+            receipt = done.model_extra["metergate"]  # settled before it was forwarded
+            assert receipt["usage_source"] == "provider"
+            assert Decimal(receipt["charged"]) * 1_000_000 == price_of(sent(mock)[turn]["usage"])
+    usage = await settled(gw, 3)
+    expected = sum(price_of(s["usage"]) for s in sent(mock))
+    assert len(sent(mock)) == 3 and expected > 0
+    assert await charged_total(gw) == expected
+    balance = await gw.balance()
+    assert balance["available"] == 1_000_000 - expected and balance["pending"] == 0
+    assert {r["endpoint"] for r in usage} == {"realtime"} and {r["usage_source"] for r in usage} == {"provider"}
+    # Audio is priced on its own rates: the record keeps the split the provider reported.
+    last = max(usage, key=lambda r: r["id"])["detail"]["tokens"]
+    reported = sent(mock)[-1]["usage"]
+    assert last["audio_output"] == reported["output_token_details"]["audio_tokens"] > 0
+    assert await gw.store.audit() == []
+    # The provider's key went upstream; the client's never did.
+    headers = mock.app[CONNECTIONS][0]["headers"]
+    assert headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert not any(name.lower().startswith("x-metergate") for name in headers)
+
+
+async def test_session_that_outruns_its_wallet_is_refused_at_the_next_response(mock: Upstream,
+                                                                                tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 25_000, **SMALL_HOLDS):
+        client = gw.openai()
+        events: list[Any] = []
+        async with client.realtime.connect(model=MODEL) as connection:
+            await connection.recv()
+            closed: BaseException | None = None
+            try:
+                for _ in range(10):
+                    await connection.response.create(response={"metadata": {"mock_deltas": "30"}})
+                    event = await until_done(connection)
+                    events.append(event)
+                    if event.type == "error":
+                        break
+                await connection.recv()  # the server closes the session after the error event
+            except Exception as exc:  # websockets' ConnectionClosed, as the SDK surfaces a close
+                closed = exc
+        refusal = events[-1]
+        assert refusal.type == "error", events
+        assert refusal.error.code == "insufficient_funds" and refusal.error.type == "invalid_request_error"
+        assert "/portal/" in refusal.error.message and refusal.error.model_extra["portal_url"] in refusal.error.message
+        assert closed is not None and getattr(getattr(closed, "rcvd", None), "code", None) == 1008
+        responses = [e for e in events if e.type == "response.done"]
+        assert len(responses) == len(sent(mock)) >= 1  # the refused response.create never went upstream
+        await settled(gw, len(responses))
+        expected = sum(price_of(s["usage"]) for s in sent(mock))
+        assert await charged_total(gw) == expected
+        balance = await gw.balance()
+        assert balance["available"] == 25_000 - expected and balance["pending"] == 0
+        assert all(r["written_off_amount"] == 0 for r in await gw.usage())
+
+
+async def test_client_that_leaves_mid_response_pays_what_response_done_reported(gw: Gateway,
+                                                                                 mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "200", "mock_delay_s": "0.02"}})
+        async for event in connection:
+            if event.type == "response.output_audio.delta":
+                break
+    usage = await settled(gw, 1)
+    assert len(sent(mock)) == 1 and sent(mock)[0]["status"] == "cancelled"  # metergate cancelled it upstream
+    assert usage[0]["usage_source"] == "provider"
+    assert usage[0]["charged_amount"] == price_of(sent(mock)[0]["usage"]) > 0
+
+
+async def test_client_that_leaves_before_any_usage_pays_an_estimate_marked_estimated(gw: Gateway,
+                                                                                      mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "2", "mock_no_done": "1"}})
+        deltas = 0
+        async for event in connection:
+            deltas += event.type == "response.output_audio.delta"
+            if deltas == 2:
+                break
+    usage = await settled(gw, 1)
+    assert sent(mock) == []  # the upstream never reported usage
+    record = usage[0]
+    assert record["usage_source"] == "estimated"
+    tokens = record["detail"]["tokens"]
+    assert tokens["audio_output"] == 4  # 0.2 s of audio delivered, at 20 output tokens a second
+    assert record["charged_amount"] == record["price_amount"] > 0
+    assert (await gw.balance())["available"] == 1_000_000 - record["charged_amount"]
+
+
+async def test_server_started_response_without_funds_is_cancelled_and_billed(mock: Upstream,
+                                                                            tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 12_000, **SMALL_HOLDS):
+        client = gw.openai()
+        kinds: list[str] = []
+        async with client.realtime.connect(model=MODEL) as connection:
+            await connection.recv()
+            await connection.session.update(session={"type": "realtime", "audio": {"input": {
+                "turn_detection": {"type": "server_vad"}}}})
+            await connection.response.create(response={"metadata": {"mock_deltas": "30"}})  # drains the wallet
+            assert (await until_done(connection)).type == "response.done"
+            await connection.input_audio_buffer.append(audio="AAAA" * 4000)
+            await connection.input_audio_buffer.commit()  # server VAD starts a response by itself
+            try:
+                async for event in connection:
+                    kinds.append(event.type)
+            except Exception:  # noqa: S110 - the close that ends the session
+                pass
+        assert "error" in kinds and "response.done" in kinds, kinds
+        assert sent(mock)[-1]["status"] == "cancelled"
+        await settled(gw, 2)
+        usage = await gw.usage()
+        assert sum(r["price_amount"] for r in usage) == sum(price_of(s["usage"]) for s in sent(mock))
+        assert sum(r["charged_amount"] + r["written_off_amount"] for r in usage) == sum(
+            r["price_amount"] for r in usage)  # nothing lost: what the wallet could not cover is written off
+        assert (await gw.balance())["pending"] == 0
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+async def test_upgrade_without_identification_is_401_json_before_upgrade(gw: Gateway, mock: Upstream) -> None:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{gw.url}/openai/v1/realtime", params={"model": MODEL}, headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_customer"
+    assert mock.app[CONNECTIONS] == []
+
+
+async def test_upgrade_refused_for_funds_is_402_json(mock: Upstream, tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 10):
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME)
+        assert refused.value.status == 402
+        assert mock.app[CONNECTIONS] == [] and await gw.usage() == []
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("", "missing_model"),
+    ("model=bad%20model", "invalid_model"),
+    (f"model={MODEL}&call_id=rtc_1", "invalid_query"),
+])
+async def test_bad_upgrade_queries_are_refused(gw: Gateway, query: str, code: str) -> None:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{gw.url}/openai/v1/realtime?{query}", headers={**AS_ACME, "Upgrade": "websocket"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
+
+
+async def test_plain_get_without_upgrade_is_refused(gw: Gateway) -> None:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "websocket_required"
+    assert (await gw.balance())["pending"] == 0
+
+
+async def test_malformed_client_frames_get_error_events_and_cost_nothing(gw: Gateway, mock: Upstream) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME, protocols=("realtime",)) as ws:
+        assert ws.protocol == "realtime"
+        assert json.loads((await ws.receive()).data)["type"] == "session.created"
+        for bad in ("not json", "[1, 2]", '{"no": "type"}', '{"type": 7}'):
+            await ws.send_str(bad)
+            event = json.loads((await ws.receive()).data)
+            assert event["type"] == "error" and event["error"]["code"] == "invalid_event", event
+        await ws.send_bytes(b"\x00\x01")
+        assert json.loads((await ws.receive()).data)["error"]["code"] == "invalid_event"
+        await ws.send_str(json.dumps({"type": "response.create", "response": {"metadata": {"mock_deltas": "1"}}}))
+        while json.loads((await ws.receive()).data)["type"] != "response.done":
+            pass
+    usage = await settled(gw, 1)
+    assert len(usage) == 1 and usage[0]["charged_amount"] == price_of(sent(mock)[0]["usage"])
+
+
+async def test_oversized_frame_closes_the_session_with_1009(mock: Upstream, tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 1_000_000, max_frame_bytes=4096):
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME) as ws:
+            await ws.receive()
+            await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 8192}))
+            while (message := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+                pass
+            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1009
+        await settled(gw, 0)
+        assert await gw.usage() == [] and (await gw.balance())["available"] == 1_000_000
+
+
+async def test_browser_subprotocol_key_identifies_and_never_reaches_upstream(gw: Gateway, mock: Upstream) -> None:
+    issued = await gw.admin.post("/customers/acme/api-keys", json={})
+    key = issued.json()["key"]
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"{gw.url}/openai/v1/realtime?model={MODEL}",
+            protocols=("realtime", f"openai-insecure-api-key.{key}")) as ws:
+        assert ws.protocol == "realtime"
+        assert json.loads((await ws.receive()).data)["type"] == "session.created"
+    received = json.dumps(mock.app[CONNECTIONS])
+    assert key not in received and PROVIDER_KEY in received
+
+
+async def test_implausible_usage_is_billed_by_estimate(gw: Gateway, mock: Upstream) -> None:
+    client = gw.openai()
+    bad = {"input_tokens": 10, "output_tokens": -5}
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_usage": json.dumps(bad)}})
+        done = await until_done(connection)
+        assert done.model_extra["metergate"]["usage_source"] == "estimated"
+    usage = await settled(gw, 1)
+    assert usage[0]["usage_source"] == "estimated" and "usage_anomalies" in usage[0]["detail"]
+    assert usage[0]["charged_amount"] > 0
+
+
+# ---------------------------------------------------------------------------------- kill -9
+
+
+async def test_kill_9_mid_session_leaves_only_holds_that_expire(mock: Upstream, tmp_path: Path) -> None:
+    port, database_url = free_port(), f"sqlite:///{tmp_path / 'killed.db'}"
+    config = tmp_path / "metergate.yaml"
+    config.write_text(yaml.safe_dump({
+        "port": port, "database_url": database_url, "hold_ttl_s": 30, "upstream_timeout_s": 20,
+        "drain_timeout_s": 1, "routes": [{"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY,
+                                          "realtime": True}],
+        "pricing": PRICING, "admin_keys": [ADMIN_KEY], "portal_secrets": {"k1": "s" * 40}}))
+    log = tmp_path / "metergate.log"
+    with log.open("w") as out:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "metergate", "serve", "--config",
+                                                       str(config), stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as http:
+            for _ in range(300):
+                assert process.returncode is None, log.read_text()
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            assert (await http.post("/admin/v1/customers", json={"id": "acme", "name": "A"}, headers=admin)).is_success
+            assert (await http.post("/admin/v1/customers/acme/credits", headers=admin,
+                                    json={"amount": 1_000_000, "idempotency_key": "seed"})).is_success
+        client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key="unused", default_headers=AS_ACME)
+        async with client:
+            connection = await client.realtime.connect(model=MODEL).enter()
+            await connection.recv()
+            await connection.response.create(response={"metadata": {"mock_deltas": "500", "mock_delay_s": "0.05"}})
+            async for event in connection:
+                if event.type == "response.output_audio.delta":
+                    process.send_signal(signal.SIGKILL)
+                    break
+            await process.wait()
+            with pytest.raises(Exception):  # noqa: B017, PT011 - the session died with the process
+                async for _ in connection:
+                    pass
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    store = SqlWalletStore(database_url)
+    await store.open()
+    try:
+        balance = await store.balance("test", "acme", "USD")
+        assert balance.debits_pending > 0 and balance.debits_posted == 0  # the response's hold, left open
+        rows = await store.read(lambda conn: conn.exec_driver_sql(
+            "SELECT id, expires_at_ms, created_at_ms FROM holds WHERE state = 'pending'").all())
+        assert rows and all(expires <= created + 30_000 + 5_000 for _, expires, created in rows)
+        expired = await store.expire_holds(now_ms=max(expires for _, expires, _ in rows) + 1)  # TTL passed, sweep
+        assert expired == len(rows)
+        after = await store.balance("test", "acme", "USD")
+        assert after.debits_pending == 0 and after.available == 1_000_000
+        assert await store.audit() == []
+    finally:
+        await store.close()
