@@ -14,7 +14,8 @@ A ``response.create`` steers a response through its ``response.metadata`` (strin
 usage object sent as is: anomalies), ``mock_no_done`` (``"1"``: never finish), ``mock_die`` (``"1"``: drop the
 connection after the first delta). ``response.cancel`` ends the response in progress with
 ``status: "cancelled"`` and the usage of what it produced. With server VAD turned on by ``session.update``,
-``input_audio_buffer.commit`` starts a response by itself, as the real API's turn detection does.
+``input_audio_buffer.commit`` starts a response by itself (20 deltas, 20 ms apart), as the real API's turn
+detection does.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class _Connection:
             self.c.buffered_audio_bytes = 0
             await self.send({"type": "input_audio_buffer.committed", "previous_item_id": None,
                              "item_id": _id("item")})
-            if self.c.server_vad:
-                self.start({})
+            if self.c.server_vad:  # a turn detected: a response of 20 deltas, 20 ms apart
+                self.start({"metadata": {"mock_deltas": "20", "mock_delay_s": "0.02"}})
         elif kind == "response.create":
             if self.c.current is not None and not self.c.current.done():
                 await self.send({"type": "error", "error": {
