@@ -276,10 +276,15 @@ class _Session:
                 await self._send(_refusal_event(refused, event_id))
                 self.closing = (CLOSE_POLICY, "insufficient funds")
                 return False
+            except MetergateError as error:  # the wallet store is unreachable: nothing can be held
+                log.warning("%s: cannot hold the next response: %s", self.meter.session_id, error.code)
+                await self._send(error_event(error.code, error.message, kind="server_error", event_id=event_id))
+                self.closing = (WSCloseCode.TRY_AGAIN_LATER, "wallet unavailable")
+                return False
         elif kind == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
-            self.meter.sent_audio_bytes += len(event["audio"]) * 3 // 4
+            self.meter.client_input(audio_b64_chars=len(event["audio"]))
         elif kind == "conversation.item.create":
-            self.meter.sent_text.extend(_item_text(event.get("item")))
+            self.meter.client_input(texts=_item_text(event.get("item")))
         await self._to_upstream(data)
         return True
 

@@ -28,12 +28,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from metergate.config.routes import RouteMatch
-from metergate.errors import BadRequest
+from metergate.errors import BadGateway, BadRequest
 from metergate.metering.realtime import RealtimeUsage, genai_audio_rates
 from metergate.metering.tokenizer import counter_for
 from metergate.payments.spendcaps import SpendCapReached
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _PCM16_BYTES_PER_S = 48_000  # the Realtime API's default audio: 16-bit mono PCM at 24 kHz
 _ANOMALY_CHARS = 200
+_MAX_ACTIVE = 8  # responses in flight at once; the API runs one per conversation, plus out-of-band ones
+_MAX_TEXT_CHARS = 1 << 20  # text kept per response (and of client input) for an estimate; beyond, 1 token/char
 
 
 class Refused(Exception):
@@ -71,6 +73,8 @@ class Response:
     held_usage: RealtimeUsage  # the input it is expected to see (for an estimate)
     started: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
+    text_chars: int = 0
+    overflow_chars: int = 0  # text beyond _MAX_TEXT_CHARS: estimated at one token a character
     audio_bytes: int = 0
     refreshed: int = 0
 
@@ -98,6 +102,7 @@ class SessionMeter:
         self.last_price = 0
         self.sent_audio_bytes = 0  # client input since the previous response
         self.sent_text: list[str] = []
+        self._sent_chars = self._sent_overflow = 0
         self.settled: list[Settlement] = []
         self._rates = genai_audio_rates(match.route.provider_id, model)
         self._open: dict[str, Hold] = {}  # every hold placed and not yet settled or voided
@@ -194,14 +199,18 @@ class SessionMeter:
                 return None
             hold, refused = self.spare, None
             self.spare = None
-            if hold is None:
+            if hold is None and len(self.active) >= _MAX_ACTIVE:
+                refused = Refused(BadGateway(f"The upstream started more than {_MAX_ACTIVE} responses at once.",
+                                             code="upstream_invalid"))
+                hold = await self._reserve(0)
+            elif hold is None:
                 try:
                     hold = await self._place_spare()
                 except Refused as short:
                     hold, refused = await self._reserve(0), short
             self._seq += 1
             self.active[response_id] = Response(response_id, self._seq, hold, self._context_estimate())
-            self.sent_audio_bytes, self.sent_text = 0, []
+            self.sent_audio_bytes, self.sent_text, self._sent_chars, self._sent_overflow = 0, [], 0, 0
             return refused
 
     def _context_estimate(self) -> RealtimeUsage:
@@ -210,22 +219,38 @@ class SessionMeter:
         media = self._p.settings.media
         sent_audio = self.sent_audio_bytes * media.audio_tokens_per_s // _PCM16_BYTES_PER_S
         sent_text = counter_for(self.model).count("".join(self.sent_text)) if self.sent_text else 0
+        sent_text += self._sent_overflow
         last = self.last or RealtimeUsage(source="estimated")
         return RealtimeUsage(text_input=last.text_input + last.cached_text_input + last.text_output + sent_text,
                              audio_input=last.audio_input + last.cached_audio_input + last.audio_output + sent_audio,
                              source="estimated")
+
+    def client_input(self, *, texts: Sequence[str] = (), audio_b64_chars: int = 0) -> None:
+        """What the client added to the conversation since the last response (for the next estimate)."""
+        self.sent_audio_bytes += audio_b64_chars * 3 // 4
+        for text in texts:
+            if self._sent_chars + len(text) <= _MAX_TEXT_CHARS:
+                self.sent_text.append(text)
+                self._sent_chars += len(text)
+            else:
+                self._sent_overflow += len(text)
 
     def delta(self, response_id: str, *, text: str | None = None, audio_b64_chars: int = 0) -> None:
         response = self.active.get(response_id)
         if response is None:
             return
         if text:
-            response.text.append(text)
+            if response.text_chars + len(text) <= _MAX_TEXT_CHARS:
+                response.text.append(text)
+                response.text_chars += len(text)
+            else:
+                response.overflow_chars += len(text)
         response.audio_bytes += audio_b64_chars * 3 // 4
 
     def estimate(self, response: Response) -> RealtimeUsage:
         """A response whose usage never came: its expected input, and the output delivered."""
         text_out = counter_for(self.model).count("".join(response.text)) if response.text else 0
+        text_out += response.overflow_chars
         audio_out = response.audio_bytes * self._settings.audio_output_tokens_per_s // _PCM16_BYTES_PER_S
         return replace(response.held_usage, text_output=text_out, audio_output=audio_out, source="estimated")
 

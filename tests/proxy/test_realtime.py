@@ -25,6 +25,7 @@ import httpx2 as httpx
 import openai
 import pytest
 import yaml
+from websockets.exceptions import ConnectionClosed
 
 from metergate.demo.mock_realtime import CONNECTIONS, SENT_USAGE, build_mock_realtime
 from metergate.wallet.sql import SqlWalletStore
@@ -149,7 +150,7 @@ async def test_session_that_outruns_its_wallet_is_refused_at_the_next_response(m
         events: list[Any] = []
         async with client.realtime.connect(model=MODEL) as connection:
             await connection.recv()
-            closed: BaseException | None = None
+            closed: ConnectionClosed | None = None
             try:
                 for _ in range(10):
                     await connection.response.create(response={"metadata": {"mock_deltas": "30"}})
@@ -158,13 +159,13 @@ async def test_session_that_outruns_its_wallet_is_refused_at_the_next_response(m
                     if event.type == "error":
                         break
                 await connection.recv()  # the server closes the session after the error event
-            except Exception as exc:  # websockets' ConnectionClosed, as the SDK surfaces a close
+            except ConnectionClosed as exc:  # how the SDK surfaces the server's close
                 closed = exc
         refusal = events[-1]
         assert refusal.type == "error", events
         assert refusal.error.code == "insufficient_funds" and refusal.error.type == "invalid_request_error"
         assert "/portal/" in refusal.error.message and refusal.error.model_extra["portal_url"] in refusal.error.message
-        assert closed is not None and getattr(getattr(closed, "rcvd", None), "code", None) == 1008
+        assert closed is not None and closed.rcvd is not None and closed.rcvd.code == 1008
         responses = [e for e in events if e.type == "response.done"]
         assert len(responses) == len(sent(mock)) >= 1  # the refused response.create never went upstream
         await settled(gw, len(responses))
@@ -227,8 +228,8 @@ async def test_server_started_response_without_funds_is_cancelled_and_billed(moc
             try:
                 async for event in connection:
                     kinds.append(event.type)
-            except Exception:  # noqa: S110 - the close that ends the session
-                pass
+            except ConnectionClosed as closed:  # the close that ends the session
+                assert closed.rcvd is not None and closed.rcvd.code == 1008
         assert "error" in kinds and "response.done" in kinds, kinds
         assert sent(mock)[-1]["status"] == "cancelled"
         await settled(gw, 2)
@@ -373,7 +374,7 @@ async def test_kill_9_mid_session_leaves_only_holds_that_expire(mock: Upstream, 
                     process.send_signal(signal.SIGKILL)
                     break
             await process.wait()
-            with pytest.raises(Exception):  # noqa: B017, PT011 - the session died with the process
+            with pytest.raises(ConnectionClosed):  # the session died with the process
                 async for _ in connection:
                     pass
     finally:
