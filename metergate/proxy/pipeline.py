@@ -163,7 +163,11 @@ class Pipeline:
             await self.session.close()
 
     async def drain(self, deadline_s: float) -> None:
-        """Shutting down: let the exchanges in flight finish for up to ``deadline_s``, then cut the rest.
+        """Shutting down: requests and Realtime sessions (:meth:`RealtimeRelay.drain`) drain side by side."""
+        await asyncio.gather(self._drain_exchanges(deadline_s), self.realtime.drain(deadline_s))
+
+    async def _drain_exchanges(self, deadline_s: float) -> None:
+        """Let the exchanges in flight finish for up to ``deadline_s``, then cut the rest.
 
         A cut stream stops reading its upstream, settles what it delivered and ends with an ``error`` event
         (code ``shutting_down``) so that its client knows the answer is incomplete; an exchange still

@@ -123,6 +123,15 @@ def _refusal_event(refused: Refused, event_id: str | None) -> str:
 class RealtimeRelay:
     def __init__(self, pipeline: Pipeline) -> None:
         self._p = pipeline
+        self._sessions: set[_Session] = set()
+
+    async def drain(self, deadline_s: float) -> None:
+        """Shutting down: each session takes no new response, lets the one in flight finish for up to
+        ``deadline_s``, then gets an ``error`` event (``shutting_down``) and is closed with code 1001 (going
+        away); what was not reported by then is billed by estimate. The handlers settle before they return."""
+        if self._sessions:
+            log.info("draining: %d realtime session(s)", len(self._sessions))
+            await asyncio.gather(*(session.shut_down(deadline_s) for session in list(self._sessions)))
 
     async def handle(self, request: web.Request, request_id: str, match: RouteMatch) -> web.StreamResponse:
         p = self._p
@@ -148,11 +157,20 @@ class RealtimeRelay:
             upstream = await self._connect(request, match)
             try:
                 await client.prepare(request)
-                await _Session(p, meter, client, upstream).run()
+                session = _Session(p, meter, client, upstream)
+                self._sessions.add(session)
+                try:
+                    await session.run()
+                finally:
+                    self._sessions.discard(session)
             finally:
                 await upstream.close()
         finally:
-            await asyncio.shield(meter.close())
+            # Tracked by the pipeline, so that a shutdown waits for it even if this handler is cancelled.
+            closing = asyncio.ensure_future(meter.close())
+            p._inflight.add(closing)
+            closing.add_done_callback(p._inflight.discard)
+            await asyncio.shield(closing)
         return client
 
     async def _connect(self, request: web.Request, match: RouteMatch) -> aiohttp.ClientWebSocketResponse:
@@ -194,6 +212,7 @@ class _Session:
         self._settings = pipeline.settings.realtime
         self.closing: tuple[int, str] | None = None  # metergate ends the session: (close code, reason)
         self.upstream_broken = False
+        self.draining = False
         self._idle = asyncio.Event()  # no response in flight (set when the last one is billed)
         self._idle.set()
 
@@ -220,12 +239,24 @@ class _Session:
                 self.closing = (WSCloseCode.INTERNAL_ERROR, "upstream broke off")
         finally:
             refresher.cancel()
-            for task in (to_upstream, to_client):
-                task.cancel()
-            await asyncio.gather(to_upstream, to_client, refresher, return_exceptions=True)
+            to_client.cancel()
             code, reason = self.closing or (WSCloseCode.OK, "")
+            # Closed while the client's reader still waits (aiohttp hands it the close): a reader cancelled
+            # mid-receive would leave close() waiting out its timeout for the client's answer.
             with contextlib.suppress(Exception):
                 await self.client.close(code=code, message=reason.encode())
+            to_upstream.cancel()
+            await asyncio.gather(to_upstream, to_client, refresher, return_exceptions=True)
+
+    async def shut_down(self, deadline_s: float) -> None:
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), deadline_s)
+        if self.closing is None:
+            await self._send(error_event("shutting_down", "metergate is shutting down: connect again to go on; "
+                                         "every response delivered is billed.", kind="server_error"))
+            self.closing = (WSCloseCode.GOING_AWAY, "shutting down")
+        await self.upstream.close()  # the relay sees the upstream end and closes the session
 
     async def _send(self, text: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientConnectionResetError):
@@ -269,6 +300,10 @@ class _Session:
             return True
         event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
         kind = event["type"]
+        if kind == "response.create" and self.draining:
+            await self._send(error_event("shutting_down", "metergate is shutting down: this response was not "
+                                         "started; connect again.", kind="server_error", event_id=event_id))
+            return True
         if kind == "response.create":
             try:
                 await self.meter.admit_response()

@@ -64,18 +64,45 @@ class Refused(Exception):
 
 
 @dataclass(slots=True)
+class Tally:
+    """Text and audio seen on one side of a response, kept only for an estimate: text up to
+    ``_MAX_TEXT_CHARS`` (counted with the tokenizer when needed), beyond it one token a character."""
+
+    text: list[str] = field(default_factory=list)
+    chars: int = 0
+    overflow_chars: int = 0
+    audio_bytes: int = 0
+
+    def add(self, text: str | None = None, audio_b64_chars: int = 0) -> None:
+        if text:
+            if self.chars + len(text) <= _MAX_TEXT_CHARS:
+                self.text.append(text)
+                self.chars += len(text)
+            else:
+                self.overflow_chars += len(text)
+        self.audio_bytes += audio_b64_chars * 3 // 4
+
+    async def text_tokens(self, model: str) -> int:
+        if not self.text:
+            return self.overflow_chars
+        joined = "".join(self.text)
+        count = counter_for(model).count
+        # A large text is never counted on the event loop.
+        tokens = count(joined) if len(joined) < 65_536 else await asyncio.to_thread(count, joined)
+        return tokens + self.overflow_chars
+
+
+@dataclass(slots=True)
 class Response:
     """One response in flight: its hold and what was seen of it, for an estimate should no usage come."""
 
     id: str
     seq: int
     hold: Hold
-    held_usage: RealtimeUsage  # the input it is expected to see (for an estimate)
+    context: RealtimeUsage  # the previous response's context and output: input this one sees at least
+    sent: Tally  # what the client added since the previous response
     started: float = field(default_factory=time.monotonic)
-    text: list[str] = field(default_factory=list)
-    text_chars: int = 0
-    overflow_chars: int = 0  # text beyond _MAX_TEXT_CHARS: estimated at one token a character
-    audio_bytes: int = 0
+    out: Tally = field(default_factory=Tally)
     refreshed: int = 0
 
 
@@ -100,9 +127,7 @@ class SessionMeter:
         self._holds = 0
         self.last: RealtimeUsage | None = None  # the previous response's usage (the context grows from it)
         self.last_price = 0
-        self.sent_audio_bytes = 0  # client input since the previous response
-        self.sent_text: list[str] = []
-        self._sent_chars = self._sent_overflow = 0
+        self.sent = Tally()  # client input since the previous response
         self.settled: list[Settlement] = []
         self._rates = genai_audio_rates(match.route.provider_id, model)
         self._open: dict[str, Hold] = {}  # every hold placed and not yet settled or voided
@@ -208,51 +233,40 @@ class SessionMeter:
                     hold = await self._place_spare()
                 except Refused as short:
                     hold, refused = await self._reserve(0), short
-            self._seq += 1
-            self.active[response_id] = Response(response_id, self._seq, hold, self._context_estimate())
-            self.sent_audio_bytes, self.sent_text, self._sent_chars, self._sent_overflow = 0, [], 0, 0
+            self.active[response_id] = self._response(response_id, hold)
             return refused
 
-    def _context_estimate(self) -> RealtimeUsage:
-        """The input the next response will at least see: the previous one's context and output, and what
-        the client sent since (audio by its duration, text by the model's tokenizer)."""
-        media = self._p.settings.media
-        sent_audio = self.sent_audio_bytes * media.audio_tokens_per_s // _PCM16_BYTES_PER_S
-        sent_text = counter_for(self.model).count("".join(self.sent_text)) if self.sent_text else 0
-        sent_text += self._sent_overflow
+    def _response(self, response_id: str, hold: Hold) -> Response:
+        """A response starting now: it sees at least the previous one's context and output (``last``) and
+        what the client sent since."""
+        self._seq += 1
         last = self.last or RealtimeUsage(source="estimated")
-        return RealtimeUsage(text_input=last.text_input + last.cached_text_input + last.text_output + sent_text,
-                             audio_input=last.audio_input + last.cached_audio_input + last.audio_output + sent_audio,
-                             source="estimated")
+        context = RealtimeUsage(text_input=last.text_input + last.cached_text_input + last.text_output,
+                                audio_input=last.audio_input + last.cached_audio_input + last.audio_output,
+                                source="estimated")
+        sent, self.sent = self.sent, Tally()
+        return Response(response_id, self._seq, hold, context, sent)
 
     def client_input(self, *, texts: Sequence[str] = (), audio_b64_chars: int = 0) -> None:
-        """What the client added to the conversation since the last response (for the next estimate)."""
-        self.sent_audio_bytes += audio_b64_chars * 3 // 4
+        """What the client added to the conversation since the last response (for an estimate)."""
+        self.sent.add(audio_b64_chars=audio_b64_chars)
         for text in texts:
-            if self._sent_chars + len(text) <= _MAX_TEXT_CHARS:
-                self.sent_text.append(text)
-                self._sent_chars += len(text)
-            else:
-                self._sent_overflow += len(text)
+            self.sent.add(text)
 
     def delta(self, response_id: str, *, text: str | None = None, audio_b64_chars: int = 0) -> None:
         response = self.active.get(response_id)
-        if response is None:
-            return
-        if text:
-            if response.text_chars + len(text) <= _MAX_TEXT_CHARS:
-                response.text.append(text)
-                response.text_chars += len(text)
-            else:
-                response.overflow_chars += len(text)
-        response.audio_bytes += audio_b64_chars * 3 // 4
+        if response is not None:
+            response.out.add(text, audio_b64_chars)
 
-    def estimate(self, response: Response) -> RealtimeUsage:
-        """A response whose usage never came: its expected input, and the output delivered."""
-        text_out = counter_for(self.model).count("".join(response.text)) if response.text else 0
-        text_out += response.overflow_chars
-        audio_out = response.audio_bytes * self._settings.audio_output_tokens_per_s // _PCM16_BYTES_PER_S
-        return replace(response.held_usage, text_output=text_out, audio_output=audio_out, source="estimated")
+    async def estimate(self, response: Response) -> RealtimeUsage:
+        """A response whose usage never came: the input it saw at least (audio sent at
+        ``media.audio_tokens_per_s``), and the output delivered (audio at ``audio_output_tokens_per_s``)."""
+        sent_audio = response.sent.audio_bytes * self._p.settings.media.audio_tokens_per_s // _PCM16_BYTES_PER_S
+        audio_out = response.out.audio_bytes * self._settings.audio_output_tokens_per_s // _PCM16_BYTES_PER_S
+        return replace(response.context, text_input=response.context.text_input
+                       + await response.sent.text_tokens(self.model),
+                       audio_input=response.context.audio_input + sent_audio,
+                       text_output=await response.out.text_tokens(self.model), audio_output=audio_out)
 
     async def done(self, response_id: str, usage: RealtimeUsage | None, *, status: str,
                    anomaly: str | None = None) -> Settlement | None:
@@ -266,11 +280,10 @@ class SessionMeter:
         response = self.active.pop(response_id, None)
         if response is None:
             async with self._lock:  # a response.done for a response never announced: bill it all the same
-                self._seq += 1
                 spare, self.spare = self.spare, None
                 hold = spare or await self._reserve(0)
-                response = Response(response_id, self._seq, hold, self._context_estimate())
-        billed = usage if usage is not None else self.estimate(response)
+                response = self._response(response_id, hold)
+        billed = usage if usage is not None else await self.estimate(response)
         settlement = await self._settle(response, billed, status=status, anomaly=anomaly)
         if usage is not None:
             self.last, self.last_price = usage, self._final_price(billed, response.hold.amount)
@@ -377,7 +390,7 @@ class SessionMeter:
         self.closed = True
         for response_id, response in list(self.active.items()):
             self.active.pop(response_id, None)
-            await self._settle(response, self.estimate(response), status="incomplete", anomaly=None)
+            await self._settle(response, await self.estimate(response), status="incomplete", anomaly=None)
         self.spare = None
         for hold in list(self._open.values()):
             await self._void(hold)

@@ -335,26 +335,28 @@ async def test_implausible_usage_is_billed_by_estimate(gw: Gateway, mock: Upstre
     assert usage[0]["charged_amount"] > 0
 
 
-# ---------------------------------------------------------------------------------- kill -9
+# ---------------------------------------------------------------------------------- a real process
 
 
-async def test_kill_9_mid_session_leaves_only_holds_that_expire(mock: Upstream, tmp_path: Path) -> None:
-    port, database_url = free_port(), f"sqlite:///{tmp_path / 'killed.db'}"
+@pytest.fixture
+async def process(mock: Upstream, tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """``metergate serve`` in a subprocess (SQLite file) in front of the mock, with acme funded."""
+    port, database_url = free_port(), f"sqlite:///{tmp_path / 'served.db'}"
     config = tmp_path / "metergate.yaml"
     config.write_text(yaml.safe_dump({
         "port": port, "database_url": database_url, "hold_ttl_s": 30, "upstream_timeout_s": 20,
-        "drain_timeout_s": 1, "routes": [{"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY,
-                                          "realtime": True}],
+        "drain_timeout_s": 1, "drain_deadline_s": 10,
+        "routes": [{"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY, "realtime": True}],
         "pricing": PRICING, "admin_keys": [ADMIN_KEY], "portal_secrets": {"k1": "s" * 40}}))
     log = tmp_path / "metergate.log"
     with log.open("w") as out:
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "metergate", "serve", "--config",
-                                                       str(config), stdout=out, stderr=out)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "metergate", "serve", "--config",
+                                                    str(config), stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url) as http:
             for _ in range(300):
-                assert process.returncode is None, log.read_text()
+                assert proc.returncode is None, log.read_text()
                 try:
                     if (await http.get("/readyz")).status_code == 200:
                         break
@@ -364,26 +366,39 @@ async def test_kill_9_mid_session_leaves_only_holds_that_expire(mock: Upstream, 
             assert (await http.post("/admin/v1/customers", json={"id": "acme", "name": "A"}, headers=admin)).is_success
             assert (await http.post("/admin/v1/customers/acme/credits", headers=admin,
                                     json={"amount": 1_000_000, "idempotency_key": "seed"})).is_success
-        client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key="unused", default_headers=AS_ACME)
-        async with client:
-            connection = await client.realtime.connect(model=MODEL).enter()
-            await connection.recv()
-            await connection.response.create(response={"metadata": {"mock_deltas": "500", "mock_delay_s": "0.05"}})
-            async for event in connection:
-                if event.type == "response.output_audio.delta":
-                    process.send_signal(signal.SIGKILL)
-                    break
-            await process.wait()
-            with pytest.raises(ConnectionClosed):  # the session died with the process
-                async for _ in connection:
-                    pass
+        yield proc, url, database_url
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _wallet(database_url: str) -> AsyncIterator[SqlWalletStore]:
     store = SqlWalletStore(database_url)
     await store.open()
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_kill_9_mid_session_leaves_only_holds_that_expire(
+        process: tuple[asyncio.subprocess.Process, str, str]) -> None:
+    proc, url, database_url = process
+    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key="unused", default_headers=AS_ACME)
+    async with client:
+        connection = await client.realtime.connect(model=MODEL).enter()
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "500", "mock_delay_s": "0.05"}})
+        async for event in connection:
+            if event.type == "response.output_audio.delta":
+                proc.send_signal(signal.SIGKILL)
+                break
+        await proc.wait()
+        with pytest.raises(ConnectionClosed):  # the session died with the process
+            async for _ in connection:
+                pass
+    async for store in _wallet(database_url):
         balance = await store.balance("test", "acme", "USD")
         assert balance.debits_pending > 0 and balance.debits_posted == 0  # the response's hold, left open
         rows = await store.read(lambda conn: conn.exec_driver_sql(
@@ -394,5 +409,29 @@ async def test_kill_9_mid_session_leaves_only_holds_that_expire(mock: Upstream, 
         after = await store.balance("test", "acme", "USD")
         assert after.debits_pending == 0 and after.available == 1_000_000
         assert await store.audit() == []
-    finally:
-        await store.close()
+
+
+async def test_sigterm_lets_the_response_finish_then_closes_with_1001(
+        process: tuple[asyncio.subprocess.Process, str, str], mock: Upstream) -> None:
+    proc, url, database_url = process
+    client = openai.AsyncOpenAI(base_url=f"{url}/openai/v1", api_key="unused", default_headers=AS_ACME)
+    kinds: list[str] = []
+    async with client:
+        connection = await client.realtime.connect(model=MODEL).enter()
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "20", "mock_delay_s": "0.05"}})
+        async for event in connection:  # a close with 1001 (going away) ends the iteration
+            kinds.append(event.type)
+            if kinds.count("response.output_audio.delta") == 1:
+                proc.send_signal(signal.SIGTERM)
+            if event.type == "error":
+                assert event.error.code == "shutting_down"
+        assert connection._connection.close_code == 1001, kinds
+    assert kinds.count("response.output_audio.delta") == 20 and "response.done" in kinds  # it finished
+    assert kinds.index("response.done") < kinds.index("error")
+    assert await proc.wait() == 0
+    async for store in _wallet(database_url):
+        balance = await store.balance("test", "acme", "USD")
+        assert balance.debits_pending == 0
+        assert balance.debits_posted == price_of(sent(mock)[0]["usage"]) > 0
+        assert await store.audit() == []
