@@ -40,9 +40,9 @@ SMALL_HOLDS = {"response_hold_input_tokens": 100, "response_hold_output_tokens":
 WAIT_S = 20  # the longest any condition below is waited for (never asserted on as a duration)
 
 
-def price_of(usage: dict[str, Any]) -> int:
-    """One response's price in micro-dollars, from the mock's own report, by the rates above: each kind on
-    its own rate, the exact sum rounded half-up once."""
+def exact_price(usage: dict[str, Any]) -> Decimal:
+    """One response's exact price in dollars, from the mock's own report, by the rates above: each kind on
+    its own rate."""
     ind, outd = usage["input_token_details"], usage["output_token_details"]
     cached = ind["cached_tokens_details"]
     per = {k: Decimal(v) for k, v in RATES.items()}
@@ -51,7 +51,16 @@ def price_of(usage: dict[str, Any]) -> int:
              + (ind["audio_tokens"] - cached["audio_tokens"]) * per["audio_input_per_mtok"]
              + cached["audio_tokens"] * per["cached_audio_input_per_mtok"]
              + outd["text_tokens"] * per["output_per_mtok"] + outd["audio_tokens"] * per["audio_output_per_mtok"])
-    return int((exact / 1_000_000 * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return exact / 1_000_000
+
+
+def price_of(usage: dict[str, Any]) -> int:
+    """In micro-dollars, rounded half-up once."""
+    return int((exact_price(usage) * 10**6).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def price_exact_nanos(usage: dict[str, Any]) -> int:
+    return int((exact_price(usage) * 10**9).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 @pytest.fixture
@@ -136,6 +145,8 @@ async def test_session_is_billed_the_sum_of_its_responses(gw: Gateway, mock: Ups
     last = max(usage, key=lambda r: r["id"])["detail"]["tokens"]
     reported = sent(mock)[-1]["usage"]
     assert last["audio_output"] == reported["output_token_details"]["audio_tokens"] > 0
+    # The provider's cost beside the price, at genai-prices' audio rates (the same as RATES for this model).
+    assert sum(r["cost_nanos"] for r in usage) == sum(price_exact_nanos(s["usage"]) for s in sent(mock))
     assert await gw.store.audit() == []
     # The provider's key went upstream; the client's never did.
     headers = mock.app[CONNECTIONS][0]["headers"]
@@ -238,6 +249,26 @@ async def test_server_started_response_without_funds_is_cancelled_and_billed(moc
         assert sum(r["charged_amount"] + r["written_off_amount"] for r in usage) == sum(
             r["price_amount"] for r in usage)  # nothing lost: what the wallet could not cover is written off
         assert (await gw.balance())["pending"] == 0
+
+
+async def test_upstream_that_breaks_off_ends_the_session_and_bills_what_was_delivered(gw: Gateway,
+                                                                                        mock: Upstream) -> None:
+    client = gw.openai()
+    kinds: list[str] = []
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "5", "mock_die": "1"}})
+        with pytest.raises(ConnectionClosed) as closed:
+            async for event in connection:
+                kinds.append(event.type)
+                if event.type == "error":
+                    assert event.error.code == "upstream_stream_broken"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert "error" in kinds and "response.done" not in kinds
+    usage = await settled(gw, 1)
+    assert usage[0]["usage_source"] == "estimated"
+    assert usage[0]["detail"]["tokens"]["audio_output"] == 2  # the one 0.1 s delta delivered
+    assert usage[0]["charged_amount"] == usage[0]["price_amount"] > 0
 
 
 # ---------------------------------------------------------------------------------- bad input
