@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _PCM16_BYTES_PER_S = 48_000  # the Realtime API's default audio: 16-bit mono PCM at 24 kHz
 _ANOMALY_CHARS = 200
+_STATUS_CODES = {"completed": 200, "incomplete": 200, "failed": 502}  # the record's status; cancelled: 499
 _MAX_ACTIVE = 8  # responses in flight at once; the API runs one per conversation, plus out-of-band ones
 _MAX_TEXT_CHARS = 1 << 20  # text kept per response (and of client input) for an estimate; beyond, 1 token/char
 
@@ -303,7 +304,9 @@ class SessionMeter:
 
     async def _settle(self, response: Response, usage: RealtimeUsage, *, status: str,
                       anomaly: str | None) -> Settlement | None:
-        price = self._final_price(usage, response.hold.amount)
+        # A response the provider failed is not charged unless the route says so (as a failed Responses reply).
+        free = status == "failed" and not self.match.route.charge_failed_replies
+        price = 0 if free else self._final_price(usage, response.hold.amount)
         totals = usage.as_usage()
         cost = self.cost_nanos(usage)
         detail: dict[str, Any] = {
@@ -318,7 +321,7 @@ class SessionMeter:
         record = UsageRecord(
             id=f"{self.session_id}_r{response.seq}", mode=self.identity.mode, customer_id=self.identity.customer_id,
             hold_id=response.hold.id, route=self.match.route.prefix, endpoint="realtime", model=self.model,
-            feature=self.feature, stream=True, status_code=200 if status == "completed" else 499,
+            feature=self.feature, stream=True, status_code=_STATUS_CODES.get(status, 499),
             usage_source=usage.source, tokens_input=totals.input_tokens,
             tokens_cached_input=totals.cached_input_tokens, tokens_output=totals.output_tokens, tokens_reasoning=0,
             asset=response.hold.asset, price_amount=price, cost_nanos=cost, detail=detail)

@@ -271,6 +271,18 @@ async def test_upstream_that_breaks_off_ends_the_session_and_bills_what_was_deli
     assert usage[0]["charged_amount"] == usage[0]["price_amount"] > 0
 
 
+async def test_failed_response_is_not_charged(gw: Gateway, mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_status": "failed"}})
+        done = await until_done(connection)
+        assert done.response.status == "failed" and done.model_extra["metergate"]["charged"] == "0.000000"
+    usage = await settled(gw, 1)
+    assert usage[0]["charged_amount"] == 0 and usage[0]["status_code"] == 502
+    assert (await gw.balance())["available"] == 1_000_000
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
