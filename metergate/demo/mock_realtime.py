@@ -11,8 +11,9 @@ connection's headers in ``app[CONNECTIONS]``. It accepts only ``Authorization: B
 
 A ``response.create`` steers a response through its ``response.metadata`` (strings, as the API takes them):
 ``mock_deltas`` (audio or text deltas, default 3), ``mock_delay_s`` (between deltas), ``mock_usage`` (a JSON
-usage object sent as is: anomalies), ``mock_no_done`` (``"1"``: never finish), ``mock_status`` (the status ``response.done`` reports, e.g. ``failed``), ``mock_die`` (``"1"``: drop the
-connection after the first delta). ``response.cancel`` ends the response in progress with
+usage object sent as is: anomalies), ``mock_no_done`` (``"1"``: never finish), ``mock_status`` (the status
+``response.done`` reports, e.g. ``failed``), ``mock_die`` (``"1"``: drop the connection after the first
+delta). ``response.cancel`` ends the response in progress with
 ``status: "cancelled"`` and the usage of what it produced. With server VAD turned on by ``session.update``,
 ``input_audio_buffer.commit`` starts a response by itself (20 deltas, 20 ms apart), as the real API's turn
 detection does.

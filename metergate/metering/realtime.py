@@ -14,6 +14,7 @@ less than a consistent one could have. A report that breaks a rule raises ``Usag
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -154,9 +155,10 @@ class AudioRates:
                 "output_per_mtok": str(self.text_output), "audio_output_per_mtok": str(self.audio_output)}
 
 
+@functools.lru_cache(maxsize=256)
 def genai_audio_rates(provider_id: str, model: str) -> AudioRates | None:
     """The model's flat text and audio rates from genai-prices' offline table; ``None`` when it has no audio
-    prices for it (or no flat ones)."""
+    prices for it (or no flat ones). Cached: the table is compiled into the wheel and never updated here."""
     try:
         from genai_prices import Usage as GUsage
         from genai_prices import calc_price

@@ -302,6 +302,16 @@ class SessionMeter:
         except CostUnknown:
             return fallback
 
+    def _cost_detail(self, cost: int | None) -> dict[str, str]:
+        """Where a record's provider cost came from, and the audio rates when they priced it."""
+        if cost is None:
+            return {"source": "unknown"}
+        if self.model in self._p.settings.cost_overrides:
+            return {"source": "override"}
+        if self._rates is None:
+            return {"source": "genai-prices", "audio": "priced as text"}
+        return {"source": "genai-prices", **self._rates.as_detail()}
+
     async def _settle(self, response: Response, usage: RealtimeUsage, *, status: str,
                       anomaly: str | None) -> Settlement | None:
         # A response the provider failed is not charged unless the route says so (as a failed Responses reply).
@@ -313,8 +323,7 @@ class SessionMeter:
             "price": self.rate.as_detail(), "hold": response.hold.amount, "session": self.session_id,
             "response_id": stored_text(response.id, 64), "response_status": stored_text(status, 32),
             "tokens": usage.detail(), "duration_ms": int((time.monotonic() - response.started) * 1000),
-            "cost": {"source": "override" if self.model in self._p.settings.cost_overrides else
-                     "genai-prices" if self._rates is not None else "text-rates"},
+            "cost": self._cost_detail(cost),
         }
         if anomaly:
             detail["usage_anomalies"] = [stored_text(anomaly, _ANOMALY_CHARS)]

@@ -315,6 +315,22 @@ async def test_bad_upgrade_queries_are_refused(gw: Gateway, query: str, code: st
     assert r.status_code == 400 and r.json()["error"]["code"] == code
 
 
+async def test_upstream_refusing_the_upgrade_is_502_and_costs_nothing(mock: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(mock, f"sqlite:///{tmp_path / 'wrong-key.db'}", pricing=PRICING, routes=[
+        {"prefix": "/openai", "upstream": mock.url, "api_key": "sk-wrong-" + "w" * 20, "realtime": True}])
+    try:
+        await gw.customer("acme", funds=1_000_000)
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME)
+        assert refused.value.status == 502
+        balance = await gw.balance()
+        assert balance["pending"] == 0 and balance["available"] == 1_000_000 and await gw.usage() == []
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
 async def test_plain_get_without_upgrade_is_refused(gw: Gateway) -> None:
     async with httpx.AsyncClient() as http:
         r = await http.get(f"{gw.url}/openai/v1/realtime?model={MODEL}", headers=AS_ACME)
