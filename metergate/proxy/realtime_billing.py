@@ -129,7 +129,6 @@ class SessionMeter:
         self.last: RealtimeUsage | None = None  # the previous response's usage (the context grows from it)
         self.last_price = 0
         self.sent = Tally()  # client input since the previous response
-        self.settled: list[Settlement] = []
         self._rates = genai_audio_rates(match.route.provider_id, model)
         self._open: dict[str, Hold] = {}  # every hold placed and not yet settled or voided
         self._inflight: set[asyncio.Future[Any]] = set()
@@ -338,7 +337,6 @@ class SessionMeter:
         self._open.pop(response.hold.id, None)
         self._count(record, settlement)
         if settlement is not None:
-            self.settled.append(settlement)
             await self._p.prices.count(self.rate, record.id, record.mode, record.customer_id, usage.quantities())
             if self._p.on_settled is not None:
                 try:
