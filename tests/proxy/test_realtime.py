@@ -187,6 +187,50 @@ async def test_session_that_outruns_its_wallet_is_refused_at_the_next_response(m
         assert all(r["written_off_amount"] == 0 for r in await gw.usage())
 
 
+async def test_concurrent_sessions_never_overspend_one_wallet(mock: Upstream, tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 60_000, **SMALL_HOLDS):
+
+        async def talk(gw: Gateway) -> list[str]:
+            kinds: list[str] = []
+            async with gw.openai().realtime.connect(model=MODEL) as connection:
+                await connection.recv()
+                try:
+                    for _ in range(10):
+                        await connection.response.create(response={"metadata": {"mock_deltas": "30"}})
+                        event = await until_done(connection)
+                        kinds.append(event.type)
+                        if event.type == "error":
+                            assert event.error.code == "insufficient_funds"
+                            break
+                except ConnectionClosed:
+                    kinds.append("closed")
+            return kinds
+
+        outcomes = await asyncio.gather(talk(gw), talk(gw), talk(gw))
+        assert all("error" in kinds for kinds in outcomes), outcomes  # every session ran dry, none ran on
+        done = sum(kinds.count("response.done") for kinds in outcomes)
+        usage = await settled(gw, done)
+        assert len(usage) == done == len(sent(mock))
+        prices = sum(price_of(s["usage"]) for s in sent(mock))
+        assert sum(r["price_amount"] for r in usage) == prices
+        charged = sum(r["charged_amount"] for r in usage)
+        assert charged + sum(r["written_off_amount"] for r in usage) == prices  # nothing lost
+        balance = await gw.balance()
+        assert balance["available"] == 60_000 - charged >= 0 and balance["pending"] == 0
+        assert await gw.store.audit() == []
+
+
+async def test_session_ends_at_its_longest_duration(mock: Upstream, tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 1_000_000, max_session_s=1):
+        async with gw.openai().realtime.connect(model=MODEL) as connection:
+            events = [event async for event in connection]  # ends with the server's close (1000)
+            assert connection._connection.close_code == 1000
+        assert [e.type for e in events] == ["session.created", "error"]
+        assert events[1].error.code == "session_expired"
+        await settled(gw, 0)
+        assert (await gw.balance())["available"] == 1_000_000
+
+
 async def test_client_that_leaves_mid_response_pays_what_response_done_reported(gw: Gateway,
                                                                                  mock: Upstream) -> None:
     client = gw.openai()
