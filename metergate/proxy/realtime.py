@@ -213,7 +213,9 @@ class _Session:
         self.closing: tuple[int, str] | None = None  # metergate ends the session: (close code, reason)
         self.upstream_broken = False
         self.draining = False
-        self._idle = asyncio.Event()  # no response in flight (set when the last one is billed)
+        self.pending_creates = 0  # response.create forwarded, its response.created not yet seen
+        self.client_left = False
+        self._idle = asyncio.Event()  # no response in flight or asked for (set when the last one is billed)
         self._idle.set()
 
     async def run(self) -> None:
@@ -227,8 +229,9 @@ class _Session:
                 await self._send(error_event("session_expired", "The session reached its longest duration.",
                                              kind="server_error"))
                 self.closing = (WSCloseCode.OK, "session expired")
-            if to_upstream in done and not to_client.done() and self.meter.active:
+            if to_upstream in done and not to_client.done() and not self._idle.is_set():
                 if self.closing is None:  # the client left mid-response: stop the upstream, wait for its bill
+                    self.client_left = True  # a response asked for and not yet started is cancelled as it starts
                     for response_id in list(self.meter.active):
                         await self._to_upstream(json.dumps({"type": "response.cancel", "response_id": response_id}))
                 with contextlib.suppress(TimeoutError):
@@ -257,6 +260,12 @@ class _Session:
                                          "every response delivered is billed.", kind="server_error"))
             self.closing = (WSCloseCode.GOING_AWAY, "shutting down")
         await self.upstream.close()  # the relay sees the upstream end and closes the session
+
+    def _update_idle(self) -> None:
+        if self.meter.active or self.pending_creates:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     async def _send(self, text: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientConnectionResetError):
@@ -316,6 +325,8 @@ class _Session:
                 await self._send(error_event(error.code, error.message, kind="server_error", event_id=event_id))
                 self.closing = (WSCloseCode.TRY_AGAIN_LATER, "wallet unavailable")
                 return False
+            self.pending_creates += 1
+            self._update_idle()
         elif kind == "input_audio_buffer.append" and isinstance(event.get("audio"), str):
             self.meter.client_input(audio_b64_chars=len(event["audio"]))
         elif kind == "conversation.item.create":
@@ -355,11 +366,17 @@ class _Session:
         response_id = event.get("response_id") if isinstance(event.get("response_id"), str) else None
         if kind == "response.created":
             rid = response.get("id")
+            self.pending_creates = max(0, self.pending_creates - 1)
             if isinstance(rid, str) and rid:
-                self._idle.clear()
                 refused = await self.meter.started(rid)
                 if refused is not None:
                     await self._cut_off(rid, refused)
+                elif self.client_left:
+                    await self._to_upstream(json.dumps({"type": "response.cancel", "response_id": rid}))
+            self._update_idle()
+        elif kind == "error":  # most likely a response.create the upstream refused (one in flight already)
+            self.pending_creates = max(0, self.pending_creates - 1)
+            self._update_idle()
         elif kind in _TEXT_DELTAS and response_id and isinstance(event.get("delta"), str):
             self.meter.delta(response_id, text=event["delta"])
         elif kind in _AUDIO_DELTAS and response_id and isinstance(event.get("delta"), str):
@@ -381,8 +398,7 @@ class _Session:
             usage, anomaly = None, str(bad)
             log.warning("%s: usage anomaly in response.done (%s); billed by estimate", self.meter.session_id, bad)
         settlement = await asyncio.shield(self.meter.done(rid, usage, status=str(status)[:32], anomaly=anomaly))
-        if not self.meter.active:
-            self._idle.set()
+        self._update_idle()
         event["metergate"] = self._receipt(settlement, "provider" if usage is not None else "estimated")
         return json.dumps(event)
 

@@ -246,6 +246,17 @@ async def test_client_that_leaves_mid_response_pays_what_response_done_reported(
     assert usage[0]["charged_amount"] == price_of(sent(mock)[0]["usage"]) > 0
 
 
+async def test_client_that_leaves_right_after_asking_pays_the_cancelled_response(gw: Gateway,
+                                                                                  mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_deltas": "200", "mock_delay_s": "0.02"}})
+    usage = await settled(gw, 1)  # the response started after the client had gone: cancelled, and billed
+    assert len(sent(mock)) == 1 and sent(mock)[0]["status"] == "cancelled"
+    assert usage[0]["usage_source"] == "provider" and usage[0]["charged_amount"] == price_of(sent(mock)[0]["usage"])
+
+
 async def test_client_that_leaves_before_any_usage_pays_an_estimate_marked_estimated(gw: Gateway,
                                                                                       mock: Upstream) -> None:
     client = gw.openai()
