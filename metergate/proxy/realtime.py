@@ -39,7 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from metergate.config.routes import RouteMatch
-from metergate.errors import BadGateway, BadRequest, MetergateError, Unauthorized
+from metergate.errors import BadGateway, BadRequest, MetergateError, TooManyRequests, Unauthorized
 from metergate.metering.realtime import from_response_done
 from metergate.metering.usage import UsageAnomaly
 from metergate.money import format_minor
@@ -151,7 +151,7 @@ class RealtimeRelay:
                                               endpoint="realtime", route=match.route.prefix,
                                               provider=match.route.provider_id, attributes=attributes)
         meter = SessionMeter(p, identity, match, model, rate, request_id, attributes.get("feature"))
-        await p.ratelimiter.admit(identity, settings.response_hold_input_tokens + settings.response_hold_output_tokens)
+        await p.ratelimiter.admit(identity, meter.hold_tokens())  # the session, at its upgrade
         await meter.authorize()  # 402 before anything goes upstream
         try:
             upstream = await self._connect(request, match)
@@ -314,6 +314,13 @@ class _Session:
                                          "started; connect again.", kind="server_error", event_id=event_id))
             return True
         if kind == "response.create":
+            try:
+                # Each response a client asks for counts against its rate limits, as a request would.
+                await self._p.ratelimiter.admit(self.meter.identity, self.meter.hold_tokens())
+            except TooManyRequests as limited:
+                await self._send(error_event(limited.code, limited.message, kind="rate_limit_error",
+                                             event_id=event_id, **limited.extra))
+                return True
             try:
                 await self.meter.admit_response()
             except Refused as refused:

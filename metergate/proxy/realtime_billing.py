@@ -154,6 +154,12 @@ class SessionMeter:
         return RealtimeUsage(audio_input=s.response_hold_input_tokens, audio_output=s.response_hold_output_tokens,
                              source="estimated")
 
+    def hold_tokens(self) -> int:
+        """The tokens a response is admitted with by the rate limits: what its hold is priced from."""
+        estimate = self.hold_estimate()
+        last = self.last.input_tokens + self.last.output_tokens if self.last is not None else 0
+        return max(estimate.input_tokens + estimate.output_tokens, last)
+
     def hold_amount(self) -> int:
         """What the next response is held for: the configured estimate priced as audio, and at least what
         the previous response cost (the conversation it saw only grows)."""

@@ -338,6 +338,31 @@ async def test_failed_response_is_not_charged(gw: Gateway, mock: Upstream) -> No
     assert (await gw.balance())["available"] == 1_000_000
 
 
+async def test_each_response_counts_against_the_rate_limit(mock: Upstream, tmp_path: Path) -> None:
+    gw, runner = await start_gateway(mock, f"sqlite:///{tmp_path / 'limited.db'}", pricing=PRICING, routes=[
+        {"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY, "realtime": True}],
+        rate_limits={"customer": {"requests_per_minute": 3}})
+    try:
+        await gw.customer("acme", funds=1_000_000)
+        async with gw.openai().realtime.connect(model=MODEL) as connection:  # the upgrade counts once
+            await connection.recv()
+            for _ in range(2):
+                await connection.response.create()
+                assert (await until_done(connection)).type == "response.done"
+            await connection.response.create()  # the fourth request this minute
+            refused = await until_done(connection)
+            assert refused.type == "error" and refused.error.code == "rate_limited"
+            assert refused.error.model_extra["retry_after_s"] >= 1
+            await connection.session.update(session={"type": "realtime", "instructions": "Be brief."})
+            assert (await connection.recv()).type == "session.updated"  # the session goes on
+        assert len(sent(mock)) == 2
+        usage = await settled(gw, 2)
+        assert sum(r["charged_amount"] for r in usage) == sum(price_of(s["usage"]) for s in sent(mock))
+    finally:
+        await gw.close()
+        await runner.cleanup()
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
