@@ -39,7 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from metergate.config.routes import RouteMatch
-from metergate.errors import BadGateway, BadRequest, MetergateError, TooManyRequests, Unauthorized
+from metergate.errors import BadGateway, BadRequest, Forbidden, MetergateError, TooManyRequests, Unauthorized
 from metergate.metering.realtime import from_response_done
 from metergate.metering.usage import UsageAnomaly
 from metergate.money import format_minor
@@ -90,12 +90,18 @@ def _offered_protocols(request: web.Request) -> list[str]:
             for p in value.split(",") if p.strip()]
 
 
-def _identifying(request: web.Request) -> web.Request:
+def _identifying(request: web.Request, allowed_origins: list[str]) -> web.Request:
     """The request as identification sees it: a key a browser sent as a subprotocol becomes a bearer token
-    (only when no Authorization header is there; two credentials then meet the usual rules)."""
+    (only when no Authorization header is there; two credentials then meet the usual rules). Such a key is
+    taken only from a page on an origin of ``cors_allow_origins``, as for the browser's HTTP calls (CORS does
+    not guard WebSockets: metergate does)."""
     keys = [p[len(_KEY_PROTOCOL):] for p in _offered_protocols(request) if p.startswith(_KEY_PROTOCOL)]
     if not keys or "Authorization" in request.headers:
         return request
+    origin = request.headers.get("Origin")
+    if origin is not None and allowed_origins != ["*"] and origin not in allowed_origins:
+        raise Forbidden("This origin may not open Realtime sessions with a proxy key; the operator allows "
+                        "browser origins in cors_allow_origins.", code="origin_not_allowed")
     if len(set(keys)) > 1:
         raise Unauthorized("The request presents more than one proxy API key.", code="invalid_api_key")
     headers = CIMultiDict(request.headers)
@@ -137,7 +143,7 @@ class RealtimeRelay:
         p = self._p
         if (options := check_method(request, ("GET", "OPTIONS"), "The Realtime API")) is not None:
             return options
-        identity = await p.identifier.identify(_identifying(request))
+        identity = await p.identifier.identify(_identifying(request, p.settings.cors_allow_origins))
         model = _model(match.query)
         settings = p.settings.realtime
         client = web.WebSocketResponse(protocols=_CLIENT_PROTOCOLS, max_msg_size=settings.max_frame_bytes,

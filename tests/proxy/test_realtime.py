@@ -449,16 +449,32 @@ async def test_oversized_frame_closes_the_session_with_1009(mock: Upstream, tmp_
         assert await gw.usage() == [] and (await gw.balance())["available"] == 1_000_000
 
 
-async def test_browser_subprotocol_key_identifies_and_never_reaches_upstream(gw: Gateway, mock: Upstream) -> None:
-    issued = await gw.admin.post("/customers/acme/api-keys", json={})
-    key = issued.json()["key"]
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-            f"{gw.url}/openai/v1/realtime?model={MODEL}",
-            protocols=("realtime", f"openai-insecure-api-key.{key}")) as ws:
-        assert ws.protocol == "realtime"
-        assert json.loads((await ws.receive()).data)["type"] == "session.created"
-    received = json.dumps(mock.app[CONNECTIONS])
-    assert key not in received and PROVIDER_KEY in received
+async def test_browser_subprotocol_key_identifies_and_never_reaches_upstream(mock: Upstream,
+                                                                             tmp_path: Path) -> None:
+    app_origin = "https://app.example.com"
+    gw, runner = await start_gateway(mock, f"sqlite:///{tmp_path / 'browser.db'}", pricing=PRICING, routes=[
+        {"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY, "realtime": True}],
+        cors_allow_origins=[app_origin])
+    try:
+        await gw.customer("acme", funds=1_000_000)
+        issued = await gw.admin.post("/customers/acme/api-keys", json={})
+        key = issued.json()["key"]
+        protocols = ("realtime", f"openai-insecure-api-key.{key}", "openai-beta.realtime-v1")
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{gw.url}/openai/v1/realtime?model={MODEL}", protocols=protocols,
+                                          origin=app_origin) as ws:
+                assert ws.protocol == "realtime"  # the key is never echoed back
+                assert json.loads((await ws.receive()).data)["type"] == "session.created"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # a page elsewhere holding the key
+                await session.ws_connect(f"{gw.url}/openai/v1/realtime?model={MODEL}", protocols=protocols,
+                                         origin="https://elsewhere.example")
+            assert refused.value.status == 403
+        received = json.dumps(mock.app[CONNECTIONS])
+        assert len(mock.app[CONNECTIONS]) == 1 and key not in received and PROVIDER_KEY in received
+        assert mock.app[CONNECTIONS][0]["headers"]["Sec-WebSocket-Protocol"] == "realtime,openai-beta.realtime-v1"
+    finally:
+        await gw.close()
+        await runner.cleanup()
 
 
 async def test_implausible_usage_is_billed_by_estimate(gw: Gateway, mock: Upstream) -> None:
