@@ -12,11 +12,11 @@ connection's headers in ``app[CONNECTIONS]``. It accepts only ``Authorization: B
 A ``response.create`` steers a response through its ``response.metadata`` (strings, as the API takes them):
 ``mock_deltas`` (audio or text deltas, default 3), ``mock_delay_s`` (between deltas), ``mock_usage`` (a JSON
 usage object sent as is: anomalies), ``mock_no_done`` (``"1"``: never finish), ``mock_status`` (the status
-``response.done`` reports, e.g. ``failed``), ``mock_die`` (``"1"``: drop the connection after the first
-delta). ``response.cancel`` ends the response in progress with
-``status: "cancelled"`` and the usage of what it produced. With server VAD turned on by ``session.update``,
-``input_audio_buffer.commit`` starts a response by itself (20 deltas, 20 ms apart), as the real API's turn
-detection does.
+``response.done`` reports, e.g. ``failed``), ``mock_repeat_done`` (``"1"``: send ``response.done`` twice),
+``mock_die`` (``"1"``: drop the connection after the first delta). ``response.cancel`` ends the response in
+progress with ``status: "cancelled"`` and the usage of what it produced. With server VAD turned on by
+``session.update``, ``input_audio_buffer.commit`` starts a response by itself (20 deltas, 20 ms apart), as the
+real API's turn detection does.
 """
 
 from __future__ import annotations
@@ -157,10 +157,12 @@ class _Connection:
         self.app[SENT_USAGE].append({"response_id": rid, "status": status, "usage": usage})
         content = [{"type": "output_audio", "transcript": " ".join(words)} if audio else
                    {"type": "output_text", "text": " ".join(words)}]
-        await self.send({"type": "response.done", "response": {
+        done = {"type": "response.done", "response": {
             "id": rid, "object": "realtime.response", "status": status,
             "status_details": {"type": status, "reason": "client_cancelled" if status == "cancelled" else None},
-            "output": [{**item, "status": "completed", "content": content}], "usage": usage}})
+            "output": [{**item, "status": "completed", "content": content}], "usage": usage}}
+        for _ in range(2 if meta.get("mock_repeat_done") == "1" else 1):
+            await self.send(done)
 
     def usage(self, produced: int, audio: bool) -> dict[str, Any]:
         """This response's usage; its output joins the context of the next one."""

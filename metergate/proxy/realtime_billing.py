@@ -52,6 +52,7 @@ _T = TypeVar("_T")
 _PCM16_BYTES_PER_S = 48_000  # the Realtime API's default audio: 16-bit mono PCM at 24 kHz
 _ANOMALY_CHARS = 200
 _STATUS_CODES = {"completed": 200, "incomplete": 200, "failed": 502}  # the record's status; cancelled: 499
+_MAX_REMEMBERED = 10_000  # response ids remembered as billed
 _MAX_ACTIVE = 8  # responses in flight at once; the API runs one per conversation, plus out-of-band ones
 _MAX_TEXT_CHARS = 1 << 20  # text kept per response (and of client input) for an estimate; beyond, 1 token/char
 
@@ -133,6 +134,7 @@ class SessionMeter:
         self._open: dict[str, Hold] = {}  # every hold placed and not yet settled or voided
         self._inflight: set[asyncio.Future[Any]] = set()
         self.closed = False
+        self._billed: dict[str, None] = {}  # the latest response ids billed, oldest first: one bill each
 
     # ------------------------------------------------------------------ pricing
 
@@ -283,6 +285,12 @@ class SessionMeter:
 
     async def _done(self, response_id: str, usage: RealtimeUsage | None, *, status: str,
                     anomaly: str | None) -> Settlement | None:
+        if response_id in self._billed:
+            log.warning("%s: a second response.done for %s; not billed again", self.session_id, response_id[:64])
+            return None
+        self._billed[response_id] = None
+        while len(self._billed) > _MAX_REMEMBERED:
+            del self._billed[next(iter(self._billed))]
         response = self.active.pop(response_id, None)
         if response is None:
             async with self._lock:  # a response.done for a response never announced: bill it all the same

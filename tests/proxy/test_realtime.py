@@ -326,6 +326,18 @@ async def test_upstream_that_breaks_off_ends_the_session_and_bills_what_was_deli
     assert usage[0]["charged_amount"] == usage[0]["price_amount"] > 0
 
 
+async def test_a_repeated_response_done_is_billed_once(gw: Gateway, mock: Upstream) -> None:
+    client = gw.openai()
+    async with client.realtime.connect(model=MODEL) as connection:
+        await connection.recv()
+        await connection.response.create(response={"metadata": {"mock_repeat_done": "1"}})
+        first, second = await until_done(connection), await until_done(connection)
+        assert first.response.id == second.response.id
+        assert "charged" in first.model_extra["metergate"] and "charged" not in second.model_extra["metergate"]
+    usage = await settled(gw, 1)
+    assert len(usage) == 1 and usage[0]["charged_amount"] == price_of(sent(mock)[0]["usage"])
+
+
 async def test_failed_response_is_not_charged(gw: Gateway, mock: Upstream) -> None:
     client = gw.openai()
     async with client.realtime.connect(model=MODEL) as connection:
