@@ -169,7 +169,7 @@ class _Connection:
         text_in, audio_in = self.c.text + 8, self.c.audio
         cached_text, cached_audio = text_in // 2, audio_in // 2
         text_out = produced * 2
-        audio_out = produced * 5 if audio else 0  # 0.1 s of audio a delta, at one token per 20 ms
+        audio_out = produced * 2 if audio else 0  # 0.1 s of audio a delta, at one token per 50 ms
         self.c.text += text_out
         self.c.audio += audio_out
         return {"total_tokens": text_in + audio_in + text_out + audio_out,

@@ -59,6 +59,7 @@ _CLIENT_PROTOCOLS = ("realtime",)  # the subprotocol a browser asks for and must
 _FORWARDED_PROTOCOL_PREFIXES = ("realtime", "openai-beta.")  # never the key one
 _TEXT_DELTAS = ("response.output_text.delta", "response.text.delta")
 _AUDIO_DELTAS = ("response.output_audio.delta", "response.audio.delta")
+_TRANSCRIPT_DELTAS = ("response.output_audio_transcript.delta", "response.audio_transcript.delta")
 _MODEL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/@+=-")
 CLOSE_POLICY = 1008  # RFC 6455 §7.4.1: the client's session broke a policy (here: it is out of funds)
 
@@ -219,6 +220,7 @@ class _Session:
         self.closing: tuple[int, str] | None = None  # metergate ends the session: (close code, reason)
         self.upstream_broken = False
         self.draining = False
+        self._stopped: set[str] = set()  # responses metergate cancelled for funds
         self.pending_creates = 0  # response.create forwarded, its response.created not yet seen
         self.client_left = False
         self._idle = asyncio.Event()  # no response in flight or asked for (set when the last one is billed)
@@ -390,10 +392,18 @@ class _Session:
         elif kind == "error":  # most likely a response.create the upstream refused (one in flight already)
             self.pending_creates = max(0, self.pending_creates - 1)
             self._update_idle()
-        elif kind in _TEXT_DELTAS and response_id and isinstance(event.get("delta"), str):
-            self.meter.delta(response_id, text=event["delta"])
-        elif kind in _AUDIO_DELTAS and response_id and isinstance(event.get("delta"), str):
-            self.meter.delta(response_id, audio_b64_chars=len(event["delta"]))
+        elif kind in _TEXT_DELTAS + _AUDIO_DELTAS + _TRANSCRIPT_DELTAS and response_id:
+            found_delta = event.get("delta")
+            delta = found_delta if isinstance(found_delta, str) else ""
+            if kind in _TEXT_DELTAS:
+                self.meter.delta(response_id, text=delta)
+            elif kind in _AUDIO_DELTAS:
+                self.meter.delta(response_id, audio_b64_chars=len(delta))
+            if not await self.meter.admit_output(response_id):
+                if response_id not in self._stopped:  # the wallet is dry: stop the response where it is
+                    self._stopped.add(response_id)
+                    await self._to_upstream(json.dumps({"type": "response.cancel", "response_id": response_id}))
+                return  # not delivered
         elif kind == "response.done":
             data = await self._bill(event, response)
         await self._send(data)
@@ -412,7 +422,13 @@ class _Session:
             log.warning("%s: usage anomaly in response.done (%s); billed by estimate", self.meter.session_id, bad)
         settlement = await asyncio.shield(self.meter.done(rid, usage, status=str(status)[:32], anomaly=anomaly))
         self._update_idle()
-        event["metergate"] = self._receipt(settlement, "provider" if usage is not None else "estimated")
+        event["metergate"] = receipt = self._receipt(settlement, "provider" if usage is not None else "estimated")
+        if rid in self._stopped:
+            self._stopped.discard(rid)
+            receipt.update(stop_reason="insufficient_funds", portal_url=self._p.signer.url(
+                self.meter.identity.mode, self.meter.identity.customer_id),
+                message="The wallet ran out of funds: the response was stopped here and what was produced is "
+                        "billed. Top up at portal_url.")
         return json.dumps(event)
 
     def _receipt(self, settlement: Settlement | None, source: str) -> dict[str, Any]:

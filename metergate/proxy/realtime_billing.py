@@ -105,7 +105,8 @@ class Response:
     sent: Tally  # what the client added since the previous response
     started: float = field(default_factory=time.monotonic)
     out: Tally = field(default_factory=Tally)
-    refreshed: int = 0
+    steps: int = 0  # extensions of its hold (growth and expiry refreshes share the idempotency steps)
+    stopped: bool = False  # the wallet could not cover more of it: cancelled upstream, nothing more delivered
 
 
 class SessionMeter:
@@ -266,6 +267,64 @@ class SessionMeter:
         if response is not None:
             response.out.add(text, audio_b64_chars)
 
+    def _expected(self, response: Response) -> RealtimeUsage:
+        """What the response costs so far, as far as metergate can see it while it runs (cheaply: audio by
+        its duration, text at four characters a token): the previous response's input as it was billed, the
+        previous output and the client's audio since as uncached input, and the output delivered."""
+        last = self.last or RealtimeUsage(source="estimated")
+        media, out = self._p.settings.media, response.out
+        return RealtimeUsage(
+            text_input=last.text_input + last.text_output + response.sent.chars // 4,
+            audio_input=last.audio_input + last.audio_output
+            + response.sent.audio_bytes * media.audio_tokens_per_s // _PCM16_BYTES_PER_S,
+            cached_text_input=last.cached_text_input, cached_audio_input=last.cached_audio_input,
+            text_output=(out.chars + out.overflow_chars) // 4,
+            audio_output=out.audio_bytes * self._settings.audio_output_tokens_per_s // _PCM16_BYTES_PER_S,
+            source="estimated")
+
+    async def admit_output(self, response_id: str) -> bool:
+        """After an output delta: whether what the response delivered is still within its hold, growing the
+        hold by ``response_hold_output_tokens / 2`` of audio output when it is not (the last of the wallet when
+        a whole step is not there). ``False``: the wallet cannot pay for more; the caller cancels the response
+        upstream and delivers no more of it. Its ``response.done`` still bills what the provider counted."""
+        response = self.active.get(response_id)
+        if response is None:
+            return True
+        if response.stopped:
+            return False
+        try:
+            expected = self._expected(response)
+            if self.price(expected) <= response.hold.amount:
+                return True
+            step = max(1, self._settings.response_hold_output_tokens // 2)
+            wanted = self.price(replace(expected, audio_output=expected.audio_output + step)) - response.hold.amount
+        except CostUnknown:
+            return True  # priced over a cost that is unknown: the settlement falls back to the hold
+        async with self._lock:
+            for amount in (wanted, None):
+                try:
+                    if amount is None:  # the last of the wallet
+                        balance = await self._p.store.balance(self.identity.mode, self.identity.customer_id,
+                                                              response.hold.asset)
+                        amount = balance.available
+                        if amount <= 0:
+                            break
+                    if self._p.spend_caps is not None:
+                        await self._p.spend_caps.admit(self.identity.mode, self.identity.customer_id,
+                                                       response.hold.asset, amount)
+                    response.steps += 1
+                    response.hold = await self._tracked(self._p.store.extend_hold(
+                        response.hold.id, amount, step=response.steps, ttl_ms=self._ttl_ms))
+                    return True
+                except (InsufficientFunds, SpendCapReached):
+                    continue
+                except HoldNotFound:
+                    break
+        log.info("%s: the wallet cannot cover more of response %s; stopping it", self.session_id,
+                 response_id[:64])
+        response.stopped = True
+        return False
+
     async def estimate(self, response: Response) -> RealtimeUsage:
         """A response whose usage never came: the input it saw at least (audio sent at
         ``media.audio_tokens_per_s``), and the output delivered (audio at ``audio_output_tokens_per_s``)."""
@@ -393,9 +452,9 @@ class SessionMeter:
                 with contextlib.suppress(Refused):  # the next response.create reports it
                     self.spare = await self._place_spare()
         for response in list(self.active.values()):
-            response.refreshed += 1
+            response.steps += 1
             with contextlib.suppress(InsufficientFunds, HoldNotFound):  # it keeps its expiry: rarely outlived
-                response.hold = await self._p.store.extend_hold(response.hold.id, 1, step=response.refreshed,
+                response.hold = await self._p.store.extend_hold(response.hold.id, 1, step=response.steps,
                                                                 ttl_ms=self._ttl_ms)
 
     async def _void(self, hold: Hold) -> None:
