@@ -395,7 +395,7 @@ class _Session:
         elif kind in _TEXT_DELTAS + _AUDIO_DELTAS + _TRANSCRIPT_DELTAS and response_id:
             found_delta = event.get("delta")
             delta = found_delta if isinstance(found_delta, str) else ""
-            if kind in _TEXT_DELTAS:
+            if kind in _TEXT_DELTAS or kind in _TRANSCRIPT_DELTAS:  # an audio's transcript is billed as text
                 self.meter.delta(response_id, text=delta)
             elif kind in _AUDIO_DELTAS:
                 self.meter.delta(response_id, audio_b64_chars=len(delta))

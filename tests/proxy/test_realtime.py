@@ -278,6 +278,38 @@ async def test_client_that_leaves_before_any_usage_pays_an_estimate_marked_estim
     assert (await gw.balance())["available"] == 1_000_000 - record["charged_amount"]
 
 
+async def test_response_that_outgrows_the_wallet_is_stopped_where_the_funds_end(mock: Upstream,
+                                                                                 tmp_path: Path) -> None:
+    async for gw in _gateway(mock, tmp_path, 30_000, **SMALL_HOLDS):
+        client = gw.openai()
+        delivered = 0
+        async with client.realtime.connect(model=MODEL) as connection:
+            await connection.recv()
+            await connection.response.create(response={"metadata": {"mock_deltas": "400", "mock_delay_s": "0.005"}})
+            async for event in connection:
+                delivered += event.type == "response.output_audio.delta"
+                if event.type == "response.done":
+                    done = event
+                    break
+            assert done.response.status == "cancelled"  # metergate cancelled it upstream
+            receipt = done.model_extra["metergate"]
+            assert receipt["stop_reason"] == "insufficient_funds" and "/portal/" in receipt["portal_url"]
+            await connection.response.create()
+            refused = await until_done(connection)
+            assert refused.type == "error" and refused.error.code == "insufficient_funds"
+        # The hold grew with the output (the first, of 9,600, covers about 66 deltas); it stopped where the
+        # wallet did, a little past it only by what the upstream produced before the cancel reached it.
+        assert 100 < delivered < 400
+        [record] = await settled(gw, 1)
+        price = price_of(sent(mock)[0]["usage"])
+        assert record["usage_source"] == "provider" and record["price_amount"] == price
+        assert record["charged_amount"] + record["written_off_amount"] == price  # nothing lost
+        assert record["written_off_amount"] < price // 10
+        balance = await gw.balance()
+        assert balance["available"] == 30_000 - record["charged_amount"] >= 0 and balance["pending"] == 0
+        assert len(sent(mock)) == 1
+
+
 async def test_server_started_response_without_funds_is_cancelled_and_billed(mock: Upstream,
                                                                             tmp_path: Path) -> None:
     async for gw in _gateway(mock, tmp_path, 12_000, **SMALL_HOLDS):
