@@ -7,13 +7,15 @@ Before the upgrade, as for every metered request: the customer is identified (cu
 route's key, and only then is the client's connection upgraded: every refusal (401, 402, 400, 502) is a
 plain JSON answer in the OpenAI envelope that the client's handshake reports.
 
-While the session lives, frames are relayed both ways as they come, with three exceptions:
+While the session lives, frames are relayed both ways as they come, with these exceptions:
 
 * a client ``response.create`` is forwarded only once the next response is held; when the wallet cannot
   cover it, the client gets a Realtime ``error`` event with code ``insufficient_funds`` (message and
   ``portal_url`` as in a 402) and the session is closed with code 1008 (policy violation);
 * a client frame that is not a JSON object with a ``type`` (or a binary frame) is answered with an ``error``
   event (``invalid_event``) and never forwarded: nothing is charged for it;
+* an output delta the response's hold cannot cover, nor the wallet grow it for, is not delivered: the
+  response is cancelled upstream (``response.cancel``) and its ``response.done`` says why;
 * the upstream's ``response.done`` is settled before it is forwarded, and carries a ``metergate`` receipt
   (charged, balance, asset), so a client that saw it reads a settled balance.
 

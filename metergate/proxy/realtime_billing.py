@@ -10,6 +10,10 @@ spare; without one, metergate cancels it upstream and ends the session, and bill
 reports for the cancelled response against an empty hold (captured as far as the wallet covers, the rest
 written off: never lost).
 
+While a response runs, its hold grows with the output delivered (:meth:`SessionMeter.admit_output`, the
+Realtime analogue of :mod:`metergate.proxy.budget`); when the wallet cannot cover more, the relay cancels the
+response upstream and delivers no more of it, and its ``response.done`` bills what the provider counted.
+
 Why one hold per response rather than partial captures from one session hold: it works on every wallet store
 (the Redis wallet has no partial captures), each response gets its usage record (prices, margins, invoiced
 meter events and tier counters work as for any request), and a spare hold that sits idle is simply voided and
