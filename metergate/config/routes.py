@@ -63,6 +63,8 @@ class RouteSettings(BaseModel):
                                                    "bedrock route's to aws.")
     api_key: SecretStr | None = Field(None, description="Provider key injected upstream; clients never hold it.")
     charge_failed_replies: bool = Field(False, description="Charge a reply the provider marks failed.")
+    realtime: bool = Field(False, description="Serve the Realtime API (GET /v1/realtime upgraded to a WebSocket), "
+                                              "billed per response (metergate/proxy/realtime.py); openai only.")
     unary_streaming: bool = Field(
         True, description="The upstream streams: a non-streaming request whose output the hold does not cover is "
                           "streamed from it internally and stopped where the wallet runs dry. false: its output "
@@ -98,6 +100,8 @@ class RouteSettings(BaseModel):
             raise ValueError("a route has 'bedrock' settings exactly when its provider is 'bedrock'")
         if self.provider == "bedrock" and self.api_key is not None:
             raise ValueError("a bedrock route signs with its 'bedrock' credentials; it takes no 'api_key'")
+        if self.realtime and self.provider != "openai":
+            raise ValueError("realtime: true needs provider: openai")
         if self.free_endpoints is not None:
             free_endpoints.validate(self.provider, self.free_endpoints)
         return self

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from metergate.config.envrefs import EnvExpandingYamlSource, UnsetReference
 from metergate.config.media import MediaSettings, is_multimodal_path
+from metergate.config.realtime import RealtimeSettings
 from metergate.config.routes import RouteSettings
 
 Mode = Literal["test", "live"]
@@ -68,7 +69,8 @@ class MediaRates(_Strict):
     """Rates of the media endpoints' own units and token kinds (:mod:`metergate.metering.media_units`)."""
 
     audio_input_per_mtok: NonNegativeDecimal | None = Field(
-        None, description="Rate for audio input tokens (gpt-4o-transcribe); defaults to the input rate.")
+        None, description="Rate for uncached audio input tokens (gpt-4o-transcribe, the Realtime API); defaults to "
+                          "the input rate.")
     image_input_per_mtok: NonNegativeDecimal | None = Field(
         None, description="Rate for image input tokens (gpt-image-1 edits); defaults to the input rate.")
     per_audio_second: NonNegativeDecimal | None = Field(
@@ -112,6 +114,11 @@ class ModelRate(MediaRates):
         None, description="Rate for prompt tokens written to a provider cache; defaults to the input rate.")
     output_per_mtok: NonNegativeDecimal = Decimal(0)
     request_fee: NonNegativeDecimal = Decimal(0)
+    # Realtime API audio tokens (routes with realtime: true; audio input is MediaRates.audio_input_per_mtok);
+    # unset, audio is priced as text.
+    cached_audio_input_per_mtok: NonNegativeDecimal | None = Field(
+        None, description="Rate for cached audio input tokens; defaults to the cached input rate.")
+    audio_output_per_mtok: NonNegativeDecimal | None = Field(None, description="Rate for audio output tokens.")
 
 
 class PricingSettings(_Strict):
@@ -304,6 +311,8 @@ class Settings(BaseSettings):
                     "OpenAI accepts images up to 20 MB; base64 adds a third.")
     media: MediaSettings = Field(default_factory=MediaSettings,
                                  description="How images, audio and PDFs in prompts are estimated.")
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings,
+                                       description="Metered Realtime API sessions (routes with realtime: true).")
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
                                     description="Largest upstream response relayed.")
     sse_max_event_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,

@@ -26,11 +26,14 @@ Two rules with the same match are refused as ``duplicate_rule``; an unsettled pa
 
 **Quantities.** A proxy request has the disjoint quantities ``input_tokens`` (uncached prompt tokens),
 ``cached_input_tokens``, ``cache_write_tokens``, ``output_tokens`` (not reasoning), ``reasoning_tokens``
-and ``requests`` (1), and on the media endpoints ``audio_input_tokens`` and ``image_input_tokens`` (subsets of the
-prompt, out of ``input_tokens``) and media units: ``audio_seconds``, ``characters``, ``images_<size>_<quality>``;
-an event has whatever it reports. A token kind the rule does not price (no rate, no tier) is counted as its
-base kind: cached, cache-write, audio and image input tokens as ``input_tokens``, reasoning tokens as
-``output_tokens`` — so the configuration file's rates, which price reasoning as output, keep their meaning.
+and ``requests`` (1). On the media endpoints a request also has ``audio_input_tokens`` and
+``image_input_tokens`` (subsets of the prompt, out of ``input_tokens``) and media units: ``audio_seconds``,
+``characters``, ``images_<size>_<quality>``; a Realtime API response also has ``audio_input_tokens``,
+``cached_audio_input_tokens`` and ``audio_output_tokens`` (its text kinds then count text only); an event has
+whatever it reports. A token kind the rule does not price (no rate, no tier) is counted as its base kind: cached,
+cache-write and image input tokens as ``input_tokens``, reasoning tokens as ``output_tokens``, audio as the text
+kind of its side (cached audio as ``cached_input_tokens``) — so the configuration file's rates, which price
+reasoning as output, keep their meaning, and a rule without audio rates prices audio as text rather than for free.
 Any other quantity a rule does not price is free.
 """
 
@@ -59,8 +62,11 @@ _RULE_KEYS = {"id", "match", "asset", "per_units", "event_fee", "rates", "tiers"
               "minimum"}
 _TIER_KEYS = {"quantity", "mode", "period", "key", "steps"}
 #: A token kind that a rule does not price is counted as its base kind (see the module docstring).
-FALLBACK = {"cached_input_tokens": "input_tokens", "cache_write_tokens": "input_tokens",
-            "audio_input_tokens": "input_tokens", "image_input_tokens": "input_tokens",
+#: Chains resolve in one pass, in this order: cached audio counts as cached input (OpenAI prices them alike),
+#: which counts as input when the rule prices no cached input either.
+FALLBACK = {"cached_audio_input_tokens": "cached_input_tokens", "audio_input_tokens": "input_tokens",
+            "audio_output_tokens": "output_tokens", "image_input_tokens": "input_tokens",
+            "cached_input_tokens": "input_tokens", "cache_write_tokens": "input_tokens",
             "reasoning_tokens": "output_tokens"}
 
 

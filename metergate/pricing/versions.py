@@ -55,10 +55,12 @@ def config_version(pricing: PricingSettings, assets: set[str]) -> PriceVersion:
             rates["cached_input_tokens"] = plain(rate.cached_input_per_mtok)
         if rate.cache_write_per_mtok is not None:
             rates["cache_write_tokens"] = plain(rate.cache_write_per_mtok)
-        if rate.audio_input_per_mtok is not None:
-            rates["audio_input_tokens"] = plain(rate.audio_input_per_mtok)
-        if rate.image_input_per_mtok is not None:
-            rates["image_input_tokens"] = plain(rate.image_input_per_mtok)
+        for quantity, per_mtok in (("audio_input_tokens", rate.audio_input_per_mtok),
+                                   ("cached_audio_input_tokens", rate.cached_audio_input_per_mtok),
+                                   ("audio_output_tokens", rate.audio_output_per_mtok),
+                                   ("image_input_tokens", rate.image_input_per_mtok)):
+            if per_mtok is not None:
+                rates[quantity] = plain(per_mtok)
         for quantity, per_unit in rate.media_quantities().items():  # per unit, as rates per million units
             rates[quantity] = plain(per_unit * _MILLION)
         match = {"type": "request"} if model == "*" else {"type": "request", "model": model}

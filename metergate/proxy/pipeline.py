@@ -129,6 +129,9 @@ class Pipeline:
         from metergate.proxy.compute import ComputeRelay
 
         self.compute = ComputeRelay(self)
+        from metergate.proxy import realtime
+
+        self.realtime, self._realtime_serves = realtime.RealtimeRelay(self), realtime.serves
         self.free = FreeEndpoints(self)
         from metergate.proxy.media import MediaRelay
 
@@ -162,7 +165,11 @@ class Pipeline:
             await self.session.close()
 
     async def drain(self, deadline_s: float) -> None:
-        """Shutting down: let the exchanges in flight finish for up to ``deadline_s``, then cut the rest.
+        """Shutting down: requests and Realtime sessions (:meth:`RealtimeRelay.drain`) drain side by side."""
+        await asyncio.gather(self._drain_exchanges(deadline_s), self.realtime.drain(deadline_s))
+
+    async def _drain_exchanges(self, deadline_s: float) -> None:
+        """Let the exchanges in flight finish for up to ``deadline_s``, then cut the rest.
 
         A cut stream stops reading its upstream, settles what it delivered and ends with an ``error`` event
         (code ``shutting_down``) so that its client knows the answer is incomplete; an exchange still
@@ -198,6 +205,8 @@ class Pipeline:
                            code="unknown_route")
         if match.route.compute is not None:
             return await self.compute.handle(request, request_id, match)
+        if self._realtime_serves(match):  # the Realtime API's WebSocket, billed per response
+            return await self.realtime.handle(request, request_id, match)
         if (free := self.free.find(match)) is not None:  # models lists, token counting: unmetered
             return await self.free.handle(request, request_id, match, free)
         if (media := self.media.find(match)) is not None:
