@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any, cast
 
 from metergate.config.settings import CostRate
+from metergate.metering.heap import after_first_load
 from metergate.metering.usage import Usage
 from metergate.money import COST_SCALE, to_minor
 
@@ -107,5 +108,6 @@ class ProviderCosts:
         except Exception as exc:  # a broken price table must not break metering
             log.warning("provider cost lookup failed for %s/%s: %s", provider_id, model, exc)
             value = None
+        after_first_load("genai-prices")  # the price table's import: its transient heap back to the kernel
         self._cache[key] = (now, value)
         return value

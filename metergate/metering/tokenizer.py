@@ -151,14 +151,9 @@ def _drop_python_ranks(encoding: Any) -> None:
 def _return_freed_memory() -> None:
     """Hand the transient load (the file's text, its lines, the dict of ranks) back to the kernel: glibc keeps
     freed heap otherwise, and it would stay in the pod's RSS (bench/footprint.py measures the difference)."""
-    import ctypes
-    import gc
+    from metergate.metering.heap import return_freed_memory
 
-    gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl and others have none
-    if trim is None:
-        return
-    trim(0)
+    return_freed_memory()
 
 
 def encoding_for_model(model: str) -> str:
