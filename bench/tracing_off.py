@@ -4,11 +4,11 @@
     uv run python bench/tracing_off.py --stream    # streamed requests: a hook runs per upstream event
     uv run python bench/tracing_off.py --quick     # 3 rounds of 0.5 s windows
 
-Two ``python -m metergate serve`` processes with ``tracing: off``: ``off`` runs this tree; ``stripped`` runs a
-copy of it (``git archive HEAD``, so commit first) in which every call into the tracing hooks is removed from
-the request pipeline and the ledger's group commits: each statement that calls ``tracing.*`` or
-``ledger_batches.*`` is deleted, each ``with tracing.*():`` block is replaced by its body (with the calls on
-its ``as`` name), each keyword argument computed by a hook is dropped. A hook used in any other way stops the
+Two ``python -m metergate serve`` processes with ``tracing: off``, each running a copy of HEAD's package
+(``git archive HEAD``, so commit first): ``off`` as it is, ``stripped`` with every call into the tracing hooks
+removed from the request pipeline and the ledger's group commits: each statement that calls ``tracing.*`` or
+``ledger_batches.*`` is deleted, each ``with tracing.*():`` block is replaced by its body (with the calls on its
+``as`` name), each argument computed by a hook is dropped. A hook used in any other way stops the
 benchmark rather than be measured wrong. Everything else (settings, upstreams, pinning, the interleaved rounds
 of bench/ab.py) is as in bench/tracing.py; the ratios are taken within a round, then the medians reported.
 
@@ -135,13 +135,15 @@ def strip(source: str) -> tuple[str, int]:
     return ast.unparse(tree), stripper.removed
 
 
-def stripped_tree(workdir: Path) -> Path:
-    """HEAD's ``metergate`` package, with the hooks removed from ``HOT_FILES``."""
-    path = workdir / "stripped"
+def head_tree(path: Path, *, stripped: bool) -> Path:
+    """HEAD's ``metergate`` package in ``path``; ``stripped``: with the hooks removed from ``HOT_FILES``. Both
+    targets run such a copy, so that they differ in nothing but the hooks (not in where their files are)."""
     archive = subprocess.run(["git", "archive", "--format=tar", "HEAD", "metergate"], cwd=ROOT, check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(path, filter="data")
+    if not stripped:
+        return path
     for name in HOT_FILES:
         file = path / name
         text, removed = strip(file.read_text())
@@ -201,12 +203,10 @@ async def main_async(args: argparse.Namespace) -> int:
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     workdir = Path(tempfile.mkdtemp(prefix="metergate-bench-tracing-off-"))
     try:
-        stripped = stripped_tree(workdir)
-        servers = {
-            "stripped": Servers(workdir / "stripped-run", args.server_cpus, "WARNING", {"tracing": "off"},
-                                tree=stripped),
-            "off": Servers(workdir / "off-run", args.server_cpus, "WARNING", {"tracing": "off"}),
-        }
+        trees = {"stripped": head_tree(workdir / "stripped", stripped=True),
+                 "off": head_tree(workdir / "off", stripped=False)}
+        servers = {name: Servers(workdir / f"{name}-run", args.server_cpus, "WARNING", {"tracing": "off"},
+                                 tree=tree) for name, tree in trees.items()}
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; servers pinned to CPU "
               f"{args.server_cpus}, load generator to CPU {args.client_cpus}\n"
               f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, "
