@@ -2,8 +2,12 @@
 # metergate: the sidecar metering proxy (roles sidecar | control | all), as a slim, non-root image.
 #
 #   docker build -t metergate .
-#   docker run --rm -p 8080:8080 -v "$PWD/metergate.yaml:/etc/metergate/metergate.yaml:ro" \
+#   docker run --rm -p 8080:8080 -e OPENAI_API_KEY -e METERGATE_HOST=0.0.0.0 \
+#     -v "$PWD/metergate.yaml:/etc/metergate/metergate.yaml:ro" -v metergate-data:/var/lib/metergate \
 #     metergate --config /etc/metergate/metergate.yaml --role all
+#
+# (METERGATE_HOST: a settings file's host: wins over the image's default 0.0.0.0, and 127.0.0.1 in a container
+# cannot be reached through -p.)
 #
 # Dependencies are installed from uv.lock (hashes checked, nothing resolved at build time), and the tiktoken
 # encodings are unpacked at build time, so the image never downloads anything at run time.
