@@ -45,8 +45,8 @@ _OFF: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 def link(op: object = None) -> Any:
-    """At submit time: what the batch span will link to for this operation (``op``, a wallet engine operation
-    or ``None`` for any other write, names its kind); ``None`` when tracing is off."""
+    """At submit time: what the batch span will link to for this operation (``op``: a wallet engine operation,
+    or ``None`` for any other write); ``None`` when tracing is off."""
     recorder = _RECORDER
     return None if recorder is None else recorder.link(op)
 
