@@ -2,8 +2,12 @@
 # metergate: the sidecar metering proxy (roles sidecar | control | all), as a slim, non-root image.
 #
 #   docker build -t metergate .
-#   docker run --rm -p 8080:8080 -v "$PWD/metergate.yaml:/etc/metergate/metergate.yaml:ro" \
+#   docker run --rm -p 8080:8080 -e OPENAI_API_KEY -e METERGATE_HOST=0.0.0.0 \
+#     -v "$PWD/metergate.yaml:/etc/metergate/metergate.yaml:ro" -v metergate-data:/var/lib/metergate \
 #     metergate --config /etc/metergate/metergate.yaml --role all
+#
+# (METERGATE_HOST: a settings file's host: wins over the image's default 0.0.0.0, and 127.0.0.1 in a container
+# cannot be reached through -p.)
 #
 # Dependencies are installed from uv.lock (hashes checked, nothing resolved at build time), and the tiktoken
 # encodings are unpacked at build time, so the image never downloads anything at run time.
@@ -30,10 +34,13 @@ COPY pyproject.toml uv.lock ./
 # The Python client is a workspace member the server depends on (the admin commands use it): small, and it
 # changes rarely, so it belongs with the dependencies.
 COPY clients/python ./clients/python
-RUN uv sync --frozen --no-dev --no-editable --no-install-project
+# The otel extra (OpenTelemetry's SDK and OTLP/HTTP exporter, about 9 MB) is in, so that setting OTEL_* variables
+# in the container is enough to export traces; off, metergate never imports it. Both syncs name it: a sync
+# removes what it is not asked for.
+RUN uv sync --frozen --no-dev --no-editable --extra otel --no-install-project
 COPY README.md ./
 COPY metergate ./metergate
-RUN uv sync --frozen --no-dev --no-editable \
+RUN uv sync --frozen --no-dev --no-editable --extra otel \
  && /opt/metergate/venv/bin/python -c "from pathlib import Path; from metergate.metering.tokenizer import seed_cache; seed_cache(Path('/opt/metergate/tiktoken'))"
 
 # -------------------------------------------------------------------------------------------- runtime

@@ -2,6 +2,13 @@
 
     uv run python bench/footprint.py                 # baseline: main, checked out into a temp worktree
     uv run python bench/footprint.py --baseline REF  # any commit; --repeat N runs per cell (default 3)
+    uv run python bench/footprint.py --source        # without bytecode: every import compiles its source
+
+By default the servers run with bytecode, as in the image (``UV_COMPILE_BYTECODE=1`` compiles every module at
+build time): ``PYTHONPYCACHEPREFIX`` names a cache in the temp dir and one unmeasured run per variant fills it.
+Without bytecode (``--source``, and any environment with ``PYTHONDONTWRITEBYTECODE=1`` and no ``.pyc`` files,
+this machine's included) the first request also pays for compiling genai-prices' 1.6 MB price table, a
+transient of about 40 MB on the heap.
 
 For each variant (``before``: ``REF`` checked out with ``git worktree add --detach`` into a temp dir; ``after``:
 this tree) and each role (``sidecar``, ``all``), the real ``python -m metergate serve`` is started with the same
@@ -147,7 +154,8 @@ async def stream_load(url: str, pid: int, streams: int, model: str = MODEL) -> f
     return highest
 
 
-def run_cell(cell: Cell, tree: Path, upstream: str, workdir: Path, streams: int) -> None:
+def run_cell(cell: Cell, tree: Path, upstream: str, workdir: Path, streams: int,
+             env_extra: dict[str, str] | None = None) -> None:
     database = workdir / f"{cell.variant}-{cell.role}-{len(cell.idle)}.db"
     seed(database)
     port = free_port()
@@ -158,7 +166,9 @@ def run_cell(cell: Cell, tree: Path, upstream: str, workdir: Path, streams: int)
         "pricing": {"asset": "USD", "models": {"*": {"input_per_mtok": "1", "output_per_mtok": "2"}}},
         "admin_keys": ["mg_test_" + "b" * 24], "portal_secrets": {"k1": secrets.token_urlsafe(32)}}))
     # `-m metergate` imports from the working directory first: the baseline tree runs its own code.
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), **(env_extra or {})}
+    if "PYTHONPYCACHEPREFIX" in env:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     log = open(workdir / f"{cell.variant}-{cell.role}.log", "ab")  # noqa: SIM115 - closed below
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "metergate", "serve", "--config", str(config),
@@ -225,12 +235,15 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per (variant, role) cell")
     parser.add_argument("--streams", type=int, default=64, help="streams in flight at once")
     parser.add_argument("--roles", nargs="+", default=list(ROLES), choices=ROLES)
+    parser.add_argument("--source", action="store_true", help="run without bytecode (see above)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
     print(f"footprint: before = {args.baseline} ({commit}), after = this tree; {args.repeat} runs per cell, "
           f"{args.streams} streams; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} (start-up time moves with load, RSS does not)", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} (start-up time moves with load, RSS does not); "
+          f"{'no bytecode (every import compiles)' if args.source else 'with bytecode, as in the image'}",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="mg-footprint-") as tmp:
         workdir = Path(tmp)
         up_port = free_port()
@@ -243,12 +256,19 @@ def main() -> int:
             with baseline_tree(args.baseline, workdir) as base:
                 trees = {"before": base, "after": ROOT}
                 cells = {(v, r): Cell(v, r) for r in args.roles for v in trees}
+                env_extra = ({"PYTHONDONTWRITEBYTECODE": "1"} if args.source
+                             else {"PYTHONPYCACHEPREFIX": str(workdir / "pycache")})
+                if not args.source:
+                    for variant, tree in trees.items():  # every module either role imports, compiled once
+                        run_cell(Cell(f"warm-{variant}", "all"), tree, f"http://127.0.0.1:{up_port}", workdir,
+                                 args.streams, env_extra)
+                    print("  bytecode compiled (one unmeasured run per variant)", flush=True)
                 for i in range(args.repeat):
                     order = list(trees) if i % 2 == 0 else list(reversed(trees))
                     for role in args.roles:
                         for variant in order:
                             run_cell(cells[(variant, role)], trees[variant], f"http://127.0.0.1:{up_port}",
-                                     workdir, args.streams)
+                                     workdir, args.streams, env_extra)
                             print(f"  run {i + 1}/{args.repeat} {variant:6s} {role:7s} done", flush=True)
             costs = encoding_costs()
         finally:

@@ -90,8 +90,10 @@ class Servers:
     """The three server processes, started pinned, stopped by their own pids."""
 
     def __init__(self, workdir: Path, server_cpus: str | None, metergate_log_level: str,
-                 metergate_settings: dict[str, Any] | None = None, passthrough_loop: str = "uvloop") -> None:
+                 metergate_settings: dict[str, Any] | None = None, passthrough_loop: str = "uvloop",
+                 tree: Path = ROOT) -> None:
         self.workdir = workdir
+        self.tree = tree  # the checkout whose metergate `-m metergate` runs (its working directory)
         self.passthrough_loop = passthrough_loop
         self.extra = metergate_settings or {}
         self.server_cpus = server_cpus
@@ -104,7 +106,7 @@ class Servers:
         prefix = ["taskset", "-c", self.server_cpus] if self.server_cpus is not None else []
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.procs[name] = subprocess.Popen([*prefix, sys.executable, *argv], cwd=ROOT, stdout=log,
+        self.procs[name] = subprocess.Popen([*prefix, sys.executable, *argv], cwd=self.tree, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
 
     def start(self) -> None:

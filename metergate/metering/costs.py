@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any, cast
 
 from metergate.config.settings import CostRate
+from metergate.metering.heap import after_first_load
 from metergate.metering.media_units import AUDIO_SECONDS, CHARACTERS, image_quantity
 from metergate.metering.usage import Usage
 from metergate.money import COST_SCALE, to_minor
@@ -133,6 +134,8 @@ class ProviderCosts:
         except Exception as exc:  # a price table that cannot price this usage must not break metering
             log.warning("provider cost of %s/%s media usage failed: %s", provider_id, model, exc)
             return Cost(None, "unknown", {})
+        finally:
+            after_first_load("genai-prices")  # this may have been the price table's first import
         exact += Decimal(result.total_price)
         return Cost(to_minor(exact, COST_SCALE), "genai-prices", {**used, "media": "true"})
 
@@ -177,6 +180,7 @@ class ProviderCosts:
         except Exception as exc:  # a broken price table must not break metering
             log.warning("provider cost lookup failed for %s/%s: %s", provider_id, model, exc)
             value = None
+        after_first_load("genai-prices")  # the price table's import: its transient heap back to the kernel
         self._cache[key] = (now, value)
         return value
 

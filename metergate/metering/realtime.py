@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from metergate.metering.heap import after_first_load
 from metergate.metering.usage import MAX_TOKENS, Source, Usage, UsageAnomaly
 
 _MILLION = Decimal(1_000_000)
@@ -167,6 +168,8 @@ def genai_audio_rates(provider_id: str, model: str) -> AudioRates | None:
                            provider_id=provider_id).model_price
     except LookupError:
         return None
+    finally:
+        after_first_load("genai-prices")  # this may have been the price table's first import
     fields = (price.input_mtok, price.cache_read_mtok, price.input_audio_mtok,
               getattr(price, "cache_audio_read_mtok", None), price.output_mtok, price.output_audio_mtok)
     if not all(isinstance(v, Decimal) or v is None for v in fields) or price.input_audio_mtok is None:

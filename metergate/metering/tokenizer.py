@@ -33,6 +33,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -151,14 +152,9 @@ def _drop_python_ranks(encoding: Any) -> None:
 def _return_freed_memory() -> None:
     """Hand the transient load (the file's text, its lines, the dict of ranks) back to the kernel: glibc keeps
     freed heap otherwise, and it would stay in the pod's RSS (bench/footprint.py measures the difference)."""
-    import ctypes
-    import gc
+    from metergate.metering.heap import return_freed_memory
 
-    gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl and others have none
-    if trim is None:
-        return
-    trim(0)
+    return_freed_memory()
 
 
 def encoding_for_model(model: str) -> str:
@@ -171,8 +167,11 @@ def encoding_for_model(model: str) -> str:
 
 
 # Prompt texts repeat: a system prompt comes with every request, and a conversation resends its history on
-# every turn. Their counts are remembered, per encoding, for texts up to this long (the cache holds at most
-# PROMPT_CACHE_SIZE of them, so at most a few tens of MB).
+# every turn. Their counts are remembered, per encoding, for texts up to this long, at most PROMPT_CACHE_SIZE of
+# them, keyed by a 128-bit BLAKE2b digest of the text rather than the text: keeping the texts would hold up to
+# 2048 x 8192 characters of prompts in a long-running process for as long as they stay in the cache (16 MiB of
+# ASCII; 128 MiB of emoji, stored 4 bytes a character plus the UTF-8 copy that encoding leaves cached in the
+# string: tests/metering/test_tokenizer.py measures it); the digests take about 0.3 MiB whatever the prompts.
 PROMPT_CACHE_SIZE = 2048
 PROMPT_CACHE_MAX_CHARS = 8192
 
@@ -202,9 +201,25 @@ class TokenCounter:
         return _count_cached(self._encoding, text)
 
 
-@lru_cache(maxsize=PROMPT_CACHE_SIZE)
+_PROMPT_COUNTS: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # least recently used first
+_PROMPT_LOCK = threading.Lock()  # the event loop and the tokenizer's threads count at once
+
+
 def _count_cached(encoding: Any, text: str) -> int:
-    return len(encoding.encode_ordinary(text)) if text else 0
+    if not text:
+        return 0
+    key = (encoding.name, hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+    with _PROMPT_LOCK:
+        found = _PROMPT_COUNTS.get(key)
+        if found is not None:
+            _PROMPT_COUNTS.move_to_end(key)
+            return found
+    counted = len(encoding.encode_ordinary(text))
+    with _PROMPT_LOCK:
+        _PROMPT_COUNTS[key] = counted
+        if len(_PROMPT_COUNTS) > PROMPT_CACHE_SIZE:
+            _PROMPT_COUNTS.popitem(last=False)
+    return counted
 
 
 @lru_cache(maxsize=256)

@@ -9,6 +9,14 @@ Per request on a proxy route (the caller's ``traceparent``, if any, is the paren
     ├── INTERNAL "metergate.extend"        each growth of the hold mid-stream
     └── INTERNAL "metergate.settle"        the settlement (metergate.charged, metergate.written_off)
 
+Per group commit of the wallet (SQLite's writer, PostgreSQL's group commit), the root of a trace of its own::
+
+    CLIENT "metergate.ledger.batch"        db.system.name, metergate.ledger.batch.{backend,size,duration_ms};
+                                           one link per operation, to the span current when it was
+                                           submitted (a request's hold, extend or settle span: its name
+                                           says which operation; links carry no attributes, which would
+                                           cost the writer about 7 us each)
+
 Attributes are taken from the route, model names, token counts and amounts; no span carries prompt or
 completion text, a customer id or a key. A customer id can be personal data (an e-mail, a user name) and
 traces go to a backend with other access rules and retention than the ledger; a hash of an id from a
@@ -24,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +45,13 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from metergate import __version__
 from metergate.errors import MetergateError
 from metergate.http import Handler
-from metergate.observability import tracing
+from metergate.observability import ledger_batches, tracing
 from metergate.observability.logs import current_request_id
 from metergate.observability.tracing import SpanLike
 
@@ -253,6 +262,59 @@ class _Request:
         if ex.stopped:
             attributes["metergate.stopped"] = ex.stopped
         self.server.set_attributes(attributes)
+
+
+class _LedgerBatches:
+    """The recorder of :mod:`metergate.observability.ledger_batches`: a span per written batch, linked to the
+    spans its operations were submitted under. Its ``batch`` runs on SQLite's writer thread too: the SDK's
+    tracer and processors are thread-safe, and nothing here touches the submitting tasks' context."""
+
+    __slots__ = ("tracer",)
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self.tracer = tracer
+
+    def link(self, op: object) -> trace.SpanContext | None:
+        context = trace.get_current_span().get_span_context()
+        if not (context.is_valid and context.trace_flags.sampled):
+            return None  # nothing traced, or a request the sampler dropped: a link would point nowhere
+        return context
+
+    @contextmanager
+    def batch(self, backend: str, ops: Sequence[ledger_batches.Queued]) -> Iterator[None]:
+        links = [Link(op.link) for op in ops if op.link is not None]
+        # No parent: a batch belongs to no one request's trace (the links say whose operations it carries).
+        span = self.tracer.start_span("metergate.ledger.batch", context=_ROOT, kind=SpanKind.CLIENT, links=links,
+                                      attributes={"db.system.name": backend, "metergate.ledger.batch.backend": backend,
+                                                  "metergate.ledger.batch.size": len(ops)},
+                                      record_exception=False, set_status_on_exception=False)
+        started = time.perf_counter_ns()
+        try:
+            yield
+        except BaseException as error:  # the batch failed as a whole: its operations are applied again alone
+            span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("error.type", type(error).__qualname__)
+            raise
+        finally:
+            span.set_attribute("metergate.ledger.batch.duration_ms", (time.perf_counter_ns() - started) / 1e6)
+            span.end()
+
+
+_ROOT = Context()
+
+
+def ledger_batch_spans(provider: trace.TracerProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` that traces the wallet's batches into ``provider`` while the app runs."""
+    recorder = _LedgerBatches(provider.get_tracer("metergate", __version__))
+
+    async def installed(_app: web.Application) -> AsyncIterator[None]:
+        ledger_batches.install(recorder)
+        try:
+            yield
+        finally:
+            ledger_batches.uninstall(recorder)
+
+    return installed
 
 
 def _requested_max_tokens(body: bytes) -> int | None:

@@ -237,4 +237,5 @@ def _traced(app: web.Application, settings: Settings, pipeline: Pipeline, provid
             await asyncio.get_running_loop().run_in_executor(None, owned.shutdown)  # exports what is queued
 
         app.on_cleanup.append(flush)
+    app.cleanup_ctx.append(otel.ledger_batch_spans(provider))  # the wallet's group commits, linked to requests
     return otel.traced(pipeline.handle, provider)

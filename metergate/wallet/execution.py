@@ -57,6 +57,7 @@ from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import UpdateBase
 
+from metergate.observability import ledger_batches
 from metergate.observability.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class _Op:
     ok: bool = False
     outcome: Any = field(default=None)
     engine: Any = None  # a batch engine operation (metergate.wallet.engine), decided with the batch's others
+    link: Any = None  # for the batch's span: the submitter's span (metergate.observability.ledger_batches)
 
 
 def _resolve(ops: list[_Op]) -> None:
@@ -228,7 +230,7 @@ class SqliteWriter:
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop, engine=engine))
+        self._queue.put(_Op(fn, args, future, loop, engine=engine, link=ledger_batches.link(engine)))
         return future
 
     def close(self) -> None:
@@ -298,7 +300,8 @@ class SqliteWriter:
         to use next (``None``: open a fresh one)."""
         try:
             conn = conn if conn is not None and not conn.invalidated else self._connect()
-            self._transaction(conn, batch)
+            with ledger_batches.batch("sqlite", batch):
+                self._transaction(conn, batch)
         except Exception as error:
             if conn is not None:
                 conn = _rolled_back(conn)

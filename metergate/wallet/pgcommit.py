@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from metergate.observability import ledger_batches
 from metergate.wallet.batchsql import BatchConflict, apply_postgres
 from metergate.wallet.engine import CLASSIC, EngineOp
 
@@ -50,6 +51,7 @@ class _Job:
     op: EngineOp
     classic: Callable[[], Awaitable[Any]]
     future: asyncio.Future[Any]
+    link: Any = None  # for the batch's span: the submitter's span (metergate.observability.ledger_batches)
 
 
 def driver_error(exc: BaseException) -> BaseException:
@@ -88,7 +90,7 @@ class PgGroupCommit:
         operation through the per-operation path, for what the engine does not decide."""
         assert self._task is not None and not self._closing, "store is not open"
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(op, classic, future))
+        self._queue.append(_Job(op, classic, future, ledger_batches.link(op)))
         self._wakeup.set()
         return future
 
@@ -124,7 +126,8 @@ class PgGroupCommit:
 
     async def _run(self, batch: list[_Job]) -> None:
         try:
-            outcomes = await self._transaction(batch)
+            with ledger_batches.batch("postgresql", batch):
+                outcomes = await self._transaction(batch)
         except Exception as exc:
             error = driver_error(exc)
             if len(batch) == 1:

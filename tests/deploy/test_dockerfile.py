@@ -98,7 +98,9 @@ def test_image_is_slim_multi_stage_and_non_root(stages: list[Stage]) -> None:
     assert runtime.first("COPY") == f"--from=build {IMAGE_ROOT} {IMAGE_ROOT}"  # only the built tree crosses over
     assert runtime.env["TIKTOKEN_CACHE_DIR"] == f"{IMAGE_ROOT}/tiktoken"
     runs = [args for instruction, args in build.steps if instruction == "RUN"]
-    assert any(run.startswith("uv sync --frozen --no-dev") for run in runs)  # from the lock file, as locked
+    syncs = [run for run in runs if run.startswith("uv sync ")]
+    assert syncs and all(run.startswith("uv sync --frozen --no-dev") for run in syncs)  # from the lock, as locked
+    assert all("--extra otel" in run for run in syncs)  # OTEL_* variables are all it takes to trace
     assert json.loads(runtime.first("ENTRYPOINT")) == ["metergate", "serve", "--default", "host=0.0.0.0"]
     assert "METERGATE_HOST" not in runtime.env  # a variable would override the settings file's host:
     assert runtime.first("EXPOSE") == "8080"
@@ -139,6 +141,10 @@ def test_build_steps_and_entrypoint_run_in_a_fresh_environment(stages: list[Stag
     image = tmp_path / IMAGE_ROOT.lstrip("/")
     assert {p.name for p in (image / "tiktoken").iterdir()} == ENCODING_FILES
     assert (image / "venv" / "bin" / "metergate").exists()
+    traced = subprocess.run([str(image / "venv" / "bin" / "python"), "-c",
+                             "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.http.trace_exporter"],
+                            capture_output=True, text=True, timeout=60)
+    assert traced.returncode == 0, traced.stderr
 
     # ------------------------------------------------------------------ runtime stage
     port = free_port()

@@ -1,5 +1,6 @@
 """Token counts: offline tiktoken encodings, and the remembered counts of prompt parts agree with a fresh
-count, whatever the length, the script or how often the same text comes back."""
+count, whatever the length, the script or how often the same text comes back; remembering them does not keep
+the texts (measured with tracemalloc)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,26 @@ def test_prompt_counts_equal_fresh_counts_every_time(model: str, monkeypatch: py
         for text in TEXTS:
             expected = len(reference.encode_ordinary(text))
             assert counter.count_prompt(text) == counter.count(text) == expected
+
+
+def test_remembered_prompt_counts_do_not_keep_the_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(seed_cache()))
+    counter = counter_for("gpt-4o-mini")
+    counter.count_prompt("warm the encoding and the cache's structures")
+    texts = 200  # distinct prompts of the longest remembered size, in a script stored 4 bytes per character
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(texts):
+            text = f"{i:05d} " + "🎉" * (PROMPT_CACHE_MAX_CHARS - 6)
+            assert counter.count_prompt(text) == counter.count_prompt(text) > 0  # the second one is remembered
+            del text
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < texts * 1024, kept  # each text was 32 KiB: what stays is a digest and a count per text
 
 
 @pytest.mark.parametrize(("model", "encoding"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")])

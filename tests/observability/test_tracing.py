@@ -1,6 +1,7 @@
 """Check the OpenTelemetry spans of proxied requests: their tree, their GenAI and metergate attributes, the
-trace context the upstream receives and the absence of prompt text; and that with tracing off metergate
-serves without importing OpenTelemetry at all.
+trace context the upstream receives and the absence of prompt text; the wallet's group commits as batch spans
+linked to the requests' spans, on SQLite and PostgreSQL; and that with tracing off metergate serves without
+importing OpenTelemetry at all.
 
 Method: the real app, served on loopback in front of the mock upstream, traced through the seam
 ``build_app(..., tracer_provider=...)`` into an SDK ``TracerProvider`` with an ``InMemorySpanExporter``; the
@@ -9,6 +10,7 @@ client is the official ``openai`` SDK sending its own W3C ``traceparent``, as an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from metergate.config.settings import load_settings
+from metergate.observability import ledger_batches
 from metergate.observability.tracing import enabled
 from metergate.proxy.adapters import openai as oa
 from metergate.proxy.app import build_app
@@ -36,6 +40,7 @@ from tests.conftest import (
     PROVIDER_KEY,
     Gateway,
     Upstream,
+    _reset_pg,
     free_port,
     serve,
 )
@@ -54,8 +59,9 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     yield InMemorySpanExporter()
 
 
-@pytest.fixture
-async def traced(upstream: Upstream, tmp_path: Path, exporter: InMemorySpanExporter) -> AsyncIterator[Gateway]:
+@asynccontextmanager
+async def traced_gateway(upstream: Upstream, database_url: str,
+                         exporter: InMemorySpanExporter) -> AsyncIterator[Gateway]:
     """metergate traced into ``exporter``, in front of the mock upstream (as conftest's ``gateway``)."""
     import httpx2 as httpx
 
@@ -63,7 +69,7 @@ async def traced(upstream: Upstream, tmp_path: Path, exporter: InMemorySpanExpor
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     port = free_port()
     settings = load_settings(
-        port=port, database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        port=port, database_url=database_url,
         routes=[{"prefix": "/openai", "upstream": upstream.url, "api_key": PROVIDER_KEY}],
         pricing=DEFAULT_PRICING, admin_keys=[ADMIN_KEY], portal_secrets={"k1": secrets.token_urlsafe(32)},
         upstream_timeout_s=30)
@@ -77,6 +83,25 @@ async def traced(upstream: Upstream, tmp_path: Path, exporter: InMemorySpanExpor
     await gateway.close()
     await runner.cleanup()
     provider.shutdown()
+
+
+@pytest.fixture
+async def traced(upstream: Upstream, tmp_path: Path, exporter: InMemorySpanExporter) -> AsyncIterator[Gateway]:
+    async with traced_gateway(upstream, f"sqlite:///{tmp_path / 'gateway.db'}", exporter) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def traced_store(upstream: Upstream, store_url: str, exporter: InMemorySpanExporter) -> AsyncIterator[Gateway]:
+    """As ``traced``, on each wallet backend (SQLite's writer thread, PostgreSQL's group commit)."""
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+    async with traced_gateway(upstream, store_url, exporter) as gateway:
+        yield gateway
+
+
+def in_trace(spans: tuple[ReadableSpan, ...], trace_id: int) -> tuple[ReadableSpan, ...]:
+    return tuple(s for s in spans if s.context.trace_id == trace_id)
 
 
 def by_name(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
@@ -110,7 +135,7 @@ async def test_streamed_request_is_one_server_span_with_hold_upstream_and_settle
     request_id = raw.headers["X-Metergate-Request-Id"]
     [record] = [r for r in await traced.usage(CUSTOMER) if r["id"] == request_id]
 
-    spans = exporter.get_finished_spans()
+    spans = in_trace(exporter.get_finished_spans(), int(APP_TRACE_ID, 16))  # the ledger's batches have their own
     server = by_name(spans, "POST /openai")
     hold, settle = by_name(spans, "metergate.hold"), by_name(spans, "metergate.settle")
     client_span = by_name(spans, f"chat {MODEL}")
@@ -175,6 +200,7 @@ async def test_refused_request_is_a_402_server_span_with_a_failed_hold(
     assert refused.value.status_code == 402
     spans = exporter.get_finished_spans()
     server, hold = by_name(spans, "POST /openai"), by_name(spans, "metergate.hold")
+    spans = in_trace(spans, server.context.trace_id)
     assert sorted(s.name for s in spans) == ["POST /openai", "metergate.hold"]  # nothing went upstream
     assert server.parent is None  # no traceparent from the app: metergate's span is the root
     assert server.attributes is not None
@@ -184,6 +210,60 @@ async def test_refused_request_is_a_402_server_span_with_a_failed_hold(
     assert hold.status.status_code is StatusCode.ERROR
     assert hold.parent is not None and hold.parent.span_id == server.context.span_id
     assert traced.upstream.requests == []
+
+
+async def test_each_ledger_batch_is_a_span_linked_to_the_spans_its_operations_were_submitted_from(
+        traced_store: Gateway, exporter: InMemorySpanExporter) -> None:
+    await traced_store.customer(CUSTOMER)
+    client = traced_store.openai(CUSTOMER)
+
+    async def stream() -> str:
+        chunks = await client.chat.completions.create(
+            model=MODEL, max_tokens=50, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": PROMPT}], extra_headers={"X-Mock-Behavior": "words:12"})
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+    texts = await asyncio.gather(*(stream() for _ in range(4)))  # concurrent: batches may carry several
+    assert all(texts)
+    spans = exporter.get_finished_spans()
+    batches = [s for s in spans if s.name == "metergate.ledger.batch"]
+    holds = [s for s in spans if s.name == "metergate.hold"]
+    settles = [s for s in spans if s.name == "metergate.settle"]
+    assert len(holds) == len(settles) == 4 and batches
+    backend = "sqlite" if traced_store.settings.database_url.startswith("sqlite") else "postgresql"
+
+    # Every request's hold and settlement was written by exactly one batch, which links to it; no link
+    # points anywhere else.
+    linked: dict[int, list[ReadableSpan]] = {}
+    for batch in batches:
+        for link in batch.links:
+            linked.setdefault(link.context.span_id, []).append(batch)
+    assert sorted(linked) == sorted(s.context.span_id for s in (*holds, *settles))
+    for request_span in (*holds, *settles):
+        [batch] = linked[request_span.context.span_id]
+        [link] = [lk for lk in batch.links if lk.context.span_id == request_span.context.span_id]
+        assert link.context.trace_id == request_span.context.trace_id and not link.attributes
+        # The batch was written while its operation's caller waited for it.
+        assert request_span.start_time <= batch.start_time <= batch.end_time <= request_span.end_time
+
+    for batch in batches:
+        assert batch.parent is None and batch.kind is SpanKind.CLIENT  # a trace of its own
+        assert batch.context.trace_id not in {s.context.trace_id for s in holds}
+        attributes = dict(batch.attributes or {})
+        assert attributes.pop("metergate.ledger.batch.duration_ms") >= 0
+        assert attributes["metergate.ledger.batch.size"] >= len(batch.links)
+        assert attributes == {"db.system.name": backend, "metergate.ledger.batch.backend": backend,
+                              "metergate.ledger.batch.size": attributes["metergate.ledger.batch.size"]}
+        assert batch.status.status_code is StatusCode.UNSET
+
+
+async def test_ledger_batches_are_traced_only_while_a_traced_app_runs(
+        upstream: Upstream, tmp_path: Path, exporter: InMemorySpanExporter, gateway: Gateway) -> None:
+    assert not ledger_batches.installed()  # the untraced gateway installs nothing
+    async with traced_gateway(upstream, f"sqlite:///{tmp_path / 'traced.db'}", exporter):
+        assert ledger_batches.installed()
+    assert not ledger_batches.installed()
+    assert ledger_batches.link() is None
 
 
 async def test_untraced_gateway_forwards_the_apps_traceparent_untouched(gateway: Gateway) -> None:
