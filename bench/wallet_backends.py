@@ -10,6 +10,8 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 * ``postgres``      SqlWalletStore on PostgreSQL (127.0.0.1:5432, a throwaway database);
 * ``redis+sqlite``  RedisWalletStore over the SQLite ledger; the sink drains into SQLite concurrently;
 * ``redis+pg``      RedisWalletStore over the PostgreSQL ledger;
+* ``<sql>+escrow``   the same store behind escrow leases (metergate/wallet/escrow.py): reserves admitted in
+  memory against this process's lease, each settlement one capture from it;
 * ``<any>-classic`` the same with ``batch_engine=False``: every operation its own classic operation (SQLite:
   a savepoint each in the writer's group commit; PostgreSQL: a transaction each), the store before the batch
   engine.
@@ -35,14 +37,15 @@ from typing import Any
 
 from scratch import REDIS, Scratch
 
+from metergate.wallet.escrow import Escrow
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
 from metergate.wallet.sql import SqlWalletStore
 
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
-CONFIGS = ("sqlite-classic", "sqlite", "postgres-classic", "postgres", "redis+sqlite-classic", "redis+sqlite",
-           "redis+pg-classic", "redis+pg")
+CONFIGS = ("sqlite-classic", "sqlite", "sqlite+escrow", "postgres-classic", "postgres", "postgres+escrow",
+           "redis+sqlite-classic", "redis+sqlite", "redis+pg-classic", "redis+pg")
 
 
 def usage(i: str, hold_id: str) -> UsageRecord:
@@ -52,8 +55,11 @@ def usage(i: str, hold_id: str) -> UsageRecord:
                        price_amount=80)
 
 
-async def run_one(store: Any, seconds: float, concurrency: int) -> tuple[float, float]:
+async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool = False) -> tuple[float, float]:
     await store.open()
+    front: Any = Escrow(store) if escrow else store
+    if escrow:
+        await front.start()
     try:
         await store.create_customer(MODE, CUSTOMER, "Bench")
         await store.credit(MODE, CUSTOMER, ASSET, 10**15, idempotency_key="seed")
@@ -65,19 +71,25 @@ async def run_one(store: Any, seconds: float, concurrency: int) -> tuple[float, 
             n = 0
             while time.monotonic() < stop:
                 hid = f"h{tag}{w}_{n}"
-                await store.reserve(MODE, CUSTOMER, ASSET, 1000, hold_id=hid, ttl_ms=60_000)
-                await store.settle(hid, 80, usage(f"r{tag}{w}_{n}", hid))
+                await front.reserve(MODE, CUSTOMER, ASSET, 1000, hold_id=hid, ttl_ms=60_000)
+                await front.settle(hid, 80, usage(f"r{tag}{w}_{n}", hid))
                 n += 1
             counts[w] = n
 
         started = time.monotonic()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         hot = time.monotonic() - started
+        if escrow:
+            await front.close()
         if isinstance(store, RedisWalletStore):
             while any([await store.redis.xlen(store.keys.stream(s)) for s in range(store.keys.shards)]):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         total = time.monotonic() - started
         pairs = sum(counts)
+        sql_store = store.sql if isinstance(store, RedisWalletStore) else store
+        commit = getattr(sql_store, "_pg_commit", None)
+        if commit is not None and commit.batches:
+            print(f"  ({commit.ops / commit.batches:.1f} operations per PostgreSQL batch)")
         sql = store.sql if isinstance(store, RedisWalletStore) else store
         assert (await sql.balance(MODE, CUSTOMER, ASSET)).debits_posted == 80 * pairs, "ledger incomplete"
         return pairs / hot, pairs / total
@@ -101,7 +113,7 @@ async def main() -> None:
             drained_by: dict[str, float] = {}
             for config in args.configs:
                 pg_url = await scratch.fresh_database()
-                name = config.removesuffix("-classic")
+                name = config.removesuffix("-classic").removesuffix("+escrow")
                 sqlite_url = f"sqlite:///{tmp / f'{config}-{r}.db'}"
                 prefix = scratch.prefix()
                 url = pg_url if name.endswith(("postgres", "pg")) else sqlite_url
@@ -109,7 +121,7 @@ async def main() -> None:
                 ledger = (BatchingSqlWalletStore(url, batch_engine=engine) if name.startswith("redis")
                           else SqlWalletStore(url, batch_engine=engine))
                 store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if name.startswith("redis") else ledger
-                hot, drained = await run_one(store, args.seconds, args.concurrency)
+                hot, drained = await run_one(store, args.seconds, args.concurrency, escrow=config.endswith("+escrow"))
                 drained_by[config] = drained
                 results.setdefault(config, []).append((hot, drained))
             for config, drained in drained_by.items():
