@@ -56,6 +56,7 @@ from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, Us
 log = logging.getLogger(__name__)
 
 AccountKey = tuple[Mode, str, str]  # (mode, customer_id, asset)
+SETTLED_KEPT = 10_000  # how many settled requests a replayed settle is recognised for
 
 
 class LeaseBackend(Protocol):
@@ -145,6 +146,7 @@ class Escrow:
         self._cool_until: dict[AccountKey, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
+        self._settled: dict[str, str] = {}  # recently settled local holds -> their lease, for replays (bounded)
         self._ticker: asyncio.Task[None] | None = None
         self.stats = {"leases": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
 
@@ -162,15 +164,18 @@ class Escrow:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
-        for task in list(self._tasks):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
+        await self.quiesce()
         for lease in [*self._leases.values(), *self._retired]:
             lease.retiring = True
             with contextlib.suppress(Exception):
                 await self._return(lease)
         self._leases.clear()
         self._retired.clear()
+
+    async def quiesce(self) -> None:
+        """Wait for the top-ups running in the background (tests, and before returning leases)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # ------------------------------------------------------------------ the store's hot operations
 
@@ -220,6 +225,10 @@ class Escrow:
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
         found = self._local.pop(hold_id, None)
         if found is None:
+            lease_id = self._settled.get(hold_id)
+            if lease_id is not None:  # a replay: the capture's key answers it with the first result
+                done = await self.store.capture_usage(lease_id, amount, key=f"settle:{hold_id}", usage=usage)
+                return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
             return await self.store.settle(hold_id, amount, usage)
         lease = found.lease
         held = found.hold.amount
@@ -237,6 +246,9 @@ class Escrow:
         finally:
             lease.inflight -= 1
         lease.captured += done.charged - amount  # what it did not cover was written off, not taken
+        self._settled[hold_id] = lease.hold_id
+        if len(self._settled) > SETTLED_KEPT:
+            del self._settled[next(iter(self._settled))]
         lease.amount = max(lease.amount, done.hold.amount)
         self._balances[lease.key] = done.balance
         return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
@@ -311,11 +323,18 @@ class Escrow:
                     return lease
                 ttl_ms = int(self.policy.ttl_s * 1000)
                 if lease is not None and not lease.retiring and now < lease.expires_at_ms - self._margin_ms:
-                    hold = await self.store.extend_hold(lease.hold_id, size, step=next(lease.steps), ttl_ms=ttl_ms)
-                    lease.amount = max(lease.amount, hold.amount)
-                    lease.expires_at_ms = hold.expires_at_ms
-                    lease.last_grant = size
-                    return lease
+                    try:
+                        hold = await self.store.extend_hold(lease.hold_id, size, step=next(lease.steps),
+                                                            ttl_ms=ttl_ms)
+                    except (HoldNotFound, HoldNotPending):  # it ran out (this process stalled past its TTL)
+                        self._retire(key, cool=False)
+                        lease.growing = False
+                        lease = None
+                    else:
+                        lease.amount = max(lease.amount, hold.amount)
+                        lease.expires_at_ms = hold.expires_at_ms
+                        lease.last_grant = size
+                        return lease
                 hold, balance = await self.store.reserve(*key, size, hold_id=f"lease:{self.owner}:{next(self._ids)}",
                                                          ttl_ms=ttl_ms)
                 fresh = Lease(key, hold.id, hold.amount, hold.expires_at_ms, now, last_grant=size)
@@ -418,12 +437,13 @@ class Escrow:
         for key in [k for k, h in self._heat.items() if h.second < stale]:
             del self._heat[key]
 
-    def _retire(self, key: AccountKey) -> None:
+    def _retire(self, key: AccountKey, *, cool: bool = True) -> None:
         lease = self._leases.pop(key, None)
         if lease is not None:
             lease.retiring = True
             self._retired.append(lease)
-            self._cool(key)
+            if cool:
+                self._cool(key)
 
     async def _return_ready(self, key: AccountKey | None) -> None:
         for lease in list(self._retired):

@@ -394,7 +394,14 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
         return [(r.seq, _usage(r)) for r in rows]
 
     async def audit(self) -> list[str]:
-        return await self.read(audit_ledger)
+        """Re-derive every balance from the ledger, in one snapshot: on PostgreSQL a REPEATABLE READ
+        transaction, so that writes committing meanwhile (live traffic) cannot show as discrepancies."""
+        def snapshot(conn: Connection) -> list[str]:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            return audit_ledger(conn)
+
+        return await self.read(snapshot)
 
     # ------------------------------------------------------------------ reports
 
