@@ -86,7 +86,8 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         @rule(amount=st.integers(1, 20_000))
         def credit(self, amount: int) -> None:
             self.n += 1
-            self.run(self.stores[0].credit(MODE, self.customer, ASSET, amount, idempotency_key=f"{self.customer}-k{self.n}"))
+            self.run(self.stores[0].credit(MODE, self.customer, ASSET, amount,
+                                           idempotency_key=f"{self.customer}-k{self.n}"))
 
         @rule(target=holds, proc=st.integers(0, 1), amount=st.integers(1, 3_000))
         def reserve(self, proc: int, amount: int) -> Any:
