@@ -148,7 +148,7 @@ class Escrow:
         self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
         self._settled: dict[str, str] = {}  # recently settled local holds -> their lease, for replays (bounded)
         self._ticker: asyncio.Task[None] | None = None
-        self.stats = {"leases": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
+        self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,6 +171,7 @@ class Escrow:
                 await self._return(lease)
         self._leases.clear()
         self._retired.clear()
+        log.info("escrow closed: %s", self.stats)
 
     async def quiesce(self) -> None:
         """Wait for the top-ups running in the background (tests, and before returning leases)."""
@@ -334,6 +335,7 @@ class Escrow:
                         lease.amount = max(lease.amount, hold.amount)
                         lease.expires_at_ms = hold.expires_at_ms
                         lease.last_grant = size
+                        self.stats["topups"] += 1
                         return lease
                 hold, balance = await self.store.reserve(*key, size, hold_id=f"lease:{self.owner}:{next(self._ids)}",
                                                          ttl_ms=ttl_ms)
