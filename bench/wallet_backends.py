@@ -21,7 +21,9 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 For the Redis stores the time includes draining: a round ends when every event has reached SQL, and the
 pairs/s counts only what the ledger holds (``drained pairs/s``), beside the admission rate seen by the
 workers (``hot pairs/s``). ``x sqlite`` is the drained rate over SQLite's (batch engine) in the same round,
-``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds.
+``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds. ``CPU
+us/pair`` is this process's CPU time (all its threads: the event loop, the SQLite writer) per pair during the
+load; the database servers' CPU is not in it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from metergate.wallet.sql import SqlWalletStore
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
 CONFIGS = ("sqlite-classic", "sqlite", "sqlite+escrow", "postgres-classic", "postgres", "postgres+escrow",
            "redis+sqlite-classic", "redis+sqlite", "redis+pg-classic", "redis+pg")
+
+
+CPU_US: dict[int, float] = {}  # this process's CPU (every thread) per pair, by store, in microseconds
 
 
 def usage(i: str, hold_id: str) -> UsageRecord:
@@ -76,7 +81,7 @@ async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool 
                 n += 1
             counts[w] = n
 
-        started = time.monotonic()
+        started, cpu0 = time.monotonic(), time.process_time()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         hot = time.monotonic() - started
         if escrow:
@@ -86,6 +91,7 @@ async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool 
                 await asyncio.sleep(0.01)
         total = time.monotonic() - started
         pairs = sum(counts)
+        CPU_US[id(store)] = (time.process_time() - cpu0) / max(1, pairs) * 1e6
         sql_store = store.sql if isinstance(store, RedisWalletStore) else store
         commit = getattr(sql_store, "_pg_commit", None)
         if commit is not None and commit.batches:
@@ -108,6 +114,7 @@ async def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     ratios: dict[str, list[float]] = {}
     twins: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     async with Scratch() as scratch:
         for r in range(args.rounds):
             drained_by: dict[str, float] = {}
@@ -124,17 +131,20 @@ async def main() -> None:
                 hot, drained = await run_one(store, args.seconds, args.concurrency, escrow=config.endswith("+escrow"))
                 drained_by[config] = drained
                 results.setdefault(config, []).append((hot, drained))
+                cpu.setdefault(config, []).append(CPU_US.pop(id(store)))
             for config, drained in drained_by.items():
                 if "sqlite" in drained_by:
                     ratios.setdefault(config, []).append(drained / drained_by["sqlite"])
                 if not config.endswith("-classic") and f"{config}-classic" in drained_by:
                     twins.setdefault(config, []).append(drained / drained_by[f"{config}-classic"])
-    print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}")
+    print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}"
+          f"{'CPU us/pair':>13}")
     for config, rows in results.items():
         x_sqlite = f"{statistics.median(ratios[config]):.2f}" if config in ratios else "-"
         x_classic = f"{statistics.median(twins[config]):.2f}" if config in twins else "-"
         print(f"{config:<22}{statistics.median(h for h, _ in rows):>14.0f}"
-              f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}")
+              f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}"
+              f"{statistics.median(cpu[config]):>13.0f}")
 
 
 if __name__ == "__main__":
