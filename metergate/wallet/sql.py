@@ -274,11 +274,9 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
 
         def op(conn: Connection) -> Capture:
             hold = locked_hold(conn, hold_id)
-            entry = previous_entry(conn, hold.mode, key, hashed)
-            if entry is not None:
-                charged = int(entry.posted_delta)
-                return Capture(hold, charged, amount - charged,
-                               _balance_of(conn, hold.mode, hold.customer_id, hold.asset), replayed=True)
+            replayed = _replayed_capture(conn, hold, key, hashed, amount)
+            if replayed is not None:
+                return replayed
             if hold.state != "pending":
                 raise HoldNotPending(hold_id, hold.state)
             done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw)
@@ -299,11 +297,9 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
 
         def op(conn: Connection) -> Capture:
             hold = locked_hold(conn, hold_id)
-            entry = previous_entry(conn, hold.mode, key, hashed)
-            if entry is not None:
-                charged = int(entry.posted_delta)
-                return Capture(hold, charged, amount - charged,
-                               _balance_of(conn, hold.mode, hold.customer_id, hold.asset), replayed=True)
+            replayed = _replayed_capture(conn, hold, key, hashed, amount)
+            if replayed is not None:
+                return replayed
             done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=hold.state != "pending", now=now,
                               overdraw=overdraw)
             if usage is not None:
@@ -447,6 +443,16 @@ def _usage_summary(conn: Connection, mode: Mode, group_by: UsageGrouping, from_m
                            cost_unknown_count=int(r.cost_unknown), no_usage_count=int(r.no_usage),
                            unmargined_charged=int(r.unmargined))
             for r in conn.execute(stmt.limit(limit)).all()]
+
+
+def _replayed_capture(conn: Connection, hold: Hold, key: str, hashed: str, amount: int) -> Capture | None:
+    """The first answer of a capture whose key the ledger has (``IdempotencyConflict`` if with other content)."""
+    entry = previous_entry(conn, hold.mode, key, hashed)
+    if entry is None:
+        return None
+    charged = int(entry.posted_delta)
+    return Capture(hold, charged, amount - charged, _balance_of(conn, hold.mode, hold.customer_id, hold.asset),
+                   replayed=True)
 
 
 def _customer(row: Row[Any]) -> Customer:
