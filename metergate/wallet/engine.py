@@ -99,6 +99,7 @@ class CaptureOp:
     usage: UsageRecord | None
     now: int
     overdraw: bool
+    held: int | None = None  # at most this much is drawn from the hold (the request's own share of a lease)
 
 
 EngineOp = ReserveOp | ExtendOp | SettleOp | CaptureOp
@@ -432,7 +433,7 @@ def _capture(state: BatchState, op: CaptureOp) -> Any:
                                        for a in allocs.values()):
         return CLASSIC
     charged, written_off = _draw(state, account, hold, allocs, op.amount, op.now, key=op.key, hashed=hashed,
-                                 overdraw=op.overdraw, final=False)
+                                 overdraw=op.overdraw, final=False, from_hold=op.held)
     if op.usage is not None:
         state.usage.append(usage_row(op.usage, charged, written_off))
     return Capture(hold.value(), charged, written_off, account.balance())
@@ -445,15 +446,18 @@ def _capture_final(state: BatchState, account: AccountState, hold: HoldState, al
 
 
 def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dict[str, AllocState],
-          amount: int, now: int, *, key: str, hashed: str, overdraw: bool, final: bool) -> tuple[int, int]:
+          amount: int, now: int, *, key: str, hashed: str, overdraw: bool, final: bool,
+          from_hold: int | None = None) -> tuple[int, int]:
     """:func:`metergate.wallet.holdops.capture_in` on the loaded rows: draw ``amount`` from what the hold holds
     (live grants in order, then its unbacked part); ``final`` releases the rest (a part held on a dead grant
     lapses) and resolves the hold; then cover any excess from the wallet's other live grants and its overdraft
-    headroom (an open hold grows by that excess). Returns (charged, written off)."""
+    headroom (an open hold grows by that excess). ``from_hold`` caps what is drawn from the hold itself: a
+    request settled against a lease takes only its own share of it, and the rest as an excess, so that it never
+    spends what backs the lease's other requests. Returns (charged, written off)."""
     before = account.available
     mode, customer_id, asset = hold.mode, hold.customer_id, hold.asset
     order_key = sort_key(account.order)
-    need = amount
+    need = amount if from_hold is None else min(amount, from_hold)
     takes: dict[str, int] = {}
     live = sorted((a for a in allocs.values() if a.grant_id and a.held > 0 and is_live(state.grants[a.grant_id], now)),
                   key=lambda a: order_key(state.grants[a.grant_id]))
@@ -462,7 +466,7 @@ def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dic
             break
         takes[a.grant_id] = take = min(a.held, need)
         need -= take
-    drawn, released, credits = amount - need, 0, 0
+    drawn, released, credits = (amount if from_hold is None else min(amount, from_hold)) - need, 0, 0
     lapses: list[tuple[str, int]] = []
     for a in list(allocs.values()):
         take = takes.get(a.grant_id, 0)

@@ -66,7 +66,8 @@ class LeaseBackend(Protocol):
                       hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
     async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
-    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None) -> Capture: ...
+    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
+                            held: int | None = None) -> Capture: ...
     async def touch_hold(self, hold_id: str, *, ttl_ms: int) -> Hold: ...
     async def get_hold(self, hold_id: str) -> Hold | None: ...
     async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance: ...
@@ -104,13 +105,14 @@ class Lease:
     used_at: float = field(default_factory=time.monotonic)
     retiring: bool = False  # admits nothing more; returned once its requests have settled
     growing: bool = False
+    dead: bool = False  # its hold expired: the requests admitted against it are charged to the wallet directly
 
     @property
     def free(self) -> int:
         return self.amount - self.captured - self.local
 
     def admits(self, amount: int, now: int, margin_ms: int) -> bool:
-        return not self.retiring and self.free >= amount and now < self.expires_at_ms - margin_ms
+        return not (self.retiring or self.dead) and self.free >= amount and now < self.expires_at_ms - margin_ms
 
 
 @dataclass(slots=True)
@@ -146,6 +148,7 @@ class Escrow:
         self._cool_until: dict[AccountKey, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
+        self._waiting: dict[AccountKey, int] = {}  # reserves waiting for a top-up, by wallet
         self._settled: dict[str, str] = {}  # recently settled local holds -> their lease, for replays (bounded)
         self._ticker: asyncio.Task[None] | None = None
         self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
@@ -191,11 +194,18 @@ class Escrow:
             return h, self._balance_hint(key)
         if amount > 0 and self._hot(key):
             lease = self._leases.get(key)
-            now = now_ms()
-            if lease is None or not lease.admits(amount, now, self._margin_ms):
-                lease = await self._grow(key, amount)
-            if lease is not None and lease.admits(amount, now_ms(), self._margin_ms):
-                return self._admit(lease, key, hold_id, amount, ttl_ms)
+            for _ in range(3):  # others may take what a top-up brought before this request runs again
+                if lease is not None and lease.admits(amount, now_ms(), self._margin_ms):
+                    return self._admit(lease, key, hold_id, amount, ttl_ms)
+                self._waiting[key] = self._waiting.get(key, 0) + 1
+                try:
+                    lease = await self._grow(key, amount)
+                finally:
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        del self._waiting[key]
+                if lease is None or self._cool_until.get(key, 0.0) > time.monotonic():
+                    break
         self.stats["durable"] += 1
         try:
             return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
@@ -238,7 +248,8 @@ class Escrow:
         lease.inflight += 1
         lease.used_at = time.monotonic()
         try:
-            done = await self.store.capture_usage(lease.hold_id, amount, key=f"settle:{hold_id}", usage=usage)
+            done = await self.store.capture_usage(lease.hold_id, amount, key=f"settle:{hold_id}", usage=usage,
+                                                  held=held)
         except BaseException:
             lease.captured -= amount  # not acknowledged: the request's hold is back for the caller's retry
             lease.local += held
@@ -247,6 +258,10 @@ class Escrow:
         finally:
             lease.inflight -= 1
         lease.captured += done.charged - amount  # what it did not cover was written off, not taken
+        if done.hold.state != "pending":  # the lease ran out (expired): it backs nothing any more
+            lease.dead = True
+            if self._leases.get(lease.key) is lease:
+                self._retire(lease.key, cool=False)
         self._settled[hold_id] = lease.hold_id
         if len(self._settled) > SETTLED_KEPT:
             del self._settled[next(iter(self._settled))]
@@ -316,8 +331,11 @@ class Escrow:
                 lease.growing = True
             try:
                 balance = await self.store.balance(*key)
-                rate = self._heat.get(key, _Heat()).last * amount  # units a second, at this request's size
-                want = max(amount * self.policy.min_requests, int(rate * self.policy.horizon_s))
+                heat = self._heat.get(key, _Heat())
+                rate = max(heat.last, heat.count) * amount  # units a second, at this request's size
+                # At least the requests waiting for this top-up, so that a burst is admitted by one round trip.
+                waiting = amount * self._waiting.get(key, 1)
+                want = max(amount * self.policy.min_requests, int(rate * self.policy.horizon_s), waiting)
                 size = min(want, balance.available // self.policy.share)
                 if size < amount * self.policy.min_requests:
                     self._cool(key)

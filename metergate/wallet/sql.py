@@ -285,12 +285,13 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
         return await self.write(op)
 
     async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
-                            overdraw: bool = False, at_ms: int | None = None) -> Capture:
+                            held: int | None = None, overdraw: bool = False, at_ms: int | None = None) -> Capture:
         """Capture ``amount`` from a pending hold that stays open, under the ledger key ``key``, together with the
         usage record it pays for: one request settled against an escrow lease (:mod:`metergate.wallet.escrow`),
         through the batch engine. The key is the request's own ``settle:<hold id>``, so a replay is answered
         with the first result whichever path settled it. A hold that is no longer pending (a lease that ran out)
-        still bills: the wallet is charged directly, as far as it can cover, and the rest written off."""
+        still bills: the wallet is charged directly, as far as it can cover, and the rest written off. ``held``:
+        the request's own share of the hold, all it may draw from it (the rest is drawn as beyond the hold)."""
         assert amount >= 0, "a capture cannot be negative"
         hashed = _hash("settle", amount)
         now = now_ms() if at_ms is None else at_ms
@@ -300,14 +301,14 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
             replayed = _replayed_capture(conn, hold, key, hashed, amount)
             if replayed is not None:
                 return replayed
-            done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=hold.state != "pending", now=now,
-                              overdraw=overdraw)
+            done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw,
+                              from_hold=held)
             if usage is not None:
                 _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=done.charged,
                                                       written_off_amount=done.written_off))
             return Capture(done.hold, done.charged, done.written_off, done.balance)
 
-        return await self.hot(CaptureOp(hold_id, amount, key, usage, now, overdraw), op)
+        return await self.hot(CaptureOp(hold_id, amount, key, usage, now, overdraw, held), op)
 
     async def touch_hold(self, hold_id: str, *, ttl_ms: int, at_ms: int | None = None) -> Hold:
         """Push a pending hold's expiry to at least ``now + ttl_ms`` (a lease's heartbeat); ``HoldNotPending``

@@ -176,7 +176,8 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         def no_lease_over_admitted(self) -> None:
             for p in self.procs:
                 for lease in p.leased():
-                    assert lease.free >= 0 and lease.inflight == 0, lease
+                    assert lease.inflight == 0, lease
+                    assert lease.dead or lease.free >= 0, lease  # an expired lease backs nothing
 
     return EscrowMachine
 
