@@ -6,14 +6,19 @@ Targets, measured interleaved round by round against the fixed-response upstream
 
 * ``embedded``        one process, the SQLite ledger (the single-process embedded default: the ratio's base);
 * ``redis x1``        one process, the Redis wallet over a PostgreSQL ledger (a throwaway database);
-* ``redis x2``        two processes sharing the Redis prefix and the PostgreSQL ledger, the load split evenly.
+* ``redis x2``        two processes sharing the Redis prefix and the PostgreSQL ledger, the load split evenly;
+* ``pg x2``           two processes over PostgreSQL alone, with escrow leases (``pg x2 noescrow``: without);
+* ``embedded-noescrow`` the embedded default with escrow leases turned off.
+
+The first config named (``--configs``) is the ratio's base.
 
 The load generator is one aiohttp session with 32 workers sending non-streaming chat completions with the
 trusted customer header, all on one customer's wallet. ``req/s`` is what the clients were served; ``ledger
 req/s`` counts only the usage records in the ledger once the streams drained or ``--drain-seconds`` passed,
 over the whole time (load + drain): for one hot wallet the PostgreSQL ledger, one transaction per event,
 is far slower than Redis admission.
-``x embedded`` is the ratio of req/s to the embedded target in the same round, median over rounds. On this
+``x embedded`` (x the first config) is the ratio of req/s to that config's in the same round, median over
+rounds. On this
 machine every process shares two CPU cores with the load generator and the databases: the ratios say how the
 configurations compare here, not how they scale on separate hosts.
 """
@@ -47,6 +52,14 @@ HEADERS = {"Content-Type": "application/json", "X-Metergate-Customer": "bench", 
 SHARDS = 16
 
 
+# label: (processes, backend, escrow leases)
+CONFIGS: dict[str, tuple[int, str, bool]] = {
+    "embedded": (1, "sqlite", True), "embedded-noescrow": (1, "sqlite", False),
+    "pg x2": (2, "pg", True), "pg x2 noescrow": (2, "pg", False),
+    "redis x1": (1, "redis", True), "redis x2": (2, "redis", True),
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,16 +82,19 @@ async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None) -> list[Any]:
+async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None,
+                escrow: bool = True) -> list[Any]:
     procs = []
     for i in range(n):
         port = free_port()
-        config = workdir / f"{prefix}-{i}.yaml"
+        config = workdir / f"{prefix}-{i}-{port}.yaml"
         cfg: dict[str, Any] = {"port": port, "database_url": database_url, "admin_keys": [ADMIN],
                                "routes": [{"prefix": "/openai", "upstream": upstream, "api_key": "sk-" + "u" * 24}],
                                "pricing": PRICING, "portal_secrets": {"k1": "s" * 40}}
         if prefix is not None:
             cfg |= {"redis_url": REDIS, "redis_key_prefix": prefix, "redis_shards": SHARDS}
+        if not escrow:
+            cfg["escrow"] = {"enabled": False}
         config.write_text(yaml.safe_dump(cfg))
         p = subprocess.Popen([sys.executable, "-m", "metergate", "serve", "--config", str(config)],  # noqa: ASYNC220
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,7 +110,7 @@ async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix:
     return procs
 
 
-async def load(urls: list[str], seconds: float, concurrency: int) -> int:
+async def load(urls: list[str], seconds: float, concurrency: int, refused: list[int] | None = None) -> int:
     stop = time.monotonic() + seconds
     served = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -106,17 +122,22 @@ async def load(urls: list[str], seconds: float, concurrency: int) -> int:
                     await r.read()
                     if r.status == 200:
                         served += 1
+                    elif refused is not None:
+                        refused.append(r.status)
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return served
 
 
 async def measure(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None, seconds: float,
-                  concurrency: int, drain_s: float) -> tuple[float, float]:
-    procs = await start(n, workdir, upstream, database_url, prefix)
+                  concurrency: int, drain_s: float, escrow: bool = True) -> tuple[float, float]:
+    procs = await start(n, workdir, upstream, database_url, prefix, escrow)
     try:
         started = time.monotonic()
-        served = await load([u for _, u in procs], seconds, concurrency)
+        refused: list[int] = []
+        served = await load([u for _, u in procs], seconds, concurrency, refused)
+        if refused:
+            print(f"  refused: {({s: refused.count(s) for s in set(refused)})}")
         elapsed = time.monotonic() - started
         rate, in_ledger = served / elapsed, served
         if prefix is not None:
@@ -132,6 +153,13 @@ async def measure(n: int, workdir: Path, upstream: str, database_url: str, prefi
                 in_ledger = len(await store.usage("test", "bench", limit=10**7))
             finally:
                 await store.close()
+        else:  # the SQL ledger is written before each answer: count what it holds
+            sql = SqlWalletStore(database_url)
+            await sql.open()
+            try:
+                in_ledger = len(await sql.usage("test", "bench", limit=10**7))
+            finally:
+                await sql.close()
         return rate, in_ledger / (time.monotonic() - started)
     finally:
         for p, _ in procs:
@@ -146,6 +174,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--drain-seconds", type=float, default=10)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp())
     up_port = free_port()
@@ -156,13 +185,14 @@ async def main() -> None:
             await asyncio.sleep(1)
             for r in range(args.rounds):
                 base = 0.0
-                for label, n, redis_on in (("embedded", 1, False), ("redis x1", 1, True), ("redis x2", 2, True)):
+                for label in args.configs:
+                    n, backend, escrow = CONFIGS[label]
                     pg_url = await scratch.fresh_database()
-                    prefix = scratch.prefix() if redis_on else None
-                    db = pg_url if redis_on else f"sqlite:///{workdir / f'embedded-{r}.db'}"
+                    prefix = scratch.prefix() if backend == "redis" else None
+                    db = f"sqlite:///{workdir / f'{label}-{r}.db'}" if backend == "sqlite" else pg_url
                     rate, drained = await measure(n, workdir, f"http://127.0.0.1:{up_port}", db, prefix, args.seconds,
-                                                  args.concurrency, args.drain_seconds)
-                    if label == "embedded":
+                                                  args.concurrency, args.drain_seconds, escrow)
+                    if label == args.configs[0]:
                         base = rate
                     results.setdefault(label, []).append((rate, drained, rate / base))
     finally:

@@ -10,6 +10,8 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 * ``postgres``      SqlWalletStore on PostgreSQL (127.0.0.1:5432, a throwaway database);
 * ``redis+sqlite``  RedisWalletStore over the SQLite ledger; the sink drains into SQLite concurrently;
 * ``redis+pg``      RedisWalletStore over the PostgreSQL ledger;
+* ``<sql>+escrow``   the same store behind escrow leases (metergate/wallet/escrow.py): reserves admitted in
+  memory against this process's lease, each settlement one capture from it;
 * ``<any>-classic`` the same with ``batch_engine=False``: every operation its own classic operation (SQLite:
   a savepoint each in the writer's group commit; PostgreSQL: a transaction each), the store before the batch
   engine.
@@ -19,7 +21,9 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 For the Redis stores the time includes draining: a round ends when every event has reached SQL, and the
 pairs/s counts only what the ledger holds (``drained pairs/s``), beside the admission rate seen by the
 workers (``hot pairs/s``). ``x sqlite`` is the drained rate over SQLite's (batch engine) in the same round,
-``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds.
+``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds. ``CPU
+us/pair`` is this process's CPU time (all its threads: the event loop, the SQLite writer) per pair during the
+load; the database servers' CPU is not in it.
 """
 
 from __future__ import annotations
@@ -35,14 +39,18 @@ from typing import Any
 
 from scratch import REDIS, Scratch
 
+from metergate.wallet.escrow import Escrow
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
 from metergate.wallet.sql import SqlWalletStore
 
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
-CONFIGS = ("sqlite-classic", "sqlite", "postgres-classic", "postgres", "redis+sqlite-classic", "redis+sqlite",
-           "redis+pg-classic", "redis+pg")
+CONFIGS = ("sqlite-classic", "sqlite", "sqlite+escrow", "postgres-classic", "postgres", "postgres+escrow",
+           "redis+sqlite-classic", "redis+sqlite", "redis+pg-classic", "redis+pg")
+
+
+CPU_US: dict[int, float] = {}  # this process's CPU (every thread) per pair, by store, in microseconds
 
 
 def usage(i: str, hold_id: str) -> UsageRecord:
@@ -52,8 +60,11 @@ def usage(i: str, hold_id: str) -> UsageRecord:
                        price_amount=80)
 
 
-async def run_one(store: Any, seconds: float, concurrency: int) -> tuple[float, float]:
+async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool = False) -> tuple[float, float]:
     await store.open()
+    front: Any = Escrow(store) if escrow else store
+    if escrow:
+        await front.start()
     try:
         await store.create_customer(MODE, CUSTOMER, "Bench")
         await store.credit(MODE, CUSTOMER, ASSET, 10**15, idempotency_key="seed")
@@ -65,19 +76,26 @@ async def run_one(store: Any, seconds: float, concurrency: int) -> tuple[float, 
             n = 0
             while time.monotonic() < stop:
                 hid = f"h{tag}{w}_{n}"
-                await store.reserve(MODE, CUSTOMER, ASSET, 1000, hold_id=hid, ttl_ms=60_000)
-                await store.settle(hid, 80, usage(f"r{tag}{w}_{n}", hid))
+                await front.reserve(MODE, CUSTOMER, ASSET, 1000, hold_id=hid, ttl_ms=60_000)
+                await front.settle(hid, 80, usage(f"r{tag}{w}_{n}", hid))
                 n += 1
             counts[w] = n
 
-        started = time.monotonic()
+        started, cpu0 = time.monotonic(), time.process_time()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         hot = time.monotonic() - started
+        if escrow:
+            await front.close()
         if isinstance(store, RedisWalletStore):
             while any([await store.redis.xlen(store.keys.stream(s)) for s in range(store.keys.shards)]):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         total = time.monotonic() - started
         pairs = sum(counts)
+        CPU_US[id(store)] = (time.process_time() - cpu0) / max(1, pairs) * 1e6
+        sql_store = store.sql if isinstance(store, RedisWalletStore) else store
+        commit = getattr(sql_store, "_pg_commit", None)
+        if commit is not None and commit.batches:
+            print(f"  ({commit.ops / commit.batches:.1f} operations per PostgreSQL batch)")
         sql = store.sql if isinstance(store, RedisWalletStore) else store
         assert (await sql.balance(MODE, CUSTOMER, ASSET)).debits_posted == 80 * pairs, "ledger incomplete"
         return pairs / hot, pairs / total
@@ -96,12 +114,13 @@ async def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     ratios: dict[str, list[float]] = {}
     twins: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     async with Scratch() as scratch:
         for r in range(args.rounds):
             drained_by: dict[str, float] = {}
             for config in args.configs:
                 pg_url = await scratch.fresh_database()
-                name = config.removesuffix("-classic")
+                name = config.removesuffix("-classic").removesuffix("+escrow")
                 sqlite_url = f"sqlite:///{tmp / f'{config}-{r}.db'}"
                 prefix = scratch.prefix()
                 url = pg_url if name.endswith(("postgres", "pg")) else sqlite_url
@@ -109,20 +128,23 @@ async def main() -> None:
                 ledger = (BatchingSqlWalletStore(url, batch_engine=engine) if name.startswith("redis")
                           else SqlWalletStore(url, batch_engine=engine))
                 store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if name.startswith("redis") else ledger
-                hot, drained = await run_one(store, args.seconds, args.concurrency)
+                hot, drained = await run_one(store, args.seconds, args.concurrency, escrow=config.endswith("+escrow"))
                 drained_by[config] = drained
                 results.setdefault(config, []).append((hot, drained))
+                cpu.setdefault(config, []).append(CPU_US.pop(id(store)))
             for config, drained in drained_by.items():
                 if "sqlite" in drained_by:
                     ratios.setdefault(config, []).append(drained / drained_by["sqlite"])
                 if not config.endswith("-classic") and f"{config}-classic" in drained_by:
                     twins.setdefault(config, []).append(drained / drained_by[f"{config}-classic"])
-    print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}")
+    print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}"
+          f"{'CPU us/pair':>13}")
     for config, rows in results.items():
         x_sqlite = f"{statistics.median(ratios[config]):.2f}" if config in ratios else "-"
         x_classic = f"{statistics.median(twins[config]):.2f}" if config in twins else "-"
         print(f"{config:<22}{statistics.median(h for h, _ in rows):>14.0f}"
-              f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}")
+              f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}"
+              f"{statistics.median(cpu[config]):>13.0f}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EscrowSettings(_Strict):
+    """Escrow leases (metergate/wallet/escrow.py): a hot wallet is admitted in memory against a hold this
+    process owns on it, so that a request costs the shared store one write (its settlement) instead of two."""
+
+    enabled: bool = Field(True, description="Lease hot wallets (SQL stores; the Redis wallet admits in Redis).")
+    hot_per_s: int = Field(20, ge=1, le=1_000_000,
+                           description="A wallet is leased once one process sees this many holds on it a second.")
+    horizon_s: float = Field(1.0, gt=0, le=60, description="A lease covers about this long of the wallet's "
+                                                          "spend through this process.")
+    share: int = Field(16, ge=2, le=1_000_000, description="A lease is at most 1/share of what the wallet has "
+                                                         "available when it is taken or grown.")
+    min_requests: int = Field(8, ge=1, le=1_000_000, description="A lease covering fewer requests than this is "
+                              "not taken: such a wallet is served hold by hold.")
+    ttl_s: float = Field(30, ge=1, le=3600, description="A lease's TTL, renewed while its process lives: how long "
+                                                       "a crashed process's lease holds funds.")
+    idle_s: float = Field(2, gt=0, le=3600, description="A lease unused this long is returned.")
+    tick_s: float = Field(0.25, gt=0, le=60, description="How often leases are renewed, returned and checked "
+                                                        "for recalls.")
+    recall_wait_s: float = Field(2, ge=0, le=60, description="How long a request the shared store refused waits "
+                                                            "for recalled leases to come back before its 402.")
+    cooldown_s: float = Field(5, ge=0, le=3600, description="After a recall or a refused lease, the wallet is "
+                                                           "served hold by hold this long.")
+
+
 class AssetSettings(_Strict):
     code: str = Field(description="Asset code, e.g. USD, TOKENS, GPU_SECONDS.")
     name: str = Field("", description="Human name shown in the portal.")
@@ -381,6 +405,8 @@ class Settings(BaseSettings):
                     "and what was delivered is billed. 0 turns enforcement off (the overrun is captured as far "
                     "as the wallet covers and the rest written off).")
     hold_ttl_s: int = Field(900, ge=10, le=7 * 86400, description="A hold not settled by then expires.")
+    escrow: EscrowSettings = Field(default_factory=EscrowSettings,
+                                   description="Escrow leases on hot wallets (SQL stores).")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
     key_cache_ttl_s: float = Field(2, ge=0, le=300, description="How long a proxy API key lookup is cached.")
     drain_deadline_s: float = Field(25, ge=0, le=3600,

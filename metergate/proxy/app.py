@@ -37,6 +37,7 @@ from metergate.proxy import cors
 from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
 from metergate.wallet.assets import AssetRegistry
+from metergate.wallet.escrow import Escrow, EscrowPolicy
 from metergate.wallet.models import now_ms
 from metergate.wallet.sql import SqlWalletStore, sql_behind
 from metergate.wallet.store import WalletStore
@@ -85,6 +86,16 @@ def wallet_store(settings: Settings) -> WalletStore:
     return SqlWalletStore(settings.database_url)
 
 
+def _escrow(settings: Settings, store: SqlWalletStore | None) -> Escrow | None:
+    """Escrow leases in front of a SQL store, unless turned off (the Redis wallet admits in Redis instead)."""
+    if store is None or not settings.escrow.enabled:
+        return None
+    e = settings.escrow
+    return Escrow(store, EscrowPolicy(horizon_s=e.horizon_s, share=e.share, min_requests=e.min_requests,
+                                      hot_per_s=e.hot_per_s, ttl_s=e.ttl_s, idle_s=e.idle_s, tick_s=e.tick_s,
+                                      recall_wait_s=e.recall_wait_s, cooldown_s=e.cooldown_s))
+
+
 def build_app(settings: Settings, store: WalletStore | None = None, *, public_url: str | None = None,
               tracer_provider: Any | None = None) -> web.Application:
     """``tracer_provider``: an OpenTelemetry ``TracerProvider`` to trace the proxy with, whatever the
@@ -109,6 +120,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         AssetRegistry(sql_store, settings.assets) if sql_store is not None else None))
     metrics = Metrics()
     pipeline = Pipeline(settings, store, Identifier(settings, store), prices, costs, signer, metrics)
+    escrow = _escrow(settings, sql_store) if proxy and sql_store is store else None
+    if escrow is not None:
+        pipeline.holds = escrow
     app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],
                           client_max_size=settings.max_body_bytes)
     app[STORE] = store
@@ -126,6 +140,8 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
                       for model in settings.pricing.models if model != "*"]
             await asyncio.get_running_loop().run_in_executor(None, pipeline.costs.warm, priced)
             await pipeline.start()
+            if escrow is not None:
+                await escrow.start()
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
         if sweeper is not None:
@@ -133,6 +149,8 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
         await pipeline.stop()
+        if escrow is not None:
+            await escrow.close()  # every request has settled: the leases go back to their wallets
         await store.close()
 
     async def drain(_app: web.Application) -> None:

@@ -219,7 +219,7 @@ class ComputeRelay:
                 # next step can cost nothing more (then the hold stays as it is).
                 step = job.price.of(job.covered_units + config.extend_units) - job.hold.amount
                 if step > 0:
-                    job.hold = await p.store.extend_hold(job.hold.id, step, step=job.extensions + 1,
+                    job.hold = await p.holds.extend_hold(job.hold.id, step, step=job.extensions + 1,
                                                          ttl_ms=p.settings.hold_ttl_s * 1000)
             except InsufficientFunds:
                 log.info("%s: wallet cannot cover the next %s units; stopping the job", job.request_id,
@@ -262,7 +262,7 @@ class ComputeRelay:
             detail={"meter": config.meter, "units": str(units), **job.price.detail(),
                     "held_units": str(job.covered_units), "extensions": job.extensions,
                     "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())})
-        settlement = await settle_with_retries(p.store, job.hold.id, price, record)
+        settlement = await settle_with_retries(p.holds, job.hold.id, price, record)
         if settlement is not None and job.response is not None and not job.response.prepared:
             job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, job.price.scale)
         if settlement is not None and billed and job.price.terms is not None:

@@ -61,7 +61,7 @@ from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, stored_text
-from metergate.wallet.store import WalletStore
+from metergate.wallet.store import HoldPath, WalletStore
 
 log = logging.getLogger(__name__)
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
@@ -114,6 +114,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self._active: dict[str, tuple[Exchange, asyncio.Future[Any]]] = {}  # exchanges being served, by id
         self.store = store
+        self.holds: HoldPath = store  # the hot path: the store, or escrow leases in front of it (app.py)
         self.identifier = identifier
         self.prices = prices
         self.costs = costs
@@ -302,7 +303,7 @@ class Pipeline:
         asset = asset or self.prices.asset
         if self.spend_caps is not None:
             await self.spend_caps.admit(identity.mode, identity.customer_id, asset, amount)
-        hold, _ = await self.store.reserve(identity.mode, identity.customer_id, asset, amount,
+        hold, _ = await self.holds.reserve(identity.mode, identity.customer_id, asset, amount,
                                            hold_id="hold_" + request_id[4:], ttl_ms=self.settings.hold_ttl_s * 1000)
         return hold
 
@@ -567,7 +568,7 @@ class Pipeline:
                 except SpendCapReached:
                     raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
             with tracing.span("metergate.extend"):
-                ex.hold = await self.store.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
+                ex.hold = await self.holds.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
 
         return StreamBudget(held=ex.hold.amount, covered_tokens=ex.covered_tokens, price_of=price_of,
                             count=counter_for(ex.prepared.model).count, extend=extend, increment_tokens=increment)
@@ -645,7 +646,7 @@ class Pipeline:
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
         with tracing.span("metergate.settle") as span:
-            settlement = await settle_with_retries(self.store, ex.hold.id, price, record)
+            settlement = await settle_with_retries(self.holds, ex.hold.id, price, record)
             span.set_attribute("metergate.charged", settlement.charged if settlement is not None else 0)
         if settlement is not None and self.on_settled is not None:
             hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,

@@ -37,7 +37,7 @@ from metergate.wallet.errors import (
 )
 from metergate.wallet.grants import free_of, is_live, is_stale, sort_key
 from metergate.wallet.ledger import request_hash
-from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord
+from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, UsageRecord
 
 AccountKey = tuple[str, str, str]  # (mode, customer_id, asset)
 
@@ -88,7 +88,21 @@ class SettleOp:
     overdraw: bool
 
 
-EngineOp = ReserveOp | ExtendOp | SettleOp
+@dataclass(frozen=True, slots=True)
+class CaptureOp:
+    """Capture ``amount`` from a pending hold and keep it open, under its own idempotency ``key``, with the usage
+    record it pays for: one request's settlement against an escrow lease (:mod:`metergate.wallet.escrow`)."""
+
+    hold_id: str
+    amount: int
+    key: str
+    usage: UsageRecord | None
+    now: int
+    overdraw: bool
+    held: int | None = None  # at most this much is drawn from the hold (the request's own share of a lease)
+
+
+EngineOp = ReserveOp | ExtendOp | SettleOp | CaptureOp
 
 
 # ------------------------------------------------------------------ the loaded rows, as mutable state
@@ -243,9 +257,10 @@ def account_keys(ops: Sequence[EngineOp], holds: dict[str, HoldState]) -> list[A
 
 
 def extend_keys(ops: Sequence[EngineOp], holds: dict[str, HoldState]) -> list[tuple[str, str]]:
-    """The (mode, idempotency key) pairs of the batch's extensions, whose earlier use the batch must know."""
+    """The (mode, idempotency key) pairs of the batch's extensions and captures, whose earlier use the batch
+    must know."""
     return sorted({(holds[op.hold_id].mode, op.key) for op in ops
-                   if isinstance(op, ExtendOp) and op.hold_id in holds})
+                   if isinstance(op, ExtendOp | CaptureOp) and op.hold_id in holds})
 
 
 def add_grant(state: BatchState, row: Sequence[Any]) -> GrantState:
@@ -271,6 +286,8 @@ def decide(state: BatchState, ops: Sequence[EngineOp]) -> list[Any]:
                 outcomes.append(_reserve(state, op))
             elif isinstance(op, ExtendOp):
                 outcomes.append(_extend(state, op))
+            elif isinstance(op, CaptureOp):
+                outcomes.append(_capture(state, op))
             else:
                 outcomes.append(_settle(state, op))
         except (IdempotencyConflict, HoldNotFound, CaptureBelowCaptured, InsufficientFunds) as refused:
@@ -397,16 +414,50 @@ def _settle(state: BatchState, op: SettleOp) -> Any:
     return Settlement(op.hold_id, total, written_off, account.balance())
 
 
+def _capture(state: BatchState, op: CaptureOp) -> Any:
+    hold = state.holds.get(op.hold_id)
+    if hold is None:
+        raise HoldNotFound(op.hold_id)
+    hashed = request_hash("settle", op.amount)
+    previous = state.keys.get((hold.mode, op.key))
+    if previous is not None:
+        if previous != hashed:
+            raise IdempotencyConflict(op.key)
+        return CLASSIC  # applied before: its ledger entry says what it charged
+    if hold.state != "pending":
+        return CLASSIC  # a capture after the hold ran out: the classic path charges the wallet directly
+    account = state.accounts[(hold.mode, hold.customer_id, hold.asset)]
+    allocs = state.allocs.get(hold.id, {})
+    if account.stale_at(op.now) or any(a.grant_id and (a.grant_id not in state.grants
+                                                        or is_stale(state.grants[a.grant_id], op.now))
+                                       for a in allocs.values()):
+        return CLASSIC
+    charged, written_off = _draw(state, account, hold, allocs, op.amount, op.now, key=op.key, hashed=hashed,
+                                 overdraw=op.overdraw, final=False, from_hold=op.held)
+    if op.usage is not None:
+        state.usage.append(usage_row(op.usage, charged, written_off))
+    return Capture(hold.value(), charged, written_off, account.balance())
+
+
 def _capture_final(state: BatchState, account: AccountState, hold: HoldState, allocs: dict[str, AllocState],
                    amount: int, now: int, hashed: str, overdraw: bool) -> tuple[int, int]:
-    """:func:`metergate.wallet.holdops.capture_in` with ``final=True`` on the loaded rows: draw ``amount`` from
-    what the hold holds (live grants in order, then its unbacked part), release the rest (a part held on a dead
-    grant lapses), then cover any excess from the wallet's other live grants and its overdraft headroom.
-    Returns (charged, written off)."""
+    return _draw(state, account, hold, allocs, amount, now, key=f"settle:{hold.id}", hashed=hashed,
+                 overdraw=overdraw, final=True)
+
+
+def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dict[str, AllocState],
+          amount: int, now: int, *, key: str, hashed: str, overdraw: bool, final: bool,
+          from_hold: int | None = None) -> tuple[int, int]:
+    """:func:`metergate.wallet.holdops.capture_in` on the loaded rows: draw ``amount`` from what the hold holds
+    (live grants in order, then its unbacked part); ``final`` releases the rest (a part held on a dead grant
+    lapses) and resolves the hold; then cover any excess from the wallet's other live grants and its overdraft
+    headroom (an open hold grows by that excess). ``from_hold`` caps what is drawn from the hold itself: a
+    request settled against a lease takes only its own share of it, and the rest as an excess, so that it never
+    spends what backs the lease's other requests. Returns (charged, written off)."""
     before = account.available
     mode, customer_id, asset = hold.mode, hold.customer_id, hold.asset
     order_key = sort_key(account.order)
-    need = amount
+    need = amount if from_hold is None else min(amount, from_hold)
     takes: dict[str, int] = {}
     live = sorted((a for a in allocs.values() if a.grant_id and a.held > 0 and is_live(state.grants[a.grant_id], now)),
                   key=lambda a: order_key(state.grants[a.grant_id]))
@@ -415,11 +466,11 @@ def _capture_final(state: BatchState, account: AccountState, hold: HoldState, al
             break
         takes[a.grant_id] = take = min(a.held, need)
         need -= take
-    drawn, released, credits = amount - need, 0, 0
+    drawn, released, credits = (amount if from_hold is None else min(amount, from_hold)) - need, 0, 0
     lapses: list[tuple[str, int]] = []
     for a in list(allocs.values()):
         take = takes.get(a.grant_id, 0)
-        rel = a.held - take
+        rel = a.held - take if final else 0
         if take == 0 and rel == 0:
             continue
         grant = state.grants.get(a.grant_id) if a.grant_id else None
@@ -455,11 +506,14 @@ def _capture_final(state: BatchState, account: AccountState, hold: HoldState, al
     charged = drawn + extra_grants + extra_unbacked
     written_off = amount - charged
     hold.captured_amount += charged
-    hold.state = "captured" if hold.captured_amount else "voided"
-    hold.resolved_at_ms = now
+    if final:
+        hold.state = "captured" if hold.captured_amount else "voided"
+        hold.resolved_at_ms = now
+    else:
+        hold.amount += extra_grants + extra_unbacked
     hold.dirty = True
-    kind = "capture" if hold.captured_amount else "void"
-    _entry(state, f"settle:{hold.id}", hashed, mode, customer_id, asset, kind, charged, posted=charged,
+    kind = "capture" if hold.captured_amount or not final else "void"
+    _entry(state, key, hashed, mode, customer_id, asset, kind, charged, posted=charged,
            pending=-(drawn + released), hold_id=hold.id, memo=f"written off {written_off}" if written_off else "",
            at_ms=now)
     assert overdraw or account.available >= 0 or account.available >= before, "capture overspent"
@@ -480,4 +534,4 @@ def usage_row(usage: UsageRecord, charged: int, written_off: int) -> list[Any]:
     return row
 
 
-__all__ = ["CLASSIC", "BatchState", "EngineOp", "ExtendOp", "ReserveOp", "SettleOp", "decide"]
+__all__ = ["CLASSIC", "BatchState", "CaptureOp", "EngineOp", "ExtendOp", "ReserveOp", "SettleOp", "decide"]

@@ -127,10 +127,13 @@ class Captured:
 
 
 def capture_in(conn: Connection, hold: Hold, amount: int, *, key: str, hashed: str, final: bool, now: int,
-               overdraw: bool) -> Captured:
+               overdraw: bool, from_hold: int | None = None) -> Captured:
     """Capture ``amount`` more from the hold (see the module docstring for what covers it); ``final`` releases
-    the rest and resolves the hold. The caller holds the hold row's lock and has checked idempotency."""
-    assert amount >= 0 and (hold.state == "pending" or final)
+    the rest and resolves the hold. A hold no longer pending (an expired lease a late settlement names) holds
+    nothing: without ``final`` the capture is drawn from the wallet as beyond the hold, and the hold keeps its
+    state. The caller holds the hold row's lock and has checked idempotency."""
+    assert amount >= 0
+    late = hold.state != "pending"  # a capture after the hold was resolved: billed from the wallet, state kept
     mode, customer_id, asset = hold.mode, hold.customer_id, hold.asset
     before = lock_account(conn, mode, customer_id, asset)
     allocs = gr.allocations_ordered(conn, hold.id, mode, customer_id)
@@ -141,7 +144,8 @@ def capture_in(conn: Connection, hold: Hold, amount: int, *, key: str, hashed: s
         allocs = gr.allocations_ordered(conn, hold.id, mode, customer_id)
     order = allocs[0].corder if allocs else gr.wallet_order(conn, mode, customer_id)
     pending_left = hold.amount - hold.captured_amount if hold.state == "pending" else 0
-    drawn, released, credits = gr.draw_and_release(conn, mode, customer_id, asset, hold.id, allocs, amount, now,
+    drawable = amount if from_hold is None else min(amount, from_hold)  # a lease's request: its own share only
+    drawn, released, credits = gr.draw_and_release(conn, mode, customer_id, asset, hold.id, allocs, drawable, now,
                                                    order, final=final) if pending_left else (0, 0, 0)
     move_account(conn, mode, customer_id, asset, credits=credits, pending=-(drawn + released), posted=drawn)
     extra_grants = extra_unbacked = 0
@@ -170,7 +174,7 @@ def capture_in(conn: Connection, hold: Hold, amount: int, *, key: str, hashed: s
         after = replace(hold, state=state, captured_amount=hold.captured_amount + charged)  # type: ignore[arg-type]
     else:
         after = replace(hold, amount=hold.amount + extra, captured_amount=hold.captured_amount + charged)
-    _store_hold(conn, after, now if final else None)
+    _store_hold(conn, after, now if final or late else None)
     kind = "capture" if after.captured_amount or not final else "void"  # as the state it leaves
     append(conn, key, hashed, mode, customer_id, asset, kind, charged, posted=charged,  # type: ignore[arg-type]
            pending=-(drawn + released), hold_id=hold.id, memo=f"written off {written_off}" if written_off else "",

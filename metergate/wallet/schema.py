@@ -278,3 +278,14 @@ hold_requests = Table(
     Column("response", JSON, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
 )
+
+# Escrow leases (metergate/wallet/escrow.py): a lease is a hold whose id starts ``lease:<owner>:``; a process
+# that the shared store refused while leases sat on the wallet asks their owners for them back with this row,
+# which every lease holder's heartbeat reads.
+lease_recalls = Table(
+    "lease_recalls", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("asset", String(32), primary_key=True),
+    Column("recalled_at_ms", BigInteger, nullable=False),
+)

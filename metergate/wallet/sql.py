@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from metergate.wallet import schema as t
 from metergate.wallet.audit import audit_ledger
-from metergate.wallet.engine import ExtendOp, ReserveOp, SettleOp
+from metergate.wallet.engine import CaptureOp, ExtendOp, ReserveOp, SettleOp
 from metergate.wallet.errors import (
     CaptureBelowCaptured,
     CustomerExists,
@@ -45,7 +45,7 @@ from metergate.wallet.execution import (
 from metergate.wallet.grants import (
     PURPOSES,
 )
-from metergate.wallet.holdops import capture_in, credit_in, expire_hold_in, extend_in, reserve_in
+from metergate.wallet.holdops import capture_in, credit_in, expire_hold_in, extend_in, reserve_in, touch_in
 from metergate.wallet.ledger import (
     balance_of,
     balance_row,
@@ -73,6 +73,7 @@ from metergate.wallet.models import (
     now_ms,
 )
 from metergate.wallet.sqlgrants import GrantAdmin
+from metergate.wallet.sqlleases import LeaseRecalls
 from metergate.wallet.sqlratelimits import RateLimits
 
 _USAGE_FIELDS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
@@ -82,7 +83,7 @@ _balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _ent
 _balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
 
 
-class SqlWalletStore(GrantAdmin, RateLimits):
+class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
     """The wallet store over SQL (see the module docstring); its knobs are :class:`SqlRunner`'s."""
 
     # ------------------------------------------------------------------ customers and keys
@@ -273,15 +274,52 @@ class SqlWalletStore(GrantAdmin, RateLimits):
 
         def op(conn: Connection) -> Capture:
             hold = locked_hold(conn, hold_id)
-            entry = previous_entry(conn, hold.mode, key, hashed)
-            if entry is not None:
-                charged = int(entry.posted_delta)
-                return Capture(hold, charged, amount - charged,
-                               _balance_of(conn, hold.mode, hold.customer_id, hold.asset), replayed=True)
+            replayed = _replayed_capture(conn, hold, key, hashed, amount)
+            if replayed is not None:
+                return replayed
             if hold.state != "pending":
                 raise HoldNotPending(hold_id, hold.state)
             done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw)
             return Capture(done.hold, done.charged, done.written_off, done.balance)
+
+        return await self.write(op)
+
+    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
+                            held: int | None = None, overdraw: bool = False, at_ms: int | None = None) -> Capture:
+        """Capture ``amount`` from a pending hold that stays open, under the ledger key ``key``, together with the
+        usage record it pays for: one request settled against an escrow lease (:mod:`metergate.wallet.escrow`),
+        through the batch engine. The key is the request's own ``settle:<hold id>``, so a replay is answered
+        with the first result whichever path settled it. A hold that is no longer pending (a lease that ran out)
+        still bills: the wallet is charged directly, as far as it can cover, and the rest written off. ``held``:
+        the request's own share of the hold, all it may draw from it (the rest is drawn as beyond the hold)."""
+        assert amount >= 0, "a capture cannot be negative"
+        hashed = _hash("settle", amount)
+        now = now_ms() if at_ms is None else at_ms
+
+        def op(conn: Connection) -> Capture:
+            hold = locked_hold(conn, hold_id)
+            replayed = _replayed_capture(conn, hold, key, hashed, amount)
+            if replayed is not None:
+                return replayed
+            done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw,
+                              from_hold=held)
+            if usage is not None:
+                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=done.charged,
+                                                      written_off_amount=done.written_off))
+            return Capture(done.hold, done.charged, done.written_off, done.balance)
+
+        return await self.hot(CaptureOp(hold_id, amount, key, usage, now, overdraw, held), op)
+
+    async def touch_hold(self, hold_id: str, *, ttl_ms: int, at_ms: int | None = None) -> Hold:
+        """Push a pending hold's expiry to at least ``now + ttl_ms`` (a lease's heartbeat); ``HoldNotPending``
+        once it is resolved or expired."""
+        now = now_ms() if at_ms is None else at_ms
+
+        def op(conn: Connection) -> Hold:
+            hold = locked_hold(conn, hold_id)
+            if hold.state != "pending":
+                raise HoldNotPending(hold_id, hold.state)
+            return touch_in(conn, hold, ttl_ms=ttl_ms, now=now)
 
         return await self.write(op)
 
@@ -353,7 +391,14 @@ class SqlWalletStore(GrantAdmin, RateLimits):
         return [(r.seq, _usage(r)) for r in rows]
 
     async def audit(self) -> list[str]:
-        return await self.read(audit_ledger)
+        """Re-derive every balance from the ledger, in one snapshot: on PostgreSQL a REPEATABLE READ
+        transaction, so that writes committing meanwhile (live traffic) cannot show as discrepancies."""
+        def snapshot(conn: Connection) -> list[str]:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            return audit_ledger(conn)
+
+        return await self.read(snapshot)
 
     # ------------------------------------------------------------------ reports
 
@@ -399,6 +444,16 @@ def _usage_summary(conn: Connection, mode: Mode, group_by: UsageGrouping, from_m
                            cost_unknown_count=int(r.cost_unknown), no_usage_count=int(r.no_usage),
                            unmargined_charged=int(r.unmargined))
             for r in conn.execute(stmt.limit(limit)).all()]
+
+
+def _replayed_capture(conn: Connection, hold: Hold, key: str, hashed: str, amount: int) -> Capture | None:
+    """The first answer of a capture whose key the ledger has (``IdempotencyConflict`` if with other content)."""
+    entry = previous_entry(conn, hold.mode, key, hashed)
+    if entry is None:
+        return None
+    charged = int(entry.posted_delta)
+    return Capture(hold, charged, amount - charged, _balance_of(conn, hold.mode, hold.customer_id, hold.asset),
+                   replayed=True)
 
 
 def _customer(row: Row[Any]) -> Customer:

@@ -98,3 +98,13 @@ class WalletStore(Protocol):
 
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         """Delete the windows that started before ``before_ms``; return how many."""
+
+
+class HoldPath(Protocol):
+    """The hot operations the proxy calls per request: a :class:`WalletStore`'s own, or escrow leases in front
+    of it (:class:`metergate.wallet.escrow.Escrow`), with the same contract."""
+
+    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...

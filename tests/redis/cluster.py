@@ -33,7 +33,7 @@ class Proxy:
 class Cluster:
     upstream_url: str
     database_url: str
-    redis_url: str
+    redis_url: str | None  # None: the SQL store alone (PostgreSQL with escrow leases)
     prefix: str
     workdir: Path
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -45,9 +45,10 @@ class Cluster:
     async def start_one(self, i: int) -> Proxy:
         port = free_port()
         config = self.workdir / f"metergate-{i}-{port}.yaml"
+        redis = {"redis_url": self.redis_url, "redis_key_prefix": self.prefix,
+                 "redis_shards": SHARDS} if self.redis_url else {}
         config.write_text(yaml.safe_dump({
-            "port": port, "database_url": self.database_url, "redis_url": self.redis_url,
-            "redis_key_prefix": self.prefix, "redis_shards": SHARDS, "drain_deadline_s": 1,
+            "port": port, "database_url": self.database_url, **redis, "drain_deadline_s": 1,
             "routes": [{"prefix": "/openai", "upstream": self.upstream_url, "api_key": "sk-up-" + "k" * 20}],
             "pricing": DEFAULT_PRICING, "admin_keys": [ADMIN_KEY], "portal_secrets": {"k1": "s" * 40},
             **self.overrides}))
@@ -92,6 +93,7 @@ class Cluster:
 
     def store(self) -> RedisWalletStore:
         """A store on the same Redis and ledger that drains nothing itself (for checks)."""
+        assert self.redis_url is not None, "a cluster without Redis: check its SqlWalletStore"
         return RedisWalletStore(SqlWalletStore(self.database_url), self.redis_url, prefix=self.prefix, shards=SHARDS,
                                 run_sink=False)
 

@@ -1,0 +1,489 @@
+"""Escrow leases: a hot wallet admitted in memory, against a durable hold this process owns.
+
+Why: on a hot wallet every request made two round trips to the shared store (hold, then settle), each a write
+of the shared account row; under many replicas the row's lock, and under one the writer's per-operation cost,
+capped the rate. With a lease (O'Neil's escrow method), a process holds one durable hold on the wallet — sized
+from the wallet's recent spend rate and a share of what it has available — and admits each request against it
+in memory. A request then costs the shared store one write, its settlement (a capture from the lease that keeps
+the lease open, with the request's usage record and its own ledger key), batched with the others by the group
+commit. The hold is in memory only: nothing of a request is durable until its settlement is.
+
+Rules, each a property the tests check:
+
+* **No overspend.** A request is admitted only if the lease's free part covers it; the lease is a hold, so
+  the wallet has reserved it. A capture beyond the lease (a request that cost more than its estimate) draws
+  the wallet like any capture beyond its hold does: as far as the wallet covers, the rest written off.
+* **Nothing lost.** A settlement is acknowledged only once its capture has committed. A process that dies
+  leaves its leases to expire (their TTL, kept alive by this process's heartbeat); what they captured is what
+  the committed settlements say, and the sweeper releases the rest. A settlement that fails is put back, so
+  that the caller's retry finds the request's hold where it was.
+* **Leases never starve a fundable request.** Only hot wallets are leased (``hot_per_s`` reserves a second
+  seen here), a lease is at most ``1/share`` of what the wallet has available, and one that would cover fewer
+  than ``min_requests`` requests is not taken: a small wallet is served hold by hold from the shared store, as
+  without leases. When the shared store refuses a request and leases are outstanding on that wallet, this
+  process retires its own lease and recalls the others' (a row in ``lease_recalls``, read by every lease
+  holder's heartbeat); their owners stop admitting and return them once their requests in flight settle, and the
+  refused request is tried again when the funds are back, for at most ``recall_wait_s``.
+* **Idempotent.** A request's settlement carries its own key (``settle:<hold id>``), whichever path settles it.
+
+What a lease trades: a request admitted here is not visible as a hold of its own in the shared store (the
+lease is), and a replayed ``reserve`` of a request already settled is admitted again (its settlement's key
+still prevents a second charge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from metergate.wallet.errors import (
+    CaptureBelowCaptured,
+    HoldNotFound,
+    HoldNotPending,
+    IdempotencyConflict,
+    InsufficientFunds,
+)
+from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, UsageRecord, now_ms
+
+log = logging.getLogger(__name__)
+
+AccountKey = tuple[Mode, str, str]  # (mode, customer_id, asset)
+SETTLED_KEPT = 10_000  # how many settled requests a replayed settle is recognised for
+
+
+class LeaseBackend(Protocol):
+    """What a lease needs of the durable store (:class:`metergate.wallet.sql.SqlWalletStore`)."""
+
+    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
+    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
+                            held: int | None = None) -> Capture: ...
+    async def touch_hold(self, hold_id: str, *, ttl_ms: int) -> Hold: ...
+    async def get_hold(self, hold_id: str) -> Hold | None: ...
+    async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance: ...
+    async def recall_leases(self, mode: Mode, customer_id: str, asset: str, *, owner: str, at_ms: int) -> int: ...
+    async def lease_recalls(self, keys: list[AccountKey]) -> dict[AccountKey, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowPolicy:
+    """How leases are sized and kept (the ``escrow`` settings)."""
+
+    horizon_s: float = 1.0  # a lease covers about this long of its wallet's spend through this process
+    share: int = 16  # a lease is at most 1/share of what the wallet has available when it is taken or grown
+    min_requests: int = 8  # a lease that would cover fewer requests like the one asking is not worth taking
+    hot_per_s: int = 20  # a wallet is leased once this process sees this many reserves on it in a second
+    ttl_s: float = 30.0  # a lease's TTL, renewed by the heartbeat: how long a crashed process's lease lives
+    idle_s: float = 2.0  # a lease unused this long is returned
+    tick_s: float = 0.25  # the heartbeat: renewals, returns, recalls
+    recall_wait_s: float = 2.0  # how long a refused request waits for recalled leases to come back
+    cooldown_s: float = 5.0  # after a recall or a refused lease, the wallet is served without a lease this long
+
+
+@dataclass(slots=True)
+class Lease:
+    key: AccountKey
+    hold_id: str
+    amount: int  # what the durable hold holds in all (it grows by top-ups and by captures beyond it)
+    expires_at_ms: int
+    taken_at_ms: int
+    captured: int = 0  # captured from it, committed or in flight
+    local: int = 0  # held by the requests admitted against it and not yet settled
+    inflight: int = 0  # captures submitted and not yet answered
+    steps: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    last_grant: int = 0
+    used_at: float = field(default_factory=time.monotonic)
+    retiring: bool = False  # admits nothing more; returned once its requests have settled
+    growing: bool = False
+    dead: bool = False  # its hold expired: the requests admitted against it are charged to the wallet directly
+
+    @property
+    def free(self) -> int:
+        return self.amount - self.captured - self.local
+
+    def admits(self, amount: int, now: int, margin_ms: int) -> bool:
+        return not (self.retiring or self.dead) and self.free >= amount and now < self.expires_at_ms - margin_ms
+
+
+@dataclass(slots=True)
+class LocalHold:
+    lease: Lease
+    hold: Hold
+    reserved: int  # what the reserve asked for (the hold grows by extensions)
+    steps: set[int | str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Heat:
+    second: int = 0
+    count: int = 0
+    last: int = 0  # the count of the previous whole second
+
+
+class Escrow:
+    """Admission against leases, in front of the durable store: ``reserve``, ``extend_hold`` and ``settle``
+    with the store's own signatures and contract, falling through to the store for what is not leased."""
+
+    def __init__(self, store: LeaseBackend, policy: EscrowPolicy | None = None, *, owner: str | None = None) -> None:
+        self.store = store
+        self.policy = policy or EscrowPolicy()
+        self.owner = owner or f"{os.getpid()}{secrets.token_hex(4)}"
+        self._ids = itertools.count(1)
+        self._leases: dict[AccountKey, Lease] = {}
+        self._retired: list[Lease] = []  # retiring leases replaced by a newer one, still to be returned
+        self._local: dict[str, LocalHold] = {}
+        self._locks: dict[AccountKey, asyncio.Lock] = {}
+        self._balances: dict[AccountKey, Balance] = {}
+        self._heat: dict[AccountKey, _Heat] = {}
+        self._cool_until: dict[AccountKey, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
+        self._waiting: dict[AccountKey, int] = {}  # reserves waiting for a top-up, by wallet
+        self._settled: dict[str, str] = {}  # recently settled local holds -> their lease, for replays (bounded)
+        self._ticker: asyncio.Task[None] | None = None
+        self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_forever(), name="mg-escrow")
+
+    async def close(self) -> None:
+        """Return every lease (the caller has let its requests finish); a lease that cannot be returned now
+        expires by its TTL."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        await self.quiesce()
+        for lease in [*self._leases.values(), *self._retired]:
+            lease.retiring = True
+            with contextlib.suppress(Exception):
+                await self._return(lease)
+        self._leases.clear()
+        self._retired.clear()
+        log.info("escrow closed: %s", self.stats)
+
+    async def quiesce(self) -> None:
+        """Wait for the top-ups running in the background (tests, and before returning leases)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ the store's hot operations
+
+    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
+                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]:
+        key = (mode, customer_id, asset)
+        found = self._local.get(hold_id)
+        if found is not None:
+            h = found.hold
+            if (h.mode, h.customer_id, h.asset, found.reserved) != (*key, amount):
+                raise IdempotencyConflict(f"hold:{hold_id}")
+            return h, self._balance_hint(key)
+        if amount > 0 and self._hot(key):
+            lease = self._leases.get(key)
+            for _ in range(3):  # others may take what a top-up brought before this request runs again
+                if lease is not None and lease.admits(amount, now_ms(), self._margin_ms):
+                    return self._admit(lease, key, hold_id, amount, ttl_ms)
+                self._waiting[key] = self._waiting.get(key, 0) + 1
+                try:
+                    lease = await self._grow(key, amount)
+                finally:
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        del self._waiting[key]
+                if lease is None or self._cool_until.get(key, 0.0) > time.monotonic():
+                    break
+        self.stats["durable"] += 1
+        try:
+            return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
+        except InsufficientFunds:
+            if not await self._recall(key):
+                raise
+            return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
+
+    async def extend_hold(self, hold_id: str, amount: int, *, step: int | str, ttl_ms: int) -> Hold:
+        found = self._local.get(hold_id)
+        if found is None:
+            return await self.store.extend_hold(hold_id, amount, step=step, ttl_ms=ttl_ms)  # type: ignore[arg-type]
+        if step in found.steps:
+            return found.hold  # this step was applied already
+        lease = found.lease
+        now = now_ms()
+        if not lease.admits(amount, now, self._margin_ms) and not lease.retiring:
+            await self._grow(lease.key, amount)
+        if lease.retiring or not lease.admits(amount, now_ms(), self._margin_ms):
+            raise InsufficientFunds(asset=lease.key[2], available=max(0, lease.free), required=amount)
+        lease.local += amount
+        h = found.hold
+        found.hold = Hold(h.id, h.mode, h.customer_id, h.asset, h.amount + amount, h.state,
+                          max(h.expires_at_ms, now + ttl_ms), h.created_at_ms, h.captured_amount)
+        found.steps.add(step)
+        return found.hold
+
+    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
+        found = self._local.pop(hold_id, None)
+        if found is None:
+            lease_id = self._settled.get(hold_id)
+            if lease_id is not None:  # a replay: the capture's key answers it with the first result
+                done = await self.store.capture_usage(lease_id, amount, key=f"settle:{hold_id}", usage=usage)
+                return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
+            return await self.store.settle(hold_id, amount, usage)
+        lease = found.lease
+        held = found.hold.amount
+        lease.local -= held
+        lease.captured += amount
+        lease.inflight += 1
+        lease.used_at = time.monotonic()
+        try:
+            done = await self.store.capture_usage(lease.hold_id, amount, key=f"settle:{hold_id}", usage=usage,
+                                                  held=held)
+        except BaseException:
+            lease.captured -= amount  # not acknowledged: the request's hold is back for the caller's retry
+            lease.local += held
+            self._local[hold_id] = found
+            raise
+        finally:
+            lease.inflight -= 1
+        lease.captured += done.charged - amount  # what it did not cover was written off, not taken
+        if done.hold.state != "pending":  # the lease ran out (expired): it backs nothing any more
+            lease.dead = True
+            if self._leases.get(lease.key) is lease:
+                self._retire(lease.key, cool=False)
+        self._settled[hold_id] = lease.hold_id
+        if len(self._settled) > SETTLED_KEPT:
+            del self._settled[next(iter(self._settled))]
+        lease.amount = max(lease.amount, done.hold.amount)
+        self._balances[lease.key] = done.balance
+        return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
+
+    def local_hold(self, hold_id: str) -> Hold | None:
+        """A request's hold admitted against a lease (the shared store knows only the lease)."""
+        found = self._local.get(hold_id)
+        return None if found is None else found.hold
+
+    def leased(self) -> Iterable[Lease]:
+        return [*self._leases.values(), *self._retired]
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def _margin_ms(self) -> int:
+        """A lease closer than this to its expiry admits nothing more (its renewal is overdue)."""
+        return int(self.policy.ttl_s * 1000 / 3)
+
+    def _hot(self, key: AccountKey) -> bool:
+        """Count the reserve; True if the wallet is hot here (a lease is worth its round trips) and not cooling
+        down after a recall."""
+        now = time.monotonic()
+        second = int(now)
+        heat = self._heat.get(key)
+        if heat is None:
+            heat = self._heat[key] = _Heat(second)
+        if heat.second != second:
+            heat.last = heat.count if heat.second == second - 1 else 0
+            heat.second, heat.count = second, 0
+        heat.count += 1
+        if self._cool_until.get(key, 0.0) > now:
+            return False
+        return key in self._leases or max(heat.count, heat.last) >= self.policy.hot_per_s
+
+    def _admit(self, lease: Lease, key: AccountKey, hold_id: str, amount: int, ttl_ms: int) -> tuple[Hold, Balance]:
+        now = now_ms()
+        hold = Hold(hold_id, key[0], key[1], key[2], amount, "pending", now + ttl_ms, now, 0)
+        lease.local += amount
+        lease.used_at = time.monotonic()
+        self._local[hold_id] = LocalHold(lease, hold, amount)
+        self.stats["local"] += 1
+        if lease.free < lease.last_grant // 2 and not lease.growing:
+            self._spawn(self._grow(key, amount))  # top up ahead of need, so that requests never wait for it
+        return hold, self._balance_hint(key)
+
+    def _balance_hint(self, key: AccountKey) -> Balance:
+        """The wallet as of this process's last round trip on it (a lease admits without one)."""
+        found = self._balances.get(key)
+        return found if found is not None else Balance(key[0], key[1], key[2], 0, 0, 0)
+
+    async def _grow(self, key: AccountKey, amount: int) -> Lease | None:
+        """Take a lease on the wallet, or top this process's up, sized from its spend rate; ``None`` when the
+        wallet is too small to lease (it is then served hold by hold)."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            lease = self._leases.get(key)
+            now = now_ms()
+            if lease is not None and lease.admits(amount, now, self._margin_ms) and lease.free >= lease.last_grant // 2:
+                return lease
+            if self._cool_until.get(key, 0.0) > time.monotonic():
+                return lease
+            if lease is not None:
+                lease.growing = True
+            try:
+                balance = await self.store.balance(*key)
+                heat = self._heat.get(key, _Heat())
+                rate = max(heat.last, heat.count) * amount  # units a second, at this request's size
+                # At least the requests waiting for this top-up, so that a burst is admitted by one round trip.
+                waiting = amount * self._waiting.get(key, 1)
+                want = max(amount * self.policy.min_requests, int(rate * self.policy.horizon_s), waiting)
+                size = min(want, balance.available // self.policy.share)
+                if size < amount * self.policy.min_requests:
+                    self._cool(key)
+                    return lease
+                ttl_ms = int(self.policy.ttl_s * 1000)
+                if lease is not None and not lease.retiring and now < lease.expires_at_ms - self._margin_ms:
+                    try:
+                        hold = await self.store.extend_hold(lease.hold_id, size, step=next(lease.steps),
+                                                            ttl_ms=ttl_ms)
+                    except (HoldNotFound, HoldNotPending):  # it ran out (this process stalled past its TTL)
+                        self._retire(key, cool=False)
+                        lease.growing = False
+                        lease = None
+                    else:
+                        lease.amount = max(lease.amount, hold.amount)
+                        lease.expires_at_ms = hold.expires_at_ms
+                        lease.last_grant = size
+                        self.stats["topups"] += 1
+                        return lease
+                hold, balance = await self.store.reserve(*key, size, hold_id=f"lease:{self.owner}:{next(self._ids)}",
+                                                         ttl_ms=ttl_ms)
+                fresh = Lease(key, hold.id, hold.amount, hold.expires_at_ms, now, last_grant=size)
+                self._balances[key] = balance
+                if lease is not None:
+                    lease.retiring = True
+                    self._retired.append(lease)
+                self._leases[key] = fresh
+                self.stats["leases"] += 1
+                return fresh
+            except InsufficientFunds:
+                self._cool(key)
+                return lease
+            finally:
+                if lease is not None:
+                    lease.growing = False
+
+    def _cool(self, key: AccountKey) -> None:
+        self._cool_until[key] = time.monotonic() + self.policy.cooldown_s
+
+    def _spawn(self, coro: object) -> None:
+        async def run() -> None:
+            try:
+                await coro  # type: ignore[misc]
+            except Exception:
+                log.exception("escrow: a lease top-up failed")
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ recall
+
+    async def _recall(self, key: AccountKey) -> bool:
+        """After the shared store refused a request: bring back what sits in leases on this wallet, this
+        process's own and others' (through the recall row), waiting at most ``recall_wait_s``; True if there was
+        any to wait for (the request is then tried again). One recall per wallet at a time, however many
+        requests were refused meanwhile."""
+        task = self._recalling.get(key)
+        if task is None:
+            task = self._recalling[key] = asyncio.create_task(self._bring_back(key))
+            task.add_done_callback(lambda _t: self._recalling.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _bring_back(self, key: AccountKey) -> bool:
+        self._retire(key)
+        deadline = time.monotonic() + self.policy.recall_wait_s
+        waited = False
+        while True:
+            others = await self.store.recall_leases(*key, owner=self.owner, at_ms=now_ms())
+            await self._return_ready(key)
+            if not others and not any(lease.key == key for lease in self._retired):
+                if waited:
+                    self.stats["recalls"] += 1
+                return waited
+            waited = True
+            if time.monotonic() >= deadline:
+                return True
+            await asyncio.sleep(min(0.05, self.policy.tick_s))
+
+    # ------------------------------------------------------------------ the heartbeat
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("escrow heartbeat failed; retrying next tick")
+            await asyncio.sleep(self.policy.tick_s)
+
+    async def tick(self) -> None:
+        """Renew leases about to run out, return idle and retired ones, drop requests' holds whose TTL passed,
+        and retire the leases another process recalled."""
+        now = now_ms()
+        for hold_id, found in list(self._local.items()):
+            if found.hold.expires_at_ms < now:  # a request that never settled: its hold expires, as a durable one
+                del self._local[hold_id]
+                found.lease.local -= found.hold.amount
+                log.warning("escrow: hold %s expired unsettled", hold_id)
+        if self._leases:
+            recalls = await self.store.lease_recalls(list(self._leases))
+            for key, at_ms in recalls.items():
+                lease = self._leases.get(key)
+                if lease is not None and at_ms >= lease.taken_at_ms:
+                    self._retire(key)
+        idle = time.monotonic() - self.policy.idle_s
+        for key, lease in list(self._leases.items()):
+            if lease.used_at < idle and lease.local == 0:
+                self._retire(key)
+            elif lease.expires_at_ms - now < self.policy.ttl_s * 1000 * 2 / 3:
+                try:
+                    hold = await self.store.touch_hold(lease.hold_id, ttl_ms=int(self.policy.ttl_s * 1000))
+                    lease.expires_at_ms = hold.expires_at_ms
+                except (HoldNotPending, HoldNotFound):
+                    self._retire(key)  # expired (this process stalled past its TTL): the sweeper released it
+        await self._return_ready(None)
+        for key in [k for k, until in self._cool_until.items() if until < time.monotonic()]:
+            del self._cool_until[key]
+        stale = int(time.monotonic()) - 10
+        for key in [k for k, h in self._heat.items() if h.second < stale]:
+            del self._heat[key]
+
+    def _retire(self, key: AccountKey, *, cool: bool = True) -> None:
+        lease = self._leases.pop(key, None)
+        if lease is not None:
+            lease.retiring = True
+            self._retired.append(lease)
+            if cool:
+                self._cool(key)
+
+    async def _return_ready(self, key: AccountKey | None) -> None:
+        for lease in list(self._retired):
+            if (key is None or lease.key == key) and lease.local <= 0 and lease.inflight == 0:
+                self._retired.remove(lease)
+                await self._return(lease)
+
+    async def _return(self, lease: Lease) -> None:
+        """Resolve the lease's hold at what its settlements captured, releasing the rest to the wallet."""
+        try:
+            await self.store.settle(lease.hold_id, lease.captured)
+        except CaptureBelowCaptured:
+            hold = await self.store.get_hold(lease.hold_id)  # this process lost count (it never should)
+            if hold is not None and hold.state == "pending":
+                log.error("escrow: lease %s captured %d, counted %d", lease.hold_id, hold.captured_amount,
+                          lease.captured)
+                await self.store.settle(lease.hold_id, hold.captured_amount)
+        except (HoldNotFound, HoldNotPending):
+            pass
+        self.stats["returned"] += 1
+
+
+__all__ = ["Escrow", "EscrowPolicy", "LeaseBackend"]

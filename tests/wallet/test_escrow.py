@@ -1,0 +1,186 @@
+"""Escrow leases over the real SQL stores: requests admitted in memory against a lease are billed exactly once,
+the ledger stays derivable, a crashed process's lease expires to what its settlements captured, and a request
+the shared store refuses gets the funds that sit in other processes' leases.
+
+Each "process" is an :class:`Escrow` over a store of its own (on PostgreSQL, its own connections and group
+commit; on SQLite, the one embedded store), so that leases on one wallet compete as replicas' do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from metergate.wallet.errors import IdempotencyConflict, InsufficientFunds
+from metergate.wallet.escrow import Escrow, EscrowPolicy
+from metergate.wallet.models import UsageRecord, now_ms
+from metergate.wallet.sql import SqlWalletStore
+from tests.conftest import _reset_pg
+
+MODE, CUSTOMER, ASSET = "test", "acme", "USD"
+# Leased from the first reserve; returned after 50 ms idle; renewals and recalls checked every 20 ms.
+FAST = EscrowPolicy(hot_per_s=1, horizon_s=1.0, share=4, min_requests=2, ttl_s=2, idle_s=0.05, tick_s=0.02,
+                    recall_wait_s=2, cooldown_s=0.2)
+
+
+def usage(hold_id: str, price: int) -> UsageRecord:
+    return UsageRecord(id="u" + hold_id, mode=MODE, customer_id=CUSTOMER, hold_id=hold_id, route="/v1",
+                       endpoint="chat", model="m", feature=None, stream=False, status_code=200,
+                       usage_source="provider", tokens_input=1, tokens_cached_input=0, tokens_output=1,
+                       tokens_reasoning=0, asset=ASSET, price_amount=price)
+
+
+@pytest.fixture
+async def stores(store_url: str) -> AsyncIterator[list[SqlWalletStore]]:
+    """Two processes' stores on one database (SQLite: one store, shared)."""
+    if store_url.startswith("postgresql"):
+        await _reset_pg(store_url)
+        opened = [SqlWalletStore(store_url), SqlWalletStore(store_url)]
+    else:
+        one = SqlWalletStore(store_url)
+        opened = [one, one]
+    for s in dict.fromkeys(opened):
+        await s.open()
+    await opened[0].create_customer(MODE, CUSTOMER, "Acme")
+    yield opened
+    for s in dict.fromkeys(opened):
+        await s.close()
+
+
+async def started(store: SqlWalletStore, policy: EscrowPolicy = FAST) -> Escrow:
+    escrow = Escrow(store, policy)
+    await escrow.start()
+    return escrow
+
+
+async def spend(escrow: Escrow, n: int, *, hold: int, price: int) -> list[str]:
+    """``n`` requests reserved and settled concurrently; the ids of the ones admitted."""
+    async def one(i: int) -> str | None:
+        hold_id = f"h{uuid.uuid4().hex[:10]}{i}"
+        try:
+            await escrow.reserve(MODE, CUSTOMER, ASSET, hold, hold_id=hold_id, ttl_ms=60_000)
+        except InsufficientFunds:
+            return None
+        await escrow.settle(hold_id, price, usage(hold_id, price))
+        return hold_id
+
+    return [h for h in await asyncio.gather(*(one(i) for i in range(n))) if h is not None]
+
+
+async def settled_state(store: SqlWalletStore) -> tuple[Any, list[Any]]:
+    balance = await store.balance(MODE, CUSTOMER, ASSET)
+    records = [r for _, r in await store.usage(MODE, CUSTOMER, limit=100_000)]
+    return balance, records
+
+
+async def test_leased_requests_are_billed_once_and_the_ledger_derives_the_balance(
+        stores: list[SqlWalletStore]) -> None:
+    store = stores[0]
+    await store.credit(MODE, CUSTOMER, ASSET, 1_000_000, idempotency_key="fund")
+    escrow = await started(store)
+    admitted = await spend(escrow, 200, hold=1_000, price=700)
+    assert len(admitted) == 200
+    assert escrow.stats["local"] > 150, escrow.stats  # the hot wallet was served from leases
+    await escrow.close()
+    balance, records = await settled_state(store)
+    assert (balance.debits_posted, balance.debits_pending) == (200 * 700, 0)
+    assert sorted(r.hold_id for r in records) == sorted(admitted)
+    assert all((r.charged_amount, r.written_off_amount) == (700, 0) for r in records)
+    assert await store.audit() == []
+
+
+async def test_a_replayed_settlement_charges_nothing_more(stores: list[SqlWalletStore]) -> None:
+    store = stores[0]
+    await store.credit(MODE, CUSTOMER, ASSET, 1_000_000, idempotency_key="fund")
+    escrow = await started(store)
+    await spend(escrow, 5, hold=1_000, price=10)  # makes the wallet hot: the next one is leased
+    await escrow.reserve(MODE, CUSTOMER, ASSET, 1_000, hold_id="h-replay", ttl_ms=60_000)
+    assert escrow.local_hold("h-replay") is not None
+    first = await escrow.settle("h-replay", 400, usage("h-replay", 400))
+    again = await escrow.settle("h-replay", 400, usage("h-replay", 400))
+    assert (first.charged, first.replayed) == (400, False)
+    assert (again.charged, again.replayed) == (400, True)
+    with pytest.raises(IdempotencyConflict):
+        await escrow.settle("h-replay", 401, usage("h-replay", 401))
+    await escrow.close()
+    balance, _ = await settled_state(store)
+    assert balance.debits_posted == 5 * 10 + 400
+    assert await store.audit() == []
+
+
+async def test_a_request_that_costs_more_than_its_hold_draws_the_wallet_beyond_the_lease(
+        stores: list[SqlWalletStore]) -> None:
+    store = stores[0]
+    await store.credit(MODE, CUSTOMER, ASSET, 100_000, idempotency_key="fund")
+    escrow = await started(store)
+    await spend(escrow, 3, hold=1_000, price=1_000)
+    await escrow.reserve(MODE, CUSTOMER, ASSET, 1_000, hold_id="h-big", ttl_ms=60_000)
+    done = await escrow.settle("h-big", 50_000, usage("h-big", 50_000))
+    assert (done.charged, done.written_off) == (50_000, 0)
+    await escrow.close()
+    balance, _ = await settled_state(store)
+    assert (balance.debits_posted, balance.debits_pending) == (53_000, 0)
+    assert await store.audit() == []
+
+
+async def test_a_crashed_process_lease_expires_to_what_its_settlements_captured(
+        stores: list[SqlWalletStore]) -> None:
+    store = stores[0]
+    await store.credit(MODE, CUSTOMER, ASSET, 1_000_000, idempotency_key="fund")
+    crashed = Escrow(store, FAST)  # no heartbeat: it "dies" with its lease open
+    await spend(crashed, 20, hold=1_000, price=300)
+    await crashed.reserve(MODE, CUSTOMER, ASSET, 1_000, hold_id="h-lost", ttl_ms=60_000)  # never settled
+    balance, _ = await settled_state(store)
+    assert balance.debits_pending > 0  # the lease
+    assert await store.expire_holds(now_ms=now_ms() + 3_000) >= 1  # past its 2 s TTL: the sweeper's turn
+    balance, records = await settled_state(store)
+    assert (balance.debits_posted, balance.debits_pending) == (20 * 300, 0)
+    assert len(records) == 20
+    assert await store.audit() == []
+
+
+async def test_a_refused_request_recalls_the_funds_in_another_process_lease(stores: list[SqlWalletStore]) -> None:
+    a_store, b_store = stores
+    await a_store.credit(MODE, CUSTOMER, ASSET, 40_000, idempotency_key="fund")
+    a = await started(a_store, EscrowPolicy(hot_per_s=1, share=2, min_requests=4, ttl_s=5, idle_s=60, tick_s=0.02,
+                                            recall_wait_s=3, cooldown_s=0.5))
+    await spend(a, 2, hold=1_000, price=1_000)
+    lease = next(iter(a.leased()))
+    assert lease.free > 0
+    b = await started(b_store)
+    leased = lease.amount - lease.captured
+    free = (await b_store.balance(MODE, CUSTOMER, ASSET)).available
+    # More than the shared store has free, less than it has with A's lease back.
+    ask = free + leased // 2
+    hold, _ = await b.reserve(MODE, CUSTOMER, ASSET, ask, hold_id="h-b", ttl_ms=60_000)
+    assert hold.amount == ask
+    assert b.local_hold("h-b") is None  # a hold in the shared store: the wallet is too small to lease now
+    await b.settle("h-b", ask, usage("h-b", ask))
+    await a.close()
+    await b.close()
+    balance, _ = await settled_state(a_store)
+    assert (balance.debits_posted, balance.debits_pending) == (2_000 + ask, 0)
+    assert await a_store.audit() == []
+
+
+@pytest.mark.parametrize("price_equals_hold", [True])
+async def test_two_processes_serve_exactly_what_the_wallet_funds(stores: list[SqlWalletStore],
+                                                                 price_equals_hold: bool) -> None:
+    """The storm at the store: a wallet funded for K requests at price = hold, 4K requests split over two
+    processes' leases: exactly K admitted, the wallet ends empty, nothing written off."""
+    k, fee = 300, 1_000
+    await stores[0].credit(MODE, CUSTOMER, ASSET, k * fee, idempotency_key="fund")
+    a, b = await started(stores[0]), await started(stores[1])
+    got = await asyncio.gather(spend(a, 2 * k, hold=fee, price=fee), spend(b, 2 * k, hold=fee, price=fee))
+    assert a.stats["local"] + b.stats["local"] > 0, (a.stats, b.stats)
+    await a.close()
+    await b.close()
+    assert len(got[0]) + len(got[1]) == k
+    balance, records = await settled_state(stores[0])
+    assert (balance.available, balance.debits_pending) == (0, 0)
+    assert len(records) == k and all(r.written_off_amount == 0 for r in records)
+    assert await stores[0].audit() == []
