@@ -597,6 +597,10 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  round {rnd + 1}/{args.rounds} done ({time.monotonic() - started:.0f}s)", flush=True)
         await asyncio.sleep(0.2)  # let the last settlements commit
         after = await ledger_balance(mg)
+        deadline = time.monotonic() + 6  # an escrow lease goes back after escrow.idle_s (2 s) without use
+        while after["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            after = await ledger_balance(mg)
     finally:
         servers.stop()
         if args.keep:
