@@ -77,7 +77,7 @@ def add_admin_commands(sub: Any) -> None:
     def group(name: str, help: str) -> Any:
         nested = add(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
         nested_add = nested.add_parser
-        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, epilog=EXIT_CODES, **kw))  # type: ignore[method-assign]
+        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, **{"epilog": EXIT_CODES, **kw}))  # type: ignore[method-assign]
         return nested
 
     customers = group("customers", "create, list and show customers")

@@ -159,7 +159,7 @@ def header(version: dict[str, Any], mode: str, url: str, scheduled: list[dict[st
         origin = (f"version {version['id']} ({mode} mode), in force since {iso(version.get('effective_at_ms'))} "
                   f"(published {iso(version.get('published_at_ms'))})")
     lines = [f"# metergate prices: {origin}", f"# pulled from {url}"]
-    if version.get("note"):
+    if version.get("note") and version.get("id") != "config":
         lines.append(f"# note: {' '.join(str(version['note']).split())}")
     for later in scheduled:
         lines.append(f"# scheduled, not in this file: {later['id']} takes effect at {iso(later['effective_at_ms'])}")
