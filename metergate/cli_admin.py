@@ -213,6 +213,9 @@ def run_admin_command(args: argparse.Namespace) -> int:
     except ConnectionFailed as exc:
         return fail(str(exc), error_exit or EXIT_UNREACHABLE)
     except ApiError as exc:
+        if exc.code == f"http_{exc.status}":  # an answer without metergate's error envelope
+            return fail(f"{args.server_url} answered HTTP {exc.status} ({exc.message[:80]}), not as a metergate "
+                        "control plane does: check --url / METERGATE_URL", error_exit or EXIT_REFUSED)
         where = f" ({exc.param})" if exc.param else ""
         return fail(f"{exc.code}{where}: {exc.message}", error_exit or EXIT_REFUSED)
     except (ValueError, TypeError) as exc:

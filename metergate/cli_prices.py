@@ -86,7 +86,9 @@ def _rules_of(client: Client, path: Path) -> tuple[list[Any], list[dict[str, Any
     try:
         answer = client.validate_prices(written)
     except ApiError as exc:
-        raise Refused(path, written, exc) from None
+        if (exc.param or "").startswith("rules"):  # the file's fault; anything else is the key's, the server's
+            raise Refused(path, written, exc) from None
+        raise
     return written, list(answer["rules"])
 
 

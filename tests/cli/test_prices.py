@@ -8,9 +8,13 @@ each event is priced and rounded half-up on its own.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import http.server
 import json
 import re
+import threading
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -186,6 +190,20 @@ def test_modes_are_isolated(server: MeterServer, client: Client, tmp_path: Path)
 # ---------------------------------------------------------------------- errors: one line, never a traceback
 
 
+@contextlib.contextmanager
+def not_metergate() -> Iterator[str]:
+    """Some other HTTP server on loopback (the standard library's, which answers 501 to every GET)."""
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
 def test_errors_are_one_line_naming_what_is_wrong(server: MeterServer, tmp_path: Path) -> None:
     wrong = env_of(server, tmp_path, METERGATE_ADMIN_KEY="mg_test_" + "w" * 24)
     refused(mg(wrong, "prices", "pull"), 1, "invalid_admin_key")
@@ -196,6 +214,9 @@ def test_errors_are_one_line_naming_what_is_wrong(server: MeterServer, tmp_path:
     refused(mg(unreachable, "prices", "pull"), 3, "cannot reach metergate at", dead)
     refused(mg(unreachable, "prices", "push", str(tmp_path / "p.yaml"), "--effective-at", "now"), 3, dead)
     refused(mg(unreachable, "prices", "diff", str(tmp_path / "p.yaml")), 2, dead)
+    with not_metergate() as other:  # an HTTP server, but not metergate: its answer is named, not parsed
+        elsewhere = env_of(server, tmp_path, METERGATE_URL=other)
+        refused(mg(elsewhere, "prices", "pull"), 1, f"{other} answered HTTP 501", "METERGATE_URL")
     empty = env_of(server, tmp_path, METERGATE_ADMIN_KEY=ADMIN_KEY)
     refused(mg(empty, "prices", "push", str(tmp_path / "p.yaml"), "--effective-at", "now"), 1, "rules", "1 to 1000")
     (tmp_path / "broken.yaml").write_text("rules: [\n")
