@@ -5,8 +5,8 @@ in a repository and be reviewed like code. Two things keep it exact and reviewab
 
 * **Nothing is read as a number.** Every scalar but ``null`` is read as its text, so ``0.30`` stays the
   decimal ``"0.30"`` (YAML would make it the float 0.3), ``010`` stays ten (YAML 1.1: octal eight) and
-  ``yes`` stays a word (YAML 1.1: true). The server then validates the text; a duplicated key is refused
-  here, since YAML would silently keep only the last one.
+  ``yes`` stays a word (YAML 1.1: true); in a JSON file, numbers are kept as their text. The server then
+  validates the text; a duplicated key is refused here, since YAML would silently keep only the last one.
 * **Stable output.** :func:`dump` writes the canonical rules the server returns, keys in the rule schema's
   order, amounts as quoted strings, under a comment header naming the version it came from: pulling the same
   version twice writes the same bytes.

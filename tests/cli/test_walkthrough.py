@@ -154,3 +154,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert str(first["charged_amount"]) == expected_charge(first, "1.20")  # the settings file's version 0
     assert str(second["charged_amount"]) == expected_charge(second, "1.50")  # the version pushed
     assert int(str(second["charged_amount"])) > int(str(first["charged_amount"]))
+    # The prose around the blocks quotes this run's numbers: they must be the ones a run gives.
+    prose = README.read_text(encoding="utf-8")
+    assert f"{first['tokens_input']} tokens in at $0.30 and {first['tokens_output']} out at $1.20" in prose
+    assert f"acme      USD    {first['charged_decimal']}  {second['charged_decimal']}" in prose
