@@ -10,7 +10,6 @@ import sys
 
 from metergate import cli_webhooks
 from metergate.cli_admin import add_admin_commands, run_admin_command
-from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
 
@@ -37,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--timeout-s", type=float, default=2.0)
     health.add_argument("--pid", type=int, default=1, help="the serve process to follow (default 1, the image's "
                                                            "entry point)")
+    health.add_argument("--wait-s", type=float, default=0.0,
+                        help="wait up to this long for /readyz to answer 200 (after starting serve in a script)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
+    mock = sub.add_parser("mock-upstream", help="serve the demo's mock OpenAI-compatible upstream (no provider key, "
+                                                "no network), to try metergate with")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
     add_admin_commands(sub)
     cli_webhooks.add_command(sub)  # metergate webhooks listen
     args = parser.parse_args(argv)
@@ -53,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_demo(keep=args.keep)
 
+    if args.command == "mock-upstream":
+        from metergate.demo.serve_mock import serve_mock
+
+        return serve_mock(args.host, args.port)
+
     if args.command == "health":
         from metergate.healthcheck import check
 
-        return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid)
+        return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid, wait_s=args.wait_s)
 
+    # Imported here, not at the top: the admin commands start without loading the settings' validators.
+    from metergate.config.settings import SettingsError, load_settings
     from metergate.healthcheck import parse_defaults
 
     try:

@@ -21,8 +21,11 @@ _RULE = {"type": "object", "required": ["asset"], "properties": {
     "per_units": _DECIMAL, "event_fee": _DECIMAL, "rates": {"type": "object", "additionalProperties": _DECIMAL},
     "tiers": {"type": "array", "items": _TIERS}, "markup": _DECIMAL, "asset_usd_value": _DECIMAL,
     "minimum": _DECIMAL}}
-_RULES = {"type": "object", "required": ["rules"], "properties": {
-    "rules": {"type": "array", "items": _RULE, "minItems": 1, "maxItems": 1000}, "note": {"type": "string"}}}
+_RULE_LIST = {"type": "array", "items": _RULE, "minItems": 1, "maxItems": 1000}
+_RULES: dict[str, Any] = {"type": "object", "required": ["rules"], "properties": {
+    "rules": _RULE_LIST, "note": {"type": "string"}}}
+_CREATE = {**_RULES, "properties": {**_RULES["properties"],
+                                    "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 128}}}
 _EVENT = {"type": "object", "required": ["id", "customer_id", "type"], "properties": {
     "id": {"type": "string"}, "customer_id": {"type": "string"}, "type": {"type": "string"},
     "quantity": _DECIMAL, "quantities": {"type": "object", "additionalProperties": _DECIMAL},
@@ -59,11 +62,16 @@ def pricing_paths() -> dict[str, Any]:
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
     return {
         versions: {
-            "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid)",
-                        body=_RULES, ok=201),
+            "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid); "
+                        "once per Idempotency-Key (a replay answers 200 with the first draft)",
+                        body=_CREATE, ok=201),
             "get": _op("Price versions, newest first, and the one in force now", query=page),
         },
         f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", body=_RULES)},
+        f"{versions}/simulate": {"post": _op(
+            "Re-price recorded usage in [from, to) under a rule set that is validated, not stored",
+            body={"type": "object", "required": ["rules", "from", "to"], "properties": {
+                "rules": _RULE_LIST, "from": _INSTANT, "to": _INSTANT}})},
         f"{versions}/{{version_id}}": {"get": _op("A price version with its rules ('config': the file's)",
                                                   version=True)},
         f"{versions}/{{version_id}}/publish": {"post": _op(
