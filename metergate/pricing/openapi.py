@@ -39,13 +39,13 @@ _QUOTE = {"type": "object", "required": ["customer_id"], "properties": {
     "at": _INSTANT}}
 
 
-def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200, version: bool = False,
-        query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _op(summary: str, answer: dict[str, Any], *, body: dict[str, Any] | None = None, ok: int = 200,
+        version: bool = False, query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": ([{"name": "version_id", "in": "path", "required": True, "schema": {"type": "string"}}]
                        if version else []) + (query or []),
-        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": answer}}},
                       "default": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}},
     }
     if body is not None:
@@ -54,29 +54,37 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200, vers
 
 
 def pricing_paths() -> dict[str, Any]:
+    from metergate.admin.answers import pricing_answers  # here: the admin document imports this module
+    from metergate.admin.schemas import ref
+
+    P = pricing_answers()
     versions = "/admin/v1/price-versions"
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
     return {
         versions: {
             "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid)",
+                        ref("PriceVersion"),
                         body=_RULES, ok=201),
-            "get": _op("Price versions, newest first, and the one in force now", query=page),
+            "get": _op("Price versions, newest first, and the one in force now", P["versions"], query=page),
         },
-        f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", body=_RULES)},
+        f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", P["validated"], body=_RULES)},
         f"{versions}/{{version_id}}": {"get": _op("A price version with its rules ('config': the file's)",
+                                                  ref("PriceVersion"),
                                                   version=True)},
         f"{versions}/{{version_id}}/publish": {"post": _op(
-            "Publish a draft from effective_at (default now); published versions never change", version=True,
+            "Publish a draft from effective_at (default now); published versions never change", ref("PriceVersion"),
+            version=True,
             body={"type": "object", "properties": {"effective_at": _INSTANT}})},
         f"{versions}/{{version_id}}/simulate": {"post": _op(
             "Re-price recorded usage in [from, to) under this version: old and new totals per customer",
-            version=True, body={"type": "object", "required": ["from", "to"],
+            P["simulation"], version=True, body={"type": "object", "required": ["from", "to"],
                                 "properties": {"from": _INSTANT, "to": _INSTANT}})},
         "/admin/v1/quote": {"post": _op("Price a hypothetical request or event; the wallet is not touched",
+                                        ref("Quote"),
                                         body=_QUOTE)},
         "/admin/v1/events": {"post": _op(
             "Ingest usage events, idempotent by id, debited at once; per-event accepted/duplicate/rejected",
-            body={"type": "object", "required": ["events"], "properties": {
+            P["events"], body={"type": "object", "required": ["events"], "properties": {
                 "events": {"type": "array", "items": _EVENT, "minItems": 1, "maxItems": 500}}})},
     }
