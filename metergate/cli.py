@@ -1,6 +1,7 @@
 """The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
 end to end; the admin commands (customers, credit, keys, ..., check) drive a running control plane
-(:mod:`metergate.cli_admin`), and ``webhooks listen`` forwards notifications to a local app."""
+(:mod:`metergate.cli_admin`), ``webhooks listen`` forwards notifications to a local app, and ``mcp`` serves
+them to assistants (:mod:`metergate.cli_mcp`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import argparse
 import logging
 import sys
 
-from metergate import cli_webhooks
+from metergate import cli_mcp, cli_webhooks
 from metergate.cli_admin import add_admin_commands, run_admin_command
-from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
 
@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
     add_admin_commands(sub)
     cli_webhooks.add_command(sub)  # metergate webhooks listen
+    cli_mcp.add_command(sub)  # metergate mcp
     args = parser.parse_args(argv)
     if args.command == "webhooks":
         return cli_webhooks.run(args)
+    if args.command == "mcp":
+        return cli_mcp.run(args)
     if getattr(args, "admin_handler", None) is not None:
         return run_admin_command(args)
 
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid)
 
+    from metergate.config.settings import SettingsError, load_settings  # here: the client commands never need it
     from metergate.healthcheck import parse_defaults
 
     try:
