@@ -61,7 +61,7 @@ def env(server: MeterServer) -> dict[str, str]:
 async def stdio_session(server: MeterServer, *flags: str) -> AsyncIterator[ClientSession]:
     params = StdioServerParameters(command=sys.executable, args=["-m", "metergate", "mcp", *flags],
                                    env=env(server), cwd=str(ROOT))
-    with open(os.devnull, "w") as errlog:
+    with open(os.devnull, "w") as errlog:  # noqa: ASYNC230 - /dev/null: the server's stderr is not asserted on
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             yield session
@@ -171,7 +171,7 @@ async def test_stdio_credit_and_grant_happen_once_per_idempotency_key(server: Me
     assert usd.available == Decimal("3.5")
 
 
-async def test_without_an_admin_key_mcp_exits_2_with_one_line(server: MeterServer) -> None:
+def test_without_an_admin_key_mcp_exits_2_with_one_line(server: MeterServer) -> None:
     bare = {k: v for k, v in env(server).items() if k != "METERGATE_ADMIN_KEY"}
     done = subprocess.run([sys.executable, "-m", "metergate", "mcp"], env={**bare, "HOME": str(ROOT / "nowhere")},
                           capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL, check=False)
