@@ -10,6 +10,7 @@ test-mode admin key in ``METERGATE_ADMIN_KEY``: on stdio through ``stdio_client`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -32,6 +34,7 @@ from tests.cli.conftest import publish_rules
 from tests.cli.server import ROOT, MeterServer
 from tests.conftest import ADMIN_KEY, LIVE_ADMIN_KEY, free_port
 
+shared_loop = pytest.mark.asyncio(loop_scope="module")  # the loop the module's sessions live on
 READS = {"balance", "recent_usage", "quote", "preflight", "portal_link"}
 START_TIMEOUT_S = 60.0  # a bound on waiting for start-up on a loaded machine, not an assertion on speed
 
@@ -59,12 +62,38 @@ def env(server: MeterServer) -> dict[str, str]:
 
 @asynccontextmanager
 async def stdio_session(server: MeterServer, *flags: str) -> AsyncIterator[ClientSession]:
+    """A session with ``metergate mcp`` on stdio, opened and closed in a task of its own: the SDK's task groups
+    must be left by the task that entered them, and the tests of this module share the session."""
     params = StdioServerParameters(command=sys.executable, args=["-m", "metergate", "mcp", *flags],
                                    env=env(server), cwd=str(ROOT))
-    with open(os.devnull, "w") as errlog:  # noqa: ASYNC230 - /dev/null: the server's stderr is not asserted on
-        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
-            await session.initialize()
-            yield session
+    opened: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
+    done = asyncio.Event()
+
+    async def hold_open() -> None:
+        with open(os.devnull, "w") as errlog:  # noqa: ASYNC230 - /dev/null: the server's stderr is not asserted on
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                opened.set_result(session)
+                await done.wait()
+
+    runner = asyncio.create_task(hold_open())
+    try:
+        yield await asyncio.wait_for(asyncio.shield(opened), START_TIMEOUT_S)
+    finally:
+        done.set()
+        await runner
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def reader(server: MeterServer) -> AsyncIterator[ClientSession]:
+    async with stdio_session(server) as session:
+        yield session
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def operator(server: MeterServer) -> AsyncIterator[ClientSession]:
+    async with stdio_session(server, "--operator") as session:
+        yield session
 
 
 async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
@@ -85,17 +114,18 @@ async def refused(session: ClientSession, tool: str, **arguments: Any) -> str:
 # ---------------------------------------------------------------------- stdio
 
 
-async def test_stdio_read_tools_answer_from_the_control_plane(server: MeterServer) -> None:
-    async with stdio_session(server) as session:
-        assert {t.name for t in (await session.list_tools()).tools} == READS  # no writes without --operator
-        balance = await call(session, "balance", customer_id="acme")
-        usage = await call(session, "recent_usage", customer_id="acme", limit=5)
-        quote = await call(session, "quote", customer_id="acme", model="gpt-4o-mini", input_tokens=1_000_000,
-                           output_tokens=1_000_000)
-        fits = await call(session, "preflight", customer_id="acme", event_type="api.call", quantities={"quantity": "4"})
-        too_much = await call(session, "preflight", customer_id="acme", model="gpt-4o-mini",
-                              input_tokens=10_000_000, output_tokens=10_000_000)
-        link = await call(session, "portal_link", customer_id="acme")
+@shared_loop
+async def test_stdio_read_tools_answer_from_the_control_plane(server: MeterServer, reader: ClientSession) -> None:
+    session = reader
+    assert {t.name for t in (await session.list_tools()).tools} == READS  # no writes without --operator
+    balance = await call(session, "balance", customer_id="acme")
+    usage = await call(session, "recent_usage", customer_id="acme", limit=5)
+    quote = await call(session, "quote", customer_id="acme", model="gpt-4o-mini", input_tokens=1_000_000,
+                       output_tokens=1_000_000)
+    fits = await call(session, "preflight", customer_id="acme", event_type="api.call", quantities={"quantity": "4"})
+    too_much = await call(session, "preflight", customer_id="acme", model="gpt-4o-mini",
+                          input_tokens=10_000_000, output_tokens=10_000_000)
+    link = await call(session, "portal_link", customer_id="acme")
     with Client(server.url, ADMIN_KEY) as admin:
         truth = {b.asset: b for b in admin.balances("acme")}
         records = admin.usage("acme").data
@@ -113,20 +143,22 @@ async def test_stdio_read_tools_answer_from_the_control_plane(server: MeterServe
         assert all(b.pending_minor == 0 for b in admin.balances("acme"))
 
 
-async def test_stdio_with_operator_lists_the_writes_and_refuses_the_other_modes_customer(server: MeterServer) -> None:
-    async with stdio_session(server, "--operator") as session:
-        tools = {t.name: t for t in (await session.list_tools()).tools}
-        assert set(tools) == READS | {"credit", "grant"}
-        assert "idempotency_key" in tools["credit"].input_schema["required"]
-        assert tools["balance"].annotations is not None and tools["balance"].annotations.read_only_hint
-        for tool, extra in (("balance", {}), ("recent_usage", {}), ("portal_link", {}),
-                            ("quote", {"model": "gpt-4o-mini", "input_tokens": 10}),
-                            ("preflight", {"model": "gpt-4o-mini", "input_tokens": 10}),
-                            ("credit", {"amount": "1", "idempotency_key": "x-live"}),
-                            ("grant", {"amount": "1", "idempotency_key": "x-live-g"})):
-            text = await refused(session, tool, customer_id="live-only", **extra)
-            assert "customer_not_found: no customer 'live-only' in test mode" in text, (tool, text)
-        assert "'nobody'" in await refused(session, "balance", customer_id="nobody")
+@shared_loop
+async def test_stdio_with_operator_lists_the_writes_and_refuses_the_other_modes_customer(
+        server: MeterServer, operator: ClientSession) -> None:
+    session = operator
+    tools = {t.name: t for t in (await session.list_tools()).tools}
+    assert set(tools) == READS | {"credit", "grant"}
+    assert "idempotency_key" in tools["credit"].input_schema["required"]
+    assert tools["balance"].annotations is not None and tools["balance"].annotations.read_only_hint
+    for tool, extra in (("balance", {}), ("recent_usage", {}), ("portal_link", {}),
+                        ("quote", {"model": "gpt-4o-mini", "input_tokens": 10}),
+                        ("preflight", {"model": "gpt-4o-mini", "input_tokens": 10}),
+                        ("credit", {"amount": "1", "idempotency_key": "x-live"}),
+                        ("grant", {"amount": "1", "idempotency_key": "x-live-g"})):
+        text = await refused(session, tool, customer_id="live-only", **extra)
+        assert "customer_not_found: no customer 'live-only' in test mode" in text, (tool, text)
+    assert "'nobody'" in await refused(session, "balance", customer_id="nobody")
     with Client(server.url, LIVE_ADMIN_KEY) as live:  # the live customer was not touched
         [usd] = [b for b in live.balances("live-only") if b.asset == "USD"]
         assert usd.available == Decimal("1.000000")
@@ -135,34 +167,37 @@ async def test_stdio_with_operator_lists_the_writes_and_refuses_the_other_modes_
 BAD_AMOUNTS = ["0", "-5", "1e3", "abc", "", "0.0000001"]  # the last: finer than USD's 6 places
 
 
+@shared_loop
 async def test_stdio_refuses_bad_amounts_and_a_missing_idempotency_key_and_credits_nothing(
-        server: MeterServer) -> None:
+        server: MeterServer, operator: ClientSession) -> None:
     with Client(server.url, ADMIN_KEY) as admin:
         before = admin.balances("acme")
-    async with stdio_session(server, "--operator") as session:
-        for amount in BAD_AMOUNTS:
-            text = await refused(session, "credit", customer_id="acme", amount=amount, idempotency_key=f"bad{amount}")
-            assert "invalid_amount:" in text, (amount, text)
-        grant = await refused(session, "grant", customer_id="acme", amount="-1", idempotency_key="bad-grant")
-        assert "invalid_amount:" in grant
-        # A float is not exact: the tool takes a decimal string only. Without a key, nothing to deduplicate by.
-        assert "amount" in await refused(session, "credit", customer_id="acme", amount=1.5, idempotency_key="f")
-        assert "idempotency_key" in await refused(session, "credit", customer_id="acme", amount="1")
+    session = operator
+    for amount in BAD_AMOUNTS:
+        text = await refused(session, "credit", customer_id="acme", amount=amount, idempotency_key=f"bad{amount}")
+        assert "invalid_amount:" in text, (amount, text)
+    grant = await refused(session, "grant", customer_id="acme", amount="-1", idempotency_key="bad-grant")
+    assert "invalid_amount:" in grant
+    # A float is not exact: the tool takes a decimal string only. Without a key, nothing to deduplicate by.
+    assert "amount" in await refused(session, "credit", customer_id="acme", amount=1.5, idempotency_key="f")
+    assert "idempotency_key" in await refused(session, "credit", customer_id="acme", amount="1")
     with Client(server.url, ADMIN_KEY) as admin:
         assert admin.balances("acme") == before
 
 
-async def test_stdio_credit_and_grant_happen_once_per_idempotency_key(server: MeterServer) -> None:
+@shared_loop
+async def test_stdio_credit_and_grant_happen_once_per_idempotency_key(server: MeterServer,
+                                                                     operator: ClientSession) -> None:
     with Client(server.url, ADMIN_KEY) as admin:
         admin.create_customer("bolt")
-    async with stdio_session(server, "--operator") as session:
-        first = await call(session, "credit", customer_id="bolt", amount="2.50", idempotency_key="inv-7", memo="x")
-        again = await call(session, "credit", customer_id="bolt", amount="2.50", idempotency_key="inv-7", memo="x")
-        grant = await call(session, "grant", customer_id="bolt", amount="1", purpose="trial",
-                           idempotency_key="trial-bolt")
-        regrant = await call(session, "grant", customer_id="bolt", amount="1", purpose="trial",
-                             idempotency_key="trial-bolt")
-        conflict = await refused(session, "credit", customer_id="bolt", amount="9", idempotency_key="inv-7")
+    session = operator
+    first = await call(session, "credit", customer_id="bolt", amount="2.50", idempotency_key="inv-7", memo="x")
+    again = await call(session, "credit", customer_id="bolt", amount="2.50", idempotency_key="inv-7", memo="x")
+    grant = await call(session, "grant", customer_id="bolt", amount="1", purpose="trial",
+                       idempotency_key="trial-bolt")
+    regrant = await call(session, "grant", customer_id="bolt", amount="1", purpose="trial",
+                         idempotency_key="trial-bolt")
+    conflict = await refused(session, "credit", customer_id="bolt", amount="9", idempotency_key="inv-7")
     assert first["entry_seq"] == again["entry_seq"] and Decimal(first["credited"]) == Decimal("2.5")
     assert grant["grant_id"] == regrant["grant_id"] and grant["purpose"] == "trial"
     assert "idempotency_conflict:" in conflict
@@ -204,6 +239,7 @@ def http_mcp(server: MeterServer, tmp_path: Path) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+@shared_loop
 async def test_streamable_http_lists_tools_answers_and_refuses_the_other_mode(http_mcp: str) -> None:
     async with streamable_http_client(http_mcp) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
@@ -212,3 +248,12 @@ async def test_streamable_http_lists_tools_answers_and_refuses_the_other_mode(ht
         text = await refused(session, "balance", customer_id="live-only")
     assert balance["mode"] == "test" and any(b["asset"] == "USD" for b in balance["balances"])
     assert "customer_not_found: no customer 'live-only' in test mode" in text
+
+
+def test_serve_never_imports_the_mcp_sdk() -> None:
+    """The SDK is an optional extra: the command line and the app ``serve`` builds load without it."""
+    probe = ("import sys, metergate.cli, metergate.proxy.app, metergate.admin.api\n"
+             "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith(('mcp.', 'mcp_types'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          check=True)
+    assert done.stdout.strip() == "[]"
