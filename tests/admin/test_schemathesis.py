@@ -79,6 +79,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
     config.write_text(json.dumps({  # JSON is YAML
         "port": port, "database_url": f"sqlite:///{tmp_path / 'st.db'}", "admin_keys": [ADMIN_KEY],
         "portal_secrets": {"k1": "s" * 40}, "admin_auth_max_failures": 1_000_000,
+        "drain_deadline_s": 1,  # nothing streams here: stop at once when the run is over
         "routes": [{"prefix": "/openai", "upstream": "http://127.0.0.1:9"}],
         "pricing": {"asset": "USD", "models": {"gpt-4o-mini": {"input_per_mtok": "0.3", "output_per_mtok": "1.2"}}},
     }))
