@@ -21,21 +21,31 @@ _RULE = {"type": "object", "required": ["asset"], "properties": {
     "per_units": _DECIMAL, "event_fee": _DECIMAL, "rates": {"type": "object", "additionalProperties": _DECIMAL},
     "tiers": {"type": "array", "items": _TIERS}, "markup": _DECIMAL, "asset_usd_value": _DECIMAL,
     "minimum": _DECIMAL}}
+# Bodies whose handlers validate themselves (metergate.admin.validation.HANDLER_VALIDATES): the document says
+# what they refuse (unknown fields included), the handler answers with the rule's or the nested field's path.
+_OWN = {"additionalProperties": False, "x-validated-by-handler": True}
 _RULES = {"type": "object", "required": ["rules"], "properties": {
     "rules": {"type": "array", "items": _RULE, "minItems": 1, "maxItems": 1000}, "note": {"type": "string"}}}
+_DRAFT = {**_RULES, **_OWN, "properties": {**_RULES["properties"], "note": {"type": "string", "maxLength": 500}}}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 128}
+_TOKENS = {"type": "integer", "minimum": 0, "maximum": 10**10}
 _EVENT = {"type": "object", "required": ["id", "customer_id", "type"], "properties": {
     "id": {"type": "string"}, "customer_id": {"type": "string"}, "type": {"type": "string"},
     "quantity": _DECIMAL, "quantities": {"type": "object", "additionalProperties": _DECIMAL},
     "attributes": {"type": "object", "additionalProperties": {"type": "string"}}, "timestamp": _INSTANT,
     "cost_usd": _DECIMAL}}
-_QUOTE = {"type": "object", "required": ["customer_id"], "properties": {
-    "customer_id": {"type": "string"}, "type": {"type": "string", "default": "request"}, "model": {"type": "string"},
-    "endpoint": {"type": "string"}, "route": {"type": "string"}, "feature": {"type": "string"},
+_QUOTE = {"type": "object", "required": ["customer_id"], **_OWN, "properties": {
+    "customer_id": {"type": "string"}, "type": {**_TEXT, "default": "request"}, "model": _TEXT,
+    "endpoint": _TEXT, "route": _TEXT, "feature": _TEXT,
     "attributes": {"type": "object", "additionalProperties": {"type": "string"}},
-    "usage": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+    "usage": {"type": "object", "additionalProperties": False, "properties": {
+        name: _TOKENS for name in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+                                   "reasoning_tokens")},
+              "description": "token counts, disjoint: input_tokens are the uncached ones"},
     "payload": {"type": "object", "description": "a request body to estimate, as the proxy does"},
-    "quantities": {"type": "object", "additionalProperties": _DECIMAL}, "cost_usd": _DECIMAL,
-    "version": {"type": "string", "description": "a draft or published version id; default: the one in force"},
+    "quantities": {"type": "object", "additionalProperties": _DECIMAL},
+    "cost_usd": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9})?$"},
+    "version": {**_TEXT, "description": "a draft or published version id; default: the one in force"},
     "at": _INSTANT}}
 
 
@@ -64,8 +74,7 @@ def pricing_paths() -> dict[str, Any]:
     return {
         versions: {
             "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid)",
-                        ref("PriceVersion"),
-                        body=_RULES, ok=201),
+                        ref("PriceVersion"), body=_DRAFT, ok=201),
             "get": _op("Price versions, newest first, and the one in force now", P["versions"], query=page),
         },
         f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", P["validated"], body=_RULES)},

@@ -102,7 +102,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
              "--header", f"Authorization: Bearer {ADMIN_KEY}", "--max-examples", "10", "--max-time", "90",
              "--workers", "1", "--seed", "20261206", "--no-color", "--report", "json",
              "--report-json-path", str(report)],
-            capture_output=True, text=True, timeout=600, check=False)
+            capture_output=True, text=True, timeout=600, check=False,
+            cwd=tmp_path)  # its crash cache (.schemathesis/) goes to the test's own directory, not the checkout
     finally:
         server.terminate()
         server.wait(timeout=60)
