@@ -23,8 +23,8 @@ _RULE = {"type": "object", "required": ["asset"], "properties": {
     "minimum": _DECIMAL}}
 # Bodies whose handlers validate themselves (metergate.admin.validation.HANDLER_VALIDATES): the document says
 # what they refuse (unknown fields included), the handler answers with the rule's or the nested field's path.
-_OWN = {"additionalProperties": False, "x-validated-by-handler": True}
-_RULES = {"type": "object", "required": ["rules"], "properties": {
+_OWN: dict[str, Any] = {"additionalProperties": False, "x-validated-by-handler": True}
+_RULES: dict[str, Any] = {"type": "object", "required": ["rules"], "properties": {
     "rules": {"type": "array", "items": _RULE, "minItems": 1, "maxItems": 1000}, "note": {"type": "string"}}}
 _DRAFT = {**_RULES, **_OWN, "properties": {**_RULES["properties"], "note": {"type": "string", "maxLength": 500}}}
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 128}
