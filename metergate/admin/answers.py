@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Integer, Table
+
 from metergate.admin.schemas import (
     DECIMAL,
     INTEGER,
@@ -20,7 +22,8 @@ from metergate.admin.schemas import (
     ref,
 )
 from metergate.admin.views import BalanceView
-from metergate.billing.store import ReconRow
+from metergate.billing import schema as billing_tables
+from metergate.billing.store import OUTBOX_FIELDS, ReconRow
 from metergate.payments.store import AutoTopUpSetting, SpendCaps, TopUp
 from metergate.wallet.grants import ORDERS
 from metergate.wallet.holds import HoldBalanceView, HoldView
@@ -61,11 +64,27 @@ def _price_version() -> tuple[Schema, Schema]:
     return summary, full
 
 
+def columns_of(table: Table, names: tuple[str, ...]) -> dict[str, Schema]:
+    """The JSON types of a table's columns as a row of it is answered: integers and strings, ``null`` where the
+    column is nullable."""
+    out = {}
+    for name in names:
+        column = table.c[name]
+        kind: Schema = INTEGER if isinstance(column.type, Integer) else STRING
+        out[name] = nullable(kind) if column.nullable else kind
+    return out
+
+
 def _margin_row() -> Schema:
-    return {"type": "object", "required": ["key", "asset", "requests", "charged"],
-            "properties": {"key": STRING, "asset": STRING, "requests": INTEGER, "charged": INTEGER,
-                           "price": INTEGER, "written_off": INTEGER, "revenue_nanos": nullable(INTEGER),
-                           "cost_nanos": INTEGER, "margin_nanos": nullable(INTEGER), "negative_margin": BOOLEAN}}
+    """A row of metergate.reports.margin.row_json: a group (or an asset's total) over the range."""
+    return envelope({"key": STRING, "asset": STRING, "requests": INTEGER, "charged": INTEGER, "price": INTEGER,
+                     "written_off": INTEGER, "revenue_nanos": nullable(INTEGER), "cost_nanos": INTEGER,
+                     "margin_nanos": nullable(INTEGER),
+                     "margin_basis": {"type": "string", "enum": ["usd", "valued", "not_usd"]},
+                     "negative_margin": BOOLEAN,
+                     "unknown_cost": envelope({"requests": INTEGER, "charged": INTEGER}),
+                     "no_usage_requests": INTEGER, "period_start": STRING, "period_end": STRING},
+                    "period_start", "period_end")
 
 
 def components() -> dict[str, Schema]:
@@ -74,8 +93,12 @@ def components() -> dict[str, Schema]:
     event_result = envelope({"id": STRING, "customer_id": STRING, "usage_record_id": STRING,
                              "status": {"type": "string", "enum": ["accepted", "duplicate", "rejected"]},
                              "asset": STRING, "charged": INTEGER, "charged_decimal": DECIMAL, "written_off": INTEGER,
-                             "code": STRING, "message": STRING},
-                            "asset", "charged", "charged_decimal", "written_off", "code", "message")
+                             "version": STRING, "rule": STRING, "code": STRING, "message": STRING,
+                             "available": DECIMAL, "required": DECIMAL},
+                            "asset", "charged", "charged_decimal", "written_off", "version", "rule", "code",
+                            "message", "available", "required",
+                            description="One event's outcome: accepted or duplicate with what was charged, or "
+                                        "rejected with a code (insufficient_funds: with available and required).")
     return {
         "Error": _error(),
         "Customer": object_of(Customer),
@@ -154,7 +177,9 @@ def answers() -> dict[str, Schema]:
                                                                                "enum": ["prepaid", "invoiced"]},
                         "asset_modes": STRINGS, "credit_limits": INTEGERS, "effective": STRINGS,
                         "balances": {"type": "object"}, "changes": {"type": "array", "items": {"type": "object"}},
-                        "overdraft_changes": {"type": "array", "items": {"type": "object"}},
+                        "overdraft_changes": {"type": "array", "items": envelope({
+                            "asset": STRING, "from_limit": INTEGER, "to_limit": INTEGER, "target": INTEGER,
+                            "reason": STRING, "created_at_ms": MS})},
                         "changed": BOOLEAN}, "changed")
     return {
         "customer_page": page_of(ref("Customer"), STRING),
@@ -166,7 +191,8 @@ def answers() -> dict[str, Schema]:
         "spend_caps": envelope({"customer_id": STRING, "spend_caps": nullable(ref("SpendCaps"))}),
         "top_ups": data_of(ref("TopUp")),
         "billing": billing,
-        "meter_events": envelope({"customer_id": STRING, "data": {"type": "array", "items": {"type": "object"}}}),
+        "meter_events": envelope({"customer_id": STRING, "data": {"type": "array", "items": envelope({
+            **columns_of(billing_tables.meter_event_outbox, OUTBOX_FIELDS), "duplicate": BOOLEAN})}}),
         "reconciliation": envelope({"mode": MODE, "from_ms": MS, "to_ms": MS,
                                     "data": {"type": "array", "items": ref("ReconciliationRow")},
                                     "totals": {"type": "object", "additionalProperties": INTEGERS}}),
