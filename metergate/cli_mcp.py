@@ -2,9 +2,10 @@
 with ``--http``, on streamable HTTP at ``http://HOST:PORT/mcp``.
 
 The control plane and admin key come as for the admin commands (``--url`` / ``METERGATE_URL``,
-``METERGATE_ADMIN_KEY``, ``--profile``). On stdio nothing but the protocol is written to stdout; errors go to
-stderr in one line. Exit codes: 0 the transport ended; 2 usage or configuration error (no key, the ``mcp``
-extra not installed).
+``METERGATE_ADMIN_KEY``, ``--profile``). Over HTTP, ``METERGATE_MCP_TOKEN`` (required when ``--host`` is not
+loopback) is the bearer token every request must carry: whoever reaches the port acts with the admin key.
+On stdio nothing but the protocol is written to stdout; errors go to stderr in one line. Exit codes: 0 the
+transport ended; 2 usage or configuration error (no key, the ``mcp`` extra not installed).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from typing import Any
 
 DEFAULT_HTTP_PORT = 8765
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_command(sub: Any) -> None:
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         print(f"metergate mcp: --port must be 1-65535, not {args.port}", file=sys.stderr)
         return 2
+    token = os.environ.get("METERGATE_MCP_TOKEN") or None
+    if args.http and token is None and args.host not in LOOPBACK:
+        print(f"metergate mcp: --host {args.host} is reachable from elsewhere: set METERGATE_MCP_TOKEN, the bearer "
+              "token its clients must send", file=sys.stderr)
+        return 2
     try:
         import mcp  # noqa: F401 - the optional extra
 
@@ -52,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(profile.url, profile.admin_key, operator=args.operator,
-                          http_port=args.port if args.http else None, host=args.host))
+                          http_port=args.port if args.http else None, host=args.host, token=token))
     return 0

@@ -22,6 +22,8 @@ asset can hold, an unreachable control plane.
 
 from __future__ import annotations
 
+import hmac
+import json
 import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -31,6 +33,7 @@ from pydantic import Field
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from metergate_client import AsyncClient, Balance, Quote, UsageRecord
 
@@ -246,13 +249,39 @@ def build_server(tools: Tools, *, operator: bool) -> MCPServer:
     return server
 
 
-async def serve(url: str, admin_key: str, *, operator: bool, http_port: int | None, host: str) -> None:
-    """Run the MCP server until its transport ends: stdio, or streamable HTTP on ``host:http_port`` at ``/mcp``."""
+def bearer_only(app: ASGIApp, token: str) -> ASGIApp:
+    """``app`` behind ``Authorization: Bearer <token>`` (compared in constant time); anything else is a 401."""
+    expected = f"Bearer {token}".encode()
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, expected):
+                body = json.dumps({"error": {"message": "This MCP endpoint needs 'Authorization: Bearer <token>' "
+                                             "(METERGATE_MCP_TOKEN).", "type": "authentication_error",
+                                             "code": "invalid_token", "param": None}}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+async def serve(url: str, admin_key: str, *, operator: bool, http_port: int | None, host: str,
+                token: str | None = None) -> None:
+    """Run the MCP server until its transport ends: stdio, or streamable HTTP on ``host:http_port`` at ``/mcp``
+    (behind ``token`` when one is given)."""
     from metergate_client import AsyncClient
 
     async with AsyncClient(url, admin_key) as client:
         server = build_server(Tools(client, mode_of(admin_key)), operator=operator)
         if http_port is None:
             await server.run_stdio_async()
-        else:
-            await server.run_streamable_http_async(host=host, port=http_port, streamable_http_path="/mcp")
+            return
+        import uvicorn
+
+        app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
+        guarded = bearer_only(app, token) if token else app
+        await uvicorn.Server(uvicorn.Config(guarded, host=host, port=http_port, log_level="warning")).serve()

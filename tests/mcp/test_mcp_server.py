@@ -23,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 import pytest_asyncio
 from mcp.client.session import ClientSession
@@ -206,6 +207,13 @@ async def test_stdio_credit_and_grant_happen_once_per_idempotency_key(server: Me
     assert usd.available == Decimal("3.5")
 
 
+def test_http_beyond_loopback_needs_a_token(server: MeterServer) -> None:
+    done = subprocess.run([sys.executable, "-m", "metergate", "mcp", "--http", "--host", "0.0.0.0"],
+                          env=env(server), capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 2 and "METERGATE_MCP_TOKEN" in done.stderr
+
+
 def test_without_an_admin_key_mcp_exits_2_with_one_line(server: MeterServer) -> None:
     bare = {k: v for k, v in env(server).items() if k != "METERGATE_ADMIN_KEY"}
     done = subprocess.run([sys.executable, "-m", "metergate", "mcp"], env={**bare, "HOME": str(ROOT / "nowhere")},
@@ -217,12 +225,16 @@ def test_without_an_admin_key_mcp_exits_2_with_one_line(server: MeterServer) -> 
 # ---------------------------------------------------------------------- streamable HTTP
 
 
+MCP_TOKEN = "mcp-token-" + "t" * 24
+
+
 @pytest.fixture
 def http_mcp(server: MeterServer, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     with (tmp_path / "mcp.log").open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "metergate", "mcp", "--http", "--port", str(port)],
-                                   env=env(server), cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                   env={**env(server), "METERGATE_MCP_TOKEN": MCP_TOKEN}, cwd=ROOT, stdout=log,
+                                   stderr=log, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -241,7 +253,15 @@ def http_mcp(server: MeterServer, tmp_path: Path) -> Iterator[str]:
 
 @shared_loop
 async def test_streamable_http_lists_tools_answers_and_refuses_the_other_mode(http_mcp: str) -> None:
-    async with streamable_http_client(http_mcp) as (read, write), ClientSession(read, write) as session:
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with httpx.AsyncClient(timeout=30) as anonymous:  # without the token: nothing reaches the tools
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": MCP_TOKEN}):
+            r = await anonymous.post(http_mcp, json=hello, headers=headers)
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "invalid_token")
+    authorized = httpx.AsyncClient(headers={"Authorization": f"Bearer {MCP_TOKEN}"},
+                                   timeout=httpx.Timeout(30, read=300))  # the SDK's own client's timeouts
+    async with authorized, streamable_http_client(http_mcp, http_client=authorized) as (read, write), \
+            ClientSession(read, write) as session:
         await session.initialize()
         assert {t.name for t in (await session.list_tools()).tools} == READS
         balance = await call(session, "balance", customer_id="acme")
