@@ -73,30 +73,30 @@ def _op(summary: str, answer: dict[str, Any] | None, *, body: dict[str, Any] | N
 
 def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
     """Auto top-up, spend caps and top-up history (metergate/payments/admin.py)."""
-    A = answers()
+    shape = answers()  # the answer schemas, by operation
     asset = [{"name": "asset", "in": "query", "schema": ASSET}]
     auto = strict({"asset": ASSET, "threshold": AMOUNT, "amount": AMOUNT}, "threshold", "amount")
     cap = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_AMOUNT}
     caps = strict({"asset": ASSET, "daily": cap, "monthly": cap})
     return {
         f"{customers}/auto-top-up": {
-            "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", A["auto_top_up"],
+            "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", shape["auto_top_up"],
                        params=c, query=asset),
-            "put": _op("Set auto top-up: charge the saved card 'amount' below 'threshold'", A["auto_top_up"],
+            "put": _op("Set auto top-up: charge the saved card 'amount' below 'threshold'", shape["auto_top_up"],
                        params=c, body=auto),
-            "delete": _op("Turn auto top-up off", A["auto_top_up"], params=c, query=asset),
+            "delete": _op("Turn auto top-up off", shape["auto_top_up"], params=c, query=asset),
         },
         f"{customers}/spend-caps": {
-            "get": _op("The customer's daily and monthly spend caps", A["spend_caps"], params=c, query=asset),
-            "put": _op("Set spend caps (null: no cap)", A["spend_caps"], params=c, body=caps),
+            "get": _op("The customer's daily and monthly spend caps", shape["spend_caps"], params=c, query=asset),
+            "put": _op("Set spend caps (null: no cap)", shape["spend_caps"], params=c, body=caps),
         },
-        f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", A["top_ups"], params=c)},
+        f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", shape["top_ups"], params=c)},
     }
 
 
 def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -> dict[str, Any]:
     """Billing modes, meter events, reconciliation and exports (metergate/billing/admin.py)."""
-    A = answers()
+    shape = answers()  # the answer schemas, by operation
     mode = {"type": "string", "enum": ["prepaid", "invoiced"]}
     limit = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_AMOUNT}
     config = strict({
@@ -109,15 +109,15 @@ def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -
     streamed = ("text/csv", "application/x-ndjson")
     return {
         f"{customers}/billing": {
-            "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history", A["billing"],
-                       params=c),
-            "put": _op("Set the billing mode (recorded; a repeated PUT records nothing)", A["billing"],
+            "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history",
+                       shape["billing"], params=c),
+            "put": _op("Set the billing mode (recorded; a repeated PUT records nothing)", shape["billing"],
                        params=c, body=config),
         },
         f"{customers}/meter-events": {"get": _op("The customer's usage records queued for Stripe Billing",
-                                                 A["meter_events"], params=c)},
+                                                 shape["meter_events"], params=c)},
         "/admin/v1/billing/reconciliation": {"get": _op(
-            "Usage and ledger totals beside meter events sent, pending and failing", A["reconciliation"],
+            "Usage and ledger totals beside meter events sent, pending and failing", shape["reconciliation"],
             query=period + customer)},
         "/admin/v1/exports/usage": {"get": _op("Usage records by period, streamed (CSV or JSON Lines)", None,
                                                query=period + customer + fmt, media=streamed)},
@@ -127,7 +127,7 @@ def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -
 
 
 def document() -> dict[str, Any]:
-    A = answers()
+    shape = answers()  # the answer schemas, by operation
     c = ("customer_id",)
     page = [LIMIT, {"name": "cursor", "in": "query", "schema": SEQ_CURSOR}]
     customer_page = [LIMIT, {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
@@ -157,14 +157,14 @@ def document() -> dict[str, Any]:
             "post": _op("Create a customer", ref("Customer"), ok=201, body=strict(
                 {"id": {**ID, "x-error-code": "invalid_customer"}, "name": {"type": "string", "maxLength": 256}},
                 "id")),
-            "get": _op("List customers", A["customer_page"], query=customer_page),
+            "get": _op("List customers", shape["customer_page"], query=customer_page),
         },
         customers: {"get": _op("Get a customer with balances", ref("CustomerWithBalances"), params=c)},
         f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)",
                                               ref("IssuedApiKey"), ok=201,
                                               params=c, body=key_attributes, body_required=False),
                                   "get": _op("The customer's proxy API keys (prefixes only), newest first",
-                                             A["api_keys"],
+                                             shape["api_keys"],
                                              params=c, query=page[:1])},
         "/admin/v1/api-keys/{key_id}": {
             "delete": _op("Revoke a proxy API key", ref("ApiKey"), params=("key_id",)),
@@ -174,8 +174,8 @@ def document() -> dict[str, Any]:
         f"{customers}/credits": {"post": _op("Credit a wallet (idempotent)", ref("Credit"),
                                              ok=201, params=c, body=credit)},
         f"{customers}/balance": {"get": _op("Balances per asset", ref("Balances"), params=c)},
-        f"{customers}/ledger": {"get": _op("Ledger entries, newest first", A["ledger_page"], params=c, query=page)},
-        f"{customers}/usage": {"get": _op("Usage records, newest first", A["usage_page"], params=c, query=page)},
+        f"{customers}/ledger": {"get": _op("Ledger entries, newest first", shape["ledger_page"], params=c, query=page)},
+        f"{customers}/usage": {"get": _op("Usage records, newest first", shape["usage_page"], params=c, query=page)},
         f"{customers}/portal-link": {"post": _op(
             "A signed billing-portal link: billing_admin (the default; at most 15 minutes), or view_topup with "
             'the optional body {"access": "view_topup"}', ref("PortalLink"), params=c, body_required=False,
@@ -188,8 +188,8 @@ def document() -> dict[str, Any]:
             "delete": _op("Drop the override: the configured defaults apply again", ref("RateLimits"), params=c),
         },
         "/admin/v1/reports/margin": {"get": _op(
-            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", A["margin"], query=margin,
-            media=("application/json", "text/csv"))},
+            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", shape["margin"],
+            query=margin, media=("application/json", "text/csv"))},
         "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard",
                                                  ref("DashboardLink"), ok=201)},
     }

@@ -19,7 +19,7 @@ def wallet_paths() -> dict[str, Any]:
     # here, not at import: openapi imports this module
     from metergate.admin.openapi import AMOUNT, AMOUNT_DECIMAL, ASSET, DECIMAL0, ID, KEY, SEQ_CURSOR, _op, strict
 
-    W = wallet_answers()
+    shape = wallet_answers()  # the answer schemas, by operation
 
     c, g, p, s, h = ("customer_id",), ("grant_id",), ("plan_id",), ("subscription_id",), ("hold_id",)
     customers = "/admin/v1/customers/{customer_id}"
@@ -68,14 +68,15 @@ def wallet_paths() -> dict[str, Any]:
                         "ttl_s": ttl, "partial": {"type": "boolean"}, "idempotency_key": KEY},
                        allOf=[_one("used"), _one("next")])
     return {
-        "/admin/v1/assets": {"get": _op("Assets of this mode (configured ones first)", W["assets"]),
+        "/admin/v1/assets": {"get": _op("Assets of this mode (configured ones first)", shape["assets"]),
                              "post": _op("Define a custom asset", ref("Asset"), ok=201, body=asset)},
-        "/admin/v1/conversions": {"get": _op("Allowed conversions between assets", W["conversions"]),
+        "/admin/v1/conversions": {"get": _op("Allowed conversions between assets", shape["conversions"]),
                                   "post": _op("Allow (or re-rate) a conversion", ref("Conversion"),
                                               ok=201, body=conversion)},
         f"{customers}/convert": {"post": _op("Convert between assets at the configured rate, rounded down "
                                              "(idempotent)", ref("Converted"), ok=201, params=c, body=convert)},
-        f"{customers}/grants": {"get": _op("The wallet's grants, newest first", W["grant_page"], params=c, query=page),
+        f"{customers}/grants": {"get": _op("The wallet's grants, newest first", shape["grant_page"], params=c,
+                                           query=page),
                                 "post": _op("Grant credit (idempotent)", ref("Grant"), ok=201, params=c, body=grant)},
         "/admin/v1/grants/{grant_id}": {"get": _op("A grant", ref("Grant"), params=g)},
         "/admin/v1/grants/{grant_id}/void": {"post": _op("Void a grant's unused remainder", ref("Grant"), params=g)},
@@ -83,10 +84,10 @@ def wallet_paths() -> dict[str, Any]:
                                                       ref("ConsumptionOrder"), params=c),
                                            "put": _op("Set the consumption order", ref("ConsumptionOrder"),
                                                       params=c, body=order)},
-        "/admin/v1/plans": {"get": _op("Plans", W["plans"]),
+        "/admin/v1/plans": {"get": _op("Plans", shape["plans"]),
                             "post": _op("Create a plan (immutable)", ref("Plan"), ok=201, body=plan)},
         "/admin/v1/plans/{plan_id}": {"get": _op("A plan", ref("Plan"), params=p)},
-        f"{customers}/subscriptions": {"get": _op("The customer's subscriptions", W["subscriptions"], params=c),
+        f"{customers}/subscriptions": {"get": _op("The customer's subscriptions", shape["subscriptions"], params=c),
                                        "post": _op("Subscribe (grants the current period)", ref("Subscription"),
                                                    ok=201, params=c,
                                                    body=subscribe)},
@@ -96,7 +97,7 @@ def wallet_paths() -> dict[str, Any]:
         "/admin/v1/subscriptions/{subscription_id}/tick": {"post": _op(
             "Grant the periods due (idempotent; the sweeper ticks too)", ref("Tick"), params=s)},
         "/admin/v1/holds": {"post": _op("Hold funds for a workload (idempotent)", ref("HoldAnswer"), ok=201, body=hold),
-                            "get": _op("Open (pending) holds, soonest expiry first", W["holds"], query=[
+                            "get": _op("Open (pending) holds, soonest expiry first", shape["holds"], query=[
                                 {"name": "customer_id", "in": "query", "schema": {"type": "string"}}, *page[:1]])},
         "/admin/v1/holds/{hold_id}": {"get": _op("A hold and the grants it draws", ref("HoldWithAllocations"),
                                                  params=h)},

@@ -67,7 +67,7 @@ def pricing_paths() -> dict[str, Any]:
     from metergate.admin.answers import pricing_answers  # here: the admin document imports this module
     from metergate.admin.schemas import ref
 
-    P = pricing_answers()
+    shape = pricing_answers()  # the answer schemas, by operation
     versions = "/admin/v1/price-versions"
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
@@ -75,9 +75,10 @@ def pricing_paths() -> dict[str, Any]:
         versions: {
             "post": _op("Create a draft price version from a validated rule set (422 with the rule path if invalid)",
                         ref("PriceVersion"), body=_DRAFT, ok=201),
-            "get": _op("Price versions, newest first, and the one in force now", P["versions"], query=page),
+            "get": _op("Price versions, newest first, and the one in force now", shape["versions"], query=page),
         },
-        f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", P["validated"], body=_RULES)},
+        f"{versions}/validate": {"post": _op("Validate a rule set; nothing is stored", shape["validated"],
+                                             body=_RULES)},
         f"{versions}/{{version_id}}": {"get": _op("A price version with its rules ('config': the file's)",
                                                   ref("PriceVersion"),
                                                   version=True)},
@@ -87,13 +88,13 @@ def pricing_paths() -> dict[str, Any]:
             body={"type": "object", "properties": {"effective_at": _INSTANT}})},
         f"{versions}/{{version_id}}/simulate": {"post": _op(
             "Re-price recorded usage in [from, to) under this version: old and new totals per customer",
-            P["simulation"], version=True, body={"type": "object", "required": ["from", "to"],
+            shape["simulation"], version=True, body={"type": "object", "required": ["from", "to"],
                                 "properties": {"from": _INSTANT, "to": _INSTANT}})},
         "/admin/v1/quote": {"post": _op("Price a hypothetical request or event; the wallet is not touched",
                                         ref("Quote"),
                                         body=_QUOTE)},
         "/admin/v1/events": {"post": _op(
             "Ingest usage events, idempotent by id, debited at once; per-event accepted/duplicate/rejected",
-            P["events"], body={"type": "object", "required": ["events"], "properties": {
+            shape["events"], body={"type": "object", "required": ["events"], "properties": {
                 "events": {"type": "array", "items": _EVENT, "minItems": 1, "maxItems": 500}}})},
     }
