@@ -1,6 +1,7 @@
 """The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
 end to end; the admin commands (customers, credit, keys, ..., check) drive a running control plane
-(:mod:`metergate.cli_admin`), and ``webhooks listen`` forwards notifications to a local app."""
+(:mod:`metergate.cli_admin`), ``webhooks listen`` forwards notifications to a local app, and ``mcp`` serves
+them to assistants (:mod:`metergate.cli_mcp`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from metergate import cli_webhooks
+from metergate import cli_mcp, cli_webhooks
 from metergate.cli_admin import add_admin_commands, run_admin_command
 
 _HANDLER_GRACE_S = 5.0
@@ -46,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     mock.add_argument("--port", type=int, default=9000)
     add_admin_commands(sub)
     cli_webhooks.add_command(sub)  # metergate webhooks listen
+    cli_mcp.add_command(sub)  # metergate mcp
     args = parser.parse_args(argv)
     if args.command == "webhooks":
         return cli_webhooks.run(args)
+    if args.command == "mcp":
+        return cli_mcp.run(args)
     if getattr(args, "admin_handler", None) is not None:
         return run_admin_command(args)
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid, wait_s=args.wait_s)
 
-    # Imported here, not at the top: the admin commands start without loading the settings' validators.
+    # Imported here, not at the top: the admin and client commands start without loading the settings' validators.
     from metergate.config.settings import SettingsError, load_settings
     from metergate.healthcheck import parse_defaults
 

@@ -136,12 +136,12 @@ def usage(customer_id: str, limit: int = 50, cursor: str | None = None) -> Call[
 
 
 def portal_link(customer_id: str, access: str | None = None) -> Call[Link]:
-    body: Json = {} if access is None else {"access": access}
+    body = None if access is None else {"access": access}
     return Call("POST", f"/customers/{_p(customer_id)}/portal-link", Link.of, body, idempotency_key=new_key())
 
 
 def dashboard_link() -> Call[Link]:
-    return Call("POST", "/dashboard-link", Link.of, {}, idempotency_key=new_key())
+    return Call("POST", "/dashboard-link", Link.of, idempotency_key=new_key())
 
 
 def assets() -> Call[list[Asset]]:
@@ -169,7 +169,7 @@ def create_grant(customer_id: str, amount: Amount, *, asset: str | None = None, 
 
 
 def void_grant(grant_id: str) -> Call[Grant]:
-    return Call("POST", f"/grants/{_p(grant_id)}/void", Grant.of, {}, idempotency_key=new_key())
+    return Call("POST", f"/grants/{_p(grant_id)}/void", Grant.of, idempotency_key=new_key())
 
 
 # ---------------------------------------------------------------------- holds
