@@ -6,6 +6,7 @@ from typing import Any
 
 from metergate import __version__
 from metergate.admin.wallet_openapi import wallet_paths
+from metergate.budgets.openapi import budget_paths
 from metergate.pricing.openapi import pricing_paths
 from metergate.webhooks.openapi import webhook_paths, webhook_schemas
 
@@ -173,6 +174,7 @@ def document() -> dict[str, Any]:
     paths.update(pricing_paths())  # price versions, quote, simulator, events (metergate/pricing)
     paths.update(_billing(customers, c, margin[1:3]))
     paths.update(webhook_paths())  # the notification outbox (metergate/webhooks/admin.py)
+    paths.update(budget_paths())  # budget nodes, limits, key attachments (metergate/budgets/admin.py)
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},

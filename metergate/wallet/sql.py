@@ -72,6 +72,7 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.sqlbudgets import BudgetTables
 from metergate.wallet.sqlgrants import GrantAdmin
 from metergate.wallet.sqlratelimits import RateLimits
 
@@ -82,7 +83,7 @@ _balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _ent
 _balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
 
 
-class SqlWalletStore(GrantAdmin, RateLimits):
+class SqlWalletStore(GrantAdmin, RateLimits, BudgetTables):
     """The wallet store over SQL (see the module docstring); its knobs are :class:`SqlRunner`'s."""
 
     # ------------------------------------------------------------------ customers and keys

@@ -181,6 +181,9 @@ class SqlRunner:
             if current <= 2:
                 conn.execute(text("ALTER TABLE api_keys ADD COLUMN attributes JSON"))  # NULL: no attributes
                 conn.execute(insert(t.schema_version).values(version=3, applied_at_ms=now_ms()))
+            if current <= 3:
+                conn.execute(text("ALTER TABLE usage_records ADD COLUMN budget_path VARCHAR(1040)"))
+                conn.execute(insert(t.schema_version).values(version=4, applied_at_ms=now_ms()))
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one write transaction (on SQLite, in a savepoint of the writer's next

@@ -1,0 +1,83 @@
+"""The OpenAPI paths of the budget admin API (:mod:`metergate.budgets.admin`), merged by
+:mod:`metergate.admin.openapi`; :mod:`metergate.admin.validation` enforces them before any handler runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metergate.budgets.model import DIMENSIONS, KINDS, MAX_AMOUNT, MAX_MODELS
+from metergate.budgets.windows import KINDS as WINDOW_KINDS
+from metergate.budgets.windows import MAX_BUCKETS, MAX_LENGTH_MS
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"}
+_NODE_ID = {**_ID, "x-error-code": "invalid_budget_node"}
+_MODELS = {"type": ["array", "null"], "maxItems": MAX_MODELS,
+           "items": {"type": "string", "minLength": 1, "maxLength": 128},
+           "description": "model names or fnmatch patterns (gpt-4o*) the node's subtree may use; null: any"}
+_WINDOW = {"type": "object", "additionalProperties": False, "required": ["kind"], "properties": {
+    "kind": {"type": "string", "enum": list(WINDOW_KINDS),
+             "description": "day, week (from Monday), month: UTC calendar periods; fixed: epoch-aligned windows "
+                            "of length_s; rolling: the last length_s, counted in buckets"},
+    "length_s": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH_MS // 1000},
+    "buckets": {"type": "integer", "minimum": 1, "maximum": MAX_BUCKETS,
+                "description": "rolling windows: how many buckets (granularity length_s / buckets; default 60)"}}}
+
+
+def _strict(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def _op(summary: str, *, params: tuple[str, ...], body: dict[str, Any] | None = None, ok: int = 200) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": _ID} for p in params],
+        "responses": {str(ok): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "default": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def budget_paths() -> dict[str, Any]:
+    customers = "/admin/v1/customers/{customer_id}"
+    c, cn, cl = ("customer_id",), ("customer_id", "node_id"), ("customer_id", "limit_id")
+    node = _strict({"id": _NODE_ID, "parent_id": _NODE_ID, "kind": {"type": "string", "enum": list(KINDS)},
+                    "name": {"type": "string", "maxLength": 256}, "allowed_models": _MODELS}, "id", "kind")
+    node_changes = _strict({"name": {"type": "string", "maxLength": 256}, "allowed_models": _MODELS})
+    limit = _strict({"id": _ID, "dimension": {"type": "string", "enum": list(DIMENSIONS)},
+                     "amount": {"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT,
+                                "x-error-code": "invalid_amount",
+                                "description": "requests, tokens, or the asset's smallest unit (spend)"},
+                     "window": _WINDOW,
+                     "asset": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,31}$"}},
+                    "id", "dimension", "amount", "window")
+    amount = _strict({"amount": limit["properties"]["amount"]}, "amount")
+    attach = _strict({"node_id": {"anyOf": [_NODE_ID, {"type": "null"}]}}, "node_id")
+    return {
+        f"{customers}/budget-nodes": {
+            "get": _op("The customer's budget tree: nodes, limits, use in the current windows", params=c),
+            "post": _op("Create a budget node (idempotent by id: the same node again answers 200)", params=c,
+                        body=node, ok=201),
+        },
+        f"{customers}/budget-nodes/{{node_id}}": {
+            "get": _op("A budget node with its limits and their use", params=cn),
+            "patch": _op("Rename a node or change the models its subtree may use", params=cn, body=node_changes),
+            "delete": _op("Delete a leaf node, its limits and its keys' attachments", params=cn),
+        },
+        f"{customers}/budget-nodes/{{node_id}}/limits": {
+            "post": _op("Add a limit to a node (idempotent by id)", params=cn, body=limit, ok=201),
+        },
+        f"{customers}/budget-limits/{{limit_id}}": {
+            "patch": _op("Change a limit's amount", params=cl, body=amount),
+            "delete": _op("Delete a limit", params=cl),
+        },
+        "/admin/v1/api-keys/{key_id}/budget-node": {
+            "put": _op("Attach a proxy key to a budget node of its customer (null: detach)", params=("key_id",),
+                       body=attach),
+        },
+    }
