@@ -252,15 +252,19 @@ class BudgetGuard:
         if taken is not None:
             return taken  # served by a claim made while this request waited for the locks
         leases = [self.leases.lease(limit, limit.window.bucket_start(now)) for limit, _ in needs]
+        returns = self.leases.returns.pop((ticket.mode, ticket.customer_id), None)
+        if returns:
+            # Quota given back since (a passed bucket's, an old limit version's) first: a claim must see it,
+            # and a remembered refusal may no longer hold.
+            await self._store.release_budget(ticket.mode, ticket.customer_id, returns)
+            for lease in leases:
+                lease.denial = None
         for lease, (limit, need) in zip(leases, needs, strict=True):
             denial = self.leases.known_denial(lease, need, now)
             if denial is not None:
                 raise self._refusal(ticket, limit, denial, need)
         short = [(lease, limit, need) for lease, (limit, need) in zip(leases, needs, strict=True) if lease.left < need]
         claims = [self.leases.claim(lease, need, now) for lease, _, need in short]
-        returns = self.leases.returns.pop((ticket.mode, ticket.customer_id), None)
-        if returns:
-            await self._store.release_budget(ticket.mode, ticket.customer_id, returns)
         outcome = await self._store.claim_budget(ticket.mode, ticket.customer_id, claims, now_ms=now)
         done = self.clock()
         if isinstance(outcome, BudgetDenial):

@@ -187,6 +187,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
+        from metergate.budgets.admin import BudgetsApi
+
+        app.add_routes(BudgetsApi(settings, store, admin, pipeline.budgets).routes())  # budget nodes and limits
         if isinstance(store, SqlWalletStore):  # assets, grants, plans, subscriptions; holds for any workload
             app.add_routes(WalletsApi(settings, store, admin).routes())
             app.add_routes(HoldsApi(settings, store, admin).routes())
