@@ -11,6 +11,7 @@ chunk, not per request (:mod:`metergate.budgets.leases`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, Row, delete, select, update
@@ -84,8 +85,9 @@ class BudgetTables(SqlRunner):
             if len(parent_path) > MAX_DEPTH:  # the root plus MAX_DEPTH nodes below it
                 raise Conflict(f"Budget trees are at most {MAX_DEPTH} levels below the customer.",
                                code="tree_too_deep", param="parent_id")
-            _insert_node(conn, node)
-            return node, True
+            node_now = replace(node, created_at_ms=node.created_at_ms or now_ms())
+            _insert_node(conn, node_now)
+            return node_now, True
 
         return await self.write(op)
 
