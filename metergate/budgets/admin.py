@@ -7,7 +7,10 @@
 * ``POST /admin/v1/customers/{id}/budget-nodes/{node_id}/limits`` ``{"id", "dimension", "amount",
   "window": {"kind", "length_s", "buckets"}, "asset"}``;
 * ``PATCH/DELETE /admin/v1/customers/{id}/budget-limits/{limit_id}``;
-* ``PUT /admin/v1/api-keys/{key_id}/budget-node`` ``{"node_id": "..." | null}``.
+* ``PUT /admin/v1/api-keys/{key_id}/budget-node`` ``{"node_id": "..." | null}``;
+* ``GET /admin/v1/customers/{id}/budget-alerts``, ``PUT/DELETE .../budget-alerts/{rule_id}`` ``{"target":
+  "limit:<id>" | "balance:<asset>", "thresholds": [{"percent": 80}, {"amount": 5000}]}``
+  (:mod:`metergate.budgets.alerts`).
 
 Idempotent: a create names its object's id, and the same create again answers 200 with what exists (409
 ``already_exists`` when it differs); PATCH, PUT and DELETE set a state. This process applies a change at
@@ -22,6 +25,7 @@ from aiohttp import web
 
 from metergate.admin.api import PREFIX, AdminApi
 from metergate.budgets.admission import BudgetGuard
+from metergate.budgets.alerts import BudgetAlerts, Rule
 from metergate.budgets.model import ROOT, Limit, Node, Tree
 from metergate.budgets.windows import DEFAULT_BUCKETS, Window
 from metergate.config.settings import Settings
@@ -33,7 +37,9 @@ from metergate.wallet.store import WalletStore
 
 
 class BudgetsApi:
-    def __init__(self, settings: Settings, store: WalletStore, admin: AdminApi, guard: BudgetGuard) -> None:
+    def __init__(self, settings: Settings, store: WalletStore, admin: AdminApi, guard: BudgetGuard,
+                 alerts: BudgetAlerts | None = None) -> None:
+        self._alerts = alerts
         self._settings = settings
         self._store = store
         self._admin = admin
@@ -50,6 +56,9 @@ class BudgetsApi:
             web.post(nodes + "/{node_id}/limits", self.create_limit),
             web.patch(limits, self.update_limit), web.delete(limits, self.delete_limit),
             web.put(f"{PREFIX}/api-keys/{{key_id}}/budget-node", self.attach_key),
+            web.get(f"{PREFIX}/customers/{{customer_id}}/budget-alerts", self.list_rules),
+            web.put(f"{PREFIX}/customers/{{customer_id}}/budget-alerts/{{rule_id}}", self.put_rule),
+            web.delete(f"{PREFIX}/customers/{{customer_id}}/budget-alerts/{{rule_id}}", self.delete_rule),
         ]
 
     # ------------------------------------------------------------------ views
@@ -156,6 +165,44 @@ class BudgetsApi:
             raise NotFound(f"No API key {key_id!r} in this mode.", code="not_found")
         self._guard.invalidate(mode, customer_id)
         return json_response({"key_id": key_id, "customer_id": customer_id, "node_id": body["node_id"]})
+
+
+    # ------------------------------------------------------------------ alert rules
+
+    def _need_alerts(self) -> BudgetAlerts:
+        if self._alerts is None:
+            raise NotFound("Budget alerts need the SQL wallet database.", code="not_found")
+        return self._alerts
+
+    async def list_rules(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._admin.customer(request)
+        rules = await self._need_alerts().rules(mode, customer_id)
+        return json_response({"customer_id": customer_id, "data": [rule.as_json() for rule in rules]})
+
+    async def put_rule(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._admin.customer(request)
+        alerts = self._need_alerts()
+        body = await self._admin.read_json(request)
+        kind, _, name = body["target"].partition(":")
+        if kind == "limit":
+            tree = await self._store.budget_tree(mode, customer_id)
+            if not any(limit.id == name for limits in tree.limits.values() for limit in limits):
+                raise _no_limit(name)
+        elif name not in self._assets:
+            raise BadRequest(f"Unknown asset {name!r}.", code="unknown_asset", param="target")
+        thresholds = tuple(next(iter(th.items())) for th in body["thresholds"])
+        if len(set(thresholds)) != len(thresholds):
+            raise BadRequest("Each threshold may be given once.", param="thresholds")
+        rule = await alerts.put_rule(Rule(mode, customer_id, request.match_info["rule_id"], body["target"],
+                                          thresholds))
+        return json_response(rule.as_json())
+
+    async def delete_rule(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._admin.customer(request)
+        rule_id = request.match_info["rule_id"]
+        if not await self._need_alerts().delete_rule(mode, customer_id, rule_id):
+            raise NotFound(f"No budget alert {rule_id!r} for this customer.", code="not_found")
+        return json_response({"id": rule_id, "deleted": True})
 
 
 def _window(body: dict[str, Any]) -> Window:

@@ -140,10 +140,10 @@ class BudgetGuard:
     # ------------------------------------------------------------------ admission
 
     async def resolve(self, mode: Mode, customer_id: str, *, key_id: str | None, header: str | None,
-                      header_trusted: bool, model: str) -> Ticket | None:
+                      header_trusted: bool, model: str | None) -> Ticket | None:
         """The request's path and limits, or ``None`` when its customer has no budget tree. Refuses a node
         header that is untrusted (a proxy-key request: its node is the key's) or names no node, and a model
-        a node on the path does not allow."""
+        a node on the path does not allow (``model=None``: no model to check, a read of the caller's budget)."""
         if header is not None and not header_trusted:
             raise Forbidden(f"The {NODE_HEADER} header is only accepted with the trusted customer header; a proxy "
                             "key's requests are charged to the node the key is attached to.",
@@ -165,7 +165,7 @@ class BudgetGuard:
                                  code="unknown_budget_node", param=NODE_HEADER)
             path = tree.path(ROOT)  # a key attached to a node deleted since: the customer's own limits
         for node in path:
-            if not node.allows(model):
+            if model is not None and not node.allows(model):
                 raise ModelNotAllowed(path, node, model)
         limits = tuple(sorted((limit for node in path for limit in tree.limits.get(node.id, ())),
                               key=lambda limit: limit.id))

@@ -17,7 +17,7 @@ outbox (:mod:`metergate.webhooks.outbox`) in the same transaction, so a claim is
 nor an event without its claim.
 
 Evaluation is off the request path: :class:`BudgetAlerts` checks the customers whose requests settled since
-its last run, every ``interval_s``.
+its last run, every ``interval_s`` (:data:`EVALUATE_EVERY_S` in ``serve``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CROSSED, RECOVERED = "budget.threshold.crossed", "budget.threshold.recovered"
 MAX_THRESHOLDS = 10
+EVALUATE_EVERY_S = 5.0  # how often a proxy judges the rules of the customers whose requests settled
 MAX_RULES = 100  # per customer
 
 

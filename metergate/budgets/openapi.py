@@ -58,7 +58,21 @@ def budget_paths() -> dict[str, Any]:
                     "id", "dimension", "amount", "window")
     amount = _strict({"amount": limit["properties"]["amount"]}, "amount")
     attach = _strict({"node_id": {"anyOf": [_NODE_ID, {"type": "null"}]}}, "node_id")
+    cr = ("customer_id", "rule_id")
+    threshold = {"oneOf": [_strict({"percent": {"type": "integer", "minimum": 1, "maximum": 100}}, "percent"),
+                           _strict({"amount": {"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT}}, "amount")],
+                 "x-alternatives-message": "each threshold is {\"percent\": 1-100} or {\"amount\": n}."}
+    rule = _strict({"target": {"type": "string", "pattern": r"^(limit|balance):[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$",
+                               "description": "limit:<limit id> or balance:<asset>"},
+                    "thresholds": {"type": "array", "minItems": 1, "maxItems": 10, "items": threshold}},
+                   "target", "thresholds")
     return {
+        f"{customers}/budget-alerts": {"get": _op("The customer's budget alert rules", params=c)},
+        f"{customers}/budget-alerts/{{rule_id}}": {
+            "put": _op("Set an alert rule: thresholds on a node limit's use or a balance, each firing once per "
+                       "period (webhooks budget.threshold.crossed / .recovered)", params=cr, body=rule),
+            "delete": _op("Delete an alert rule", params=cr),
+        },
         f"{customers}/budget-nodes": {
             "get": _op("The customer's budget tree: nodes, limits, use in the current windows", params=c),
             "post": _op("Create a budget node (idempotent by id: the same node again answers 200)", params=c,

@@ -137,6 +137,7 @@ class Pipeline:
         self.free = FreeEndpoints(self)
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
+        self.on_budget_settled: Callable[[Mode, str], None] | None = None  # budget alerts: no I/O in it
         self.spend_caps: SpendCapGuard | None = None
         self.on_settled: Callable[[Mode, str, str, Balance], Awaitable[None]] | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -658,6 +659,8 @@ class Pipeline:
         if settlement is not None and ex.budget is not None:  # unsettled: the budget keeps the whole hold
             self.budgets.settled(ex.budget, charged=settlement.charged,
                                  tokens_used=record.tokens_input + record.tokens_output)
+        if settlement is not None and self.on_budget_settled is not None:
+            self.on_budget_settled(ex.hold.mode, ex.hold.customer_id)
         if settlement is not None and self.on_settled is not None:
             hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
                                                          settlement.balance))
