@@ -56,7 +56,8 @@ async def setup_tree(replicas: Replicas) -> None:
         assert (await admin.post("/customers", json={"id": "acme"})).status_code == 201
         r = await admin.post("/customers/acme/credits", json={"amount": FUNDS, "idempotency_key": "seed"})
         assert r.status_code == 201, r.text
-        assert (await admin.post("/customers/acme/budget-nodes", json={"id": "p", "kind": "project"})).status_code == 201
+        r = await admin.post("/customers/acme/budget-nodes", json={"id": "p", "kind": "project"})
+        assert r.status_code == 201, r.text
         r = await admin.post("/customers/acme/budget-nodes/p/limits", json={
             "id": "p-req", "dimension": "requests", "amount": K, "window": {"kind": "day"}})
         assert r.status_code == 201, r.text
