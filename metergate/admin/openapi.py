@@ -130,7 +130,7 @@ def document() -> dict[str, Any]:
     instant = INSTANT
     margin = [
         {"name": "group_by", "in": "query", "schema": {
-            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month"],
+            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month", "budget_node"],
             "default": "customer"}},
         {"name": "from", "in": "query", "description": "inclusive; default: 30 days before 'to'", "schema": instant},
         {"name": "to", "in": "query", "description": "exclusive; default: now", "schema": instant},

@@ -174,7 +174,7 @@ class Settlement:
 
 # Reporting and rate limits (issue #7).
 
-UsageGrouping = Literal["customer", "feature", "model", "day", "total"]
+UsageGrouping = Literal["customer", "feature", "model", "day", "total", "budget_node"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,7 +371,9 @@ def _usage_summary(conn: Connection, mode: Mode, group_by: UsageGrouping, from_m
     """One aggregate query; every sum is over integers, so SQLite and PostgreSQL agree to the unit."""
     c = t.usage_records.c
     keys: dict[str, Any] = {"customer": c.customer_id, "feature": func.coalesce(c.feature, ""), "model": c.model,
-                            "day": c.created_at_ms // _DAY_MS}  # integer division on both backends
+                            "day": c.created_at_ms // _DAY_MS,  # integer division on both backends
+                            # "<customer>:<budget path>" ("<customer>:" for requests outside any budget node)
+                            "budget_node": c.customer_id + literal(":") + func.coalesce(c.budget_path, "")}
     known = c.cost_nanos.is_not(None)
     no_usage = and_(c.cost_nanos.is_(None), c.usage_source == "none")
     unknown = and_(c.cost_nanos.is_(None), c.usage_source != "none")
