@@ -212,6 +212,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
         portal = PortalViews(settings, store, signer)
         app.add_routes(portal.routes())
+        from metergate.budgets.portal import BudgetPortal
+
+        app.add_routes(BudgetPortal(store, signer).routes())  # the budget tree, with the same signed link
         if sql_store is not None:  # payments keep their state in the SQL wallet database
             app[PAYMENTS] = payments = Payments(settings, store)
             app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin

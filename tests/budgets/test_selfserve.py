@@ -99,3 +99,24 @@ async def test_a_customer_without_a_tree_reads_its_balance_from_the_app(gateway:
                                                                  "X-Metergate-Mode": "test"}) as app:
         r = await app.get(path)
         assert r.status_code == 200 and r.json()["node"] == "root" and r.json()["budget"] == []
+
+
+async def test_the_portal_shows_the_tree_with_use_and_limits_escaped(gateway: Gateway) -> None:
+    await gateway.customer("acme", funds=1_000_000)
+    nodes = [{"id": "p", "kind": "project", "name": "<script>alert(1)</script>"},
+             {"id": "a1", "kind": "agent", "parent_id": "p", "name": "Agent one"}]
+    for node in nodes:
+        assert (await gateway.admin.post("/customers/acme/budget-nodes", json=node)).status_code == 201
+    r = await gateway.admin.post("/customers/acme/budget-nodes/a1/limits", json={
+        "id": "a1-req", "dimension": "requests", "amount": 4, "window": {"kind": "day"}})
+    assert r.status_code == 201
+    await gateway.openai().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5,
+                                                   extra_headers={"X-Metergate-Budget-Node": "a1"})
+    link = (await gateway.admin.post("/customers/acme/portal-link")).json()["url"]
+    async with httpx.AsyncClient() as browser:
+        page = await browser.get(link.replace("/portal/?", "/portal/budgets?"))
+        assert page.status_code == 200 and page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        assert "Agent one" in page.text and "4 requests per day" in page.text
+        assert "<script>alert(1)</script>" not in page.text and "&lt;script&gt;" in page.text
+        forged = await browser.get(link.replace("/portal/?", "/portal/budgets?").replace("&s=", "&s=x"))
+        assert forged.status_code == 403
