@@ -80,6 +80,7 @@ class BudgetGuard:
         #: Milliseconds since the epoch; a seam for tests that need a window to roll.
         self.clock = clock
         self._trees: dict[tuple[Mode, str], tuple[float, Tree]] = {}
+        self._paths: dict[int, tuple[Tree, dict[str, tuple[tuple[Node, ...], tuple[Limit, ...]]]]] = {}
         self.leases = BudgetLeaseBook()
         self._task: asyncio.Task[None] | None = None
         self._pruned_at_ms = 0
@@ -130,12 +131,16 @@ class BudgetGuard:
         tree = await self._store.budget_tree(mode, customer_id)
         if len(self._trees) >= _CACHE_MAX:
             self._trees.clear()
+        if cached is not None:
+            self._paths.pop(id(cached[1]), None)
         self._trees[key] = (now, tree)
         return tree
 
     def invalidate(self, mode: Mode, customer_id: str) -> None:
         """Take a change made through this process's admin API into effect at once."""
-        self._trees.pop((mode, customer_id), None)
+        cached = self._trees.pop((mode, customer_id), None)
+        if cached is not None:
+            self._paths.pop(id(cached[1]), None)
 
     # ------------------------------------------------------------------ admission
 
@@ -158,18 +163,35 @@ class BudgetGuard:
                                  code="unknown_budget_node", param=NODE_HEADER)
             return None
         node_id = header if header is not None else tree.key_nodes.get(key_id or "", ROOT)
-        path = tree.path(node_id)
-        if not path:
+        found = self._path(tree, node_id)
+        if found is None:
             if header is not None:
                 raise BadRequest(f"Customer {customer_id!r} has no budget node {header!r}.",
                                  code="unknown_budget_node", param=NODE_HEADER)
-            path = tree.path(ROOT)  # a key attached to a node deleted since: the customer's own limits
+            found = self._path(tree, ROOT)  # a key attached to a node deleted since: the customer's own limits
+            assert found is not None, "a tree with nodes has its root"
+        path, limits = found
         for node in path:
             if model is not None and not node.allows(model):
                 raise ModelNotAllowed(path, node, model)
-        limits = tuple(sorted((limit for node in path for limit in tree.limits.get(node.id, ())),
-                              key=lambda limit: limit.id))
         return Ticket(mode, customer_id, path, limits)
+
+    def _path(self, tree: Tree, node_id: str) -> tuple[tuple[Node, ...], tuple[Limit, ...]] | None:
+        """A node's path and the limits on it, by id, computed once per loaded tree."""
+        paths = self._paths.get(id(tree))
+        if paths is None or paths[0] is not tree:
+            if len(self._paths) >= _CACHE_MAX:
+                self._paths.clear()
+            paths = self._paths[id(tree)] = (tree, {})
+        cached = paths[1].get(node_id)
+        if cached is None:
+            path = tree.path(node_id)
+            if not path:
+                return None
+            limits = tuple(sorted((limit for node in path for limit in tree.limits.get(node.id, ())),
+                                  key=lambda limit: limit.id))
+            cached = paths[1][node_id] = (path, limits)
+        return cached
 
     async def admit(self, ticket: Ticket, *, tokens: int, spend: int, asset: str) -> None:
         """Admit one request of ``tokens`` (estimate) holding ``spend`` of ``asset`` on every limit of the path,

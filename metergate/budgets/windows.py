@@ -19,6 +19,7 @@ Pure arithmetic on epoch milliseconds; the callers pass the time in (an injectab
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,8 +65,7 @@ class Window:
     def bucket_start(self, at_ms: int) -> int:
         """The first millisecond of the bucket containing ``at_ms``."""
         if self.kind == "month":
-            day = dt.datetime.fromtimestamp(at_ms // DAY_MS * DAY_MS / 1000, dt.UTC)
-            return int(day.replace(day=1).timestamp() * 1000)
+            return _month_start(at_ms // DAY_MS)
         if self.kind == "week":
             return at_ms - (at_ms - _MONDAY_OFFSET_MS) % _WEEK_MS
         size = self.bucket_ms
@@ -105,6 +105,13 @@ class Window:
         if self.kind == "rolling":
             out["buckets"] = self.buckets
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _month_start(day: int) -> int:
+    """The first millisecond of the UTC month containing epoch day ``day`` (cached: admission asks per request)."""
+    date = dt.datetime.fromtimestamp(day * DAY_MS / 1000, dt.UTC)
+    return int(date.replace(day=1).timestamp() * 1000)
 
 
 def retry_after_ms(window: Window, buckets: list[tuple[int, int]], *, limit: int, need: int, now_ms: int) -> int:
