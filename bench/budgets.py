@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from metergate.budgets.admission import BudgetGuard  # noqa: E402
-from metergate.budgets.model import ROOT, Limit, Node  # noqa: E402
-from metergate.budgets.windows import Window  # noqa: E402
-from metergate.wallet.sql import SqlWalletStore  # noqa: E402
+from metergate.budgets.admission import BudgetGuard
+from metergate.budgets.model import ROOT, Limit, Node
+from metergate.budgets.windows import Window
+from metergate.wallet.sql import SqlWalletStore
 
 BIG = 10**14
 TARGETS = ("none", "flat", "three_levels")
