@@ -11,6 +11,9 @@ request that was not served. A stream's hold growing is spending too: :meth:`~Bu
 step from the path's spend limits. At settlement, :meth:`~BudgetGuard.settled` returns what the hold and the
 token estimate did not use.
 
+Outages: a tree that cannot be read is taken from the last read (or, never read, as no budget), like spend
+caps; a claim that cannot reach the store fails the request (503): a limit is never passed unseen.
+
 No durable write per request: a request is a store call only when a lease runs short (once per chunk).
 Guarantees, per limit and window (see :mod:`metergate.budgets.leases`): what all replicas admit never
 exceeds the limit; a refusal may come early by the other replicas' unused leases. A tree changed through
@@ -33,6 +36,7 @@ from metergate.budgets.denials import BudgetExceeded, ModelNotAllowed
 from metergate.budgets.leases import BudgetLeaseBook
 from metergate.budgets.model import NODE_ID, ROOT, Dimension, Limit, Node, Tree, path_text
 from metergate.errors import BadRequest, Forbidden
+from metergate.wallet.errors import STORAGE_DOWN
 from metergate.wallet.models import Mode, now_ms
 from metergate.wallet.store import WalletStore
 
@@ -84,6 +88,7 @@ class BudgetGuard:
         self.leases = BudgetLeaseBook()
         self._task: asyncio.Task[None] | None = None
         self._pruned_at_ms = 0
+        self._warned_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,7 +133,16 @@ class BudgetGuard:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self._ttl_s:
             return cached[1]
-        tree = await self._store.budget_tree(mode, customer_id)
+        try:
+            tree = await self._store.budget_tree(mode, customer_id)
+        except STORAGE_DOWN as exc:
+            # The database is unreachable (a wallet that rides out outages, Redis, still answers): keep the
+            # tree last read, or, never having read one, no budget — as spend caps do, a customer-chosen
+            # limit must not turn an outage into refusals. A claim a limit needs still fails (503).
+            if time.monotonic() - self._warned_at > 10:
+                self._warned_at = time.monotonic()
+                log.warning("budget trees unreadable (%s); using the trees read before", type(exc).__name__)
+            return cached[1] if cached is not None else Tree(mode, customer_id)
         if len(self._trees) >= _CACHE_MAX:
             self._trees.clear()
         if cached is not None:

@@ -61,10 +61,14 @@ class BudgetLeaseBook:
             if len(self._leases) >= _MAX_LEASES:
                 self.prune(bucket_start_ms)
             lease = self._leases[key] = BudgetLease(limit.mode, limit.customer_id, limit.id)
-        if lease.bucket_start_ms != bucket_start_ms or lease.version != limit.version:
+        if lease.bucket_start_ms != bucket_start_ms or lease.version < limit.version:
+            # A new bucket, or a newer version of the limit (a request resolved on an older tree uses the
+            # lease as it is: versions only go up).
             if lease.left:
                 self.give_back(lease, lease.bucket_start_ms, lease.left)
-            lease.bucket_start_ms, lease.version, lease.amount = bucket_start_ms, limit.version, limit.amount
+            lease.bucket_start_ms = bucket_start_ms
+            if limit.version >= lease.version:
+                lease.version, lease.amount = limit.version, limit.amount
             lease.left = 0
             lease.denial = None
         return lease
