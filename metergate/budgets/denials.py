@@ -5,7 +5,8 @@ error envelope (:mod:`metergate.errors`; the HTTP mapping stays in :mod:`meterga
 
 * 429 ``budget_exceeded``: a node's limit (requests, tokens or spend per window) is used up, with
   ``limit`` (id, dimension, amount, window), ``used`` (claimed in the window, all replicas) and
-  ``retry_after_s`` (also ``Retry-After``), the time until the window frees enough for this request;
+  ``retry_after_s`` (also ``Retry-After``), the time until the window frees enough for this request, and
+  ``x-should-retry: true`` only when that is at most a minute away and the request fits the limit at all;
 * 403 ``model_not_allowed``: a node on the path does not allow the request's model;
 * 400 ``unknown_budget_node`` / 403 ``untrusted_budget_node_header``: a bad or untrusted node header.
 
@@ -30,6 +31,13 @@ class BudgetExceeded(TooManyRequests):
                        f"needs {need}. Retry after {retry_after_s} s.")
         super().__init__(message, retry_after_s=retry_after_s, code="budget_exceeded", node=node.id,
                          node_path=path_text(path), limit=limit.as_json(), used=used, needed=need)
+        # Worth an SDK's automatic retry only when it can succeed soon: never for a request larger than the
+        # limit, and not for a window that frees in more than a minute (the SDKs would sleep that long).
+        self._retry = need <= limit.amount and retry_after_s <= 60
+
+    @property
+    def should_retry(self) -> bool | None:
+        return self._retry
 
 
 class ModelNotAllowed(Forbidden):

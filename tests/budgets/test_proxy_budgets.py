@@ -54,6 +54,7 @@ async def test_a_node_over_its_limit_answers_429_naming_the_node_limit_use_and_r
                              "window": {"kind": "day"}, "asset": None, "version": 1}
     assert body["used"] == 2 and 1 <= body["retry_after_s"] <= 86_400
     assert refused.value.response.headers["Retry-After"] == str(body["retry_after_s"])
+    assert refused.value.response.headers["x-should-retry"] == "false"  # a day away: no automatic retry
     assert "portal_url" not in body  # paying cannot lift a limit
     await chat(client, "a2")  # the sibling is not limited by a1's limit
     records = await gateway.usage()
