@@ -33,6 +33,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from metergate.budgets.model import Limit, Tree, path_text
 from metergate.wallet import schema as t
+from metergate.wallet.errors import STORAGE_DOWN
 from metergate.wallet.models import Mode, now_ms
 from metergate.wallet.sql import SqlWalletStore
 from metergate.webhooks.outbox import WebhookOutbox
@@ -99,6 +100,10 @@ class BudgetAlerts:
             for mode, customer_id in touched:
                 try:
                     await self.evaluate(mode, customer_id)
+                except STORAGE_DOWN as exc:
+                    log.warning("budget alerts not evaluated (%s); retrying at the next settlement",
+                                type(exc).__name__)
+                    break
                 except Exception:
                     log.exception("evaluating budget alerts failed; retrying at the next settlement")
 
