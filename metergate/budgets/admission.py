@@ -122,8 +122,11 @@ class BudgetGuard:
         for (mode, customer_id), releases in self.leases.take_returns().items():
             try:
                 await self._store.release_budget(mode, customer_id, releases)
+            except STORAGE_DOWN as exc:
+                log.warning("giving back unused budget quota failed (%s); it lapses with its window",
+                            type(exc).__name__)
             except Exception:
-                log.warning("giving back unused budget quota failed; it lapses with its window", exc_info=True)
+                log.exception("giving back unused budget quota failed; it lapses with its window")
 
     # ------------------------------------------------------------------ trees
 
