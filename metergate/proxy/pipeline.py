@@ -137,9 +137,9 @@ class Pipeline:
         self.free = FreeEndpoints(self)
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
-        self.on_budget_settled: Callable[[Mode, str], None] | None = None  # budget alerts: no I/O in it
         self.spend_caps: SpendCapGuard | None = None
         self.on_settled: Callable[[Mode, str, str, Balance], Awaitable[None]] | None = None
+        self.on_budget_settled: Callable[[Mode, str], None] | None = None  # budget alerts: no I/O in it
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
         self._inflight: set[asyncio.Task[Any]] = set()
