@@ -219,7 +219,8 @@ def _window(body: dict[str, Any]) -> Window:
         if buckets is not None:
             raise BadRequest("Only rolling windows have buckets.", param="window")
         return Window(kind, length_ms)
-    buckets = buckets or (DEFAULT_BUCKETS if length_ms % DEFAULT_BUCKETS == 0 else 1)
+    # By default the finest of at most DEFAULT_BUCKETS buckets that divide the window evenly (60 for most).
+    buckets = buckets or next(b for b in range(DEFAULT_BUCKETS, 0, -1) if length_ms % b == 0)
     if length_ms % buckets:
         raise BadRequest(f"length_s * 1000 must be a multiple of buckets ({buckets}).", param="window")
     return Window(kind, length_ms, buckets)

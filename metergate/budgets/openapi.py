@@ -21,7 +21,8 @@ _WINDOW = {"type": "object", "additionalProperties": False, "required": ["kind"]
                             "of length_s; rolling: the last length_s, counted in buckets"},
     "length_s": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH_MS // 1000},
     "buckets": {"type": "integer", "minimum": 1, "maximum": MAX_BUCKETS,
-                "description": "rolling windows: how many buckets (granularity length_s / buckets; default 60)"}}}
+                "description": "rolling windows: how many buckets (granularity length_s / buckets; default: 60, or the "
+                               "most up to 60 that divide the window's milliseconds evenly)"}}}
 
 
 def _strict(properties: dict[str, Any], *required: str) -> dict[str, Any]:
