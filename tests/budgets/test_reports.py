@@ -22,14 +22,14 @@ async def test_the_margin_report_and_the_export_group_by_node(gateway: Gateway) 
     for node in ({"id": "p", "kind": "project"}, {"id": "a1", "kind": "agent", "parent_id": "p"}):
         assert (await gateway.admin.post("/customers/acme/budget-nodes", json=node)).status_code == 201
     client = gateway.openai()
-    for node in ("a1", "a1", "p", None):
-        headers = {"X-Metergate-Budget-Node": node} if node else {}
+    for name in ("a1", "a1", "p", None):
+        headers = {"X-Metergate-Budget-Node": name} if name else {}
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5,
                                              extra_headers=headers)
     records = await gateway.usage()
     charged: Counter[str] = Counter()
-    for r in records:
-        charged[f"acme:{r['budget_path']}"] += r["charged_amount"]
+    for record in records:
+        charged[f"acme:{record['budget_path']}"] += record["charged_amount"]
     assert set(charged) == {"acme:root/p/a1", "acme:root/p", "acme:root"}
     r = await gateway.admin.get("/reports/margin", params={"group_by": "budget_node", "from": "2000-01-01"})
     assert r.status_code == 200, r.text

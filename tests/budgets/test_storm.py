@@ -98,7 +98,8 @@ async def test_a_storm_never_admits_past_the_project_or_an_agent(replicas: Repli
         records = [r for _, r in await store.usage("test", "acme", limit=5000)]
         assert len(records) == served
         per_agent = Counter(r.budget_path for r in records)
-        assert all(path.startswith("root/p/a") and n <= A for path, n in per_agent.items()), per_agent
+        assert all(path is not None and path.startswith("root/p/a") and n <= A
+                   for path, n in per_agent.items()), per_agent
         balance = await store.balance("test", "acme", "USD")
         assert balance.available >= 0 and balance.debits_pending == 0
         assert sum(r.charged_amount for r in records) == FUNDS - balance.available == balance.debits_posted
