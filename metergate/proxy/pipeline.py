@@ -114,6 +114,7 @@ class Exchange:
     output_limit: int | None = None  # the output limit metergate set upstream (an upstream that cannot stream)
     assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
     budget: Ticket | None = None  # the budget path it was admitted along (metergate.budgets)
+    budget_refusal: BudgetExceeded | None = None  # a node's limit, not the wallet, stopped the answer
 
 
 class Pipeline:
@@ -566,7 +567,8 @@ class Pipeline:
                 # empty wallet does (what was delivered is billed, the rest returns to the limit).
                 try:
                     await self.budgets.extend(ex.budget, amount, ex.hold.asset)
-                except BudgetExceeded:
+                except BudgetExceeded as refused:
+                    ex.budget_refusal = refused
                     raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
             if self.spend_caps is not None:
                 # A hold that grows is spending as much as one placed whole: the customer's cap applies to
@@ -583,6 +585,16 @@ class Pipeline:
 
     def _stop_notice(self, ex: Exchange, settlement: Settlement | None) -> dict[str, Any]:
         """What a stream metergate stopped tells its client, inside the provider's own final event."""
+        if ex.budget_refusal is not None:  # a node's limit: which one, and no top-up link (paying cannot lift it)
+            refused = ex.budget_refusal.extra
+            stopped: dict[str, Any] = {"stop_reason": "budget_exceeded", "asset": ex.hold.asset,
+                                       "message": "A budget limit was reached: the answer was stopped here and "
+                                                  f"what was delivered is billed. {ex.budget_refusal.message}",
+                                       "node": refused["node"], "node_path": refused["node_path"],
+                                       "limit": refused["limit"]}
+            if settlement is not None:
+                stopped["charged"] = format_minor(settlement.charged, ex.rate.scale)
+            return stopped
         notice: dict[str, Any] = {
             "stop_reason": ex.stopped,
             "message": "The wallet ran out of funds: the answer was stopped here and what was delivered is "

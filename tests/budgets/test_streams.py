@@ -43,6 +43,10 @@ async def test_a_stream_past_its_nodes_spend_limit_is_stopped_and_billed_what_wa
     request_id = stream.headers["X-Metergate-Request-Id"]
     chunks = [chunk async for chunk in stream.parse()]
     assert chunks[-1].choices[0].finish_reason == "length"  # stopped, as the SDK understands it
+    assert chunks[-1].model_extra is not None
+    notice = chunks[-1].model_extra["metergate"]
+    assert (notice["stop_reason"], notice["node"], notice["limit"]["id"]) == ("budget_exceeded", "p", "p-spend")
+    assert "portal_url" not in notice
     record = record_by_id(await gw.usage(), request_id)
     charged = record["charged_amount"]
     assert LIMIT - 4 * PER_TOKEN < charged <= LIMIT  # within one extension of the limit, never past it
