@@ -9,22 +9,25 @@ Tree::
     │                                        malformed_request (HTTP framing aiohttp could not parse, or
     │                                        Transfer-Encoding on HTTP/1.0), unsupported_transfer_encoding,
     │                                        unknown_field, invalid_path, invalid_query (metergate.urls),
-    │                                        missing_api_version, invalid_api_version (Azure routes)
+    │                                        missing_api_version, invalid_api_version (Azure routes),
+    │                                        unknown_budget_node, invalid_budget_node
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
-    │                                        untrusted_attribute_header,
+    │                                        untrusted_attribute_header, untrusted_budget_node_header,
+    │                                        model_not_allowed (a budget node's allowed_models),
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
     │                                        not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
-    ├── Conflict                        409: idempotency_conflict, already_exists
+    ├── Conflict                        409: idempotency_conflict, already_exists, node_has_children
     ├── PayloadTooLarge                 413: body_too_large
     ├── UnsupportedMediaType            415: unsupported_media_type, unsupported_content_encoding
     ├── TooManyRequests                 429: rate_limited (with a Retry-After header; also failed
-    │                                        admin-key attempts from one address)
+    │                                        admin-key attempts from one address), budget_exceeded
+    │                                        (a budget node's limit: metergate.budgets.denials)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
     ├── ServiceUnavailable              503: storage_unavailable, ledger_backlog
     └── GatewayTimeout                  504: upstream_timeout

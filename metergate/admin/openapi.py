@@ -8,6 +8,7 @@ from metergate import __version__
 from metergate.admin.answers import answers, components
 from metergate.admin.schemas import ref
 from metergate.admin.wallet_openapi import wallet_paths
+from metergate.budgets.openapi import budget_paths, budget_schemas
 from metergate.portal.links import ACCESS
 from metergate.pricing.openapi import pricing_paths
 from metergate.webhooks.openapi import webhook_paths, webhook_schemas
@@ -146,7 +147,7 @@ def document() -> dict[str, Any]:
     instant = INSTANT
     margin = [
         {"name": "group_by", "in": "query", "schema": {
-            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month"],
+            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month", "budget_node"],
             "default": "customer"}},
         {"name": "from", "in": "query", "description": "inclusive; default: 30 days before 'to'", "schema": instant},
         {"name": "to", "in": "query", "description": "exclusive; default: now", "schema": instant},
@@ -198,12 +199,13 @@ def document() -> dict[str, Any]:
     paths.update(pricing_paths())  # price versions, quote, simulator, events (metergate/pricing)
     paths.update(_billing(customers, c, margin[1:3]))
     paths.update(webhook_paths())  # the notification outbox (metergate/webhooks/admin.py)
+    paths.update(budget_paths())  # budget nodes, limits, key attachments (metergate/budgets/admin.py)
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},
         "components": {
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
-            "schemas": {**components(), **webhook_schemas()},
+            "schemas": {**components(), **webhook_schemas(), **budget_schemas()},
         },
         "security": [{"adminKey": []}],
         "paths": paths,

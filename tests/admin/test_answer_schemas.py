@@ -159,6 +159,28 @@ async def test_the_wallet_answers_fit_the_document(gateway: Gateway, call: Check
     await call("GET", "/customers/acme/top-ups")
     await call("GET", "/webhooks")
 
+    # budgets: a node under the root, a limit with its use, a key attached, an alert rule; creates replayed
+    node = {"id": "team", "kind": "team", "name": "Team", "allowed_models": ["gpt-4o*"]}
+    await call("POST", "/customers/acme/budget-nodes", json=node)
+    await call("POST", "/customers/acme/budget-nodes", json=node)
+    limit = {"id": "team-rpm", "dimension": "requests", "amount": 100, "window": {"kind": "rolling", "length_s": 60}}
+    await call("POST", "/customers/acme/budget-nodes/team/limits", json=limit)
+    await call("POST", "/customers/acme/budget-nodes/team/limits", json=limit)
+    await call("PATCH", "/customers/acme/budget-limits/team-rpm", json={"amount": 200})
+    await call("PATCH", "/customers/acme/budget-nodes/team", json={"name": "The team"})
+    budget_key = await call("POST", "/customers/acme/api-keys", json={})
+    await call("PUT", f"/api-keys/{budget_key['id']}/budget-node", json={"node_id": "team"})
+    tree = await call("GET", "/customers/acme/budget-nodes")
+    assert any(n["id"] == "team" and n["api_keys"] == [budget_key["id"]] for n in tree["data"]), tree
+    await call("GET", "/customers/acme/budget-nodes/team")
+    await call("PUT", "/customers/acme/budget-alerts/near", json={"target": "limit:team-rpm",
+                                                                 "thresholds": [{"percent": 80}, {"amount": 150}]})
+    await call("GET", "/customers/acme/budget-alerts")
+    await call("DELETE", "/customers/acme/budget-alerts/near")
+    await call("PUT", f"/api-keys/{budget_key['id']}/budget-node", json={"node_id": None})
+    await call("DELETE", "/customers/acme/budget-limits/team-rpm")
+    await call("DELETE", "/customers/acme/budget-nodes/team")
+
     json_operations = {f"{m.upper()} {p}" for p, item in call.document["paths"].items() for m, op in item.items()
                        if any("application/json" in r["content"] for s, r in op["responses"].items()
                               if s.startswith("2"))}
