@@ -1,6 +1,7 @@
 """The ``metergate`` command: ``serve`` runs the proxy, ``health`` asks a running one, ``demo`` shows it working
 end to end; the admin commands (customers, credit, keys, ..., check) drive a running control plane
-(:mod:`metergate.cli_admin`), and ``webhooks listen`` forwards notifications to a local app."""
+(:mod:`metergate.cli_admin`), ``webhooks listen`` forwards notifications to a local app, and ``mcp`` serves
+them to assistants (:mod:`metergate.cli_mcp`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import argparse
 import logging
 import sys
 
-from metergate import cli_webhooks
+from metergate import cli_mcp, cli_webhooks
 from metergate.cli_admin import add_admin_commands, run_admin_command
-from metergate.config.settings import SettingsError, load_settings
 
 _HANDLER_GRACE_S = 5.0
 
@@ -37,13 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--timeout-s", type=float, default=2.0)
     health.add_argument("--pid", type=int, default=1, help="the serve process to follow (default 1, the image's "
                                                            "entry point)")
+    health.add_argument("--wait-s", type=float, default=0.0,
+                        help="wait up to this long for /readyz to answer 200 (after starting serve in a script)")
     demo = sub.add_parser("demo", help="run a self-contained demo on the embedded default (SQLite)")
     demo.add_argument("--keep", action="store_true", help="keep the demo database directory")
+    mock = sub.add_parser("mock-upstream", help="serve the demo's mock OpenAI-compatible upstream (no provider key, "
+                                                "no network), to try metergate with")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
     add_admin_commands(sub)
     cli_webhooks.add_command(sub)  # metergate webhooks listen
+    cli_mcp.add_command(sub)  # metergate mcp
     args = parser.parse_args(argv)
     if args.command == "webhooks":
         return cli_webhooks.run(args)
+    if args.command == "mcp":
+        return cli_mcp.run(args)
     if getattr(args, "admin_handler", None) is not None:
         return run_admin_command(args)
 
@@ -53,11 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_demo(keep=args.keep)
 
+    if args.command == "mock-upstream":
+        from metergate.demo.serve_mock import serve_mock
+
+        return serve_mock(args.host, args.port)
+
     if args.command == "health":
         from metergate.healthcheck import check
 
-        return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid)
+        return check(args.config, args.default, timeout_s=args.timeout_s, pid=args.pid, wait_s=args.wait_s)
 
+    # Imported here, not at the top: the admin and client commands start without loading the settings' validators.
+    from metergate.config.settings import SettingsError, load_settings
     from metergate.healthcheck import parse_defaults
 
     try:

@@ -13,12 +13,10 @@ upstream) cannot be reached.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from metergate.cli_table import dump, fields, table, when
@@ -79,7 +77,7 @@ def add_admin_commands(sub: Any) -> None:
     def group(name: str, help: str) -> Any:
         nested = add(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
         nested_add = nested.add_parser
-        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, epilog=EXIT_CODES, **kw))  # type: ignore[method-assign]
+        nested.add_parser = lambda n, **kw: _one_line(nested_add(n, **{"epilog": EXIT_CODES, **kw}))  # type: ignore[method-assign]
         return nested
 
     customers = group("customers", "create, list and show customers")
@@ -166,10 +164,9 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("hold_id")
     p.set_defaults(admin_handler=_holds_void)
 
-    prices = group("prices", "price versions")
-    p = prices.add_parser("validate", parents=[c], help="validate a price file (JSON {\"rules\": [...]}) on the server")
-    p.add_argument("file")
-    p.set_defaults(admin_handler=_prices_validate)
+    from metergate import cli_prices
+
+    cli_prices.add_commands(group("prices", "price versions as code: validate, pull, diff, push"), c)
 
     p = sub.add_parser("check", help="validate a settings file offline; --probe also asks each upstream")
     p.add_argument("config")
@@ -182,7 +179,8 @@ def _check(client: Client, args: argparse.Namespace) -> int:
     raise AssertionError("check runs offline, in run_admin_command")
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Print ``message`` as one line on stderr; the exit code."""
     print(f"metergate: {' '.join(message.split())}", file=sys.stderr)
     return code
 
@@ -197,27 +195,37 @@ def run_admin_command(args: argparse.Namespace) -> int:
         try:
             return run_check(args.config, probe=args.probe)
         except CheckError as exc:
-            return _fail(str(exc), EXIT_USAGE)
+            return fail(str(exc), EXIT_USAGE)
+    # A command may answer every error with one code of its own (``prices diff``: 2, as diff(1) does).
+    error_exit: int | None = getattr(args, "error_exit", None)
     try:
         profile = load_profile(args.profile, url=args.url)
+        args.key_mode, args.server_url = profile.admin_key[3:7], profile.url  # mg_test_... / mg_live_...
+        wanted = getattr(args, "mode", None)
+        if wanted is not None and wanted != args.key_mode:
+            return fail(f"--mode {wanted} needs a {wanted} admin key (mg_{wanted}_...); the key given is a "
+                        f"{args.key_mode} key", error_exit or EXIT_USAGE)
         with Client(profile.url, profile.admin_key) as client:
             handler: Handler = args.admin_handler
             return handler(client, args)
     except ProfileError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return fail(str(exc), error_exit or EXIT_USAGE)
     except ConnectionFailed as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
+        return fail(str(exc), error_exit or EXIT_UNREACHABLE)
     except ApiError as exc:
+        if exc.code == f"http_{exc.status}":  # an answer without metergate's error envelope
+            return fail(f"{args.server_url} answered HTTP {exc.status} ({exc.message[:80]}), not as a metergate "
+                        "control plane does: check --url / METERGATE_URL", error_exit or EXIT_REFUSED)
         where = f" ({exc.param})" if exc.param else ""
-        return _fail(f"{exc.code}{where}: {exc.message}", EXIT_REFUSED)
+        return fail(f"{exc.code}{where}: {exc.message}", error_exit or EXIT_REFUSED)
     except (ValueError, TypeError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return fail(str(exc), error_exit or EXIT_USAGE)
     except KeyboardInterrupt:
         return EXIT_OK  # the way to end ``usage tail --follow``
     except BrokenPipeError:
         return EXIT_OK  # piped into head
     except Exception as exc:  # a bug: still one line, never a traceback
-        return _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_REFUSED)
+        return fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", error_exit or EXIT_REFUSED)
 
 
 # ---------------------------------------------------------------------- customers
@@ -451,21 +459,4 @@ def _holds_void(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"hold {hold.id}: {hold.state}; captured {hold.captured_minor}, released the rest "
               f"(smallest unit of {hold.asset})")
-    return EXIT_OK
-
-
-def _prices_validate(client: Client, args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    rules = document.get("rules") if isinstance(document, dict) else document
-    answer = client.validate_prices(rules)
-    if args.json:
-        dump(answer)
-    else:
-        print(f"{path}: valid, {len(answer['rules'])} rules")
     return EXIT_OK

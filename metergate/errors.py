@@ -11,10 +11,12 @@ Tree::
     │                                        unknown_field, invalid_path, invalid_query (metergate.urls),
     │                                        missing_api_version, invalid_api_version (Azure routes),
     │                                        invalid_multipart, invalid_audio, unpriced_unit (media)
+    │                                        unknown_budget_node, invalid_budget_node
     ├── Unauthorized                    401: missing_customer, invalid_api_key, invalid_admin_key
     ├── PaymentRequired                 402: insufficient_funds
     ├── Forbidden                       403: unknown_customer, untrusted_customer_header,
-    │                                        untrusted_attribute_header,
+    │                                        untrusted_attribute_header, untrusted_budget_node_header,
+    │                                        model_not_allowed (a budget node's allowed_models),
     │                                        invalid_portal_link, expired_portal_link,
     │                                        invalid_dashboard_link, expired_dashboard_link
     ├── NotFound                        404: unknown_route, endpoint_not_metered, unknown_deployment,
@@ -22,11 +24,12 @@ Tree::
     │                                        Bedrock route does not serve), not_found
     ├── MethodNotAllowed                405: method_not_allowed (with an Allow header)
     ├── RequestTimeout                  408: request_timeout (headers or body sent too slowly)
-    ├── Conflict                        409: idempotency_conflict, already_exists
+    ├── Conflict                        409: idempotency_conflict, already_exists, node_has_children
     ├── PayloadTooLarge                 413: body_too_large, file_too_large (an upload over its limit)
     ├── UnsupportedMediaType            415: unsupported_media_type, unsupported_content_encoding
     ├── TooManyRequests                 429: rate_limited (with a Retry-After header; also failed
-    │                                        admin-key attempts from one address)
+    │                                        admin-key attempts from one address), budget_exceeded
+    │                                        (a budget node's limit: metergate.budgets.denials)
     ├── BadGateway                      502: upstream_unreachable, upstream_redirect, upstream_invalid
     ├── ServiceUnavailable              503: storage_unavailable, ledger_backlog
     └── GatewayTimeout                  504: upstream_timeout

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from metergate.admin import validation
+from metergate.admin.views import BalanceView
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, NotFound, Unauthorized
 from metergate.http import json_response
@@ -135,11 +136,10 @@ class AdminApi:
     def _money(self, asset: str, amount: int) -> str:
         return format_minor(amount, self._scales.get(asset, 0))
 
-    def _balance(self, b: Balance) -> dict[str, Any]:
-        return {"asset": b.asset, "available": b.available,
-                "available_decimal": self._money(b.asset, b.available), "posted": b.posted,
-                "pending": b.debits_pending, "credits_posted": b.credits_posted,
-                "debits_posted": b.debits_posted}
+    def _balance(self, b: Balance) -> BalanceView:
+        return BalanceView(asset=b.asset, available=b.available, available_decimal=self._money(b.asset, b.available),
+                           posted=b.posted, pending=b.debits_pending, credits_posted=b.credits_posted,
+                           debits_posted=b.debits_posted)
 
     # ------------------------------------------------------------------ handlers
 

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, select
 from metergate.admin.api import PREFIX, AdminApi
 from metergate.http import json_response
 from metergate.wallet import schema as t
-from metergate.wallet.holds import hold_view
+from metergate.wallet.holds import HoldView, hold_view
 from metergate.wallet.ledger import hold_of
 from metergate.wallet.models import ApiKey
 from metergate.wallet.sql import SqlWalletStore
@@ -55,7 +55,7 @@ class ListingsApi:
         limit = AdminApi._limit(request)
         customer_id = request.query.get("customer_id")
 
-        def read(conn: Connection) -> list[dict[str, Any]]:
+        def read(conn: Connection) -> list[HoldView]:
             h = t.holds.c
             query = select(t.holds).where(h.mode == mode, h.state == "pending")
             if customer_id is not None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from metergate import __version__
+from metergate.admin.answers import answers, components
+from metergate.admin.schemas import ref
 from metergate.admin.wallet_openapi import wallet_paths
+from metergate.budgets.openapi import budget_paths, budget_schemas
+from metergate.portal.links import ACCESS
 from metergate.pricing.openapi import pricing_paths
 from metergate.webhooks.openapi import webhook_paths, webhook_schemas
 
@@ -45,11 +49,16 @@ def strict(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str
     return schema
 
 
-def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
+_TEXT = {"text/csv": "CSV with a header line (RFC 4180, CRLF line ends)",
+         "application/x-ndjson": "JSON Lines: one JSON object per line"}
+
+
+def _op(summary: str, answer: dict[str, Any] | None, *, body: dict[str, Any] | None = None, ok: int = 200,
         params: tuple[str, ...] = (), query: list[dict[str, Any]] | None = None,
         media: tuple[str, ...] = ("application/json",), body_required: bool = True) -> dict[str, Any]:
-    ok_content = {m: {"schema": {"type": "object"}} if m == "application/json" else {"schema": {"type": "string"}}
-                  for m in media}
+    """An operation; ``answer`` is the schema of its JSON success answer (None: it answers only ``media`` text)."""
+    ok_content = {m: {"schema": answer} if m == "application/json" else
+                  {"schema": {"type": "string", "description": _TEXT[m]}} for m in media}
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": [{"name": p, "in": "path", "required": True, "schema": ID}
@@ -65,26 +74,30 @@ def _op(summary: str, *, body: dict[str, Any] | None = None, ok: int = 200,
 
 def _payments(customers: str, c: tuple[str, ...]) -> dict[str, Any]:
     """Auto top-up, spend caps and top-up history (metergate/payments/admin.py)."""
+    shape = answers()  # the answer schemas, by operation
     asset = [{"name": "asset", "in": "query", "schema": ASSET}]
     auto = strict({"asset": ASSET, "threshold": AMOUNT, "amount": AMOUNT}, "threshold", "amount")
     cap = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_AMOUNT}
     caps = strict({"asset": ASSET, "daily": cap, "monthly": cap})
     return {
         f"{customers}/auto-top-up": {
-            "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", params=c, query=asset),
-            "put": _op("Set auto top-up: charge the saved card 'amount' below 'threshold'", params=c, body=auto),
-            "delete": _op("Turn auto top-up off", params=c, query=asset),
+            "get": _op("The wallet's auto top-up (threshold and amount, smallest unit)", shape["auto_top_up"],
+                       params=c, query=asset),
+            "put": _op("Set auto top-up: charge the saved card 'amount' below 'threshold'", shape["auto_top_up"],
+                       params=c, body=auto),
+            "delete": _op("Turn auto top-up off", shape["auto_top_up"], params=c, query=asset),
         },
         f"{customers}/spend-caps": {
-            "get": _op("The customer's daily and monthly spend caps", params=c, query=asset),
-            "put": _op("Set spend caps (null: no cap)", params=c, body=caps),
+            "get": _op("The customer's daily and monthly spend caps", shape["spend_caps"], params=c, query=asset),
+            "put": _op("Set spend caps (null: no cap)", shape["spend_caps"], params=c, body=caps),
         },
-        f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", params=c)},
+        f"{customers}/top-ups": {"get": _op("Recent top-up attempts and their outcomes", shape["top_ups"], params=c)},
     }
 
 
 def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -> dict[str, Any]:
     """Billing modes, meter events, reconciliation and exports (metergate/billing/admin.py)."""
+    shape = answers()  # the answer schemas, by operation
     mode = {"type": "string", "enum": ["prepaid", "invoiced"]}
     limit = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_AMOUNT}
     config = strict({
@@ -97,20 +110,25 @@ def _billing(customers: str, c: tuple[str, ...], period: list[dict[str, Any]]) -
     streamed = ("text/csv", "application/x-ndjson")
     return {
         f"{customers}/billing": {
-            "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history", params=c),
-            "put": _op("Set the billing mode (recorded; a repeated PUT records nothing)", params=c, body=config),
+            "get": _op("Billing mode, per-asset overrides, credit limits, change and overdraft history",
+                       shape["billing"], params=c),
+            "put": _op("Set the billing mode (recorded; a repeated PUT records nothing)", shape["billing"],
+                       params=c, body=config),
         },
-        f"{customers}/meter-events": {"get": _op("The customer's usage records queued for Stripe Billing", params=c)},
+        f"{customers}/meter-events": {"get": _op("The customer's usage records queued for Stripe Billing",
+                                                 shape["meter_events"], params=c)},
         "/admin/v1/billing/reconciliation": {"get": _op(
-            "Usage and ledger totals beside meter events sent, pending and failing", query=period + customer)},
-        "/admin/v1/exports/usage": {"get": _op("Usage records by period, streamed (CSV or JSON Lines)",
+            "Usage and ledger totals beside meter events sent, pending and failing", shape["reconciliation"],
+            query=period + customer)},
+        "/admin/v1/exports/usage": {"get": _op("Usage records by period, streamed (CSV or JSON Lines)", None,
                                                query=period + customer + fmt, media=streamed)},
-        "/admin/v1/exports/ledger": {"get": _op("Ledger entries by period, streamed (CSV or JSON Lines)",
+        "/admin/v1/exports/ledger": {"get": _op("Ledger entries by period, streamed (CSV or JSON Lines)", None,
                                                 query=period + customer + fmt, media=streamed)},
     }
 
 
 def document() -> dict[str, Any]:
+    shape = answers()  # the answer schemas, by operation
     c = ("customer_id",)
     page = [LIMIT, {"name": "cursor", "in": "query", "schema": SEQ_CURSOR}]
     customer_page = [LIMIT, {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
@@ -129,7 +147,7 @@ def document() -> dict[str, Any]:
     instant = INSTANT
     margin = [
         {"name": "group_by", "in": "query", "schema": {
-            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month"],
+            "type": "string", "enum": ["customer", "feature", "model", "day", "week", "month", "budget_node"],
             "default": "customer"}},
         {"name": "from", "in": "query", "description": "inclusive; default: 30 days before 'to'", "schema": instant},
         {"name": "to", "in": "query", "description": "exclusive; default: now", "schema": instant},
@@ -137,50 +155,57 @@ def document() -> dict[str, Any]:
     ]
     paths: dict[str, Any] = {
         "/admin/v1/customers": {
-            "post": _op("Create a customer", ok=201, body=strict(
+            "post": _op("Create a customer", ref("Customer"), ok=201, body=strict(
                 {"id": {**ID, "x-error-code": "invalid_customer"}, "name": {"type": "string", "maxLength": 256}},
                 "id")),
-            "get": _op("List customers", query=customer_page),
+            "get": _op("List customers", shape["customer_page"], query=customer_page),
         },
-        customers: {"get": _op("Get a customer with balances", params=c)},
-        f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)", ok=201,
+        customers: {"get": _op("Get a customer with balances", ref("CustomerWithBalances"), params=c)},
+        f"{customers}/api-keys": {"post": _op("Issue a proxy API key (optionally with pricing attributes)",
+                                              ref("IssuedApiKey"), ok=201,
                                               params=c, body=key_attributes, body_required=False),
                                   "get": _op("The customer's proxy API keys (prefixes only), newest first",
+                                             shape["api_keys"],
                                              params=c, query=page[:1])},
         "/admin/v1/api-keys/{key_id}": {
-            "delete": _op("Revoke a proxy API key", params=("key_id",)),
-            "patch": _op("Replace a proxy API key's pricing attributes", params=("key_id",), body=key_attributes),
+            "delete": _op("Revoke a proxy API key", ref("ApiKey"), params=("key_id",)),
+            "patch": _op("Replace a proxy API key's pricing attributes", ref("ApiKey"),
+                         params=("key_id",), body=key_attributes),
         },
-        f"{customers}/credits": {"post": _op("Credit a wallet (idempotent)", ok=201, params=c, body=credit)},
-        f"{customers}/balance": {"get": _op("Balances per asset", params=c)},
-        f"{customers}/ledger": {"get": _op("Ledger entries, newest first", params=c, query=page)},
-        f"{customers}/usage": {"get": _op("Usage records, newest first", params=c, query=page)},
+        f"{customers}/credits": {"post": _op("Credit a wallet (idempotent)", ref("Credit"),
+                                             ok=201, params=c, body=credit)},
+        f"{customers}/balance": {"get": _op("Balances per asset", ref("Balances"), params=c)},
+        f"{customers}/ledger": {"get": _op("Ledger entries, newest first", shape["ledger_page"], params=c, query=page)},
+        f"{customers}/usage": {"get": _op("Usage records, newest first", shape["usage_page"], params=c, query=page)},
         f"{customers}/portal-link": {"post": _op(
             "A signed billing-portal link: billing_admin (the default; at most 15 minutes), or view_topup with "
-            'the optional body {"access": "view_topup"}', params=c)},
+            'the optional body {"access": "view_topup"}', ref("PortalLink"), params=c, body_required=False,
+            body=strict({"access": {"type": "string", "enum": list(ACCESS)}}))},
         f"{customers}/rate-limits": {
-            "get": _op("The customer's rate-limit override, the defaults and the limits in effect", params=c),
-            "put": _op("Override the customer's rate limits (null lifts a limit)", params=c, body=limits),
-            "delete": _op("Drop the override: the configured defaults apply again", params=c),
+            "get": _op("The customer's rate-limit override, the defaults and the limits in effect", ref("RateLimits"),
+                       params=c),
+            "put": _op("Override the customer's rate limits (null lifts a limit)", ref("RateLimits"),
+                       params=c, body=limits),
+            "delete": _op("Drop the override: the configured defaults apply again", ref("RateLimits"), params=c),
         },
         "/admin/v1/reports/margin": {"get": _op(
-            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", query=margin,
-            media=("application/json", "text/csv"))},
-        "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard", ok=201)},
+            "Revenue, provider cost and margin per group over a time range (JSON or CSV)", shape["margin"],
+            query=margin, media=("application/json", "text/csv"))},
+        "/admin/v1/dashboard-link": {"post": _op("A short-lived signed link to the operator dashboard",
+                                                 ref("DashboardLink"), ok=201)},
     }
     paths.update(_payments(customers, c))
     paths.update(wallet_paths())  # assets, grants, plans, subscriptions, the hold API (metergate/admin/wallets.py)
     paths.update(pricing_paths())  # price versions, quote, simulator, events (metergate/pricing)
     paths.update(_billing(customers, c, margin[1:3]))
     paths.update(webhook_paths())  # the notification outbox (metergate/webhooks/admin.py)
+    paths.update(budget_paths())  # budget nodes, limits, key attachments (metergate/budgets/admin.py)
     return {
         "openapi": "3.1.0",
         "info": {"title": "metergate admin API", "version": __version__},
         "components": {
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
-                "param": {"type": ["string", "null"]}}}}}, **webhook_schemas()},
+            "schemas": {**components(), **webhook_schemas(), **budget_schemas()},
         },
         "security": [{"adminKey": []}],
         "paths": paths,

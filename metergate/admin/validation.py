@@ -37,7 +37,9 @@ from aiohttp.typedefs import Middleware
 
 from metergate.errors import BadRequest, MethodNotAllowed, TooManyRequests, Unauthorized
 
-BODY_SCHEMA = web.RequestKey("admin_body_schema", dict)  # the operation's body schema, for AdminApi.read_json
+BODY_SCHEMA = web.RequestKey("admin_body_schema", dict)
+# A body schema that says what its handler enforces itself (with its own error details): not checked here.
+HANDLER_VALIDATES = "x-validated-by-handler"  # the operation's body schema, for AdminApi.read_json
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
@@ -271,9 +273,10 @@ def body_of(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
     """The request's parsed JSON body checked against its operation's schema (400 otherwise): called when
     the handler reads its body, after it has looked up the objects its path names (404 first)."""
     schema = request.get(BODY_SCHEMA)
-    if schema is None or schema.get("additionalProperties") is not False:
+    if schema is None or schema.get("additionalProperties") is not False or schema.get(HANDLER_VALIDATES):
         # Only bodies the document declares strictly are checked here; the others' handlers (the pricing
-        # API's rule sets, answered 422 with the rule's path) validate their own.
+        # API's rule sets, answered 422 with the rule's path; a quote, naming nested fields such as
+        # usage.input_tokens) validate their own, to the constraints the document states.
         return payload
     try:
         checked: dict[str, Any] = validate(schema, payload)

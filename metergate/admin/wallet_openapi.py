@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from metergate.admin.answers import wallet_answers
+from metergate.admin.schemas import ref
+
 
 def _one(name: str) -> dict[str, Any]:
     from metergate.admin.openapi import one_amount
@@ -15,6 +18,8 @@ def _one(name: str) -> dict[str, Any]:
 def wallet_paths() -> dict[str, Any]:
     # here, not at import: openapi imports this module
     from metergate.admin.openapi import AMOUNT, AMOUNT_DECIMAL, ASSET, DECIMAL0, ID, KEY, SEQ_CURSOR, _op, strict
+
+    shape = wallet_answers()  # the answer schemas, by operation
 
     c, g, p, s, h = ("customer_id",), ("grant_id",), ("plan_id",), ("subscription_id",), ("hold_id",)
     customers = "/admin/v1/customers/{customer_id}"
@@ -63,35 +68,47 @@ def wallet_paths() -> dict[str, Any]:
                         "ttl_s": ttl, "partial": {"type": "boolean"}, "idempotency_key": KEY},
                        allOf=[_one("used"), _one("next")])
     return {
-        "/admin/v1/assets": {"get": _op("Assets of this mode (configured ones first)"),
-                             "post": _op("Define a custom asset", ok=201, body=asset)},
-        "/admin/v1/conversions": {"get": _op("Allowed conversions between assets"),
-                                  "post": _op("Allow (or re-rate) a conversion", ok=201, body=conversion)},
+        "/admin/v1/assets": {"get": _op("Assets of this mode (configured ones first)", shape["assets"]),
+                             "post": _op("Define a custom asset", ref("Asset"), ok=201, body=asset)},
+        "/admin/v1/conversions": {"get": _op("Allowed conversions between assets", shape["conversions"]),
+                                  "post": _op("Allow (or re-rate) a conversion", ref("Conversion"),
+                                              ok=201, body=conversion)},
         f"{customers}/convert": {"post": _op("Convert between assets at the configured rate, rounded down "
-                                             "(idempotent)", ok=201, params=c, body=convert)},
-        f"{customers}/grants": {"get": _op("The wallet's grants, newest first", params=c, query=page),
-                                "post": _op("Grant credit (idempotent)", ok=201, params=c, body=grant)},
-        "/admin/v1/grants/{grant_id}": {"get": _op("A grant", params=g)},
-        "/admin/v1/grants/{grant_id}/void": {"post": _op("Void a grant's unused remainder", params=g)},
-        f"{customers}/consumption-order": {"get": _op("The order the wallet's grants are consumed in", params=c),
-                                           "put": _op("Set the consumption order", params=c, body=order)},
-        "/admin/v1/plans": {"get": _op("Plans"), "post": _op("Create a plan (immutable)", ok=201, body=plan)},
-        "/admin/v1/plans/{plan_id}": {"get": _op("A plan", params=p)},
-        f"{customers}/subscriptions": {"get": _op("The customer's subscriptions", params=c),
-                                       "post": _op("Subscribe (grants the current period)", ok=201, params=c,
+                                             "(idempotent)", ref("Converted"), ok=201, params=c, body=convert)},
+        f"{customers}/grants": {"get": _op("The wallet's grants, newest first", shape["grant_page"], params=c,
+                                           query=page),
+                                "post": _op("Grant credit (idempotent)", ref("Grant"), ok=201, params=c, body=grant)},
+        "/admin/v1/grants/{grant_id}": {"get": _op("A grant", ref("Grant"), params=g)},
+        "/admin/v1/grants/{grant_id}/void": {"post": _op("Void a grant's unused remainder", ref("Grant"), params=g)},
+        f"{customers}/consumption-order": {"get": _op("The order the wallet's grants are consumed in",
+                                                      ref("ConsumptionOrder"), params=c),
+                                           "put": _op("Set the consumption order", ref("ConsumptionOrder"),
+                                                      params=c, body=order)},
+        "/admin/v1/plans": {"get": _op("Plans", shape["plans"]),
+                            "post": _op("Create a plan (immutable)", ref("Plan"), ok=201, body=plan)},
+        "/admin/v1/plans/{plan_id}": {"get": _op("A plan", ref("Plan"), params=p)},
+        f"{customers}/subscriptions": {"get": _op("The customer's subscriptions", shape["subscriptions"], params=c),
+                                       "post": _op("Subscribe (grants the current period)", ref("Subscription"),
+                                                   ok=201, params=c,
                                                    body=subscribe)},
-        "/admin/v1/subscriptions/{subscription_id}": {"get": _op("A subscription", params=s)},
-        "/admin/v1/subscriptions/{subscription_id}/cancel": {"post": _op("Cancel: no period after now", params=s)},
+        "/admin/v1/subscriptions/{subscription_id}": {"get": _op("A subscription", ref("Subscription"), params=s)},
+        "/admin/v1/subscriptions/{subscription_id}/cancel": {"post": _op("Cancel: no period after now",
+                                                                         ref("Subscription"), params=s)},
         "/admin/v1/subscriptions/{subscription_id}/tick": {"post": _op(
-            "Grant the periods due (idempotent; the sweeper ticks too)", params=s)},
-        "/admin/v1/holds": {"post": _op("Hold funds for a workload (idempotent)", ok=201, body=hold),
-                            "get": _op("Open (pending) holds, soonest expiry first", query=[
+            "Grant the periods due (idempotent; the sweeper ticks too)", ref("Tick"), params=s)},
+        "/admin/v1/holds": {"post": _op("Hold funds for a workload (idempotent)", ref("HoldAnswer"), ok=201, body=hold),
+                            "get": _op("Open (pending) holds, soonest expiry first", shape["holds"], query=[
                                 {"name": "customer_id", "in": "query", "schema": {"type": "string"}}, *page[:1]])},
-        "/admin/v1/holds/{hold_id}": {"get": _op("A hold and the grants it draws", params=h)},
-        "/admin/v1/holds/{hold_id}/extend": {"post": _op("Grow the hold (idempotent)", params=h, body=extend)},
+        "/admin/v1/holds/{hold_id}": {"get": _op("A hold and the grants it draws", ref("HoldWithAllocations"),
+                                                 params=h)},
+        "/admin/v1/holds/{hold_id}/extend": {"post": _op("Grow the hold (idempotent)", ref("HoldAnswer"),
+                                                         params=h, body=extend)},
         "/admin/v1/holds/{hold_id}/capture": {"post": _op("Capture part of the hold, or the final amount",
+                                                          ref("HoldAnswer"),
                                                           params=h, body=capture)},
-        "/admin/v1/holds/{hold_id}/void": {"post": _op("Release the hold", params=h)},
+        "/admin/v1/holds/{hold_id}/void": {"post": _op("Release the hold", ref("HoldAnswer"), params=h,
+                                                       body=strict({"idempotency_key": KEY}), body_required=False)},
         "/admin/v1/holds/{hold_id}/heartbeat": {"post": _op(
-            "Capture usage so far and hold the next increment; answers continue or stop", params=h, body=heartbeat)},
+            "Capture usage so far and hold the next increment; answers continue or stop", ref("Heartbeat"), params=h,
+            body=heartbeat)},
     }

@@ -33,7 +33,7 @@ PAGE = 1000
 USAGE_COLUMNS = ("seq", "id", "created_at", "created_at_ms", "customer_id", "asset", "route", "endpoint", "model",
                  "feature", "stream", "status_code", "usage_source", "tokens_input", "tokens_cached_input",
                  "tokens_output", "tokens_reasoning", "tokens_cache_write", "price_amount", "charged_amount",
-                 "written_off_amount", "cost_nanos", "hold_id")
+                 "written_off_amount", "cost_nanos", "hold_id", "budget_path")
 LEDGER_COLUMNS = ("seq", "idempotency_key", "created_at", "created_at_ms", "customer_id", "asset", "kind", "amount",
                   "credits_delta", "posted_delta", "pending_delta", "hold_id", "memo")
 

@@ -59,6 +59,12 @@ class OutboxRow:
     attempts: int
 
 
+# The meter-event outbox's columns an admin answer shows (GET /admin/v1/customers/{id}/meter-events), beside
+# ``duplicate``; metergate.admin.answers publishes their types from the table.
+OUTBOX_FIELDS = ("usage_id", "asset", "billing_mode", "state", "skip_reason", "event_name", "value",
+                 "usage_created_at_ms", "attempts", "last_error", "stripe_customer_id", "sent_at_ms")
+
+
 @dataclass(frozen=True, slots=True)
 class ReconRow:
     """One customer and asset over a period: what the usage says, what reached Stripe, what the ledger says."""
@@ -289,9 +295,7 @@ class BillingStore:
         o = b.meter_event_outbox.c
         rows = await self.wallet.read(lambda conn: conn.execute(select(b.meter_event_outbox).where(
             o.mode == mode, o.customer_id == customer_id).order_by(o.usage_created_at_ms, o.usage_id)).all())
-        keep = ("usage_id", "asset", "billing_mode", "state", "skip_reason", "event_name", "value",
-                "usage_created_at_ms", "attempts", "last_error", "stripe_customer_id", "sent_at_ms")
-        return [{k: getattr(r, k) for k in keep} | {"duplicate": bool(r.duplicate)} for r in rows]
+        return [{k: getattr(r, k) for k in OUTBOX_FIELDS} | {"duplicate": bool(r.duplicate)} for r in rows]
 
     # ---------------------------------------------------------------- reconciliation
 

@@ -1,15 +1,18 @@
 """Admin API: price versions, quotes, the dry-run simulator and usage events (all scoped to the key's mode).
 
 * ``POST /admin/v1/price-versions`` ``{"rules": [...], "note"}`` — validate a rule set and store it as a draft
-  (201); an invalid one is refused with 422, a stable ``code`` (``duplicate_rule``, ``ambiguous_rules``,
-  ``unknown_asset``, ``invalid_tiers``, ``negative_rate``, ``invalid_rule``) and the rule path in ``param``;
+  (201); under an ``Idempotency-Key`` header (or ``idempotency_key``), once: the same key again answers the
+  first draft (200, published or not), the same key with other rules 409 ``idempotency_conflict``; an invalid
+  one is refused with 422, a stable ``code`` (``duplicate_rule``, ``ambiguous_rules``, ``unknown_asset``,
+  ``invalid_tiers``, ``negative_rate``, ``invalid_rule``) and the rule path in ``param``;
 * ``POST /admin/v1/price-versions/validate`` ``{"rules": [...]}`` — the same validation, nothing stored;
 * ``GET /admin/v1/price-versions?limit&cursor`` — versions, newest first, and the one in force now;
 * ``GET /admin/v1/price-versions/{id}`` — one version with its rules (``config``: the configuration's);
 * ``POST /admin/v1/price-versions/{id}/publish`` ``{"effective_at"}`` — publish a draft from ``effective_at``
   (ISO 8601 or epoch ms, default now, not in the past); published versions never change;
 * ``POST /admin/v1/price-versions/{id}/simulate`` ``{"from", "to"}`` — re-price recorded usage
-  (:mod:`metergate.pricing.simulate`);
+  (:mod:`metergate.pricing.simulate`); ``POST /admin/v1/price-versions/simulate`` ``{"rules", "from", "to"}``
+  the same for a rule set that is validated but not stored (its ``version`` is ``"draft"``);
 * ``POST /admin/v1/quote`` — price a hypothetical request or event for a customer without touching the wallet;
 * ``POST /admin/v1/events`` — ingest usage events (:mod:`metergate.pricing.events`).
 """
@@ -42,6 +45,7 @@ from metergate.wallet.errors import CustomerNotFound
 from metergate.wallet.models import Mode, now_ms
 from metergate.wallet.store import WalletStore
 
+UNSTORED_VERSION_ID = "draft"  # names the rule set of a simulation that is not stored
 _PAST_TOLERANCE_MS = 1000  # clocks of the operator and the server may differ a little
 _TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
 _QUOTE_KEYS = {"customer_id", "type", "model", "endpoint", "route", "feature", "attributes", "usage", "payload",
@@ -66,6 +70,7 @@ class PricingApi:
         return [
             web.post(versions, self.create),
             web.post(f"{versions}/validate", self.validate),
+            web.post(f"{versions}/simulate", self.simulate_rules),
             web.get(versions, self.list_versions),
             web.get(f"{versions}/{{version_id}}", self.get_version),
             web.post(f"{versions}/{{version_id}}/publish", self.publish),
@@ -90,14 +95,18 @@ class PricingApi:
     async def create(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request)
-        unknown = sorted(set(body) - {"rules", "note"})
+        unknown = sorted(set(body) - {"rules", "note", "idempotency_key"})
         if unknown:
             raise BadRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > 500:
             raise BadRequest("'note' must be a string of at most 500 characters.", param="note")
-        version = await self._store.create_draft(mode, await self._rules(mode, body), note)
-        return json_response(version.as_json(), status=201)
+        key = body.get("idempotency_key", request.headers.get("Idempotency-Key"))
+        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):
+            raise BadRequest("'idempotency_key' (or the Idempotency-Key header) must be 1-128 characters.",
+                             param="idempotency_key")
+        version, created = await self._store.create_draft(mode, await self._rules(mode, body), note, key)
+        return json_response(version.as_json(), status=201 if created else 200)
 
     async def validate(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
@@ -146,6 +155,21 @@ class PricingApi:
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request)
         version = await self._version(mode, request.match_info["version_id"])
+        return json_response(await self._simulate(mode, version, body))
+
+    async def simulate_rules(self, request: web.Request) -> web.Response:
+        """Re-price recorded usage under a rule set that is not stored (``metergate prices diff``'s draft):
+        validated as a draft is, then simulated as a draft would be; nothing is written."""
+        mode = self._admin.authenticate(request)
+        body = await self._admin.read_json(request)
+        unknown = sorted(set(body) - {"rules", "from", "to"})
+        if unknown:
+            raise BadRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
+        rules = await self._rules(mode, body)
+        draft = PriceVersion(UNSTORED_VERSION_ID, mode, "draft", rules, "", now_ms())
+        return json_response(await self._simulate(mode, draft, body))
+
+    async def _simulate(self, mode: Mode, version: PriceVersion, body: dict[str, Any]) -> dict[str, Any]:
         for name in ("from", "to"):
             if not isinstance(body.get(name), int | str) or isinstance(body.get(name), bool):
                 raise BadRequest(f"'{name}' is required: an ISO 8601 time or epoch milliseconds.", param=name)
@@ -153,9 +177,8 @@ class PricingApi:
         if from_ms >= to_ms:
             raise BadRequest("'from' must be before 'to'.", param="from")
         scales = await self._pricing.asset_scales(mode)
-        report = await simulate(self._store, version, mode, from_ms=from_ms, to_ms=to_ms, scales=scales,
-                                providers=self._providers)
-        return json_response(report)
+        return await simulate(self._store, version, mode, from_ms=from_ms, to_ms=to_ms, scales=scales,
+                              providers=self._providers)
 
     # ---------------------------------------------------------------- quote and events
 

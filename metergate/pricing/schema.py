@@ -5,6 +5,9 @@
 * ``pricing_period_usage``: what each priced item added to a tier counter (``rules.Tiers.counter``) in its
   period, keyed by (record id, counter) so that counting an item twice is impossible. Quantities are stored
   in millionths of a unit (event quantities have at most six decimal places), as integers.
+* ``price_version_keys``: the idempotency key a draft was created under, with the SHA-256 of its canonical
+  rules, so that a retried create (``metergate prices push`` after a lost answer) returns the first draft
+  instead of storing a second one. The primary key makes the claim and the draft one transaction's effect.
 """
 
 from __future__ import annotations
@@ -37,4 +40,13 @@ pricing_period_usage = Table(
     Index("ix_pricing_period_usage", "mode", "customer_id", "counter", "period_start_ms"),
 )
 
-TABLES = (price_versions, pricing_period_usage)
+price_version_keys = Table(
+    "price_version_keys", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("version_id", String(40), nullable=False),
+    Column("rules_sha256", String(64), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+TABLES = (price_versions, pricing_period_usage, price_version_keys)

@@ -8,6 +8,8 @@ two operators publishing one draft at once publish it once; a published version 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -36,12 +38,43 @@ class PricingStore:
 
     # ---------------------------------------------------------------- versions
 
-    async def create_draft(self, mode: Mode, rules: RuleSet, note: str) -> PriceVersion:
+    async def create_draft(self, mode: Mode, rules: RuleSet, note: str,
+                           idempotency_key: str | None = None) -> tuple[PriceVersion, bool]:
+        """Store a draft; with ``idempotency_key``, once per key: the same key again returns the first draft
+        (``False``: not created now), the same key with other rules is 409 ``idempotency_conflict``."""
         version = PriceVersion(f"pv_{uuid.uuid4().hex[:24]}", mode, "draft", rules, note, now_ms())
-        await self.wallet.write(lambda conn: conn.execute(insert(p.price_versions).values(
-            id=version.id, mode=mode, state="draft", rules=rules.source, note=note,
-            created_at_ms=version.created_at_ms)))
-        return version
+        digest = rules_sha256(rules)
+        k = p.price_version_keys.c
+
+        def op(conn: Connection) -> str | None:
+            if idempotency_key is not None:
+                claimed = conn.execute(select(k.version_id, k.rules_sha256).where(
+                    k.mode == mode, k.idempotency_key == idempotency_key)).first()
+                if claimed is not None:
+                    return _replayed(claimed, digest, idempotency_key)
+                conn.execute(insert(p.price_version_keys).values(
+                    mode=mode, idempotency_key=idempotency_key, version_id=version.id, rules_sha256=digest,
+                    created_at_ms=version.created_at_ms))
+            conn.execute(insert(p.price_versions).values(
+                id=version.id, mode=mode, state="draft", rules=rules.source, note=note,
+                created_at_ms=version.created_at_ms))
+            return None
+
+        try:
+            existing_id = await self.wallet.write(op)
+        except IntegrityError:
+            # Another create with this key committed between our read and our insert (PostgreSQL); the key's
+            # primary key refused ours, and our draft went with it: answer as the first create did.
+            row = await self.wallet.read(lambda conn: conn.execute(select(k.version_id, k.rules_sha256).where(
+                k.mode == mode, k.idempotency_key == idempotency_key)).first())
+            if row is None:
+                raise
+            existing_id = _replayed(row, digest, str(idempotency_key))
+        if existing_id is None:
+            return version, True
+        existing = await self.get(mode, existing_id)
+        assert existing is not None, "a claimed idempotency key names a stored version"
+        return existing, False
 
     async def get(self, mode: Mode, version_id: str) -> PriceVersion | None:
         c = p.price_versions.c
@@ -144,6 +177,18 @@ class PricingStore:
         rows = await self.wallet.read(lambda conn: conn.execute(
             stmt.order_by(c.created_at_ms, c.seq).limit(limit)).all())
         return [((int(r.created_at_ms), int(r.seq)), _usage(r)) for r in rows]
+
+
+def rules_sha256(rules: RuleSet) -> str:
+    """The SHA-256 of a rule set's canonical JSON (sorted keys, no spaces): what a replayed create compares."""
+    canonical = json.dumps(rules.source, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _replayed(claimed: Any, digest: str, key: str) -> str:
+    if claimed.rules_sha256 != digest:
+        raise Conflict(f"Idempotency key {key!r} was used for another rule set.", param="idempotency_key")
+    return str(claimed.version_id)
 
 
 def _opt(value: Any) -> int | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from metergate.budgets.alerts import EVALUATE_EVERY_S
 from metergate.config.settings import Settings
 from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
@@ -123,6 +124,13 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
     escrow = _escrow(settings, sql_store) if proxy and sql_store is store else None
     if escrow is not None:
         pipeline.holds = escrow
+    budget_alerts = None
+    if sql_store is not None:  # threshold alerts claim in SQL and notify through the webhook outbox
+        from metergate.budgets.alerts import BudgetAlerts
+
+        budget_alerts = BudgetAlerts(sql_store, deliver=bool(settings.notify_url))
+        if proxy:
+            pipeline.on_budget_settled = budget_alerts.touch
     app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],
                           client_max_size=settings.max_body_bytes)
     app[STORE] = store
@@ -142,12 +150,16 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             await pipeline.start()
             if escrow is not None:
                 await escrow.start()
+            if budget_alerts is not None:
+                await budget_alerts.start(EVALUATE_EVERY_S)
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+        if budget_alerts is not None:
+            await budget_alerts.stop()
         await pipeline.stop()
         if escrow is not None:
             await escrow.close()  # every request has settled: the leases go back to their wallets
@@ -205,6 +217,10 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         app.add_routes(admin.routes())
         app.add_routes(ReportsApi(settings, store, admin).routes())  # margin reports, the operator dashboard
         app.add_routes(RateLimitsApi(settings, store, admin, pipeline.ratelimiter).routes())
+        from metergate.budgets.admin import BudgetsApi
+
+        # Budget nodes, limits, key attachments and alert rules (metergate/budgets).
+        app.add_routes(BudgetsApi(settings, store, admin, pipeline.budgets, budget_alerts).routes())
         if isinstance(store, SqlWalletStore):  # assets, grants, plans, subscriptions; holds for any workload
             app.add_routes(WalletsApi(settings, store, admin).routes())
             app.add_routes(HoldsApi(settings, store, admin).routes())
@@ -214,6 +230,9 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
         portal = PortalViews(settings, store, signer)
         app.add_routes(portal.routes())
+        from metergate.budgets.portal import BudgetPortal
+
+        app.add_routes(BudgetPortal(store, signer).routes())  # the budget tree, with the same signed link
         if sql_store is not None:  # payments keep their state in the SQL wallet database
             app[PAYMENTS] = payments = Payments(settings, store)
             app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin
@@ -231,6 +250,10 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
     if proxy:
         cors.install(app, settings, pipeline.routes)  # browser clients of the proxy routes, when configured
+        from metergate.budgets.selfserve import SelfService
+
+        # A proxy key's own balance, budget and usage (no admin key): before the catch-all proxy route.
+        app.add_routes(SelfService(settings, store, pipeline.identifier, pipeline.budgets).routes())
         # Every other path, control characters included (".*" stops at a decoded newline): the pipeline judges it.
         app.router.add_route("*", r"/{tail:[\s\S]*}", _traced(app, settings, pipeline, tracer_provider))
     return app

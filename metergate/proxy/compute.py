@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from metergate.budgets.admission import NODE_HEADER, Ticket
+from metergate.budgets.denials import BudgetExceeded
 from metergate.config.routes import ComputeSettings, RouteMatch
 from metergate.errors import BadGateway, BadRequest, GatewayTimeout
 from metergate.money import COST_SCALE, format_minor, to_minor
@@ -95,6 +97,7 @@ class Job:
     status: int = 0
     units: Decimal | None = None  # reported by the upstream (meter: header/json)
     response: web.StreamResponse | None = None
+    budget: Ticket | None = None  # the budget path it was admitted along (metergate.budgets)
 
     def elapsed_s(self) -> Decimal:
         end = self.finished if self.finished is not None else time.perf_counter()
@@ -125,8 +128,20 @@ class ComputeRelay:
         except CostUnknown:
             raise BadRequest(f"Route {match.route.prefix} is priced over its provider cost, which it does not "
                              "configure (cost_per_unit_usd).", code="unknown_cost") from None
-        hold = await p._authorize(identity, request_id, held, price.asset)
-        job = Job(request_id, identity, match, config, price, hold, held_units)
+        # A job spends along its budget path like any request (one request, no tokens, its hold); a node's
+        # allowed models do not apply to it (it names no model).
+        ticket = await p.budgets.resolve(identity.mode, identity.customer_id, key_id=identity.key_id,
+                                         header=request.headers.get(NODE_HEADER),
+                                         header_trusted=identity.via == "header", model=None)
+        if ticket is not None:
+            await p.budgets.admit(ticket, tokens=0, spend=held, asset=price.asset)
+        try:
+            hold = await p._authorize(identity, request_id, held, price.asset)
+        except BaseException:
+            if ticket is not None:
+                p.budgets.give_back(ticket)
+            raise
+        job = Job(request_id, identity, match, config, price, hold, held_units, budget=ticket)
         relay = asyncio.create_task(self._relay(request, body, job))
         extender = asyncio.create_task(self._extend(job, relay)) if config.meter == "time" else None
         response: web.StreamResponse | None = None
@@ -219,6 +234,11 @@ class ComputeRelay:
                 # next step can cost nothing more (then the hold stays as it is).
                 step = job.price.of(job.covered_units + config.extend_units) - job.hold.amount
                 if step > 0:
+                    if job.budget is not None:
+                        try:  # a node's spend limit stops a job as an empty wallet does
+                            await p.budgets.extend(job.budget, step, job.price.asset)
+                        except BudgetExceeded:
+                            raise InsufficientFunds(asset=job.price.asset, available=0, required=step) from None
                     job.hold = await p.holds.extend_hold(job.hold.id, step, step=job.extensions + 1,
                                                          ttl_ms=p.settings.hold_ttl_s * 1000)
             except InsufficientFunds:
@@ -261,8 +281,13 @@ class ComputeRelay:
             price_amount=price, cost_nanos=cost,
             detail={"meter": config.meter, "units": str(units), **job.price.detail(),
                     "held_units": str(job.covered_units), "extensions": job.extensions,
-                    "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())})
+                    "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())},
+            budget_path=job.budget.path_text if job.budget is not None else None)
         settlement = await settle_with_retries(p.holds, job.hold.id, price, record)
+        if settlement is not None and job.budget is not None:
+            p.budgets.settled(job.budget, charged=settlement.charged, tokens_used=0)
+        if settlement is not None and p.on_budget_settled is not None:
+            p.on_budget_settled(job.identity.mode, job.identity.customer_id)
         if settlement is not None and job.response is not None and not job.response.prepared:
             job.response.headers["X-Metergate-Charged"] = format_minor(settlement.charged, job.price.scale)
         if settlement is not None and billed and job.price.terms is not None:

@@ -24,6 +24,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from metergate.budgets.admission import NODE_HEADER, BudgetGuard, Ticket
+from metergate.budgets.denials import BudgetExceeded
+from metergate.budgets.model import ROOT
 from metergate.config.routes import RouteMatch, RouteTable
 from metergate.config.settings import Settings
 from metergate.errors import (
@@ -105,6 +108,8 @@ class Exchange:
     bounded: bool = True  # the upstream cannot outgrow the hold (or enforcement is off): no budget needed
     output_limit: int | None = None  # the output limit metergate set upstream (an upstream that cannot stream)
     assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
+    budget: Ticket | None = None  # the budget path it was admitted along (metergate.budgets)
+    budget_refusal: BudgetExceeded | None = None  # a node's limit, not the wallet, stopped the answer
 
 
 class Pipeline:
@@ -141,16 +146,19 @@ class Pipeline:
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
         self.spend_caps: SpendCapGuard | None = None
         self.on_settled: Callable[[Mode, str, str, Balance], Awaitable[None]] | None = None
+        self.on_budget_settled: Callable[[Mode, str], None] | None = None  # budget alerts: no I/O in it
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
         self._inflight: set[asyncio.Task[Any]] = set()
         self.ratelimiter = RateLimiter(settings.rate_limits, store)
+        self.budgets = BudgetGuard(store, cache_ttl_s=settings.key_cache_ttl_s)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         s = self.settings
         await self.ratelimiter.start()
+        await self.budgets.start()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=s.upstream_timeout_s, connect=s.upstream_connect_timeout_s,
@@ -160,6 +168,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         await self.ratelimiter.stop()
+        await self.budgets.stop()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self.session is not None:
@@ -228,13 +237,18 @@ class Pipeline:
         rate = await self.prices.resolve_request(
             identity.mode, identity.customer_id, model=prepared.model, endpoint=prepared.endpoint,
             route=match.route.prefix, provider=match.route.provider_id, attributes=attributes)
+        # The budget path (a node header from the app, or the key's node) is checked before anything is counted.
+        ticket = await self.budgets.resolve(identity.mode, identity.customer_id, key_id=identity.key_id,
+                                            header=request.headers.get(NODE_HEADER),
+                                            header_trusted=identity.via == "header", model=prepared.model)
         # Rate limits count the admission estimate, before the hold: a refused request holds nothing.
         await self.ratelimiter.admit(identity, prepared.input_tokens + prepared.max_output_tokens)
-        plan = await self._place_hold(identity, request_id, prepared, rate, match)
+        plan = await self._place_hold(identity, request_id, prepared, rate, match, ticket)
         self.metrics.hold_opened()
         ex = Exchange(request_id, identity, match, adapter, plan.prepared, rate, plan.hold,
                       attributes.get("feature"), time.monotonic(), covered_tokens=plan.covered_tokens,
-                      bounded=plan.bounded, output_limit=plan.output_limit, assembler=plan.assembler)
+                      bounded=plan.bounded, output_limit=plan.output_limit, assembler=plan.assembler,
+                      budget=ticket)
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
@@ -271,7 +285,7 @@ class Pipeline:
         return b"".join(chunks)
 
     async def _place_hold(self, identity: Identity, request_id: str, prepared: Prepared, rate: Resolved,
-                          match: RouteMatch) -> HoldPlan:
+                          match: RouteMatch, ticket: Ticket | None = None) -> HoldPlan:
         """The request's first hold and how its output is bounded (:func:`metergate.proxy.bounding.plan_hold`);
         402 when the wallet cannot cover even the smallest hold it may start with."""
         provider = match.route.provider_id
@@ -281,7 +295,17 @@ class Pipeline:
                                         provider, prepared.model)
 
         async def reserve(amount: int) -> Hold:
-            return await self._reserve(identity, request_id, amount, rate.asset)
+            if ticket is None:
+                return await self._reserve(identity, request_id, amount, rate.asset)
+            # Every node on the path admits the request with this hold, or none does; a hold the wallet then
+            # refuses gives it all back, so nothing stays counted for a request that is not served.
+            await self.budgets.admit(ticket, tokens=prepared.input_tokens + prepared.max_output_tokens,
+                                     spend=amount, asset=rate.asset or self.prices.asset)
+            try:
+                return await self._reserve(identity, request_id, amount, rate.asset)
+            except BaseException:
+                self.budgets.give_back(ticket)
+                raise
 
         try:
             with tracing.holding(prepared, match):
@@ -289,7 +313,10 @@ class Pipeline:
                                        initial_output_tokens=self.settings.initial_output_tokens,
                                        extend_tokens=self.settings.stream_extend_tokens)
         except InsufficientFunds as short:
-            raise self.insufficient(identity, short) from None
+            refusal = self.insufficient(identity, short)
+            if ticket is not None:  # the wallet refused: the customer's own node, whatever the path
+                refusal.extra.update(node=ROOT, node_path=ticket.path_text)
+            raise refusal from None
 
     async def _authorize(self, identity: Identity, request_id: str, amount: int, asset: str | None = None) -> Hold:
         try:
@@ -560,6 +587,14 @@ class Pipeline:
             return self._price(ex, Usage(input_tokens, output_tokens, source="estimated"))
 
         async def extend(amount: int, step: int) -> None:
+            if ex.budget is not None:
+                # A node's spend limit applies to each step too; a step past it stops the answer like an
+                # empty wallet does (what was delivered is billed, the rest returns to the limit).
+                try:
+                    await self.budgets.extend(ex.budget, amount, ex.hold.asset)
+                except BudgetExceeded as refused:
+                    ex.budget_refusal = refused
+                    raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
             if self.spend_caps is not None:
                 # A hold that grows is spending as much as one placed whole: the customer's cap applies to
                 # each step, and a step past it stops the answer like an empty wallet does.
@@ -575,6 +610,16 @@ class Pipeline:
 
     def _stop_notice(self, ex: Exchange, settlement: Settlement | None) -> dict[str, Any]:
         """What a stream metergate stopped tells its client, inside the provider's own final event."""
+        if ex.budget_refusal is not None:  # a node's limit: which one, and no top-up link (paying cannot lift it)
+            refused = ex.budget_refusal.extra
+            stopped: dict[str, Any] = {"stop_reason": "budget_exceeded", "asset": ex.hold.asset,
+                                       "message": "A budget limit was reached: the answer was stopped here and "
+                                                  f"what was delivered is billed. {ex.budget_refusal.message}",
+                                       "node": refused["node"], "node_path": refused["node_path"],
+                                       "limit": refused["limit"]}
+            if settlement is not None:
+                stopped["charged"] = format_minor(settlement.charged, ex.rate.scale)
+            return stopped
         notice: dict[str, Any] = {
             "stop_reason": ex.stopped,
             "message": "The wallet ran out of funds: the answer was stopped here and what was delivered is "
@@ -627,6 +672,7 @@ class Pipeline:
                     **({"usage_anomalies": anomalies} if anomalies else {}),
                     **({"deployment": ex.prepared.deployment} if ex.prepared.deployment else {}),
                     **({"units": dict(used.units)} if used.units else {})},
+            budget_path=ex.budget.path_text if ex.budget is not None else None,
         )
 
     async def _settle_shielded(self, ex: Exchange, usage: Usage | None) -> Settlement | None:
@@ -648,6 +694,11 @@ class Pipeline:
         with tracing.span("metergate.settle") as span:
             settlement = await settle_with_retries(self.holds, ex.hold.id, price, record)
             span.set_attribute("metergate.charged", settlement.charged if settlement is not None else 0)
+        if settlement is not None and ex.budget is not None:  # unsettled: the budget keeps the whole hold
+            self.budgets.settled(ex.budget, charged=settlement.charged,
+                                 tokens_used=record.tokens_input + record.tokens_output)
+        if settlement is not None and self.on_budget_settled is not None:
+            self.on_budget_settled(ex.hold.mode, ex.hold.customer_id)
         if settlement is not None and self.on_settled is not None:
             hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
                                                          settlement.balance))

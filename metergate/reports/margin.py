@@ -38,13 +38,13 @@ from metergate.money import COST_SCALE
 from metergate.wallet.models import Mode, UsageAggregate, UsageGrouping
 from metergate.wallet.store import WalletStore
 
-Grouping = Literal["customer", "feature", "model", "day", "week", "month"]
+Grouping = Literal["customer", "feature", "model", "day", "week", "month", "budget_node"]
 GROUPINGS: tuple[str, ...] = get_args(Grouping)
 MAX_GROUPS = 10_000  # rows per report; beyond it the rows are cut (``truncated``), the totals never are
 _DAY_MS = 86_400_000
 # What the database groups by: periods longer than a day are added up from days here.
 _STORED: dict[str, UsageGrouping] = {"customer": "customer", "feature": "feature", "model": "model", "day": "day",
-                                     "week": "day", "month": "day"}
+                                     "week": "day", "month": "day", "budget_node": "budget_node"}
 _EPOCH = dt.date(1970, 1, 1)
 
 

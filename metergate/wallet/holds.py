@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -47,21 +47,46 @@ from metergate.wallet.ledger import (
     hold_row,
     request_hash,
 )
-from metergate.wallet.models import Balance, Hold, Mode, now_ms
+from metergate.wallet.models import Balance, Hold, HoldState, Mode, now_ms
 from metergate.wallet.sql import SqlWalletStore
 
 Answer = dict[str, Any]
 
 
-def hold_view(hold: Hold) -> Answer:
-    return {"id": hold.id, "customer_id": hold.customer_id, "asset": hold.asset, "amount": hold.amount,
-            "captured": hold.captured_amount, "pending": hold.pending, "state": hold.state,
-            "expires_at_ms": hold.expires_at_ms, "created_at_ms": hold.created_at_ms}
+class HoldView(TypedDict):
+    """A hold as the hold API shows it: amounts in the asset's smallest unit; ``pending`` is what it still
+    reserves (0 once it is resolved)."""
+
+    id: str
+    customer_id: str
+    asset: str
+    amount: int
+    captured: int
+    pending: int
+    state: HoldState
+    expires_at_ms: int
+    created_at_ms: int
 
 
-def balance_view(b: Balance) -> Answer:
-    return {"asset": b.asset, "available": b.available, "pending": b.debits_pending,
-            "credits_posted": b.credits_posted, "debits_posted": b.debits_posted}
+class HoldBalanceView(TypedDict):
+    """The wallet's balance in the hold's asset after the call, in the smallest unit."""
+
+    asset: str
+    available: int
+    pending: int
+    credits_posted: int
+    debits_posted: int
+
+
+def hold_view(hold: Hold) -> HoldView:
+    return HoldView(id=hold.id, customer_id=hold.customer_id, asset=hold.asset, amount=hold.amount,
+                    captured=hold.captured_amount, pending=hold.pending, state=hold.state,
+                    expires_at_ms=hold.expires_at_ms, created_at_ms=hold.created_at_ms)
+
+
+def balance_view(b: Balance) -> HoldBalanceView:
+    return HoldBalanceView(asset=b.asset, available=b.available, pending=b.debits_pending,
+                           credits_posted=b.credits_posted, debits_posted=b.debits_posted)
 
 
 def new_hold_id(mode: Mode, key: str | None) -> str:

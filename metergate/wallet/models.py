@@ -150,6 +150,7 @@ class UsageRecord:
     cost_nanos: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     created_at_ms: int = field(default_factory=now_ms)
+    budget_path: str | None = None  # the budget nodes it was charged along, "root/project/agent"
 
     def __post_init__(self) -> None:
         # Whatever a request or an upstream put in these strings, a record stores them sanitized and bounded
@@ -173,7 +174,7 @@ class Settlement:
 
 # Reporting and rate limits (issue #7).
 
-UsageGrouping = Literal["customer", "feature", "model", "day", "total"]
+UsageGrouping = Literal["customer", "feature", "model", "day", "total", "budget_node"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 3  # v2: ledger_entries.grant_id, grants and allocations (issue #3); v3: api_keys.attributes
+SCHEMA_VERSION = 4  # v2: ledger_entries.grant_id, grants and allocations (issue #3); v3: api_keys.attributes;
+# v4: usage_records.budget_path (the budget node path a request was charged along)
 
 metadata = MetaData()
 
@@ -140,6 +141,7 @@ usage_records = Table(
     Column("cost_nanos", BigInteger, nullable=True),
     Column("detail", JSON, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
+    Column("budget_path", String(1040), nullable=True),  # v4: "root/project/agent"; NULL: no budget node
     Index("ix_usage_customer", "mode", "customer_id", "seq"),
     Index("ix_usage_time", "mode", "created_at_ms"),  # margin reports and the dashboard read time ranges
 )
@@ -288,4 +290,78 @@ lease_recalls = Table(
     Column("customer_id", String(128), primary_key=True),
     Column("asset", String(32), primary_key=True),
     Column("recalled_at_ms", BigInteger, nullable=False),
+)
+
+# Budgets (metergate/budgets): a tree of nodes below each customer, their limits, which node each proxy key
+# is attached to, the limits' use per window bucket (claimed quota, as for the rate limits), alert thresholds
+# and the alerts fired, each claimed once by a unique key.
+budget_nodes = Table(
+    "budget_nodes", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("parent_id", String(128), nullable=True),  # NULL only for the root
+    Column("kind", String(16), nullable=False),
+    Column("name", String(256), nullable=False, default=""),
+    Column("allowed_models", JSON, nullable=True),  # NULL: any model
+    Column("created_at_ms", BigInteger, nullable=False),
+    ForeignKeyConstraint(["mode", "customer_id"], ["customers.mode", "customers.id"]),
+)
+
+budget_limits = Table(
+    "budget_limits", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("node_id", String(128), nullable=False),
+    Column("dimension", String(8), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("window_kind", String(8), nullable=False),
+    Column("window_length_ms", BigInteger, nullable=False),
+    Column("window_buckets", Integer, nullable=False),
+    Column("asset", String(32), nullable=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+budget_key_nodes = Table(
+    "budget_key_nodes", metadata,
+    Column("key_id", String(40), primary_key=True),
+    Column("mode", String(4), nullable=False),
+    Column("customer_id", String(128), nullable=False),
+    Column("node_id", String(128), nullable=False),
+    Index("ix_budget_key_nodes_customer", "mode", "customer_id"),
+)
+
+budget_usage = Table(
+    "budget_usage", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("limit_id", String(128), primary_key=True),
+    Column("bucket_start_ms", BigInteger, primary_key=True),
+    Column("used", BigInteger, nullable=False),
+    Index("ix_budget_usage_bucket", "bucket_start_ms"),
+)
+
+budget_alert_rules = Table(
+    "budget_alert_rules", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("target", String(140), nullable=False),  # "balance:<asset>" or "limit:<limit id>"
+    Column("thresholds", JSON, nullable=False),  # [{"percent": 80} | {"amount": 5000}, ...]
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+# One row per alert that fired: the key (rule, threshold, period) is unique, so that however many replicas
+# see a crossing, and across restarts, one of them inserts it and only that one enqueues the webhook.
+budget_alert_events = Table(
+    "budget_alert_events", metadata,
+    Column("mode", String(4), primary_key=True),
+    Column("customer_id", String(128), primary_key=True),
+    Column("rule_id", String(128), primary_key=True),
+    Column("threshold", String(40), primary_key=True),
+    Column("period_start_ms", BigInteger, primary_key=True),
+    Column("fired_at_ms", BigInteger, nullable=False),
+    Column("recovered_at_ms", BigInteger, nullable=True),
 )

@@ -72,6 +72,7 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
+from metergate.wallet.sqlbudgets import BudgetTables
 from metergate.wallet.sqlgrants import GrantAdmin
 from metergate.wallet.sqlleases import LeaseRecalls
 from metergate.wallet.sqlratelimits import RateLimits
@@ -83,7 +84,7 @@ _balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _ent
 _balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
 
 
-class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls):
+class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
     """The wallet store over SQL (see the module docstring); its knobs are :class:`SqlRunner`'s."""
 
     # ------------------------------------------------------------------ customers and keys
@@ -415,7 +416,9 @@ def _usage_summary(conn: Connection, mode: Mode, group_by: UsageGrouping, from_m
     """One aggregate query; every sum is over integers, so SQLite and PostgreSQL agree to the unit."""
     c = t.usage_records.c
     keys: dict[str, Any] = {"customer": c.customer_id, "feature": func.coalesce(c.feature, ""), "model": c.model,
-                            "day": c.created_at_ms // _DAY_MS}  # integer division on both backends
+                            "day": c.created_at_ms // _DAY_MS,  # integer division on both backends
+                            # "<customer>:<budget path>" ("<customer>:" for requests outside any budget node)
+                            "budget_node": c.customer_id + literal(":") + func.coalesce(c.budget_path, "")}
     known = c.cost_nanos.is_not(None)
     no_usage = and_(c.cost_nanos.is_(None), c.usage_source == "none")
     unknown = and_(c.cost_nanos.is_(None), c.usage_source != "none")

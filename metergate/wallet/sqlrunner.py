@@ -37,6 +37,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -181,6 +182,11 @@ class SqlRunner:
             if current <= 2:
                 conn.execute(text("ALTER TABLE api_keys ADD COLUMN attributes JSON"))  # NULL: no attributes
                 conn.execute(insert(t.schema_version).values(version=3, applied_at_ms=now_ms()))
+            if current <= 3:
+                # The budget path of each usage record (NULL: no budget node), unless a partial upgrade added it.
+                if "budget_path" not in {c["name"] for c in inspect(conn).get_columns("usage_records")}:
+                    conn.execute(text("ALTER TABLE usage_records ADD COLUMN budget_path VARCHAR(1040)"))
+                conn.execute(insert(t.schema_version).values(version=4, applied_at_ms=now_ms()))
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one write transaction (on SQLite, in a savepoint of the writer's next

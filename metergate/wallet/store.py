@@ -14,7 +14,7 @@ Contract shared by every implementation:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from metergate.wallet.models import (
     ApiKey,
@@ -31,6 +31,10 @@ from metergate.wallet.models import (
     UsageRecord,
 )
 from metergate.wallet.quota import QuotaClaim, QuotaGrant
+
+if TYPE_CHECKING:
+    from metergate.budgets.claims import BudgetClaim, BudgetDenial, BudgetGrant
+    from metergate.budgets.model import Limit, Node, Tree
 
 
 class WalletStore(Protocol):
@@ -99,6 +103,30 @@ class WalletStore(Protocol):
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         """Delete the windows that started before ``before_ms``; return how many."""
 
+    # Budgets (metergate/budgets): a tree of nodes below each customer, spending from its one wallet.
+    async def budget_tree(self, mode: Mode, customer_id: str) -> Tree:
+        """The customer's budget nodes, limits and key attachments."""
+
+    async def budget_use(self, mode: Mode, customer_id: str, *, at_ms: int) -> dict[str, int]:
+        """Each limit's claimed use in the window in force at ``at_ms``."""
+
+    async def put_budget_node(self, node: Node) -> tuple[Node, bool]: ...
+    async def update_budget_node(self, mode: Mode, customer_id: str, node_id: str,
+                                 changes: dict[str, Any]) -> Node: ...
+    async def delete_budget_node(self, mode: Mode, customer_id: str, node_id: str) -> bool: ...
+    async def put_budget_limit(self, limit: Limit) -> tuple[Limit, bool]: ...
+    async def update_budget_limit(self, mode: Mode, customer_id: str, limit_id: str,
+                                  amount: int) -> Limit | None: ...
+    async def delete_budget_limit(self, mode: Mode, customer_id: str, limit_id: str) -> bool: ...
+    async def attach_budget_key(self, mode: Mode, key_id: str, node_id: str | None) -> str | None: ...
+    async def claim_budget(self, mode: Mode, customer_id: str, claims: list[BudgetClaim], *,
+                           now_ms: int) -> list[BudgetGrant] | BudgetDenial:
+        """Lease from the limits' windows by :func:`metergate.wallet.quota.grant_one`, all or none, atomically."""
+
+    async def release_budget(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]]) -> None:
+        """Give back (limit id, bucket start, amount) leased and not used."""
+
+    async def prune_budget_usage(self, *, before_ms: int) -> int: ...
 
 class HoldPath(Protocol):
     """The hot operations the proxy calls per request: a :class:`WalletStore`'s own, or escrow leases in front

@@ -65,7 +65,8 @@ async def test_bad_quotes_are_refused_with_the_field_named(gateway: Gateway) -> 
                         ({"model": "gpt-4o", "usage": {"tokens": 1}}, "usage"),
                         ({"type": "gpu.job", "quantities": {"gpu_seconds": "x"}}, "quantities.gpu_seconds"),
                         ({"model": "gpt-4o", "version": "pv_nope"}, "version_id"),
-                        ({"model": "gpt-4o", "colour": "red"}, "colour")):
+                        ({"model": "gpt-4o", "colour": "red"}, "colour"),
+                        ({"endpoint": "0", "payload": {"model": "gpt-4o", "messages": MESSAGES}}, "endpoint")):
         r = await gateway.admin.post("/quote", json={"customer_id": "acme", **body})
         assert r.status_code in (400, 404), (body, r.text)
         assert r.json()["error"]["param"] == param, body

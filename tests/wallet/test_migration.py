@@ -43,7 +43,7 @@ async def test_a_v1_wallet_is_upgraded_to_grants(store_url: str) -> None:
     try:
         version = await upgraded.read(lambda conn: conn.execute(select(func.max(t.schema_version.c.version)))
                                        .scalar())
-        assert version == t.SCHEMA_VERSION == 3
+        assert version == t.SCHEMA_VERSION == 4
         balance = await upgraded.balance(MODE, "acme", "USD")
         assert (balance.credits_posted, balance.debits_posted, balance.debits_pending) == (1000, 200, 500)
         [grant] = await upgraded.grants(MODE, "acme")
@@ -78,7 +78,7 @@ async def test_a_v2_wallets_keys_survive_the_upgrade_to_key_attributes(store_url
     await upgraded.open()
     try:
         versions = await upgraded.read(lambda conn: conn.execute(select(t.schema_version.c.version)).scalars().all())
-        assert sorted(versions) == [2, 3]
+        assert sorted(versions) == [2, 3, 4]
         key = await upgraded.find_api_key("h" * 64)
         assert key is not None and (key.id, key.customer_id, key.attributes) == ("key_old", "acme", {})
         changed = await upgraded.set_api_key_attributes(MODE, "key_old", {"feature": "search"})

@@ -136,12 +136,12 @@ def usage(customer_id: str, limit: int = 50, cursor: str | None = None) -> Call[
 
 
 def portal_link(customer_id: str, access: str | None = None) -> Call[Link]:
-    body: Json = {} if access is None else {"access": access}
+    body = None if access is None else {"access": access}
     return Call("POST", f"/customers/{_p(customer_id)}/portal-link", Link.of, body, idempotency_key=new_key())
 
 
 def dashboard_link() -> Call[Link]:
-    return Call("POST", "/dashboard-link", Link.of, {}, idempotency_key=new_key())
+    return Call("POST", "/dashboard-link", Link.of, idempotency_key=new_key())
 
 
 def assets() -> Call[list[Asset]]:
@@ -169,7 +169,7 @@ def create_grant(customer_id: str, amount: Amount, *, asset: str | None = None, 
 
 
 def void_grant(grant_id: str) -> Call[Grant]:
-    return Call("POST", f"/grants/{_p(grant_id)}/void", Grant.of, {}, idempotency_key=new_key())
+    return Call("POST", f"/grants/{_p(grant_id)}/void", Grant.of, idempotency_key=new_key())
 
 
 # ---------------------------------------------------------------------- holds
@@ -246,8 +246,29 @@ def validate_prices(rules: Any) -> Call[Json]:
     return Call("POST", "/price-versions/validate", _raw, {"rules": rules})
 
 
-def create_price_version(rules: Any, note: str = "") -> Call[Json]:
-    return Call("POST", "/price-versions", _raw, {"rules": rules, "note": note}, retry=False)
+def create_price_version(rules: Any, note: str = "", idempotency_key: str | None = None) -> Call[Json]:
+    """A draft; with ``idempotency_key`` once per key (so the call may be retried), else never retried."""
+    return Call("POST", "/price-versions", _raw, {"rules": rules, "note": note}, idempotency_key=idempotency_key,
+                retry=idempotency_key is not None)
+
+
+def list_price_versions(limit: int = 50, cursor: str | None = None) -> Call[Json]:
+    """``{"data": [summaries, newest first], "in_force": summary, "next_cursor"}``."""
+    return Call("GET", "/price-versions", _raw, params=_paging(limit, cursor))
+
+
+def get_price_version(version_id: str) -> Call[Json]:
+    """One version with its rules (``config``: the settings file's version 0)."""
+    return Call("GET", f"/price-versions/{_p(version_id)}", _raw)
+
+
+def simulate_price_version(version_id: str, from_: int | str, to: int | str) -> Call[Json]:
+    return Call("POST", f"/price-versions/{_p(version_id)}/simulate", _raw, {"from": from_, "to": to})
+
+
+def simulate_prices(rules: Any, from_: int | str, to: int | str) -> Call[Json]:
+    """Re-price recorded usage under a rule set that is not stored; nothing is written."""
+    return Call("POST", "/price-versions/simulate", _raw, {"rules": rules, "from": from_, "to": to})
 
 
 def publish_price_version(version_id: str, effective_at: int | str | None = None) -> Call[Json]:

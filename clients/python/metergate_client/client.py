@@ -213,9 +213,24 @@ class Client:
     def validate_prices(self, rules: Any) -> Json:
         return self._send(calls.validate_prices(rules))
 
-    def create_price_version(self, rules: Any, note: str = "") -> Json:
-        """Validate and store a draft price version (422 :class:`InvalidRequest` naming the rule)."""
-        return self._send(calls.create_price_version(rules, note))
+    def create_price_version(self, rules: Any, note: str = "", *, idempotency_key: str | None = None) -> Json:
+        """Validate and store a draft price version (422 :class:`InvalidRequest` naming the rule); once per
+        ``idempotency_key`` (the same key again returns the first draft)."""
+        return self._send(calls.create_price_version(rules, note, idempotency_key))
+
+    def list_price_versions(self, limit: int = 50, cursor: str | None = None) -> Json:
+        return self._send(calls.list_price_versions(limit, cursor))
+
+    def get_price_version(self, version_id: str) -> Json:
+        return self._send(calls.get_price_version(version_id))
+
+    def simulate_price_version(self, version_id: str, from_: int | str, to: int | str) -> Json:
+        """Re-price the recorded usage of ``[from_, to)`` under a stored version."""
+        return self._send(calls.simulate_price_version(version_id, from_, to))
+
+    def simulate_prices(self, rules: Any, from_: int | str, to: int | str) -> Json:
+        """Re-price the recorded usage of ``[from_, to)`` under a rule set that is not stored."""
+        return self._send(calls.simulate_prices(rules, from_, to))
 
     def publish_price_version(self, version_id: str, effective_at: int | str | None = None) -> Json:
         return self._send(calls.publish_price_version(version_id, effective_at))

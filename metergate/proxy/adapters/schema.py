@@ -306,7 +306,10 @@ def check(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -
     """Check ``payload`` against ``endpoint``'s schema; 400 naming the first field that breaks its rule.
     ``model``: the model the request is priced as when the upstream decides it, not the body (an Azure
     deployment's); the body's own ``model`` is then optional, and still checked when present."""
-    schema = SCHEMAS[endpoint]
+    schema = SCHEMAS.get(endpoint)
+    if schema is None:  # the proxy's routes name known endpoints; a quote's payload names its own
+        raise BadRequest(f"Unknown endpoint {endpoint!r}; known: {', '.join(sorted(SCHEMAS))}.",
+                         code="invalid_request", param="endpoint")
     if model is None:
         model = check_model(payload)
     elif "model" in payload:

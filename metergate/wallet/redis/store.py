@@ -80,6 +80,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 from sqlalchemy import Connection, select
 
+from metergate.budgets.delegate import BudgetsInSql
 from metergate.errors import MetergateError
 from metergate.wallet import schema as t
 from metergate.wallet.errors import HoldNotFound, IdempotencyConflict, InsufficientFunds
@@ -218,7 +219,7 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
-class RedisWalletStore:
+class RedisWalletStore(BudgetsInSql):
     """See the module docstring. ``run_sink=False`` leaves draining to other processes (tests, tools)."""
 
     def __init__(self, sql: SqlWalletStore, redis_url: str, *, prefix: str = "mg", shards: int = 16,
