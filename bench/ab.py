@@ -4,7 +4,11 @@ round measures both, alternating which goes first, so that drift on the machine 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from run import Cell, Servers, fund_customer, run_cell  # bench/ is a directory of scripts
@@ -45,3 +49,34 @@ async def measure_ab(servers: dict[str, Servers], *, stream: bool, concurrency: 
         for s in servers.values():
             s.stop()
     return cells
+
+
+def ab_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every A/B benchmark takes; a script adds its own before :func:`ab_args`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 s windows")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 3)")
+    parser.add_argument("--duration", type=float, help="measurement window per target and round, seconds "
+                                                       "(default 2; --quick 0.5)")
+    parser.add_argument("--concurrency", type=int, default=32, help="workers (default 32)")
+    parser.add_argument("--stream", action="store_true", help="streaming requests instead of unary")
+    parser.add_argument("--server-cpus", default="0")
+    parser.add_argument("--client-cpus", default="1")
+    return parser
+
+
+def ab_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.duration = args.duration or (0.5 if args.quick else 2.0)
+    if not (1 <= args.rounds <= 50 and 0.1 <= args.duration <= 60 and 1 <= args.concurrency <= 512):
+        parser.error("--rounds 1-50, --duration 0.1-60 s, --concurrency 1-512")
+    return args
+
+
+def run_timed(main_async: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
+    """Run a benchmark's main and print its wall time; its exit code."""
+    started = time.monotonic()
+    code = asyncio.run(main_async(args))
+    print(f"total wall time {time.monotonic() - started:.0f}s")
+    return code

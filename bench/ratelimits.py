@@ -15,20 +15,18 @@ alternating which goes first; the ratios are taken within a round, then the medi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ab import measure_ab  # noqa: E402
+from ab import ab_args, ab_parser, measure_ab, run_timed  # noqa: E402
 from run import Servers  # noqa: E402 - bench/ is a directory of scripts
 
 README_SHAPED_LIMITS: dict[str, Any] = {"customer": {"requests_per_minute": 10**9, "tokens_per_minute": 10**13},
@@ -37,23 +35,10 @@ TARGETS = ("plain", "limited")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 s windows")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 3)")
-    parser.add_argument("--duration", type=float, help="measurement window per target and round, seconds "
-                                                       "(default 2; --quick 0.5)")
-    parser.add_argument("--concurrency", type=int, default=32, help="workers (default 32)")
-    parser.add_argument("--stream", action="store_true", help="streaming requests instead of unary")
+    parser = ab_parser(__doc__)
     parser.add_argument("--limits", type=json.loads, default=README_SHAPED_LIMITS,
                         help="the limited target's rate_limits, JSON (default: README-shaped, far above the load)")
-    parser.add_argument("--server-cpus", default="0")
-    parser.add_argument("--client-cpus", default="1")
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (3 if args.quick else 5)
-    args.duration = args.duration or (0.5 if args.quick else 2.0)
-    if not (1 <= args.rounds <= 50 and 0.1 <= args.duration <= 60 and 1 <= args.concurrency <= 512):
-        parser.error("--rounds 1-50, --duration 0.1-60 s, --concurrency 1-512")
-    return args
+    return ab_args(parser, argv)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -90,10 +75,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
-    code = asyncio.run(main_async(parse_args(argv)))
-    print(f"total wall time {time.monotonic() - started:.0f}s")
-    return code
+    return run_timed(main_async, parse_args(argv))
 
 
 if __name__ == "__main__":

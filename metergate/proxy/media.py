@@ -26,9 +26,7 @@ from aiohttp import web
 
 from metergate.config.routes import RouteMatch
 from metergate.errors import (
-    BadGateway,
     BadRequest,
-    GatewayTimeout,
     MetergateError,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -53,6 +51,7 @@ from metergate.proxy.adapters.media import (
 from metergate.proxy.adapters.schema import check_model
 from metergate.proxy.methods import check_method
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
+from metergate.proxy.upstream_body import read_limited_answer
 
 if TYPE_CHECKING:
     from metergate.proxy.pipeline import Exchange, Pipeline
@@ -165,7 +164,8 @@ class MediaRelay:
                            basis: Basis, held: Usage) -> web.StreamResponse:
         p = self._p
         try:
-            body = await _read_limited(upstream, p.settings.max_response_bytes)
+            body = await read_limited_answer(upstream, p.settings.max_response_bytes,
+                                               note=" Nothing was charged.")
         finally:
             upstream.release()
         ex.status = upstream.status
@@ -231,22 +231,6 @@ def _basis(asked: MediaRequest, rate: Resolved) -> Basis:
     what = _UNIT_NAMES.get(unit or "", "image at this size and quality")
     raise BadRequest(f"Model {asked.model!r} is billed per {what}, and its price rule {rate.rule.id!r} has no rate "
                      f"for {unit or 'its images'}; nothing was charged.", code="unpriced_unit", param="model")
-
-
-async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in upstream.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise BadGateway(f"The upstream response exceeded {limit} bytes.", code="upstream_invalid")
-            chunks.append(chunk)
-    except TimeoutError:
-        raise GatewayTimeout("The upstream stopped answering; nothing was charged.") from None
-    except aiohttp.ClientError:
-        raise BadGateway("The upstream connection failed mid-response; nothing was charged.") from None
-    return b"".join(chunks)
 
 
 __all__ = ["MediaRelay"]

@@ -29,6 +29,7 @@ from metergate.errors import BadGateway, BadRequest, GatewayTimeout, NotFound
 from metergate.http import REQUEST_ID_HEADER
 from metergate.proxy import headers as hh
 from metergate.proxy.methods import check_method
+from metergate.proxy.upstream_body import read_limited_answer
 
 if TYPE_CHECKING:
     from metergate.proxy.pipeline import Pipeline
@@ -103,7 +104,7 @@ class FreeEndpoints:
             if 300 <= upstream.status < 400:
                 raise BadGateway("The upstream answered with a redirect, which metergate does not follow.",
                                  code="upstream_redirect")
-            payload = await _read_limited(upstream, p.settings.max_response_bytes)
+            payload = await read_limited_answer(upstream, p.settings.max_response_bytes)
         finally:
             upstream.release()
         log.debug("%s: free endpoint %s for %s/%s answered %d", request_id, free.endpoint.name, identity.mode,
@@ -150,19 +151,3 @@ def _concrete(endpoint: FreeEndpoint, path: str) -> str | None:
         return None
     segment = path[len(head):len(path) - len(tail)]
     return path if endpoint.segment.match(segment) else None
-
-
-async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in upstream.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise BadGateway(f"The upstream response exceeded {limit} bytes.", code="upstream_invalid")
-            chunks.append(chunk)
-    except TimeoutError:
-        raise GatewayTimeout("The upstream stopped answering.") from None
-    except aiohttp.ClientError:
-        raise BadGateway("The upstream connection failed mid-response.") from None
-    return b"".join(chunks)

@@ -62,6 +62,7 @@ from metergate.proxy.prompt_size import prepare_bounded
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import settle_with_retries
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
+from metergate.proxy.upstream_body import read_limited
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, stored_text
 from metergate.wallet.store import HoldPath, WalletStore
@@ -532,7 +533,7 @@ class Pipeline:
     async def _relay_whole(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Read a whole (non-stream) upstream answer, settle from its usage, relay it with a receipt."""
         try:
-            body = await _read_limited(upstream, self.settings.max_response_bytes)
+            body = await read_limited(upstream, self.settings.max_response_bytes)
         except TimeoutError:
             raise GatewayTimeout("The upstream stopped answering; nothing was charged.") from None
         except aiohttp.ClientError:
@@ -739,17 +740,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     return payload
-
-
-async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in upstream.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BadGateway(f"The upstream response exceeded {limit} bytes.", code="upstream_invalid")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
