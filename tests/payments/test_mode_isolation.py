@@ -27,6 +27,15 @@ BODY: dict[str, Any] = {"id": "test-only-customer", "name": "Test Only", "amount
                         "idempotency_key": "isolation-probe", "memo": "probe", "threshold": 5_000_000,
                         "requests_per_minute": 1, "tokens_per_minute": 1, "daily": 1, "monthly": 1}
 PATCH_BODY: dict[str, Any] = {"attributes": {"plan": "probe"}}  # well formed: only mode scoping may refuse it
+# Routes whose body is validated before the object is looked up: each gets one that is well formed.
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("PUT", "/budget-node"): {"node_id": "live-node"},
+    ("POST", "/budget-nodes"): {"id": "probe-node", "kind": "project"},
+    ("PATCH", "/budget-nodes/{node_id}"): {"name": "probe"},
+    ("POST", "/limits"): {"id": "probe-limit", "dimension": "requests", "amount": 1, "window": {"kind": "day"}},
+    ("PATCH", "/budget-limits/{limit_id}"): {"amount": 1},
+    ("PUT", "/budget-alerts/{rule_id}"): {"target": "limit:live-limit", "thresholds": [{"percent": 50}]},
+}
 
 
 async def _live_state(pg: PayGate, key_hash: str) -> dict[str, Any]:
@@ -90,8 +99,20 @@ async def _seed_live_wallet(pg: PayGate) -> dict[str, str]:
             {"id": "live-rule", "match": {"type": "request", "model": LIVE_MODEL}, "asset": "USD",
              "per_units": "1000000", "rates": {"input_tokens": "7", "output_tokens": "11"}}]})
         assert r.status_code == 201, r.text
+        version_id = r.json()["id"]
+        # A live budget node with a limit and an alert rule (metergate/budgets), named like the live customer.
+        r = await live_admin.post(f"/customers/{LIVE_ID}/budget-nodes",
+                                  json={"id": "live-node", "kind": "project", "name": LIVE_NAME})
+        assert r.status_code == 201, r.text
+        r = await live_admin.post(f"/customers/{LIVE_ID}/budget-nodes/live-node/limits", json={
+            "id": "live-limit", "dimension": "requests", "amount": 7, "window": {"kind": "day"}})
+        assert r.status_code == 201, r.text
+        r = await live_admin.put(f"/customers/{LIVE_ID}/budget-alerts/live-rule",
+                                 json={"target": "limit:live-limit", "thresholds": [{"percent": 80}]})
+        assert r.status_code in (200, 201), r.text
     return {"grant_id": entry.grant_id, "plan_id": "live-plan", "subscription_id": "live-sub",
-            "hold_id": "hold_live2", "version_id": r.json()["id"], "webhook_id": webhook_id}
+            "hold_id": "hold_live2", "version_id": version_id, "webhook_id": webhook_id,
+            "node_id": "live-node", "limit_id": "live-limit", "rule_id": "live-rule"}
 
 
 async def _live_wallet_state(pg: PayGate, ids: dict[str, str]) -> dict[str, Any]:
@@ -99,7 +120,10 @@ async def _live_wallet_state(pg: PayGate, ids: dict[str, str]) -> dict[str, Any]
     async with httpx.AsyncClient(base_url=pg.gw.admin.base_url,
                                  headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live_admin:
         version = (await live_admin.get(f"/price-versions/{ids['version_id']}")).json()
-    return {"grants": await store.grants("live", LIVE_ID),  # type: ignore[attr-defined]
+        budgets = (await live_admin.get(f"/customers/{LIVE_ID}/budget-nodes")).json()
+        rules = (await live_admin.get(f"/customers/{LIVE_ID}/budget-alerts")).json()
+    return {"budgets": budgets, "budget_alerts": rules,
+            "grants": await store.grants("live", LIVE_ID),  # type: ignore[attr-defined]
             "hold": await store.get_hold(ids["hold_id"]), "price_version": version,
             "webhook": await pg.payments.outbox.get("live", ids["webhook_id"])}
 
@@ -123,7 +147,8 @@ async def test_test_key_reads_and_changes_nothing_live_through_any_admin_route(p
         for query in ("", "?format=csv&group_by=customer", "?group_by=model", "?group_by=feature"):
             if query and "reports" not in path:
                 continue
-            body = PATCH_BODY if method == "PATCH" else BODY if method in ("POST", "PUT") else None
+            body = next((b for (m, tail), b in BODIES.items() if m == method and template.endswith(tail)),
+                        PATCH_BODY if method == "PATCH" else BODY if method in ("POST", "PUT") else None)
             r = await paygate.gw.admin.request(method, path.removeprefix("/admin/v1") + query, json=body)
             # An error may echo the ids the path itself named; nothing else live may appear.
             markers = secrets + tuple(i for i in (LIVE_ID, key_id) if i not in path)
