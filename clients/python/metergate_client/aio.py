@@ -263,8 +263,9 @@ class AsyncClient:
                                                          allowed_models=allowed_models))
 
     async def update_budget_node(self, customer_id: str, node_id: str, *, name: str | None = None,
-                                 allowed_models: Sequence[str] | None | EllipsisType = ...) -> BudgetNode:
-        return await self._send(calls.update_budget_node(customer_id, node_id, name=name, allowed_models=allowed_models))
+                                 allowed_models: Sequence[str] | EllipsisType | None = ...) -> BudgetNode:
+        call = calls.update_budget_node(customer_id, node_id, name=name, allowed_models=allowed_models)
+        return await self._send(call)
 
     async def delete_budget_node(self, customer_id: str, node_id: str) -> Deleted:
         return await self._send(calls.delete_budget_node(customer_id, node_id))
@@ -272,8 +273,9 @@ class AsyncClient:
     async def create_budget_limit(self, customer_id: str, node_id: str, limit_id: str, *, dimension: str, amount: int,
                                   window: BudgetWindow | str, asset: str | None = None) -> BudgetLimit:
         """``amount``: requests, tokens, or (spend) the asset's smallest unit; idempotent by ``limit_id``."""
-        return await self._send(calls.create_budget_limit(customer_id, node_id, limit_id, dimension=dimension, amount=amount,
-                                                          window=window, asset=asset))
+        call = calls.create_budget_limit(customer_id, node_id, limit_id, dimension=dimension, amount=amount,
+                                         window=window, asset=asset)
+        return await self._send(call)
 
     async def update_budget_limit(self, customer_id: str, limit_id: str, amount: int) -> BudgetLimit:
         return await self._send(calls.update_budget_limit(customer_id, limit_id, amount))
@@ -289,7 +291,8 @@ class AsyncClient:
 
     async def set_budget_alert(self, customer_id: str, rule_id: str, target: str, *, percents: Sequence[int] = (),
                                amounts: Sequence[int] = ()) -> BudgetAlertRule:
-        return await self._send(calls.set_budget_alert(customer_id, rule_id, target, percents=percents, amounts=amounts))
+        call = calls.set_budget_alert(customer_id, rule_id, target, percents=percents, amounts=amounts)
+        return await self._send(call)
 
     async def delete_budget_alert(self, customer_id: str, rule_id: str) -> Deleted:
         return await self._send(calls.delete_budget_alert(customer_id, rule_id))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import EllipsisType
 from decimal import Decimal
+from types import EllipsisType
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote as _q
 
@@ -324,7 +324,7 @@ def create_budget_node(customer_id: str, node_id: str, kind: str, *, parent_id: 
 
 
 def update_budget_node(customer_id: str, node_id: str, *, name: str | None = None,
-                       allowed_models: Sequence[str] | None | EllipsisType = ...) -> Call[BudgetNode]:
+                       allowed_models: Sequence[str] | EllipsisType | None = ...) -> Call[BudgetNode]:
     """Only what is given changes; ``allowed_models=None`` lifts the restriction (``...``: unchanged)."""
     body: Json = {} if name is None else {"name": name}
     if not isinstance(allowed_models, EllipsisType):

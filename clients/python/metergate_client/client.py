@@ -267,7 +267,7 @@ class Client:
                                                    allowed_models=allowed_models))
 
     def update_budget_node(self, customer_id: str, node_id: str, *, name: str | None = None,
-                           allowed_models: Sequence[str] | None | EllipsisType = ...) -> BudgetNode:
+                           allowed_models: Sequence[str] | EllipsisType | None = ...) -> BudgetNode:
         return self._send(calls.update_budget_node(customer_id, node_id, name=name, allowed_models=allowed_models))
 
     def delete_budget_node(self, customer_id: str, node_id: str) -> Deleted:
