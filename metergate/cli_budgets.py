@@ -19,7 +19,7 @@ from metergate.cli_admin import EXIT_CODES, EXIT_OK, _amount, _one_line
 from metergate.cli_table import dump, table
 
 if TYPE_CHECKING:
-    from metergate_client import BudgetLimit, BudgetTree, Client
+    from metergate_client import BudgetLimit, BudgetTree, BudgetWindow, Client
 
 KINDS = ("agent", "project", "team", "end_user")
 DIMENSIONS = ("spend", "tokens", "requests")
@@ -191,9 +191,7 @@ def limit_set(client: Client, args: argparse.Namespace) -> int:
                                            amount=minor, window=window, asset=args.asset)
     except Conflict as exc:
         existing = _limit(client, args.customer, limit_id)
-        same = existing is not None and (existing.node_id, existing.dimension, existing.window, existing.asset) == (
-            args.node_id, args.dimension, window, args.asset)
-        if exc.code != "already_exists" or existing is None or not same:
+        if exc.code != "already_exists" or existing is None or not _same(existing, args, window):
             raise
         limit = client.update_budget_limit(args.customer, limit_id, minor)
     if args.json:
@@ -202,6 +200,13 @@ def limit_set(client: Client, args: argparse.Namespace) -> int:
         print(f"limit {limit.id} on {limit.node_id}: {_shown(client, limit, limit.amount)} {limit.dimension} per "
               f"{limit.window} (version {limit.version})")
     return EXIT_OK
+
+
+def _same(limit: BudgetLimit, args: argparse.Namespace, window: BudgetWindow) -> bool:
+    """The limit ``set`` names, but for its amount (a rolling window given without buckets: the server's)."""
+    buckets = limit.window.buckets if window.buckets is None else window.buckets
+    return (limit.node_id, limit.dimension, limit.asset, limit.window) == (
+        args.node_id, args.dimension, args.asset, type(window)(window.kind, window.length_s, buckets))
 
 
 def _limit(client: Client, customer: str, limit_id: str) -> BudgetLimit | None:

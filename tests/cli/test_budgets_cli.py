@@ -51,8 +51,12 @@ def test_a_tree_built_with_the_cli_limits_a_key_attached_to_its_agent(env: dict[
     assert again.returncode == 0  # the same create again: idempotent by id
     ok(run(env, "budgets", "limit", "set", "bt-acme", "eng", "--dimension", "spend", "--amount", "5.00",
            "--asset", "USD", "--window", "day", "--id", "eng-daily"))
-    ok(run(env, "budgets", "limit", "set", "bt-acme", "search", "--dimension", "tokens", "--amount", "100000",
-           "--window", "rolling:1h"))
+    for tokens in ("100000", "200000"):  # set again (the server chose the buckets): the amount changes
+        ok(run(env, "budgets", "limit", "set", "bt-acme", "search", "--dimension", "tokens", "--amount", tokens,
+               "--window", "rolling:1h"))
+    clash = run(env, "budgets", "limit", "set", "bt-acme", "search", "--dimension", "requests", "--amount", "9",
+                "--window", "day", "--id", "search-tokens-rolling:1h")
+    refused(clash, 1, "already_exists")  # the same id for another limit: refused, not overwritten
     limit = json.loads(ok(run(env, "budgets", "limit", "set", "bt-acme", "agent-7", "--dimension", "requests",
                               "--amount", "5", "--window", "fixed:1h", "--id", "agent-7-hourly", "--json")))
     assert (limit["amount"], limit["window"], limit["version"]) == (5, {"kind": "fixed", "length_s": 3600}, 1)
@@ -69,7 +73,8 @@ def test_a_tree_built_with_the_cli_limits_a_key_attached_to_its_agent(env: dict[
     assert [by_id[n]["path"] for n in ("eng", "search", "agent-7")] == ["root/eng", "root/eng/search",
                                                                         "root/eng/search/agent-7"]
     assert by_id["eng"]["limits"][0]["amount"] == 5_000_000  # 5.00 USD in its smallest unit (scale 6)
-    assert by_id["search"]["limits"][0]["id"] == "search-tokens-rolling:1h"
+    [tokens] = by_id["search"]["limits"]
+    assert (tokens["id"], tokens["amount"], tokens["version"]) == ("search-tokens-rolling:1h", 200_000, 2)
     assert by_id["agent-7"]["api_keys"] == [key.id] and by_id["agent-7"]["allowed_models"] == ["gpt-4o*"]
     rows = [line.split() for line in ok(run(env, "budgets", "tree", "bt-acme")).splitlines()]
     assert rows[0][:4] == ["node", "kind", "name", "limit"]
