@@ -168,6 +168,10 @@ def add_admin_commands(sub: Any) -> None:
 
     cli_prices.add_commands(group("prices", "price versions as code: validate, pull, diff, push"), c)
 
+    from metergate import cli_budgets
+
+    cli_budgets.add_commands(group("budgets", "budget trees: nodes, limits, keys attached to nodes"), c)
+
     p = sub.add_parser("check", help="validate a settings file offline; --probe also asks each upstream")
     p.add_argument("config")
     p.add_argument("--probe", action="store_true")

@@ -88,6 +88,22 @@ SAMPLES: dict[str, Callable[[], Call[Any]]] = {
     "simulate_price_version": lambda: calls.simulate_price_version("pv_1", "2026-01-01", 4_102_444_800_000),
     "simulate_prices": lambda: calls.simulate_prices(RULES, "2026-01-01", "2026-02-01"),
     "publish_price_version": lambda: calls.publish_price_version("pv_1", effective_at=4_102_444_800_000),
+    # budgets
+    "budget_tree": lambda: calls.budget_tree("acme"),
+    "get_budget_node": lambda: calls.get_budget_node("acme", "agent-7"),
+    "create_budget_node": lambda: calls.create_budget_node("acme", "agent-7", "agent", parent_id="search",
+                                                           name="Agent 7", allowed_models=["gpt-4o*"]),
+    "update_budget_node": lambda: calls.update_budget_node("acme", "agent-7", name="A7", allowed_models=None),
+    "delete_budget_node": lambda: calls.delete_budget_node("acme", "agent-7"),
+    "create_budget_limit": lambda: calls.create_budget_limit("acme", "search", "search-spend", dimension="spend",
+                                                             amount=5_000_000, window="rolling:1h/60", asset="USD"),
+    "update_budget_limit": lambda: calls.update_budget_limit("acme", "search-spend", 6_000_000),
+    "delete_budget_limit": lambda: calls.delete_budget_limit("acme", "search-spend"),
+    "attach_key": lambda: calls.attach_key("key_1", "agent-7"),
+    "list_budget_alerts": lambda: calls.list_budget_alerts("acme"),
+    "set_budget_alert": lambda: calls.set_budget_alert("acme", "search-80", "limit:search-spend", percents=[80],
+                                                       amounts=[4_000_000]),
+    "delete_budget_alert": lambda: calls.delete_budget_alert("acme", "search-80"),
 }
 
 

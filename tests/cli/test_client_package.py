@@ -35,7 +35,10 @@ def test_the_public_surface_is_pinned() -> None:
         "Grant", "Heartbeat", "Hold", "IdempotencyConflict", "InsufficientFunds", "InvalidRequest", "Job",
         "LedgerEntry", "Link", "MetergateError", "NotFound", "Page", "PermissionDenied", "Preflight", "Profile",
         "ProfileError", "QueueFull", "Quote", "RateLimited", "RetryPolicy", "ServerError", "Tally", "UsageRecord",
-        "error_from_response", "load_profile"}
+        "error_from_response", "load_profile",
+        # budgets
+        "BudgetAlertRule", "BudgetLimit", "BudgetLimitUse", "BudgetNode", "BudgetNodeView", "BudgetTree",
+        "BudgetWindow", "Deleted", "KeyAttachment"}
     assert all(hasattr(metergate_client, name) for name in metergate_client.__all__)
     assert issubclass(metergate_client.IdempotencyConflict, metergate_client.Conflict)
     assert all(issubclass(getattr(metergate_client, n), metergate_client.MetergateError)

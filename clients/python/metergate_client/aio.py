@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import TracebackType
+from collections.abc import Mapping, Sequence
+from types import EllipsisType, TracebackType
 from typing import Any, TypeVar
 
 from metergate_client import calls
@@ -16,13 +16,21 @@ from metergate_client.models import (
     ApiKey,
     Asset,
     Balance,
+    BudgetAlertRule,
+    BudgetLimit,
+    BudgetNode,
+    BudgetNodeView,
+    BudgetTree,
+    BudgetWindow,
     Credit,
     Customer,
+    Deleted,
     EventResult,
     Grant,
     Heartbeat,
     Hold,
     Json,
+    KeyAttachment,
     LedgerEntry,
     Link,
     Page,
@@ -238,3 +246,53 @@ class AsyncClient:
     async def list_holds(self, customer_id: str | None = None, limit: int = 200) -> list[Hold]:
         """Open holds (all customers, or one), soonest expiry first."""
         return await self._send(calls.list_holds(customer_id, limit))
+
+    # ------------------------------------------------------------------ budgets
+
+    async def budget_tree(self, customer_id: str) -> BudgetTree:
+        """The customer's budget tree: each node with its limits, their use and the keys attached."""
+        return await self._send(calls.budget_tree(customer_id))
+
+    async def get_budget_node(self, customer_id: str, node_id: str) -> BudgetNodeView:
+        return await self._send(calls.get_budget_node(customer_id, node_id))
+
+    async def create_budget_node(self, customer_id: str, node_id: str, kind: str, *, parent_id: str | None = None,
+                                 name: str = "", allowed_models: Sequence[str] | None = None) -> BudgetNode:
+        """Idempotent by ``node_id``: the same node again returns it; a different one is a 409 :class:`Conflict`."""
+        return await self._send(calls.create_budget_node(customer_id, node_id, kind, parent_id=parent_id, name=name,
+                                                         allowed_models=allowed_models))
+
+    async def update_budget_node(self, customer_id: str, node_id: str, *, name: str | None = None,
+                                 allowed_models: Sequence[str] | EllipsisType | None = ...) -> BudgetNode:
+        call = calls.update_budget_node(customer_id, node_id, name=name, allowed_models=allowed_models)
+        return await self._send(call)
+
+    async def delete_budget_node(self, customer_id: str, node_id: str) -> Deleted:
+        return await self._send(calls.delete_budget_node(customer_id, node_id))
+
+    async def create_budget_limit(self, customer_id: str, node_id: str, limit_id: str, *, dimension: str, amount: int,
+                                  window: BudgetWindow | str, asset: str | None = None) -> BudgetLimit:
+        """``amount``: requests, tokens, or (spend) the asset's smallest unit; idempotent by ``limit_id``."""
+        call = calls.create_budget_limit(customer_id, node_id, limit_id, dimension=dimension, amount=amount,
+                                         window=window, asset=asset)
+        return await self._send(call)
+
+    async def update_budget_limit(self, customer_id: str, limit_id: str, amount: int) -> BudgetLimit:
+        return await self._send(calls.update_budget_limit(customer_id, limit_id, amount))
+
+    async def delete_budget_limit(self, customer_id: str, limit_id: str) -> Deleted:
+        return await self._send(calls.delete_budget_limit(customer_id, limit_id))
+
+    async def attach_key(self, key_id: str, node_id: str | None) -> KeyAttachment:
+        return await self._send(calls.attach_key(key_id, node_id))
+
+    async def list_budget_alerts(self, customer_id: str) -> list[BudgetAlertRule]:
+        return await self._send(calls.list_budget_alerts(customer_id))
+
+    async def set_budget_alert(self, customer_id: str, rule_id: str, target: str, *, percents: Sequence[int] = (),
+                               amounts: Sequence[int] = ()) -> BudgetAlertRule:
+        call = calls.set_budget_alert(customer_id, rule_id, target, percents=percents, amounts=amounts)
+        return await self._send(call)
+
+    async def delete_budget_alert(self, customer_id: str, rule_id: str) -> Deleted:
+        return await self._send(calls.delete_budget_alert(customer_id, rule_id))

@@ -10,9 +10,10 @@ for it: creating a customer, issuing an API key).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import EllipsisType
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote as _q
 
@@ -20,13 +21,21 @@ from metergate_client.models import (
     ApiKey,
     Asset,
     Balance,
+    BudgetAlertRule,
+    BudgetLimit,
+    BudgetNode,
+    BudgetNodeView,
+    BudgetTree,
+    BudgetWindow,
     Credit,
     Customer,
+    Deleted,
     EventResult,
     Grant,
     Heartbeat,
     Hold,
     Json,
+    KeyAttachment,
     LedgerEntry,
     Link,
     Page,
@@ -286,3 +295,90 @@ def list_holds(customer_id: str | None = None, limit: int = 200) -> Call[list[Ho
     """Open (pending) holds, soonest expiry first."""
     params = {"limit": str(limit), **({"customer_id": customer_id} if customer_id is not None else {})}
     return Call("GET", "/holds", lambda j: [Hold.of(h) for h in j["data"]], params=params)
+
+
+# ---------------------------------------------------------------------- budgets
+#
+# The budget API is idempotent by the ids a call names (a create again answers 200 with what exists, 409
+# already_exists when it differs; PATCH, PUT and DELETE set a state), so these calls carry no idempotency key
+# and every retry is safe.
+
+
+def budget_tree(customer_id: str) -> Call[BudgetTree]:
+    return Call("GET", f"/customers/{_p(customer_id)}/budget-nodes", BudgetTree.of)
+
+
+def get_budget_node(customer_id: str, node_id: str) -> Call[BudgetNodeView]:
+    return Call("GET", f"/customers/{_p(customer_id)}/budget-nodes/{_p(node_id)}", BudgetNodeView.of)
+
+
+def create_budget_node(customer_id: str, node_id: str, kind: str, *, parent_id: str | None = None, name: str = "",
+                       allowed_models: Sequence[str] | None = None) -> Call[BudgetNode]:
+    """``parent_id`` None: under the customer's root; ``allowed_models`` None: any model."""
+    body: Json = {"id": node_id, "kind": kind, "name": name}
+    if parent_id is not None:
+        body["parent_id"] = parent_id
+    if allowed_models is not None:
+        body["allowed_models"] = list(allowed_models)
+    return Call("POST", f"/customers/{_p(customer_id)}/budget-nodes", BudgetNode.of, body)
+
+
+def update_budget_node(customer_id: str, node_id: str, *, name: str | None = None,
+                       allowed_models: Sequence[str] | EllipsisType | None = ...) -> Call[BudgetNode]:
+    """Only what is given changes; ``allowed_models=None`` lifts the restriction (``...``: unchanged)."""
+    body: Json = {} if name is None else {"name": name}
+    if not isinstance(allowed_models, EllipsisType):
+        body["allowed_models"] = None if allowed_models is None else list(allowed_models)
+    return Call("PATCH", f"/customers/{_p(customer_id)}/budget-nodes/{_p(node_id)}", BudgetNode.of, body)
+
+
+def delete_budget_node(customer_id: str, node_id: str) -> Call[Deleted]:
+    """A leaf only; its limits and its keys' attachments go with it."""
+    return Call("DELETE", f"/customers/{_p(customer_id)}/budget-nodes/{_p(node_id)}", Deleted.of)
+
+
+def create_budget_limit(customer_id: str, node_id: str, limit_id: str, *, dimension: str, amount: int,
+                        window: BudgetWindow | str, asset: str | None = None) -> Call[BudgetLimit]:
+    """``amount``: requests, tokens, or (spend) the smallest unit of ``asset`` (default: the pricing asset);
+    ``window``: a :class:`BudgetWindow` or its text (``day``, ``rolling:1h``, ``fixed:5m``)."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be an int (the smallest unit), not {type(amount).__name__}")
+    shape = BudgetWindow.parse(window) if isinstance(window, str) else window
+    body: Json = {"id": limit_id, "dimension": dimension, "amount": amount, "window": shape.as_json()}
+    if asset is not None:
+        body["asset"] = asset
+    return Call("POST", f"/customers/{_p(customer_id)}/budget-nodes/{_p(node_id)}/limits", BudgetLimit.of, body)
+
+
+def update_budget_limit(customer_id: str, limit_id: str, amount: int) -> Call[BudgetLimit]:
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be an int (the smallest unit), not {type(amount).__name__}")
+    return Call("PATCH", f"/customers/{_p(customer_id)}/budget-limits/{_p(limit_id)}", BudgetLimit.of,
+                {"amount": amount})
+
+
+def delete_budget_limit(customer_id: str, limit_id: str) -> Call[Deleted]:
+    return Call("DELETE", f"/customers/{_p(customer_id)}/budget-limits/{_p(limit_id)}", Deleted.of)
+
+
+def attach_key(key_id: str, node_id: str | None) -> Call[KeyAttachment]:
+    """Charge the proxy key's requests along ``node_id``'s path (None: detach, back to the root)."""
+    return Call("PUT", f"/api-keys/{_p(key_id)}/budget-node", KeyAttachment.of, {"node_id": node_id})
+
+
+def list_budget_alerts(customer_id: str) -> Call[list[BudgetAlertRule]]:
+    return Call("GET", f"/customers/{_p(customer_id)}/budget-alerts",
+                lambda j: [BudgetAlertRule.of(r) for r in j["data"]])
+
+
+def set_budget_alert(customer_id: str, rule_id: str, target: str, *, percents: Sequence[int] = (),
+                     amounts: Sequence[int] = ()) -> Call[BudgetAlertRule]:
+    """``target``: ``limit:<limit id>`` or ``balance:<asset>``; thresholds in percent of it or absolute (the
+    smallest unit for spend and balances)."""
+    thresholds = [{"percent": p} for p in percents] + [{"amount": a} for a in amounts]
+    return Call("PUT", f"/customers/{_p(customer_id)}/budget-alerts/{_p(rule_id)}", BudgetAlertRule.of,
+                {"target": target, "thresholds": thresholds})
+
+
+def delete_budget_alert(customer_id: str, rule_id: str) -> Call[Deleted]:
+    return Call("DELETE", f"/customers/{_p(customer_id)}/budget-alerts/{_p(rule_id)}", Deleted.of)

@@ -256,3 +256,170 @@ class EventResult:
     @classmethod
     def of(cls, j: Json) -> EventResult:
         return cls(j["id"], j["status"], j.get("code"), j)
+
+
+# ---------------------------------------------------------------------- budgets
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int:
+    """``90s``, ``5m``, ``1h``, ``7d`` (or plain seconds) as whole seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    if not number.isdigit() or int(number) < 1:
+        raise ValueError(f"not a duration: {text!r} (say 90s, 5m, 1h or 7d)")
+    return int(number) * _DURATION_UNITS[unit]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetWindow:
+    """A limit's window: ``day``, ``week``, ``month`` (UTC calendar periods), ``fixed`` (epoch-aligned, of
+    ``length_s``) or ``rolling`` (the last ``length_s``, counted in ``buckets``)."""
+
+    kind: str
+    length_s: int | None = None
+    buckets: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetWindow:
+        """``day``, ``week``, ``month``, ``fixed:5m``, ``rolling:1h`` or ``rolling:1h/60`` (60 buckets)."""
+        kind, _, rest = text.partition(":")
+        if kind in ("day", "week", "month") and not rest:
+            return cls(kind)
+        if kind not in ("fixed", "rolling") or not rest:
+            raise ValueError(f"not a window: {text!r} (say day, week, month, fixed:5m, rolling:1h or rolling:1h/60)")
+        length, _, buckets = rest.partition("/")
+        if buckets and (kind != "rolling" or not buckets.isdigit()):
+            raise ValueError(f"not a window: {text!r} (only rolling windows have /buckets)")
+        return cls(kind, duration_s(length), int(buckets) if buckets else None)
+
+    def as_json(self) -> Json:
+        body: Json = {"kind": self.kind}
+        if self.length_s is not None:
+            body["length_s"] = self.length_s
+        if self.buckets is not None:
+            body["buckets"] = self.buckets
+        return body
+
+    def __str__(self) -> str:
+        if self.length_s is None:
+            return self.kind
+        return f"{self.kind}:{self.length_s}s" + (f"/{self.buckets}" if self.buckets is not None else "")
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetWindow:
+        length, buckets = j.get("length_s"), j.get("buckets")
+        return cls(j["kind"], None if length is None else int(length), None if buckets is None else int(buckets))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimit:
+    """``amount`` counts requests, tokens, or (spend) the smallest unit of ``asset``."""
+
+    id: str
+    node_id: str
+    dimension: str
+    amount: int
+    window: BudgetWindow
+    asset: str | None
+    version: int
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetLimit:
+        return cls(j["id"], j["node_id"], j["dimension"], int(j["amount"]), BudgetWindow.of(j["window"]),
+                   j.get("asset"), int(j["version"]), j)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimitUse:
+    """A limit with its use in the current window (the quota claimed, which may run ahead of what was spent)."""
+
+    limit: BudgetLimit
+    used: int
+    remaining: int
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetLimitUse:
+        return cls(BudgetLimit.of(j), int(j["used"]), int(j["remaining"]))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNode:
+    id: str
+    parent_id: str | None  # None only for the root (the customer itself)
+    kind: str
+    name: str
+    allowed_models: list[str] | None  # None: any model
+    created_at_ms: int
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetNode:
+        models = j["allowed_models"]
+        return cls(j["id"], j["parent_id"], j["kind"], j["name"], None if models is None else list(models),
+                   int(j["created_at_ms"]), j)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNodeView:
+    """A node with its path (``root/.../id``), its limits and their use, and the proxy keys attached to it."""
+
+    node: BudgetNode
+    path: str
+    limits: list[BudgetLimitUse]
+    api_keys: list[str]
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetNodeView:
+        return cls(BudgetNode.of(j), j["path"], [BudgetLimitUse.of(u) for u in j["limits"]],
+                   [str(k) for k in j["api_keys"]])
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetTree:
+    """A customer's nodes, each parent before its children."""
+
+    customer_id: str
+    nodes: list[BudgetNodeView]
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetTree:
+        return cls(j["customer_id"], [BudgetNodeView.of(n) for n in j["data"]], j)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAlertRule:
+    """Thresholds (``("percent", 80)``, ``("amount", 5000)``) on ``limit:<id>`` or ``balance:<asset>``."""
+
+    id: str
+    target: str
+    thresholds: list[tuple[str, int]]
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> BudgetAlertRule:
+        return cls(j["id"], j["target"], [(k, int(v)) for th in j["thresholds"] for k, v in th.items()], j)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAttachment:
+    key_id: str
+    customer_id: str
+    node_id: str | None  # None: detached
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> KeyAttachment:
+        return cls(j["key_id"], j["customer_id"], j["node_id"], j)
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    id: str
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> Deleted:
+        return cls(j["id"], j)
