@@ -210,8 +210,9 @@ class Escrow:
         try:
             return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
         except InsufficientFunds:
-            if not await self._recall(key):
-                raise
+            # Bring back what sits in leases, then ask once more: also when none was outstanding any more, since
+            # a lease may have gone back between the refusal and the recall. A second refusal is the answer.
+            await self._recall(key)
             return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
 
     async def extend_hold(self, hold_id: str, amount: int, *, step: int | str, ttl_ms: int) -> Hold:
