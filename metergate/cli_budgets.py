@@ -6,6 +6,10 @@ or, when a limit of that id with the same dimension and window exists, sets its 
 decimal in the asset's major unit (``--amount 5.00 --asset USD``), turned into the asset's smallest unit
 exactly: more decimal places than the asset has is a usage error, never a rounding. Request and token
 amounts are whole numbers.
+
+``alert set`` puts threshold alerts on a limit (``limit:<id>``) or a balance (``balance:<asset>``): percents of
+it, or amounts in its unit (a spend limit's or a balance's amount in the asset's major unit, as above); each
+fires once per period and says once when it recovered. ``alert fired`` lists which fired.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _subgroup(parent: Any, name: str, help: str) -> Any:
 
 
 def add_commands(budgets: Any, common: argparse.ArgumentParser) -> None:
-    """Register tree, node, limit, attach-key and detach-key on the ``budgets`` group."""
+    """Register tree, node, limit, alert, attach-key and detach-key on the ``budgets`` group."""
     p = budgets.add_parser("tree", parents=[common], help="the budget tree: nodes, limits and their use, keys")
     p.add_argument("customer")
     p.set_defaults(admin_handler=tree)
@@ -78,6 +82,29 @@ def add_commands(budgets: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("customer")
     p.add_argument("limit_id")
     p.set_defaults(admin_handler=limit_delete)
+
+    alerts = _subgroup(budgets, "alert", "threshold alerts on limits and balances, and which fired")
+    p = alerts.add_parser("list", parents=[common], help="the customer's alert rules")
+    p.add_argument("customer")
+    p.set_defaults(admin_handler=alert_list)
+    p = alerts.add_parser("set", parents=[common], help="put thresholds on a limit or a balance (idempotent by id)")
+    p.add_argument("customer")
+    p.add_argument("rule_id")
+    p.add_argument("--on", dest="target", required=True, metavar="TARGET",
+                   help="limit:<limit id> or balance:<asset>")
+    p.add_argument("--percent", nargs="+", type=int, default=[], metavar="P",
+                   help="thresholds in percent (1-100) of the limit, or of the credit posted for a balance")
+    p.add_argument("--amount", nargs="+", type=_amount, default=[], metavar="AMOUNT",
+                   help="absolute thresholds in the target's unit (spend and balances: the asset's major unit); "
+                        "a balance fires when it falls to the amount or below")
+    p.set_defaults(admin_handler=alert_set)
+    p = alerts.add_parser("delete", parents=[common], help="delete an alert rule")
+    p.add_argument("customer")
+    p.add_argument("rule_id")
+    p.set_defaults(admin_handler=alert_delete)
+    p = alerts.add_parser("fired", parents=[common], help="the thresholds that fired, active first")
+    p.add_argument("customer")
+    p.set_defaults(admin_handler=alert_fired)
 
     p = budgets.add_parser("attach-key", parents=[common],
                            help="charge a proxy key's requests along a node's path (a node of the key's customer)")
@@ -241,4 +268,64 @@ def detach_key(client: Client, args: argparse.Namespace) -> int:
         dump(done.raw)
     else:
         print(f"key {done.key_id} of {done.customer_id} now charges to the root")
+    return EXIT_OK
+
+
+def alert_list(client: Client, args: argparse.Namespace) -> int:
+    rules = client.list_budget_alerts(args.customer)
+    if args.json:
+        dump([rule.raw for rule in rules])
+        return EXIT_OK
+    table(["rule", "on", "thresholds"], [[rule.id, rule.target, ", ".join(
+        f"{value}%" if kind == "percent" else str(value) for kind, value in rule.thresholds)] for rule in rules])
+    return EXIT_OK
+
+
+def alert_set(client: Client, args: argparse.Namespace) -> int:
+    if not args.percent and not args.amount:
+        raise ValueError("give at least one threshold: --percent or --amount")
+    if any(not 1 <= p <= 100 for p in args.percent):
+        raise ValueError("--percent thresholds are from 1 to 100")
+    kind, _, name = args.target.partition(":")
+    if kind not in ("limit", "balance") or not name:
+        raise ValueError("--on is limit:<limit id> or balance:<asset>")
+    asset = name if kind == "balance" else None
+    if kind == "limit" and args.amount:
+        limit = _limit(client, args.customer, name)
+        if limit is None:
+            raise ValueError(f"{args.customer} has no budget limit {name!r}")
+        asset = limit.asset if limit.dimension == "spend" else None
+    scale = client.asset_scale(asset) if asset is not None else 0
+    amounts = [minor_units(a, scale, asset or "a request or token count") for a in args.amount]
+    rule = client.set_budget_alert(args.customer, args.rule_id, args.target, percents=args.percent,
+                                   amounts=amounts)
+    if args.json:
+        dump(rule.raw)
+    else:
+        print(f"alert {rule.id} on {rule.target}: {len(rule.thresholds)} threshold(s)")
+    return EXIT_OK
+
+
+def alert_delete(client: Client, args: argparse.Namespace) -> int:
+    done = client.delete_budget_alert(args.customer, args.rule_id)
+    if args.json:
+        dump(done.raw)
+    else:
+        print(f"deleted alert {done.id} of {args.customer}")
+    return EXIT_OK
+
+
+def alert_fired(client: Client, args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    def when(ms: int | None) -> str:
+        return "-" if ms is None else dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+    fired = client.list_fired_budget_alerts(args.customer)
+    if args.json:
+        dump([alert.raw for alert in fired])
+        return EXIT_OK
+    table(["state", "rule", "on", "threshold", "fired (UTC)", "recovered (UTC)"],
+          [["active" if a.active else "recovered", a.rule_id, a.target, a.threshold, when(a.fired_at_ms),
+            when(a.recovered_at_ms)] for a in fired])
     return EXIT_OK

@@ -10,7 +10,9 @@
 * ``PUT /admin/v1/api-keys/{key_id}/budget-node`` ``{"node_id": "..." | null}``;
 * ``GET /admin/v1/customers/{id}/budget-alerts``, ``PUT/DELETE .../budget-alerts/{rule_id}`` ``{"target":
   "limit:<id>" | "balance:<asset>", "thresholds": [{"percent": 80}, {"amount": 5000}]}``
-  (:mod:`metergate.budgets.alerts`).
+  (:mod:`metergate.budgets.alerts`);
+* ``GET /admin/v1/customers/{id}/budget-alert-events`` — the thresholds' crossings: which fired, when, and
+  whether they have recovered (active first, newest first; the latest :data:`FIRED_SHOWN`).
 
 Idempotent: a create names its object's id, and the same create again answers 200 with what exists (409
 ``already_exists`` when it differs); PATCH, PUT and DELETE set a state. This process applies a change at
@@ -35,6 +37,8 @@ from metergate.wallet.models import Mode
 from metergate.wallet.sqlbudgets import NodeNotFound
 from metergate.wallet.store import WalletStore
 
+FIRED_SHOWN = 100  # the crossings one answer lists
+
 
 class BudgetsApi:
     def __init__(self, settings: Settings, store: WalletStore, admin: AdminApi, guard: BudgetGuard,
@@ -57,6 +61,7 @@ class BudgetsApi:
             web.patch(limits, self.update_limit), web.delete(limits, self.delete_limit),
             web.put(f"{PREFIX}/api-keys/{{key_id}}/budget-node", self.attach_key),
             web.get(f"{PREFIX}/customers/{{customer_id}}/budget-alerts", self.list_rules),
+            web.get(f"{PREFIX}/customers/{{customer_id}}/budget-alert-events", self.fired),
             web.put(f"{PREFIX}/customers/{{customer_id}}/budget-alerts/{{rule_id}}", self.put_rule),
             web.delete(f"{PREFIX}/customers/{{customer_id}}/budget-alerts/{{rule_id}}", self.delete_rule),
         ]
@@ -178,6 +183,11 @@ class BudgetsApi:
         mode, customer_id = await self._admin.customer(request)
         rules = await self._need_alerts().rules(mode, customer_id)
         return json_response({"customer_id": customer_id, "data": [rule.as_json() for rule in rules]})
+
+    async def fired(self, request: web.Request) -> web.Response:
+        mode, customer_id = await self._admin.customer(request)
+        fired = await self._store.fired_budget_alerts(mode, customer_id, limit=FIRED_SHOWN)
+        return json_response({"customer_id": customer_id, "data": [alert.as_json() for alert in fired]})
 
     async def put_rule(self, request: web.Request) -> web.Response:
         mode, customer_id = await self._admin.customer(request)

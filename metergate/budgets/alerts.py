@@ -17,7 +17,9 @@ outbox (:mod:`metergate.webhooks.outbox`) in the same transaction, so a claim is
 nor an event without its claim.
 
 Evaluation is off the request path: :class:`BudgetAlerts` checks the customers whose requests settled since
-its last run, every ``interval_s`` (:data:`EVALUATE_EVERY_S` in ``serve``).
+its last run, every ``interval_s`` (the ``budget_alert_interval_s`` setting in ``serve``). What fired is read back
+by the admin API, the portal's budget page and the operator dashboard
+(:meth:`~metergate.wallet.store.WalletStore.fired_budget_alerts`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 
 CROSSED, RECOVERED = "budget.threshold.crossed", "budget.threshold.recovered"
 MAX_THRESHOLDS = 10
-EVALUATE_EVERY_S = 5.0  # how often a proxy judges the rules of the customers whose requests settled
 MAX_RULES = 100  # per customer
 
 
@@ -166,7 +167,7 @@ class BudgetAlerts:
     def _judge(self, rule: Rule, reading: Reading, kind: str, value: int, tree: Tree) -> tuple[int, bool]:
         """The threshold's level in the reading's unit, and whether the reading is past it."""
         if rule.target.startswith("limit:"):
-            limit = _find_limit(tree, rule.target[6:])
+            limit = tree.limit(rule.target[6:])
             assert limit is not None
             level = -(-limit.amount * value // 100) if kind == "percent" else value
             return level, reading.used >= level
@@ -213,7 +214,7 @@ class BudgetAlerts:
             balance = await self.sql.balance(rule.mode, rule.customer_id, name)
             return Reading(balance.available, 0, {"asset": name, "credited": balance.credits_posted,
                                                   "spent": balance.debits_posted + balance.debits_pending})
-        limit = _find_limit(tree, name)
+        limit = tree.limit(name)
         if limit is None:
             return None  # the limit was deleted: its rule judges nothing
         bucket = limit.window.bucket_start(at)
@@ -224,14 +225,6 @@ class BudgetAlerts:
         return Reading(used, period, {"limit_id": limit.id, "node": limit.node_id, "node_path": path,
                                       "dimension": limit.dimension, "amount": limit.amount,
                                       "window": limit.window.as_json()})
-
-
-def _find_limit(tree: Tree, limit_id: str) -> Limit | None:
-    for limits in tree.limits.values():
-        for limit in limits:
-            if limit.id == limit_id:
-                return limit
-    return None
 
 
 def _settled_use(conn: Connection, limit: Limit, path: str, since_ms: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from metergate.budgets.claims import BudgetClaim, BudgetDenial, BudgetGrant
-from metergate.budgets.model import Limit, Node, Tree
+from metergate.budgets.model import FiredAlert, Limit, Node, Tree
 from metergate.wallet.models import Mode
 
 if TYPE_CHECKING:
@@ -27,6 +27,9 @@ class BudgetsInSql:
 
     async def budget_use(self, mode: Mode, customer_id: str, *, at_ms: int) -> dict[str, int]:
         return await self.sql.budget_use(mode, customer_id, at_ms=at_ms)
+
+    async def fired_budget_alerts(self, mode: Mode, customer_id: str | None, *, limit: int) -> list[FiredAlert]:
+        return await self.sql.fired_budget_alerts(mode, customer_id, limit=limit)
 
     async def put_budget_node(self, node: Node) -> tuple[Node, bool]:
         return await self.sql.put_budget_node(node)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from metergate.budgets.windows import Window
+from metergate.money import format_minor
 
 if TYPE_CHECKING:  # not at run time: the wallet package imports the budget tables (a cycle otherwise)
     from metergate.wallet.models import Mode
@@ -122,6 +123,9 @@ class Tree:
             current = node.parent_id
         return tuple(reversed(out))
 
+    def limit(self, limit_id: str) -> Limit | None:
+        return next((limit for limits in self.limits.values() for limit in limits if limit.id == limit_id), None)
+
     def children(self, node_id: str) -> list[Node]:
         return sorted((n for n in self.nodes.values() if n.parent_id == node_id), key=lambda n: n.id)
 
@@ -139,3 +143,44 @@ class Tree:
 def path_text(path: tuple[Node, ...]) -> str:
     """A path as stored with usage records and shown in denials: ``root/project/agent``."""
     return "/".join(n.id for n in path)
+
+
+@dataclass(frozen=True, slots=True)
+class FiredAlert:
+    """One crossing of an alert threshold (:mod:`metergate.budgets.alerts`): when it fired and, once the use
+    fell back below it, when it recovered. ``period_start_ms`` is the fixed window's period it fired in (0 for a
+    rolling window or a balance, whose crossings are episodes that end when they recover)."""
+
+    mode: Mode
+    customer_id: str
+    rule_id: str
+    target: str  # "limit:<id>" | "balance:<asset>"
+    threshold: str  # "percent:80" | "amount:5000"
+    period_start_ms: int
+    fired_at_ms: int
+    recovered_at_ms: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.recovered_at_ms is None
+
+    def describe_threshold(self, *, asset: str | None = None, scale: int | None = None) -> str:
+        """The threshold in words: a percentage, a count, or an amount of ``asset`` in its major unit when its
+        ``scale`` is known (else in its smallest unit); a balance's is a level it falls to."""
+        kind, _, value = self.threshold.partition(":")
+        if kind == "percent":
+            return f"{value}%"
+        if self.target.startswith("balance:"):
+            asset = self.target.partition(":")[2]
+        if asset is None:
+            text = value
+        elif scale is None:
+            text = f"{value} {asset} (smallest unit)"
+        else:
+            text = f"{format_minor(int(value), scale)} {asset}"
+        return f"{text} or below" if self.target.startswith("balance:") else text
+
+    def as_json(self) -> dict[str, Any]:
+        return {"customer_id": self.customer_id, "rule_id": self.rule_id, "target": self.target,
+                "threshold": self.threshold, "period_start_ms": self.period_start_ms,
+                "fired_at_ms": self.fired_at_ms, "recovered_at_ms": self.recovered_at_ms, "active": self.active}

@@ -59,8 +59,16 @@ def budget_schemas() -> dict[str, Schema]:
     rule = envelope({"id": _STRING, "target": {**_STRING, "description": "limit:<limit id> or balance:<asset>"},
                      "thresholds": {"type": "array", "items": threshold}},
                     description="A budget alert rule (Rule.as_json).")
+    fired = envelope({"customer_id": _STRING, "rule_id": _STRING,
+                      "target": {**_STRING, "description": "the rule's target: limit:<limit id> or balance:<asset>"},
+                      "threshold": {**_STRING, "description": "percent:<p> or amount:<n>"},
+                      "period_start_ms": {**MS, "description": "the fixed window's period it fired in; 0 for a "
+                                                               "rolling window or a balance"},
+                      "fired_at_ms": MS, "recovered_at_ms": nullable(MS),
+                      "active": {"type": "boolean", "description": "not recovered yet"}},
+                     description="A crossing of an alert threshold (budget.threshold.crossed), and its recovery.")
     return {"BudgetWindow": window, "BudgetLimit": limit, "BudgetLimitUse": limit_use, "BudgetNode": node,
-            "BudgetNodeView": node_view, "BudgetAlertRule": rule}
+            "BudgetNodeView": node_view, "BudgetAlertRule": rule, "FiredBudgetAlert": fired}
 
 
 def _answers() -> dict[str, Schema]:
@@ -68,6 +76,7 @@ def _answers() -> dict[str, Schema]:
     return {
         "tree": data_of(ref("BudgetNodeView"), customer_id=_STRING),
         "rules": data_of(ref("BudgetAlertRule"), customer_id=_STRING),
+        "fired": data_of(ref("FiredBudgetAlert"), customer_id=_STRING),
         "deleted": deleted,
         "attached": envelope({"key_id": _STRING, "customer_id": _STRING, "node_id": nullable(_STRING)}),
     }
@@ -121,6 +130,9 @@ def budget_paths() -> dict[str, Any]:
                    "target", "thresholds")
     return {
         f"{customers}/budget-alerts": {"get": _op("The customer's budget alert rules", shape["rules"], params=c)},
+        f"{customers}/budget-alert-events": {"get": _op(
+            "The customer's alert thresholds that fired: when, and whether they have recovered (active first)",
+            shape["fired"], params=c)},
         f"{customers}/budget-alerts/{{rule_id}}": {
             "put": _op("Set an alert rule: thresholds on a node limit's use or a balance, each firing once per "
                        "period (webhooks budget.threshold.crossed / .recovered)", ref("BudgetAlertRule"), params=cr,

@@ -408,6 +408,9 @@ class Settings(BaseSettings):
     escrow: EscrowSettings = Field(default_factory=EscrowSettings,
                                    description="Escrow leases on hot wallets (SQL stores).")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
+    budget_alert_interval_s: float = Field(
+        5, gt=0, le=3600, description="How often a proxy judges the budget alert rules of the customers whose "
+                                      "requests settled since (metergate/budgets/alerts.py).")
     key_cache_ttl_s: float = Field(2, ge=0, le=300, description="How long a proxy API key lookup is cached.")
     drain_deadline_s: float = Field(25, ge=0, le=3600,
                                     description="On SIGTERM, how long in-flight requests and streams may run on "

@@ -21,7 +21,6 @@ from typing import Any
 
 from aiohttp import web
 
-from metergate.budgets.alerts import EVALUATE_EVERY_S
 from metergate.config.settings import Settings
 from metergate.http import LISTENER, ListenerLimits, error_middleware, json_response
 from metergate.metering.costs import ProviderCosts
@@ -151,7 +150,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             if escrow is not None:
                 await escrow.start()
             if budget_alerts is not None:
-                await budget_alerts.start(EVALUATE_EVERY_S)
+                await budget_alerts.start(settings.budget_alert_interval_s)
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
         if sweeper is not None:
@@ -232,7 +231,8 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         app.add_routes(portal.routes())
         from metergate.budgets.portal import BudgetPortal
 
-        app.add_routes(BudgetPortal(store, signer).routes())  # the budget tree, with the same signed link
+        # The budget tree and the alerts that fired, with the same signed link.
+        app.add_routes(BudgetPortal(store, signer, {a.code: a.scale for a in settings.assets}).routes())
         if sql_store is not None:  # payments keep their state in the SQL wallet database
             app[PAYMENTS] = payments = Payments(settings, store)
             app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
+from metergate.budgets.model import FiredAlert
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest, Forbidden
 from metergate.portal.links import LinkSigner, PortalGrant, new_link_id
@@ -54,6 +55,7 @@ RANGES_DAYS = (7, 30, 90, 365)
 PERIODS: tuple[Grouping, ...] = ("day", "week", "month")
 _DAY_MS = 86_400_000
 _TOP = 8
+ALERTS_SHOWN = 25  # the budget alerts listed: active ones first, then the latest recovered
 
 _STYLE = """
 :root { --ink: #0f172a; --muted: #64748b; --line: #e2e8f0; --bg: #f1f5f9; --card: #fff;
@@ -120,6 +122,8 @@ th, td { text-align: right; padding: .45rem .6rem; border-bottom: 1px solid var(
 th:first-child, td:first-child { text-align: left; }
 th { color: var(--muted); font-weight: 500; font-size: .8rem; }
 td.neg { color: var(--loss); font-weight: 600; }
+td.active { color: var(--loss); font-weight: 600; } td.recovered { color: var(--margin); }
+.alerts td, .alerts th { text-align: left; }
 .badge { background: var(--loss); color: #fff; border-radius: 4px; font-size: .7rem; padding: .05rem .35rem;
          margin-left: .4rem; font-weight: 600; vertical-align: 1px; }
 footer { grid-column: 1 / -1; color: var(--muted); font-size: .8rem; }
@@ -145,6 +149,8 @@ _PAGE = """<!doctype html>
 <section class="card wide" aria-labelledby="h-models"><h2 id="h-models">Cost against price per model
 <span class="legend"><span><i class="revenue"></i>Price charged</span><span><i class="cost"></i>Provider cost</span>
 </span></h2>{model_chart}{model_table}</section>
+<section class="card wide" aria-labelledby="h-alerts"><h2 id="h-alerts">Budget alerts <small>{alerts_count}</small>
+</h2>{alerts}</section>
 <footer>Revenue is what wallets were charged; provider cost comes from genai-prices or the configured overrides.
 Generated {generated} UTC. Figures are exact sums of integer amounts; the same report is available as JSON or CSV
 from <code>GET /admin/v1/reports/margin</code>.</footer>
@@ -278,6 +284,8 @@ class DashboardViews:
                                    [_model_group(r, factor) for r in models[:12]])
 
         flags = _flags([r for r in customers_all if r.negative], [r for r in models_all if r.negative])
+        fired = await self._store.fired_budget_alerts(mode, None, limit=ALERTS_SHOWN)
+        scales = {a.code: a.scale for a in self._configured}
         range_text = (f"{_date(from_ms)} to {_date(to_ms - 1)} (UTC), {esc(asset)} priced; "
                       f"margin counts only requests whose provider cost is known.")
         if not priced:
@@ -290,7 +298,8 @@ class DashboardViews:
             style=_STYLE, mode_badge=f'<span class="mode {mode}">{mode} mode</span>', path=PATH, options=options,
             period_options=period_options, range_text=range_text, kpis=_kpis(total, factor), flags=flags,
             period=period, over_time=over_time, top_margin=top_margin, top_loss=top_loss, model_chart=model_chart,
-            model_table=_model_table(models, factor), generated=_date(now_ms(), with_time=True))
+            model_table=_model_table(models, factor), generated=_date(now_ms(), with_time=True),
+            alerts_count=f"{sum(a.active for a in fired)} active", alerts=_alerts_table(fired, scales))
 
 
 def _model_group(r: MarginRow, factor: Decimal) -> Group:
@@ -369,6 +378,29 @@ def _model_table(models: list[MarginRow], factor: Decimal) -> str:
             '<th scope="col">Charged</th><th scope="col">Provider cost</th><th scope="col">Margin</th>'
             '<th scope="col">Margin %</th><th scope="col">Of unknown cost</th></tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _alerts_table(fired: list[FiredAlert], scales: Mapping[str, int]) -> str:
+    """Every customer's alert thresholds that fired (:mod:`metergate.budgets.alerts`), active first."""
+    if not fired:
+        return '<p class="range">No budget alert has fired in this mode.</p>'
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(a.customer_id)}</td><td>{esc(a.rule_id)}</td><td>{esc(a.target)}</td>"
+        f"<td>{esc(_threshold(a, scales))}</td><td>{_date(a.fired_at_ms, with_time=True)}</td>"
+        + ('<td class="active">Active</td>' if a.active else
+           f'<td class="recovered">Recovered {_date(a.recovered_at_ms or 0, with_time=True)}</td>') + "</tr>"
+        for a in fired)
+    return ('<table class="alerts"><thead><tr><th scope="col">Customer</th><th scope="col">Alert</th>'
+            '<th scope="col">On</th><th scope="col">Threshold</th><th scope="col">Fired (UTC)</th>'
+            f'<th scope="col">State</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _threshold(alert: FiredAlert, scales: Mapping[str, int]) -> str:
+    """A balance's level in its asset's major unit; a limit's amount as stored (the limit's unit is the
+    customer's tree's, which the portal and the admin API show)."""
+    asset = alert.target.partition(":")[2] if alert.target.startswith("balance:") else None
+    return alert.describe_threshold(asset=asset, scale=scales.get(asset or ""))
 
 
 def _period_keys(from_ms: int, to_ms: int, period: Grouping) -> list[str]:

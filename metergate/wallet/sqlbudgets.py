@@ -14,10 +14,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, select, update
+from sqlalchemy import Connection, Row, and_, delete, select, update
 
 from metergate.budgets.claims import BudgetClaim, BudgetDenial, BudgetGrant
-from metergate.budgets.model import MAX_DEPTH, MAX_LIMITS_PER_NODE, MAX_NODES, ROOT, Limit, Node, Tree
+from metergate.budgets.model import (
+    MAX_DEPTH,
+    MAX_LIMITS_PER_NODE,
+    MAX_NODES,
+    ROOT,
+    FiredAlert,
+    Limit,
+    Node,
+    Tree,
+)
 from metergate.budgets.windows import Window, retry_after_ms
 from metergate.errors import Conflict, NotFound
 from metergate.wallet import schema as t
@@ -52,6 +61,24 @@ class BudgetTables(SqlRunner):
             return out
 
         return await self.read(op)
+
+    async def fired_budget_alerts(self, mode: Mode, customer_id: str | None, *, limit: int) -> list[FiredAlert]:
+        """The alert thresholds' crossings, of one customer or (``None``) of every customer in ``mode``:
+        those still active first, then the recovered ones, newest first within each."""
+        e, r = t.budget_alert_events.c, t.budget_alert_rules.c
+        query = (select(t.budget_alert_events, r.target)
+                 .join(t.budget_alert_rules, and_(r.mode == e.mode, r.customer_id == e.customer_id,
+                                                  r.id == e.rule_id))
+                 .where(e.mode == mode)
+                 .order_by(e.recovered_at_ms.is_not(None), e.fired_at_ms.desc(), e.customer_id, e.rule_id,
+                           e.threshold)
+                 .limit(limit))
+        if customer_id is not None:
+            query = query.where(e.customer_id == customer_id)
+        rows = await self.read(lambda conn: conn.execute(query).all())
+        return [FiredAlert(row.mode, row.customer_id, row.rule_id, row.target, row.threshold,
+                           int(row.period_start_ms), int(row.fired_at_ms),
+                           None if row.recovered_at_ms is None else int(row.recovered_at_ms)) for row in rows]
 
     # ------------------------------------------------------------------ nodes
 

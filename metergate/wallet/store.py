@@ -34,7 +34,7 @@ from metergate.wallet.quota import QuotaClaim, QuotaGrant
 
 if TYPE_CHECKING:
     from metergate.budgets.claims import BudgetClaim, BudgetDenial, BudgetGrant
-    from metergate.budgets.model import Limit, Node, Tree
+    from metergate.budgets.model import FiredAlert, Limit, Node, Tree
 
 
 class WalletStore(Protocol):
@@ -109,6 +109,9 @@ class WalletStore(Protocol):
 
     async def budget_use(self, mode: Mode, customer_id: str, *, at_ms: int) -> dict[str, int]:
         """Each limit's claimed use in the window in force at ``at_ms``."""
+
+    async def fired_budget_alerts(self, mode: Mode, customer_id: str | None, *, limit: int) -> list[FiredAlert]:
+        """Alert thresholds' crossings (one customer's, or every customer's with ``None``), active first."""
 
     async def put_budget_node(self, node: Node) -> tuple[Node, bool]: ...
     async def update_budget_node(self, mode: Mode, customer_id: str, node_id: str,

@@ -176,6 +176,7 @@ async def test_the_wallet_answers_fit_the_document(gateway: Gateway, call: Check
     await call("PUT", "/customers/acme/budget-alerts/near", json={"target": "limit:team-rpm",
                                                                  "thresholds": [{"percent": 80}, {"amount": 150}]})
     await call("GET", "/customers/acme/budget-alerts")
+    await call("GET", "/customers/acme/budget-alert-events")  # crossings: tests/budgets/test_alerts_shown.py
     await call("DELETE", "/customers/acme/budget-alerts/near")
     await call("PUT", f"/api-keys/{budget_key['id']}/budget-node", json={"node_id": None})
     await call("DELETE", "/customers/acme/budget-limits/team-rpm")

@@ -188,3 +188,43 @@ async def test_the_async_client_manages_a_budget_tree(server: MeterServer, clien
         assert (await aclient.delete_budget_alert("bt-async", "low")).id == "low"
         assert (await aclient.delete_budget_limit("bt-async", "user-1-day")).id == "user-1-day"
         assert (await aclient.delete_budget_node("bt-async", "user-1")).id == "user-1"
+
+
+def test_alert_rules_are_set_listed_and_deleted_with_the_cli(env: dict[str, str], client: Client) -> None:
+    client.create_customer("bt-alerts")
+    ok(run(env, "budgets", "limit", "set", "bt-alerts", "root", "--dimension", "spend", "--amount", "20",
+           "--asset", "USD", "--window", "month", "--id", "monthly"))
+    rule = json.loads(ok(run(env, "budgets", "alert", "set", "bt-alerts", "spend-watch", "--on", "limit:monthly",
+                             "--percent", "50", "80", "--amount", "19.50", "--json")))
+    assert rule == {"id": "spend-watch", "target": "limit:monthly",
+                    "thresholds": [{"percent": 50}, {"percent": 80}, {"amount": 19_500_000}]}  # 19.50 USD, scale 6
+    low = ok(run(env, "budgets", "alert", "set", "bt-alerts", "low-balance", "--on", "balance:USD", "--amount", "2"))
+    assert "low-balance" in low and "1 threshold" in low
+    again = ok(run(env, "budgets", "alert", "set", "bt-alerts", "low-balance", "--on", "balance:USD", "--amount", "2"))
+    assert again == low  # idempotent by the rule's id
+    rows = [line.split() for line in ok(run(env, "budgets", "alert", "list", "bt-alerts")).splitlines()]
+    assert rows[0] == ["rule", "on", "thresholds"]
+    assert ["low-balance", "balance:USD", "2000000"] in rows and ["spend-watch", "limit:monthly", "50%,", "80%,",
+                                                                  "19500000"] in rows
+    assert json.loads(ok(run(env, "budgets", "alert", "fired", "bt-alerts", "--json"))) == []  # nothing spent
+    assert ok(run(env, "budgets", "alert", "fired", "bt-alerts")).split() == [
+        "state", "rule", "on", "threshold", "fired", "(UTC)", "recovered", "(UTC)"]
+
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "limit:monthly"), 2, "threshold")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "limit:monthly", "--percent", "0"), 2,
+            "1 to 100")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "wallet:USD", "--percent", "5"), 2,
+            "--on")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "limit:ghost", "--amount", "3"), 2,
+            "ghost")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "balance:USD", "--amount", "0.0000001"),
+            2, "decimal places")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "limit:ghost", "--percent", "5"), 1,
+            "unknown_budget_limit")
+    refused(run(env, "budgets", "alert", "set", "bt-alerts", "r", "--on", "balance:NOPE", "--percent", "5"), 1,
+            "unknown_asset")
+    assert [r.id for r in client.list_budget_alerts("bt-alerts")] == ["low-balance", "spend-watch"]  # unchanged
+
+    assert "deleted alert low-balance" in ok(run(env, "budgets", "alert", "delete", "bt-alerts", "low-balance"))
+    refused(run(env, "budgets", "alert", "delete", "bt-alerts", "low-balance"), 1, "not_found")
+    assert [r.id for r in client.list_budget_alerts("bt-alerts")] == ["spend-watch"]

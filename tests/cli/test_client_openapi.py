@@ -104,6 +104,7 @@ SAMPLES: dict[str, Callable[[], Call[Any]]] = {
     "set_budget_alert": lambda: calls.set_budget_alert("acme", "search-80", "limit:search-spend", percents=[80],
                                                        amounts=[4_000_000]),
     "delete_budget_alert": lambda: calls.delete_budget_alert("acme", "search-80"),
+    "list_fired_budget_alerts": lambda: calls.list_fired_budget_alerts("acme"),
 }
 
 

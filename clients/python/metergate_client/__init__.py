@@ -45,6 +45,7 @@ from metergate_client.models import (
     Customer,
     Deleted,
     EventResult,
+    FiredBudgetAlert,
     Grant,
     Heartbeat,
     Hold,
@@ -62,7 +63,8 @@ from metergate_client.transport import RetryPolicy
 __all__ = [
     "ApiError", "ApiKey", "Asset", "AsyncClient", "AsyncEventBatcher", "AsyncJob", "AuthenticationFailed", "Balance",
     "BudgetAlertRule", "BudgetLimit", "BudgetLimitUse", "BudgetNode", "BudgetNodeView", "BudgetTree", "BudgetWindow",
-    "Client", "Conflict", "ConnectionFailed", "Credit", "Customer", "Deleted", "EventBatcher", "EventResult", "Grant",
+    "Client", "Conflict", "ConnectionFailed", "Credit", "Customer", "Deleted", "EventBatcher", "EventResult",
+    "FiredBudgetAlert", "Grant",
     "Heartbeat", "Hold", "IdempotencyConflict", "InsufficientFunds", "InvalidRequest", "Job", "KeyAttachment",
     "LedgerEntry", "Link",
     "MetergateError", "NotFound", "Page", "PermissionDenied", "Preflight", "Profile", "ProfileError", "QueueFull",

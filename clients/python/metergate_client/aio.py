@@ -26,6 +26,7 @@ from metergate_client.models import (
     Customer,
     Deleted,
     EventResult,
+    FiredBudgetAlert,
     Grant,
     Heartbeat,
     Hold,
@@ -293,6 +294,9 @@ class AsyncClient:
                                amounts: Sequence[int] = ()) -> BudgetAlertRule:
         call = calls.set_budget_alert(customer_id, rule_id, target, percents=percents, amounts=amounts)
         return await self._send(call)
+
+    async def list_fired_budget_alerts(self, customer_id: str) -> list[FiredBudgetAlert]:
+        return await self._send(calls.list_fired_budget_alerts(customer_id))
 
     async def delete_budget_alert(self, customer_id: str, rule_id: str) -> Deleted:
         return await self._send(calls.delete_budget_alert(customer_id, rule_id))

@@ -31,6 +31,7 @@ from metergate_client.models import (
     Customer,
     Deleted,
     EventResult,
+    FiredBudgetAlert,
     Grant,
     Heartbeat,
     Hold,
@@ -378,6 +379,12 @@ def set_budget_alert(customer_id: str, rule_id: str, target: str, *, percents: S
     thresholds = [{"percent": p} for p in percents] + [{"amount": a} for a in amounts]
     return Call("PUT", f"/customers/{_p(customer_id)}/budget-alerts/{_p(rule_id)}", BudgetAlertRule.of,
                 {"target": target, "thresholds": thresholds})
+
+
+def list_fired_budget_alerts(customer_id: str) -> Call[list[FiredBudgetAlert]]:
+    """The customer's thresholds that fired, active first, newest first."""
+    return Call("GET", f"/customers/{_p(customer_id)}/budget-alert-events",
+                lambda j: [FiredBudgetAlert.of(r) for r in j["data"]])
 
 
 def delete_budget_alert(customer_id: str, rule_id: str) -> Call[Deleted]:

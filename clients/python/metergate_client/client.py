@@ -26,6 +26,7 @@ from metergate_client.models import (
     Customer,
     Deleted,
     EventResult,
+    FiredBudgetAlert,
     Grant,
     Heartbeat,
     Hold,
@@ -294,6 +295,9 @@ class Client:
     def set_budget_alert(self, customer_id: str, rule_id: str, target: str, *, percents: Sequence[int] = (),
                          amounts: Sequence[int] = ()) -> BudgetAlertRule:
         return self._send(calls.set_budget_alert(customer_id, rule_id, target, percents=percents, amounts=amounts))
+
+    def list_fired_budget_alerts(self, customer_id: str) -> list[FiredBudgetAlert]:
+        return self._send(calls.list_fired_budget_alerts(customer_id))
 
     def delete_budget_alert(self, customer_id: str, rule_id: str) -> Deleted:
         return self._send(calls.delete_budget_alert(customer_id, rule_id))

@@ -404,6 +404,28 @@ class BudgetAlertRule:
 
 
 @dataclass(frozen=True, slots=True)
+class FiredBudgetAlert:
+    """A crossing of an alert threshold (``percent:80``, ``amount:5000``): when it fired and, once the use fell
+    back below it, when it recovered (``None``: still active)."""
+
+    customer_id: str
+    rule_id: str
+    target: str
+    threshold: str
+    period_start_ms: int  # the fixed window's period; 0 for a rolling window or a balance
+    fired_at_ms: int
+    recovered_at_ms: int | None
+    active: bool
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def of(cls, j: Json) -> FiredBudgetAlert:
+        recovered = j["recovered_at_ms"]
+        return cls(j["customer_id"], j["rule_id"], j["target"], j["threshold"], int(j["period_start_ms"]),
+                   int(j["fired_at_ms"]), None if recovered is None else int(recovered), bool(j["active"]), j)
+
+
+@dataclass(frozen=True, slots=True)
 class KeyAttachment:
     key_id: str
     customer_id: str
