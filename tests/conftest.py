@@ -193,7 +193,9 @@ class Gateway:
         return balances[0] if balances else {"available": 0, "pending": 0, "posted": 0}
 
 
-async def start_gateway(upstream: Upstream, database_url: str, **overrides: Any) -> tuple[Gateway, web.AppRunner]:
+async def start_gateway(upstream: Upstream, database_url: str, *, store: WalletStore | None = None,
+                        **overrides: Any) -> tuple[Gateway, web.AppRunner]:
+    """A gateway on ``database_url`` (or on ``store``, a store made by the test) in this process."""
     port = free_port()
     settings = load_settings(**{
         "port": port, "database_url": database_url,
@@ -202,7 +204,7 @@ async def start_gateway(upstream: Upstream, database_url: str, **overrides: Any)
         "portal_secrets": {"k1": secrets.token_urlsafe(32)}, "drain_timeout_s": 5, "upstream_timeout_s": 30,
         **overrides})
     url = f"http://127.0.0.1:{port}"
-    app = build_app(settings, public_url=url)
+    app = build_app(settings, store, public_url=url)
     runner, _ = await serve(app, port)
     admin = httpx.AsyncClient(base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                               timeout=30)

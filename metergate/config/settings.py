@@ -408,6 +408,9 @@ class Settings(BaseSettings):
     escrow: EscrowSettings = Field(default_factory=EscrowSettings,
                                    description="Escrow leases on hot wallets (SQL stores).")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
+    settlement_backlog_max: int = Field(
+        10_000, ge=1, le=1_000_000, description="Settlements a proxy keeps and retries while the wallet store is "
+                                                "down; when full, new requests get 503 settlement_backlog.")
     budget_alert_interval_s: float = Field(
         5, gt=0, le=3600, description="How often a proxy judges the budget alert rules of the customers whose "
                                       "requests settled since (metergate/budgets/alerts.py).")

@@ -79,6 +79,12 @@ class Metrics:
                                 registry=r)
         self.expired_holds = Counter("metergate_expired_holds", "Holds released by the sweeper after their TTL.",
                                      registry=r)
+        self.settlement_backlog = Gauge(
+            "metergate_settlement_backlog", "Settlements of delivered answers the store has not taken yet, kept "
+            "by this process and retried (metergate/proxy/settlement.py).", registry=r)
+        self.settlements_unbilled = Counter(
+            "metergate_settlements_unbilled", "Delivered answers written off unbilled: the store refused their "
+            "settlement, or was still down at shutdown (each logged with its usage record).", ["route"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,6 +37,7 @@ from metergate.proxy import cors
 from metergate.proxy.identify import Identifier
 from metergate.proxy.pipeline import Pipeline
 from metergate.wallet.assets import AssetRegistry
+from metergate.wallet.errors import log_retrying
 from metergate.wallet.escrow import Escrow, EscrowPolicy
 from metergate.wallet.models import now_ms
 from metergate.wallet.sql import SqlWalletStore, sql_behind
@@ -60,14 +61,14 @@ async def sweep_forever(store: WalletStore, interval_s: float, metrics: Metrics 
                 log.info("expired %d holds", expired)
                 if metrics is not None:
                     metrics.expired(expired)
-        except Exception:
-            log.exception("hold sweep failed; retrying next interval")
+        except Exception as exc:
+            log_retrying(log, "hold sweep failed", exc)
         if isinstance(store, SqlWalletStore):  # grant expiry and subscription periods (metergate/wallet/grants.py)
             try:
                 await store.expire_grants(now_ms=now_ms())
                 await Subscriptions(store).tick_all(now_ms=now_ms())
-            except Exception:
-                log.exception("grant sweep failed; retrying next interval")
+            except Exception as exc:
+                log_retrying(log, "grant sweep failed", exc)
         await asyncio.sleep(interval_s)
 
 

@@ -38,7 +38,6 @@ from metergate.pricing.engine import CostUnknown
 from metergate.pricing.service import Resolved
 from metergate.proxy import headers as hh
 from metergate.proxy.identify import Identity
-from metergate.proxy.settlement import settle_with_retries
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.models import Hold, Settlement, UsageRecord
 
@@ -283,7 +282,7 @@ class ComputeRelay:
                     "held_units": str(job.covered_units), "extensions": job.extensions,
                     "stopped_for_funds": job.stopped_for_funds, "elapsed_s": str(job.elapsed_s())},
             budget_path=job.budget.path_text if job.budget is not None else None)
-        settlement = await settle_with_retries(p.holds, job.hold.id, price, record)
+        settlement = await p.settler.settle(p.holds, job.hold.id, price, record)
         if settlement is not None and job.budget is not None:
             p.budgets.settled(job.budget, charged=settlement.charged, tokens_used=0)
         if settlement is not None and p.on_budget_settled is not None:

@@ -60,7 +60,7 @@ from metergate.proxy.methods import check_method
 from metergate.proxy.passthrough import FreeEndpoints
 from metergate.proxy.prompt_size import prepare_bounded
 from metergate.proxy.ratelimit import RateLimiter
-from metergate.proxy.settlement import settle_with_retries
+from metergate.proxy.settlement import Settler
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.proxy.upstream_body import read_limited
 from metergate.wallet.errors import InsufficientFunds
@@ -121,6 +121,7 @@ class Pipeline:
         self._active: dict[str, tuple[Exchange, asyncio.Future[Any]]] = {}  # exchanges being served, by id
         self.store = store
         self.holds: HoldPath = store  # the hot path: the store, or escrow leases in front of it (app.py)
+        self.settler = Settler(max_backlog=settings.settlement_backlog_max, metrics=self.metrics)
         self.identifier = identifier
         self.prices = prices
         self.costs = costs
@@ -172,6 +173,7 @@ class Pipeline:
         await self.budgets.stop()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.settler.flush(self.settings.drain_deadline_s)  # the bills the store did not take yet
         if self.session is not None:
             await self.session.close()
 
@@ -329,6 +331,7 @@ class Pipeline:
         """Hold ``amount``; raises ``InsufficientFunds`` or ``SpendCapReached`` (a refusal may be retried
         smaller: every attempt has the same hold id, and a refused one wrote nothing)."""
         asset = asset or self.prices.asset
+        self.settler.admit()  # bills the store has not taken yet fill the backlog: take no new ones
         if self.spend_caps is not None:
             await self.spend_caps.admit(identity.mode, identity.customer_id, asset, amount)
         hold, _ = await self.holds.reserve(identity.mode, identity.customer_id, asset, amount,
@@ -693,7 +696,7 @@ class Pipeline:
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
         with tracing.span("metergate.settle") as span:
-            settlement = await settle_with_retries(self.holds, ex.hold.id, price, record)
+            settlement = await self.settler.settle(self.holds, ex.hold.id, price, record)
             span.set_attribute("metergate.charged", settlement.charged if settlement is not None else 0)
         if settlement is not None and ex.budget is not None:  # unsettled: the budget keeps the whole hold
             self.budgets.settled(ex.budget, charged=settlement.charged,

@@ -44,7 +44,6 @@ from metergate.payments.spendcaps import SpendCapReached
 from metergate.pricing.engine import CostUnknown
 from metergate.pricing.service import Resolved
 from metergate.proxy.identify import Identity
-from metergate.proxy.settlement import settle_with_retries
 from metergate.wallet.errors import HoldNotFound, InsufficientFunds
 from metergate.wallet.models import Hold, Settlement, UsageRecord, stored_text
 
@@ -410,7 +409,7 @@ class SessionMeter:
             usage_source=usage.source, tokens_input=totals.input_tokens,
             tokens_cached_input=totals.cached_input_tokens, tokens_output=totals.output_tokens, tokens_reasoning=0,
             asset=response.hold.asset, price_amount=price, cost_nanos=cost, detail=detail)
-        settlement = await settle_with_retries(self._p.store, response.hold.id, price, record)
+        settlement = await self._p.settler.settle(self._p.store, response.hold.id, price, record)
         self._open.pop(response.hold.id, None)
         self._count(record, settlement)
         if settlement is not None:

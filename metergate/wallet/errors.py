@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from metergate.errors import BadRequest, Conflict, NotFound, PaymentRequired
@@ -9,6 +11,15 @@ from metergate.errors import BadRequest, Conflict, NotFound, PaymentRequired
 #: What "the database cannot be reached" looks like from the SQL store: SQLAlchemy's wrapped driver errors,
 #: and the raw refusal asyncpg raises while (re)connecting.
 STORAGE_DOWN: tuple[type[Exception], ...] = (OperationalError, InterfaceError, ConnectionRefusedError)
+
+
+def log_retrying(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """A background loop's failure, to be retried: one line while the database is down (it comes back, and a
+    traceback every tick would bury everything else for the length of the outage), the traceback otherwise."""
+    if isinstance(exc, STORAGE_DOWN):
+        logger.warning("%s: the database is unreachable (%s); retrying", what, type(exc).__name__)
+    else:
+        logger.error("%s; retrying", what, exc_info=exc)
 
 
 class InsufficientFunds(PaymentRequired):

@@ -41,7 +41,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from metergate.wallet.errors import (
@@ -50,6 +50,7 @@ from metergate.wallet.errors import (
     HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
+    log_retrying,
 )
 from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, UsageRecord, now_ms
 
@@ -142,6 +143,9 @@ class Escrow:
         self._leases: dict[AccountKey, Lease] = {}
         self._retired: list[Lease] = []  # retiring leases replaced by a newer one, still to be returned
         self._local: dict[str, LocalHold] = {}
+        # Requests whose hold expired unsettled (their settlement was late: the store was down, say): a late
+        # settle still captures what they used, as a capture beyond a hold of nothing, as for a durable hold.
+        self._expired: dict[str, LocalHold] = {}
         self._locks: dict[AccountKey, asyncio.Lock] = {}
         self._balances: dict[AccountKey, Balance] = {}
         self._heat: dict[AccountKey, _Heat] = {}
@@ -235,7 +239,7 @@ class Escrow:
         return found.hold
 
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
-        found = self._local.pop(hold_id, None)
+        found = self._local.pop(hold_id, None) or self._expired.pop(hold_id, None)
         if found is None:
             lease_id = self._settled.get(hold_id)
             if lease_id is not None:  # a replay: the capture's key answers it with the first result
@@ -422,8 +426,8 @@ class Escrow:
         while True:
             try:
                 await self.tick()
-            except Exception:
-                log.exception("escrow heartbeat failed; retrying next tick")
+            except Exception as exc:
+                log_retrying(log, "escrow heartbeat failed", exc)
             await asyncio.sleep(self.policy.tick_s)
 
     async def tick(self) -> None:
@@ -434,6 +438,9 @@ class Escrow:
             if found.hold.expires_at_ms < now:  # a request that never settled: its hold expires, as a durable one
                 del self._local[hold_id]
                 found.lease.local -= found.hold.amount
+                self._expired[hold_id] = LocalHold(found.lease, replace(found.hold, amount=0, state="expired"), 0)
+                if len(self._expired) > SETTLED_KEPT:
+                    del self._expired[next(iter(self._expired))]
                 log.warning("escrow: hold %s expired unsettled", hold_id)
         if self._leases:
             recalls = await self.store.lease_recalls(list(self._leases))

@@ -61,7 +61,7 @@ def driver_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return IntegrityError("batch", None, exc)
     if isinstance(exc, asyncpg.TransactionRollbackError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
-                  | OSError | asyncpg.CannotConnectNowError):
+                  | OSError | asyncpg.CannotConnectNowError | asyncpg.exceptions.OperatorInterventionError):
         return OperationalError("batch", None, exc)
     if isinstance(exc, asyncpg.PostgresError):
         return DBAPIError("batch", None, exc)

@@ -41,7 +41,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from metergate.observability.threads import name_os_thread
@@ -118,6 +119,7 @@ class SqlRunner:
             self._async = create_async_engine(self._url, pool_size=self._pool_size, max_overflow=self._pool_size,
                                               json_serializer=json_dumps,
                                               pool_pre_ping=True)
+            event.listen(self._async.sync_engine, "handle_error", _server_unavailable)
         await self.write(self._migrate)
         if not self._sqlite and self._batch_engine:
             dsn = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -264,3 +266,18 @@ class SqlRunner:
 
 
 __all__ = ["SqlRunner"]
+
+
+def _server_unavailable(context: ExceptionContext) -> BaseException | None:
+    """A PostgreSQL that is starting up, shutting down or lost the connection is *down*, whichever class the
+    driver gives the error: asyncpg's ``CannotConnectNowError`` (57P03, "the database system is starting
+    up") reaches SQLAlchemy as a plain ``DBAPIError``, which the proxy would answer with a 500. SQLSTATE classes
+    08 (connection exception) and 57 (operator intervention) become the ``OperationalError`` that
+    :data:`metergate.wallet.errors.STORAGE_DOWN` names (a 503, a retried settlement)."""
+    error = context.sqlalchemy_exception
+    if not isinstance(error, DBAPIError) or isinstance(error, OperationalError):
+        return None
+    state = str(getattr(context.original_exception, "sqlstate", "") or "")
+    if state[:2] in ("08", "57"):
+        return OperationalError(error.statement, error.params, context.original_exception)
+    return None
