@@ -384,8 +384,8 @@ class Escrow:
         async def run() -> None:
             try:
                 await coro  # type: ignore[misc]
-            except Exception:
-                log.exception("escrow: a lease top-up failed")
+            except Exception as exc:
+                log_retrying(log, "escrow: a lease top-up failed", exc)
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
