@@ -73,8 +73,14 @@ async def sweep_forever(store: WalletStore, interval_s: float, metrics: Metrics 
 
 
 def wallet_store(settings: Settings) -> WalletStore:
-    """The SQL store, or with ``redis_url`` the Redis real-time wallet over it (issue #5); the Redis store
-    runs its ledger sink in the store's own open/close, so every replica helps drain."""
+    """The SQL store; with ``redis_url``, the Redis real-time wallet over it (its ledger sink runs in the store's
+    own open/close, so every replica helps drain), or with ``redis_wallet: false`` the SQL store with its
+    rate-limit windows in Redis (:mod:`metergate.wallet.redis.windows`)."""
+    if settings.redis_url and not settings.redis_wallet:
+        from metergate.wallet.redis.windows import SqlWalletWithRedisWindows
+
+        return SqlWalletWithRedisWindows(settings.database_url, settings.redis_url, prefix=settings.redis_key_prefix,
+                                         shards=settings.redis_shards)
     if settings.redis_url:
         from metergate.wallet.redis.batching import BatchingSqlWalletStore
         from metergate.wallet.redis.store import RedisWalletStore

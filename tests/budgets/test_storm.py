@@ -32,7 +32,8 @@ FUNDS = 10**9
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("redis", marks=pytest.mark.postgres)])
+                        pytest.param("redis", marks=pytest.mark.postgres),
+                        pytest.param("redis-windows", marks=pytest.mark.postgres)])
 async def replicas(request: pytest.FixtureRequest, upstream: Upstream, tmp_path: Path) -> AsyncIterator[Replicas]:
     redis: dict[str, Any] = {}
     if request.param == "sqlite":
@@ -40,9 +41,10 @@ async def replicas(request: pytest.FixtureRequest, upstream: Upstream, tmp_path:
     else:
         url = request.getfixturevalue("pg_url")
         await _reset_pg(url)
-        if request.param == "redis":
+        if request.param.startswith("redis"):
             redis = {"redis_url": request.getfixturevalue("redis_url"),
-                     "redis_key_prefix": request.getfixturevalue("prefix"), "redis_shards": 4}
+                     "redis_key_prefix": request.getfixturevalue("prefix"), "redis_shards": 4,
+                     "redis_wallet": request.param == "redis"}
     r = Replicas(upstream.url, url, tmp_path, redis)
     try:
         await r.start(3)

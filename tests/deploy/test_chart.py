@@ -314,3 +314,12 @@ def test_service_monitor_scrapes_metrics_of_both_services(chart: helm_python.Cha
     monitor["spec"]["endpoints"][0]["honorLabelz"] = True
     with pytest.raises(jsonschema.ValidationError, match="honorLabelz"):
         prometheus_operator.validate(monitor)
+
+
+def test_the_redis_wallet_can_be_left_out_and_only_the_windows_kept_in_redis(chart: helm_python.Chart) -> None:
+    for wallet, expected in ((None, None), (True, None), (False, False)):
+        values: dict[str, Any] = {"redis": {"url": "redis://redis:6379/0",
+                                            **({} if wallet is None else {"wallet": wallet})}}
+        config = find(render(chart, values), "ConfigMap", "-config")["data"]
+        for name in ("sidecar.yaml", "control.yaml"):
+            assert yaml.safe_load(config[name]).get("redis_wallet") == expected, (wallet, name)

@@ -32,11 +32,13 @@ LIMIT = 120
 PER_PROCESS = 130
 
 
-@pytest.fixture
-async def cluster(upstream: Upstream, pg_url: str, redis_url: str, prefix: str,
+@pytest.fixture(params=["redis wallet", "wallets in SQL"])
+async def cluster(request: pytest.FixtureRequest, upstream: Upstream, pg_url: str, redis_url: str, prefix: str,
                   tmp_path: Path) -> AsyncIterator[Cluster]:
+    """The Redis wallet, or the SQL wallet with only its rate-limit windows in Redis: the same windows."""
     await _reset_pg(pg_url)
-    c = Cluster(upstream.url, pg_url, redis_url, prefix, tmp_path)
+    c = Cluster(upstream.url, pg_url, redis_url, prefix, tmp_path,
+                overrides={"redis_wallet": request.param == "redis wallet"})
     c.overrides["rate_limits"] = {"customer": {"requests_per_minute": LIMIT, "tokens_per_minute": 10**9}}
     yield c
     await c.stop()

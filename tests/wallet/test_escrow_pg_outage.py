@@ -37,9 +37,15 @@ FAST = {"hold_ttl_s": 10, "sweep_interval_s": 0.5, "upstream_timeout_s": 4, "dra
 
 
 @pytest.fixture
-async def cluster(upstream: Upstream, throwaway_pg: tuple[str, list[str], list[str]],
-                  tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(upstream.url, throwaway_pg[0], None, "", tmp_path, overrides=FAST)
+def pg(request: pytest.FixtureRequest) -> tuple[str, list[str], list[str]]:
+    """A PostgreSQL of this test's own: (url, start command, stop command)."""
+    server: tuple[str, list[str], list[str]] = request.getfixturevalue("throwaway_pg")
+    return server
+
+
+@pytest.fixture
+async def cluster(upstream: Upstream, pg: tuple[str, list[str], list[str]], tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(upstream.url, pg[0], None, "", tmp_path, overrides=FAST)
     yield c
     await c.stop()
 
@@ -51,8 +57,8 @@ async def pending_leases(store: SqlWalletStore) -> int:
 
 
 async def test_postgres_down_for_a_minute_with_leases_loses_nothing(
-        cluster: Cluster, throwaway_pg: tuple[str, list[str], list[str]]) -> None:
-    url, start, stop_pg = throwaway_pg
+        cluster: Cluster, pg: tuple[str, list[str], list[str]]) -> None:
+    url, start, stop_pg = pg
     await cluster.start(2)
     await cluster.fund("acme", FUNDS)
     statuses: list[int] = []

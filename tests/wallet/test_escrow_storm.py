@@ -18,16 +18,23 @@ from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Upstream, _reset_pg
 from tests.proxy.test_storm import FLAT_FEE, FLAT_PRICING
 from tests.redis.cluster import Cluster, chat
+from tests.redis.conftest import prefix, redis_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.postgres
 REQUESTS = 1000
 K = 400  # large enough that the wallet is leased: a lease is at most 1/16 of it and covers >= 8 requests
 
 
-@pytest.fixture
-async def cluster(upstream: Upstream, pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+@pytest.fixture(params=["postgres", "postgres+redis-windows"])
+async def cluster(request: pytest.FixtureRequest, upstream: Upstream, pg_url: str,
+                  tmp_path: Path) -> AsyncIterator[Cluster]:
+    """PostgreSQL alone, or with the rate-limit windows in Redis (``redis_wallet: false``: the same wallets)."""
     await _reset_pg(pg_url)
-    c = Cluster(upstream.url, pg_url, None, "", tmp_path)
+    if request.param == "postgres":
+        c = Cluster(upstream.url, pg_url, None, "", tmp_path)
+    else:
+        c = Cluster(upstream.url, pg_url, request.getfixturevalue("redis_url"), request.getfixturevalue("prefix"),
+                    tmp_path, overrides={"redis_wallet": False})
     yield c
     await c.stop()
 

@@ -60,6 +60,9 @@ public_url: {{ . | quote }}
 {{- if not .Values.database.existingSecret.name }}
 database_url: {{ .Values.database.url | default "sqlite:////var/lib/metergate/metergate.db" | quote }}
 {{- end }}
+{{- if eq (toString .Values.redis.wallet) "false" }}
+redis_wallet: false
+{{- end }}
 pricing:
   {{- toYaml .Values.pricing | nindent 2 }}
 {{- if and .Values.portalSecrets.existingSecret .Values.portalSecrets.keys }}
@@ -135,6 +138,7 @@ Environment: secrets by reference. Call with (dict "root" $ "role" "sidecar"|"co
 - name: METERGATE_REDIS_URL
   value: {{ $v.redis.url | quote }}
 {{- end }}
+
 {{- if $v.portalSecrets.existingSecret }}
 {{- range $index, $entry := $v.portalSecrets.keys }}
 - name: MG_PORTAL_SECRET_{{ $index }}

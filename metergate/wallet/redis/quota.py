@@ -13,13 +13,22 @@ Amounts stay below 2**53 (limits are at most 10**13), where Lua's doubles are ex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from metergate.wallet.models import Mode, RateLimitDenial
 from metergate.wallet.quota import TAPER, QuotaClaim, QuotaGrant
 
 if TYPE_CHECKING:
-    from metergate.wallet.redis.store import RedisWalletStore
+    from metergate.wallet.redis.store import KeySpace
+
+
+class WindowStore(Protocol):
+    """What the claims need of a store: its key space and its registered scripts (``RL_CLAIM``,
+    ``RL_RELEASE``): the Redis wallet, or the SQL wallet with its windows in Redis."""
+
+    keys: KeySpace
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any: ...
 
 KEEP_MS = 3 * 60_000  # a window's key outlives its minute by two more
 
@@ -76,7 +85,7 @@ return 1
 """
 
 
-def window_key(store: RedisWalletStore, mode: Mode, customer_id: str, subject: str, window_start_ms: int) -> str:
+def window_key(store: WindowStore, mode: Mode, customer_id: str, subject: str, window_start_ms: int) -> str:
     base = store.keys.base(store.keys.shard(mode, customer_id))
     return f"{base}:rl:{mode}:{subject}:{window_start_ms}"
 
@@ -85,7 +94,7 @@ def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
 
-async def claim(store: RedisWalletStore, mode: Mode, customer_id: str, claims: list[QuotaClaim],
+async def claim(store: WindowStore, mode: Mode, customer_id: str, claims: list[QuotaClaim],
                 window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
     ordered = sorted(claims, key=lambda c: c.subject)
     keys = [window_key(store, mode, customer_id, c.subject, window_start_ms) for c in ordered]
@@ -103,7 +112,7 @@ async def claim(store: RedisWalletStore, mode: Mode, customer_id: str, claims: l
     return grants
 
 
-async def release(store: RedisWalletStore, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]],
+async def release(store: WindowStore, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]],
                   window_start_ms: int) -> None:
     keys = [window_key(store, mode, customer_id, subject, window_start_ms) for subject, _, _ in releases]
     args = [n for _, requests, tokens in releases for n in (requests, tokens)]

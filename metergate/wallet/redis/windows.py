@@ -1,0 +1,85 @@
+"""The SQL wallet with its rate-limit windows in Redis: the ``redis_wallet: false`` topology.
+
+Why: once a hot wallet is served from escrow leases (:mod:`metergate.wallet.escrow`), PostgreSQL alone carries
+many replicas on one wallet at the batch engine's speed, with every wallet feature (grants, subscriptions, the
+hold API, invoiced mode) served by the one engine. What replicas still share request by request is their
+rate-limit windows: short-lived counters that Redis keeps better than SQL rows. So this store is the SQL store
+in every respect but those windows, which it claims and gives back with the Redis wallet's own scripts
+(:mod:`metergate.wallet.redis.quota`: one script per chunk of requests, keys that expire by themselves).
+
+Failure policy: Redis unreachable makes a claim a 503 ``wallet_unavailable`` (rate limits fail closed, as the
+Redis wallet does), and ``/readyz`` follows Redis as well as the database. A flushed or restarted Redis
+forgets the open windows' counts: at most one more window's allowance, never money (the wallet is in SQL).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from metergate.wallet.models import Mode, RateLimitDenial
+from metergate.wallet.quota import QuotaClaim, QuotaGrant
+from metergate.wallet.redis import quota as redis_quota
+from metergate.wallet.redis.store import _REDIS_DOWN, KeySpace, WalletUnavailable, connect
+from metergate.wallet.sql import SqlWalletStore
+
+log = logging.getLogger(__name__)
+
+
+class SqlWalletWithRedisWindows(SqlWalletStore):
+    """A :class:`SqlWalletStore` whose rate-limit windows live in Redis (``redis_url``, ``redis_key_prefix``)."""
+
+    def __init__(self, url: str, redis_url: str, *, prefix: str = "mg", shards: int = 16, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.redis_url = redis_url
+        self.keys = KeySpace(prefix, shards)  # the Redis wallet's key space: its rate-limit keys are the same
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def redis(self) -> Any:
+        assert self._client is not None, "store is not open"
+        return self._client
+
+    async def open(self) -> None:
+        await super().open()
+        if self._client is None:
+            self._client = connect(self.redis_url)
+        self._scripts["RL_CLAIM"] = self._client.register_script(redis_quota.CLAIM)
+        self._scripts["RL_RELEASE"] = self._client.register_script(redis_quota.RELEASE)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        await super().close()
+
+    async def ping(self) -> None:
+        """Ready means the database and Redis both answer: a request needs its wallet and its windows."""
+        await super().ping()
+        await self.script_call(self.redis.ping())
+
+    async def script_call(self, call: Any) -> Any:
+        try:
+            return await call
+        except _REDIS_DOWN as exc:
+            raise WalletUnavailable("The rate-limit store is unreachable; nothing was charged. Retry shortly.",
+                                    code="wallet_unavailable") from exc
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.script_call(self._scripts[name](keys=keys, args=args))
+
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        return await redis_quota.claim(self, mode, customer_id, claims, window_start_ms)
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        await redis_quota.release(self, mode, customer_id, releases, window_start_ms)
+
+    async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
+        """Windows in Redis expire by themselves; this prunes the SQL rows an SQL-only run left."""
+        return await super().prune_rate_limit_windows(before_ms=before_ms)
+
+
+__all__ = ["SqlWalletWithRedisWindows"]

@@ -1,0 +1,112 @@
+"""Redis + PostgreSQL with the wallets in SQL (``redis_wallet: false``): two ``metergate serve`` processes share
+one PostgreSQL database for their wallets and one Redis prefix for their rate-limit windows.
+
+Method: real processes; the admin API of one and the proxy routes of both. Every wallet feature is the SQL
+store's, so the ones the Redis wallet does not serve are served here: a grant consumed before the paid credit,
+the hold API (a hold placed through one process, heartbeats and a partial capture through the other), a hot
+wallet served from escrow leases. The rate-limit windows are Redis keys (the SQL table stays empty), and a
+``FLUSHDB`` of the throwaway Redis forgets them without touching a wallet. At the end nothing is pending and the
+ledger audits clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import redis.asyncio as aioredis
+
+from metergate.wallet.sql import SqlWalletStore
+from tests.conftest import ADMIN_KEY, Upstream, _reset_pg
+from tests.redis.cluster import Cluster, chat
+from tests.redis.conftest import RedisServer
+
+pytestmark = pytest.mark.postgres
+FUNDS = 10_000_000
+
+
+@pytest.fixture
+async def cluster(upstream: Upstream, pg_url: str, redis_server: RedisServer, tmp_path: Path,
+                  prefix: str) -> AsyncIterator[Cluster]:
+    await _reset_pg(pg_url)
+    c = Cluster(upstream.url, pg_url, redis_server.url, prefix, tmp_path, overrides={
+        "redis_wallet": False, "hold_ttl_s": 10, "sweep_interval_s": 0.5, "upstream_timeout_s": 4,
+        "drain_timeout_s": 1,
+        "escrow": {"hot_per_s": 2, "ttl_s": 5, "tick_s": 0.2},
+        "rate_limits": {"customer": {"requests_per_minute": 100_000, "tokens_per_minute": 10**9}}})
+    yield c
+    await c.stop()
+
+
+def admin(cluster: Cluster, i: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=cluster.proxies[i].url + "/admin/v1",
+                             headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+
+
+async def test_every_wallet_feature_with_rate_limits_in_redis(cluster: Cluster, pg_url: str,
+                                                              redis_server: RedisServer, prefix: str) -> None:
+    await cluster.start(2)
+    await cluster.fund("acme", FUNDS)
+    one, two = admin(cluster, 0), admin(cluster, 1)
+    async with one, two, httpx.AsyncClient(timeout=30) as client:
+        r = await one.post("/customers/acme/grants", json={"amount": 5_000, "purpose": "promotional",
+                                                           "expires_at_ms": 4_102_444_800_000,
+                                                           "idempotency_key": "promo-1"})
+        assert r.status_code == 201, r.text  # grants: served in this topology (the Redis wallet refuses them)
+        grant_id = r.json()["id"]
+
+        held = await one.post("/holds", json={"customer_id": "acme", "amount": 50_000, "ttl_s": 60},
+                              headers={"Idempotency-Key": "job-1"})
+        assert held.status_code == 201, held.text
+        hold_id = held.json()["hold"]["id"]
+        beat = await two.post(f"/holds/{hold_id}/heartbeat", json={"used": 1_000, "next": 2_000,
+                                                                  "idempotency_key": "beat-1"})
+        assert beat.status_code == 200, beat.text  # the other process heartbeats the same hold
+        part = await two.post(f"/holds/{hold_id}/capture", json={"amount": 3_000, "idempotency_key": "cap-1"})
+        assert part.status_code == 200, part.text
+        assert (await one.post(f"/holds/{hold_id}/void", json={"idempotency_key": "void-1"})).status_code == 200
+        job = (await two.get(f"/holds/{hold_id}")).json()
+        captured = (job.get("hold") or job)["captured"]
+        assert captured >= 3_000
+
+        statuses = await asyncio.gather(*(chat(client, cluster.proxies[i % 2].url, "acme") for i in range(200)))
+        assert statuses.count(200) == 200, statuses
+
+        grant = (await one.get(f"/grants/{grant_id}")).json()
+        assert grant["consumed"] > 0  # the expiring promo grant is drawn before the paid credit
+
+    store = SqlWalletStore(pg_url)
+    await store.open()
+    try:
+        leases = await store.read(lambda conn: conn.exec_driver_sql(
+            "SELECT count(*) FROM holds WHERE id LIKE 'lease:%'").scalar())
+        assert leases >= 1  # the hot wallet was served from escrow leases
+        windows = await store.read(lambda conn: conn.exec_driver_sql(
+            "SELECT count(*) FROM rate_limit_windows").scalar())
+        assert windows == 0  # the windows are Redis's
+    finally:
+        await store.close()
+    r = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}:*:rl:test:*")]
+        assert keys, "no rate-limit window in Redis"
+        await r.flushdb()  # Redis forgets the windows; the wallets are not there to lose
+    finally:
+        await r.aclose()
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert await chat(client, cluster.proxies[0].url, "acme") == 200  # served on after the flush
+
+    await cluster.stop()
+    store = SqlWalletStore(pg_url)
+    await store.open()
+    try:
+        balance = await store.balance("test", "acme", "USD")
+        records = [r for _, r in await store.usage("test", "acme", limit=10_000)]
+        assert len(records) == 201 and balance.debits_pending == 0
+        assert balance.available == FUNDS + 5_000 - captured - sum(r.charged_amount for r in records)
+        assert await store.audit() == []
+    finally:
+        await store.close()
