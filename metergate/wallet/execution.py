@@ -230,7 +230,7 @@ class SqliteWriter:
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop, engine=engine, link=ledger_batches.link(engine)))
+        self._queue.put(_Op(fn, args, future, loop, False, None, engine, ledger_batches.link(engine)))
         return future
 
     def close(self) -> None:
