@@ -19,10 +19,11 @@ A batch, on either backend, inside one transaction that the caller opened and co
 Idempotency stays the unique index on the ledger key, in the same transaction. A batch first runs without
 reading the keys its extensions and captures would write (one more statement per batch, for what is almost never
 there): each is decided as new. If one was written before (a replayed settlement), the index refuses the
-batch's ledger INSERT; the batch's writes are rolled back (SQLite: to a savepoint; PostgreSQL: the write never
-applied) and the batch is decided again from fresh rows, this time with the keys read, so that the replay is
-found and answered with the first result. A key that still collides (written concurrently by another process)
-fails the whole batch, and its caller re-applies each operation alone.
+batch's ledger INSERT and nothing of the batch stays written (SQLite: the transaction, which the batch opened,
+is rolled back and begun again — a savepoint around the writes would cost a copy of every page they touch;
+PostgreSQL: the one write statement never applied), and the batch is decided again from fresh rows, this time
+with the keys read, so that the replay is found and answered with the first result. A key that still collides
+(written concurrently by another process) fails the whole batch, and its caller re-applies each operation alone.
 """
 
 from __future__ import annotations
@@ -182,20 +183,18 @@ _SQ_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
 
 
 def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[Any]:
-    """Load, decide and write one batch on the SQLite writer's connection, inside its open transaction: first
-    without reading the ledger keys it writes, and again with them if the unique index refused one (see the
+    """Load, decide and write one batch on the SQLite writer's connection, as the first statements of its open
+    write transaction (``BEGIN IMMEDIATE``): first without reading the ledger keys it writes; if the unique index
+    refused one, the transaction is rolled back, begun again, and the batch decided again with them (see the
     module docstring)."""
-    if not any(isinstance(op, en.ExtendOp | en.CaptureOp) for op in ops):
-        return _apply_sqlite(raw, ops, keys=False)  # no key to read: nothing to retry
-    raw.execute("SAVEPOINT mg_engine")
     try:
-        outcomes = _apply_sqlite(raw, ops, keys=False)
+        return _apply_sqlite(raw, ops, keys=False)
     except sqlite3.IntegrityError:
-        raw.execute("ROLLBACK TO mg_engine")
-        raw.execute("RELEASE mg_engine")
-        return _apply_sqlite(raw, ops, keys=True)
-    raw.execute("RELEASE mg_engine")
-    return outcomes
+        if not any(isinstance(op, en.ExtendOp | en.CaptureOp) for op in ops):
+            raise  # no key it could have read first: a collision of another kind
+    raw.execute("ROLLBACK")
+    raw.execute("BEGIN IMMEDIATE")
+    return _apply_sqlite(raw, ops, keys=True)
 
 
 def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: bool) -> list[Any]:

@@ -355,8 +355,9 @@ class SqliteWriter:
         classic = [op for op in batch if op.engine is None]
         engine_ops = [op for op in batch if op.engine is not None]
         if engine_ops:
-            # First the batch engine, set-based, over what the whole batch touches; then what it hands back
-            # and the other operations, each in its own savepoint (see the module docstring).
+            # First the batch engine, set-based, over what the whole batch touches (first in the transaction: it
+            # may roll it back and begin it again, see metergate.wallet.batchsql); then what it hands back and the
+            # other operations, each in its own savepoint (see the module docstring).
             from metergate.wallet.batchsql import apply_sqlite
             from metergate.wallet.engine import CLASSIC
 
