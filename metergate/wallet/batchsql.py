@@ -182,19 +182,19 @@ _SQ_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE mode = ? AND idempotency_key IN (SELECT value FROM json_each(?))")
 
 
-def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[Any]:
+def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> tuple[list[Any], bool]:
     """Load, decide and write one batch on the SQLite writer's connection, as the first statements of its open
     write transaction (``BEGIN IMMEDIATE``): first without reading the ledger keys it writes; if the unique index
     refused one, the transaction is rolled back, begun again, and the batch decided again with them (see the
-    module docstring)."""
+    module docstring). Returns the outcomes, and whether it had to decide again."""
     try:
-        return _apply_sqlite(raw, ops, keys=False)
+        return _apply_sqlite(raw, ops, keys=False), False
     except sqlite3.IntegrityError:
         if not any(isinstance(op, en.ExtendOp | en.CaptureOp) for op in ops):
             raise  # no key it could have read first: a collision of another kind
     raw.execute("ROLLBACK")
     raw.execute("BEGIN IMMEDIATE")
-    return _apply_sqlite(raw, ops, keys=True)
+    return _apply_sqlite(raw, ops, keys=True), True
 
 
 def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: bool) -> list[Any]:

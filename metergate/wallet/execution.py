@@ -217,6 +217,7 @@ class SqliteWriter:
         self._closed = False
         self.batches = 0  # committed batches and operations, for the benchmarks
         self.ops = 0
+        self.replays = 0  # engine batches decided again because they wrote a ledger key written before
 
     def start(self) -> None:
         self._thread.start()
@@ -362,9 +363,10 @@ class SqliteWriter:
             from metergate.wallet.engine import CLASSIC
 
             try:
-                outcomes = apply_sqlite(raw, [op.engine for op in engine_ops])
+                outcomes, again = apply_sqlite(raw, [op.engine for op in engine_ops])
             except sqlite3.Error as error:
                 raise DBAPIError.instance("batch", None, error, sqlite3.Error) from error
+            self.replays += again
             for op, outcome in zip(engine_ops, outcomes, strict=True):
                 if outcome is CLASSIC:
                     classic.append(op)

@@ -136,6 +136,59 @@ async def test_settling_in_the_batch_that_holds_draws_the_released_grant(store: 
     assert await store.audit() == []
 
 
+def replays(store: SqlWalletStore) -> int:
+    counter = store._writer if store._writer is not None else store._pg_commit
+    assert counter is not None
+    return counter.replays
+
+
+async def test_a_replayed_capture_among_new_ones_answers_its_first_result_and_the_new_ones_apply_once(
+        store: SqlWalletStore) -> None:
+    """The engine does not read the ledger keys a batch writes before deciding it: a replayed settlement against
+    a lease is decided as new, the unique index refuses it, and the batch is decided again with its keys read.
+    The replay must get its first answer, the conflicting one an error, the new captures of the same batch
+    exactly one ledger row and one usage record each."""
+    await funded(store, 10_000)
+    await store.reserve(MODE, "acme", "USD", 5_000, hold_id="lease", ttl_ms=60_000)
+    first = await store.capture_usage("lease", 70, key="settle:r1", usage=usage("u1", "r1"), held=100)
+    rows, before = await ledger_rows(store), replays(store)
+
+    async def capture(amount: int, request: str) -> Any:  # submitted when one_batch runs it, not before
+        return await store.capture_usage("lease", amount, key=f"settle:{request}", usage=usage(f"u{request[1:]}",
+                                                                                              request), held=100)
+
+    again, fresh, conflict, other = await one_batch(store, [
+        capture(70, "r1"), capture(30, "r2"),
+        capture(71, "r1"),  # the same key, other content
+        capture(40, "r3"),
+    ])
+    assert replays(store) == before + 1  # decided without the keys first, then again with them
+    assert (first.charged, first.replayed) == (70, False)
+    assert (again.charged, again.written_off, again.replayed) == (70, 0, True)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert (fresh.charged, fresh.replayed, other.charged, other.replayed) == (30, False, 40, False)
+    assert await ledger_rows(store) == rows + 2
+    assert sorted(r.id for _, r in await store.usage(MODE, "acme", limit=10)) == ["u1", "u2", "u3"]
+    balance = await store.balance(MODE, "acme", "USD")
+    assert (balance.debits_posted, balance.debits_pending) == (140, 5_000 - 140)
+    assert await store.audit() == []
+
+
+async def test_a_replayed_extension_among_new_ones_answers_without_growing_the_hold_twice(
+        store: SqlWalletStore) -> None:
+    await funded(store, 10_000)
+    for h in ("a", "b"):
+        await store.reserve(MODE, "acme", "USD", 100, hold_id=h, ttl_ms=60_000)
+    await store.extend_hold("a", 50, step=1, ttl_ms=60_000)
+    before = replays(store)
+    replayed, new = await one_batch(store, [store.extend_hold("a", 50, step=1, ttl_ms=60_000),
+                                            store.extend_hold("b", 25, step=1, ttl_ms=60_000)])
+    assert replays(store) == before + 1
+    assert (replayed.amount, new.amount) == (150, 125)
+    assert (await store.balance(MODE, "acme", "USD")).debits_pending == 275
+    assert await store.audit() == []
+
+
 @pytest.mark.postgres
 async def test_two_postgres_engines_racing_on_one_wallet_never_overspend(pg_url: str) -> None:
     await _reset_pg(pg_url)
