@@ -254,3 +254,22 @@ async def test_an_optimistic_batch_that_lost_its_race_is_decided_again_under_the
         await blocker.close()
         await a.close()
         await b.close()
+
+
+async def test_a_usage_record_stores_its_strings_sanitized_and_bounded_and_plain_ones_as_they_are(
+        store: SqlWalletStore) -> None:
+    await funded(store, 1000)
+    await store.reserve(MODE, "acme", "USD", 100, hold_id="h", ttl_ms=60_000)
+    record = UsageRecord(id="u", mode=MODE, customer_id="acme", hold_id="h", route="/open\x00ai",
+                         endpoint="chat\u2028", model="m\x07" + "x" * 300, feature="", stream=False, status_code=200,
+                         usage_source="provider", tokens_input=1, tokens_cached_input=0, tokens_output=1,
+                         tokens_reasoning=0, asset="USD", price_amount=5)
+    plain = UsageRecord(id="p", mode=MODE, customer_id="acme", hold_id="h", route="/openai", endpoint="chat",
+                        model="gpt-4o-mini", feature="search", stream=False, status_code=200, usage_source="provider",
+                        tokens_input=1, tokens_cached_input=0, tokens_output=1, tokens_reasoning=0, asset="USD",
+                        price_amount=5)
+    await store.settle("h", 5, record)
+    (_, stored), = await store.usage(MODE, "acme", limit=1)
+    assert (stored.route, stored.endpoint, stored.feature) == ("/openai", "chat\u2028", None)
+    assert stored.model == "m" + "x" * 127  # control characters dropped, then cut to the column's 128
+    assert (plain.route, plain.endpoint, plain.model, plain.feature) == ("/openai", "chat", "gpt-4o-mini", "search")
