@@ -23,13 +23,16 @@ pairs/s counts only what the ledger holds (``drained pairs/s``), beside the admi
 workers (``hot pairs/s``). ``x sqlite`` is the drained rate over SQLite's (batch engine) in the same round,
 ``x classic`` over the same configuration's ``-classic`` twin in the same round; medians over rounds. ``CPU
 us/pair`` is this process's CPU time (all its threads: the event loop, the SQLite writer) per pair during the
-load; the database servers' CPU is not in it.
+load; the database servers' CPU is not in it; ``of it writer`` is the SQLite writer thread's part of it (the
+rest is the event loop).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -40,6 +43,7 @@ from typing import Any
 from scratch import REDIS, Scratch
 
 from metergate.wallet.escrow import Escrow
+from metergate.wallet.execution import WRITER_THREAD
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
@@ -51,6 +55,19 @@ CONFIGS = ("sqlite-classic", "sqlite", "sqlite+escrow", "postgres-classic", "pos
 
 
 CPU_US: dict[int, float] = {}  # this process's CPU (every thread) per pair, by store, in microseconds
+WRITER_US: dict[int, float] = {}  # of which the SQLite writer thread's
+
+
+def writer_cpu_seconds() -> float:
+    """CPU time of this process's SQLite writer threads (the kernel's name for them), from /proc; 0 without."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                if (task / "comm").read_text().strip() == WRITER_THREAD:
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def usage(i: str, hold_id: str) -> UsageRecord:
@@ -81,9 +98,13 @@ async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool 
                 n += 1
             counts[w] = n
 
-        started, cpu0 = time.monotonic(), time.process_time()
+        sql_store = store.sql if isinstance(store, RedisWalletStore) else store
+        writer = getattr(sql_store, "_writer", None)
+        batches0, ops0 = (writer.batches, writer.ops) if writer is not None else (0, 0)
+        started, cpu0, wcpu0 = time.monotonic(), time.process_time(), writer_cpu_seconds()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         hot = time.monotonic() - started
+        wcpu = writer_cpu_seconds() - wcpu0
         if escrow:
             await front.close()
         if isinstance(store, RedisWalletStore):
@@ -92,7 +113,9 @@ async def run_one(store: Any, seconds: float, concurrency: int, *, escrow: bool 
         total = time.monotonic() - started
         pairs = sum(counts)
         CPU_US[id(store)] = (time.process_time() - cpu0) / max(1, pairs) * 1e6
-        sql_store = store.sql if isinstance(store, RedisWalletStore) else store
+        WRITER_US[id(store)] = wcpu / max(1, pairs) * 1e6
+        if writer is not None and writer.batches > batches0:
+            print(f"  ({(writer.ops - ops0) / (writer.batches - batches0):.1f} operations per SQLite batch)")
         commit = getattr(sql_store, "_pg_commit", None)
         if commit is not None and commit.batches:
             print(f"  ({commit.ops / commit.batches:.1f} operations per PostgreSQL batch)")
@@ -115,6 +138,7 @@ async def main() -> None:
     ratios: dict[str, list[float]] = {}
     twins: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
+    writer_cpu: dict[str, list[float]] = {}
     async with Scratch() as scratch:
         for r in range(args.rounds):
             drained_by: dict[str, float] = {}
@@ -132,19 +156,20 @@ async def main() -> None:
                 drained_by[config] = drained
                 results.setdefault(config, []).append((hot, drained))
                 cpu.setdefault(config, []).append(CPU_US.pop(id(store)))
+                writer_cpu.setdefault(config, []).append(WRITER_US.pop(id(store)))
             for config, drained in drained_by.items():
                 if "sqlite" in drained_by:
                     ratios.setdefault(config, []).append(drained / drained_by["sqlite"])
                 if not config.endswith("-classic") and f"{config}-classic" in drained_by:
                     twins.setdefault(config, []).append(drained / drained_by[f"{config}-classic"])
     print(f"{'config':<22}{'hot pairs/s':>14}{'drained pairs/s':>18}{'x sqlite':>10}{'x classic':>11}"
-          f"{'CPU us/pair':>13}")
+          f"{'CPU us/pair':>13}{'of it writer':>14}")
     for config, rows in results.items():
         x_sqlite = f"{statistics.median(ratios[config]):.2f}" if config in ratios else "-"
         x_classic = f"{statistics.median(twins[config]):.2f}" if config in twins else "-"
         print(f"{config:<22}{statistics.median(h for h, _ in rows):>14.0f}"
               f"{statistics.median(d for _, d in rows):>18.0f}{x_sqlite:>10}{x_classic:>11}"
-              f"{statistics.median(cpu[config]):>13.0f}")
+              f"{statistics.median(cpu[config]):>13.0f}{statistics.median(writer_cpu[config]):>14.0f}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,14 @@ A batch, on either backend, inside one transaction that the caller opened and co
 3. **write**: one ``executemany`` per table for ledger rows, holds, allocations, grants, usage records, and
    last one aggregated ``UPDATE`` per touched account.
 
-Idempotency stays the unique index on the ledger key, in the same transaction: a key written concurrently
-by another process makes this batch's INSERT fail, the whole batch rolls back, and its caller re-applies each
-operation alone (where the replay is then found and answered).
+Idempotency stays the unique index on the ledger key, in the same transaction. A batch first runs without
+reading the keys its extensions and captures would write (one more statement per batch, for what is almost never
+there): each is decided as new. If one was written before (a replayed settlement), the index refuses the
+batch's ledger INSERT and nothing of the batch stays written (SQLite: the transaction, which the batch opened,
+is rolled back and begun again — a savepoint around the writes would cost a copy of every page they touch;
+PostgreSQL: the one write statement never applied), and the batch is decided again from fresh rows, this time
+with the keys read, so that the replay is found and answered with the first result. A key that still collides
+(written concurrently by another process) fails the whole batch, and its caller re-applies each operation alone.
 """
 
 from __future__ import annotations
@@ -177,8 +182,22 @@ _SQ_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE mode = ? AND idempotency_key IN (SELECT value FROM json_each(?))")
 
 
-def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[Any]:
-    """Load, decide and write one batch on the SQLite writer's connection, inside its open transaction."""
+def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> tuple[list[Any], bool]:
+    """Load, decide and write one batch on the SQLite writer's connection, as the first statements of its open
+    write transaction (``BEGIN IMMEDIATE``): first without reading the ledger keys it writes; if the unique index
+    refused one, the transaction is rolled back, begun again, and the batch decided again with them (see the
+    module docstring). Returns the outcomes, and whether it had to decide again."""
+    try:
+        return _apply_sqlite(raw, ops, keys=False), False
+    except sqlite3.IntegrityError:
+        if not any(isinstance(op, en.ExtendOp | en.CaptureOp) for op in ops):
+            raise  # no key it could have read first: a collision of another kind
+    raw.execute("ROLLBACK")
+    raw.execute("BEGIN IMMEDIATE")
+    return _apply_sqlite(raw, ops, keys=True), True
+
+
+def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: bool) -> list[Any]:
     state = en.BatchState()
     _add_holds(state, raw.execute(_SQ_HOLDS, (json.dumps(en.hold_ids(ops)),)).fetchall())
     for key in en.account_keys(ops, state.holds):
@@ -191,10 +210,11 @@ def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> list[An
     if alloc_holds:
         for r in raw.execute(_SQ_ALLOCS, (json.dumps(alloc_holds),)).fetchall():
             _add_alloc(state, r)
-    keys = en.extend_keys(ops, state.holds)
-    for mode in sorted({m for m, _ in keys}):
-        for m, k, h in raw.execute(_SQ_KEYS, (mode, json.dumps([k for km, k in keys if km == mode]))).fetchall():
-            state.keys[(m, k)] = h
+    if keys:
+        named = en.extend_keys(ops, state.holds)
+        for mode in sorted({m for m, _ in named}):
+            for m, k, h in raw.execute(_SQ_KEYS, (mode, json.dumps([k for km, k in named if km == mode]))).fetchall():
+                state.keys[(m, k)] = h
     outcomes = en.decide(state, ops)
     _write_sqlite(raw, state)
     return outcomes
@@ -344,8 +364,10 @@ class BatchConflict(Exception):
 
 async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) -> list[Any]:
     """Load, decide and write one batch on an asyncpg connection. ``locked=False``: optimistically, outside any
-    transaction (the write commits on its own, or raises :class:`BatchConflict`); ``locked=True``: inside the
-    caller's transaction, locking holds, then accounts, as it reads."""
+    transaction, without reading the ledger keys it writes (the write commits on its own, or raises
+    :class:`BatchConflict`, or the unique violation of a key written before, and then nothing was written);
+    ``locked=True``: inside the caller's transaction, locking holds, then accounts, as it reads, and reading the
+    keys."""
     state = en.BatchState()
     allocs: list[Sequence[Any]] = []
     width = len(en.HOLD_COLUMNS)
@@ -364,7 +386,7 @@ async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) 
                 _add_open_grant(state, (r[0], r[1], r[2], *r[8:]))
     for r in allocs:
         _add_alloc(state, r)
-    extend = en.extend_keys(ops, state.holds)
+    extend = en.extend_keys(ops, state.holds) if locked else None
     if extend:
         for m, k, h in await con.fetch(_PG_KEYS, [m for m, _ in extend], [k for _, k in extend]):
             state.keys[(m, k)] = h

@@ -23,6 +23,7 @@ hold. They are rare on the hot path, and keeping them out keeps one copy of thei
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,19 @@ from metergate.wallet.errors import (
     IdempotencyConflict,
     InsufficientFunds,
 )
-from metergate.wallet.grants import free_of, is_live, is_stale, sort_key
+from metergate.wallet.grants import free_of, is_live, sort_key, stale_from
 from metergate.wallet.ledger import request_hash
 from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, UsageRecord
 
 AccountKey = tuple[str, str, str]  # (mode, customer_id, asset)
+_ALWAYS = -(2**62)  # a "stale from" that every ``now`` has passed
+
+
+@functools.lru_cache(maxsize=4096)
+def operation_hash(kind: str, amount: int) -> str:
+    """``request_hash(kind, amount)`` (a settlement's or an extension's), computed once per amount: a hot
+    wallet's requests settle at a handful of amounts, and a SHA-256 per event is a good part of deciding it."""
+    return request_hash(kind, amount)
 
 
 def json_dumps(value: Any) -> str:
@@ -126,7 +135,7 @@ class GrantState:
     d_consumed: int = 0
     d_removed: int = 0
 
-    def move(self, *, held: int = 0, consumed: int = 0, removed: int = 0) -> None:
+    def move(self, held: int = 0, consumed: int = 0, removed: int = 0) -> None:
         self.held += held
         self.consumed += consumed
         self.removed += removed
@@ -150,6 +159,7 @@ class AccountState:
     d_credits: int = 0
     d_posted: int = 0
     d_pending: int = 0
+    stale_from: int | None = None  # the first time one of ``grants`` is stale, worked out at the first decision
 
     @property
     def available(self) -> int:
@@ -157,10 +167,15 @@ class AccountState:
 
     def stale_at(self, now: int) -> bool:
         """A grant's clock ran out since the aggregate was last brought up to date: the classic path refreshes
-        it (one ``activate`` or ``lapse`` entry per grant) before anything else is decided on this account."""
-        return any(is_stale(g, now) for g in self.grants)
+        it (one ``activate`` or ``lapse`` entry per grant) before anything else is decided on this account.
+        Deciding never changes a grant's state or times, so the earliest such time is worked out once per
+        batch (after its rows are loaded) and each decision compares ``now`` with it."""
+        found = self.stale_from
+        if found is None:
+            found = self.stale_from = min((stale_from(g) for g in self.grants), default=-_ALWAYS)
+        return now >= found
 
-    def move(self, *, credits: int = 0, posted: int = 0, pending: int = 0) -> None:
+    def move(self, credits: int = 0, posted: int = 0, pending: int = 0) -> None:
         self.credits += credits
         self.posted += posted
         self.pending += pending
@@ -193,6 +208,7 @@ class HoldState:
     # As loaded: a write that does not lock first (PostgreSQL's) applies only if the row still has these.
     amount0: int = 0
     captured0: int = 0
+    allocs_stale_from: int | None = None  # as ``AccountState.stale_from``, over the grants its allocations name
 
     def value(self) -> Hold:
         return Hold(self.id, self.mode, self.customer_id, self.asset, self.amount, self.state,  # type: ignore[arg-type]
@@ -208,7 +224,7 @@ class AllocState:
     d_held: int = 0
     d_captured: int = 0
 
-    def move(self, *, held: int = 0, captured: int = 0) -> None:
+    def move(self, held: int = 0, captured: int = 0) -> None:
         self.held += held
         self.captured += captured
         self.d_held += held
@@ -280,18 +296,12 @@ def decide(state: BatchState, ops: Sequence[EngineOp]) -> list[Any]:
     """Each operation's outcome, in order: its result, an exception for its caller, or :data:`CLASSIC`.
     Applies the accepted ones to ``state``; nothing is written here."""
     outcomes: list[Any] = []
+    append = outcomes.append
     for op in ops:
         try:
-            if isinstance(op, ReserveOp):
-                outcomes.append(_reserve(state, op))
-            elif isinstance(op, ExtendOp):
-                outcomes.append(_extend(state, op))
-            elif isinstance(op, CaptureOp):
-                outcomes.append(_capture(state, op))
-            else:
-                outcomes.append(_settle(state, op))
+            append(_DECIDE[type(op)](state, op))
         except (IdempotencyConflict, HoldNotFound, CaptureBelowCaptured, InsufficientFunds) as refused:
-            outcomes.append(refused)
+            append(refused)
     return outcomes
 
 
@@ -305,7 +315,10 @@ def _entry(state: BatchState, key: str, hashed: str, mode: str, customer_id: str
 
 
 def _live_grants(account: AccountState, now: int) -> list[GrantState]:
-    return sorted((g for g in account.grants if is_live(g, now) and free_of(g) > 0), key=sort_key(account.order))
+    live = [g for g in account.grants if is_live(g, now) and free_of(g) > 0]
+    if len(live) > 1:
+        live.sort(key=sort_key(account.order))
+    return live
 
 
 def _alloc(state: BatchState, hold_id: str, grant_id: str) -> AllocState:
@@ -362,7 +375,7 @@ def _extend(state: BatchState, op: ExtendOp) -> Any:
     hold = state.holds.get(op.hold_id)
     if hold is None:
         raise HoldNotFound(op.hold_id)
-    hashed = request_hash("extend", op.amount)
+    hashed = operation_hash("extend", op.amount)
     previous = state.keys.get((hold.mode, op.key))
     if previous is not None:
         if previous != hashed:
@@ -383,11 +396,29 @@ def _extend(state: BatchState, op: ExtendOp) -> Any:
     return hold.value()
 
 
+def _allocs_stale(state: BatchState, hold: HoldState, now: int) -> bool:
+    """One of the hold's allocations names a grant not loaded, or one whose clock ran out: the classic path's.
+    Worked out once per hold and batch: an allocation this batch adds names one of the account's grants, which
+    :meth:`AccountState.stale_at` covers."""
+    found = hold.allocs_stale_from
+    if found is None:
+        found = -_ALWAYS
+        for a in state.allocs.get(hold.id, {}).values():
+            if a.grant_id:
+                grant = state.grants.get(a.grant_id)
+                if grant is None:
+                    found = _ALWAYS
+                    break
+                found = min(found, stale_from(grant))
+        hold.allocs_stale_from = found
+    return now >= found
+
+
 def _settle(state: BatchState, op: SettleOp) -> Any:
     hold = state.holds.get(op.hold_id)
     if hold is None:
         raise HoldNotFound(op.hold_id)
-    hashed = request_hash("settle", op.amount)
+    hashed = operation_hash("settle", op.amount)
     account = state.accounts[(hold.mode, hold.customer_id, hold.asset)]
     if hold.state in ("captured", "voided"):
         if hold.settle_hash is None:
@@ -400,11 +431,9 @@ def _settle(state: BatchState, op: SettleOp) -> Any:
         return CLASSIC  # expired: what covers a capture after expiry is the classic path's
     if op.amount < hold.captured_amount:
         raise CaptureBelowCaptured(op.hold_id, hold.captured_amount, op.amount)
-    allocs = state.allocs.get(hold.id, {})
-    if account.stale_at(op.now) or any(a.grant_id and (a.grant_id not in state.grants
-                                                        or is_stale(state.grants[a.grant_id], op.now))
-                                       for a in allocs.values()):
+    if account.stale_at(op.now) or _allocs_stale(state, hold, op.now):
         return CLASSIC
+    allocs = state.allocs.get(hold.id, {})
     _, written_off = _capture_final(state, account, hold, allocs, op.amount - hold.captured_amount, op.now,
                                           hashed, op.overdraw)
     hold.settle_hash = hashed
@@ -418,7 +447,7 @@ def _capture(state: BatchState, op: CaptureOp) -> Any:
     hold = state.holds.get(op.hold_id)
     if hold is None:
         raise HoldNotFound(op.hold_id)
-    hashed = request_hash("settle", op.amount)
+    hashed = operation_hash("settle", op.amount)
     previous = state.keys.get((hold.mode, op.key))
     if previous is not None:
         if previous != hashed:
@@ -427,13 +456,11 @@ def _capture(state: BatchState, op: CaptureOp) -> Any:
     if hold.state != "pending":
         return CLASSIC  # a capture after the hold ran out: the classic path charges the wallet directly
     account = state.accounts[(hold.mode, hold.customer_id, hold.asset)]
-    allocs = state.allocs.get(hold.id, {})
-    if account.stale_at(op.now) or any(a.grant_id and (a.grant_id not in state.grants
-                                                        or is_stale(state.grants[a.grant_id], op.now))
-                                       for a in allocs.values()):
+    if account.stale_at(op.now) or _allocs_stale(state, hold, op.now):
         return CLASSIC
-    charged, written_off = _draw(state, account, hold, allocs, op.amount, op.now, key=op.key, hashed=hashed,
-                                 overdraw=op.overdraw, final=False, from_hold=op.held)
+    allocs = state.allocs.get(hold.id, {})
+    charged, written_off = _draw(state, account, hold, allocs, op.amount, op.now, op.key, hashed, op.overdraw,
+                                 False, op.held)
     if op.usage is not None:
         state.usage.append(usage_row(op.usage, charged, written_off))
     return Capture(hold.value(), charged, written_off, account.balance())
@@ -441,12 +468,11 @@ def _capture(state: BatchState, op: CaptureOp) -> Any:
 
 def _capture_final(state: BatchState, account: AccountState, hold: HoldState, allocs: dict[str, AllocState],
                    amount: int, now: int, hashed: str, overdraw: bool) -> tuple[int, int]:
-    return _draw(state, account, hold, allocs, amount, now, key=f"settle:{hold.id}", hashed=hashed,
-                 overdraw=overdraw, final=True)
+    return _draw(state, account, hold, allocs, amount, now, f"settle:{hold.id}", hashed, overdraw, True)
 
 
 def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dict[str, AllocState],
-          amount: int, now: int, *, key: str, hashed: str, overdraw: bool, final: bool,
+          amount: int, now: int, key: str, hashed: str, overdraw: bool, final: bool,
           from_hold: int | None = None) -> tuple[int, int]:
     """:func:`metergate.wallet.holdops.capture_in` on the loaded rows: draw ``amount`` from what the hold holds
     (live grants in order, then its unbacked part); ``final`` releases the rest (a part held on a dead grant
@@ -456,36 +482,54 @@ def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dic
     spends what backs the lease's other requests. Returns (charged, written off)."""
     before = account.available
     mode, customer_id, asset = hold.mode, hold.customer_id, hold.asset
-    order_key = sort_key(account.order)
-    need = amount if from_hold is None else min(amount, from_hold)
+    grants = state.grants
+    capped = amount if from_hold is None else min(amount, from_hold)
+    # What the hold holds, in the order it is drawn: its live grants' parts in the wallet's consumption order,
+    # then its unbacked part.
+    live: list[AllocState] = []
+    unbacked: list[AllocState] = []
+    for a in allocs.values():
+        if a.held > 0:
+            if not a.grant_id:
+                unbacked.append(a)
+            elif is_live(grants[a.grant_id], now):
+                live.append(a)
+    if len(live) > 1:
+        order_key = sort_key(account.order)
+        live.sort(key=lambda a: order_key(grants[a.grant_id]))
+    need = capped
     takes: dict[str, int] = {}
-    live = sorted((a for a in allocs.values() if a.grant_id and a.held > 0 and is_live(state.grants[a.grant_id], now)),
-                  key=lambda a: order_key(state.grants[a.grant_id]))
-    for a in [*live, *(a for a in allocs.values() if not a.grant_id and a.held > 0)]:
+    for a in (*live, *unbacked):
         if need == 0:
             break
         takes[a.grant_id] = take = min(a.held, need)
         need -= take
-    drawn, released, credits = (amount if from_hold is None else min(amount, from_hold)) - need, 0, 0
-    lapses: list[tuple[str, int]] = []
-    for a in list(allocs.values()):
-        take = takes.get(a.grant_id, 0)
-        rel = a.held - take if final else 0
-        if take == 0 and rel == 0:
-            continue
-        grant = state.grants.get(a.grant_id) if a.grant_id else None
-        dead = grant is not None and not is_live(grant, now)
-        if grant is not None:
-            grant.move(held=-(take + rel), consumed=take, removed=rel if dead else 0)
-        a.move(held=-(take + rel), captured=take)
-        released += rel
-        if dead and rel:
-            lapses.append((a.grant_id, rel))
-            credits -= rel
-    for grant_id, rel in lapses:
-        _entry(state, f"lapse:{grant_id}:{hold.id}", request_hash("lapse", grant_id, hold.id), mode, customer_id,
-               asset, "lapse", rel, credits=-rel, hold_id=hold.id, grant_id=grant_id, at_ms=now)
-    account.move(credits=credits, pending=-(drawn + released), posted=drawn)
+    drawn, released, credits = capped - need, 0, 0
+    if final:  # and release the rest: a part held on a grant no longer live lapses
+        lapses: list[tuple[str, int]] = []
+        for a in list(allocs.values()):
+            take = takes.get(a.grant_id, 0)
+            rel = a.held - take
+            if take == 0 and rel == 0:
+                continue
+            grant = grants.get(a.grant_id) if a.grant_id else None
+            dead = grant is not None and not is_live(grant, now)
+            if grant is not None:
+                grant.move(-(take + rel), take, rel if dead else 0)
+            a.move(-(take + rel), take)
+            released += rel
+            if dead and rel:
+                lapses.append((a.grant_id, rel))
+                credits -= rel
+        for grant_id, rel in lapses:
+            _entry(state, f"lapse:{grant_id}:{hold.id}", request_hash("lapse", grant_id, hold.id), mode,
+                   customer_id, asset, "lapse", rel, credits=-rel, hold_id=hold.id, grant_id=grant_id, at_ms=now)
+    else:  # only what was taken moves, each from a live grant or the unbacked part
+        for grant_id, take in takes.items():
+            if grant_id:
+                grants[grant_id].move(-take, take, 0)
+            allocs[grant_id].move(-take, take)
+    account.move(credits, drawn, -(drawn + released))
     extra_grants = extra_unbacked = 0
     need = amount - drawn
     if need:  # beyond what the hold holds: the wallet's other live grants, then its overdraft headroom
@@ -513,9 +557,11 @@ def _draw(state: BatchState, account: AccountState, hold: HoldState, allocs: dic
         hold.amount += extra_grants + extra_unbacked
     hold.dirty = True
     kind = "capture" if hold.captured_amount or not final else "void"
-    _entry(state, key, hashed, mode, customer_id, asset, kind, charged, posted=charged,
-           pending=-(drawn + released), hold_id=hold.id, memo=f"written off {written_off}" if written_off else "",
-           at_ms=now)
+    # _entry's row, inline: this is every settlement's entry.
+    assert (mode, key) not in state.keys, f"idempotency key {key!r} written twice in one batch"
+    state.keys[(mode, key)] = hashed
+    state.entries.append((key, hashed, mode, customer_id, asset, kind, charged, 0, charged, -(drawn + released),
+                          hold.id, f"written off {written_off}" if written_off else "", now, None))
     assert overdraw or account.available >= 0 or account.available >= before, "capture overspent"
     return charged, written_off
 
@@ -533,5 +579,7 @@ def usage_row(usage: UsageRecord, charged: int, written_off: int) -> list[Any]:
     row[_DETAIL] = json_dumps(row[_DETAIL]) if row[_DETAIL] else "{}"
     return row
 
+
+_DECIDE: dict[type, Any] = {ReserveOp: _reserve, ExtendOp: _extend, CaptureOp: _capture, SettleOp: _settle}
 
 __all__ = ["CLASSIC", "BatchState", "CaptureOp", "EngineOp", "ExtendOp", "ReserveOp", "SettleOp", "decide"]

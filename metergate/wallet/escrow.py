@@ -34,13 +34,14 @@ still prevents a second charge).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -67,8 +68,8 @@ class LeaseBackend(Protocol):
                       hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
     async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
-    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
-                            held: int | None = None) -> Capture: ...
+    def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
+                      held: int | None = None) -> Awaitable[Capture]: ...
     async def touch_hold(self, hold_id: str, *, ttl_ms: int) -> Hold: ...
     async def get_hold(self, hold_id: str) -> Hold | None: ...
     async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance: ...
@@ -121,7 +122,7 @@ class LocalHold:
     lease: Lease
     hold: Hold
     reserved: int  # what the reserve asked for (the hold grows by extensions)
-    steps: set[int | str] = field(default_factory=set)
+    steps: set[int | str] | None = None  # the extension steps applied (most requests have none)
 
 
 @dataclass(slots=True)
@@ -145,15 +146,19 @@ class Escrow:
         self._local: dict[str, LocalHold] = {}
         # Requests whose hold expired unsettled (their settlement was late: the store was down, say): a late
         # settle still captures what they used, as a capture beyond a hold of nothing, as for a durable hold.
-        self._expired: dict[str, LocalHold] = {}
+        self._expired: collections.OrderedDict[str, LocalHold] = collections.OrderedDict()
         self._locks: dict[AccountKey, asyncio.Lock] = {}
-        self._balances: dict[AccountKey, Balance] = {}
+        self._balances: dict[AccountKey, tuple[Balance, float]] = {}  # as last seen, and when (monotonic)
+        # A lease closer than this to its expiry admits nothing more (its renewal is overdue).
+        self._margin_ms = int(self.policy.ttl_s * 1000 / 3)
         self._heat: dict[AccountKey, _Heat] = {}
         self._cool_until: dict[AccountKey, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
         self._waiting: dict[AccountKey, int] = {}  # reserves waiting for a top-up, by wallet
-        self._settled: dict[str, str] = {}  # recently settled local holds -> their lease, for replays (bounded)
+        # Recently settled local holds -> their lease, for replays; bounded, oldest dropped first (an OrderedDict:
+        # a plain dict's first key is found by scanning past every deleted one).
+        self._settled: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._ticker: asyncio.Task[None] | None = None
         self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
 
@@ -199,8 +204,9 @@ class Escrow:
         if amount > 0 and self._hot(key):
             lease = self._leases.get(key)
             for _ in range(3):  # others may take what a top-up brought before this request runs again
-                if lease is not None and lease.admits(amount, now_ms(), self._margin_ms):
-                    return self._admit(lease, key, hold_id, amount, ttl_ms)
+                now = now_ms()
+                if lease is not None and lease.admits(amount, now, self._margin_ms):
+                    return self._admit(lease, key, hold_id, amount, ttl_ms, now)
                 self._waiting[key] = self._waiting.get(key, 0) + 1
                 try:
                     lease = await self._grow(key, amount)
@@ -223,7 +229,7 @@ class Escrow:
         found = self._local.get(hold_id)
         if found is None:
             return await self.store.extend_hold(hold_id, amount, step=step, ttl_ms=ttl_ms)  # type: ignore[arg-type]
-        if step in found.steps:
+        if found.steps is not None and step in found.steps:
             return found.hold  # this step was applied already
         lease = found.lease
         now = now_ms()
@@ -235,6 +241,8 @@ class Escrow:
         h = found.hold
         found.hold = Hold(h.id, h.mode, h.customer_id, h.asset, h.amount + amount, h.state,
                           max(h.expires_at_ms, now + ttl_ms), h.created_at_ms, h.captured_amount)
+        if found.steps is None:
+            found.steps = set()
         found.steps.add(step)
         return found.hold
 
@@ -269,9 +277,9 @@ class Escrow:
                 self._retire(lease.key, cool=False)
         self._settled[hold_id] = lease.hold_id
         if len(self._settled) > SETTLED_KEPT:
-            del self._settled[next(iter(self._settled))]
+            self._settled.popitem(last=False)
         lease.amount = max(lease.amount, done.hold.amount)
-        self._balances[lease.key] = done.balance
+        self._balances[lease.key] = (done.balance, time.monotonic())
         return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
 
     def local_hold(self, hold_id: str) -> Hold | None:
@@ -283,11 +291,6 @@ class Escrow:
         return [*self._leases.values(), *self._retired]
 
     # ------------------------------------------------------------------ admission
-
-    @property
-    def _margin_ms(self) -> int:
-        """A lease closer than this to its expiry admits nothing more (its renewal is overdue)."""
-        return int(self.policy.ttl_s * 1000 / 3)
 
     def _hot(self, key: AccountKey) -> bool:
         """Count the reserve; True if the wallet is hot here (a lease is worth its round trips) and not cooling
@@ -305,8 +308,8 @@ class Escrow:
             return False
         return key in self._leases or max(heat.count, heat.last) >= self.policy.hot_per_s
 
-    def _admit(self, lease: Lease, key: AccountKey, hold_id: str, amount: int, ttl_ms: int) -> tuple[Hold, Balance]:
-        now = now_ms()
+    def _admit(self, lease: Lease, key: AccountKey, hold_id: str, amount: int, ttl_ms: int,
+               now: int) -> tuple[Hold, Balance]:
         hold = Hold(hold_id, key[0], key[1], key[2], amount, "pending", now + ttl_ms, now, 0)
         lease.local += amount
         lease.used_at = time.monotonic()
@@ -319,7 +322,18 @@ class Escrow:
     def _balance_hint(self, key: AccountKey) -> Balance:
         """The wallet as of this process's last round trip on it (a lease admits without one)."""
         found = self._balances.get(key)
-        return found if found is not None else Balance(key[0], key[1], key[2], 0, 0, 0)
+        return found[0] if found is not None else Balance(key[0], key[1], key[2], 0, 0, 0)
+
+    async def _recent_balance(self, key: AccountKey) -> Balance:
+        """The wallet as the last round trip on it left it (a settlement's capture returns it) if that was less
+        than a heartbeat ago, else as the store has it now: sizing a top-up needs no read of its own while the
+        wallet is busy. Sizing only: the durable reserve or extension that follows checks the funds itself."""
+        found = self._balances.get(key)
+        if found is not None and time.monotonic() - found[1] < self.policy.tick_s:
+            return found[0]
+        balance = await self.store.balance(*key)
+        self._balances[key] = (balance, time.monotonic())
+        return balance
 
     async def _grow(self, key: AccountKey, amount: int) -> Lease | None:
         """Take a lease on the wallet, or top this process's up, sized from its spend rate; ``None`` when the
@@ -335,7 +349,7 @@ class Escrow:
             if lease is not None:
                 lease.growing = True
             try:
-                balance = await self.store.balance(*key)
+                balance = await self._recent_balance(key)
                 heat = self._heat.get(key, _Heat())
                 rate = max(heat.last, heat.count) * amount  # units a second, at this request's size
                 # At least the requests waiting for this top-up, so that a burst is admitted by one round trip.
@@ -363,7 +377,7 @@ class Escrow:
                 hold, balance = await self.store.reserve(*key, size, hold_id=f"lease:{self.owner}:{next(self._ids)}",
                                                          ttl_ms=ttl_ms)
                 fresh = Lease(key, hold.id, hold.amount, hold.expires_at_ms, now, last_grant=size)
-                self._balances[key] = balance
+                self._balances[key] = (balance, time.monotonic())
                 if lease is not None:
                     lease.retiring = True
                     self._retired.append(lease)
@@ -440,7 +454,7 @@ class Escrow:
                 found.lease.local -= found.hold.amount
                 self._expired[hold_id] = LocalHold(found.lease, replace(found.hold, amount=0, state="expired"), 0)
                 if len(self._expired) > SETTLED_KEPT:
-                    del self._expired[next(iter(self._expired))]
+                    self._expired.popitem(last=False)
                 log.warning("escrow: hold %s expired unsettled", hold_id)
         if self._leases:
             recalls = await self.store.lease_recalls(list(self._leases))

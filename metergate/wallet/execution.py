@@ -217,6 +217,7 @@ class SqliteWriter:
         self._closed = False
         self.batches = 0  # committed batches and operations, for the benchmarks
         self.ops = 0
+        self.replays = 0  # engine batches decided again because they wrote a ledger key written before
 
     def start(self) -> None:
         self._thread.start()
@@ -230,7 +231,7 @@ class SqliteWriter:
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop, engine=engine, link=ledger_batches.link(engine)))
+        self._queue.put(_Op(fn, args, future, loop, False, None, engine, ledger_batches.link(engine)))
         return future
 
     def close(self) -> None:
@@ -355,15 +356,17 @@ class SqliteWriter:
         classic = [op for op in batch if op.engine is None]
         engine_ops = [op for op in batch if op.engine is not None]
         if engine_ops:
-            # First the batch engine, set-based, over what the whole batch touches; then what it hands back
-            # and the other operations, each in its own savepoint (see the module docstring).
+            # First the batch engine, set-based, over what the whole batch touches (first in the transaction: it
+            # may roll it back and begin it again, see metergate.wallet.batchsql); then what it hands back and the
+            # other operations, each in its own savepoint (see the module docstring).
             from metergate.wallet.batchsql import apply_sqlite
             from metergate.wallet.engine import CLASSIC
 
             try:
-                outcomes = apply_sqlite(raw, [op.engine for op in engine_ops])
+                outcomes, again = apply_sqlite(raw, [op.engine for op in engine_ops])
             except sqlite3.Error as error:
                 raise DBAPIError.instance("batch", None, error, sqlite3.Error) from error
+            self.replays += again
             for op, outcome in zip(engine_ops, outcomes, strict=True):
                 if outcome is CLASSIC:
                     classic.append(op)

@@ -115,6 +115,16 @@ def is_stale(g: AnyRow, now: int) -> bool:
     return bool(g.state == "active" and g.expires_at_ms is not None and int(g.expires_at_ms) <= now)
 
 
+def stale_from(g: AnyRow) -> int:
+    """The first ``now`` at which :func:`is_stale` holds for ``g`` (``is_stale(g, now) == (now >= stale_from(g))``),
+    a time far in the future for a grant that never goes stale by the clock: one comparison per decision."""
+    if g.state == "scheduled":
+        return int(g.effective_at_ms)
+    if g.state == "active" and g.expires_at_ms is not None:
+        return int(g.expires_at_ms)
+    return _NEVER
+
+
 def free_of(g: AnyRow) -> int:
     return int(g.amount) - int(g.consumed) - int(g.held) - int(g.removed)
 

@@ -31,6 +31,8 @@ USAGE_TEXT_CHARS = {"route": 128, "endpoint": 64, "model": 128, "feature": 128}
 
 def stored_text(text: str, limit: int) -> str:
     """``text`` as a record stores it: without control characters, at most ``limit`` characters."""
+    if len(text) <= limit and text.isprintable():  # no control character (every one is unprintable): as it is
+        return text
     return _CONTROL.sub("", text)[:limit]
 
 
@@ -157,7 +159,8 @@ class UsageRecord:
         # (a 20 MB model name once reached the reports).
         for name, limit in USAGE_TEXT_CHARS.items():
             value = getattr(self, name)
-            if value is not None:
+            # A short printable non-empty string is stored as it is (the usual case: nothing to set).
+            if value is not None and not (0 < len(value) <= limit and value.isprintable()):
                 object.__setattr__(self, name, stored_text(value, limit) or (None if name == "feature" else ""))
 
 

@@ -19,8 +19,9 @@ Contract, as the SQLite writer's (:mod:`metergate.wallet.execution`):
 Many replicas: each runs its own loop. A batch first runs optimistically (read without locks, decide, one
 write statement that commits on its own and re-checks under each row's lock that what the decisions relied on
 still holds: the account lock is taken last and held only until that COMMIT); if another replica changed those
-rows meanwhile, nothing is written and the batch runs again in a transaction that locks holds, then accounts,
-before it reads (:mod:`metergate.wallet.batchsql`). Either way the availability check happens under the row
+rows meanwhile, or a ledger key it writes was written before (the optimistic run does not read them: a replay),
+nothing is written and the batch runs again in a transaction that locks holds, then accounts, before it reads,
+and reads the keys (:mod:`metergate.wallet.batchsql`). Either way the availability check happens under the row
 lock, so no replica can overspend.
 """
 
@@ -81,6 +82,7 @@ class PgGroupCommit:
         self.batches = 0  # committed batches and operations, for the benchmarks and tests
         self.ops = 0
         self.conflicts = 0  # optimistic batches that found their rows changed and ran again locked
+        self.replays = 0  # optimistic batches that wrote a ledger key written before, and ran again locked
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._main(), name="metergate-pg-group-commit")
@@ -178,6 +180,8 @@ class PgGroupCommit:
                 return await apply_postgres(con, ops, locked=False)
             except BatchConflict:
                 self.conflicts += 1
+            except asyncpg.UniqueViolationError:
+                self.replays += 1  # a key written before (a replay): decided again, reading the keys
             async with con.transaction():
                 return await apply_postgres(con, ops, locked=True)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):

@@ -12,6 +12,7 @@ engine hands back what it does not decide itself.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -285,19 +286,21 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
 
         return await self.write(op)
 
-    async def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
-                            held: int | None = None, overdraw: bool = False, at_ms: int | None = None) -> Capture:
+    def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
+                      held: int | None = None, overdraw: bool = False, at_ms: int | None = None) -> Awaitable[Capture]:
         """Capture ``amount`` from a pending hold that stays open, under the ledger key ``key``, together with the
         usage record it pays for: one request settled against an escrow lease (:mod:`metergate.wallet.escrow`),
         through the batch engine. The key is the request's own ``settle:<hold id>``, so a replay is answered
         with the first result whichever path settled it. A hold that is no longer pending (a lease that ran out)
         still bills: the wallet is charged directly, as far as it can cover, and the rest written off. ``held``:
-        the request's own share of the hold, all it may draw from it (the rest is drawn as beyond the hold)."""
+        the request's own share of the hold, all it may draw from it (the rest is drawn as beyond the hold).
+        Not a coroutine: every leased request's settlement comes this way, and what it returns is the group
+        commit's future itself."""
         assert amount >= 0, "a capture cannot be negative"
-        hashed = _hash("settle", amount)
         now = now_ms() if at_ms is None else at_ms
 
-        def op(conn: Connection) -> Capture:
+        def op(conn: Connection) -> Capture:  # the classic path (the batch engine hashes for itself)
+            hashed = _hash("settle", amount)
             hold = locked_hold(conn, hold_id)
             replayed = _replayed_capture(conn, hold, key, hashed, amount)
             if replayed is not None:
@@ -309,7 +312,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
                                                       written_off_amount=done.written_off))
             return Capture(done.hold, done.charged, done.written_off, done.balance)
 
-        return await self.hot(CaptureOp(hold_id, amount, key, usage, now, overdraw, held), op)
+        return self.hot(CaptureOp(hold_id, amount, key, usage, now, overdraw, held), op)
 
     async def touch_hold(self, hold_id: str, *, ttl_ms: int, at_ms: int | None = None) -> Hold:
         """Push a pending hold's expiry to at least ``now + ttl_ms`` (a lease's heartbeat); ``HoldNotPending``

@@ -26,7 +26,7 @@ its transactions, its writer and its migrations' lock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -201,18 +201,18 @@ class SqlRunner:
         async with self._async.begin() as aconn:
             return await aconn.run_sync(fn, *args)
 
-    async def hot(self, op: EngineOp, classic: Callable[..., T], *args: Any) -> T:
+    def hot(self, op: EngineOp, classic: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Apply a hot operation through the batch engine (:mod:`metergate.wallet.engine`), grouped with the
         others queued meanwhile; ``classic(conn, *args)`` is the same operation on the per-operation path, for
-        what the engine hands back. Returns once the transaction that applied it has committed."""
+        what the engine hands back. The awaitable (the group commit's future itself: no coroutine of its own on
+        the hot path) resolves once the transaction that applied it has committed."""
         if not self._batch_engine:
-            return await self.write(classic, *args)
+            return self.write(classic, *args)
         if self._sqlite:
             assert self._writer is not None, "store is not open"
-            result: T = await self._writer.submit(classic, args, engine=op)
-            return result
+            return self._writer.submit(classic, args, engine=op)
         assert self._pg_commit is not None, "store is not open"
-        return cast(T, await self._pg_commit.submit(op, lambda: self.write(classic, *args)))
+        return cast("Awaitable[T]", self._pg_commit.submit(op, lambda: self.write(classic, *args)))
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a read-only transaction."""

@@ -136,6 +136,59 @@ async def test_settling_in_the_batch_that_holds_draws_the_released_grant(store: 
     assert await store.audit() == []
 
 
+def replays(store: SqlWalletStore) -> int:
+    counter = store._writer if store._writer is not None else store._pg_commit
+    assert counter is not None
+    return counter.replays
+
+
+async def test_a_replayed_capture_among_new_ones_answers_its_first_result_and_the_new_ones_apply_once(
+        store: SqlWalletStore) -> None:
+    """The engine does not read the ledger keys a batch writes before deciding it: a replayed settlement against
+    a lease is decided as new, the unique index refuses it, and the batch is decided again with its keys read.
+    The replay must get its first answer, the conflicting one an error, the new captures of the same batch
+    exactly one ledger row and one usage record each."""
+    await funded(store, 10_000)
+    await store.reserve(MODE, "acme", "USD", 5_000, hold_id="lease", ttl_ms=60_000)
+    first = await store.capture_usage("lease", 70, key="settle:r1", usage=usage("u1", "r1"), held=100)
+    rows, before = await ledger_rows(store), replays(store)
+
+    async def capture(amount: int, request: str) -> Any:  # submitted when one_batch runs it, not before
+        return await store.capture_usage("lease", amount, key=f"settle:{request}", usage=usage(f"u{request[1:]}",
+                                                                                              request), held=100)
+
+    again, fresh, conflict, other = await one_batch(store, [
+        capture(70, "r1"), capture(30, "r2"),
+        capture(71, "r1"),  # the same key, other content
+        capture(40, "r3"),
+    ])
+    assert replays(store) == before + 1  # decided without the keys first, then again with them
+    assert (first.charged, first.replayed) == (70, False)
+    assert (again.charged, again.written_off, again.replayed) == (70, 0, True)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert (fresh.charged, fresh.replayed, other.charged, other.replayed) == (30, False, 40, False)
+    assert await ledger_rows(store) == rows + 2
+    assert sorted(r.id for _, r in await store.usage(MODE, "acme", limit=10)) == ["u1", "u2", "u3"]
+    balance = await store.balance(MODE, "acme", "USD")
+    assert (balance.debits_posted, balance.debits_pending) == (140, 5_000 - 140)
+    assert await store.audit() == []
+
+
+async def test_a_replayed_extension_among_new_ones_answers_without_growing_the_hold_twice(
+        store: SqlWalletStore) -> None:
+    await funded(store, 10_000)
+    for h in ("a", "b"):
+        await store.reserve(MODE, "acme", "USD", 100, hold_id=h, ttl_ms=60_000)
+    await store.extend_hold("a", 50, step=1, ttl_ms=60_000)
+    before = replays(store)
+    replayed, new = await one_batch(store, [store.extend_hold("a", 50, step=1, ttl_ms=60_000),
+                                            store.extend_hold("b", 25, step=1, ttl_ms=60_000)])
+    assert replays(store) == before + 1
+    assert (replayed.amount, new.amount) == (150, 125)
+    assert (await store.balance(MODE, "acme", "USD")).debits_pending == 275
+    assert await store.audit() == []
+
+
 @pytest.mark.postgres
 async def test_two_postgres_engines_racing_on_one_wallet_never_overspend(pg_url: str) -> None:
     await _reset_pg(pg_url)
@@ -201,3 +254,22 @@ async def test_an_optimistic_batch_that_lost_its_race_is_decided_again_under_the
         await blocker.close()
         await a.close()
         await b.close()
+
+
+async def test_a_usage_record_stores_its_strings_sanitized_and_bounded_and_plain_ones_as_they_are(
+        store: SqlWalletStore) -> None:
+    await funded(store, 1000)
+    await store.reserve(MODE, "acme", "USD", 100, hold_id="h", ttl_ms=60_000)
+    record = UsageRecord(id="u", mode=MODE, customer_id="acme", hold_id="h", route="/open\x00ai",
+                         endpoint="chat\u2028", model="m\x07" + "x" * 300, feature="", stream=False, status_code=200,
+                         usage_source="provider", tokens_input=1, tokens_cached_input=0, tokens_output=1,
+                         tokens_reasoning=0, asset="USD", price_amount=5)
+    plain = UsageRecord(id="p", mode=MODE, customer_id="acme", hold_id="h", route="/openai", endpoint="chat",
+                        model="gpt-4o-mini", feature="search", stream=False, status_code=200, usage_source="provider",
+                        tokens_input=1, tokens_cached_input=0, tokens_output=1, tokens_reasoning=0, asset="USD",
+                        price_amount=5)
+    await store.settle("h", 5, record)
+    (_, stored), = await store.usage(MODE, "acme", limit=1)
+    assert (stored.route, stored.endpoint, stored.feature) == ("/openai", "chat\u2028", None)
+    assert stored.model == "m" + "x" * 127  # control characters dropped, then cut to the column's 128
+    assert (plain.route, plain.endpoint, plain.model, plain.feature) == ("/openai", "chat", "gpt-4o-mini", "search")
