@@ -683,7 +683,8 @@ class Pipeline:
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
         cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
-        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
+        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies] \
+            if ex.prepared.anomalies else None
         return UsageRecord(
             id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
             route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
