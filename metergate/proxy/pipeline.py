@@ -172,6 +172,9 @@ class Pipeline:
             timeout=aiohttp.ClientTimeout(total=s.upstream_timeout_s, connect=s.upstream_connect_timeout_s,
                                           sock_read=s.upstream_read_timeout_s),
             auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",),
+            # One session serves every customer: a cookie an upstream sets on one answer must never ride along
+            # on another customer's request (a client's own Cookie header is forwarded as it came).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def stop(self) -> None:
@@ -440,6 +443,7 @@ class Pipeline:
         held_back: list[bytes] = []
         drain_deadline = 0.0
         drained = 0
+        traced = tracing.active()
         try:
             if assembler is None:
                 await response.prepare(request)
@@ -460,7 +464,8 @@ class Pipeline:
                     first_new = len(meter.text) if budget is not None else 0
                     data = event_data(event)
                     verdict = meter.on_event(data)
-                    tracing.event(data)
+                    if traced:
+                        tracing.event(data)
                     if verdict == "forward":
                         if (budget is not None and len(meter.text) > first_new
                                 and not await budget.admit(meter, first_new)):
