@@ -486,7 +486,7 @@ class Pipeline:
                         break
                 elif out and assembler is None:
                     try:
-                        await response.write(b"".join(out))
+                        await response.write(out[0] if len(out) == 1 else b"".join(out))
                     except _CLIENT_GONE:
                         client_gone = True
                         drain_deadline = time.monotonic() + self.settings.drain_timeout_s
@@ -528,9 +528,9 @@ class Pipeline:
                 held_back.append(meter.error_event(*_CUT))
             elif broken and not held_back:
                 held_back.append(meter.error_event(*_BROKEN))
-            if held_back:
-                await _write_quietly(response, b"".join(held_back))
-            await _write_eof_quietly(response)
+            # The held-back end and the stream's terminating chunk leave in one write: one packet, and one
+            # wake-up for a client waiting for its answer's end.
+            await _write_eof_quietly(response, b"".join(held_back))
         return response
 
     async def _answer_assembled(self, ex: Exchange, upstream: aiohttp.ClientResponse, assembler: Assembler, *,
@@ -779,9 +779,9 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
         await response.write(data)
 
 
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
+async def _write_eof_quietly(response: web.StreamResponse, data: bytes = b"") -> None:
     with contextlib.suppress(*_CLIENT_GONE):
-        await response.write_eof()
+        await response.write_eof(data)
 
 
 __all__ = ["Exchange", "Pipeline", "json_response"]
