@@ -10,6 +10,7 @@ reaches the upstream with another customer's request.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 from collections.abc import AsyncIterator
@@ -131,6 +132,8 @@ def test_destinations_stay_bounded_and_forget_the_oldest_first() -> None:
 
 
 def test_request_ids_are_unique_and_keep_their_format_across_batches() -> None:
-    ids = [new_request_id() for _ in range(2000)]  # several batches of ids drawn from the OS
+    # Several batches of ids drawn from the OS, in a context of their own: an id set here must not leak into
+    # the tests that run after this one.
+    ids = contextvars.copy_context().run(lambda: [new_request_id() for _ in range(2000)])
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"req_[0-9a-f]{32}", i) for i in ids)
