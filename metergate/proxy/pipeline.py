@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -718,10 +719,17 @@ class Pipeline:
             ex.settlement = asyncio.ensure_future(
                 self.prices.counted(self._settle_with_retries(ex, price, record), ex.rate, record, usage))
             self._inflight.add(ex.settlement)
-            ex.settlement.add_done_callback(self._inflight.discard)
-            ex.settlement.add_done_callback(lambda task: self.metrics.settled(ex, record, task))
-            ex.settlement.add_done_callback(lambda task: tracing.settled(ex, record, task))
+            ex.settlement.add_done_callback(functools.partial(self._settled, ex, record))
         return await asyncio.shield(ex.settlement)
+
+    def _settled(self, ex: Exchange, record: UsageRecord, task: asyncio.Future[Settlement | None]) -> None:
+        """A settlement's one done callback (each callback is a turn of the event loop): no longer in flight,
+        counted in the metrics, noted on the trace."""
+        self._inflight.discard(task)
+        try:
+            self.metrics.settled(ex, record, task)
+        finally:
+            tracing.settled(ex, record, task)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
         with tracing.span("metergate.settle") as span:
