@@ -114,13 +114,16 @@ def _malformed() -> MetergateError:
 
 def _framing_error(request: web.BaseRequest) -> MetergateError | None:
     """Why this request's framing cannot be relayed faithfully, if it cannot."""
-    codings = request.headers.getall("Transfer-Encoding", [])
+    headers = request.headers
+    if "Transfer-Encoding" not in headers and "Content-Encoding" not in headers:
+        return None  # nearly every request: nothing to judge
+    codings = headers.getall("Transfer-Encoding", [])
     if codings and request.version < HttpVersion11:
         return BadRequest("Transfer-Encoding is not allowed on HTTP/1.0.", code="malformed_request")
     if codings and ",".join(codings).replace(" ", "").replace("\t", "").lower() != "chunked":
         return BadRequest("The only transfer coding accepted is 'chunked' alone.",
                           code="unsupported_transfer_encoding")
-    encodings = [e.strip().lower() for e in ",".join(request.headers.getall("Content-Encoding", [])).split(",")]
+    encodings = [e.strip().lower() for e in ",".join(headers.getall("Content-Encoding", [])).split(",")]
     if any(e not in ("", "identity") for e in encodings):
         return UnsupportedMediaType("Compressed request bodies are not accepted; send the body uncompressed.",
                                     code="unsupported_content_encoding")

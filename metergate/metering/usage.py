@@ -56,7 +56,8 @@ class Usage:
         if self.cached_input_tokens + self.cache_write_tokens + self.audio_input_tokens \
                 + self.image_input_tokens > self.input_tokens:
             raise ValueError("audio and image tokens exceed input tokens")
-        if any(count <= 0 for _, count in self.units) or list(self.units) != sorted(dict(self.units).items()):
+        if self.units and (any(count <= 0 for _, count in self.units)
+                           or list(self.units) != sorted(dict(self.units).items())):
             raise ValueError("media units must be positive counts, sorted by quantity, each named once")
 
     def unit(self, quantity: str) -> int:

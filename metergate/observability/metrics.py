@@ -31,7 +31,7 @@ Metrics (all counters are ``*_total``):
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_STATUS_CLASS = {n: f"{n}xx" for n in range(10)}
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
@@ -85,6 +86,16 @@ class Metrics:
         self.settlements_unbilled = Counter(
             "metergate_settlements_unbilled", "Delivered answers written off unbilled: the store refused their "
             "settlement, or was still down at shutdown (each logged with its usage record).", ["route"], registry=r)
+        # Each labelled series, looked up once: prometheus_client's ``labels()`` takes a lock and rebuilds its
+        # key on every call, and the labels are bounded (see above), so these dicts are too.
+        self._series: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Counter, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -93,7 +104,7 @@ class Metrics:
         self.open_holds.inc()
 
     def denied(self, reason: str) -> None:
-        self.denials.labels(reason).inc()
+        self._child(self.denials, reason).inc()
 
     def refused_unavailable(self, reason: str) -> None:
         self.unavailable.labels(reason).inc()
@@ -115,13 +126,14 @@ class Metrics:
             outcome = "error"
         else:
             outcome = "ok"
-        self.requests.labels(record.route, record.endpoint, f"{record.status_code // 100}xx", outcome).inc()
+        status_class = _STATUS_CLASS.get(record.status_code // 100) or f"{record.status_code // 100}xx"
+        self._child(self.requests, record.route, record.endpoint, status_class, outcome).inc()
         if ex.upstream_latency_s is not None:
             self.upstream_latency.observe(ex.upstream_latency_s)
         if ex.first_token_s is not None:
             self.first_token.observe(ex.first_token_s)
         if record.detail.get("usage_anomalies"):
-            self.usage_anomalies.labels(record.route, record.endpoint).inc()
+            self._child(self.usage_anomalies, record.route, record.endpoint).inc()
         if settlement is None:
             return
         if record.usage_source != "none":
@@ -129,10 +141,10 @@ class Metrics:
             for kind, count in (("input", record.tokens_input), ("cached_input", record.tokens_cached_input),
                                 ("output", record.tokens_output), ("reasoning", record.tokens_reasoning)):
                 if count:
-                    self.tokens.labels(kind, source).inc(count)
+                    self._child(self.tokens, kind, source).inc(count)
         if settlement.charged:
-            self.charged.labels(record.asset).inc(settlement.charged)
+            self._child(self.charged, record.asset).inc(settlement.charged)
         if settlement.written_off:
-            self.written_off.labels(record.asset).inc(settlement.written_off)
+            self._child(self.written_off, record.asset).inc(settlement.written_off)
         if record.cost_nanos:
             self.cost.inc(record.cost_nanos)

@@ -110,6 +110,11 @@ def answered(upstream: ClientResponse) -> None:
         trace.answered(upstream)
 
 
+def active() -> bool:
+    """Whether this request is traced: asked once by a loop that would otherwise ask per event."""
+    return CURRENT.get() is not None
+
+
 def event(data: bytes | None) -> None:
     """One event of the upstream's stream (read for the response model and finish reasons, never its text)."""
     trace = CURRENT.get()

@@ -29,6 +29,7 @@ from metergate.money import COST_SCALE, to_minor
 from metergate.pricing.rules import FALLBACK, Period, Rule
 
 _NANOS = Decimal(10) ** COST_SCALE
+_ZERO = Decimal(0)
 
 
 class CostUnknown(Exception):
@@ -68,9 +69,10 @@ def request_quantities(usage: Usage) -> dict[str, Decimal]:
 def fold(rule: Rule, quantities: Mapping[str, Decimal]) -> dict[str, Decimal]:
     """Count each token kind the rule does not price as its base kind (``cached_input_tokens`` as input...)."""
     out = dict(quantities)
+    priced = rule.priced
     for kind, base in FALLBACK.items():
-        if kind in out and not rule.prices(kind):
-            out[base] = out.get(base, Decimal(0)) + out.pop(kind)
+        if kind in out and kind not in priced:
+            out[base] = out.get(base, _ZERO) + out.pop(kind)
     return out
 
 
@@ -83,7 +85,7 @@ def price(rule: Rule, quantities: Mapping[str, Decimal], *, scale: int, cost_nan
     if rule.event_fee:
         lines.append(("event_fee", rule.event_fee))
     for name, rate in rule.rates:
-        amount = q.get(name, Decimal(0)) * rate / rule.per_units
+        amount = q.get(name, _ZERO) * rate / rule.per_units
         if amount:
             lines.append((name, amount))
     for tiers in rule.tiers:

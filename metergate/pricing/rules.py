@@ -137,6 +137,12 @@ class Rule:
     markup: Decimal | None = None
     asset_usd_value: Decimal | None = None
     minimum: Decimal = Decimal(0)
+    # The quantities it prices (its rates' and tiers'): asked for every token kind of every priced item.
+    priced: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "priced", frozenset([name for name, _ in self.rates]
+                                                     + [t.quantity for t in self.tiers]))
 
     @property
     def specificity(self) -> int:
@@ -146,7 +152,7 @@ class Rule:
         return all(attributes.get(name) == value for name, value in self.match)
 
     def prices(self, quantity: str) -> bool:
-        return any(name == quantity for name, _ in self.rates) or any(t.quantity == quantity for t in self.tiers)
+        return quantity in self.priced
 
 
 Shape = tuple[str, ...]  # the attribute names a rule matches exactly, sorted

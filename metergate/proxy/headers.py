@@ -7,6 +7,7 @@ before the provider's key is added, so nothing the client sends can reach the up
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -26,8 +27,19 @@ _REQUEST_DROP = frozenset({"host", "content-length", "authorization", "accept-en
 _RESPONSE_DROP = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
 
 
+@functools.lru_cache(maxsize=64)
+def _request_excluded(drop: frozenset[str]) -> frozenset[str]:
+    """What is never forwarded upstream, with the route's own ``drop`` (the same few names on every request)."""
+    return HOP_BY_HOP | _REQUEST_DROP | {h.lower() for h in drop}
+
+
+_RESPONSE_EXCLUDED = HOP_BY_HOP | _RESPONSE_DROP
+
+
 def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
     named: set[str] = set()
+    if "Connection" not in headers:
+        return named
     values: Iterable[str] = (headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy)
                              else [headers.get("Connection", "")])
     for value in values:
@@ -38,7 +50,9 @@ def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
 def upstream_request_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[str],
                              auth: tuple[str, str] | None) -> CIMultiDict[str]:
     """Headers to send upstream: end-to-end client headers, minus ours, plus the provider key."""
-    excluded = HOP_BY_HOP | _REQUEST_DROP | _connection_named(incoming) | {h.lower() for h in drop}
+    excluded = _request_excluded(frozenset(drop))
+    if named := _connection_named(incoming):
+        excluded = excluded | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lowered = name.lower()
@@ -53,7 +67,9 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, drop: Iterable[
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to relay to the client from the upstream response; metergate's receipt headers are its own."""
-    excluded = HOP_BY_HOP | _RESPONSE_DROP | _connection_named(upstream)
+    excluded = _RESPONSE_EXCLUDED
+    if named := _connection_named(upstream):
+        excluded = excluded | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()

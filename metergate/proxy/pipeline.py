@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from metergate.budgets.admission import NODE_HEADER, BudgetGuard, Ticket
 from metergate.budgets.denials import BudgetExceeded
@@ -45,7 +46,7 @@ from metergate.metering.tokenizer import counter_for
 from metergate.metering.usage import Usage
 from metergate.money import format_minor
 from metergate.observability import tracing
-from metergate.observability.logs import current_request_id
+from metergate.observability.logs import current_request_id, new_request_id
 from metergate.observability.metrics import Metrics
 from metergate.payments.spendcaps import SpendCapGuard, SpendCapReached
 from metergate.portal.links import LinkSigner
@@ -55,6 +56,7 @@ from metergate.proxy.adapters.base import Adapter, Prepared, SignsUpstream, Stre
 from metergate.proxy.assemble import Assembler
 from metergate.proxy.bounding import HoldPlan, plan_hold
 from metergate.proxy.budget import StreamBudget
+from metergate.proxy.dispatch import Destination, Destinations
 from metergate.proxy.identify import Identifier, Identity
 from metergate.proxy.methods import check_method
 from metergate.proxy.passthrough import FreeEndpoints
@@ -111,6 +113,7 @@ class Exchange:
     assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
     budget: Ticket | None = None  # the budget path it was admitted along (metergate.budgets)
     budget_refusal: BudgetExceeded | None = None  # a node's limit, not the wallet, stopped the answer
+    upstream_url: URL | None = None  # where it is forwarded, when known already (else from ``match``)
 
 
 class Pipeline:
@@ -132,6 +135,8 @@ class Pipeline:
                                                     media=settings.media, deployments=route.deployments,
                                                     upstream=route.upstream, bedrock=route.bedrock)
                           for route in settings.routes if route.compute is None}
+        # Protocol checks at runtime are slow: whether an adapter signs its upstream requests is asked once.
+        self._signs = {prefix: isinstance(adapter, SignsUpstream) for prefix, adapter in self._adapters.items()}
         # Routes whose clients are AWS SDKs: their errors are also in AWS's shape (metergate.http).
         self._aws_prefixes = tuple(route.prefix + "/" for route in settings.routes if route.provider == "bedrock")
         from metergate.proxy.compute import ComputeRelay
@@ -144,6 +149,9 @@ class Pipeline:
         from metergate.proxy.media import MediaRelay
 
         self.media = MediaRelay(self)  # audio and image endpoints, billed per second, character or image
+        self._destinations = Destinations(self._destination)
+        # metergate's own request headers, never forwarded upstream
+        self._header_drop = frozenset((settings.customer_header, settings.mode_header, settings.attribution_header))
         # Optional collaborators wired by the app: customer spend caps checked before every hold, and a
         # hook run after every settlement (auto top-up). Neither may fail a request it has not refused.
         self.spend_caps: SpendCapGuard | None = None
@@ -166,6 +174,9 @@ class Pipeline:
             timeout=aiohttp.ClientTimeout(total=s.upstream_timeout_s, connect=s.upstream_connect_timeout_s,
                                           sock_read=s.upstream_read_timeout_s),
             auto_decompress=True, trust_env=False, skip_auto_headers=("User-Agent",),
+            # One session serves every customer: a cookie an upstream sets on one answer must never ride along
+            # on another customer's request (a client's own Cookie header is forwarded as it came).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def stop(self) -> None:
@@ -206,29 +217,48 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the pipeline
 
+    def _destination(self, raw_path: str, raw_query: str) -> Destination | None:
+        """Which handler serves a path (:mod:`metergate.proxy.dispatch`); raises the refusal of a path no handler
+        serves (400 for a path or query that does not parse, 404 for an endpoint the route does not serve)."""
+        match = self.routes.match(raw_path, raw_query)
+        if match is None:
+            return None
+        if match.route.compute is not None:
+            return Destination(match, "compute")
+        if self._realtime_serves(match):
+            return Destination(match, "realtime")
+        if (free := self.free.find(match)) is not None:
+            return Destination(match, "free", free=free)
+        if (media := self.media.find(match)) is not None:
+            return Destination(match, "media", media=media)
+        endpoint = self._adapters[match.route.prefix].classify(match.upstream_path)
+        if endpoint is None:
+            raise NotFound(f"{match.upstream_path} is not a metered endpoint on route {match.route.prefix}.",
+                           code="unknown_route")
+        return Destination(match, "metered", endpoint=endpoint, upstream_url=match.upstream_url)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = current_request_id() or "req_" + uuid.uuid4().hex
+        request_id = current_request_id() or new_request_id()
         if self._google_errors and self.routes.provider_of(request.rel_url.raw_path) == "gemini":
             request[ERROR_ENVELOPE] = "google"  # this request's errors are answered as Google's APIs answer them
         elif self._aws_prefixes and request.rel_url.raw_path.startswith(self._aws_prefixes):
             request[ERROR_ENVELOPE] = "aws"  # the OpenAI envelope, with AWS's fields for the AWS SDKs
-        match = self.routes.match(request.rel_url.raw_path, request.rel_url.raw_query_string)
-        if match is None:
+        found = self._destinations.find(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        if found is None:
             raise NotFound(f"No route for {request.path}; metergate forwards only configured routes.",
                            code="unknown_route")
-        if match.route.compute is not None:
+        match = found.match
+        if found.kind == "compute":
             return await self.compute.handle(request, request_id, match)
-        if self._realtime_serves(match):  # the Realtime API's WebSocket, billed per response
+        if found.kind == "realtime":  # the Realtime API's WebSocket, billed per response
             return await self.realtime.handle(request, request_id, match)
-        if (free := self.free.find(match)) is not None:  # models lists, token counting: unmetered
-            return await self.free.handle(request, request_id, match, free)
-        if (media := self.media.find(match)) is not None:
-            return await self.media.handle(request, request_id, match, media)
+        if found.free is not None:  # models lists, token counting: unmetered
+            return await self.free.handle(request, request_id, match, found.free)
+        if found.media is not None:
+            return await self.media.handle(request, request_id, match, found.media)
         adapter = self._adapters[match.route.prefix]
-        endpoint = adapter.classify(match.upstream_path)
-        if endpoint is None:
-            raise NotFound(f"{match.upstream_path} is not a metered endpoint on route {match.route.prefix}.",
-                           code="unknown_route")
+        endpoint = found.endpoint
+        assert endpoint is not None
         if (options := check_method(request, ("POST", "OPTIONS"), endpoint)) is not None:
             return options
         identity = await self.identifier.identify(request, query_key=match.route.provider == "gemini")
@@ -251,7 +281,7 @@ class Pipeline:
         ex = Exchange(request_id, identity, match, adapter, plan.prepared, rate, plan.hold,
                       attributes.get("feature"), time.monotonic(), covered_tokens=plan.covered_tokens,
                       bounded=plan.bounded, output_limit=plan.output_limit, assembler=plan.assembler,
-                      budget=ticket)
+                      budget=ticket, upstream_url=found.upstream_url)
         task = asyncio.current_task()
         assert task is not None
         self._active[request_id] = (ex, task)
@@ -354,7 +384,7 @@ class Pipeline:
         auth = ex.adapter.auth_header(key.get_secret_value()) if key is not None else None
         out = hh.upstream_request_headers(
             request.headers, auth=auth,
-            drop=(self.settings.customer_header, self.settings.mode_header, self.settings.attribution_header))
+            drop=self._header_drop)
         out.update(ex.match.route.upstream_headers)
         out["Content-Type"] = ex.prepared.content_type
         return out
@@ -363,9 +393,9 @@ class Pipeline:
         assert self.session is not None
         sent = time.monotonic()
         headers = self._upstream_headers(request, ex)
-        url = ex.match.upstream_url
-        if isinstance(ex.adapter, SignsUpstream):  # Bedrock: its own path encoding, and a SigV4 signature
-            url, headers = ex.adapter.upstream_request(ex.match, headers, ex.prepared)
+        url = ex.upstream_url if ex.upstream_url is not None else ex.match.upstream_url
+        if self._signs[ex.match.route.prefix]:  # Bedrock: its own path encoding, and a SigV4 signature
+            url, headers = cast(SignsUpstream, ex.adapter).upstream_request(ex.match, headers, ex.prepared)
         tracing.forwarding(ex, headers)
         try:
             upstream = await self.session.post(url, data=_upstream_body(ex.prepared.body),
@@ -417,6 +447,7 @@ class Pipeline:
         held_back: list[bytes] = []
         drain_deadline = 0.0
         drained = 0
+        traced = tracing.active()
         try:
             if assembler is None:
                 await response.prepare(request)
@@ -437,7 +468,8 @@ class Pipeline:
                     first_new = len(meter.text) if budget is not None else 0
                     data = event_data(event)
                     verdict = meter.on_event(data)
-                    tracing.event(data)
+                    if traced:
+                        tracing.event(data)
                     if verdict == "forward":
                         if (budget is not None and len(meter.text) > first_new
                                 and not await budget.admit(meter, first_new)):
@@ -458,7 +490,7 @@ class Pipeline:
                         break
                 elif out and assembler is None:
                     try:
-                        await response.write(b"".join(out))
+                        await response.write(out[0] if len(out) == 1 else b"".join(out))
                     except _CLIENT_GONE:
                         client_gone = True
                         drain_deadline = time.monotonic() + self.settings.drain_timeout_s
@@ -500,9 +532,9 @@ class Pipeline:
                 held_back.append(meter.error_event(*_CUT))
             elif broken and not held_back:
                 held_back.append(meter.error_event(*_BROKEN))
-            if held_back:
-                await _write_quietly(response, b"".join(held_back))
-            await _write_eof_quietly(response)
+            # The held-back end and the stream's terminating chunk leave in one write: one packet, and one
+            # wake-up for a client waiting for its answer's end.
+            await _write_eof_quietly(response, b"".join(held_back))
         return response
 
     async def _answer_assembled(self, ex: Exchange, upstream: aiohttp.ClientResponse, assembler: Assembler, *,
@@ -660,7 +692,8 @@ class Pipeline:
     def _record(self, ex: Exchange, usage: Usage | None, price: int) -> UsageRecord:
         used = usage or Usage(source="none")
         cost = self.costs.cost(ex.match.route.provider_id, ex.prepared.model, used) if usage else None
-        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies]
+        anomalies = [stored_text(anomaly, _ANOMALY_CHARS) for anomaly in ex.prepared.anomalies] \
+            if ex.prepared.anomalies else None
         return UsageRecord(
             id=ex.request_id, mode=ex.identity.mode, customer_id=ex.identity.customer_id, hold_id=ex.hold.id,
             route=ex.match.route.prefix, endpoint=ex.prepared.endpoint, model=ex.prepared.model,
@@ -689,10 +722,17 @@ class Pipeline:
             ex.settlement = asyncio.ensure_future(
                 self.prices.counted(self._settle_with_retries(ex, price, record), ex.rate, record, usage))
             self._inflight.add(ex.settlement)
-            ex.settlement.add_done_callback(self._inflight.discard)
-            ex.settlement.add_done_callback(lambda task: self.metrics.settled(ex, record, task))
-            ex.settlement.add_done_callback(lambda task: tracing.settled(ex, record, task))
+            ex.settlement.add_done_callback(functools.partial(self._settled, ex, record))
         return await asyncio.shield(ex.settlement)
+
+    def _settled(self, ex: Exchange, record: UsageRecord, task: asyncio.Future[Settlement | None]) -> None:
+        """A settlement's one done callback (each callback is a turn of the event loop): no longer in flight,
+        counted in the metrics, noted on the trace."""
+        self._inflight.discard(task)
+        try:
+            self.metrics.settled(ex, record, task)
+        finally:
+            tracing.settled(ex, record, task)
 
     async def _settle_with_retries(self, ex: Exchange, price: int, record: UsageRecord) -> Settlement | None:
         with tracing.span("metergate.settle") as span:
@@ -750,9 +790,9 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
         await response.write(data)
 
 
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
+async def _write_eof_quietly(response: web.StreamResponse, data: bytes = b"") -> None:
     with contextlib.suppress(*_CLIENT_GONE):
-        await response.write_eof()
+        await response.write_eof(data)
 
 
 __all__ = ["Exchange", "Pipeline", "json_response"]

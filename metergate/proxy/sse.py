@@ -54,6 +54,9 @@ class SSEBuffer:
 
 def event_data(event: bytes) -> bytes | None:
     """The event's data field (``data:`` lines joined by newlines), or None if it has none."""
+    end = len(event) - 2
+    if event.startswith(b"data: ") and event.find(b"\n", 6) == end and event[end + 1] == 10 and b"\r" not in event:
+        return event[6:end]  # nearly every event: one "data: ..." line and the blank line that ends it
     parts: list[bytes] = []
     for line in event.splitlines():
         if line.startswith(b"data:"):

@@ -87,17 +87,19 @@ def _text_or_parts(value: Any, param: str) -> None:
 
 
 def _messages(*, content_required: bool) -> Rule:
+    # Every request checks each of its messages: a field's name (``messages[3].role``) is spelled out only
+    # for the refusal that names it.
     def rule(value: Any, param: str) -> None:
         if not isinstance(value, list) or not value:
             raise _refuse(param, "must be a non-empty array")
         for index, message in enumerate(value):
-            at = f"{param}[{index}]"
             if not isinstance(message, dict):
-                raise _refuse(at, "must be an object")
-            _string(message.get("role"), f"{at}.role")
+                raise _refuse(f"{param}[{index}]", "must be an object")
+            if not isinstance(message.get("role"), str):
+                raise _refuse(f"{param}[{index}].role", "must be a string")
             content = message.get("content")
-            if content is not None or content_required:
-                _text_or_parts(content, f"{at}.content")
+            if (content is not None or content_required) and not isinstance(content, str):
+                _text_or_parts(content, f"{param}[{index}].content")
     return rule
 
 
@@ -286,6 +288,8 @@ SCHEMAS["converse-stream"] = Schema(_CONVERSE, streams=False)
 
 def _dotted(payload: dict[str, Any], name: str) -> Any:
     """``payload[a][b]`` for ``name`` "a.b" (a field inside an object, as Gemini nests its limits)."""
+    if "." not in name:
+        return payload.get(name)
     value: Any = payload
     for key in name.split("."):
         value = value.get(key) if isinstance(value, dict) else None
@@ -317,12 +321,15 @@ def check(endpoint: str, payload: dict[str, Any], *, model: str | None = None) -
     for name, rule in schema.fields.items():
         rule(payload.get(name), name)
     options = payload.get("stream_options")
-    limit = next((_dotted(payload, name) for name in schema.limits if _dotted(payload, name) is not None), None)
+    limit = None
+    for name in schema.limits:
+        if (limit := _dotted(payload, name)) is not None:
+            break
+    choices = max([_dotted(payload, name) or 1 for name in schema.choices], default=1)
     return Checked(
         model=model, stream=schema.streams and payload.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        has_stream_options=isinstance(options, dict),
-        max_output=limit, choices=max([_dotted(payload, name) or 1 for name in schema.choices], default=1))
+        has_stream_options=isinstance(options, dict), max_output=limit, choices=choices)
 
 
 # ---------------------------------------------------------------------- media endpoints
