@@ -30,9 +30,10 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, bindparam, update
 
 from metergate.wallet import schema as t
+from metergate.wallet.errors import HoldNotFound
 from metergate.wallet.holdops import expire_in
 from metergate.wallet.models import Hold, UsageRecord, now_ms
 
@@ -68,6 +69,8 @@ def _record_write_off(conn: Connection, usage_id: str, written_off: int) -> None
 # every second of wait after the database is back is a second more of backlog and of 503 ``ledger_backlog``:
 # with 5 s here, a 60 s PostgreSQL outage took 6.1 s to recover from (tests/redis/test_pg_outage.py).
 MAX_BACKOFF_S = 1.0
+# A shard's reads grow up to this many times ``batch`` while its backlog fills them (and shrink back after).
+BATCH_GROWTH = 8
 
 
 class LedgerSink:
@@ -75,26 +78,35 @@ class LedgerSink:
                  idle_s: float = 0.02, reconcile_interval_s: float = 30.0) -> None:
         self.store = store
         self.batch = batch
+        self.max_batch = batch * BATCH_GROWTH
         self.lease_ms = lease_ms
         self.idle_s = idle_s
         self.applied = 0
         self.failures = 0
+        self.batches = 0  # stream batches committed and acknowledged (for the benchmarks and tests)
         self._groups: set[str] = set()
         self.stopping = False
         self.reconcile_interval_s = reconcile_interval_s
         self.repaired = 0
         self._next_reconcile = time.monotonic() + reconcile_interval_s
         self._next_confirm = 0.0
+        self._leased: dict[int, float] = {}  # shard -> monotonic time of our last successful LEASE
+        self._tried: dict[int, float] = {}  # shard -> when we last tried a lease another replica held
+        self._clean: set[int] = set()  # shards whose pending list we know to be empty (no XAUTOCLAIM needed)
+        self._count: dict[int, int] = {}  # shard -> the next read's COUNT (adapts to the backlog)
 
     async def run(self) -> None:
         """Forever: drain every shard this replica can lease; back off while SQL or Redis fails."""
         backoff = 0.0
         while not self.stopping:
             try:
-                moved = 0
-                for shard in range(self.store.keys.shards):
-                    if not self.stopping and await self._lease(shard):
-                        moved += await self.drain_shard(shard)
+                held = await self._leases()
+                results = await asyncio.gather(*(self.drain_shard(shard) for shard in held),
+                                               return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    raise errors[0]
+                moved = sum(r for r in results if isinstance(r, int))
                 backoff = 0.0
                 if time.monotonic() >= self._next_confirm:
                     self._next_confirm = time.monotonic() + 0.5
@@ -109,6 +121,7 @@ class LedgerSink:
                 raise
             except Exception as exc:
                 self.failures += 1
+                self._clean.clear()
                 backoff = min(MAX_BACKOFF_S, max(0.05, backoff * 2))
                 log.warning("ledger sink: %s; retrying in %.2f s", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -124,9 +137,36 @@ class LedgerSink:
                 log.warning("reconciliation: rebuilt %s:%s:%s, projection %s != ledger %s", row.mode,
                             row.customer_id, row.asset, row.redis, row.ledger)
 
+    async def _leases(self) -> list[int]:
+        """The shards this replica may drain now. A lease we hold is renewed once a quarter of it has passed
+        (not on every turn: each renewal is a round trip, and the drain loop turns many times a second); a
+        shard another replica holds is asked for again after a tenth of a lease. The asks run concurrently."""
+        now = time.monotonic()
+        renew_s, retry_s = self.lease_ms / 4000, min(0.2, self.lease_ms / 10_000)
+        held, ask = [], []
+        for shard in range(self.store.keys.shards):
+            if now - self._leased.get(shard, -1e9) < renew_s:
+                held.append(shard)
+            elif shard in self._leased or now - self._tried.get(shard, -1e9) >= retry_s:
+                ask.append(shard)
+        if ask:
+            got = await asyncio.gather(*(self._lease(shard) for shard in ask))
+            held += [shard for shard, ok in zip(ask, got, strict=True) if ok]
+        return sorted(held)
+
     async def _lease(self, shard: int) -> bool:
-        got = await self.store.script("LEASE", [self.store.keys.lease(shard)], [self.store.consumer, self.lease_ms])
-        return bool(int(got))
+        asked = time.monotonic()
+        got = bool(int(await self.store.script("LEASE", [self.store.keys.lease(shard)],
+                                               [self.store.consumer, self.lease_ms])))
+        if got:
+            if shard not in self._leased:
+                self._clean.discard(shard)  # taken over: whoever drained it before may have left entries pending
+            self._leased[shard] = asked
+        else:
+            self._leased.pop(shard, None)
+            self._clean.discard(shard)
+            self._tried[shard] = asked
+        return got
 
     async def _ensure_group(self, stream: str) -> None:
         if stream in self._groups:
@@ -138,46 +178,161 @@ class LedgerSink:
                 raise
         self._groups.add(stream)
 
-    async def drain_shard(self, shard: int) -> int:
-        """Apply one batch of the shard's stream to SQL; how many entries were committed and acknowledged.
-        Raises if some could not be applied (they stay pending, retried first next time)."""
+    async def _read(self, shard: int, *, new_only: bool = False) -> list[tuple[str, dict[str, str]]]:
+        """The next entries to apply: the pending ones first (``XAUTOCLAIM``) unless the shard is known clean,
+        else new ones (``XREADGROUP``). ``new_only``: a read ahead, made while the previous batch commits."""
         stream = self.store.keys.stream(shard)
         r = self.store.redis
+        count = self._count.get(shard, self.batch)
         await self._ensure_group(stream)
         try:
-            claimed = await r.xautoclaim(stream, GROUP, self.store.consumer, min_idle_time=0, start_id="0-0",
-                                         count=self.batch)
-            entries: list[tuple[str, dict[str, str]]] = claimed[1]
+            entries: list[tuple[str, dict[str, str]]] = []
+            if not new_only and shard not in self._clean:
+                claimed = await self.store._redis_call(r.xautoclaim(
+                    stream, GROUP, self.store.consumer, min_idle_time=0, start_id="0-0", count=count))
+                entries = claimed[1]
+                if not entries:
+                    self._clean.add(shard)
             if not entries:
-                read = await r.xreadgroup(GROUP, self.store.consumer, {stream: ">"}, count=self.batch)
+                read = await self.store._redis_call(r.xreadgroup(GROUP, self.store.consumer, {stream: ">"},
+                                                                 count=count))
                 entries = read[0][1] if read else []
         except Exception as exc:
             if "NOGROUP" in str(exc):  # the stream was flushed away: recreate the group next time
                 self._groups.discard(stream)
-                return 0
+                return []
             raise
-        entries = [(eid, fields) for eid, fields in entries if fields]
-        if not entries:
-            return 0
+        # Grow the next read while the backlog fills whole batches, shrink it back once it does not.
+        self._count[shard] = min(self.max_batch, count * 2) if len(entries) >= count else \
+            max(self.batch, count // 2)
+        return [(eid, fields) for eid, fields in entries if fields]
+
+    async def drain_shard(self, shard: int) -> int:
+        """Apply the shard's stream to SQL, batch after batch while its backlog lasts (each batch's next read
+        overlapping its SQL commit); how many entries were committed and acknowledged. Raises if some could
+        not be applied (they stay pending, retried first next time)."""
+        moved = 0
+        entries = await self._read(shard)
+        started = time.monotonic()
+        while entries:
+            # Read ahead while this batch commits; only from a clean shard (else the pending ones come first)
+            # and only when the backlog is likely to fill it.
+            ahead = asyncio.ensure_future(self._read(shard, new_only=True)) \
+                if shard in self._clean and len(entries) >= self.batch else None
+            try:
+                moved += await self._apply_batch(shard, entries)
+            except BaseException:
+                self._clean.discard(shard)  # what the read ahead took is pending now: reclaimed in order next time
+                if ahead is not None:
+                    await asyncio.gather(ahead, return_exceptions=True)
+                raise
+            if ahead is None or self.stopping:
+                break
+            entries = await ahead
+            if time.monotonic() - started >= self.lease_ms / 4000:
+                # Long enough on one shard: let run() renew the leases (and serve the other shards).
+                if entries:
+                    self._clean.discard(shard)  # read but not applied: pending, claimed next turn
+                break
+        return moved
+
+    async def _apply_batch(self, shard: int, entries: list[tuple[str, dict[str, str]]]) -> int:
         chains: dict[str, list[tuple[str, dict[str, str]]]] = defaultdict(list)
         for eid, fields in entries:
             chains[fields["h"]].append((eid, fields))
-        results = await asyncio.gather(*(self._apply_chain(chain) for chain in chains.values()),
-                                       return_exceptions=True)
-        done: list[tuple[str, dict[str, str]]] = []
-        error: BaseException | None = None
-        for result in results:
-            if isinstance(result, BaseException):
-                error = result
-            else:
-                done.extend(result)
+        done, error = await self._apply_chains(list(chains.values()))
         if done:
+            stream = self.store.keys.stream(shard)
             keys = [stream] + [self.store.keys.unapplied(_wallet(fields)) for _, fields in done]
             await self.store.script("ACK", keys, [GROUP, *(eid for eid, _ in done)])
             self.applied += len(done)
+            self.batches += 1
         if error is not None:
             raise error
         return len(done)
+
+    async def _apply_chains(self, chains: list[list[tuple[str, dict[str, str]]]]) \
+            -> tuple[list[tuple[str, dict[str, str]]], BaseException | None]:
+        """Apply a batch's chains (one per hold, in stream order); the entries applied and the first error.
+
+        The hot events (holds, settles) of every chain are submitted to the ledger's group commit at once, in
+        stream order, so a hold and its settle normally share one transaction, decided in order by the batch
+        engine (the settle sees the hold it follows). A chain whose event failed there is applied again from
+        that event on, one event after the other (the event may have failed only because the one before it
+        went through the per-operation path, after the batch); if it fails again, the chain's prefix counts as
+        applied and the rest stays pending. Extensions are rare: their chains run one event at a time, as
+        before. Expiries and Redis's write-offs follow in one more transaction."""
+        slow = [c for c in chains if any(f["t"] not in _FAST for _, f in c)]
+        fast = [c for c in chains if all(f["t"] in _FAST for _, f in c)]
+        slow_task = asyncio.gather(*(self._apply_chain(c) for c in slow), return_exceptions=True) if slow else None
+        done: list[tuple[str, dict[str, str]]] = []
+        error: BaseException | None = None
+        if fast:
+            # Hot events, in stream order across chains (each chain's own events stay in order).
+            hot = sorted(((eid, i, j) for i, c in enumerate(fast) for j, (eid, f) in enumerate(c)
+                          if f["t"] != "expire"), key=lambda x: _order(x[0]))
+            futures = {(i, j): asyncio.ensure_future(self._apply_hot(fast[i][j][1])) for _, i, j in hot}
+            await asyncio.gather(*futures.values(), return_exceptions=True)
+            finals: list[tuple[str, dict[str, str]]] = []  # expiries and write-offs still to write
+            settled = await asyncio.gather(*(self._settle_chain(chain, [futures.get((i, j)) for j in range(len(chain))])
+                                             for i, chain in enumerate(fast)))
+            for applied in settled:
+                for eid, f in applied[0]:
+                    (finals if f["t"] == "expire" or (f["t"] == "settle" and int(f.get("wo") or 0)) else done)\
+                        .append((eid, f))
+                error = error or applied[1]
+            if finals:
+                try:
+                    await self.store.sql.write(_finish, [f for _, f in finals], now_ms())
+                    done.extend(finals)
+                except Exception as exc:
+                    error = error or exc
+        if slow_task is not None:
+            for result in await slow_task:
+                if isinstance(result, BaseException):
+                    error = error or result
+                else:
+                    done.extend(result)
+        return done, error
+
+    async def _settle_chain(self, chain: list[tuple[str, dict[str, str]]],
+                            futures: list[asyncio.Future[None] | None]) \
+            -> tuple[list[tuple[str, dict[str, str]]], BaseException | None]:
+        """One fast chain after its batch: the prefix applied and the error that stopped it. An event that did
+        not find its hold although the chain's earlier event went through (that one took the per-operation
+        path, which runs after the batch) is applied again, with the rest of the chain, one after the other.
+        Expiries are passed through (written by the caller, after the prefix)."""
+        applied: list[tuple[str, dict[str, str]]] = []
+        for k, ((eid, f), fut) in enumerate(zip(chain, futures, strict=True)):
+            if fut is None or fut.exception() is None:
+                applied.append((eid, f))
+                continue
+            exc = fut.exception()
+            assert exc is not None
+            if k == 0 or not isinstance(exc, HoldNotFound):
+                log.warning("ledger sink: event %s of hold %s failed: %s", eid, f["h"], exc)
+                return applied, exc
+            for eid2, f2 in chain[k:]:
+                if f2["t"] == "expire":
+                    applied.append((eid2, f2))
+                    continue
+                try:
+                    await self._apply_hot(f2)
+                except Exception as exc:
+                    log.warning("ledger sink: event %s of hold %s failed: %s", eid2, f2["h"], exc)
+                    return applied, exc
+                applied.append((eid2, f2))
+            break
+        return applied, None
+
+    async def _apply_hot(self, f: dict[str, str]) -> None:
+        sql = self.store.sql
+        if f["t"] == "hold":
+            await sql.reserve(f["m"], f["cu"], f["a"], int(f["amt"]), hold_id=f["h"],  # type: ignore[arg-type]
+                              ttl_ms=int(f["ttl"]), overdraw=True)
+        else:
+            usage = UsageRecord(**json.loads(f["usage"])) if f.get("usage") else None
+            await sql.settle(f["h"], int(f["amt"]), usage, overdraw=True)
 
     async def _apply_chain(self, chain: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
         """Apply one hold's events in stream order; the ones applied (all, or raise after a prefix)."""
@@ -198,23 +353,42 @@ class LedgerSink:
     async def _apply(self, f: dict[str, str]) -> None:
         sql = self.store.sql
         kind, hold_id = f["t"], f["h"]
-        if kind == "hold":
-            await sql.reserve(f["m"], f["cu"], f["a"], int(f["amt"]), hold_id=hold_id,  # type: ignore[arg-type]
-                              ttl_ms=int(f["ttl"]), overdraw=True)
+        if kind in ("hold", "settle"):
+            await self._apply_hot(f)
+            if kind == "settle":
+                written_off = int(f.get("wo") or 0)
+                if written_off and f.get("usage"):
+                    await sql.write(_record_write_off, json.loads(f["usage"])["id"], written_off)
         elif kind == "extend":
             await sql.extend_hold(hold_id, int(f["amt"]), step=int(f["step"]), ttl_ms=int(f["ttl"]), overdraw=True)
-        elif kind == "settle":
-            usage = UsageRecord(**json.loads(f["usage"])) if f.get("usage") else None
-            await sql.settle(hold_id, int(f["amt"]), usage, overdraw=True)
-            written_off = int(f.get("wo") or 0)
-            if written_off and usage is not None:
-                await sql.write(_record_write_off, usage.id, written_off)
         elif kind == "expire":
             # At the sink's clock, not Redis's decision time ``at``: the SQL hold (and its grant allocations)
             # were written at the sink's clock, and a grant must not look "not yet live" to its own hold.
             await sql.write(_expire_hold, hold_id, max(int(f["at"]), now_ms()))
         else:
             log.error("ledger sink: unknown event %r, skipped", kind)
+
+
+# Events whose chains go through one batch: holds and settles (the batch engine's), expiries (written after).
+_FAST = frozenset({"hold", "settle", "expire"})
+
+
+def _order(eid: str) -> tuple[int, int]:
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _finish(conn: Connection, events: list[dict[str, str]], now: int) -> None:
+    """A batch's expiries and Redis's write-offs, in one transaction: each idempotent (see the module docs)."""
+    u = t.usage_records.c
+    offs = [{"uid": json.loads(f["usage"])["id"], "wo": int(f["wo"])} for f in events
+            if f["t"] == "settle" and f.get("usage")]
+    if offs:
+        conn.execute(update(t.usage_records).where(u.id == bindparam("uid")).values(
+            written_off_amount=bindparam("wo")), offs)
+    for f in events:
+        if f["t"] == "expire":
+            _expire_hold(conn, f["h"], max(int(f["at"]), now))
 
 
 def _wallet(fields: dict[str, str]) -> Any:
