@@ -12,8 +12,9 @@ Design (the scripts are in :mod:`metergate.wallet.redis.scripts`):
   the number of replicas.
 * **Hash slots.** A wallet lives on shard ``crc32(mode:customer) % shards``; every key of the shard carries
   the ``{shard}`` hash tag, so a script's keys share one Redis Cluster slot. A hold id is found through a
-  per-process cache, else an index key ``P:hold:<id>`` (written before the hold, so a crash between the
-  two leaves only an index pointing at no hold).
+  per-process cache, else an index key ``P:hold:<id>``: on one server (or Sentinel's master) written by the
+  reserve script itself, in the same atomic step; on Redis Cluster, where it lives in another slot, written
+  just before the script (a crash between the two leaves only an index pointing at no hold).
 * **The ledger stays the system of record.** Each script appends its event to the shard's stream in the
   same atomic step; :class:`~metergate.wallet.redis.sink.LedgerSink` drains the streams into the SQL store
   with ``overdraw=True`` (Redis already decided admission) and acknowledges only after the SQL commit.
@@ -248,6 +249,7 @@ class RedisWalletStore(BudgetsInSql):
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.sink: Any = None  # LedgerSink, set in open()
         self._scripts: dict[str, Any] = {}
+        self._index_in_script = False
         # The cluster client's per-node pools raise MaxConnectionsError (a ConnectionError, so a 503) once a
         # burst exceeds them, and the sentinel's pool is unbounded: bound the commands in flight instead, as
         # the single-server BlockingConnectionPool does (a burst waits briefly rather than failing).
@@ -267,6 +269,10 @@ class RedisWalletStore(BudgetsInSql):
         await self.sql.open()
         if self._client is None:
             self._client = connect(self._url)
+        from redis.asyncio.cluster import RedisCluster
+
+        # One server (Sentinel's master included): the reserve script writes the hold index itself.
+        self._index_in_script = not isinstance(self._client, RedisCluster)
         for name in ("RESERVE", "EXTEND", "SETTLE", "EXPIRE", "CREDIT", "LOAD", "INVALIDATE", "SET_OVERDRAFT",
                      "ADOPT", "ACK", "LEASE"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
@@ -468,14 +474,19 @@ class RedisWalletStore(BudgetsInSql):
         w = WalletRef(mode, customer_id, asset)
         ref = f"{mode}\x1f{customer_id}\x1f{asset}"
         index = self.keys.index(hold_id)
-        fresh = await self._redis_call(self.redis.set(index, ref, nx=True, px=ttl_ms + self._retention_ms))
-        if not fresh and await self._redis_call(self.redis.get(index)) not in (ref, None):
-            raise IdempotencyConflict(f"hold:{hold_id}")
         keys = self.keys.hot(w, hold_id)
+        tail: list[Any] = []
+        if self._index_in_script:
+            keys.append(index)
+            tail = [ref, ttl_ms + self._retention_ms]
+        else:
+            fresh = await self._redis_call(self.redis.set(index, ref, nx=True, px=ttl_ms + self._retention_ms))
+            if not fresh and await self._redis_call(self.redis.get(index)) not in (ref, None):
+                raise IdempotencyConflict(f"hold:{hold_id}")
         content = _hash("hold", mode, customer_id, asset, amount)
         for _ in range(20):
             r = await self.script("RESERVE", keys, [hold_id, mode, customer_id, asset, amount, ttl_ms, now_ms(),
-                                                    content, self._max_backlog, self._retention_ms])
+                                                    content, self._max_backlog, self._retention_ms, *tail])
             status = r[0]
             if status == "not_loaded":
                 if not await self.rebuild(w):
