@@ -74,7 +74,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -214,6 +214,15 @@ def connect(url: str) -> Any:
     # A blocking pool: a burst of concurrent requests waits (briefly) for a connection instead of failing.
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **common)
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
+
+
+_USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))
+
+
+def _usage_json(usage: UsageRecord) -> str:
+    """The usage record as the settle event carries it: its fields as a JSON object. Not ``asdict``, which
+    deep-copies every value first (a twelfth of a hold's CPU on the hot path)."""
+    return json.dumps({name: getattr(usage, name) for name in _USAGE_FIELDS}, separators=(",", ":"), default=str)
 
 
 def _hash(*parts: object) -> str:
@@ -562,7 +571,7 @@ class RedisWalletStore(BudgetsInSql):
             raise HoldNotFound(hold_id)
         keys = self.keys.hot(w, hold_id)
         content = _hash("settle", amount)
-        payload = json.dumps(asdict(usage), separators=(",", ":"), default=str) if usage is not None else ""
+        payload = _usage_json(usage) if usage is not None else ""
         adopted = False
         for _ in range(20):
             r = await self.script("SETTLE", keys, [hold_id, amount, content, now_ms(), payload, self._retention_ms])
