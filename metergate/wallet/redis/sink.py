@@ -13,8 +13,23 @@ Why this shape:
 * **Idempotent on replay.** Every SQL write is keyed: holds by hold id, extensions by step, settles by
   hold, expiries by hold (:func:`_expire_hold` below). A batch re-applied after a crash between commit and
   XACK changes nothing.
-* **Batches, in parallel per hold.** A batch's events are grouped by hold, each group applied in order,
-  the groups concurrently (SQLite group-commits them; PostgreSQL spreads them over its pool).
+* **A stream batch is one group commit.** A batch's holds and settles are submitted to the SQL store's group
+  commit together, in stream order, so the batch engine decides them in one transaction, in order: a hold
+  and its settle read in the same batch cost one commit, not two awaited one after the other, and are
+  ledgered exactly as if they had come in two batches (``tests/redis/test_sink.py``). Per-hold order holds
+  because an event is decided only after the ones before it: when the engine hands an event to the
+  per-operation path (it runs after the batch), a later event of the same hold that did not find it is
+  applied again after it. Chains with an extension (rare) still run one event at a time. Redis's write-offs
+  and the expiries follow in one more transaction; the XACK comes after all of them.
+* **Cheap turns.** Leases are renewed concurrently and only once a quarter of a lease has passed; a shard
+  known to have nothing pending is read with ``XREADGROUP`` alone (``XAUTOCLAIM`` after a takeover or a
+  failure); a shard's read grows (up to ``BATCH_GROWTH`` times ``batch``) while its backlog fills whole
+  batches, and the next read overlaps the SQL commit of the current batch (it takes only new entries, and
+  on a failure they are simply pending, reclaimed in order next turn). Why: the sink shares its event loop
+  with admission, so every sequential round trip of a turn waits behind the request handlers; with one
+  round trip per shard per turn, two commits per hold, and the watch on this process's own settlements
+  (``confirm_settlements``, now one pipelined round trip) asking Redis about each in turn, a hot wallet's
+  drain ran at a third of its admission.
 * **SQL down.** A failed group stays pending; the drainer backs off (up to 5 s) and retries. Nothing is held
   in this process: the stream in Redis is the buffer, bounded by the store's ``max_backlog``.
 * **Acked entries are deleted** (``XDEL``) and counted off their wallet's unapplied counter in the same
@@ -213,7 +228,6 @@ class LedgerSink:
         not be applied (they stay pending, retried first next time)."""
         moved = 0
         entries = await self._read(shard)
-        started = time.monotonic()
         while entries:
             # Read ahead while this batch commits; only from a clean shard (else the pending ones come first)
             # and only when the backlog is likely to fill it.
@@ -226,13 +240,14 @@ class LedgerSink:
                 if ahead is not None:
                     await asyncio.gather(ahead, return_exceptions=True)
                 raise
-            if ahead is None or self.stopping:
+            if ahead is None:
                 break
             entries = await ahead
-            if time.monotonic() - started >= self.lease_ms / 4000:
-                # Long enough on one shard: let run() renew the leases (and serve the other shards).
+            if self.stopping or time.monotonic() - self._leased.get(shard, -1e9) >= self.lease_ms / 4000:
+                # Stopping, or a quarter of the lease since it was renewed: let run() renew the leases (and
+                # serve the other shards). What the read ahead took is pending: claimed first next turn.
                 if entries:
-                    self._clean.discard(shard)  # read but not applied: pending, claimed next turn
+                    self._clean.discard(shard)
                 break
         return moved
 
