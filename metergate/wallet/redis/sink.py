@@ -21,7 +21,7 @@ Why this shape:
   per-operation path (it runs after the batch), a later event of the same hold that did not find it is
   applied again after it. Chains with an extension (rare) still run one event at a time. Redis's write-offs
   and the expiries follow in one more transaction; the XACK comes after all of them.
-* **Cheap turns.** Leases are renewed concurrently and only once a quarter of a lease has passed; a shard
+* **Cheap turns.** Leases are renewed concurrently (one round trip a turn, not one per shard); a shard
   known to have nothing pending is read with ``XREADGROUP`` alone (``XAUTOCLAIM`` after a takeover or a
   failure); a shard's read grows (up to ``BATCH_GROWTH`` times ``batch``) while its backlog fills whole
   batches, and the next read overlaps the SQL commit of the current batch (it takes only new entries, and
@@ -105,7 +105,7 @@ class LedgerSink:
         self.repaired = 0
         self._next_reconcile = time.monotonic() + reconcile_interval_s
         self._next_confirm = 0.0
-        self._leased: dict[int, float] = {}  # shard -> monotonic time of our last successful LEASE
+        self._leased: dict[int, float] = {}  # shard -> when our last LEASE of it succeeded
         self._tried: dict[int, float] = {}  # shard -> when we last tried a lease another replica held
         self._clean: set[int] = set()  # shards whose pending list we know to be empty (no XAUTOCLAIM needed)
         self._count: dict[int, int] = {}  # shard -> the next read's COUNT (adapts to the backlog)
@@ -153,21 +153,16 @@ class LedgerSink:
                             row.customer_id, row.asset, row.redis, row.ledger)
 
     async def _leases(self) -> list[int]:
-        """The shards this replica may drain now. A lease we hold is renewed once a quarter of it has passed
-        (not on every turn: each renewal is a round trip, and the drain loop turns many times a second); a
-        shard another replica holds is asked for again after a tenth of a lease. The asks run concurrently."""
+        """The shards this replica may drain now: every lease it holds is renewed on every turn (a flush or a
+        restart of Redis frees them all at once, and a shard must never have two drainers), a shard another
+        replica holds is asked for again after a tenth of a lease. The asks run concurrently: one round trip
+        per turn, not one per shard."""
         now = time.monotonic()
-        renew_s, retry_s = self.lease_ms / 4000, min(0.2, self.lease_ms / 10_000)
-        held, ask = [], []
-        for shard in range(self.store.keys.shards):
-            if now - self._leased.get(shard, -1e9) < renew_s:
-                held.append(shard)
-            elif shard in self._leased or now - self._tried.get(shard, -1e9) >= retry_s:
-                ask.append(shard)
-        if ask:
-            got = await asyncio.gather(*(self._lease(shard) for shard in ask))
-            held += [shard for shard, ok in zip(ask, got, strict=True) if ok]
-        return sorted(held)
+        retry_s = min(0.2, self.lease_ms / 10_000)
+        ask = [shard for shard in range(self.store.keys.shards)
+               if shard in self._leased or now - self._tried.get(shard, -1e9) >= retry_s]
+        got = await asyncio.gather(*(self._lease(shard) for shard in ask))
+        return [shard for shard, ok in zip(ask, got, strict=True) if ok]
 
     async def _lease(self, shard: int) -> bool:
         asked = time.monotonic()
