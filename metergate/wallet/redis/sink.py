@@ -212,10 +212,15 @@ class LedgerSink:
                 self._groups.discard(stream)
                 return []
             raise
-        # Grow the next read while the backlog fills whole batches, shrink it back once it does not.
-        self._count[shard] = min(self.max_batch, count * 2) if len(entries) >= count else \
-            max(self.batch, count // 2)
         return [(eid, fields) for eid, fields in entries if fields]
+
+    def _adapt(self, shard: int, read: int, ok: bool) -> None:
+        """Grow the shard's next read while its backlog fills whole batches that commit, shrink it back once
+        it does not; a failing shard goes back to ``batch`` (while SQL is down, each failed batch costs one
+        attempt per event)."""
+        count = self._count.get(shard, self.batch)
+        self._count[shard] = self.batch if not ok else min(self.max_batch, count * 2) if read >= count else \
+            max(self.batch, count // 2)
 
     async def drain_shard(self, shard: int) -> int:
         """Apply the shard's stream to SQL, batch after batch while its backlog lasts (each batch's next read
@@ -230,7 +235,9 @@ class LedgerSink:
                 if shard in self._clean and len(entries) >= self.batch else None
             try:
                 moved += await self._apply_batch(shard, entries)
+                self._adapt(shard, len(entries), True)
             except BaseException:
+                self._adapt(shard, len(entries), False)
                 self._clean.discard(shard)  # what the read ahead took is pending now: reclaimed in order next time
                 if ahead is not None:
                     await asyncio.gather(ahead, return_exceptions=True)
