@@ -21,7 +21,8 @@ Why this shape:
   per-operation path (it runs after the batch), a later event of the same hold that did not find it is
   applied again after it. Chains with an extension (rare) still run one event at a time. Redis's write-offs
   and the expiries follow in one more transaction; the XACK comes after all of them.
-* **Cheap turns.** Leases are renewed concurrently (one round trip a turn, not one per shard); a shard
+* **Cheap turns.** Leases are renewed concurrently (one round trip a turn, not one per shard) and at most
+  every ``RENEW_S``; an empty shard is read again after ``idle_s``, not on every turn of a busy one; a shard
   known to have nothing pending is read with ``XREADGROUP`` alone (``XAUTOCLAIM`` after a takeover or a
   failure); a shard's read grows (up to ``BATCH_GROWTH`` times ``batch``) while its backlog fills whole
   batches, and the next read overlaps the SQL commit of the current batch (it takes only new entries, and
@@ -84,6 +85,13 @@ def _record_write_off(conn: Connection, usage_id: str, written_off: int) -> None
 # every second of wait after the database is back is a second more of backlog and of 503 ``ledger_backlog``:
 # with 5 s here, a 60 s PostgreSQL outage took 6.1 s to recover from (tests/redis/test_pg_outage.py).
 MAX_BACKOFF_S = 1.0
+# How long a held lease is trusted without asking Redis again (a lease lasts ``lease_ms``, seconds): short, so
+# that after a flush or a restart of Redis (every lease gone at once) two replicas never drain one shard for
+# longer than this plus a batch; long enough that a busy drain does not renew on each of its turns.
+RENEW_S = 0.05
+# At most this long on one shard's backlog before the sink's loop turns again (the other shards, the watch on
+# this process's settlements).
+TURN_S = 0.25
 # A shard's reads grow up to this many times ``batch`` while its backlog fills them (and shrink back after).
 BATCH_GROWTH = 8
 
@@ -109,6 +117,8 @@ class LedgerSink:
         self._tried: dict[int, float] = {}  # shard -> when we last tried a lease another replica held
         self._clean: set[int] = set()  # shards whose pending list we know to be empty (no XAUTOCLAIM needed)
         self._count: dict[int, int] = {}  # shard -> the next read's COUNT (adapts to the backlog)
+        self._quiet_until: dict[int, float] = {}  # shard -> not read before then (it was empty)
+        self._stash: dict[int, list[tuple[str, dict[str, str]]]] = {}  # read ahead, applied first next turn
 
     async def run(self) -> None:
         """Forever: drain every shard this replica can lease; back off while SQL or Redis fails."""
@@ -137,6 +147,7 @@ class LedgerSink:
             except Exception as exc:
                 self.failures += 1
                 self._clean.clear()
+                self._stash.clear()
                 backoff = min(MAX_BACKOFF_S, max(0.05, backoff * 2))
                 log.warning("ledger sink: %s; retrying in %.2f s", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -153,16 +164,23 @@ class LedgerSink:
                             row.customer_id, row.asset, row.redis, row.ledger)
 
     async def _leases(self) -> list[int]:
-        """The shards this replica may drain now: every lease it holds is renewed on every turn (a flush or a
-        restart of Redis frees them all at once, and a shard must never have two drainers), a shard another
-        replica holds is asked for again after a tenth of a lease. The asks run concurrently: one round trip
-        per turn, not one per shard."""
+        """The shards this replica may drain now. A lease it holds is renewed once ``RENEW_S`` has passed since
+        the last renewal (a flush or a restart of Redis frees every lease at once, so a held lease is not
+        trusted for longer than that: a shard must not have two drainers for more than a batch), a shard
+        another replica holds is asked for again after a tenth of a lease. The asks run concurrently: one
+        round trip per turn, not one per shard; and a busy turn, which lasts a batch's commit, asks nothing."""
         now = time.monotonic()
         retry_s = min(0.2, self.lease_ms / 10_000)
-        ask = [shard for shard in range(self.store.keys.shards)
-               if shard in self._leased or now - self._tried.get(shard, -1e9) >= retry_s]
+        held, ask = [], []
+        for shard in range(self.store.keys.shards):
+            if now - self._leased.get(shard, -1e9) < RENEW_S:
+                held.append(shard)
+            elif shard in self._leased or now - self._tried.get(shard, -1e9) >= retry_s:
+                ask.append(shard)
         got = await asyncio.gather(*(self._lease(shard) for shard in ask))
-        return [shard for shard, ok in zip(ask, got, strict=True) if ok]
+        held += [shard for shard, ok in zip(ask, got, strict=True) if ok]
+        # A shard found empty is read again after ``idle_s``, not on every turn of a busy shard's drain.
+        return sorted(shard for shard in held if now >= self._quiet_until.get(shard, 0.0))
 
     async def _lease(self, shard: int) -> bool:
         asked = time.monotonic()
@@ -175,6 +193,7 @@ class LedgerSink:
         else:
             self._leased.pop(shard, None)
             self._clean.discard(shard)
+            self._stash.pop(shard, None)
             self._tried[shard] = asked
         return got
 
@@ -197,6 +216,9 @@ class LedgerSink:
         await self._ensure_group(stream)
         try:
             entries: list[tuple[str, dict[str, str]]] = []
+            stashed = None if new_only else self._stash.pop(shard, None)
+            if stashed and shard in self._clean:
+                return stashed
             if not new_only and shard not in self._clean:
                 claimed = await self.store._redis_call(r.xautoclaim(
                     stream, GROUP, self.store.consumer, min_idle_time=0, start_id="0-0", count=count))
@@ -214,6 +236,14 @@ class LedgerSink:
             raise
         return [(eid, fields) for eid, fields in entries if fields]
 
+    async def _read_ahead(self, shard: int) -> tuple[list[tuple[str, dict[str, str]]], bool]:
+        """The next new entries, read while the current batch commits, and whether the lease is still ours
+        (renewed alongside once ``RENEW_S`` has passed: a long drain keeps checking that it is the only one)."""
+        if time.monotonic() - self._leased.get(shard, -1e9) < RENEW_S:
+            return await self._read(shard, new_only=True), True
+        entries, ours = await asyncio.gather(self._read(shard, new_only=True), self._lease(shard))
+        return entries, ours
+
     def _adapt(self, shard: int, read: int, ok: bool) -> None:
         """Grow the shard's next read while its backlog fills whole batches that commit, shrink it back once
         it does not; a failing shard goes back to ``batch`` (while SQL is down, each failed batch costs one
@@ -226,12 +256,14 @@ class LedgerSink:
         """Apply the shard's stream to SQL, batch after batch while its backlog lasts (each batch's next read
         overlapping its SQL commit); how many entries were committed and acknowledged. Raises if some could
         not be applied (they stay pending, retried first next time)."""
-        moved = 0
+        moved, started = 0, time.monotonic()
         entries = await self._read(shard)
+        if not entries:
+            self._quiet_until[shard] = time.monotonic() + self.idle_s
         while entries:
             # Read ahead while this batch commits; only from a clean shard (else the pending ones come first)
             # and only when the backlog is likely to fill it.
-            ahead = asyncio.ensure_future(self._read(shard, new_only=True)) \
+            ahead = asyncio.ensure_future(self._read_ahead(shard)) \
                 if shard in self._clean and len(entries) >= self.batch else None
             try:
                 moved += await self._apply_batch(shard, entries)
@@ -244,12 +276,14 @@ class LedgerSink:
                 raise
             if ahead is None:
                 break
-            entries = await ahead
-            if self.stopping or time.monotonic() - self._leased.get(shard, -1e9) >= self.lease_ms / 4000:
-                # Stopping, or a quarter of the lease since it was renewed: let run() renew the leases (and
-                # serve the other shards). What the read ahead took is pending: claimed first next turn.
+            entries, ours = await ahead
+            if not ours:
+                break  # the lease went to another replica: what the read ahead took, it claims
+            if self.stopping or time.monotonic() - started >= TURN_S:
+                # Let run() turn (the other shards, the settlement watch): the entries read ahead come first
+                # next turn (pending under this consumer, and in ``_stash`` meanwhile).
                 if entries:
-                    self._clean.discard(shard)
+                    self._stash[shard] = entries
                 break
         return moved
 
