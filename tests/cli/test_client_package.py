@@ -38,7 +38,7 @@ def test_the_public_surface_is_pinned() -> None:
         "error_from_response", "load_profile",
         # budgets
         "BudgetAlertRule", "BudgetLimit", "BudgetLimitUse", "BudgetNode", "BudgetNodeView", "BudgetTree",
-        "BudgetWindow", "Deleted", "KeyAttachment"}
+        "BudgetWindow", "Deleted", "FiredBudgetAlert", "KeyAttachment"}
     assert all(hasattr(metergate_client, name) for name in metergate_client.__all__)
     assert issubclass(metergate_client.IdempotencyConflict, metergate_client.Conflict)
     assert all(issubclass(getattr(metergate_client, n), metergate_client.MetergateError)
