@@ -8,7 +8,9 @@ Targets, measured interleaved round by round against the fixed-response upstream
 * ``redis x1``        one process, the Redis wallet over a PostgreSQL ledger (a throwaway database);
 * ``redis x2``        two processes sharing the Redis prefix and the PostgreSQL ledger, the load split evenly;
 * ``pg x2``           two processes over PostgreSQL alone, with escrow leases (``pg x2 noescrow``: without);
-* ``embedded-noescrow`` the embedded default with escrow leases turned off.
+* ``embedded-noescrow`` the embedded default with escrow leases turned off;
+* ``windows x2``      two processes over PostgreSQL with escrow leases and their rate-limit windows in Redis
+  (``redis_wallet: false``), with rate limits set far above the load so that the windows are claimed.
 
 The first config named (``--configs``) is the ratio's base.
 
@@ -56,8 +58,9 @@ SHARDS = 16
 CONFIGS: dict[str, tuple[int, str, bool]] = {
     "embedded": (1, "sqlite", True), "embedded-noescrow": (1, "sqlite", False),
     "pg x2": (2, "pg", True), "pg x2 noescrow": (2, "pg", False),
-    "redis x1": (1, "redis", True), "redis x2": (2, "redis", True),
+    "redis x1": (1, "redis", True), "redis x2": (2, "redis", True), "windows x2": (2, "windows", True),
 }
+LIMITS = {"customer": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12}}
 
 
 def free_port() -> int:
@@ -83,7 +86,7 @@ async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 
 
 async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None,
-                escrow: bool = True) -> list[Any]:
+                escrow: bool = True, windows: bool = False) -> list[Any]:
     procs = []
     for i in range(n):
         port = free_port()
@@ -93,6 +96,8 @@ async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix:
                                "pricing": PRICING, "portal_secrets": {"k1": "s" * 40}}
         if prefix is not None:
             cfg |= {"redis_url": REDIS, "redis_key_prefix": prefix, "redis_shards": SHARDS}
+        if windows:
+            cfg |= {"redis_wallet": False, "rate_limits": LIMITS}
         if not escrow:
             cfg["escrow"] = {"enabled": False}
         config.write_text(yaml.safe_dump(cfg))
@@ -130,8 +135,8 @@ async def load(urls: list[str], seconds: float, concurrency: int, refused: list[
 
 
 async def measure(n: int, workdir: Path, upstream: str, database_url: str, prefix: str | None, seconds: float,
-                  concurrency: int, drain_s: float, escrow: bool = True) -> tuple[float, float]:
-    procs = await start(n, workdir, upstream, database_url, prefix, escrow)
+                  concurrency: int, drain_s: float, escrow: bool = True, windows: bool = False) -> tuple[float, float]:
+    procs = await start(n, workdir, upstream, database_url, prefix, escrow, windows)
     try:
         started = time.monotonic()
         refused: list[int] = []
@@ -140,7 +145,7 @@ async def measure(n: int, workdir: Path, upstream: str, database_url: str, prefi
             print(f"  refused: {({s: refused.count(s) for s in set(refused)})}")
         elapsed = time.monotonic() - started
         rate, in_ledger = served / elapsed, served
-        if prefix is not None:
+        if prefix is not None and not windows:
             # The ledger lags behind Redis: count what reached it within ``drain_s`` after the load.
             store = RedisWalletStore(SqlWalletStore(database_url), REDIS, prefix=prefix, shards=SHARDS,
                                      run_sink=False)
@@ -188,10 +193,10 @@ async def main() -> None:
                 for label in args.configs:
                     n, backend, escrow = CONFIGS[label]
                     pg_url = await scratch.fresh_database()
-                    prefix = scratch.prefix() if backend == "redis" else None
+                    prefix = scratch.prefix() if backend in ("redis", "windows") else None
                     db = f"sqlite:///{workdir / f'{label}-{r}.db'}" if backend == "sqlite" else pg_url
                     rate, drained = await measure(n, workdir, f"http://127.0.0.1:{up_port}", db, prefix, args.seconds,
-                                                  args.concurrency, args.drain_seconds, escrow)
+                                                  args.concurrency, args.drain_seconds, escrow, backend == "windows")
                     if label == args.configs[0]:
                         base = rate
                     results.setdefault(label, []).append((rate, drained, rate / base))

@@ -1,4 +1,4 @@
-"""Admin API: assets, conversions, grants, consumption order, plans and subscriptions (issue #3).
+"""Admin API: assets, conversions, grants, consumption order, plans and subscriptions.
 
 * ``GET|POST /admin/v1/assets`` — the assets of this mode (those in settings first, marked ``configured``);
   create one ``{"code", "name", "scale", "value_per_unit"?, "value_currency"?}`` (the same again is a no-op);

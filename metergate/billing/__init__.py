@@ -1,1 +1,1 @@
-"""Prepaid beside invoiced (issue #8): billing mode per customer, usage to Stripe Billing, exports."""
+"""Prepaid beside invoiced: billing mode per customer, usage to Stripe Billing, exports."""

@@ -244,7 +244,7 @@ class WebhookSettings(_Strict):
 
 
 class BillingSettings(_Strict):
-    """Invoiced usage to Stripe Billing as meter events (issue #8, metergate/billing)."""
+    """Invoiced usage to Stripe Billing as meter events (metergate/billing)."""
 
     meter_event_name: str = Field("metergate_usage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
                                   description="Stripe meter event_name of the pricing asset's usage.")
@@ -290,7 +290,7 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="Base URL customers use to reach the portal; defaults to the listener.")
     database_url: str = Field("sqlite:///metergate.db",
                               description="sqlite:///path/file.db (embedded default) or postgresql://user@host/db")
-    # The Redis real-time wallet over the SQL ledger (issue #5, metergate/wallet/redis).
+    # The Redis real-time wallet over the SQL ledger (metergate/wallet/redis).
     redis_url: str | None = Field(None, description="redis://host:6379/0, redis+cluster://host:port or "
                                                     "redis+sentinel://host:port/service: holds and balances live "
                                                     "in Redis, the SQL database stays the ledger. Unset: SQL only.")
@@ -458,7 +458,7 @@ class Settings(BaseSettings):
     dashboard_session_ttl_s: int = Field(3600, ge=60, le=7 * 86400,
                                          description="Lifetime of the dashboard cookie a link sets.")
 
-    # Payments and self-service (issue #4, metergate/payments): Stripe per mode, top-ups, notifications.
+    # Payments and self-service (metergate/payments): Stripe per mode, top-ups, notifications.
     stripe_test_key: SecretStr | None = Field(None, description="Stripe secret key for test mode (sk_test_...).")
     stripe_live_key: SecretStr | None = Field(None, description="Stripe secret key for live mode (sk_live_...).")
     stripe_test_webhook_secret: SecretStr | None = Field(

@@ -175,7 +175,7 @@ class Settlement:
     replayed: bool = False
 
 
-# Reporting and rate limits (issue #7).
+# Reporting and rate limits.
 
 UsageGrouping = Literal["customer", "feature", "model", "day", "total", "budget_node"]
 
@@ -234,7 +234,7 @@ class RateLimitDenial:
     window_start_ms: int
 
 
-# Grants, assets and subscriptions (issue #3).
+# Grants, assets and subscriptions.
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """The SQL schema: accounts (balance columns), holds, the append-only ledger, usage records, rate limits,
-and (issue #3) grants, hold allocations, custom assets, conversions, plans and subscriptions.
+and grants, hold allocations, custom assets, conversions, plans and subscriptions.
 
 Invariant, checked by :meth:`SqlWalletStore.audit` and by the tests: for every account, each balance
 column equals the sum of the matching delta column over that account's ledger entries, and
@@ -32,7 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 4  # v2: ledger_entries.grant_id, grants and allocations (issue #3); v3: api_keys.attributes;
+SCHEMA_VERSION = 4  # v2: ledger_entries.grant_id, grants and allocations; v3: api_keys.attributes;
 # v4: usage_records.budget_path (the budget node path a request was charged along)
 
 metadata = MetaData()
@@ -146,7 +146,7 @@ usage_records = Table(
     Index("ix_usage_time", "mode", "created_at_ms"),  # margin reports and the dashboard read time ranges
 )
 
-# Rate limits (issue #7). New tables need no version bump: ``create_all`` adds them to an existing database.
+# Rate limits. New tables need no version bump: ``create_all`` adds them to an existing database.
 # A customer's override replaces the configured default limits; NULL lifts that limit.
 rate_limit_overrides = Table(
     "rate_limit_overrides", metadata,
@@ -171,7 +171,7 @@ rate_limit_windows = Table(
 )
 
 
-# Grants, allocations, assets, plans and subscriptions (issue #3).
+# Grants, allocations, assets, plans and subscriptions.
 
 # One row per credit. ``amount`` is what was granted; ``consumed`` what captures drew, ``held`` what open holds
 # have allocated, ``removed`` what lapsed at expiry or was voided: ``amount - consumed - held - removed`` is the

@@ -1,4 +1,4 @@
-"""The Redis real-time wallet over the SQL ledger (issue #5); see :mod:`metergate.wallet.redis.store`."""
+"""The Redis real-time wallet over the SQL ledger; see :mod:`metergate.wallet.redis.store`."""
 
 from metergate.wallet.redis.store import RedisWalletStore, WalletUnavailable
 
