@@ -117,3 +117,22 @@ async def release(store: WindowStore, mode: Mode, customer_id: str, releases: li
     keys = [window_key(store, mode, customer_id, subject, window_start_ms) for subject, _, _ in releases]
     args = [n for _, requests, tokens in releases for n in (requests, tokens)]
     await store.script("RL_RELEASE", keys, args)
+
+
+class WindowsInRedis:
+    """The rate-limit part of a store whose windows are in Redis (both Redis stores): mixed in before the
+    store's own class, so that these claims are the ones that run."""
+
+    keys: KeySpace
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        raise NotImplementedError
+
+    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
+                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
+        """In Redis, one script per claim."""
+        return await claim(self, mode, customer_id, claims, window_start_ms)
+
+    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
+                                 window_start_ms: int) -> None:
+        await release(self, mode, customer_id, releases, window_start_ms)

@@ -93,7 +93,6 @@ from metergate.wallet.models import (
     HoldState,
     LedgerEntry,
     Mode,
-    RateLimitDenial,
     RateLimitOverride,
     Settlement,
     UsageAggregate,
@@ -101,7 +100,6 @@ from metergate.wallet.models import (
     UsageRecord,
     now_ms,
 )
-from metergate.wallet.quota import QuotaClaim, QuotaGrant
 from metergate.wallet.redis import quota as redis_quota
 from metergate.wallet.redis import scripts
 from metergate.wallet.sql import SqlWalletStore
@@ -229,7 +227,7 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
-class RedisWalletStore(BudgetsInSql):
+class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
     """See the module docstring. ``run_sink=False`` leaves draining to other processes (tests, tools)."""
 
     def __init__(self, sql: SqlWalletStore, redis_url: str, *, prefix: str = "mg", shards: int = 16,
@@ -790,15 +788,6 @@ class RedisWalletStore(BudgetsInSql):
 
     async def delete_rate_limit_override(self, mode: Mode, customer_id: str) -> bool:
         return await self.sql.delete_rate_limit_override(mode, customer_id)
-
-    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
-                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
-        """In Redis, one script per claim (:mod:`metergate.wallet.redis.quota`)."""
-        return await redis_quota.claim(self, mode, customer_id, claims, window_start_ms)
-
-    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
-                                 window_start_ms: int) -> None:
-        await redis_quota.release(self, mode, customer_id, releases, window_start_ms)
 
     async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
         """Windows in Redis expire by themselves; this prunes the SQL store's (left by an SQL-only run)."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from metergate.wallet.models import Mode, RateLimitDenial
-from metergate.wallet.quota import QuotaClaim, QuotaGrant
 from metergate.wallet.redis import quota as redis_quota
 from metergate.wallet.redis.store import _REDIS_DOWN, KeySpace, WalletUnavailable, connect
 from metergate.wallet.sql import SqlWalletStore
@@ -26,7 +24,7 @@ from metergate.wallet.sql import SqlWalletStore
 log = logging.getLogger(__name__)
 
 
-class SqlWalletWithRedisWindows(SqlWalletStore):
+class SqlWalletWithRedisWindows(redis_quota.WindowsInRedis, SqlWalletStore):
     """A :class:`SqlWalletStore` whose rate-limit windows live in Redis (``redis_url``, ``redis_key_prefix``)."""
 
     def __init__(self, url: str, redis_url: str, *, prefix: str = "mg", shards: int = 16, **kwargs: Any) -> None:
@@ -68,18 +66,6 @@ class SqlWalletWithRedisWindows(SqlWalletStore):
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self.script_call(self._scripts[name](keys=keys, args=args))
-
-    async def claim_rate_quota(self, mode: Mode, customer_id: str, claims: list[QuotaClaim], *,
-                               window_start_ms: int) -> list[QuotaGrant] | RateLimitDenial:
-        return await redis_quota.claim(self, mode, customer_id, claims, window_start_ms)
-
-    async def release_rate_quota(self, mode: Mode, customer_id: str, releases: list[tuple[str, int, int]], *,
-                                 window_start_ms: int) -> None:
-        await redis_quota.release(self, mode, customer_id, releases, window_start_ms)
-
-    async def prune_rate_limit_windows(self, *, before_ms: int) -> int:
-        """Windows in Redis expire by themselves; this prunes the SQL rows an SQL-only run left."""
-        return await super().prune_rate_limit_windows(before_ms=before_ms)
 
 
 __all__ = ["SqlWalletWithRedisWindows"]
