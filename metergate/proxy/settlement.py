@@ -53,6 +53,7 @@ class Settler:
         self.metrics = metrics
         self._backlog: collections.deque[_Unsettled] = collections.deque()
         self._retrier: asyncio.Task[None] | None = None
+        self._flushing = False  # shutting down: flush() tries the backlog itself (one round at a time)
 
     def __len__(self) -> int:
         return len(self._backlog)
@@ -84,7 +85,7 @@ class Settler:
     def _keep(self, unsettled: _Unsettled) -> None:
         self._backlog.append(unsettled)
         self.metrics.settlement_backlog.set(len(self._backlog))
-        if self._retrier is None or self._retrier.done():
+        if not self._flushing and (self._retrier is None or self._retrier.done()):
             self._retrier = asyncio.create_task(self._retry_forever(), name="metergate-settlement-backlog")
 
     async def _retry_forever(self) -> None:
@@ -99,24 +100,26 @@ class Settler:
             chunk = [self._backlog[i] for i in range(min(RETRY_CHUNK, len(self._backlog)))]
             results = await asyncio.gather(*(u.store.settle(u.hold_id, u.price, u.record) for u in chunk),
                                            return_exceptions=True)
-            down = False
+            kept: list[_Unsettled] = []  # still not taken: back at the head of the backlog, in order
             for unsettled, result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException) and _refused(result):
                     self._write_off(unsettled, result)
                 elif isinstance(result, BaseException):
-                    down = True
-                    continue
+                    kept.append(unsettled)
                 else:
                     log.info("%s: settled late (hold %s, charged %d)", unsettled.record.id, unsettled.hold_id,
                              result.charged)
-                self._backlog.remove(unsettled)
+            for _ in chunk:
+                self._backlog.popleft()
+            self._backlog.extendleft(reversed(kept))
             self.metrics.settlement_backlog.set(len(self._backlog))
-            if down:
+            if kept:
                 return False
         return True
 
     async def flush(self, deadline_s: float) -> None:
         """Shutting down: settle what the backlog holds for up to ``deadline_s``, then write off the rest."""
+        self._flushing = True
         if self._retrier is not None:
             self._retrier.cancel()
             await asyncio.gather(self._retrier, return_exceptions=True)
