@@ -217,7 +217,8 @@ def test_chart_ships_the_dashboard_for_grafanas_sidecar(chart: helm_python.Chart
 
 
 ALERTS = {"MetergateWalletStoreUnavailable", "MetergateLedgerBacklog", "MetergateHoldsExpiring",
-          "MetergateWriteOffs", "MetergateServerErrors", "MetergateUpstreamLatencyHigh"}
+          "MetergateWriteOffs", "MetergateServerErrors", "MetergateUpstreamLatencyHigh", "MetergateSettlementsUnbilled",
+          "MetergateSettlementBacklog"}
 
 
 def rules(chart: helm_python.Chart, **rule_values: Any) -> list[dict[str, Any]]:
