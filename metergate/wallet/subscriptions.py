@@ -110,17 +110,23 @@ class Subscriptions:
 
     async def subscribe(self, mode: Mode, subscription_id: str, *, customer_id: str, plan_id: str,
                         anchor_ms: int | None = None, at_ms: int | None = None) -> Subscription:
-        """Subscribe a customer (idempotent per id) and grant the current period at once."""
+        """Subscribe a customer (idempotent per id) and grant the current period at once. An anchor in the past
+        sets where periods start, not when the customer subscribed: the first period granted is the one
+        containing the subscription's creation, so an old anchor never makes one call grant (and one
+        transaction write) every period since it."""
         now = now_ms() if at_ms is None else at_ms
         anchor = now if anchor_ms is None else anchor_ms
 
         def op(conn: Connection) -> None:
             SqlWalletStore.require_customer(conn, mode, customer_id)
-            if _plan_row(conn, mode, plan_id) is None:
+            plan_row = _plan_row(conn, mode, plan_id)
+            if plan_row is None:
                 raise NotFound(f"No plan {plan_id!r} in this mode.", code="plan_not_found", param="plan_id")
+            plan = _plan(plan_row)
+            first = max(0, period_index(plan.period, plan.period_days, anchor, now))
             conn.execute(insert(t.subscriptions).values(
                 mode=mode, id=subscription_id, customer_id=customer_id, plan_id=plan_id, anchor_ms=anchor,
-                next_period=0, state="active", canceled_at_ms=None, created_at_ms=now))
+                next_period=first, state="active", canceled_at_ms=None, created_at_ms=now))
 
         try:
             await self._store.write(op)

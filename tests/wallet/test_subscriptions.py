@@ -55,6 +55,22 @@ async def entitlement_credits(store: SqlWalletStore) -> list[int]:
     return sorted(e.amount for e in await store.ledger(MODE, "acme", limit=200) if e.kind == "credit")
 
 
+async def test_an_old_anchor_grants_from_the_period_the_customer_subscribed_in(store: SqlWalletStore) -> None:
+    subs = Subscriptions(store)
+    await store.create_customer(MODE, "acme", "Acme")
+    await subs.create_plan(MODE, "daily", name="Daily", period="days", period_days=1,
+                           entitlements=(Entitlement("TOKENS", 100),))
+    now = ms(2026, 12, 8, 12)
+    sub = await subs.subscribe(MODE, "s1", customer_id="acme", plan_id="daily", anchor_ms=0, at_ms=now)
+    # periods still start at the anchor (midnight UTC, day 20,795 since 1970), but only today's is granted:
+    # not one grant for each of the 20,795 days before the customer subscribed
+    assert sub.next_period == period_index("days", 1, 0, now) + 1 == 20_796
+    assert await entitlement_credits(store) == [100]
+    assert await subs.tick(MODE, "s1", now_ms=ms(2026, 12, 9, 1)) == 1  # and the next day, the next one
+    assert await entitlement_credits(store) == [100, 100]
+    assert await store.audit() == []
+
+
 async def test_a_tick_grants_each_period_exactly_once(store: SqlWalletStore) -> None:
     subs = await setup(store)
     anchor = ms(2026, 1, 31)
