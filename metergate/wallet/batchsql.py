@@ -198,7 +198,7 @@ def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> tuple[l
 
 
 def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: bool) -> list[Any]:
-    state = en.BatchState()
+    state = en.BatchState(keys_read=keys)
     _add_holds(state, raw.execute(_SQ_HOLDS, (json.dumps(en.hold_ids(ops)),)).fetchall())
     for key in en.account_keys(ops, state.holds):
         row = raw.execute(_SQ_ACCOUNT, key).fetchone()
@@ -368,7 +368,7 @@ async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) 
     :class:`BatchConflict`, or the unique violation of a key written before, and then nothing was written);
     ``locked=True``: inside the caller's transaction, locking holds, then accounts, as it reads, and reading the
     keys."""
-    state = en.BatchState()
+    state = en.BatchState(keys_read=locked)
     allocs: list[Sequence[Any]] = []
     width = len(en.HOLD_COLUMNS)
     for r in await con.fetch(_read(_HOLDS_AND_ALLOCS, locked), en.hold_ids(ops)):

@@ -242,6 +242,11 @@ class BatchState:
     keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (mode, idempotency key) -> request hash
     entries: list[tuple[Any, ...]] = field(default_factory=list)  # ledger rows, in ENTRY_COLUMNS order
     usage: list[list[Any]] = field(default_factory=list)  # usage record rows, in USAGE_COLUMNS order
+    # Whether the ledger keys the batch's extensions and captures write were read (``keys``). When they were not,
+    # a refusal of one of them may be wrong: its key may say it is a replay of one applied before (say, an
+    # extension of a hold settled since), whose first result is its answer. Such an operation goes to the
+    # per-operation path, which reads its key first.
+    keys_read: bool = True
 
 
 ENTRY_COLUMNS = ("idempotency_key", "request_hash", "mode", "customer_id", "asset", "kind", "amount",
@@ -301,7 +306,7 @@ def decide(state: BatchState, ops: Sequence[EngineOp]) -> list[Any]:
         try:
             append(_DECIDE[type(op)](state, op))
         except (IdempotencyConflict, HoldNotFound, CaptureBelowCaptured, InsufficientFunds) as refused:
-            append(refused)
+            append(refused if state.keys_read or not isinstance(op, ExtendOp | CaptureOp) else CLASSIC)
     return outcomes
 
 

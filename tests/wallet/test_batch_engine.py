@@ -189,6 +189,22 @@ async def test_a_replayed_extension_among_new_ones_answers_without_growing_the_h
     assert await store.audit() == []
 
 
+
+async def test_an_extension_replayed_after_its_hold_settled_answers_its_first_result(store: SqlWalletStore) -> None:
+    """Decided without reading its key, the extension of a settled hold looks refused (no pending hold); its key
+    says it is a replay, so its answer is the first one (the Redis ledger sink replays exactly this)."""
+    await funded(store, 10_000)
+    await store.reserve(MODE, "acme", "USD", 100, hold_id="a", ttl_ms=60_000)
+    first = await store.extend_hold("a", 50, step=1, ttl_ms=60_000)
+    await store.settle("a", 120, usage("r-a", "a"))
+    again, (new, _) = await one_batch(store, [store.extend_hold("a", 50, step=1, ttl_ms=60_000),
+                                              store.reserve(MODE, "acme", "USD", 10, hold_id="b", ttl_ms=60_000)])
+    assert again.id == first.id == "a" and again.amount == first.amount == 150 and new.id == "b"
+    balance = await store.balance(MODE, "acme", "USD")
+    assert (balance.debits_posted, balance.debits_pending) == (120, 10)
+    assert await store.audit() == []
+
+
 @pytest.mark.postgres
 async def test_two_postgres_engines_racing_on_one_wallet_never_overspend(pg_url: str) -> None:
     await _reset_pg(pg_url)
