@@ -55,9 +55,6 @@ class Settler:
         self._retrier: asyncio.Task[None] | None = None
         self._flushing = False  # shutting down: flush() tries the backlog itself (one round at a time)
 
-    def __len__(self) -> int:
-        return len(self._backlog)
-
     def admit(self) -> None:
         """Refuse a new request while the backlog is full (raises 503 ``settlement_backlog``)."""
         if len(self._backlog) >= self.max_backlog:

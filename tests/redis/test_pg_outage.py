@@ -69,6 +69,16 @@ async def cluster(upstream: Upstream, throwaway_pg: tuple[str, list[str], list[s
     await c.stop()
 
 
+async def recovered(statuses: list[int], within_s: float) -> float | None:
+    """Seconds until the last 10 answers were all served again (polled every 0.5 s), or None past ``within_s``."""
+    restarted = time.monotonic()
+    while time.monotonic() - restarted < within_s:
+        await asyncio.sleep(0.5)
+        if len(statuses) >= 10 and statuses[-10:].count(200) == 10:
+            return time.monotonic() - restarted
+    return None
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -103,13 +113,7 @@ async def test_postgres_down_for_a_minute_loses_no_usage(cluster: Cluster,
             await asyncio.to_thread(subprocess.run, start, check=True, capture_output=True)
             # Recovery takes the sink's backoff (at most 5 s) plus draining the backlog below the bound; on a
             # loaded 2-core machine that has taken over 5 s, so wait for it, bounded, and say how long it took.
-            restarted = time.monotonic()
-            recovered_after: float | None = None
-            while time.monotonic() - restarted < RECOVERY_S:
-                await asyncio.sleep(0.5)
-                if len(statuses) >= 10 and statuses[-10:].count(200) == 10:
-                    recovered_after = time.monotonic() - restarted
-                    break
+            recovered_after = await recovered(statuses, RECOVERY_S)
             stop.set()
             await asyncio.gather(*workers)
         served = statuses.count(200)

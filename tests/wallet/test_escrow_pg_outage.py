@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Upstream
 from tests.redis.cluster import Cluster, keep_chatting
-from tests.redis.test_pg_outage import rss_kb, throwaway_pg  # noqa: F401  (fixture)
+from tests.redis.test_pg_outage import recovered, rss_kb, throwaway_pg  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = 60
@@ -79,13 +78,7 @@ async def test_postgres_down_for_a_minute_with_leases_loses_nothing(
         rss_end = [rss_kb(p.process.pid or 0) for p in cluster.proxies]
         during = statuses[before:]
         await asyncio.to_thread(subprocess.run, start, check=True, capture_output=True)
-        restarted = time.monotonic()
-        recovered_after: float | None = None
-        while time.monotonic() - restarted < RECOVERY_S:
-            await asyncio.sleep(0.5)
-            if len(statuses) >= 10 and statuses[-10:].count(200) == 10:
-                recovered_after = time.monotonic() - restarted
-                break
+        recovered_after = await recovered(statuses, RECOVERY_S)
         stop.set()
         await asyncio.gather(*workers)
     seen = Counter(during)

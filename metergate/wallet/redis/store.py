@@ -108,7 +108,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: exact integers up to here
 CREDIT_KEY_WINDOW_MS = 7 * 86_400_000  # a rebuilt projection remembers the credits of the last week
-_REDIS_DOWN = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError)
+REDIS_DOWN = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError)
 
 
 class WalletUnavailable(MetergateError):
@@ -323,7 +323,7 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
                 return await call
             async with self._gate:
                 return await call
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise WalletUnavailable("The real-time wallet is unreachable; nothing was charged. Retry shortly.",
                                     code="wallet_unavailable") from exc
 
@@ -794,4 +794,4 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
         return await self.sql.prune_rate_limit_windows(before_ms=before_ms)
 
 
-__all__ = ["KeySpace", "RedisWalletStore", "WalletRef", "WalletUnavailable", "connect"]
+__all__ = ["REDIS_DOWN", "KeySpace", "RedisWalletStore", "WalletRef", "WalletUnavailable", "connect"]

@@ -14,14 +14,11 @@ forgets the open windows' counts: at most one more window's allowance, never mon
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from metergate.wallet.redis import quota as redis_quota
-from metergate.wallet.redis.store import _REDIS_DOWN, KeySpace, WalletUnavailable, connect
+from metergate.wallet.redis.store import REDIS_DOWN, KeySpace, WalletUnavailable, connect
 from metergate.wallet.sql import SqlWalletStore
-
-log = logging.getLogger(__name__)
 
 
 class SqlWalletWithRedisWindows(redis_quota.WindowsInRedis, SqlWalletStore):
@@ -60,7 +57,7 @@ class SqlWalletWithRedisWindows(redis_quota.WindowsInRedis, SqlWalletStore):
     async def script_call(self, call: Any) -> Any:
         try:
             return await call
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise WalletUnavailable("The rate-limit store is unreachable; nothing was charged. Retry shortly.",
                                     code="wallet_unavailable") from exc
 
