@@ -27,7 +27,6 @@ from metergate.reports.dashboard import PATH, DashboardViews
 from metergate.reports.margin import GROUPINGS, Grouping, margin_report, report_csv, report_json, valuations_for
 from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import now_ms
-from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
 
 _DEFAULT_RANGE_MS = 30 * 86_400_000
@@ -40,8 +39,7 @@ class ReportsApi:
         self._store = store
         self._admin = admin
         self._configured = settings.assets
-        sql = sql_behind(store)
-        self._assets = AssetRegistry(sql, settings.assets) if sql is not None else None
+        self._assets = AssetRegistry(store.system_of_record, settings.assets)
         # One set of secrets for both signers, so that a per-process key (no portal_secrets) still lets the
         # link open a session; each signer derives its own key from it (metergate.portal.links).
         keys = {kid: s.get_secret_value() for kid, s in settings.portal_secrets.items()} or {

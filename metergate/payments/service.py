@@ -25,7 +25,6 @@ from metergate.payments.stripe_api import StripeApi
 from metergate.payments.topups import TopUps
 from metergate.payments.webhooks import StripeWebhooks
 from metergate.wallet.models import Balance, Mode
-from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
 from metergate.webhooks.admin import WebhooksAdminApi
 from metergate.webhooks.delivery import WebhookDelivery
@@ -36,10 +35,9 @@ log = logging.getLogger(__name__)
 
 class Payments:
     def __init__(self, settings: Settings, wallet: WalletStore) -> None:
-        """``wallet``: the SQL store, or the Redis real-time wallet over one (``.sql``); payment state lives in
-        the SQL database, credits go through ``wallet`` so that a real-time projection sees them at once."""
-        sql = sql_behind(wallet)
-        assert sql is not None, "payments keep their state in the SQL wallet database"
+        """Payment state lives in the wallet's system of record (the SQL database); credits go through
+        ``wallet`` so that an admission layer in front of it (the Redis wallet) sees them at once."""
+        sql = wallet.system_of_record
         self.settings = settings
         self.store = PaymentsStore(sql, money=wallet)
         self.stripe = StripeApi(settings, self.store)

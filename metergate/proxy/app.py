@@ -40,9 +40,8 @@ from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.errors import log_retrying
 from metergate.wallet.escrow import Escrow, EscrowPolicy
 from metergate.wallet.models import now_ms
-from metergate.wallet.sql import SqlWalletStore, sql_behind
+from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
-from metergate.wallet.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,10 @@ async def sweep_forever(store: WalletStore, interval_s: float, metrics: Metrics 
                     metrics.expired(expired)
         except Exception as exc:
             log_retrying(log, "hold sweep failed", exc)
-        if isinstance(store, SqlWalletStore):  # grant expiry and subscription periods (metergate/wallet/grants.py)
-            try:
-                await store.expire_grants(now_ms=now_ms())
-                await Subscriptions(store).tick_all(now_ms=now_ms())
-            except Exception as exc:
-                log_retrying(log, "grant sweep failed", exc)
+        try:  # grant expiry and subscription periods (metergate/wallet/grants.py)
+            await store.expire_entitlements(now_ms=now_ms())
+        except Exception as exc:
+            log_retrying(log, "grant sweep failed", exc)
         await asyncio.sleep(interval_s)
 
 
@@ -119,24 +116,22 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         log.warning("public_url is not set: portal links in 402 answers point at this sidecar, which serves "
                     "no portal; set it to the control plane's public address")
     # Price versions live in the SQL wallet database (the Redis wallet's own SQL store behind it, if any) —
-    # metergate/pricing; a store without one prices from the configuration only.
-    sql_store = sql_behind(store)
-    pricing_store = PricingStore(sql_store) if sql_store is not None else None
+    # metergate/pricing.
+    sql_store = store.system_of_record
+    pricing_store = PricingStore(sql_store)
     costs = ProviderCosts(settings.cost_overrides)
     prices = PricingService(settings, pricing_store, costs, assets=(
-        AssetRegistry(sql_store, settings.assets) if sql_store is not None else None))
+        AssetRegistry(sql_store, settings.assets)))
     metrics = Metrics()
     pipeline = Pipeline(settings, store, Identifier(settings, store), prices, costs, signer, metrics)
     escrow = _escrow(settings, sql_store) if proxy and sql_store is store else None
     if escrow is not None:
         pipeline.holds = escrow
-    budget_alerts = None
-    if sql_store is not None:  # threshold alerts claim in SQL and notify through the webhook outbox
-        from metergate.budgets.alerts import BudgetAlerts
+    from metergate.budgets.alerts import BudgetAlerts  # threshold alerts claim in SQL, notify via the outbox
 
-        budget_alerts = BudgetAlerts(sql_store, deliver=bool(settings.notify_url))
-        if proxy:
-            pipeline.on_budget_settled = budget_alerts.touch
+    budget_alerts = BudgetAlerts(sql_store, deliver=bool(settings.notify_url))
+    if proxy:
+        pipeline.on_budget_settled = budget_alerts.touch
     app = web.Application(middlewares=[error_middleware, observe_middleware(metrics)],
                           client_max_size=settings.max_body_bytes)
     app[STORE] = store
@@ -156,16 +151,14 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             await pipeline.start()
             if escrow is not None:
                 await escrow.start()
-            if budget_alerts is not None:
-                await budget_alerts.start(settings.budget_alert_interval_s)
+            await budget_alerts.start(settings.budget_alert_interval_s)
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-        if budget_alerts is not None:
-            await budget_alerts.stop()
+        await budget_alerts.stop()
         await pipeline.stop()
         if escrow is not None:
             await escrow.close()  # every request has settled: the leases go back to their wallets
@@ -227,35 +220,33 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
 
         # Budget nodes, limits, key attachments and alert rules (metergate/budgets).
         app.add_routes(BudgetsApi(settings, store, admin, pipeline.budgets, budget_alerts).routes())
-        if isinstance(store, SqlWalletStore):  # assets, grants, plans, subscriptions; holds for any workload
+        if sql_store is store:  # assets, grants, plans, subscriptions; holds for any workload
             app.add_routes(WalletsApi(settings, store, admin).routes())
             app.add_routes(HoldsApi(settings, store, admin).routes())
             app.add_routes(ListingsApi(store, admin).routes())  # API keys of a customer, open holds
-        if pricing_store is not None:  # price versions, quotes, the simulator, usage events
-            event_caps = SpendCapGuard(PaymentsStore(pricing_store.wallet), cache_ttl_s=settings.key_cache_ttl_s)
-            app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
+        # Price versions, quotes, the simulator, usage events.
+        event_caps = SpendCapGuard(PaymentsStore(pricing_store.wallet), cache_ttl_s=settings.key_cache_ttl_s)
+        app.add_routes(PricingApi(settings, prices, pricing_store, store, admin, spend_caps=event_caps).routes())
         portal = PortalViews(settings, store, signer)
         app.add_routes(portal.routes())
         from metergate.budgets.portal import BudgetPortal
 
         # The budget tree and the alerts that fired, with the same signed link.
         app.add_routes(BudgetPortal(store, signer, {a.code: a.scale for a in settings.assets}).routes())
-        if sql_store is not None:  # payments keep their state in the SQL wallet database
-            app[PAYMENTS] = payments = Payments(settings, store)
-            app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin
-            selfserve = SelfServe(settings, payments, signer)  # the portal's top-up, settings and history
-            app.add_routes(selfserve.routes())
-            portal.page_override = selfserve.page
-            app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
-            pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
-            # Billing modes, meter events, exports; a credit line changed in SQL reloads a Redis projection.
-            reload = getattr(store, "refresh_overdraft", None)
-            app[BILLING] = billing = Billing(settings, payments, on_limit_changed=reload)
-            app.add_routes(billing.routes(admin))
-            app.cleanup_ctx.append(billing.lifecycle)  # opens after payments, closes before them
-    if proxy and sql_store is not None:
-        pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
+        # Payments keep their state in the SQL wallet database.
+        app[PAYMENTS] = payments = Payments(settings, store)
+        app.add_routes(payments.routes(admin))  # Stripe webhooks, payments admin
+        selfserve = SelfServe(settings, payments, signer)  # the portal's top-up, settings and history
+        app.add_routes(selfserve.routes())
+        portal.page_override = selfserve.page
+        app.cleanup_ctx.append(payments.lifecycle)  # opens after the store, closes before it
+        pipeline.on_settled = payments.after_settlement  # auto top-up as soon as a settlement dips
+        # Billing modes, meter events, exports; a credit line changed in SQL reloads a Redis projection.
+        app[BILLING] = billing = Billing(settings, payments, on_limit_changed=store.refresh_overdraft)
+        app.add_routes(billing.routes(admin))
+        app.cleanup_ctx.append(billing.lifecycle)  # opens after payments, closes before them
     if proxy:
+        pipeline.spend_caps = SpendCapGuard(PaymentsStore(sql_store), cache_ttl_s=settings.key_cache_ttl_s)
         cors.install(app, settings, pipeline.routes)  # browser clients of the proxy routes, when configured
         from metergate.budgets.selfserve import SelfService
 

@@ -45,7 +45,6 @@ from metergate.reports.margin import (
 )
 from metergate.wallet.assets import AssetRegistry
 from metergate.wallet.models import Mode, UsageGrouping, now_ms
-from metergate.wallet.sql import sql_behind
 from metergate.wallet.store import WalletStore
 
 PATH = "/admin/dashboard"
@@ -168,10 +167,10 @@ class DashboardViews:
         self._links = links
         self._sessions = sessions
         self._configured = settings.assets
-        sql = sql_behind(store)
-        self._assets = AssetRegistry(sql, settings.assets) if sql is not None else None
+        sql = store.system_of_record
+        self._assets = AssetRegistry(sql, settings.assets)
         self._pricing_asset = settings.pricing.asset
-        self._used = UsedLinks(sql) if sql is not None else None
+        self._used = UsedLinks(sql)
         self._https = settings.public_url.lower().startswith("https://")
 
     def routes(self) -> list[web.RouteDef]:

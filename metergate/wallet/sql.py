@@ -90,6 +90,20 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
 
     # ------------------------------------------------------------------ customers and keys
 
+    @property
+    def system_of_record(self) -> SqlWalletStore:
+        """Itself: this store admits in the database that is its ledger."""
+        return self
+
+    async def expire_entitlements(self, *, now_ms: int) -> None:
+        from metergate.wallet.subscriptions import Subscriptions  # it builds on this store
+
+        await self.expire_grants(now_ms=now_ms)
+        await Subscriptions(self).tick_all(now_ms=now_ms)
+
+    async def refresh_overdraft(self, mode: Mode, customer_id: str, asset: str) -> None:
+        """Nothing to do: reserves read the credit line from the row billing changed."""
+
     async def create_customer(self, mode: Mode, customer_id: str, name: str) -> Customer:
         customer = Customer(mode=mode, id=customer_id, name=name, created_at_ms=now_ms())
         try:
@@ -491,14 +505,3 @@ def _usage(row: Row[Any]) -> UsageRecord:
 
 
 __all__ = ["SqlWalletStore"]
-
-
-def sql_behind(store: object) -> SqlWalletStore | None:
-    """The SQL database behind a wallet store: the store itself, or the ledger under a real-time wallet
-    (``.sql``, the Redis store); ``None`` when there is none. For the subsystems that keep their own tables
-    beside the wallet's (payments, billing, pricing, reports)."""
-    if isinstance(store, SqlWalletStore):
-        return store
-    inner = getattr(store, "sql", None)
-    return inner if isinstance(inner, SqlWalletStore) else None
-

@@ -35,6 +35,7 @@ from metergate.wallet.quota import QuotaClaim, QuotaGrant
 if TYPE_CHECKING:
     from metergate.budgets.claims import BudgetClaim, BudgetDenial, BudgetGrant
     from metergate.budgets.model import FiredAlert, Limit, Node, Tree
+    from metergate.wallet.sql import SqlWalletStore
 
 
 class WalletStore(Protocol):
@@ -45,6 +46,22 @@ class WalletStore(Protocol):
 
     async def ping(self) -> None:
         """Raise if the backing storage cannot be reached."""
+
+    @property
+    def system_of_record(self) -> SqlWalletStore:
+        """The SQL store that is this wallet's ledger: the store itself when it admits in SQL (SQLite,
+        PostgreSQL, PostgreSQL with Redis rate-limit windows), or the one under a wallet that admits elsewhere
+        (the Redis wallet). Payments, billing, pricing and reports keep their tables beside the wallet's in it,
+        and the wallet administration (assets, grants, plans, subscriptions, the hold API) is served only by a
+        store that is its own system of record, since it changes balances the admission layer must see."""
+
+    async def expire_entitlements(self, *, now_ms: int) -> None:
+        """The sweep's other half beside :meth:`expire_holds`: grants past their expiry, subscription periods
+        that are due. Idempotent, so many replicas may run it at once."""
+
+    async def refresh_overdraft(self, mode: Mode, customer_id: str, asset: str) -> None:
+        """Billing changed a credit line in the system of record: make admission see it (a no-op where the
+        system of record admits)."""
 
     # Customers and keys.
     async def create_customer(self, mode: Mode, customer_id: str, name: str) -> Customer: ...

@@ -404,6 +404,15 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
                      w.mode, w.customer_id, w.asset, len(holds))
         return True
 
+    @property
+    def system_of_record(self) -> SqlWalletStore:
+        return self.sql
+
+    async def expire_entitlements(self, *, now_ms: int) -> None:
+        """The SQL ledger's grants and subscriptions (wallet administration is not served over this store, so
+        there are normally none; their sweep is the SQL store's)."""
+        await self.sql.expire_entitlements(now_ms=now_ms)
+
     async def refresh_overdraft(self, mode: Mode, customer_id: str, asset: str) -> None:
         """After billing changed a credit line in SQL: set the projection's overdraft limit to the ledger's.
         The limit is absolute, so this applies at once even under traffic (unlike :meth:`reload`); two
