@@ -95,7 +95,7 @@ async def start(n: int, workdir: Path, upstream: str, database_url: str, prefix:
                                "routes": [{"prefix": "/openai", "upstream": upstream, "api_key": "sk-" + "u" * 24}],
                                "pricing": PRICING, "portal_secrets": {"k1": "s" * 40}}
         if prefix is not None:
-            cfg |= {"redis_url": REDIS, "redis_key_prefix": prefix, "redis_shards": SHARDS}
+            cfg |= {"redis_url": REDIS, "redis_key_prefix": prefix, "redis_shards": SHARDS, "redis_wallet": True}
         if windows:
             cfg |= {"redis_wallet": False, "rate_limits": LIMITS}
         if not escrow:

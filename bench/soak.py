@@ -85,7 +85,7 @@ async def start(top: Topology, n: int, upstream: str) -> None:
                                "routes": [{"prefix": "/openai", "upstream": upstream, "api_key": "sk-" + "u" * 24}],
                                "pricing": PRICING, "portal_secrets": {"k1": "s" * 40}}
         if top.prefix is not None:
-            cfg |= {"redis_url": REDIS, "redis_key_prefix": top.prefix, "redis_shards": SHARDS}
+            cfg |= {"redis_url": REDIS, "redis_key_prefix": top.prefix, "redis_shards": SHARDS, "redis_wallet": True}
         config = top.workdir / f"{top.name}-{i}.yaml"
         config.write_text(yaml.safe_dump(cfg))
         log = (top.workdir / f"{top.name}-{i}.log").open("wb")

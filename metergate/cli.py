@@ -92,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     # Not web.run_app: metergate's runner also answers requests aiohttp cannot parse in the JSON envelope.
     # The shutdown timeout is what handlers get after the drain (drain_deadline_s, in the app's on_shutdown):
     # requests that never reached a hold — admin calls, bodies still arriving — not streams.
-    run_app(build_app(settings), host=settings.host, port=settings.port, backlog=settings.listen_backlog,
-            shutdown_timeout=_HANDLER_GRACE_S, event_loop=settings.event_loop)
+    from metergate.wallet.errors import StoreInUse
+
+    try:
+        run_app(build_app(settings), host=settings.host, port=settings.port, backlog=settings.listen_backlog,
+                shutdown_timeout=_HANDLER_GRACE_S, event_loop=settings.event_loop)
+    except StoreInUse as exc:  # another topology's wallet runs on the same store: starting would overspend
+        print(f"metergate: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("metergate").info("metergate stopped")
     return 0
 

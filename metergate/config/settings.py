@@ -294,9 +294,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="redis://host:6379/0, redis+cluster://host:port or "
                                                     "redis+sentinel://host:port/service: holds and balances live "
                                                     "in Redis, the SQL database stays the ledger. Unset: SQL only.")
-    redis_wallet: bool = Field(True, description="With redis_url: true, holds and balances live in Redis (Lua "
-                               "scripts) over the SQL ledger; false, wallets stay in the SQL store, hot ones "
-                               "served from escrow leases, and Redis keeps only the rate-limit windows.")
+    redis_wallet: bool = Field(False, description="With redis_url: false (the default), wallets stay in the SQL "
+                               "store, hot ones served from escrow leases, and Redis keeps only the rate-limit "
+                               "windows; true, holds and balances live in Redis (Lua scripts) over the SQL ledger "
+                               "(the Redis wallet: no grants, plans, subscriptions or hold API).")
     redis_key_prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
                                   description="Prefix of every Redis key (several deployments on one Redis).")
     redis_shards: int = Field(16, ge=1, le=4096, description="Event streams (hash slots) wallets spread over; "

@@ -72,3 +72,8 @@ class CaptureBelowCaptured(Conflict):
 class GrantNotFound(NotFound):
     def __init__(self, grant_id: str) -> None:
         super().__init__(f"No grant {grant_id!r} in this mode.", code="grant_not_found")
+
+
+class StoreInUse(Exception):
+    """The shared store is in use by another wallet topology: opening this one would admit against balances
+    that the other is still spending. Raised by a store's ``open()``; ``metergate serve`` prints it and exits 2."""

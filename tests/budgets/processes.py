@@ -69,7 +69,7 @@ class Replicas:
     async def check_store(self) -> AsyncIterator[WalletStore]:
         """A store on the same database (and Redis) that drains nothing itself, once the ledger has drained."""
         sql = SqlWalletStore(self.database_url)
-        if not self.redis.get("redis_wallet", bool(self.redis)):  # SQL alone, or the wallets in SQL anyway
+        if not self.redis.get("redis_wallet", False):  # SQL alone, or the wallets in SQL anyway
             await sql.open()
             try:
                 yield sql

@@ -316,8 +316,8 @@ def test_service_monitor_scrapes_metrics_of_both_services(chart: helm_python.Cha
         prometheus_operator.validate(monitor)
 
 
-def test_the_redis_wallet_can_be_left_out_and_only_the_windows_kept_in_redis(chart: helm_python.Chart) -> None:
-    for wallet, expected in ((None, None), (True, None), (False, False)):
+def test_redis_keeps_only_the_windows_unless_the_redis_wallet_is_asked_for(chart: helm_python.Chart) -> None:
+    for wallet, expected in ((None, None), (True, True), (False, None)):
         values: dict[str, Any] = {"redis": {"url": "redis://redis:6379/0",
                                             **({} if wallet is None else {"wallet": wallet})}}
         config = find(render(chart, values), "ConfigMap", "-config")["data"]

@@ -45,7 +45,7 @@ class Cluster:
     async def start_one(self, i: int) -> Proxy:
         port = free_port()
         config = self.workdir / f"metergate-{i}-{port}.yaml"
-        redis = {"redis_url": self.redis_url, "redis_key_prefix": self.prefix,
+        redis = {"redis_url": self.redis_url, "redis_key_prefix": self.prefix, "redis_wallet": True,
                  "redis_shards": SHARDS} if self.redis_url else {}
         config.write_text(yaml.safe_dump({
             "port": port, "database_url": self.database_url, **redis, "drain_deadline_s": 1,

@@ -27,7 +27,8 @@ async def redis_billgate(upstream: Upstream, tmp_path: Path, redis_url: str,
                          prefix: str) -> AsyncIterator[tuple[BillGate, FakeStripe]]:
     async with running_fake_stripe() as fake:
         bg = await start_billgate(upstream, f"sqlite:///{tmp_path / 'ledger.db'}", fake,
-                                  settings={"redis_url": redis_url, "redis_key_prefix": prefix, "redis_shards": 2})
+                                  settings={"redis_url": redis_url, "redis_key_prefix": prefix, "redis_shards": 2,
+                                            "redis_wallet": True})
         yield bg, fake
         await bg.stop()
 

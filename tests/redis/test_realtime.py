@@ -21,7 +21,7 @@ async def test_session_on_the_redis_wallet_is_billed_exactly_and_cut_off(mock: U
                                                                          redis_url: str, prefix: str) -> None:
     gw, runner = await start_gateway(
         mock, f"sqlite:///{tmp_path / 'redis-realtime.db'}", pricing=PRICING, redis_url=redis_url,
-        redis_key_prefix=prefix, realtime=SMALL_HOLDS,
+        redis_wallet=True, redis_key_prefix=prefix, realtime=SMALL_HOLDS,
         routes=[{"prefix": "/openai", "upstream": mock.url, "api_key": PROVIDER_KEY, "realtime": True}])
     try:
         await gw.customer("acme", funds=25_000)

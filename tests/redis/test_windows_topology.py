@@ -12,16 +12,24 @@ ledger audits clean.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
+from metergate.wallet.errors import StoreInUse
+from metergate.wallet.redis.batching import BatchingSqlWalletStore
+from metergate.wallet.redis.store import RedisWalletStore
+from metergate.wallet.redis.windows import SqlWalletWithRedisWindows
 from metergate.wallet.sql import SqlWalletStore
-from tests.conftest import ADMIN_KEY, Upstream, _reset_pg
-from tests.redis.cluster import Cluster, chat
+from tests.conftest import ADMIN_KEY, DEFAULT_PRICING, Upstream, _reset_pg, free_port
+from tests.redis.cluster import Cluster, chat, wait_drained
 from tests.redis.conftest import RedisServer
 
 pytestmark = pytest.mark.postgres
@@ -110,3 +118,53 @@ async def test_every_wallet_feature_with_rate_limits_in_redis(cluster: Cluster, 
         assert await store.audit() == []
     finally:
         await store.close()
+
+
+async def test_wallets_in_sql_refuse_to_start_beside_a_live_redis_wallet(pg_url: str, redis_url: str,
+                                                                         prefix: str, tmp_path: Path) -> None:
+    """Both on one prefix would admit against two balances: the SQL-wallet store refuses to open while the Redis
+    wallet's sink holds a shard or its streams hold events, and `serve` says so in one line and exits 2; once
+    that wallet has stopped, drained and its leases lapsed, it opens."""
+    await _reset_pg(pg_url)
+    wallet = RedisWalletStore(BatchingSqlWalletStore(pg_url), redis_url, prefix=prefix, shards=2, run_sink=False)
+    await wallet.open()
+    await wallet.create_customer("test", "acme", "Acme")
+    await wallet.credit("test", "acme", "USD", 5_000, idempotency_key="seed")
+    await wallet.reserve("test", "acme", "USD", 1_000, hold_id="h-1", ttl_ms=60_000)  # an event not yet in SQL
+    windows = SqlWalletWithRedisWindows(pg_url, redis_url, prefix=prefix, shards=2)
+    with pytest.raises(StoreInUse, match="1 ledger events not yet written to SQL"):
+        await windows.open()
+    await windows.close()
+
+    config = tmp_path / "metergate.yaml"
+    config.write_text(yaml.safe_dump({"database_url": pg_url, "redis_url": redis_url, "redis_key_prefix": prefix,
+                                      "redis_shards": 2, "port": free_port(), "pricing": DEFAULT_PRICING}))
+    served = await asyncio.create_subprocess_exec(sys.executable, "-m", "metergate", "serve", "--config",
+                                                  str(config), stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(served.communicate(), 60)
+    assert served.returncode == 2, err
+    assert "metergate: Redis key prefix" in err.decode() and "Traceback" not in err.decode()
+
+    await wallet.close()
+    drained = RedisWalletStore(BatchingSqlWalletStore(pg_url), redis_url, prefix=prefix, shards=2)
+    await drained.open()  # its sink moves the event to SQL and holds the shards' leases while it runs
+    await wait_drained(drained)
+    with pytest.raises(StoreInUse, match="a ledger sink alive"):
+        await windows.open()
+    await windows.close()
+    await drained.close()
+    deadline = time.monotonic() + 15  # the sink's leases lapse (5 s)
+    while True:
+        try:
+            await windows.open()
+            break
+        except StoreInUse:
+            await windows.close()
+            assert time.monotonic() < deadline, "the Redis wallet's leases never lapsed"
+            await asyncio.sleep(0.5)
+    try:
+        hold = await windows.get_hold("h-1")
+        assert hold is not None and hold.amount == 1_000  # the drained hold is in SQL, as its wallet left it
+        assert await windows.audit() == []
+    finally:
+        await windows.close()

@@ -60,8 +60,8 @@ public_url: {{ . | quote }}
 {{- if not .Values.database.existingSecret.name }}
 database_url: {{ .Values.database.url | default "sqlite:////var/lib/metergate/metergate.db" | quote }}
 {{- end }}
-{{- if eq (toString .Values.redis.wallet) "false" }}
-redis_wallet: false
+{{- if eq (toString .Values.redis.wallet) "true" }}
+redis_wallet: true
 {{- end }}
 pricing:
   {{- toYaml .Values.pricing | nindent 2 }}

@@ -7,6 +7,11 @@ rate-limit windows: short-lived counters that Redis keeps better than SQL rows. 
 in every respect but those windows, which it claims and gives back with the Redis wallet's own scripts
 (:mod:`metergate.wallet.redis.quota`: one script per chunk of requests, keys that expire by themselves).
 
+Switching from the Redis wallet (``redis_wallet: true``) on the same Redis and prefix is refused while that wallet
+is alive or undrained (:meth:`SqlWalletWithRedisWindows.refuse_a_live_redis_wallet`): its replicas would admit
+against Redis balances while this store admits against SQL ones (overspend), and events still in its streams
+would be missing from the ledger this store reads.
+
 Failure policy: Redis unreachable makes a claim a 503 ``wallet_unavailable`` (rate limits fail closed, as the
 Redis wallet does), and ``/readyz`` follows Redis as well as the database. A flushed or restarted Redis
 forgets the open windows' counts: at most one more window's allowance, never money (the wallet is in SQL).
@@ -14,8 +19,10 @@ forgets the open windows' counts: at most one more window's allowance, never mon
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from metergate.wallet.errors import StoreInUse
 from metergate.wallet.redis import quota as redis_quota
 from metergate.wallet.redis.store import REDIS_DOWN, KeySpace, WalletUnavailable, connect
 from metergate.wallet.sql import SqlWalletStore
@@ -42,6 +49,25 @@ class SqlWalletWithRedisWindows(redis_quota.WindowsInRedis, SqlWalletStore):
             self._client = connect(self.redis_url)
         self._scripts["RL_CLAIM"] = self._client.register_script(redis_quota.CLAIM)
         self._scripts["RL_RELEASE"] = self._client.register_script(redis_quota.RELEASE)
+        await self.refuse_a_live_redis_wallet()
+
+    async def refuse_a_live_redis_wallet(self) -> None:
+        """Raise :class:`StoreInUse` while the Redis wallet runs on this key space (a ledger sink holds a shard's
+        lease) or has events its sink has not yet written to SQL (a shard's stream is not empty). One read of
+        each shard's two keys at start-up; the Redis wallet never runs beside this store afterwards, since its
+        replicas would meet the same check only if they were this store."""
+        shards = range(self.keys.shards)
+        lengths, leases = await asyncio.gather(
+            asyncio.gather(*(self.script_call(self.redis.xlen(self.keys.stream(s))) for s in shards)),
+            asyncio.gather(*(self.script_call(self.redis.exists(self.keys.lease(s))) for s in shards)))
+        pending, sinks = sum(int(n) for n in lengths), sum(int(n) for n in leases)
+        if pending or sinks:
+            raise StoreInUse(
+                f"Redis key prefix {self.keys.prefix!r} is in use by the Redis wallet (redis_wallet: true): "
+                f"{pending} ledger events not yet written to SQL, a ledger sink alive on {sinks} shard(s). "
+                "Wallets in SQL beside it would admit against balances it is still spending. Keep "
+                "redis_wallet: true, or stop every replica, run one with redis_wallet: true until this store "
+                "reports no events left (its sink drains them), stop it, wait 5 s (its lease) and start again.")
 
     async def close(self) -> None:
         client, self._client = self._client, None
