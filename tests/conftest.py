@@ -3,7 +3,9 @@
 * ``pg_url``: a fresh PostgreSQL database on the shared server (127.0.0.1:5432), created for this
   test session and dropped afterwards. Without a server the PostgreSQL tests are skipped with a reason
   — except under ``CI=true``, where a missing service is a failure.
-* ``store_url``: each wallet test runs on SQLite (a temp file) and on PostgreSQL.
+* ``store_url``: a test of the SQL store runs on SQLite (a temp file) and on PostgreSQL.
+* ``store``: the wallet contract, in each topology (``tests/topologies.py``): SQLite, PostgreSQL with two
+  replicas, PostgreSQL with its rate-limit windows in Redis, two replicas.
 * ``upstream``: the OpenAI-compatible mock upstream (real wire format) on a loopback port.
 * ``gateway``: metergate itself, built by ``build_app`` and served on a loopback port, in front of it.
 """
@@ -24,15 +26,17 @@ import asyncpg
 import httpx2 as httpx
 import openai
 import pytest
+import redis
 from aiohttp import web
 
 from metergate.config.settings import Settings, load_settings
 from metergate.demo.mock_upstream import REQUESTS, build_mock_upstream
 from metergate.http import JsonErrorAppRunner
 from metergate.proxy.app import STORE, build_app
-from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
+from tests.topologies import TOPOLOGIES, database_url, make_store, opened, redis_for
 
+REDIS_URL = os.environ.get("METERGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("METERGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ADMIN_KEY = "mg_test_" + "k" * 24
@@ -97,14 +101,51 @@ async def _reset_pg(url: str) -> None:
     await engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis; without one, Redis tests are skipped with a reason, except under ``CI=true``."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis is required in CI but unreachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL} ({exc}); Redis tests skipped")
+    return REDIS_URL
+
+
+def drop_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    finally:
+        client.close()
+
+
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[WalletStore]:
-    if store_url.startswith("postgresql"):
-        await _reset_pg(store_url)
-    s = SqlWalletStore(store_url)
-    await s.open()
-    yield s
-    await s.close()
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis, deleted afterwards."""
+    name = f"mgtest-{uuid.uuid4().hex[:10]}"
+    yield name
+    drop_prefix(redis_url, name)
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> str:
+    """Where the wallet lives (tests/topologies.py): embedded SQLite, PostgreSQL with two replicas, PostgreSQL
+    with its rate-limit windows in Redis, two replicas."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def store(request: pytest.FixtureRequest, topology: str, tmp_path: Path) -> AsyncIterator[WalletStore]:
+    """The wallet contract's store, in each topology; a PostgreSQL one starts from an empty schema."""
+    url = database_url(request, topology, tmp_path)
+    if url.startswith("postgresql"):
+        await _reset_pg(url)
+    async with opened(make_store(topology, url, redis_for(request, topology))) as s:
+        yield s
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Payment state keeps its invariants on both backends (SQLite and PostgreSQL): one auto top-up in flight
-per wallet under concurrency, a daily cap, outcomes that never regress, and a Stripe-keyed credit applied once.
+"""Payment state keeps its invariants in every topology (SQLite, PostgreSQL and PostgreSQL with Redis, two
+replicas each): one auto top-up in flight per wallet under concurrency, a daily cap, outcomes that never
+regress, and a Stripe-keyed credit applied once.
 
-Method: the wallet fixture ``store`` (each backend), the payment tables created on it, and concurrent calls
-through ``asyncio.gather``; the ledger audit is checked afterwards.
+Method: the wallet fixture ``store`` (each topology, calls alternating between replicas), the payment tables
+created on it, and concurrent calls through ``asyncio.gather``; the ledger audit is checked afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from metergate.payments.store import PaymentsStore
 from metergate.wallet.sql import SqlWalletStore
@@ -15,8 +17,7 @@ from metergate.wallet.store import WalletStore
 
 
 async def _payments(store: WalletStore) -> PaymentsStore:
-    assert isinstance(store, SqlWalletStore)
-    payments = PaymentsStore(store)
+    payments = PaymentsStore(cast(SqlWalletStore, store))  # or Replicas of them (tests/topologies.py)
     await payments.open()
     await store.create_customer("test", "acme", "Acme")
     return payments

@@ -5,11 +5,9 @@ restart it. Without a reachable Redis these tests are skipped with a reason, exc
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,38 +19,9 @@ import redis.asyncio as aioredis
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
-from tests.conftest import IN_CI, _reset_pg, free_port
+from tests.conftest import IN_CI, REDIS_URL, _reset_pg, drop_prefix, free_port, prefix, redis_url
 
-REDIS_URL = os.environ.get("METERGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis is required in CI but unreachable at {REDIS_URL}: {exc}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL} ({exc}); Redis tests skipped")
-    return REDIS_URL
-
-
-def _drop_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i:i + 500])
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis, deleted afterwards."""
-    name = f"mgtest-{uuid.uuid4().hex[:10]}"
-    yield name
-    _drop_prefix(redis_url, name)
+__all__ = ["REDIS_URL", "drop_prefix", "prefix", "redis_url"]  # the shared Redis's fixtures, from tests/conftest.py
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Stateful property test of the wallet: grants, holds, extensions, partial and final captures, voids, hold and
 grant expiry, and subscription period ticks, in any order Hypothesis finds.
 
-Method: a ``RuleBasedStateMachine`` drives a real ``SqlWalletStore`` (SQLite, and PostgreSQL when it runs)
+Method: a ``RuleBasedStateMachine`` drives a real store in each topology (``tests/topologies.py``: SQLite,
+PostgreSQL with two replicas, PostgreSQL with Redis windows, two replicas, calls alternating between them)
 through its public methods with an explicit clock, which only the rules move forward. After every step it
 asserts: the ledger re-derives every balance and every grant (``audit()`` is empty); debits posted plus
 pending never exceed credits (no overdraft is configured, so nothing may overspend); and each hold is
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from metergate.wallet.models import Entitlement
 from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.subscriptions import Subscriptions
 from tests.conftest import _reset_pg
+from tests.topologies import database_url, make_store, redis_for
 
 T = TypeVar("T")
 MODE = "test"
@@ -44,7 +46,7 @@ MIN = 60_000
 DAY = 86_400_000
 
 
-def make_machine(url: str) -> type[RuleBasedStateMachine]:
+def make_machine(new_store: Callable[[], SqlWalletStore]) -> type[RuleBasedStateMachine]:
     class WalletMachine(RuleBasedStateMachine):
         holds = Bundle("holds")
         resolved = Bundle("resolved")
@@ -53,7 +55,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         def __init__(self) -> None:
             super().__init__()
             self.loop = asyncio.new_event_loop()
-            self.store = SqlWalletStore(url)
+            self.store = new_store()
             self.run(self.store.open())
             self.subs = Subscriptions(self.store)
             self.customer = "c-" + uuid.uuid4().hex[:12]  # PostgreSQL examples share one database
@@ -199,15 +201,11 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
     return WalletMachine
 
 
-@pytest.fixture
-def machine_url(store_url: str, tmp_path: Path) -> str:
-    if store_url.startswith("postgresql"):
-        asyncio.run(_reset_pg(store_url))
-    return store_url
-
-
-def test_wallet_state_machine(machine_url: str) -> None:
-    examples = 40 if machine_url.startswith("sqlite") else 20
-    run_state_machine_as_test(make_machine(machine_url), settings=settings(
-        max_examples=examples, stateful_step_count=40, deadline=None,
+def test_wallet_state_machine(request: pytest.FixtureRequest, topology: str, tmp_path: Path) -> None:
+    url = database_url(request, topology, tmp_path)
+    if url.startswith("postgresql"):
+        asyncio.run(_reset_pg(url))
+    redis = redis_for(request, topology)
+    run_state_machine_as_test(make_machine(lambda: make_store(topology, url, redis)), settings=settings(
+        max_examples=40 if topology == "sqlite" else 15, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
