@@ -16,13 +16,14 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx as sdk_httpx  # the openai SDK's own HTTP client library
 import httpx2 as httpx
 import openai
 import pytest
@@ -34,7 +35,7 @@ from metergate.demo.mock_upstream import REQUESTS, build_mock_upstream
 from metergate.http import JsonErrorAppRunner
 from metergate.proxy.app import STORE, build_app
 from metergate.wallet.store import WalletStore
-from tests.topologies import TOPOLOGIES, database_url, make_store, opened, redis_for
+from tests.topologies import TOPOLOGIES, database_url, make_store, opened, redis_for, round_robin
 
 REDIS_URL = os.environ.get("METERGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("METERGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -184,12 +185,16 @@ DEFAULT_PRICING = {"asset": "USD", "models": {
 
 @dataclass
 class Gateway:
+    """metergate in this process, or several replicas of it on one database (:func:`start_replicas`): then
+    ``url`` is the first's and every client made here spreads its requests over all of them in turn."""
+
     url: str
     settings: Settings
     app: web.Application
     upstream: Upstream
     admin: httpx.AsyncClient
     clients: list[openai.AsyncOpenAI]
+    ports: list[int] = field(default_factory=list)  # of every replica, with more than one
 
     @property
     def store(self) -> WalletStore:
@@ -198,10 +203,18 @@ class Gateway:
     def openai(self, customer: str = "acme", *, mode: str = "test", **kwargs: Any) -> openai.AsyncOpenAI:
         """An official SDK client identified by the trusted customer header (the sidecar case)."""
         headers = {"X-Metergate-Customer": customer, "X-Metergate-Mode": mode, **kwargs.pop("headers", {})}
+        if len(self.ports) > 1 and "http_client" not in kwargs:
+            kwargs["http_client"] = sdk_httpx.AsyncClient(transport=round_robin(sdk_httpx, self.ports))
         client = openai.AsyncOpenAI(base_url=f"{self.url}/openai/v1", api_key="sk-app-does-not-hold-the-key",
                                     default_headers=headers, max_retries=0, **kwargs)
         self.clients.append(client)
         return client
+
+    def http(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client of the gateway (all its replicas in turn)."""
+        if len(self.ports) > 1:
+            kwargs["transport"] = round_robin(httpx, self.ports)
+        return httpx.AsyncClient(**kwargs)
 
     async def close(self) -> None:
         for client in self.clients:
@@ -210,7 +223,7 @@ class Gateway:
 
     async def customer(self, customer_id: str = "acme", funds: int = 1_000_000, *, mode: str = "test") -> None:
         """Create a customer and credit ``funds`` (smallest unit) through the admin API."""
-        admin = self.admin if mode == "test" else httpx.AsyncClient(
+        admin = self.admin if mode == "test" else self.http(
             base_url=self.admin.base_url, headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"})
         r = await admin.post("/customers", json={"id": customer_id, "name": customer_id.title()})
         assert r.status_code == 201, r.text
@@ -250,6 +263,63 @@ async def start_gateway(upstream: Upstream, database_url: str, *, store: WalletS
     admin = httpx.AsyncClient(base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                               timeout=30)
     return Gateway(url, settings, app, upstream, admin, []), runner
+
+
+class Runners:
+    """The runners of several replicas, cleaned up together."""
+
+    def __init__(self, runners: list[web.AppRunner]) -> None:
+        self.runners = runners
+
+    async def cleanup(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+async def start_replicas(upstream: Upstream, database_url: str, replicas: int = 2, *,
+                         first: Callable[[Gateway], Awaitable[None]] | None = None,
+                         **overrides: Any) -> tuple[Gateway, Runners]:
+    """``replicas`` gateways on one database (and one Redis prefix, if the overrides name one), each with its
+    own store, as separate processes would be; one portal secret for all, so a link made by one opens on
+    another. The gateway answered reaches them in turn (:func:`tests.topologies.round_robin`). ``first`` runs
+    on the first replica before the others start (price versions they load at start-up)."""
+    overrides.setdefault("portal_secrets", {"k1": secrets.token_urlsafe(32)})
+    started = [await start_gateway(upstream, database_url, **overrides)]
+    if first is not None:
+        await first(started[0][0])
+    started += [await start_gateway(upstream, database_url, **overrides) for _ in range(replicas - 1)]
+    gw = started[0][0]
+    for other, _ in started[1:]:
+        await other.close()
+    gw.ports = [httpx.URL(g.url).port or 80 for g, _ in started]
+    if replicas > 1:
+        await gw.admin.aclose()
+        gw.admin = gw.http(base_url=f"{gw.url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                           timeout=30)
+    return gw, Runners([runner for _, runner in started])
+
+
+async def start_in(request: pytest.FixtureRequest, topology: str, upstream: Upstream, tmp_path: Path,
+                   **kwargs: Any) -> tuple[Gateway, Runners]:
+    """The gateway in ``topology`` (tests/topologies.py): on SQLite one process; on PostgreSQL, and on
+    PostgreSQL with its rate-limit windows in Redis, two replicas that the test's clients reach in turn.
+    ``kwargs``: :func:`start_replicas`'s."""
+    url = database_url(request, topology, tmp_path)
+    if url.startswith("postgresql"):
+        await _reset_pg(url)
+    redis = redis_for(request, topology)
+    extra = {"redis_url": redis[0], "redis_key_prefix": redis[1], "redis_shards": 4} if redis else {}
+    return await start_replicas(upstream, url, 1 if topology == "sqlite" else 2, **extra, **kwargs)
+
+
+@pytest.fixture
+async def topology_gateway(request: pytest.FixtureRequest, upstream: Upstream, topology: str,
+                           tmp_path: Path) -> AsyncIterator[Gateway]:
+    """:func:`start_in` each topology."""
+    gw, runners = await start_in(request, topology, upstream, tmp_path)
+    yield gw
+    await gw.close()
+    await runners.cleanup()
 
 
 @pytest.fixture

@@ -87,6 +87,27 @@ def make_store(topology: str, url: str, redis: tuple[str, str] | None = None, **
                      for _ in range(2)])
 
 
+def round_robin(lib: Any, ports: list[int]) -> Any:
+    """An HTTP transport of ``lib`` (httpx, or the httpx2 the tests use) that sends each request to the next of
+    ``ports`` on loopback in turn, as a load balancer in front of replicas would: a test's consecutive calls
+    (a hold placed, its heartbeat, its capture) meet different replicas."""
+    turn = itertools.cycle(ports)
+
+    class RoundRobin(lib.AsyncBaseTransport):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.inner = lib.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: Any) -> Any:
+            if request.url.port in ports:
+                request.url = request.url.copy_with(port=next(turn))
+            return await self.inner.handle_async_request(request)
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    return RoundRobin()
+
+
 @asynccontextmanager
 async def opened(store: Any) -> AsyncIterator[Any]:
     await store.open()

@@ -186,6 +186,7 @@ class PricingApi:
         """Price a hypothetical request or event: reads versions, rules and tier counters, writes nothing."""
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request)
+        await self._pricing.refresh()  # as the events API does: what any replica published is quoted
         unknown = sorted(set(body) - _QUOTE_KEYS)
         if unknown:
             raise BadRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
@@ -286,6 +287,10 @@ class PricingApi:
     async def events(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
         body = await self._admin.read_json(request)
+        # The versions another replica published since this one's last refresh (one read of new ids): an
+        # operator who publishes through one replica and then posts events through another is priced by
+        # what they published, not refused for a rule this replica has not loaded yet.
+        await self._pricing.refresh()
         return json_response(await self._events.ingest(mode, body))
 
 

@@ -1,7 +1,7 @@
 """The hold API over HTTP: a GPU-style job that heartbeats until its wallet is empty and is told to stop at zero;
 every call replayed answers the same and changes nothing; a reused key with other content is a 409.
 
-Method: a real gateway (``gateway`` fixture: metergate on loopback, SQLite) driven with httpx through the
+Method: a real gateway (``gateway``: metergate on loopback in each topology) driven with httpx through the
 admin API exactly as an operator's job runner would, checking balances, the ledger and ``audit()``.
 """
 
@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2 as httpx
+import pytest
 
 from tests.conftest import LIVE_ADMIN_KEY, Gateway
+
+
+@pytest.fixture
+def gateway(topology_gateway: Gateway) -> Gateway:
+    """Every test here in each topology: SQLite; PostgreSQL and PostgreSQL with Redis windows, two replicas."""
+    return topology_gateway
 
 
 async def gpu_wallet(gateway: Gateway, seconds_millis: int) -> None:
@@ -136,8 +142,8 @@ async def test_hold_api_refuses_bad_input_and_other_modes(gateway: Gateway) -> N
     r = await gateway.admin.post("/holds", json={"customer_id": "trainer", "asset": "GPU_SECONDS", "amount": 10,
                                                  "hold_id": "mine"})
     assert r.status_code == 201
-    async with httpx.AsyncClient(base_url=gateway.admin.base_url,
-                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
+    async with gateway.http(base_url=gateway.admin.base_url,
+                            headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
         r = await live.get("/holds/mine")
         assert (r.status_code, r.json()["error"]["code"]) == (404, "hold_not_found")
         r = await live.post("/holds/mine/void", json={})

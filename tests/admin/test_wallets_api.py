@@ -1,14 +1,21 @@
 """Admin API for assets, conversions, grants, consumption order, plans and subscriptions.
 
-Method: a real gateway on loopback (SQLite), driven through the admin API with httpx; each bad input must
+Method: a real gateway on loopback in each topology (SQLite; PostgreSQL and PostgreSQL with Redis windows,
+two replicas reached in turn), driven through the admin API with httpx; each bad input must
 answer a stable error code and change nothing; objects of one mode are invisible to the other's key.
 """
 
 from __future__ import annotations
 
-import httpx2 as httpx
+import pytest
 
 from tests.conftest import LIVE_ADMIN_KEY, Gateway
+
+
+@pytest.fixture
+def gateway(topology_gateway: Gateway) -> Gateway:
+    """Every test here in each topology: SQLite; PostgreSQL and PostgreSQL with Redis windows, two replicas."""
+    return topology_gateway
 
 
 async def test_custom_assets_are_validated_and_scoped_to_a_mode(gateway: Gateway) -> None:
@@ -29,8 +36,8 @@ async def test_custom_assets_are_validated_and_scoped_to_a_mode(gateway: Gateway
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), body
     codes = [a["code"] for a in (await gateway.admin.get("/assets")).json()["data"]]
     assert codes == ["USD", "TOKENS"]
-    async with httpx.AsyncClient(base_url=gateway.admin.base_url,
-                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
+    async with gateway.http(base_url=gateway.admin.base_url,
+                            headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
         assert [a["code"] for a in (await live.get("/assets")).json()["data"]] == ["USD"]
 
 
@@ -126,8 +133,8 @@ async def test_plans_and_subscriptions_through_the_admin_api(gateway: Gateway) -
     assert r.json()["state"] == "canceled"
     grants = (await gateway.admin.get("/customers/acme/grants")).json()["data"]
     assert [g["purpose"] for g in grants] == ["entitlement", "paid"]
-    async with httpx.AsyncClient(base_url=gateway.admin.base_url,
-                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
+    async with gateway.http(base_url=gateway.admin.base_url,
+                            headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
         assert (await live.get("/subscriptions/sub-1")).status_code == 404
         assert (await live.get("/plans")).json()["data"] == []
     assert await gateway.store.audit() == []

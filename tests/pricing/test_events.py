@@ -1,6 +1,8 @@
-"""The events API over HTTP on SQLite and PostgreSQL: a batch with duplicates, an unknown customer and an event the
-wallet cannot cover; retries; concurrent submissions of one batch; and the ledger afterwards — one capture per
-accepted event, balances equal to the sum of what was accepted, the audit clean."""
+"""The events API over HTTP in each topology (SQLite; PostgreSQL and PostgreSQL with Redis windows, two
+replicas): a batch with duplicates, an unknown customer and an event the wallet cannot cover; rules published
+through one replica and events posted through the other; retries; concurrent submissions of one batch; and the
+ledger afterwards — one capture per accepted event, balances equal to the sum of what was accepted, the audit
+clean."""
 
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import pytest
 
-from tests.conftest import LIVE_ADMIN_KEY, Gateway, Upstream, _reset_pg, start_gateway
+from tests.conftest import LIVE_ADMIN_KEY, Gateway, Upstream, start_in
 
 GPU = {"id": "gpu", "match": {"type": "gpu.job"}, "asset": "USD", "event_fee": "0.01",
        "rates": {"gpu_seconds": "0.0015"}}
@@ -22,18 +23,21 @@ EXPORT = {"id": "export", "match": {"type": "export"}, "asset": "USD", "rates": 
           "minimum": "0.5"}
 
 
-@pytest.fixture
-async def events_gateway(upstream: Upstream, store_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
-    if store_url.startswith("postgresql"):
-        await _reset_pg(store_url)
-    gw, runner = await start_gateway(upstream, store_url)
+async def publish(gw: Gateway) -> None:
     r = await gw.admin.post("/price-versions", json={"rules": [GPU, EXPORT]})
     assert r.status_code == 201, r.text
     r = await gw.admin.post(f"/price-versions/{r.json()['id']}/publish", json={})
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+async def events_gateway(request: pytest.FixtureRequest, upstream: Upstream, topology: str,
+                         tmp_path: Path) -> AsyncIterator[Gateway]:
+    """In each topology; the rules are published through the first replica before the others start."""
+    gw, runners = await start_in(request, topology, upstream, tmp_path, first=publish)
     yield gw
     await gw.close()
-    await runner.cleanup()
+    await runners.cleanup()
 
 
 def gpu(event_id: str, seconds: str, customer: str = "acme", **extra: Any) -> dict[str, Any]:
@@ -195,8 +199,8 @@ async def test_a_rule_can_draw_an_operator_defined_asset(events_gateway: Gateway
     assert result["data"][0]["asset"] == "TOKENS" and result["data"][0]["charged_decimal"] == "3"
     assert (await store.balance("test", "acme", "TOKENS")).available == 1
     # The asset is test mode's own: a live-mode rule set cannot name it.
-    async with httpx.AsyncClient(base_url=gw.admin.base_url,
-                                 headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
+    async with gw.http(base_url=gw.admin.base_url,
+                       headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"}) as live:
         r = await live.post("/price-versions", json={"rules": [calls]})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_asset"
     assert await store.audit() == []
