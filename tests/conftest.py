@@ -195,6 +195,7 @@ class Gateway:
     admin: httpx.AsyncClient
     clients: list[openai.AsyncOpenAI]
     ports: list[int] = field(default_factory=list)  # of every replica, with more than one
+    apps: list[web.Application] = field(default_factory=list)  # every replica's, with more than one
 
     @property
     def store(self) -> WalletStore:
@@ -292,6 +293,7 @@ async def start_replicas(upstream: Upstream, database_url: str, replicas: int = 
     for other, _ in started[1:]:
         await other.close()
     gw.ports = [httpx.URL(g.url).port or 80 for g, _ in started]
+    gw.apps = [g.app for g, _ in started]
     if replicas > 1:
         await gw.admin.aclose()
         gw.admin = gw.http(base_url=f"{gw.url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"},

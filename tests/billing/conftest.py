@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
@@ -18,9 +19,10 @@ import pytest
 from aiohttp import web
 
 from metergate.billing.service import BILLING, Billing
-from tests.conftest import LIVE_ADMIN_KEY, Gateway, Upstream, _reset_pg, start_gateway
+from tests.conftest import LIVE_ADMIN_KEY, Gateway, Runners, Upstream, _reset_pg, start_gateway, start_replicas
 from tests.payments.conftest import stripe_settings
 from tests.payments.fake_stripe import FakeStripe, running_fake_stripe
+from tests.topologies import database_url, redis_for
 
 FAST_BILLING = {"report_interval_s": 0.05, "retry_base_s": 0.05, "retry_max_s": 0.2, "send_timeout_s": 0.5,
                 "lease_s": 5, "batch_size": 50}
@@ -35,7 +37,7 @@ async def fake_stripe() -> AsyncIterator[FakeStripe]:
 @dataclass
 class BillGate:
     gw: Gateway
-    runner: web.AppRunner
+    runner: web.AppRunner | Runners
     live: httpx.AsyncClient
 
     @property
@@ -90,12 +92,14 @@ async def _stop_billgates() -> AsyncIterator[None]:
 
 
 async def start_billgate(upstream: Upstream, database_url: str, fake: FakeStripe, *,
-                         settings: dict[str, Any] | None = None, **billing: Any) -> BillGate:
-    """``billing`` overrides the fast reporter settings; ``settings`` any other setting."""
-    gw, runner = await start_gateway(upstream, database_url, **stripe_settings(
-        fake, billing={**FAST_BILLING, **billing}, **(settings or {})))
-    live = httpx.AsyncClient(base_url=f"{gw.url}/admin/v1", headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"},
-                             timeout=30)
+                         settings: dict[str, Any] | None = None, replicas: int = 1, **billing: Any) -> BillGate:
+    """``billing`` overrides the fast reporter settings; ``settings`` any other setting; ``replicas`` gateways
+    on the database, reached in turn (:func:`tests.conftest.start_replicas`), each with its own reporter."""
+    overrides = stripe_settings(fake, billing={**FAST_BILLING, **billing}, **(settings or {}))
+    gw, runner = await (start_gateway(upstream, database_url, **overrides) if replicas == 1
+                        else start_replicas(upstream, database_url, replicas, **overrides))
+    live = gw.http(base_url=f"{gw.url}/admin/v1", headers={"Authorization": f"Bearer {LIVE_ADMIN_KEY}"},
+                   timeout=30)
     bg = BillGate(gw, runner, live)
     _running.append(bg)
     return bg
@@ -110,8 +114,16 @@ async def billing_db(store_url: str) -> str:
 
 
 @pytest.fixture
-async def billgate(upstream: Upstream, billing_db: str, fake_stripe: FakeStripe) -> AsyncIterator[BillGate]:
-    bg = await start_billgate(upstream, billing_db, fake_stripe)
+async def billgate(request: pytest.FixtureRequest, upstream: Upstream, topology: str, tmp_path: Path,
+                   fake_stripe: FakeStripe) -> AsyncIterator[BillGate]:
+    """Billing in each topology (tests/topologies.py): SQLite; PostgreSQL, and PostgreSQL with Redis windows,
+    with two replicas reached in turn, each running its own meter-event reporter."""
+    url = database_url(request, topology, tmp_path)
+    if url.startswith("postgresql"):
+        await _reset_pg(url)
+    redis = redis_for(request, topology)
+    bg = await start_billgate(upstream, url, fake_stripe, replicas=1 if topology == "sqlite" else 2, settings=(
+        {"redis_url": redis[0], "redis_key_prefix": redis[1], "redis_shards": 4} if redis else None))
     yield bg
     await bg.stop()
 

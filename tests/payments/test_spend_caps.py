@@ -19,7 +19,16 @@ from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Gateway
 
 
-async def test_daily_cap_refuses_the_request_that_would_pass_it(gateway: Gateway) -> None:
+async def test_daily_cap_refuses_the_request_that_would_pass_it(topology_gateway: Gateway) -> None:
+    """In each topology; with two replicas, requests alternate between them and each guards on its own."""
+    gateway = topology_gateway
+
+    def forget_caps() -> None:  # caps are cached for key_cache_ttl_s (2 s); skip that bound rather than sleep
+        for app in gateway.apps:
+            guard = app[PIPELINE].spend_caps
+            assert guard is not None
+            guard._cache.clear()
+
     await gateway.customer("acme", funds=10_000_000)
     client = gateway.openai("acme")
     await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
@@ -29,9 +38,7 @@ async def test_daily_cap_refuses_the_request_that_would_pass_it(gateway: Gateway
     r = await gateway.admin.put("/customers/acme/spend-caps",
                                 json={"asset": "USD", "daily": first["charged_amount"] + 10, "monthly": None})
     assert r.status_code == 200, r.text
-    guard = gateway.app[PIPELINE].spend_caps
-    assert guard is not None
-    guard._cache.clear()  # caps are cached for key_cache_ttl_s (2 s); skip that bound rather than sleep
+    forget_caps()
     forwarded = len(gateway.upstream.requests)
     with pytest.raises(openai.APIStatusError) as refused:
         await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
@@ -44,7 +51,7 @@ async def test_daily_cap_refuses_the_request_that_would_pass_it(gateway: Gateway
     # Lifting the cap lets requests through again (within the cap cache's bound).
     r = await gateway.admin.put("/customers/acme/spend-caps", json={"asset": "USD", "daily": None, "monthly": None})
     assert r.status_code == 200, r.text
-    guard._cache.clear()
+    forget_caps()
     await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=50)
     assert len(await gateway.usage()) == 2

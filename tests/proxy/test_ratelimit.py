@@ -25,6 +25,7 @@ from metergate.wallet.models import Mode, RateLimitDenial
 from metergate.wallet.quota import QuotaClaim, QuotaGrant
 from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Gateway, Upstream, _reset_pg, serve, start_gateway
+from tests.topologies import database_url, redis_for
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 T0 = 1_800_000_000_000 - 1_800_000_000_000 % WINDOW_MS + 15_000  # 15 s into a window
@@ -261,18 +262,21 @@ async def test_overrides_need_a_known_customer_in_the_keys_mode(gateway: Gateway
 # ---------------------------------------------------------------------------------------------- replicas
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    await _reset_pg(url)
-    return url
+@pytest.fixture
+async def shared(request: pytest.FixtureRequest, topology: str, tmp_path: Path) -> dict[str, Any]:
+    """The settings every replica of a test shares, in each topology (tests/topologies.py): one SQLite file,
+    one PostgreSQL database, or one PostgreSQL database and one Redis prefix for the windows."""
+    url = database_url(request, topology, tmp_path)
+    if url.startswith("postgresql"):
+        await _reset_pg(url)
+    redis = redis_for(request, topology)
+    return {"database_url": url,
+            **({"redis_url": redis[0], "redis_key_prefix": redis[1], "redis_shards": 4} if redis else {})}
 
 
-async def test_two_replicas_share_one_limit(open_gateway: Opener, shared_url: str) -> None:
-    one = await open_gateway(shared_url, **limits({"requests_per_minute": 3}))
-    two = await open_gateway(shared_url, **limits({"requests_per_minute": 3}))
+async def test_two_replicas_share_one_limit(open_gateway: Opener, shared: dict[str, Any]) -> None:
+    one = await open_gateway(**shared, **limits({"requests_per_minute": 3}))
+    two = await open_gateway(**shared, **limits({"requests_per_minute": 3}))
     await one.customer("acme")
     a, b = one.openai("acme"), two.openai("acme")
     await ask(a)
@@ -282,9 +286,9 @@ async def test_two_replicas_share_one_limit(open_gateway: Opener, shared_url: st
     await refused(a)
 
 
-async def test_racing_replicas_never_admit_more_than_the_limit(open_gateway: Opener, shared_url: str) -> None:
-    one = await open_gateway(shared_url, **limits({"requests_per_minute": 4}))
-    two = await open_gateway(shared_url, **limits({"requests_per_minute": 4}))
+async def test_racing_replicas_never_admit_more_than_the_limit(open_gateway: Opener, shared: dict[str, Any]) -> None:
+    one = await open_gateway(**shared, **limits({"requests_per_minute": 4}))
+    two = await open_gateway(**shared, **limits({"requests_per_minute": 4}))
     await one.customer("acme")
     clients = [one.openai("acme"), two.openai("acme")]
     outcomes = await asyncio.gather(*(ask(clients[i % 2]) for i in range(12)), return_exceptions=True)
@@ -318,10 +322,10 @@ async def storm(gateways: list[Gateway], per_gateway: int, max_tokens: int) -> i
 
 
 async def test_three_replicas_hammering_one_limit_admit_exactly_the_limit(open_gateway: Opener,
-                                                                          shared_url: str) -> None:
+                                                                          shared: dict[str, Any]) -> None:
     """Each replica alone sends more than the limit, so every replica ends with its lease spent or has
     admitted the whole limit itself: the total is the limit exactly. Chunks are leased (a cap of 5)."""
-    gateways = [await open_gateway(shared_url, **limits({"requests_per_minute": 90, "tokens_per_minute": 10**9}))
+    gateways = [await open_gateway(**shared, **limits({"requests_per_minute": 90, "tokens_per_minute": 10**9}))
                 for _ in range(3)]
     await gateways[0].customer("acme")
     assert await storm(gateways, 100, max_tokens=10) == 90
@@ -330,14 +334,14 @@ async def test_three_replicas_hammering_one_limit_admit_exactly_the_limit(open_g
 
 
 async def test_three_replicas_hold_the_token_limit_when_it_binds_first(open_gateway: Opener,
-                                                                       shared_url: str) -> None:
+                                                                       shared: dict[str, Any]) -> None:
     """Tokens per minute for 25.5 requests. The total admitted never passes it; it may fall short of the
     25 an exact counter admits by the partial leases the replicas are left holding (each under one request,
     and what is left unclaimed with them under one request too: at least 23)."""
-    probe = await open_gateway(shared_url)
+    probe = await open_gateway(**shared)
     estimate = await admission_estimate(probe, 100)
     tpm = 25 * estimate + estimate // 2
-    gateways = [await open_gateway(shared_url, **limits({"requests_per_minute": 10**6, "tokens_per_minute": tpm}))
+    gateways = [await open_gateway(**shared, **limits({"requests_per_minute": 10**6, "tokens_per_minute": tpm}))
                 for _ in range(3)]
     await gateways[0].customer("acme")
     admitted = await storm(gateways, 40, max_tokens=100)
@@ -346,15 +350,15 @@ async def test_three_replicas_hold_the_token_limit_when_it_binds_first(open_gate
 
 
 async def test_a_stopping_replica_gives_its_unused_lease_back(upstream: Upstream, open_gateway: Opener,
-                                                              shared_url: str) -> None:
+                                                              shared: dict[str, Any]) -> None:
     """64 a minute: a cap of 4 per lease. Two requests at one instant lease 1, then 2: one left unused,
     which the first replica returns as it stops, so the second admits all of the other 62."""
-    gw, runner = await start_gateway(upstream, shared_url, **limits({"requests_per_minute": 64}))
+    gw, runner = await start_gateway(upstream, **shared, **limits({"requests_per_minute": 64}))
     pin(gw, T0)
     await gw.customer("acme")
     await ask(gw.openai("acme"))
     await ask(gw.openai("acme"))
     await gw.close()
     await runner.cleanup()  # stops the limiter, which gives back the unused request
-    other = await open_gateway(shared_url, **limits({"requests_per_minute": 64}))
+    other = await open_gateway(**shared, **limits({"requests_per_minute": 64}))
     assert await storm([other], 70, max_tokens=10) == 62
