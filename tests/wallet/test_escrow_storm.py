@@ -1,8 +1,9 @@
-"""The storm over PostgreSQL alone: 1,000 concurrent requests from 3 ``metergate serve`` processes on one hot
-wallet, funded for K requests at price = hold, with escrow leases on (the default). Every process leases the
-wallet while it is large; as it drains, leases shrink, then stop, and the last requests recall what sits in
-the others' leases. Exactly K are served, nothing overspends, nothing is written off, the ledger audits clean
-and, once the processes have stopped, nothing is left pending.
+"""The storm in every topology (one SQLite file, PostgreSQL alone, PostgreSQL with Redis windows): 1,000
+concurrent requests from 3 ``metergate serve`` processes on one hot wallet, funded for K requests at price =
+hold, with escrow leases on (the default). Every process leases the wallet while it is large; as it drains,
+leases shrink, then stop, and the last requests recall what sits in the others' leases. Exactly K are served,
+nothing overspends, nothing is written off, the ledger audits clean and, once the processes have stopped,
+nothing is left pending.
 """
 
 from __future__ import annotations
@@ -18,28 +19,31 @@ from metergate.wallet.sql import SqlWalletStore
 from tests.conftest import Upstream, _reset_pg
 from tests.proxy.test_storm import FLAT_FEE, FLAT_PRICING
 from tests.redis.cluster import Cluster, chat
-from tests.redis.conftest import prefix, redis_url  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.postgres
 REQUESTS = 1000
 K = 400  # large enough that the wallet is leased: a lease is at most 1/16 of it and covers >= 8 requests
 
 
-@pytest.fixture(params=["postgres", "postgres+redis-windows"])
-async def cluster(request: pytest.FixtureRequest, upstream: Upstream, pg_url: str,
-                  tmp_path: Path) -> AsyncIterator[Cluster]:
-    """PostgreSQL alone, or with the rate-limit windows in Redis (``redis_wallet: false``: the same wallets)."""
-    await _reset_pg(pg_url)
-    if request.param == "postgres":
-        c = Cluster(upstream.url, pg_url, None, "", tmp_path)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("postgres+redis-windows", marks=pytest.mark.postgres)])
+async def cluster(request: pytest.FixtureRequest, upstream: Upstream, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """One SQLite file shared by the three processes (its own locks order their writers), PostgreSQL alone, or
+    PostgreSQL with the rate-limit windows in Redis (the default with ``redis_url``: the same wallets)."""
+    if request.param == "sqlite":
+        c = Cluster(upstream.url, f"sqlite:///{tmp_path / 'storm.db'}", None, "", tmp_path)
     else:
-        c = Cluster(upstream.url, pg_url, request.getfixturevalue("redis_url"), request.getfixturevalue("prefix"),
-                    tmp_path, overrides={"redis_wallet": False})
+        pg_url: str = request.getfixturevalue("pg_url")
+        await _reset_pg(pg_url)
+        if request.param == "postgres":
+            c = Cluster(upstream.url, pg_url, None, "", tmp_path)
+        else:
+            c = Cluster(upstream.url, pg_url, request.getfixturevalue("redis_url"),
+                        request.getfixturevalue("prefix"), tmp_path, overrides={"redis_wallet": False})
     yield c
     await c.stop()
 
 
-async def test_storm_from_three_processes_over_postgres_with_leases(cluster: Cluster, pg_url: str) -> None:
+async def test_storm_from_three_processes_with_leases(cluster: Cluster) -> None:
     cluster.overrides["pricing"] = FLAT_PRICING
     cluster.overrides["escrow"] = {"hot_per_s": 5, "recall_wait_s": 5}
     await cluster.start(3)
@@ -51,7 +55,7 @@ async def test_storm_from_three_processes_over_postgres_with_leases(cluster: Clu
             chat(client, cluster.proxies[i % 3].url, "acme", "slow:0.2,words:3") for i in range(REQUESTS))))
     assert set(statuses) <= {200, 402}, {s: statuses.count(s) for s in set(statuses)}
     assert statuses.count(200) == K
-    store = SqlWalletStore(pg_url)
+    store = SqlWalletStore(cluster.database_url)
     await store.open()
     try:
         leases = await store.read(lambda conn: conn.exec_driver_sql(
