@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import pytest
 import yaml
 
 from metergate.wallet.redis.store import RedisWalletStore
@@ -134,3 +135,25 @@ async def wait_drained(store: RedisWalletStore, timeout_s: float = 90) -> None:
             _ = exc
         await asyncio.sleep(0.1)
     raise AssertionError(f"the ledger did not drain in {timeout_s} s: {lengths}")
+
+
+# The homes of the wallet as processes meet them: one SQLite file (its locks order the processes' writers),
+# PostgreSQL alone, PostgreSQL with the rate-limit windows in Redis (the default with ``redis_url``).
+PROCESS_TOPOLOGIES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                      pytest.param("postgres+redis-windows", marks=pytest.mark.postgres)]
+
+
+async def cluster_in(request: pytest.FixtureRequest, topology: str, upstream_url: str, tmp_path: Path,
+                     overrides: dict[str, Any] | None = None) -> Cluster:
+    """A :class:`Cluster` (not started) in one of :data:`PROCESS_TOPOLOGIES`, on an empty database."""
+    if topology == "sqlite":
+        return Cluster(upstream_url, f"sqlite:///{tmp_path / 'cluster.db'}", None, "", tmp_path,
+                       overrides=dict(overrides or {}))
+    from tests.conftest import _reset_pg
+
+    pg_url: str = request.getfixturevalue("pg_url")
+    await _reset_pg(pg_url)
+    if topology == "postgres":
+        return Cluster(upstream_url, pg_url, None, "", tmp_path, overrides=dict(overrides or {}))
+    return Cluster(upstream_url, pg_url, request.getfixturevalue("redis_url"), request.getfixturevalue("prefix"),
+                   tmp_path, overrides={**(overrides or {}), "redis_wallet": False})

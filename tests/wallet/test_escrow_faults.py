@@ -1,5 +1,6 @@
-"""A process killed with its escrow lease open: 2 ``metergate serve`` processes over PostgreSQL alone, both
-leasing one hot wallet under load, one ``kill -9``-ed mid-load. The survivor keeps serving; the victim's lease
+"""A process killed with its escrow lease open, in every topology (one SQLite file, PostgreSQL alone, PostgreSQL
+with Redis windows): 2 ``metergate serve`` processes, both leasing one hot wallet under load, one ``kill -9``-ed
+mid-load. The survivor keeps serving; the victim's lease
 expires past its TTL and the sweeper releases what its committed settlements did not capture; once the
 survivor stops (returning its own lease), nothing is pending, the ledger audits clean, and the balance is the
 funds less exactly what the usage records charged.
@@ -16,24 +17,23 @@ import httpx2 as httpx
 import pytest
 
 from metergate.wallet.sql import SqlWalletStore
-from tests.conftest import Upstream, _reset_pg
-from tests.redis.cluster import Cluster, chat
+from tests.conftest import Upstream
+from tests.redis.cluster import PROCESS_TOPOLOGIES, Cluster, chat, cluster_in
 
-pytestmark = pytest.mark.postgres
 FUNDS = 50_000_000
 FAST = {"hold_ttl_s": 10, "sweep_interval_s": 0.5, "upstream_timeout_s": 4, "drain_timeout_s": 1,
         "escrow": {"hot_per_s": 2, "ttl_s": 3, "tick_s": 0.2}}
 
 
-@pytest.fixture
-async def cluster(upstream: Upstream, pg_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    await _reset_pg(pg_url)
-    c = Cluster(upstream.url, pg_url, None, "", tmp_path, overrides=FAST)
+@pytest.fixture(params=PROCESS_TOPOLOGIES)
+async def cluster(request: pytest.FixtureRequest, upstream: Upstream, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = await cluster_in(request, request.param, upstream.url, tmp_path, FAST)
     yield c
     await c.stop()
 
 
-async def test_kill_9_with_a_lease_open_loses_nothing_committed(cluster: Cluster, pg_url: str) -> None:
+async def test_kill_9_with_a_lease_open_loses_nothing_committed(cluster: Cluster) -> None:
+    url = cluster.database_url
     await cluster.start(2)
     await cluster.fund("acme", FUNDS)
     victim, survivor = cluster.proxies
@@ -44,7 +44,7 @@ async def test_kill_9_with_a_lease_open_loses_nothing_committed(cluster: Cluster
         while not stop.is_set():
             statuses[url].append(await chat(client, url, "acme", "slow:0.05,words:3"))
 
-    store = SqlWalletStore(pg_url)
+    store = SqlWalletStore(url)
     await store.open()
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -60,7 +60,7 @@ async def test_kill_9_with_a_lease_open_loses_nothing_committed(cluster: Cluster
         assert statuses[survivor.url].count(200) > 20 and set(statuses[survivor.url]) == {200}
         await cluster.stop()  # the survivor returns its lease; the victim's expires
         deadline = time.monotonic() + FAST["escrow"]["ttl_s"] + 20  # type: ignore[index]
-        sweeper = SqlWalletStore(pg_url)  # the sweep a control plane runs, here by hand
+        sweeper = SqlWalletStore(url)  # the sweep a control plane runs, here by hand
         await sweeper.open()
         try:
             while (await store.balance("test", "acme", "USD")).debits_pending and time.monotonic() < deadline:

@@ -16,29 +16,17 @@ import httpx2 as httpx
 import pytest
 
 from metergate.wallet.sql import SqlWalletStore
-from tests.conftest import Upstream, _reset_pg
+from tests.conftest import Upstream
 from tests.proxy.test_storm import FLAT_FEE, FLAT_PRICING
-from tests.redis.cluster import Cluster, chat
+from tests.redis.cluster import PROCESS_TOPOLOGIES, Cluster, chat, cluster_in
 
 REQUESTS = 1000
 K = 400  # large enough that the wallet is leased: a lease is at most 1/16 of it and covers >= 8 requests
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("postgres+redis-windows", marks=pytest.mark.postgres)])
+@pytest.fixture(params=PROCESS_TOPOLOGIES)
 async def cluster(request: pytest.FixtureRequest, upstream: Upstream, tmp_path: Path) -> AsyncIterator[Cluster]:
-    """One SQLite file shared by the three processes (its own locks order their writers), PostgreSQL alone, or
-    PostgreSQL with the rate-limit windows in Redis (the default with ``redis_url``: the same wallets)."""
-    if request.param == "sqlite":
-        c = Cluster(upstream.url, f"sqlite:///{tmp_path / 'storm.db'}", None, "", tmp_path)
-    else:
-        pg_url: str = request.getfixturevalue("pg_url")
-        await _reset_pg(pg_url)
-        if request.param == "postgres":
-            c = Cluster(upstream.url, pg_url, None, "", tmp_path)
-        else:
-            c = Cluster(upstream.url, pg_url, request.getfixturevalue("redis_url"),
-                        request.getfixturevalue("prefix"), tmp_path, overrides={"redis_wallet": False})
+    c = await cluster_in(request, request.param, upstream.url, tmp_path)
     yield c
     await c.stop()
 
