@@ -168,3 +168,43 @@ async def test_wallets_in_sql_refuse_to_start_beside_a_live_redis_wallet(pg_url:
         assert await windows.audit() == []
     finally:
         await windows.close()
+
+
+async def test_a_redis_restart_refuses_requests_while_down_and_charges_nothing(
+        cluster: Cluster, pg_url: str, redis_server: RedisServer, upstream: Upstream) -> None:
+    """Rate limits fail closed: while Redis is down a request is refused 503 ``wallet_unavailable`` before it
+    is forwarded or charged, and ``/readyz`` says so; once Redis is back (empty: no persistence) both
+    processes serve again without a restart of their own, and the ledger is whole."""
+    await cluster.start(2)
+    await cluster.fund("acme", FUNDS)
+    async with httpx.AsyncClient(timeout=30) as client:
+        before = await asyncio.gather(*(chat(client, cluster.proxies[i % 2].url, "acme") for i in range(20)))
+        assert before.count(200) == 20
+        redis_server.kill()
+        down = await asyncio.gather(*(chat(client, cluster.proxies[i % 2].url, "acme") for i in range(20)))
+        ready = [await client.get(f"{p.url}/readyz") for p in cluster.proxies]
+        redis_server.start()
+        # A process still holding a leased chunk of its window may serve from it while Redis is away.
+        assert set(down) <= {200, 503} and down.count(503) >= 1, down
+        assert all(r.status_code == 503 for r in ready), [r.text for r in ready]
+        deadline, served_after = time.monotonic() + 20, 0
+        while True:
+            after = await asyncio.gather(*(chat(client, cluster.proxies[i % 2].url, "acme") for i in range(10)))
+            served_after += after.count(200)
+            if after.count(200) == 10:
+                break
+            assert time.monotonic() < deadline, after
+            await asyncio.sleep(0.5)
+    served = before.count(200) + down.count(200) + served_after
+    assert len(upstream.requests) == served  # a refused request never reached the upstream
+    await cluster.stop()
+    store = SqlWalletStore(pg_url)
+    await store.open()
+    try:
+        records = [r for _, r in await store.usage("test", "acme", limit=10_000)]
+        balance = await store.balance("test", "acme", "USD")
+        assert len(records) == served and balance.debits_pending == 0
+        assert balance.available == FUNDS - sum(r.charged_amount for r in records)
+        assert await store.audit() == []
+    finally:
+        await store.close()
