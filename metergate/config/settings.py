@@ -412,6 +412,10 @@ class Settings(BaseSettings):
     escrow: EscrowSettings = Field(default_factory=EscrowSettings,
                                    description="Escrow leases on hot wallets (SQL stores).")
     sweep_interval_s: float = Field(30, gt=0, le=3600, description="How often expired holds are released.")
+    settlement_spool_dir: str = Field("", description="A local directory (an emptyDir in Kubernetes) where "
+                                      "settlements the store did not take are journaled before they are "
+                                      "retried, so that a process killed meanwhile leaves them to the next one; "
+                                      "empty: kept in memory only.")
     settlement_backlog_max: int = Field(
         10_000, ge=1, le=1_000_000, description="Settlements a proxy keeps and retries while the wallet store is "
                                                 "down; when full, new requests get 503 settlement_backlog.")

@@ -63,6 +63,7 @@ from metergate.proxy.passthrough import FreeEndpoints
 from metergate.proxy.prompt_size import prepare_bounded
 from metergate.proxy.ratelimit import RateLimiter
 from metergate.proxy.settlement import Settler
+from metergate.proxy.spool import SettlementSpool
 from metergate.proxy.sse import EventTooLarge, SSEBuffer, event_data
 from metergate.proxy.upstream_body import read_limited
 from metergate.wallet.errors import InsufficientFunds
@@ -124,7 +125,8 @@ class Pipeline:
         self._active: dict[str, tuple[Exchange, asyncio.Future[Any]]] = {}  # exchanges being served, by id
         self.store = store
         self.holds: HoldPath = store  # the hot path: the store, or escrow leases in front of it (app.py)
-        self.settler = Settler(max_backlog=settings.settlement_backlog_max, metrics=self.metrics)
+        spool = SettlementSpool(settings.settlement_spool_dir) if settings.settlement_spool_dir else None
+        self.settler = Settler(store, max_backlog=settings.settlement_backlog_max, metrics=self.metrics, spool=spool)
         self.identifier = identifier
         self.prices = prices
         self.costs = costs
@@ -167,6 +169,7 @@ class Pipeline:
 
     async def start(self) -> None:
         s = self.settings
+        self.settler.open()  # bills a stopped process left in the spool join the backlog
         await self.ratelimiter.start()
         await self.budgets.start()
         self.session = aiohttp.ClientSession(

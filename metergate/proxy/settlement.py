@@ -9,9 +9,12 @@ meanwhile is captured late, from the wallet, as any capture beyond its hold.
 
 The backlog is bounded (``settlement_backlog_max``): while it is full, new requests are refused with 503
 ``settlement_backlog`` before anything is held or sent upstream, since their bills could not be kept either.
-What the backlog holds is in memory: at shutdown it is flushed for up to ``drain_deadline_s``, and whatever the
-store still refuses then is **written off explicitly**: one ERROR line per request with its whole usage
-record (an operator can replay it) and ``metergate_settlements_unbilled_total``. A settlement the store
+At shutdown it is flushed for up to ``drain_deadline_s``. With ``settlement_spool_dir`` set, every backlogged
+bill is journaled on local disk first (:mod:`metergate.proxy.spool`): what the store still refuses at shutdown
+stays there, and so does everything after a ``kill -9``, for the next process on that directory to settle.
+Without a spool the backlog is in memory, and whatever the store still refuses at shutdown is **written off
+explicitly**: one ERROR line per request with its whole usage record (an operator can replay it) and
+``metergate_settlements_unbilled_total``. A settlement the store
 refuses for a reason of its own (a conflict, an unknown hold: a ``MetergateError`` of a 4xx status) is not
 retried; it is written off the same way at once. Any other failure (a driver error, a 5xx such as the Redis
 wallet's ``wallet_unavailable``) is the store being down, and is retried.
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 
 from metergate.errors import MetergateError, ServiceUnavailable
 from metergate.observability.metrics import Metrics
+from metergate.proxy.spool import Owed, SettlementSpool
 from metergate.wallet.models import Settlement, UsageRecord
-from metergate.wallet.store import HoldPath
+from metergate.wallet.store import HoldPath, WalletStore
 
 log = logging.getLogger(__name__)
 SETTLE_ATTEMPTS = 5  # at once, 0.1 + 0.2 + 0.4 + 0.8 s apart; then the backlog
@@ -39,21 +43,37 @@ RETRY_CHUNK = 64  # backlogged settlements tried together (the store group-commi
 
 @dataclass(frozen=True, slots=True)
 class _Unsettled:
-    store: HoldPath
-    hold_id: str
-    price: int
-    record: UsageRecord
+    via: HoldPath | None  # the path that placed the hold; None: a bill inherited from a stopped process
+    owed: Owed
+
+    @property
+    def hold_id(self) -> str:
+        return self.owed.hold_id
+
+    @property
+    def record(self) -> UsageRecord:
+        return self.owed.record
 
 
 class Settler:
-    """Settles the proxy's holds, keeping the ones the store could not take until it can."""
+    """Settles the proxy's holds, keeping the ones the store could not take until it can. ``store``: the
+    wallet store, which settles what a stopped process left in the spool."""
 
-    def __init__(self, *, max_backlog: int, metrics: Metrics) -> None:
+    def __init__(self, store: WalletStore, *, max_backlog: int, metrics: Metrics,
+                 spool: SettlementSpool | None = None) -> None:
+        self.store = store
         self.max_backlog = max_backlog
         self.metrics = metrics
+        self.spool = spool
         self._backlog: collections.deque[_Unsettled] = collections.deque()
         self._retrier: asyncio.Task[None] | None = None
         self._flushing = False  # shutting down: flush() tries the backlog itself (one round at a time)
+
+    def open(self) -> None:
+        """Open the spool (if any) and take on what stopped processes left in it."""
+        if self.spool is not None:
+            for owed in self.spool.open():
+                self._enqueue(_Unsettled(None, owed))
 
     def admit(self) -> None:
         """Refuse a new request while the backlog is full (raises 503 ``settlement_backlog``)."""
@@ -69,17 +89,21 @@ class Settler:
                 return await store.settle(hold_id, price, record)
             except Exception as exc:
                 if _refused(exc):
-                    self._write_off(_Unsettled(store, hold_id, price, record), exc)
+                    self._write_off(_Unsettled(store, Owed(hold_id, price, record)), exc, journaled=False)
                     return None
                 if attempt == SETTLE_ATTEMPTS:
                     log.warning("%s: the store did not take the settlement of hold %s (%s); kept to retry",
                                 record.id, hold_id, type(exc).__name__)
-                    self._keep(_Unsettled(store, hold_id, price, record))
+                    lease = store.lease_of(hold_id)
+                    owed = Owed(hold_id, price, record, *(lease or (None, 0)))
+                    if self.spool is not None:
+                        self.spool.owe(owed)  # on disk before anything else, so that no crash forgets it
+                    self._enqueue(_Unsettled(store, owed))
                     return None
                 await asyncio.sleep(0.05 * 2 ** attempt)
         return None
 
-    def _keep(self, unsettled: _Unsettled) -> None:
+    def _enqueue(self, unsettled: _Unsettled) -> None:
         self._backlog.append(unsettled)
         self.metrics.settlement_backlog.set(len(self._backlog))
         if not self._flushing and (self._retrier is None or self._retrier.done()):
@@ -95,8 +119,7 @@ class Settler:
         """Try the backlog, oldest first, a chunk at a time; ``False`` once the store fails again."""
         while self._backlog:
             chunk = [self._backlog[i] for i in range(min(RETRY_CHUNK, len(self._backlog)))]
-            results = await asyncio.gather(*(u.store.settle(u.hold_id, u.price, u.record) for u in chunk),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(self._settle(u) for u in chunk), return_exceptions=True)
             kept: list[_Unsettled] = []  # still not taken: back at the head of the backlog, in order
             for unsettled, result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException) and _refused(result):
@@ -105,7 +128,9 @@ class Settler:
                     kept.append(unsettled)
                 else:
                     log.info("%s: settled late (hold %s, charged %d)", unsettled.record.id, unsettled.hold_id,
-                             result.charged)
+                             result)
+                    if self.spool is not None:
+                        self.spool.paid(unsettled.hold_id)
             for _ in chunk:
                 self._backlog.popleft()
             self._backlog.extendleft(reversed(kept))
@@ -126,18 +151,38 @@ class Settler:
         while self._backlog and loop.time() < deadline:
             if not await self._retry_round():
                 await asyncio.sleep(min(RETRY_FIRST_S, max(0.0, deadline - loop.time())))
+        if self._backlog and self.spool is not None:
+            log.warning("%d settlements the store did not take are kept in the settlement spool (%s) for the "
+                        "next process to settle", len(self._backlog), self.spool.directory)
+            self._backlog.clear()
         while self._backlog:
             self._write_off(self._backlog.popleft(), None)
         self.metrics.settlement_backlog.set(0)
+        if self.spool is not None:
+            self.spool.close()
 
-    def _write_off(self, unsettled: _Unsettled, refused: BaseException | None) -> None:
+    async def _settle(self, unsettled: _Unsettled) -> int:
+        """Try one kept bill; what it charged. A bill inherited from a stopped process is settled the durable
+        way its entry names: a capture from the lease it drew on, or the hold's own settle."""
+        owed = unsettled.owed
+        if unsettled.via is not None:
+            return (await unsettled.via.settle(owed.hold_id, owed.price, owed.record)).charged
+        if owed.lease is not None:
+            done = await self.store.system_of_record.capture_usage(
+                owed.lease, owed.price, key=f"settle:{owed.hold_id}", usage=owed.record, held=owed.held)
+            return done.charged
+        return (await self.store.settle(owed.hold_id, owed.price, owed.record)).charged
+
+    def _write_off(self, unsettled: _Unsettled, refused: BaseException | None, *, journaled: bool = True) -> None:
         """An answer delivered and not billed: said once, loudly, with everything needed to bill it by hand."""
         why = f"refused by the store ({getattr(refused, 'code', '')}: {refused})" if refused is not None else (
             "the store was still down at shutdown")
         record = json.dumps(dataclasses.asdict(unsettled.record), default=str, sort_keys=True)
         log.error("%s: UNBILLED, %s; hold %s, price %d; usage record: %s", unsettled.record.id, why,
-                  unsettled.hold_id, unsettled.price, record)
+                  unsettled.hold_id, unsettled.owed.price, record)
         self.metrics.settlements_unbilled.labels(unsettled.record.route).inc()
+        if journaled and self.spool is not None:
+            self.spool.paid(unsettled.hold_id)
 
 
 def _refused(exc: BaseException) -> bool:

@@ -246,6 +246,10 @@ class Escrow:
         found.steps.add(step)
         return found.hold
 
+    def lease_of(self, hold_id: str) -> tuple[str, int] | None:
+        found = self._local.get(hold_id) or self._expired.get(hold_id)
+        return None if found is None else (found.lease.hold_id, found.hold.amount)
+
     async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement:
         found = self._local.pop(hold_id, None) or self._expired.pop(hold_id, None)
         if found is None:

@@ -95,6 +95,9 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         """Itself: this store admits in the database that is its ledger."""
         return self
 
+    def lease_of(self, hold_id: str) -> tuple[str, int] | None:
+        return None  # every hold of this store is a row of its own
+
     async def expire_entitlements(self, *, now_ms: int) -> None:
         from metergate.wallet.subscriptions import Subscriptions  # it builds on this store
 

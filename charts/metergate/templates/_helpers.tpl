@@ -63,6 +63,8 @@ database_url: {{ .Values.database.url | default "sqlite:////var/lib/metergate/me
 {{- if eq (toString .Values.redis.wallet) "true" }}
 redis_wallet: true
 {{- end }}
+# Bills the store did not take yet, journaled on the pod's own volume (an emptyDir outlives a container restart).
+settlement_spool_dir: /var/lib/metergate/settlements
 pricing:
   {{- toYaml .Values.pricing | nindent 2 }}
 {{- if and .Values.portalSecrets.existingSecret .Values.portalSecrets.keys }}

@@ -408,6 +408,9 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
     def system_of_record(self) -> SqlWalletStore:
         return self.sql
 
+    def lease_of(self, hold_id: str) -> tuple[str, int] | None:
+        return None  # every hold of this store is a Redis hash of its own
+
     async def expire_entitlements(self, *, now_ms: int) -> None:
         """The SQL ledger's grants and subscriptions (wallet administration is not served over this store, so
         there are normally none; their sweep is the SQL store's)."""
