@@ -9,14 +9,17 @@ Configurations, measured interleaved round by round, each on a fresh database / 
 * ``sqlite``        SqlWalletStore on a SQLite file: the single-process embedded default (the ratio's base);
 * ``postgres``      SqlWalletStore on PostgreSQL (127.0.0.1:5432, a throwaway database);
 * ``redis+sqlite``  RedisWalletStore over the SQLite ledger; the sink drains into SQLite concurrently;
-* ``redis+pg``      RedisWalletStore over the PostgreSQL ledger;
+* ``redis+pg``      RedisWalletStore over the PostgreSQL ledger (the Redis wallet, ``redis_wallet: true``);
+* ``windows+pg+escrow`` the default with ``redis_url``: the PostgreSQL store with its rate-limit windows in Redis
+  (``SqlWalletWithRedisWindows``), behind escrow leases; its ledger is written as each pair settles, so its
+  drained rate is its admission rate;
 * ``<sql>+escrow``   the same store behind escrow leases (metergate/wallet/escrow.py): reserves admitted in
   memory against this process's lease, each settlement one capture from it;
 * ``<any>-classic`` the same with ``batch_engine=False``: every operation its own classic operation (SQLite:
   a savepoint each in the writer's group commit; PostgreSQL: a transaction each), the store before the batch
   engine.
 
-``--configs`` picks and orders them (default: all eight).
+``--configs`` picks and orders them (default: all of them).
 
 For the Redis stores the time includes draining: a round ends when every event has reached SQL, and the
 pairs/s counts only what the ledger holds (``drained pairs/s``), beside the admission rate seen by the
@@ -47,11 +50,12 @@ from metergate.wallet.execution import WRITER_THREAD
 from metergate.wallet.models import UsageRecord
 from metergate.wallet.redis.batching import BatchingSqlWalletStore
 from metergate.wallet.redis.store import RedisWalletStore
+from metergate.wallet.redis.windows import SqlWalletWithRedisWindows
 from metergate.wallet.sql import SqlWalletStore
 
 MODE, CUSTOMER, ASSET = "test", "bench", "USD"
 CONFIGS = ("sqlite-classic", "sqlite", "sqlite+escrow", "postgres-classic", "postgres", "postgres+escrow",
-           "redis+sqlite-classic", "redis+sqlite", "redis+pg-classic", "redis+pg")
+           "redis+sqlite-classic", "redis+sqlite", "redis+pg-classic", "redis+pg", "windows+pg+escrow")
 
 
 CPU_US: dict[int, float] = {}  # this process's CPU (every thread) per pair, by store, in microseconds
@@ -152,6 +156,8 @@ async def main() -> None:
                 ledger = (BatchingSqlWalletStore(url, batch_engine=engine) if name.startswith("redis")
                           else SqlWalletStore(url, batch_engine=engine))
                 store: Any = RedisWalletStore(ledger, REDIS, prefix=prefix) if name.startswith("redis") else ledger
+                if name.startswith("windows"):
+                    store = SqlWalletWithRedisWindows(url, REDIS, prefix=prefix, batch_engine=engine)
                 hot, drained = await run_one(store, args.seconds, args.concurrency, escrow=config.endswith("+escrow"))
                 drained_by[config] = drained
                 results.setdefault(config, []).append((hot, drained))
