@@ -147,7 +147,10 @@ def components() -> dict[str, Schema]:
                                "reason": nullable({"type": "string",
                                                    "enum": ["insufficient_funds", "hold_not_pending"]}),
                                "allowance": INTEGER, "charged": INTEGER, "written_off": INTEGER, "hold": ref("Hold"),
-                               "balance": ref("HoldBalance")}),
+                               "balance": ref("HoldBalance"),
+                               "portal_url": {**STRING, "description": "with reason insufficient_funds: the "
+                                              "customer's signed billing-portal link, to top up"}},
+                              "portal_url"),
         "PriceVersionSummary": version_summary,
         "PriceVersion": version,
         "Quote": envelope({"customer_id": STRING, "asset": STRING, "amount": INTEGER, "amount_decimal": DECIMAL,

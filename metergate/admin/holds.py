@@ -14,6 +14,11 @@
 Every call is idempotent under its ``Idempotency-Key`` header (or ``idempotency_key`` in the body; a create may
 instead name its ``hold_id``): a replay answers exactly as the first call did and changes nothing; the same
 key with different content is 409 ``idempotency_conflict``. The mode is the admin key's.
+
+When the wallet runs out, the answer carries the customer's ``portal_url`` as the proxy's 402 does (a signed link
+to top up, for the job runner to show its user): a 402 ``insufficient_funds`` of a create or an extend also says
+``asset``, ``balance`` and ``required``; a heartbeat answered ``stop`` for ``insufficient_funds`` has the link
+beside its ``action``.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from metergate.admin.wallets import amount_of, int_field, key_of, only
 from metergate.config.settings import Settings
 from metergate.errors import BadRequest
 from metergate.http import json_response
+from metergate.portal.links import LinkSigner
 from metergate.proxy.identify import valid_customer_id
 from metergate.wallet.assets import AssetRegistry
-from metergate.wallet.errors import HoldNotFound
+from metergate.wallet.errors import HoldNotFound, InsufficientFunds
 from metergate.wallet.holds import HoldService, new_hold_id
 from metergate.wallet.models import Mode
 from metergate.wallet.sql import SqlWalletStore
@@ -39,9 +45,10 @@ DEFAULT_TTL_S = 300
 
 
 class HoldsApi:
-    def __init__(self, settings: Settings, store: SqlWalletStore, admin: AdminApi) -> None:
+    def __init__(self, settings: Settings, store: SqlWalletStore, admin: AdminApi, signer: LinkSigner) -> None:
         self._settings = settings
         self._admin = admin
+        self._signer = signer
         self._assets = AssetRegistry(store, settings.assets)
         self.service = HoldService(store)
 
@@ -92,9 +99,18 @@ class HoldsApi:
             raise BadRequest("Give an Idempotency-Key header (or 'idempotency_key'), or name the 'hold_id'.",
                              param="idempotency_key")
         hold_id = hold_id or new_hold_id(mode, key)
-        answer = await self.service.create(mode, hold_id=hold_id, key=key or "create", customer_id=customer_id,
-                                           asset=asset.code, amount=amount, ttl_ms=self._ttl_ms(body))
+        try:
+            answer = await self.service.create(mode, hold_id=hold_id, key=key or "create", customer_id=customer_id,
+                                               asset=asset.code, amount=amount, ttl_ms=self._ttl_ms(body))
+        except InsufficientFunds as short:
+            raise self._top_up(short, mode, customer_id) from None
         return json_response(answer, status=201)
+
+    def _top_up(self, short: InsufficientFunds, mode: Mode, customer_id: str) -> InsufficientFunds:
+        """The refusal with what the proxy's 402 says beside it: how short, and where the customer tops up."""
+        short.extra.update(asset=short.asset, balance=short.available, required=short.required,
+                           portal_url=self._signer.url(mode, customer_id))
+        return short
 
     async def get(self, request: web.Request) -> web.Response:
         mode = self._admin.authenticate(request)
@@ -102,8 +118,12 @@ class HoldsApi:
 
     async def extend(self, request: web.Request) -> web.Response:
         mode, hold_id, body, asset = await self._hold(request, "amount", "amount_decimal", "ttl_s")
-        answer = await self.service.extend(mode, hold_id, key=key_of(request, body), amount=amount_of(body, asset),
-                                           ttl_ms=self._ttl_ms(body))
+        try:
+            answer = await self.service.extend(mode, hold_id, key=key_of(request, body),
+                                               amount=amount_of(body, asset), ttl_ms=self._ttl_ms(body))
+        except InsufficientFunds as short:
+            held = await self.service.get(mode, hold_id)
+            raise self._top_up(short, mode, held["hold"]["customer_id"]) from None
         return json_response(answer)
 
     async def capture(self, request: web.Request) -> web.Response:
@@ -135,6 +155,8 @@ class HoldsApi:
             mode, hold_id, key=key_of(request, body), used=amount_of(body, asset, name="used", allow_zero=True),
             next_amount=amount_of(body, asset, name="next", allow_zero=True), ttl_ms=self._ttl_ms(body),
             partial=partial)
+        if answer.get("reason") == "insufficient_funds":
+            answer = {**answer, "portal_url": self._signer.url(mode, answer["hold"]["customer_id"])}
         return json_response(answer)
 
 

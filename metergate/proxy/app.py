@@ -222,7 +222,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
         app.add_routes(BudgetsApi(settings, store, admin, pipeline.budgets, budget_alerts).routes())
         if sql_store is store:  # assets, grants, plans, subscriptions; holds for any workload
             app.add_routes(WalletsApi(settings, store, admin).routes())
-            app.add_routes(HoldsApi(settings, store, admin).routes())
+            app.add_routes(HoldsApi(settings, store, admin, signer).routes())
             app.add_routes(ListingsApi(store, admin).routes())  # API keys of a customer, open holds
         # Price versions, quotes, the simulator, usage events.
         event_caps = SpendCapGuard(PaymentsStore(pricing_store.wallet), cache_ttl_s=settings.key_cache_ttl_s)

@@ -59,6 +59,15 @@ async def test_a_gpu_job_heartbeats_until_the_wallet_is_empty_and_stops_at_zero(
         assert answer["allowance"] > 0
     assert (used, beats, answer["reason"]) == (10_000, 4, "insufficient_funds")  # 3 + 3 + 3 + 1 seconds
     assert await available(gateway) == 0
+    async with gateway.http(follow_redirects=True) as browser:  # the job runner shows its user where to top up
+        assert "c=trainer" in answer["portal_url"]
+        assert (await browser.get(answer["portal_url"])).status_code == 200
+        r = await gateway.admin.post("/holds", headers={"Idempotency-Key": "job-2"}, json={
+            "customer_id": "trainer", "asset": "GPU_SECONDS", "amount": increment, "ttl_s": 60})
+        error = r.json()["error"]
+        assert (r.status_code, error["code"], error["balance"], error["required"]) == (
+            402, "insufficient_funds", 0, increment)
+        assert "c=trainer" in error["portal_url"] and (await browser.get(error["portal_url"])).status_code == 200
     r = await gateway.admin.post(f"/holds/{hold_id}/capture", headers={"Idempotency-Key": "done"},
                                  json={"amount": 0, "final": True})
     assert r.status_code == 200, r.text
