@@ -17,8 +17,10 @@ outbox (:mod:`metergate.webhooks.outbox`) in the same transaction, so a claim is
 nor an event without its claim.
 
 Evaluation is off the request path: :class:`BudgetAlerts` checks the customers whose requests settled since
-its last run, every ``interval_s`` (the ``budget_alert_interval_s`` setting in ``serve``). What fired is read back
-by the admin API, the portal's budget page and the operator dashboard
+its last run, every ``interval_s`` (the ``budget_alert_interval_s`` setting in ``serve``), and, in every process
+(the control plane's too), the customers with a crossing still active: what recovers does so without traffic
+(a top-up, a raised limit, a new window), so it is said when it happens, not at the customer's next request.
+What fired is read back by the admin API, the portal's budget page and the operator dashboard
 (:meth:`~metergate.wallet.store.WalletStore.fired_budget_alerts`).
 """
 
@@ -98,6 +100,10 @@ class BudgetAlerts:
         while True:
             await asyncio.sleep(interval_s)
             touched, self._touched = self._touched, set()
+            try:
+                touched |= await self.active_customers()
+            except STORAGE_DOWN as exc:
+                log.warning("budget alerts not read (%s); retrying", type(exc).__name__)
             for mode, customer_id in touched:
                 try:
                     await self.evaluate(mode, customer_id)
@@ -107,6 +113,13 @@ class BudgetAlerts:
                     break
                 except Exception:
                     log.exception("evaluating budget alerts failed; retrying at the next settlement")
+
+    async def active_customers(self, limit: int = 1_000) -> set[tuple[Mode, str]]:
+        """The customers with a threshold crossed and not yet recovered (at most ``limit``)."""
+        e = t.budget_alert_events.c
+        rows = await self.sql.read(lambda conn: conn.execute(
+            select(e.mode, e.customer_id).where(e.recovered_at_ms.is_(None)).distinct().limit(limit)).all())
+        return {(row.mode, row.customer_id) for row in rows}
 
     # ------------------------------------------------------------------ rules
 

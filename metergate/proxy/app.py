@@ -151,7 +151,7 @@ def build_app(settings: Settings, store: WalletStore | None = None, *, public_ur
             await pipeline.start()
             if escrow is not None:
                 await escrow.start()
-            await budget_alerts.start(settings.budget_alert_interval_s)
+        await budget_alerts.start(settings.budget_alert_interval_s)  # in every role: recoveries need no traffic
         sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s, metrics)) if control else None
         yield
         if sweeper is not None:
