@@ -38,12 +38,21 @@ class SpendCapReached(PaymentRequired):
                          code="spend_cap_reached", period=period, cap=cap, spent=spent, asset=asset)
 
 
+_EPOCH = dt.date(1970, 1, 1)
+_last_day: list[tuple[int, tuple[int, int]]] = [(-1, (0, 0))]  # the day last asked for, and its answer
+
+
 def period_starts(at_ms: int) -> tuple[int, int]:
-    """The UTC day's and the UTC calendar month's first millisecond."""
-    day = at_ms // _DAY_MS * _DAY_MS
-    date = dt.datetime.fromtimestamp(day / 1000, dt.UTC)
-    month = int(date.replace(day=1).timestamp() * 1000)
-    return day, month
+    """The UTC day's and the UTC calendar month's first millisecond, in integer arithmetic. Every request of
+    a capped wallet asks, almost always for the same day as the one before: that answer is kept."""
+    days = at_ms // _DAY_MS
+    last, starts = _last_day[0]
+    if days == last:
+        return starts
+    date = _EPOCH + dt.timedelta(days=days)
+    starts = (days * _DAY_MS, (date.replace(day=1) - _EPOCH).days * _DAY_MS)
+    _last_day[0] = (days, starts)
+    return starts
 
 
 @dataclass(slots=True)

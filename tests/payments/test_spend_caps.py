@@ -7,11 +7,15 @@ Method: the operator sets caps through the admin API; requests go through the ga
 
 from __future__ import annotations
 
+import datetime as dt
+
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from metergate.errors import PaymentRequired
-from metergate.payments.spendcaps import SpendCapGuard
+from metergate.payments.spendcaps import SpendCapGuard, period_starts
 from metergate.payments.store import PaymentsStore, SpendCaps
 from metergate.proxy.app import PIPELINE
 from metergate.wallet.models import Mode
@@ -111,3 +115,15 @@ async def test_two_replicas_guards_spend_up_to_the_cap_exactly_reading_less_ofte
         held += 10_000
     assert held == 1_600_000
     assert counting.spend_reads < 160, counting.spend_reads
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800_000 - 1), st.integers(min_value=-3 * 86_400_000,
+                                                                             max_value=3 * 86_400_000))
+def test_period_starts_are_the_utc_day_and_month_in_exact_integers(at_ms: int, step_ms: int) -> None:
+    """Against the calendar, for any instant until 2100, asked in any order (the last day's answer is kept)."""
+    for ms in (at_ms, max(0, at_ms + step_ms), at_ms):
+        day, month = period_starts(ms)
+        when = dt.datetime.fromtimestamp(ms // 1000, dt.UTC)
+        assert dt.datetime.fromtimestamp(day // 1000, dt.UTC) == when.replace(hour=0, minute=0, second=0)
+        assert dt.datetime.fromtimestamp(month // 1000, dt.UTC) == when.replace(day=1, hour=0, minute=0, second=0)
+        assert day % 1000 == 0 and month % 1000 == 0 and month <= day <= ms
