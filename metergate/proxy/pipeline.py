@@ -114,6 +114,7 @@ class Exchange:
     assembler: Assembler | None = None  # a non-streaming request streamed internally: builds its one body
     budget: Ticket | None = None  # the budget path it was admitted along (metergate.budgets)
     budget_refusal: BudgetExceeded | None = None  # a node's limit, not the wallet, stopped the answer
+    cap_refusal: SpendCapReached | None = None  # the customer's own spend cap, not the wallet, stopped it
     upstream_url: URL | None = None  # where it is forwarded, when known already (else from ``match``)
 
 
@@ -639,7 +640,8 @@ class Pipeline:
                 # each step, and a step past it stops the answer like an empty wallet does.
                 try:
                     await self.spend_caps.admit(ex.hold.mode, ex.hold.customer_id, ex.hold.asset, amount)
-                except SpendCapReached:
+                except SpendCapReached as capped:
+                    ex.cap_refusal = capped
                     raise InsufficientFunds(asset=ex.hold.asset, available=0, required=amount) from None
             with tracing.span("metergate.extend"):
                 ex.hold = await self.holds.extend_hold(ex.hold.id, amount, step=step, ttl_ms=ttl_ms)
@@ -659,7 +661,17 @@ class Pipeline:
             if settlement is not None:
                 stopped["charged"] = format_minor(settlement.charged, ex.rate.scale)
             return stopped
-        notice: dict[str, Any] = {
+        if ex.cap_refusal is not None:  # the customer's own cap: a top-up cannot lift it, changing the cap can
+            capped = ex.cap_refusal.extra
+            notice = {"stop_reason": "spend_cap_reached", "asset": ex.hold.asset, "period": capped["period"],
+                      "cap": format_minor(capped["cap"], ex.rate.scale),
+                      "message": f"The {capped['period']} spend cap was reached: the answer was stopped here and "
+                                 "what was delivered is billed. The cap is set at portal_url.",
+                      "portal_url": self.signer.url(ex.identity.mode, ex.identity.customer_id)}
+            if settlement is not None:
+                notice["charged"] = format_minor(settlement.charged, ex.rate.scale)
+            return notice
+        notice = {
             "stop_reason": ex.stopped,
             "message": "The wallet ran out of funds: the answer was stopped here and what was delivered is "
                        "billed. Top up at portal_url.",

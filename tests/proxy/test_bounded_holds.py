@@ -403,13 +403,20 @@ async def test_a_growing_hold_stops_at_the_customers_spend_cap(gw: Gateway) -> N
     assert r.status_code == 200, r.text
     raw = await gw.openai().chat.completions.with_raw_response.create(
         model="gpt-4o-long", messages=ASK, extra_headers={"X-Mock-Behavior": "words:3000"})  # type: ignore[arg-type]
-    [choice] = raw.parse().choices
+    completion = raw.parse()
+    [choice] = completion.choices
     text = choice.message.content or ""
     assert choice.finish_reason == "length"
     assert text == affordable_prefix("gpt-4o-long", words(3000), 256)
     record = record_by_id(await gw.usage(), raw.headers["X-Metergate-Request-Id"])
     tokens = counter_for("gpt-4o-long").count(text)
     assert record["charged_amount"] == tokens * PER_TOKEN <= cap and record["written_off_amount"] == 0
+    # The answer says why it stopped: the customer's cap (set in the portal), not an empty wallet.
+    assert completion.model_extra is not None
+    notice = completion.model_extra["metergate"]
+    assert (notice["stop_reason"], notice["period"], notice["cap"]) == ("spend_cap_reached", "daily", "0.003000")
+    assert notice["charged"] == f"{Decimal(tokens * PER_TOKEN) / 1_000_000:.6f}"
+    assert notice["portal_url"].startswith(gw.url) and "top up" not in notice["message"].lower()
     balance = await gw.balance()
     assert (balance["available"], balance["pending"]) == (1_000_000 - tokens * PER_TOKEN, 0)
 
