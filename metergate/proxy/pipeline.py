@@ -162,7 +162,7 @@ class Pipeline:
         self.on_budget_settled: Callable[[Mode, str], None] | None = None  # budget alerts: no I/O in it
         self.session: aiohttp.ClientSession | None = None
         self._scale = settings.asset(prices.asset).scale
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
         self.ratelimiter = RateLimiter(settings.rate_limits, store)
         self.budgets = BudgetGuard(store, cache_ttl_s=settings.key_cache_ttl_s)
 
@@ -759,11 +759,15 @@ class Pipeline:
         if settlement is not None and self.on_budget_settled is not None:
             self.on_budget_settled(ex.hold.mode, ex.hold.customer_id)
         if settlement is not None and self.on_settled is not None:
-            hook = asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
-                                                         settlement.balance))
-            self._inflight.add(hook)
-            hook.add_done_callback(self._inflight.discard)
+            self.track(asyncio.ensure_future(self.on_settled(ex.hold.mode, ex.hold.customer_id, ex.hold.asset,
+                                                             settlement.balance)))
         return settlement
+
+    def track(self, work: asyncio.Future[Any]) -> None:
+        """Work that must finish before the pipeline stops (its store closes), whoever awaits it: a shutdown
+        waits for it even if the handler that started it is cancelled."""
+        self._inflight.add(work)
+        work.add_done_callback(self._inflight.discard)
 
     def _receipt(self, ex: Exchange, settlement: Settlement | None, usage: Usage | None) -> dict[str, str]:
         receipt = {"X-Metergate-Request-Id": ex.request_id, "X-Metergate-Asset": ex.hold.asset}

@@ -177,8 +177,7 @@ class RealtimeRelay:
         finally:
             # Tracked by the pipeline, so that a shutdown waits for it even if this handler is cancelled.
             closing = asyncio.ensure_future(meter.close())
-            p._inflight.add(closing)
-            closing.add_done_callback(p._inflight.discard)
+            p.track(closing)
             await asyncio.shield(closing)
         return client
 
