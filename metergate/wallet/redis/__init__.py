@@ -1,5 +1,3 @@
-"""The Redis real-time wallet over the SQL ledger; see :mod:`metergate.wallet.redis.store`."""
-
-from metergate.wallet.redis.store import RedisWalletStore, WalletUnavailable
-
-__all__ = ["RedisWalletStore", "WalletUnavailable"]
+"""Redis beside the SQL store: the rate-limit windows replicas share (:mod:`metergate.wallet.redis.windows`, the
+default with ``redis_url``), and the Redis wallet over the SQL ledger (:mod:`metergate.wallet.redis.store`,
+``redis_wallet: true``). Nothing is imported here, so that the windows' topology loads none of the wallet's."""

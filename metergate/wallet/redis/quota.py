@@ -19,7 +19,7 @@ from metergate.wallet.models import Mode, RateLimitDenial
 from metergate.wallet.quota import TAPER, QuotaClaim, QuotaGrant
 
 if TYPE_CHECKING:
-    from metergate.wallet.redis.store import KeySpace
+    from metergate.wallet.redis.keyspace import KeySpace
 
 
 class WindowStore(Protocol):

@@ -443,7 +443,7 @@ def _finish(conn: Connection, events: list[dict[str, str]], now: int) -> None:
 
 
 def _wallet(fields: dict[str, str]) -> Any:
-    from metergate.wallet.redis.store import WalletRef
+    from metergate.wallet.redis.keyspace import WalletRef
 
     return WalletRef(fields["m"], fields["cu"], fields["a"])  # type: ignore[arg-type]
 

@@ -71,18 +71,14 @@ import os
 import socket
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-import redis.exceptions as rex
 from sqlalchemy import Connection, select
 
 from metergate.budgets.delegate import BudgetsInSql
-from metergate.errors import MetergateError
 from metergate.wallet import schema as t
 from metergate.wallet.errors import HoldNotFound, IdempotencyConflict, InsufficientFunds
 from metergate.wallet.models import (
@@ -102,28 +98,13 @@ from metergate.wallet.models import (
 )
 from metergate.wallet.redis import quota as redis_quota
 from metergate.wallet.redis import scripts
+from metergate.wallet.redis.keyspace import REDIS_DOWN, KeySpace, WalletRef, WalletUnavailable, connect
 from metergate.wallet.sql import SqlWalletStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: exact integers up to here
 CREDIT_KEY_WINDOW_MS = 7 * 86_400_000  # a rebuilt projection remembers the credits of the last week
-REDIS_DOWN = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError)
-
-
-class WalletUnavailable(MetergateError):
-    """The real-time wallet cannot be reached: fail closed rather than admit unmetered spend."""
-
-    status = 503
-    type = "api_error"
-    default_code = "wallet_unavailable"
-
-
-@dataclass(frozen=True, slots=True)
-class WalletRef:
-    mode: Mode
-    customer_id: str
-    asset: str
 
 
 @dataclass(slots=True)
@@ -146,72 +127,6 @@ class _Unconfirmed:
     charged: int
     written_off: int
     usage: UsageRecord | None
-
-
-class KeySpace:
-    """Key names; see :mod:`metergate.wallet.redis.scripts` for what each holds."""
-
-    def __init__(self, prefix: str, shards: int) -> None:
-        self.prefix = prefix
-        self.shards = shards
-
-    def shard(self, mode: str, customer_id: str) -> int:
-        return zlib.crc32(f"{mode}:{customer_id}".encode()) % self.shards
-
-    def base(self, shard: int) -> str:
-        return f"{self.prefix}:{{{shard}}}"
-
-    def wallet(self, w: WalletRef) -> tuple[str, str, str]:
-        """(projection, credit key set, unapplied counter)."""
-        b, tail = self.base(self.shard(w.mode, w.customer_id)), f"{w.mode}:{w.customer_id}:{w.asset}"
-        return f"{b}:w:{tail}", f"{b}:k:{tail}", f"{b}:u:{tail}"
-
-    def hold(self, w: WalletRef, hold_id: str) -> str:
-        return f"{self.base(self.shard(w.mode, w.customer_id))}:h:{hold_id}"
-
-    def hold_in(self, shard: int, hold_id: str) -> str:
-        return f"{self.base(shard)}:h:{hold_id}"
-
-    def expiry(self, shard: int) -> str:
-        return f"{self.base(shard)}:x"
-
-    def stream(self, shard: int) -> str:
-        return f"{self.base(shard)}:s"
-
-    def lease(self, shard: int) -> str:
-        return f"{self.base(shard)}:lease"
-
-    def unapplied(self, w: WalletRef) -> str:
-        return self.wallet(w)[2]
-
-    def index(self, hold_id: str) -> str:
-        return f"{self.prefix}:hold:{hold_id}"
-
-    def hot(self, w: WalletRef, hold_id: str) -> list[str]:
-        """The five keys of a hot-path script: wallet, hold, expiry, stream, unapplied counter."""
-        shard = self.shard(w.mode, w.customer_id)
-        wallet, _, unapplied = self.wallet(w)
-        return [wallet, self.hold_in(shard, hold_id), self.expiry(shard), self.stream(shard), unapplied]
-
-
-def connect(url: str) -> Any:
-    """A redis-py asyncio client for ``url``: ``redis://`` / ``rediss://`` (one server),
-    ``redis+cluster://host:port`` (Redis Cluster) or ``redis+sentinel://host:port/<service>`` (Sentinel)."""
-    common: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "decode_responses": True}
-    if url.startswith("redis+cluster://"):
-        from redis.asyncio.cluster import RedisCluster
-
-        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), **common)
-    if url.startswith("redis+sentinel://"):
-        from redis.asyncio.sentinel import Sentinel
-
-        rest = url.removeprefix("redis+sentinel://")
-        hosts, _, service = rest.partition("/")
-        nodes = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts.split(",")]
-        return Sentinel(nodes, **common).master_for(service or "mymaster")  # type: ignore[no-untyped-call]
-    # A blocking pool: a burst of concurrent requests waits (briefly) for a connection instead of failing.
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5, **common)
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
 
 
 _USAGE_FIELDS = tuple(f.name for f in fields(UsageRecord))

@@ -24,7 +24,7 @@ from typing import Any
 
 from metergate.wallet.errors import StoreInUse
 from metergate.wallet.redis import quota as redis_quota
-from metergate.wallet.redis.store import REDIS_DOWN, KeySpace, WalletUnavailable, connect
+from metergate.wallet.redis.keyspace import REDIS_DOWN, KeySpace, WalletUnavailable, connect
 from metergate.wallet.sql import SqlWalletStore
 
 
