@@ -341,6 +341,15 @@ class Escrow:
 
     # ------------------------------------------------------------------ shrinking
 
+    async def shrink(self) -> None:
+        """Size every lease now, as the heartbeat does but with each wallet's balance read afresh, and shrink or
+        return the retired ones: for draining a process's leases without waiting for its heartbeat."""
+        for key, lease in list(self._leases.items()):
+            balance = await self.store.balance(*key)
+            self._balances[key] = (balance, time.monotonic())
+            await self._size(key, lease, balance)
+        await self._return_ready(None)
+
     async def _size(self, key: AccountKey, lease: Lease, balance: Balance) -> None:
         """The heartbeat's sizing step for an active lease: shrink it to its target when it holds well above that
         free, or retire it when its target is too small to lease. Why at the heartbeat: what makes a lease too
