@@ -247,6 +247,28 @@ async def test_a_lease_well_above_its_target_shrinks_at_the_heartbeat_and_others
     assert await store.audit() == []
 
 
+async def test_shrinks_racing_the_lease_settlements_bill_each_request_once(stores: list[SqlWalletStore]) -> None:
+    store = stores[0]
+    a = Escrow(store, MANUAL)
+    direct = await oversized_lease(store, a)
+
+    async def shrinking() -> None:
+        for _ in range(10):
+            await a.shrink()
+            await asyncio.sleep(0)
+
+    admitted, _ = await asyncio.gather(spend(a, 100, hold=100, price=60), shrinking())
+    assert len(admitted) == 100 and a.stats["shrinks"] >= 1
+    lease, hold = await lease_of(a, store)
+    assert lease.captured == hold.captured_amount and lease.amount <= hold.amount
+    await store.settle("direct-1", direct)
+    await a.close()
+    balance, records = await settled_state(store)
+    assert (balance.debits_posted, balance.debits_pending) == (41 * 100 + 100 * 60 + direct, 0)
+    assert len(records) == 141 and all(r.written_off_amount == 0 for r in records)
+    assert await store.audit() == []
+
+
 class LosesOneShrinkAnswer:
     """The shared store, except that the first shrink's answer is lost after it committed (a connection that
     dropped before the reply)."""
