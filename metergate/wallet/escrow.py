@@ -342,8 +342,9 @@ class Escrow:
     # ------------------------------------------------------------------ shrinking
 
     async def shrink(self) -> None:
-        """Size every lease now, as the heartbeat does but with each wallet's balance read afresh, and shrink or
-        return the retired ones: for draining a process's leases without waiting for its heartbeat."""
+        """Size every lease now, as the heartbeat does but with each wallet's balance read afresh (not as the last
+        round trip left it), and shrink or return the retired ones: the sizing step on demand, for when the
+        wallet is known to have changed (an operator's tooling, the tests) rather than at the next heartbeat."""
         for key, lease in list(self._leases.items()):
             balance = await self.store.balance(*key)
             self._balances[key] = (balance, time.monotonic())
