@@ -38,8 +38,10 @@ class Heat:
     last: int = 0  # the count of the previous whole second
 
     def seen(self, second: int) -> None:
-        """Count one reserve in ``second``."""
-        self.roll(second)
+        """Count one reserve in ``second`` (every leased request's: the usual case, the same second, is one
+        comparison)."""
+        if self.second != second:
+            self.roll(second)
         self.count += 1
 
     def roll(self, second: int) -> None:
