@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from metergate.wallet.errors import IdempotencyConflict, InsufficientFunds
+from metergate.wallet.errors import HoldNotPending, IdempotencyConflict, InsufficientFunds
 from metergate.wallet.escrow import Escrow, EscrowPolicy
 from metergate.wallet.models import UsageRecord, now_ms
 from metergate.wallet.sql import SqlWalletStore
@@ -266,6 +266,28 @@ async def test_shrinks_racing_the_lease_settlements_bill_each_request_once(store
     balance, records = await settled_state(store)
     assert (balance.debits_posted, balance.debits_pending) == (41 * 100 + 100 * 60 + direct, 0)
     assert len(records) == 141 and all(r.written_off_amount == 0 for r in records)
+    assert await store.audit() == []
+
+
+async def test_a_shrunk_hold_keeps_the_grants_its_captures_draw_first(stores: list[SqlWalletStore]) -> None:
+    """The store's shrink on its own: what it gives back is what a capture would draw last (here the paid
+    funds, behind an allowance of higher priority), and what the hold keeps is still captured from it."""
+    store = stores[0]
+    await store.credit(MODE, CUSTOMER, ASSET, 5_000, idempotency_key="allowance", purpose="entitlement",
+                       priority=100, grant_id="g-allowance")
+    await store.credit(MODE, CUSTOMER, ASSET, 10_000, idempotency_key="paid", grant_id="g-paid")
+    await store.reserve(MODE, CUSTOMER, ASSET, 12_000, hold_id="lease:x:1", ttl_ms=60_000)
+    hold, given = await store.shrink_hold("lease:x:1", 8_000, step=1)
+    assert (hold.amount, given) == (4_000, 8_000)
+    assert {a.grant_id: a.held for a in await store.allocations("lease:x:1")} == {"g-allowance": 4_000, "g-paid": 0}
+    assert (await store.balance(MODE, CUSTOMER, ASSET)).available == 11_000
+    _, again = await store.shrink_hold("lease:x:1", 8_000, step=1)
+    _, more = await store.shrink_hold("lease:x:1", 9_000, step=2)  # more than it holds: what it holds
+    assert (again, more) == (8_000, 4_000)
+    await store.settle("lease:x:1", 0)
+    with pytest.raises(HoldNotPending):  # resolved: nothing to give back
+        await store.shrink_hold("lease:x:1", 1, step=3)
+    assert (await store.balance(MODE, CUSTOMER, ASSET)).available == 15_000
     assert await store.audit() == []
 
 
