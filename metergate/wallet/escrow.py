@@ -24,6 +24,12 @@ Rules, each a property the tests check:
   process retires its own lease and recalls the others' (a row in ``lease_recalls``, read by every lease
   holder's heartbeat); their owners stop admitting and return them once their requests in flight settle, and the
   refused request is tried again when the funds are back, for at most ``recall_wait_s``.
+* **Leases shrink in place.** What a lease holds free beyond its need goes back to the shared store at once,
+  without waiting for the lease's requests to settle, by one idempotent store operation (``shrink_hold``):
+  a retiring lease (recalled, idle, replaced, too large for the wallet) keeps only what its requests in flight
+  hold; an active one whose free part is well above its target (:mod:`metergate.wallet.escrowpolicy`: the
+  spend rate dropped, or the wallet's free balance fell) keeps its target. The lease counts a shrink before
+  the store has it, so that it never admits against funds it is giving back.
 * **Idempotent.** A request's settlement carries its own key (``settle:<hold id>``), whichever path settles it.
 
 What a lease trades: a request admitted here is not visible as a hold of its own in the shared store (the
@@ -41,95 +47,23 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from collections.abc import Iterable
+from dataclasses import replace
 
 from metergate.wallet.errors import (
-    CaptureBelowCaptured,
     HoldNotFound,
     HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
     log_retrying,
 )
-from metergate.wallet.models import Balance, Capture, Hold, Mode, Settlement, UsageRecord, now_ms
+from metergate.wallet.escrowlease import AccountKey, Lease, LeaseBackend, LocalHold
+from metergate.wallet.escrowpolicy import EscrowPolicy, Heat, excess, target, worth_leasing
+from metergate.wallet.models import Balance, Hold, Mode, Settlement, UsageRecord, now_ms
 
 log = logging.getLogger(__name__)
 
-AccountKey = tuple[Mode, str, str]  # (mode, customer_id, asset)
 SETTLED_KEPT = 10_000  # how many settled requests a replayed settle is recognised for
-
-
-class LeaseBackend(Protocol):
-    """What a lease needs of the durable store (:class:`metergate.wallet.sql.SqlWalletStore`)."""
-
-    async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
-                      hold_id: str, ttl_ms: int) -> tuple[Hold, Balance]: ...
-    async def extend_hold(self, hold_id: str, amount: int, *, step: int, ttl_ms: int) -> Hold: ...
-    async def settle(self, hold_id: str, amount: int, usage: UsageRecord | None = None) -> Settlement: ...
-    def capture_usage(self, hold_id: str, amount: int, *, key: str, usage: UsageRecord | None,
-                      held: int | None = None) -> Awaitable[Capture]: ...
-    async def touch_hold(self, hold_id: str, *, ttl_ms: int) -> Hold: ...
-    async def get_hold(self, hold_id: str) -> Hold | None: ...
-    async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance: ...
-    async def recall_leases(self, mode: Mode, customer_id: str, asset: str, *, owner: str, at_ms: int) -> int: ...
-    async def lease_recalls(self, keys: list[AccountKey]) -> dict[AccountKey, int]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class EscrowPolicy:
-    """How leases are sized and kept (the ``escrow`` settings)."""
-
-    horizon_s: float = 1.0  # a lease covers about this long of its wallet's spend through this process
-    share: int = 16  # a lease is at most 1/share of what the wallet has available when it is taken or grown
-    min_requests: int = 8  # a lease that would cover fewer requests like the one asking is not worth taking
-    hot_per_s: int = 20  # a wallet is leased once this process sees this many reserves on it in a second
-    ttl_s: float = 30.0  # a lease's TTL, renewed by the heartbeat: how long a crashed process's lease lives
-    idle_s: float = 2.0  # a lease unused this long is returned
-    tick_s: float = 0.25  # the heartbeat: renewals, returns, recalls
-    recall_wait_s: float = 2.0  # how long a refused request waits for recalled leases to come back
-    cooldown_s: float = 5.0  # after a recall or a refused lease, the wallet is served without a lease this long
-
-
-@dataclass(slots=True)
-class Lease:
-    key: AccountKey
-    hold_id: str
-    amount: int  # what the durable hold holds in all (it grows by top-ups and by captures beyond it)
-    expires_at_ms: int
-    taken_at_ms: int
-    captured: int = 0  # captured from it, committed or in flight
-    local: int = 0  # held by the requests admitted against it and not yet settled
-    inflight: int = 0  # captures submitted and not yet answered
-    steps: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    last_grant: int = 0
-    used_at: float = field(default_factory=time.monotonic)
-    retiring: bool = False  # admits nothing more; returned once its requests have settled
-    growing: bool = False
-    dead: bool = False  # its hold expired: the requests admitted against it are charged to the wallet directly
-
-    @property
-    def free(self) -> int:
-        return self.amount - self.captured - self.local
-
-    def admits(self, amount: int, now: int, margin_ms: int) -> bool:
-        return not (self.retiring or self.dead) and self.free >= amount and now < self.expires_at_ms - margin_ms
-
-
-@dataclass(slots=True)
-class LocalHold:
-    lease: Lease
-    hold: Hold
-    reserved: int  # what the reserve asked for (the hold grows by extensions)
-    steps: set[int | str] | None = None  # the extension steps applied (most requests have none)
-
-
-@dataclass(slots=True)
-class _Heat:
-    second: int = 0
-    count: int = 0
-    last: int = 0  # the count of the previous whole second
 
 
 class Escrow:
@@ -151,16 +85,18 @@ class Escrow:
         self._balances: dict[AccountKey, tuple[Balance, float]] = {}  # as last seen, and when (monotonic)
         # A lease closer than this to its expiry admits nothing more (its renewal is overdue).
         self._margin_ms = int(self.policy.ttl_s * 1000 / 3)
-        self._heat: dict[AccountKey, _Heat] = {}
+        self._heat: dict[AccountKey, Heat] = {}
         self._cool_until: dict[AccountKey, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recalling: dict[AccountKey, asyncio.Task[bool]] = {}
+        self._recall_need: dict[AccountKey, int] = {}  # the largest refused request waiting on each recall
         self._waiting: dict[AccountKey, int] = {}  # reserves waiting for a top-up, by wallet
         # Recently settled local holds -> their lease, for replays; bounded, oldest dropped first (an OrderedDict:
         # a plain dict's first key is found by scanning past every deleted one).
         self._settled: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._ticker: asyncio.Task[None] | None = None
-        self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0}
+        self.stats = {"leases": 0, "topups": 0, "local": 0, "durable": 0, "recalls": 0, "returned": 0,
+                      "shrinks": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,7 +116,8 @@ class Escrow:
         for lease in [*self._leases.values(), *self._retired]:
             lease.retiring = True
             with contextlib.suppress(Exception):
-                await self._return(lease)
+                await lease.give_back(self.store)
+                self.stats["returned"] += 1
         self._leases.clear()
         self._retired.clear()
         log.info("escrow closed: %s", self.stats)
@@ -222,7 +159,7 @@ class Escrow:
         except InsufficientFunds:
             # Bring back what sits in leases, then ask once more: also when none was outstanding any more, since
             # a lease may have gone back between the refusal and the recall. A second refusal is the answer.
-            await self._recall(key)
+            await self._recall(key, amount)
             return await self.store.reserve(mode, customer_id, asset, amount, hold_id=hold_id, ttl_ms=ttl_ms)
 
     async def extend_hold(self, hold_id: str, amount: int, *, step: int | str, ttl_ms: int) -> Hold:
@@ -275,6 +212,9 @@ class Escrow:
         finally:
             lease.inflight -= 1
         lease.captured += done.charged - amount  # what it did not cover was written off, not taken
+        # What the store drew beyond the request's share grew the hold (as a delta: answers come in any order, and
+        # a shrink makes the hold's amount go down as well as up).
+        lease.amount += done.charged - min(amount, held)
         if done.hold.state != "pending":  # the lease ran out (expired): it backs nothing any more
             lease.dead = True
             if self._leases.get(lease.key) is lease:
@@ -282,7 +222,6 @@ class Escrow:
         self._settled[hold_id] = lease.hold_id
         if len(self._settled) > SETTLED_KEPT:
             self._settled.popitem(last=False)
-        lease.amount = max(lease.amount, done.hold.amount)
         self._balances[lease.key] = (done.balance, time.monotonic())
         return Settlement(hold_id, done.charged, done.written_off, done.balance, replayed=done.replayed)
 
@@ -303,11 +242,8 @@ class Escrow:
         second = int(now)
         heat = self._heat.get(key)
         if heat is None:
-            heat = self._heat[key] = _Heat(second)
-        if heat.second != second:
-            heat.last = heat.count if heat.second == second - 1 else 0
-            heat.second, heat.count = second, 0
-        heat.count += 1
+            heat = self._heat[key] = Heat(second)
+        heat.seen(second)
         if self._cool_until.get(key, 0.0) > now:
             return False
         return key in self._leases or max(heat.count, heat.last) >= self.policy.hot_per_s
@@ -316,6 +252,7 @@ class Escrow:
                now: int) -> tuple[Hold, Balance]:
         hold = Hold(hold_id, key[0], key[1], key[2], amount, "pending", now + ttl_ms, now, 0)
         lease.local += amount
+        lease.unit = amount
         lease.used_at = time.monotonic()
         self._local[hold_id] = LocalHold(lease, hold, amount)
         self.stats["local"] += 1
@@ -354,13 +291,10 @@ class Escrow:
                 lease.growing = True
             try:
                 balance = await self._recent_balance(key)
-                heat = self._heat.get(key, _Heat())
-                rate = max(heat.last, heat.count) * amount  # units a second, at this request's size
                 # At least the requests waiting for this top-up, so that a burst is admitted by one round trip.
-                waiting = amount * self._waiting.get(key, 1)
-                want = max(amount * self.policy.min_requests, int(rate * self.policy.horizon_s), waiting)
-                size = min(want, balance.available // self.policy.share)
-                if size < amount * self.policy.min_requests:
+                size = target(self.policy, unit=amount, rate=self._heat.get(key, Heat()).rate(),
+                              waiting=self._waiting.get(key, 1), available=balance.available)
+                if not worth_leasing(self.policy, size, amount):
                     self._cool(key)
                     return lease
                 ttl_ms = int(self.policy.ttl_s * 1000)
@@ -373,7 +307,7 @@ class Escrow:
                         lease.growing = False
                         lease = None
                     else:
-                        lease.amount = max(lease.amount, hold.amount)
+                        lease.amount += size
                         lease.expires_at_ms = hold.expires_at_ms
                         lease.last_grant = size
                         self.stats["topups"] += 1
@@ -409,17 +343,65 @@ class Escrow:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # ------------------------------------------------------------------ shrinking
+
+    async def shrink(self) -> None:
+        """Size every lease now, as the heartbeat does but with each wallet's balance read afresh (not as the last
+        round trip left it), and shrink or return the retired ones: the sizing step on demand, for when the
+        wallet is known to have changed (an operator's tooling, the tests) rather than at the next heartbeat."""
+        for key, lease in list(self._leases.items()):
+            balance = await self.store.balance(*key)
+            self._balances[key] = (balance, time.monotonic())
+            await self._size(key, lease, balance)
+        await self._return_ready(None)
+
+    async def _size(self, key: AccountKey, lease: Lease, balance: Balance) -> None:
+        """The heartbeat's sizing step for an active lease: shrink it to its target when it holds well above that
+        free, or retire it when its target is too small to lease. Why at the heartbeat: what makes a lease too
+        large is what happens between requests — the spend rate drops, or other replicas' holds take the
+        wallet's free balance down (a lease is at most ``1/share`` of what the wallet has free outside leases) —
+        and admission is no place for a round trip. A lease is never shrunk below its target, so the next
+        requests are admitted without a top-up; a shrink interrupted earlier is sent again first."""
+        if lease.unshrunk is not None:
+            await self._shrink(lease, 0)  # sent again as it was
+            return
+        if lease.growing or lease.shrinking or not lease.unit:
+            return
+        heat = self._heat.get(key, Heat())
+        heat.roll(int(time.monotonic()))  # a rate not counted this second or the last is no rate
+        size = target(self.policy, unit=lease.unit, rate=heat.rate(), waiting=self._waiting.get(key, 0),
+                      available=balance.available)
+        if not excess(self.policy, lease.free, size):
+            return
+        if not worth_leasing(self.policy, size, lease.unit):
+            self._retire(key)  # the wallet is small for its traffic now: hold by hold (the retired lease shrinks)
+            return
+        lease.last_grant = size  # a top-up is due again below half of this, not of the larger grant before
+        await self._shrink(lease, size)
+
+    async def _shrink(self, lease: Lease, keep: int) -> None:
+        if await lease.shrink(self.store, keep):
+            self.stats["shrinks"] += 1
+
     # ------------------------------------------------------------------ recall
 
-    async def _recall(self, key: AccountKey) -> bool:
-        """After the shared store refused a request: bring back what sits in leases on this wallet, this
-        process's own and others' (through the recall row), waiting at most ``recall_wait_s``; True if there was
-        any to wait for (the request is then tried again). One recall per wallet at a time, however many
-        requests were refused meanwhile."""
+    async def _recall(self, key: AccountKey, amount: int) -> bool:
+        """After the shared store refused a request of ``amount``: bring back what sits in leases on this wallet,
+        this process's own and others' (through the recall row), waiting at most ``recall_wait_s``, or until the
+        wallet has the largest refused request's amount free (the leases' holders shrink them to what their
+        requests in flight hold at once, without waiting for those to settle); True if there was any to wait for
+        (the request is then tried again). One recall per wallet at a time, however many requests were refused
+        meanwhile."""
+        self._recall_need[key] = max(self._recall_need.get(key, 0), amount)
         task = self._recalling.get(key)
         if task is None:
             task = self._recalling[key] = asyncio.create_task(self._bring_back(key))
-            task.add_done_callback(lambda _t: self._recalling.pop(key, None))
+
+            def done(_t: object) -> None:
+                self._recalling.pop(key, None)
+                self._recall_need.pop(key, None)
+
+            task.add_done_callback(done)
         return await asyncio.shield(task)
 
     async def _bring_back(self, key: AccountKey) -> bool:
@@ -435,6 +417,9 @@ class Escrow:
                 return waited
             waited = True
             if time.monotonic() >= deadline:
+                return True
+            if (await self.store.balance(*key)).available >= self._recall_need.get(key, 0):
+                self.stats["recalls"] += 1  # shrunk leases gave back enough: no need to wait for the rest
                 return True
             await asyncio.sleep(min(0.05, self.policy.tick_s))
 
@@ -470,12 +455,15 @@ class Escrow:
         for key, lease in list(self._leases.items()):
             if lease.used_at < idle and lease.local == 0:
                 self._retire(key)
-            elif lease.expires_at_ms - now < self.policy.ttl_s * 1000 * 2 / 3:
+                continue
+            if lease.expires_at_ms - now < self.policy.ttl_s * 1000 * 2 / 3:
                 try:
                     hold = await self.store.touch_hold(lease.hold_id, ttl_ms=int(self.policy.ttl_s * 1000))
                     lease.expires_at_ms = hold.expires_at_ms
                 except (HoldNotPending, HoldNotFound):
                     self._retire(key)  # expired (this process stalled past its TTL): the sweeper released it
+                    continue
+            await self._size(key, lease, await self._recent_balance(key))
         await self._return_ready(None)
         for key in [k for k, until in self._cool_until.items() if until < time.monotonic()]:
             del self._cool_until[key]
@@ -492,24 +480,18 @@ class Escrow:
                 self._cool(key)
 
     async def _return_ready(self, key: AccountKey | None) -> None:
+        """Return the retired leases whose requests have all settled, and shrink the others to what their
+        requests in flight hold: a retired lease admits nothing more, so what it holds free serves no request
+        here, and a replica refused for want of it (a recall) gets it now rather than when they settle."""
         for lease in list(self._retired):
-            if (key is None or lease.key == key) and lease.local <= 0 and lease.inflight == 0:
+            if (key is not None and lease.key != key) or lease.shrinking:
+                continue
+            if lease.local <= 0 and lease.inflight == 0:
                 self._retired.remove(lease)
-                await self._return(lease)
-
-    async def _return(self, lease: Lease) -> None:
-        """Resolve the lease's hold at what its settlements captured, releasing the rest to the wallet."""
-        try:
-            await self.store.settle(lease.hold_id, lease.captured)
-        except CaptureBelowCaptured:
-            hold = await self.store.get_hold(lease.hold_id)  # this process lost count (it never should)
-            if hold is not None and hold.state == "pending":
-                log.error("escrow: lease %s captured %d, counted %d", lease.hold_id, hold.captured_amount,
-                          lease.captured)
-                await self.store.settle(lease.hold_id, hold.captured_amount)
-        except (HoldNotFound, HoldNotPending):
-            pass
-        self.stats["returned"] += 1
+                await lease.give_back(self.store)
+                self.stats["returned"] += 1
+            elif lease.free > 0 or lease.unshrunk is not None:
+                await self._shrink(lease, 0)
 
 
 __all__ = ["Escrow", "EscrowPolicy", "LeaseBackend"]

@@ -272,6 +272,27 @@ def release(conn: Connection, mode: str, customer_id: str, asset: str, hold_id: 
     return credits
 
 
+def release_part(conn: Connection, mode: str, customer_id: str, hold_id: str, amount: int, now: int) -> int:
+    """Give back up to ``amount`` of what an open hold holds and keep it open (an escrow lease shrinking): the
+    parts a capture would draw last first — its unbacked part, then its live grants in reverse consumption
+    order — so that what it keeps is what its captures draw first. A part on a lapsed or voided grant is not
+    given back: as for any open hold, it stays held until the hold resolves, and lapses then (its one ``lapse``
+    entry). Return how much was given back; the caller moves the account's pending by as much."""
+    allocs = allocations_ordered(conn, hold_id, mode, customer_id)
+    order = allocs[0].corder if allocs else None
+    live = sorted((a for a in allocs if a.grant_id and is_live(a, now)), key=sort_key(order), reverse=True)
+    left = amount
+    for a in [*(a for a in allocs if not a.grant_id), *live]:
+        give = min(int(a.a_held), left)
+        if give <= 0:
+            continue
+        if a.grant_id:
+            MOVE_GRANT.run(conn, {"b_grant": a.grant_id, "b_held": -give, "b_consumed": 0, "b_removed": 0})
+        MOVE_ALLOC.run(conn, {"b_hold": hold_id, "b_grant": a.grant_id, "b_held": -give, "b_captured": 0})
+        left -= give
+    return amount - left
+
+
 def draw_free(conn: Connection, hold_id: str, live: list[AnyRow], amount: int, existing: set[str]) -> int:
     """Capture up to ``amount`` straight from the free remainder of ``live`` grants (a capture beyond its hold);
     return how much was drawn."""

@@ -110,6 +110,31 @@ def extend_in(conn: Connection, hold: Hold, amount: int, *, key: str, ttl_ms: in
     return extended
 
 
+def shrink_in(conn: Connection, hold: Hold, amount: int, *, key: str, hashed: str, now: int) -> tuple[Hold, int]:
+    """Give back up to ``amount`` of what a pending hold holds uncaptured and keep it open: an extension's
+    inverse, for an escrow lease whose holder needs less of it. What is given back leaves the account's pending
+    debits in the same statement that moves the rest of the balance, so it is available at once to any hold on
+    the wallet, by the one availability rule (:data:`metergate.wallet.ledger.RESERVE`). The hold row is written
+    only if it is still pending and still holds that much (a conditional UPDATE: the caller locked the row, so
+    this is the guard against a bug, never a race). Returns the hold and what was given back; nothing is written
+    when that is nothing. The caller has checked idempotency (``key`` is the ledger entry's)."""
+    assert hold.state == "pending" and amount >= 0
+    lock_account(conn, hold.mode, hold.customer_id, hold.asset)
+    open_part = hold.amount - hold.captured_amount
+    given = gr.release_part(conn, hold.mode, hold.customer_id, hold.id, min(amount, open_part), now)
+    if given == 0:
+        return hold, 0
+    h = t.holds.c
+    shrunk = conn.execute(update(t.holds).where(
+        h.id == hold.id, h.state == "pending", h.amount - h.captured_amount >= given,
+    ).values(amount=h.amount - given).returning(*t.holds.c)).first()
+    assert shrunk is not None, f"hold {hold.id} changed under its lock"
+    move_account(conn, hold.mode, hold.customer_id, hold.asset, pending=-given)
+    append(conn, key, hashed, hold.mode, hold.customer_id, hold.asset, "shrink", given, pending=-given,
+           hold_id=hold.id, at_ms=now)
+    return hold_of(shrunk), given
+
+
 def touch_in(conn: Connection, hold: Hold, *, ttl_ms: int, now: int) -> Hold:
     """Push a pending hold's expiry out without growing it (a heartbeat that needs no more funds)."""
     touched = replace(hold, expires_at_ms=max(hold.expires_at_ms, now + ttl_ms))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 Mode = Literal["test", "live"]
 HoldState = Literal["pending", "captured", "voided", "expired"]
 # activate: a scheduled grant became effective; lapse: a grant's unused remainder expired; revoke: it was voided.
-EntryKind = Literal["credit", "hold", "extend", "capture", "void", "expire", "activate", "lapse", "revoke"]
+EntryKind = Literal["credit", "hold", "extend", "shrink", "capture", "void", "expire", "activate", "lapse", "revoke"]
 GrantPurpose = Literal["paid", "promotional", "trial", "entitlement", "adjustment"]
 GrantState = Literal["scheduled", "active", "expired", "voided"]
 UsageSource = Literal["provider", "estimated", "measured", "none"]

@@ -1,14 +1,18 @@
-"""The SQL store's side of escrow leases (:mod:`metergate.wallet.escrow`): recalling the leases that other
-processes hold on a wallet, and telling a lease holder which of its wallets were recalled."""
+"""The SQL store's side of escrow leases (:mod:`metergate.wallet.escrow`): shrinking a lease in place, recalling
+the leases that other processes hold on a wallet, and telling a lease holder which of its wallets were recalled."""
 
 from __future__ import annotations
 
 from typing import cast
 
 from sqlalchemy import Connection, func, select, tuple_
+from sqlalchemy.exc import IntegrityError
 
 from metergate.wallet import schema as t
-from metergate.wallet.models import Mode
+from metergate.wallet.errors import HoldNotPending
+from metergate.wallet.holdops import shrink_in
+from metergate.wallet.ledger import hold_of, hold_row, locked_hold, previous_entry, request_hash
+from metergate.wallet.models import Hold, Mode, now_ms
 from metergate.wallet.sqlrunner import SqlRunner
 
 AccountKey = tuple[Mode, str, str]
@@ -16,6 +20,47 @@ LEASE_PREFIX = "lease:"
 
 
 class LeaseRecalls(SqlRunner):
+    async def shrink_hold(self, hold_id: str, amount: int, *, step: int | str,
+                          at_ms: int | None = None) -> tuple[Hold, int]:
+        """Give back up to ``amount`` of what a pending hold holds uncaptured, keeping it open (a lease whose
+        holder needs less of it); idempotent per ``step``, as an extension is: a retry answers with what the
+        first call gave back and gives back nothing more. Returns the hold and what was given back (less than
+        ``amount`` if the hold holds less that can be given back: a part on a lapsed grant stays held until the
+        hold resolves). ``HoldNotPending`` once the hold is resolved or expired, ``HoldNotFound`` if none.
+
+        Why a store operation of its own and not a smaller settle: a lease's settlements capture from it while
+        it is open, and resolving it would end them; here the hold stays pending and only its free part goes
+        back to the wallet, in one transaction (hold row, allocations, account, one ``shrink`` ledger entry)."""
+        assert amount >= 0, "a shrink gives back a non-negative amount"
+        key = f"shrink:{hold_id}:{step}"
+        hashed = request_hash("shrink", amount)
+        now = now_ms() if at_ms is None else at_ms
+
+        def replayed(conn: Connection, hold: Hold) -> tuple[Hold, int] | None:
+            entry = previous_entry(conn, hold.mode, key, hashed)
+            return None if entry is None else (hold, int(entry.amount))
+
+        def op(conn: Connection) -> tuple[Hold, int]:
+            hold = locked_hold(conn, hold_id)
+            found = replayed(conn, hold)
+            if found is not None:
+                return found
+            if hold.state != "pending":
+                raise HoldNotPending(hold_id, hold.state)
+            return shrink_in(conn, hold, amount, key=key, hashed=hashed, now=now)
+
+        def again(conn: Connection) -> tuple[Hold, int] | None:
+            row = hold_row(conn, hold_id)
+            return None if row is None else replayed(conn, hold_of(row))
+
+        try:
+            return await self.write(op)
+        except IntegrityError:  # the same shrink, committed meanwhile by a retry that overtook this call
+            found = await self.read(again)
+            if found is None:
+                raise
+            return found
+
     async def recall_leases(self, mode: Mode, customer_id: str, asset: str, *, owner: str, at_ms: int) -> int:
         """What the other owners' open leases on the wallet hold free (their pending amount less what they
         captured); if any, ask for them back. 0 writes nothing."""

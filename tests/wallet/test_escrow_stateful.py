@@ -1,12 +1,14 @@
 """Stateful property test of escrow leases: two processes' leases on one wallet, in any order Hypothesis finds —
 credits, reserves admitted against leases or by the shared store, extensions, settlements above and below the
-hold, replays, heartbeats, idle returns, recalls (a refused reserve), and crashes (a process abandons its
-leases; the sweeper expires them past their TTL).
+hold, replays, heartbeats, idle returns, recalls (a refused reserve), shrinks (a hold placed in the shared store
+directly takes part of the wallet, and a lease is sized down to its target, or a retired one to what its
+requests in flight hold), and crashes (a process abandons its leases; the sweeper expires them past their TTL).
 
 After every step: the ledger re-derives every balance (``audit()`` is empty); nothing overspends (debits posted
 plus pending never exceed credits: no overdraft is configured); the wallet's posted debits are exactly what the
-settlements said they charged (each request billed once, replays included); and no lease is over-admitted (its
-requests' holds plus its captures never exceed what it holds). At the end every process closes or is swept, and
+settlements said they charged (each request billed once, replays included); no lease is over-admitted (its
+requests' holds plus its captures never exceed what it holds); and no lease counts more free than its hold in
+the shared store holds (shrinks and top-ups counted once each). At the end every process closes or is swept, and
 nothing is left pending.
 """
 
@@ -20,7 +22,15 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
 
 from metergate.wallet.errors import InsufficientFunds
 from metergate.wallet.escrow import Escrow, EscrowPolicy
@@ -30,8 +40,10 @@ from tests.conftest import _reset_pg
 
 T = TypeVar("T")
 MODE, ASSET = "test", "USD"
-POLICY = EscrowPolicy(hot_per_s=1, horizon_s=1.0, share=4, min_requests=2, ttl_s=2, idle_s=3600, tick_s=3600,
-                      recall_wait_s=0.3, cooldown_s=0)
+# No heartbeat runs by itself (the heartbeat rule is one); ``tick_s`` is also how long a wallet's balance as last
+# seen sizes a lease without a read of its own: kept short, so that leases are sized from the wallet as it is.
+POLICY = EscrowPolicy(hot_per_s=1, horizon_s=1.0, share=4, min_requests=2, ttl_s=2, idle_s=3600, tick_s=0.01,
+                      recall_wait_s=0.3, cooldown_s=0, shrink_factor=2)
 
 
 def make_machine(url: str) -> type[RuleBasedStateMachine]:
@@ -83,7 +95,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
         # ---------------------------------------------------------------- rules
 
-        @rule(amount=st.integers(1, 20_000))
+        @rule(amount=st.integers(1, 60_000))  # up to 20 of the largest requests: enough to lease
         def credit(self, amount: int) -> None:
             self.n += 1
             self.run(self.stores[0].credit(MODE, self.customer, ASSET, amount,
@@ -99,6 +111,23 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             except InsufficientFunds:
                 return (proc, None)
             return proc, hold_id
+
+        @rule(target=holds, proc=st.integers(0, 1), amount=st.integers(1, 3_000), part=st.integers(0, 9))
+        def shrink(self, proc: int, amount: int, part: int) -> Any:
+            """A request reserved through the process (leased, if the wallet allows), then a hold of ``part``
+            tenths of what the wallet has free placed in the shared store directly (a replica without leases;
+            settled through either process, it falls through to the store), then the process sizes its leases
+            against the wallet as it is now: a lease well above its target gives back the rest, one too large for
+            the wallet retires, a retired one keeps only what its requests in flight hold."""
+            leased = self.reserve(proc, amount)
+            self.n += 1
+            hold_id = f"d{self.customer}{self.n}"
+            direct = self.run(self.stores[0].balance(MODE, self.customer, ASSET)).available * part // 10
+            if direct > 0:
+                self.run(self.stores[0].reserve(MODE, self.customer, ASSET, direct, hold_id=hold_id,
+                                                ttl_ms=60_000))
+            self.run(self.procs[proc].shrink())
+            return multiple(leased, (proc, hold_id if direct > 0 else None))
 
         @rule(hold=holds, amount=st.integers(1, 2_000))
         def extend(self, hold: tuple[int, str | None], amount: int) -> None:
@@ -178,6 +207,15 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 for lease in p.leased():
                     assert lease.inflight == 0, lease
                     assert lease.dead or lease.free >= 0, lease  # an expired lease backs nothing
+
+        @invariant()
+        def no_lease_counts_more_than_its_hold(self) -> None:
+            for p in self.procs:
+                for lease in p.leased():
+                    hold = self.run(self.stores[0].get_hold(lease.hold_id))
+                    if hold is not None and hold.state == "pending" and not lease.dead:
+                        assert lease.captured == hold.captured_amount, (lease, hold)
+                        assert lease.amount <= hold.amount, (lease, hold)
 
     return EscrowMachine
 
