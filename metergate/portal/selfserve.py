@@ -41,8 +41,10 @@ from metergate.portal.links import LINK_PARAMS, VIEW_TOPUP, LinkSigner, PortalGr
 from metergate.portal.views import LIVE_REFRESH_JS, balance_card
 from metergate.wallet.models import LedgerEntry
 
-_KINDS = {"credit": "Top-ups and credits", "capture": "Usage charges", "hold": "Holds", "void": "Released holds",
-          "expire": "Expired holds", "extend": "Hold extensions"}
+# Every ledger entry kind (metergate.wallet.models.EntryKind), as the customer reads it in the history filter.
+KINDS = {"credit": "Top-ups and credits", "capture": "Usage charges", "hold": "Holds", "void": "Released holds",
+         "expire": "Expired holds", "extend": "Hold extensions", "shrink": "Holds reduced",
+         "activate": "Credits activated", "lapse": "Expired credits", "revoke": "Revoked credits"}
 _PAGE_SIZE = 20
 _CSV_MAX_ROWS = 10_000
 _NOTICES = {"auto_saved": "Automatic top-up saved.", "auto_off": "Automatic top-up turned off.",
@@ -194,7 +196,7 @@ class SelfServe:
 
     def _kinds(self, request: web.Request) -> tuple[str, ...]:
         kind = request.query.get("kind", "")
-        if kind and kind not in _KINDS:
+        if kind and kind not in KINDS:
             raise BadRequest("Unknown transaction kind.", code="invalid_request", param="kind")
         return (kind,) if kind else ()
 
@@ -256,7 +258,7 @@ class SelfServe:
             '<tr><td colspan="4">No transactions.</td></tr>')
         kind = kinds[0] if kinds else ""
         options = "".join(f'<option value="{k}"{" selected" if k == kind else ""}>{esc(v)}</option>'
-                          for k, v in _KINDS.items())
+                          for k, v in KINDS.items())
         older = ""
         if len(entries) == _PAGE_SIZE:
             older = (f'<a href="?{link}&amp;{esc(urlencode({"kind": kind, "before": entries[-1].seq}))}"'
@@ -370,7 +372,7 @@ const q = "?" + new URLSearchParams([...new URLSearchParams(window.location.sear
     def _history_row(self, e: LedgerEntry) -> str:
         esc = html.escape
         sign = "+" if e.credits_delta > 0 else ("−" if e.posted_delta > 0 else "")
-        return (f'<tr data-kind="{esc(e.kind)}"><td>{_utc(e.created_at_ms)}</td><td>{esc(_KINDS.get(e.kind, e.kind))}'
+        return (f'<tr data-kind="{esc(e.kind)}"><td>{_utc(e.created_at_ms)}</td><td>{esc(KINDS.get(e.kind, e.kind))}'
                 f"</td><td>{sign}{esc(format_minor(e.amount, self._scale))} {esc(e.asset)}</td>"
                 f"<td>{esc(e.memo)}</td></tr>")
 

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import get_args
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx2 as httpx
@@ -21,6 +22,8 @@ from metergate.errors import PaymentRequired
 from metergate.payments.spendcaps import SpendCapGuard
 from metergate.payments.store import SpendCaps
 from metergate.portal.links import LinkSigner
+from metergate.portal.selfserve import KINDS
+from metergate.wallet.models import EntryKind
 from tests.conftest import Upstream
 from tests.payments.conftest import PayGate, start_paygate
 from tests.payments.fake_stripe import FakeStripe
@@ -207,3 +210,8 @@ async def test_spend_caps_refuse_spending_beyond_them(paygate: PayGate) -> None:
         await guard.admit("test", "acme", "USD", 1)
     assert info.value.extra["period"] == "monthly"
     assert isinstance(paygate.http, httpx.AsyncClient)
+
+
+def test_every_ledger_entry_kind_has_a_name_in_the_history_filter() -> None:
+    """A kind the ledger writes and the portal cannot name would show raw and could not be filtered on."""
+    assert set(KINDS) == set(get_args(EntryKind))
