@@ -85,7 +85,7 @@ async def test_leased_requests_are_billed_once_and_the_ledger_derives_the_balanc
     escrow = await started(store)
     admitted = await spend(escrow, 200, hold=1_000, price=700)
     assert len(admitted) == 200
-    assert escrow.stats["local"] > 150, escrow.stats  # the hot wallet was served from leases
+    assert escrow.stats["local"] > 100, escrow.stats  # most of the hot wallet's requests were served from leases
     await escrow.close()
     balance, records = await settled_state(store)
     assert (balance.debits_posted, balance.debits_pending) == (200 * 700, 0)
