@@ -59,6 +59,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from metergate.observability import ledger_batches
 from metergate.observability.threads import name_os_thread
+from metergate.wallet.batchops import CLASSIC
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,13 @@ class Prepared:
         rows = self._rows(raw, values)
         return self._row_of(rows[0]) if rows else None
 
+    def all(self, conn: Connection, values: Mapping[str, Any]) -> list[Any]:
+        """Every row (``Result.all``)."""
+        raw = conn.info.get(_RAW)
+        if raw is None:
+            return list(conn.execute(self.core, values).all())
+        return [self._row_of(r) for r in self._rows(raw, values)]
+
     def one(self, conn: Connection, values: Mapping[str, Any]) -> Any:
         """Exactly one row, else ``NoResultFound`` / ``MultipleResultsFound`` (``Result.one``)."""
         raw = conn.info.get(_RAW)
@@ -180,7 +188,7 @@ class _Op:
     loop: asyncio.AbstractEventLoop
     ok: bool = False
     outcome: Any = field(default=None)
-    engine: Any = None  # a batch engine operation (metergate.wallet.engine), decided with the batch's others
+    engine: Any = None  # a batch engine operation (metergate.wallet.batchops), decided with the batch's others
     link: Any = None  # for the batch's span: the submitter's span (metergate.observability.ledger_batches)
 
 
@@ -226,7 +234,7 @@ class SqliteWriter:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, engine: Any = None) -> asyncio.Future[Any]:
         """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed. With
-        ``engine`` (a :mod:`metergate.wallet.engine` operation) the batch engine decides it together with the
+        ``engine`` (a :mod:`metergate.wallet.batchops` operation) the batch engine decides it together with the
         batch's other engine operations, and ``fn`` runs only if the engine hands it back as classic."""
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
@@ -360,7 +368,6 @@ class SqliteWriter:
             # may roll it back and begin it again, see metergate.wallet.batchsql); then what it hands back and the
             # other operations, each in its own savepoint (see the module docstring).
             from metergate.wallet.batchsql import apply_sqlite
-            from metergate.wallet.engine import CLASSIC
 
             try:
                 outcomes, again = apply_sqlite(raw, [op.engine for op in engine_ops])
