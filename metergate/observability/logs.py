@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, SecretStr
 
 from metergate.config.settings import Settings
+from metergate.ids import time_ordered_hex
 
 LogFormat = Literal["json", "text"]
 REDACTED = "[REDACTED]"
@@ -52,26 +52,10 @@ _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s
 _PLAIN = logging.Formatter()
 
 
-_ID_BATCH = 256  # request ids drawn from the OS at a time
-_ids: list[str] = []
-os.register_at_fork(after_in_child=_ids.clear)  # a forked process never reuses its parent's ids
-
-
-def _random_hex() -> str:
-    """128 random bits from the OS as 32 hex digits, drawn in batches: one ``getrandom`` call (which also gives
-    up the GIL) per ``_ID_BATCH`` requests rather than per request."""
-    if not _ids:
-        drawn = os.urandom(16 * _ID_BATCH).hex()
-        _ids.extend(drawn[i:i + 32] for i in range(0, len(drawn), 32))
-    try:
-        return _ids.pop()
-    except IndexError:  # another thread took the last one meanwhile
-        return os.urandom(16).hex()
-
-
 def new_request_id() -> str:
-    """Start a request: a fresh id, current for the rest of this task (and the tasks it starts)."""
-    request_id = "req_" + _random_hex()
+    """Start a request: a fresh id, current for the rest of this task (and the tasks it starts). Time-ordered
+    (:mod:`metergate.ids`): the hold id, ledger keys and usage record id derived from it are index keys."""
+    request_id = "req_" + time_ordered_hex()
     REQUEST_ID.set(request_id)
     return request_id
 

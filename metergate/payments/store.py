@@ -19,8 +19,9 @@ from sqlalchemy.exc import IntegrityError
 
 from metergate.payments import schema as p
 from metergate.wallet import schema as w
+from metergate.wallet.ledger import entry_of
 from metergate.wallet.models import LedgerEntry, Mode, now_ms
-from metergate.wallet.sql import SqlWalletStore, _entry
+from metergate.wallet.sql import SqlWalletStore
 from metergate.wallet.store import WalletStore
 
 TopUpKind = Literal["checkout", "auto"]
@@ -274,7 +275,7 @@ class PaymentsStore:
         if kinds:
             stmt = stmt.where(e.kind.in_(kinds))
         rows = await self.wallet.read(lambda conn: conn.execute(stmt.order_by(e.seq.desc()).limit(limit)).all())
-        return [_entry(r) for r in rows]
+        return [entry_of(r) for r in rows]
 
 
 def _flight(mode: str, customer_id: str, asset: str) -> str:

@@ -23,7 +23,8 @@ from metergate.pricing.rules import RuleSet, parse_rule_set
 from metergate.pricing.versions import PriceVersion
 from metergate.wallet import schema as w
 from metergate.wallet.models import Mode, UsageRecord, now_ms
-from metergate.wallet.sql import SqlWalletStore, _usage
+from metergate.wallet.sql import SqlWalletStore
+from metergate.wallet.sqlusage import usage_of
 
 _MICROS = Decimal(1_000_000)
 
@@ -176,7 +177,7 @@ class PricingStore:
             stmt = stmt.where(or_(c.created_at_ms > after[0], and_(c.created_at_ms == after[0], c.seq > after[1])))
         rows = await self.wallet.read(lambda conn: conn.execute(
             stmt.order_by(c.created_at_ms, c.seq).limit(limit)).all())
-        return [((int(r.created_at_ms), int(r.seq)), _usage(r)) for r in rows]
+        return [((int(r.created_at_ms), int(r.seq)), usage_of(r)) for r in rows]
 
 
 def rules_sha256(rules: RuleSet) -> str:

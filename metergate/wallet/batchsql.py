@@ -1,4 +1,4 @@
-"""The batch engine's statements and rows: how one batch of :mod:`metergate.wallet.engine` operations is
+"""The batch engine's statements and rows: how one batch of :mod:`metergate.wallet.batchops` operations is
 loaded from and written to SQLite (``sqlite3``) and PostgreSQL (``asyncpg``), on the driver directly.
 
 Why on the driver: per statement, SQLAlchemy's Core execution costs more Python than SQLite spends running
@@ -35,13 +35,15 @@ from typing import Any
 
 import asyncpg
 
+from metergate.wallet import batchops as bo
+from metergate.wallet import batchstate as bs
 from metergate.wallet import engine as en
 from metergate.wallet.grants import DEFAULT_ORDER
 
-USAGE_FIELDS = en.USAGE_COLUMNS
+USAGE_FIELDS = bs.USAGE_COLUMNS
 
-_HOLD_COLS = ", ".join(en.HOLD_COLUMNS)
-_GRANT_COLS = ", ".join(f"g.{c}" for c in en.GRANT_COLUMNS)
+_HOLD_COLS = ", ".join(bs.HOLD_COLUMNS)
+_GRANT_COLS = ", ".join(f"g.{c}" for c in bs.GRANT_COLUMNS)
 _ACCOUNT_COLS = ("a.mode, a.customer_id, a.asset, a.credits_posted, a.debits_posted, a.debits_pending, "
                  "a.overdraft_limit, ws.consumption_order")
 _OPEN = "g.state IN ('active', 'scheduled') AND g.amount - g.consumed - g.held - g.removed > 0"
@@ -64,10 +66,10 @@ def _writes(style: str) -> dict[str, str]:
         return p(1, i)
 
     return {  # the SQLite writes (PostgreSQL's are one statement, below)
-        "hold": f"INSERT INTO holds ({_HOLD_COLS}) VALUES ({p(len(en.HOLD_COLUMNS))})",
+        "hold": f"INSERT INTO holds ({_HOLD_COLS}) VALUES ({p(len(bs.HOLD_COLUMNS))})",
         "hold_update": (f"UPDATE holds SET amount = {at(1)}, state = {at(2)}, captured_amount = {at(3)}, "
                         f"expires_at_ms = {at(4)}, resolved_at_ms = {at(5)} WHERE id = {at(6)}"),
-        "entry": f"INSERT INTO ledger_entries ({', '.join(en.ENTRY_COLUMNS)}) VALUES ({p(len(en.ENTRY_COLUMNS))})",
+        "entry": f"INSERT INTO ledger_entries ({', '.join(bs.ENTRY_COLUMNS)}) VALUES ({p(len(bs.ENTRY_COLUMNS))})",
         "alloc": f"INSERT INTO hold_allocations (hold_id, grant_id, held, captured) VALUES ({p(4)})",
         "alloc_move": (f"UPDATE hold_allocations SET held = held + {at(1)}, captured = captured + {at(2)} "
                        f"WHERE hold_id = {at(3)} AND grant_id = {at(4)}"),
@@ -83,32 +85,32 @@ def _writes(style: str) -> dict[str, str]:
 # ------------------------------------------------------------------ rows into state
 
 
-def _add_holds(state: en.BatchState, rows: Sequence[Sequence[Any]]) -> None:
+def _add_holds(state: bs.BatchState, rows: Sequence[Sequence[Any]]) -> None:
     for r in rows:
-        state.holds[r[0]] = en.HoldState(r[0], r[1], r[2], r[3], int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
+        state.holds[r[0]] = bs.HoldState(r[0], r[1], r[2], r[3], int(r[4]), r[5], int(r[6]), int(r[7]), int(r[8]),
                                          None if r[9] is None else int(r[9]), amount0=int(r[4]),
                                          captured0=int(r[6]))
 
 
-def _add_account(state: en.BatchState, r: Sequence[Any]) -> None:
-    state.accounts[(r[0], r[1], r[2])] = en.AccountState(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]),
+def _add_account(state: bs.BatchState, r: Sequence[Any]) -> None:
+    state.accounts[(r[0], r[1], r[2])] = bs.AccountState(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]),
                                                          int(r[6]), r[7] or DEFAULT_ORDER)
 
 
-def _add_open_grant(state: en.BatchState, r: Sequence[Any]) -> None:
+def _add_open_grant(state: bs.BatchState, r: Sequence[Any]) -> None:
     """A row of (mode, customer, asset, *GRANT_COLUMNS)."""
     account = state.accounts.get((r[0], r[1], r[2]))
     if account is not None:
-        grant = en.add_grant(state, r[3:])
+        grant = bs.add_grant(state, r[3:])
         account.grant_ids.add(grant.id)
         account.grants.append(grant)
 
 
-def _add_alloc(state: en.BatchState, r: Sequence[Any]) -> None:
+def _add_alloc(state: bs.BatchState, r: Sequence[Any]) -> None:
     """A row of (hold, grant, held, captured, *GRANT_COLUMNS of its grant, NULL for the unbacked part)."""
-    state.allocs.setdefault(r[0], {})[r[1]] = en.AllocState(r[1], int(r[2]), int(r[3]))
+    state.allocs.setdefault(r[0], {})[r[1]] = bs.AllocState(r[1], int(r[2]), int(r[3]))
     if r[1] and r[4] is not None:
-        grant = en.add_grant(state, r[4:])
+        grant = bs.add_grant(state, r[4:])
         # A grant the hold fully holds has nothing free now, but will once the hold releases it: it must be
         # drawable by the batch's later operations on the same account.
         if grant.state in ("active", "scheduled"):
@@ -119,28 +121,28 @@ def _add_alloc(state: en.BatchState, r: Sequence[Any]) -> None:
                 account.grants.append(grant)
 
 
-def _alloc_holds(state: en.BatchState, ops: Sequence[en.EngineOp]) -> list[str]:
+def _alloc_holds(state: bs.BatchState, ops: Sequence[bo.EngineOp]) -> list[str]:
     """The committed holds whose allocations the batch needs (the ones it extends or settles)."""
-    return sorted({op.hold_id for op in ops if not isinstance(op, en.ReserveOp) and op.hold_id in state.holds})
+    return sorted({op.hold_id for op in ops if not isinstance(op, bo.ReserveOp) and op.hold_id in state.holds})
 
 
 # ------------------------------------------------------------------ what a batch writes
 
 
-def new_holds(state: en.BatchState) -> Iterable[en.HoldState]:
+def new_holds(state: bs.BatchState) -> Iterable[bs.HoldState]:
     return (h for h in state.holds.values() if h.new)
 
 
-def changed_holds(state: en.BatchState) -> Iterable[en.HoldState]:
+def changed_holds(state: bs.BatchState) -> Iterable[bs.HoldState]:
     return (h for h in state.holds.values() if h.dirty and not h.new)
 
 
-def hold_values(h: en.HoldState) -> tuple[Any, ...]:
+def hold_values(h: bs.HoldState) -> tuple[Any, ...]:
     return (h.id, h.mode, h.customer_id, h.asset, h.amount, h.state, h.captured_amount, h.expires_at_ms,
             h.created_at_ms, h.resolved_at_ms)
 
 
-def alloc_rows(state: en.BatchState) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def alloc_rows(state: bs.BatchState) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """(new allocations as (hold, grant, held, captured), moved ones as (held delta, captured delta, hold,
     grant))."""
     inserts: list[tuple[Any, ...]] = []
@@ -154,13 +156,13 @@ def alloc_rows(state: en.BatchState) -> tuple[list[tuple[Any, ...]], list[tuple[
     return inserts, moves
 
 
-def grant_moves(state: en.BatchState) -> list[tuple[int, int, int, str]]:
+def grant_moves(state: bs.BatchState) -> list[tuple[int, int, int, str]]:
     """One (held, consumed, removed, id) delta per grant the batch touched."""
     return [(g.d_held, g.d_consumed, g.d_removed, g.id) for g in state.grants.values()
             if g.d_held or g.d_consumed or g.d_removed]
 
 
-def account_moves(state: en.BatchState) -> list[tuple[int, int, int, str, str, str]]:
+def account_moves(state: bs.BatchState) -> list[tuple[int, int, int, str, str, str]]:
     """One (credits, posted, pending, mode, customer, asset) delta per account the batch touched, in key order."""
     return [(a.d_credits, a.d_posted, a.d_pending, a.mode, a.customer_id, a.asset)
             for _, a in sorted(state.accounts.items()) if a.d_credits or a.d_posted or a.d_pending]
@@ -182,7 +184,7 @@ _SQ_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE mode = ? AND idempotency_key IN (SELECT value FROM json_each(?))")
 
 
-def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> tuple[list[Any], bool]:
+def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[bo.EngineOp]) -> tuple[list[Any], bool]:
     """Load, decide and write one batch on the SQLite writer's connection, as the first statements of its open
     write transaction (``BEGIN IMMEDIATE``): first without reading the ledger keys it writes; if the unique index
     refused one, the transaction is rolled back, begun again, and the batch decided again with them (see the
@@ -190,17 +192,17 @@ def apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp]) -> tuple[l
     try:
         return _apply_sqlite(raw, ops, keys=False), False
     except sqlite3.IntegrityError:
-        if not any(isinstance(op, en.ExtendOp | en.CaptureOp) for op in ops):
+        if not any(isinstance(op, bo.ExtendOp | bo.CaptureOp) for op in ops):
             raise  # no key it could have read first: a collision of another kind
     raw.execute("ROLLBACK")
     raw.execute("BEGIN IMMEDIATE")
     return _apply_sqlite(raw, ops, keys=True), True
 
 
-def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: bool) -> list[Any]:
-    state = en.BatchState(keys_read=keys)
-    _add_holds(state, raw.execute(_SQ_HOLDS, (json.dumps(en.hold_ids(ops)),)).fetchall())
-    for key in en.account_keys(ops, state.holds):
+def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[bo.EngineOp], *, keys: bool) -> list[Any]:
+    state = bs.BatchState(keys_read=keys)
+    _add_holds(state, raw.execute(_SQ_HOLDS, (json.dumps(bs.hold_ids(ops)),)).fetchall())
+    for key in bs.account_keys(ops, state.holds):
         row = raw.execute(_SQ_ACCOUNT, key).fetchone()
         if row is not None:
             _add_account(state, row)
@@ -211,7 +213,7 @@ def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: 
         for r in raw.execute(_SQ_ALLOCS, (json.dumps(alloc_holds),)).fetchall():
             _add_alloc(state, r)
     if keys:
-        named = en.extend_keys(ops, state.holds)
+        named = bs.extend_keys(ops, state.holds)
         for mode in sorted({m for m, _ in named}):
             for m, k, h in raw.execute(_SQ_KEYS, (mode, json.dumps([k for km, k in named if km == mode]))).fetchall():
                 state.keys[(m, k)] = h
@@ -220,7 +222,7 @@ def _apply_sqlite(raw: sqlite3.Connection, ops: Sequence[en.EngineOp], *, keys: 
     return outcomes
 
 
-def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
+def _write_sqlite(raw: sqlite3.Connection, state: bs.BatchState) -> None:
     news = [hold_values(h) for h in new_holds(state)]
     if news:
         raw.executemany(_SQ["hold"], news)
@@ -261,7 +263,7 @@ def _write_sqlite(raw: sqlite3.Connection, state: en.BatchState) -> None:
 # (``batch conflict``) and nothing of it is written; the batch then runs again *pessimistically*, in a
 # transaction that locks its holds and then its accounts (``FOR UPDATE``, in key order) before reading.
 
-_HOLDS_AND_ALLOCS = (f"SELECT {', '.join(f'h.{c}' for c in en.HOLD_COLUMNS)}, al.grant_id, al.held, al.captured, "
+_HOLDS_AND_ALLOCS = (f"SELECT {', '.join(f'h.{c}' for c in bs.HOLD_COLUMNS)}, al.grant_id, al.held, al.captured, "
                      f"{_GRANT_COLS} FROM holds h LEFT JOIN hold_allocations al ON al.hold_id = h.id "
                      "LEFT JOIN grants g ON g.id = al.grant_id WHERE h.id = ANY($1::text[]) "
                      "ORDER BY h.id")
@@ -321,14 +323,14 @@ def _build_pg_write() -> tuple[str, list[int]]:
     usage_cols = ", ".join(f"u.{c}::json" if c == "detail" else f"u.{c}" for c in USAGE_FIELDS)
     parts = [
         f"new_holds AS (INSERT INTO holds ({_HOLD_COLS}) SELECT * FROM "
-        f"{unnest(typed(en.HOLD_COLUMNS, t.holds))})",
+        f"{unnest(typed(bs.HOLD_COLUMNS, t.holds))})",
         "moved_holds AS (UPDATE holds h SET amount = u.amount, state = u.state, captured_amount = u.captured_amount, "
         "expires_at_ms = u.expires_at_ms, resolved_at_ms = u.resolved_at_ms FROM "
         f"{unnest(hold_moves)} WHERE h.id = u.id AND h.state = 'pending' AND h.amount = u.amount0 "
         "AND h.captured_amount = u.captured0 RETURNING 1)",
-        f"entries AS (INSERT INTO ledger_entries ({', '.join(en.ENTRY_COLUMNS)}) "
-        f"SELECT {', '.join(f'u.{c}' for c in en.ENTRY_COLUMNS)} FROM "
-        f"{unnest(typed(en.ENTRY_COLUMNS, t.ledger_entries), ordinality=True)} ORDER BY u.ord)",
+        f"entries AS (INSERT INTO ledger_entries ({', '.join(bs.ENTRY_COLUMNS)}) "
+        f"SELECT {', '.join(f'u.{c}' for c in bs.ENTRY_COLUMNS)} FROM "
+        f"{unnest(typed(bs.ENTRY_COLUMNS, t.ledger_entries), ordinality=True)} ORDER BY u.ord)",
         "new_allocs AS (INSERT INTO hold_allocations (hold_id, grant_id, held, captured) SELECT * FROM "
         f"{unnest([('hold_id', 'text'), ('grant_id', 'text'), ('held', bigint), ('captured', bigint)])})",
         "moved_allocs AS (UPDATE hold_allocations al SET held = al.held + u.dh, captured = al.captured + u.dc FROM "
@@ -362,21 +364,21 @@ class BatchConflict(Exception):
     """An optimistic batch's write found rows changed since it read them: nothing of it was written."""
 
 
-async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) -> list[Any]:
+async def apply_postgres(con: Any, ops: Sequence[bo.EngineOp], *, locked: bool) -> list[Any]:
     """Load, decide and write one batch on an asyncpg connection. ``locked=False``: optimistically, outside any
     transaction, without reading the ledger keys it writes (the write commits on its own, or raises
     :class:`BatchConflict`, or the unique violation of a key written before, and then nothing was written);
     ``locked=True``: inside the caller's transaction, locking holds, then accounts, as it reads, and reading the
     keys."""
-    state = en.BatchState(keys_read=locked)
+    state = bs.BatchState(keys_read=locked)
     allocs: list[Sequence[Any]] = []
-    width = len(en.HOLD_COLUMNS)
-    for r in await con.fetch(_read(_HOLDS_AND_ALLOCS, locked), en.hold_ids(ops)):
+    width = len(bs.HOLD_COLUMNS)
+    for r in await con.fetch(_read(_HOLDS_AND_ALLOCS, locked), bs.hold_ids(ops)):
         if r[0] not in state.holds:
             _add_holds(state, [r[:width]])
         if r[width] is not None:
             allocs.append((r[0], *r[width:]))
-    keys = en.account_keys(ops, state.holds)
+    keys = bs.account_keys(ops, state.holds)
     if keys:
         columns = ([k[i] for k in keys] for i in range(3))
         for r in await con.fetch(_read(_ACCOUNTS_AND_GRANTS, locked), *columns):
@@ -386,7 +388,7 @@ async def apply_postgres(con: Any, ops: Sequence[en.EngineOp], *, locked: bool) 
                 _add_open_grant(state, (r[0], r[1], r[2], *r[8:]))
     for r in allocs:
         _add_alloc(state, r)
-    extend = en.extend_keys(ops, state.holds) if locked else None
+    extend = bs.extend_keys(ops, state.holds) if locked else None
     if extend:
         for m, k, h in await con.fetch(_PG_KEYS, [m for m, _ in extend], [k for _, k in extend]):
             state.keys[(m, k)] = h
@@ -399,7 +401,7 @@ def _read(sql: str, locked: bool) -> str:
     return sql + _LOCK[sql] if locked else sql
 
 
-async def _write_postgres(con: Any, state: en.BatchState) -> None:
+async def _write_postgres(con: Any, state: bs.BatchState) -> None:
     inserts, moves = alloc_rows(state)
     holds = [(h.amount, h.state, h.captured_amount, h.expires_at_ms, h.resolved_at_ms, h.id, h.amount0, h.captured0)
              for h in changed_holds(state)]

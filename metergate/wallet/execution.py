@@ -16,7 +16,9 @@ into one ``BEGIN IMMEDIATE`` transaction, runs each operation inside a SAVEPOINT
 an operation that fails (insufficient funds, a replayed idempotency key) rolls back only itself and
 its error goes to its own caller, and COMMITs once. Invariant: no caller sees a result before the
 COMMIT that made it durable has returned; then the event loop is woken once per batch to resolve
-every caller. If a batch fails as a whole (its COMMIT, or an error that cost SQLite the transaction),
+every caller. The other way round, the writer is woken once per event-loop iteration that queued
+operations, after that iteration's callbacks (:meth:`SqliteWriter._wake`), not once per operation.
+If a batch fails as a whole (its COMMIT, or an error that cost SQLite the transaction),
 nothing of it was committed, and each of its operations runs again in a transaction of its own.
 Batches form only from what queued up while the previous one ran: the writer never waits to fill one,
 so a lone request pays no batching delay.
@@ -59,6 +61,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from metergate.observability import ledger_batches
 from metergate.observability.threads import name_os_thread
+from metergate.wallet.batchops import CLASSIC
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,13 @@ class Prepared:
         rows = self._rows(raw, values)
         return self._row_of(rows[0]) if rows else None
 
+    def all(self, conn: Connection, values: Mapping[str, Any]) -> list[Any]:
+        """Every row (``Result.all``)."""
+        raw = conn.info.get(_RAW)
+        if raw is None:
+            return list(conn.execute(self.core, values).all())
+        return [self._row_of(r) for r in self._rows(raw, values)]
+
     def one(self, conn: Connection, values: Mapping[str, Any]) -> Any:
         """Exactly one row, else ``NoResultFound`` / ``MultipleResultsFound`` (``Result.one``)."""
         raw = conn.info.get(_RAW)
@@ -180,7 +190,7 @@ class _Op:
     loop: asyncio.AbstractEventLoop
     ok: bool = False
     outcome: Any = field(default=None)
-    engine: Any = None  # a batch engine operation (metergate.wallet.engine), decided with the batch's others
+    engine: Any = None  # a batch engine operation (metergate.wallet.batchops), decided with the batch's others
     link: Any = None  # for the batch's span: the submitter's span (metergate.observability.ledger_batches)
 
 
@@ -209,7 +219,9 @@ class SqliteWriter:
         database = engine.url.database
         self._checkpoint_path = database if database and database != ":memory:" else None
         self._checkpoint_interval_s = checkpoint_interval_s if self._checkpoint_path else None
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._queue: collections.deque[_Op | None] = collections.deque()  # appended on loops, taken by the writer
+        self._wakes: queue.SimpleQueue[None] = queue.SimpleQueue()  # what the writer sleeps on when it is empty
+        self._waking: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up of the writer scheduled
         self._thread = threading.Thread(target=self._main, name=WRITER_THREAD, daemon=True)
         self._checkpointer = threading.Thread(target=self._checkpoint_main, name=CHECKPOINT_THREAD,
                                               daemon=True)
@@ -226,19 +238,33 @@ class SqliteWriter:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, engine: Any = None) -> asyncio.Future[Any]:
         """Queue ``fn(conn, *args)``; the future resolves once the transaction that ran it has committed. With
-        ``engine`` (a :mod:`metergate.wallet.engine` operation) the batch engine decides it together with the
+        ``engine`` (a :mod:`metergate.wallet.batchops` operation) the batch engine decides it together with the
         batch's other engine operations, and ``fn`` runs only if the engine hands it back as classic."""
         assert not self._closed, "store is not open"
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Op(fn, args, future, loop, False, None, engine, ledger_batches.link(engine)))
+        self._queue.append(_Op(fn, args, future, loop, False, None, engine, ledger_batches.link(engine)))
+        if loop not in self._waking:  # the writer is woken once the loop has run what is ready now
+            self._waking.add(loop)
+            loop.call_soon(self._wake, loop)
         return future
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop, after the callbacks that queued operations: wake the writer for all of them.
+
+        Why not on every submit: waking a thread is a system call, and one made while the event loop holds the
+        GIL lets the OS switch the loop out right there (holding the GIL, so the writer it woke cannot run
+        either) and hands the writer one operation instead of the iteration's batch. Woken here, the writer
+        takes everything the iteration queued, and the loop is about to release the GIL to wait."""
+        self._waking.discard(loop)
+        self._wakes.put(None)
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread and close the connection."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
+            self._queue.append(None)
+            self._wakes.put(None)
             if self._thread.is_alive():
                 self._thread.join()
             self._stop_checkpoints.set()
@@ -254,7 +280,7 @@ class SqliteWriter:
         stopping = False
         try:
             while not stopping:
-                first = self._queue.get()
+                first = self._next()
                 if first is None:
                     break
                 batch = [first]
@@ -271,8 +297,8 @@ class SqliteWriter:
             self._closed = True
             while True:
                 try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
+                    op = self._queue.popleft()
+                except IndexError:
                     break
                 if op is not None:
                     batch.append(op)
@@ -284,12 +310,20 @@ class SqliteWriter:
             if conn is not None:
                 conn.close()
 
+    def _next(self) -> _Op | None:
+        """The next queued operation (``None``: stop), sleeping until a wake-up while there is none."""
+        while True:
+            try:
+                return self._queue.popleft()
+            except IndexError:
+                self._wakes.get()
+
     def _take(self, batch: list[_Op]) -> bool:
         """Move what is queued into ``batch``, up to the bound; True if the stop sentinel came."""
         while len(batch) < self._batch_max:
             try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
+                op = self._queue.popleft()
+            except IndexError:
                 return False
             if op is None:
                 return True
@@ -360,7 +394,6 @@ class SqliteWriter:
             # may roll it back and begin it again, see metergate.wallet.batchsql); then what it hands back and the
             # other operations, each in its own savepoint (see the module docstring).
             from metergate.wallet.batchsql import apply_sqlite
-            from metergate.wallet.engine import CLASSIC
 
             try:
                 outcomes, again = apply_sqlite(raw, [op.engine for op in engine_ops])

@@ -40,7 +40,7 @@ from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from metergate.wallet import schema as t
 from metergate.wallet.execution import Prepared
-from metergate.wallet.ledger import AnyRow, all_rows, append, lock_account, move_account, request_hash
+from metergate.wallet.ledger import AnyRow, append, lock_account, move_account, request_hash
 from metergate.wallet.models import Allocation, Grant, GrantPurpose, Mode
 
 PURPOSES: tuple[GrantPurpose, ...] = ("paid", "promotional", "trial", "entitlement", "adjustment")
@@ -130,7 +130,7 @@ def free_of(g: AnyRow) -> int:
 
 
 def open_grants(conn: Connection, mode: str, customer_id: str, asset: str) -> list[AnyRow]:
-    return all_rows(SELECT_OPEN, conn, {**_where(mode, customer_id, asset), "b_active": "active",
+    return SELECT_OPEN.all(conn, {**_where(mode, customer_id, asset), "b_active": "active",
                                         "b_scheduled": "scheduled", "b_zero": 0})
 
 
@@ -208,12 +208,12 @@ def add_alloc(conn: Connection, hold_id: str, grant_id: str, held: int, captured
 
 
 def allocations(conn: Connection, hold_id: str) -> list[AnyRow]:
-    return all_rows(SELECT_ALLOCS, conn, {"b_hold": hold_id})
+    return SELECT_ALLOCS.all(conn, {"b_hold": hold_id})
 
 
 def allocations_ordered(conn: Connection, hold_id: str, mode: str, customer_id: str) -> list[AnyRow]:
     """The hold's allocations, each row also carrying the wallet's consumption order (``corder``)."""
-    return all_rows(SELECT_ALLOCS_ORDERED, conn, {"b_hold": hold_id, "b_mode": mode, "b_customer": customer_id})
+    return SELECT_ALLOCS_ORDERED.all(conn, {"b_hold": hold_id, "b_mode": mode, "b_customer": customer_id})
 
 
 def draw_and_release(conn: Connection, mode: str, customer_id: str, asset: str, hold_id: str, allocs: list[AnyRow],

@@ -22,13 +22,13 @@ its allowance is captured as far as the wallet covers it and written off beyond 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any, TypedDict
 
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from metergate.ids import time_ordered_hex
 from metergate.wallet import grants as gr
 from metergate.wallet import schema as t
 from metergate.wallet.errors import (
@@ -90,9 +90,10 @@ def balance_view(b: Balance) -> HoldBalanceView:
 
 
 def new_hold_id(mode: Mode, key: str | None) -> str:
-    """A hold id: derived from the idempotency key (so that a retried create names the same hold), else new."""
+    """A hold id: derived from the idempotency key (so that a retried create names the same hold), else new and
+    time-ordered (:mod:`metergate.ids`: the holds' primary key is a B-tree)."""
     if key is None:
-        return "hd_" + uuid.uuid4().hex
+        return "hd_" + time_ordered_hex()
     return "hd_" + request_hash("hold-key", mode, key)[:32]
 
 

@@ -119,14 +119,6 @@ def entry_of(row: AnyRow) -> LedgerEntry:
                        created_at_ms=int(row.created_at_ms), grant_id=row.grant_id)
 
 
-def all_rows(stmt: Prepared, conn: Connection, values: dict[str, Any]) -> list[AnyRow]:
-    """Every row of a prepared SELECT (``Prepared`` itself offers one row at a time)."""
-    raw = conn.info.get("metergate.sqlite_raw")
-    if raw is None:
-        return list(conn.execute(stmt.core, values).all())
-    return [stmt._row_of(r) for r in stmt._rows(raw, values)]
-
-
 def locked_hold(conn: Connection, hold_id: str) -> Hold:
     """The hold, locked for this transaction (PostgreSQL); ``HoldNotFound`` if there is none."""
     row = SELECT_HOLD_LOCKED.first(conn, {"b_hold": hold_id})

@@ -37,8 +37,8 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from metergate.observability import ledger_batches
+from metergate.wallet.batchops import CLASSIC, EngineOp
 from metergate.wallet.batchsql import BatchConflict, apply_postgres
-from metergate.wallet.engine import CLASSIC, EngineOp
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
 """The SQLAlchemy wallet store: SQLite (embedded default) or PostgreSQL, chosen by URL.
 
 Laid out by concept: how operations run (engines, the SQLite writer, the group commits, reads, migration) is
-:mod:`metergate.wallet.sqlrunner`; the hot operations' batch engine is :mod:`metergate.wallet.engine`, its
-statements :mod:`metergate.wallet.batchsql`, PostgreSQL's group commit :mod:`metergate.wallet.pgcommit`; grant
-administration and conversions are :mod:`metergate.wallet.sqlgrants`, rate limits
-:mod:`metergate.wallet.sqlratelimits`. Here: customers and keys, the money operations, reads and reports.
+:mod:`metergate.wallet.sqlrunner`; the hot operations' batch engine is :mod:`metergate.wallet.engine` (its
+operations :mod:`metergate.wallet.batchops`, loaded rows :mod:`metergate.wallet.batchstate`, statements
+:mod:`metergate.wallet.batchsql`), PostgreSQL's group commit :mod:`metergate.wallet.pgcommit`; customers and API
+keys are :mod:`metergate.wallet.sqlcustomers`, usage records and their reports :mod:`metergate.wallet.sqlusage`,
+grant administration and conversions :mod:`metergate.wallet.sqlgrants`, rate limits
+:mod:`metergate.wallet.sqlratelimits`. Here: the money operations and the wallet's reads.
 The money operations' per-operation form (:mod:`metergate.wallet.holdops`) is the classic path the batch
 engine hands back what it does not decide itself.
 """
@@ -13,35 +15,22 @@ engine hands back what it does not decide itself.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
-    Row,
-    and_,
-    case,
-    func,
-    insert,
-    literal,
     select,
-    update,
 )
 from sqlalchemy.exc import IntegrityError
 
 from metergate.wallet import schema as t
 from metergate.wallet.audit import audit_ledger
-from metergate.wallet.engine import CaptureOp, ExtendOp, ReserveOp, SettleOp
+from metergate.wallet.batchops import CaptureOp, ExtendOp, ReserveOp, SettleOp
 from metergate.wallet.errors import (
     CaptureBelowCaptured,
-    CustomerExists,
-    CustomerNotFound,
     HoldNotFound,
     HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
-)
-from metergate.wallet.execution import (
-    Prepared,
 )
 from metergate.wallet.grants import (
     PURPOSES,
@@ -59,36 +48,26 @@ from metergate.wallet.ledger import (
     request_hash,
 )
 from metergate.wallet.models import (
-    ApiKey,
     Balance,
     Capture,
-    Customer,
     GrantPurpose,
     Hold,
     LedgerEntry,
     Mode,
     Settlement,
-    UsageAggregate,
-    UsageGrouping,
     UsageRecord,
     now_ms,
 )
 from metergate.wallet.sqlbudgets import BudgetTables
+from metergate.wallet.sqlcustomers import CustomerKeys
 from metergate.wallet.sqlgrants import GrantAdmin
 from metergate.wallet.sqlleases import LeaseRecalls
 from metergate.wallet.sqlratelimits import RateLimits
-
-_USAGE_FIELDS: tuple[str, ...] = tuple(UsageRecord.__dataclass_fields__)
-_INSERT_USAGE = Prepared(insert(t.usage_records), columns=_USAGE_FIELDS)
-_hash = request_hash
-_balance, _hold, _entry = balance_row, hold_of, entry_of  # payments import _entry from here
-_balance_of, _hold_row, _entry_row = balance_of, hold_row, entry_row
+from metergate.wallet.sqlusage import INSERT_USAGE, UsageReports, usage_values
 
 
-class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
+class SqlWalletStore(CustomerKeys, UsageReports, GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
     """The wallet store over SQL (see the module docstring); its knobs are :class:`SqlRunner`'s."""
-
-    # ------------------------------------------------------------------ customers and keys
 
     @property
     def system_of_record(self) -> SqlWalletStore:
@@ -106,65 +85,6 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
 
     async def refresh_overdraft(self, mode: Mode, customer_id: str, asset: str) -> None:
         """Nothing to do: reserves read the credit line from the row billing changed."""
-
-    async def create_customer(self, mode: Mode, customer_id: str, name: str) -> Customer:
-        customer = Customer(mode=mode, id=customer_id, name=name, created_at_ms=now_ms())
-        try:
-            await self.write(lambda conn: conn.execute(insert(t.customers).values(
-                mode=mode, id=customer_id, name=name, created_at_ms=customer.created_at_ms)))
-        except IntegrityError:
-            raise CustomerExists(customer_id) from None
-        return customer
-
-    async def get_customer(self, mode: Mode, customer_id: str) -> Customer | None:
-        row = await self.read(lambda conn: conn.execute(select(t.customers).where(
-            t.customers.c.mode == mode, t.customers.c.id == customer_id)).first())
-        return _customer(row) if row else None
-
-    async def list_customers(self, mode: Mode, *, limit: int, after: str | None = None) -> list[Customer]:
-        stmt = select(t.customers).where(t.customers.c.mode == mode)
-        if after is not None:
-            stmt = stmt.where(t.customers.c.id > after)
-        rows = await self.read(lambda conn: conn.execute(stmt.order_by(t.customers.c.id).limit(limit)).all())
-        return [_customer(r) for r in rows]
-
-    async def create_api_key(self, mode: Mode, customer_id: str, *, key_id: str, key_hash: str,
-                             prefix: str, attributes: dict[str, str] | None = None) -> ApiKey:
-        key = ApiKey(id=key_id, mode=mode, customer_id=customer_id, prefix=prefix, created_at_ms=now_ms(),
-                     attributes=dict(attributes or {}))
-        try:
-            await self.write(lambda conn: conn.execute(insert(t.api_keys).values(
-                id=key_id, key_hash=key_hash, prefix=prefix, mode=mode, customer_id=customer_id,
-                created_at_ms=key.created_at_ms, attributes=key.attributes or None)))
-        except IntegrityError:
-            raise CustomerNotFound(customer_id) from None
-        return key
-
-    async def find_api_key(self, key_hash: str) -> ApiKey | None:
-        row = await self.read(lambda conn: conn.execute(
-            select(t.api_keys).where(t.api_keys.c.key_hash == key_hash)).first())
-        return _api_key(row) if row else None
-
-    async def revoke_api_key(self, mode: Mode, key_id: str) -> ApiKey | None:
-        def op(conn: Connection) -> Row[Any] | None:
-            conn.execute(update(t.api_keys).where(
-                t.api_keys.c.id == key_id, t.api_keys.c.mode == mode, t.api_keys.c.revoked_at_ms.is_(None),
-            ).values(revoked_at_ms=now_ms()))
-            return conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id,
-                                                         t.api_keys.c.mode == mode)).first()
-
-        row = await self.write(op)
-        return _api_key(row) if row else None
-
-    async def set_api_key_attributes(self, mode: Mode, key_id: str, attributes: dict[str, str]) -> ApiKey | None:
-        def op(conn: Connection) -> Row[Any] | None:
-            conn.execute(update(t.api_keys).where(t.api_keys.c.id == key_id, t.api_keys.c.mode == mode)
-                         .values(attributes=dict(attributes) or None))
-            return conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id,
-                                                         t.api_keys.c.mode == mode)).first()
-
-        row = await self.write(op)
-        return _api_key(row) if row else None
 
     # ------------------------------------------------------------------ money
 
@@ -186,9 +106,9 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         parts: list[object] = ["credit", customer_id, asset, amount, memo]
         if (purpose, priority, effective_at_ms, expires_at_ms) != ("paid", 0, None, None):
             parts += [purpose, priority, effective_at_ms, expires_at_ms]  # older keys keep their old hash
-        hashed = _hash(*parts)
+        hashed = request_hash(*parts)
         key = f"credit:{idempotency_key}"  # namespaced apart from the hold/settle/expire keys
-        gid = grant_id or "gr_" + _hash(mode, key)[:24]
+        gid = grant_id or "gr_" + request_hash(mode, key)[:24]
 
         def op(conn: Connection) -> LedgerEntry:
             self.require_customer(conn, mode, customer_id)
@@ -200,12 +120,12 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         try:
             return await self.write(op)
         except IntegrityError:
-            row = await self.read(_entry_row, mode, key)
+            row = await self.read(entry_row, mode, key)
             if row is None:
                 raise
             if row.request_hash != hashed:
                 raise IdempotencyConflict(key) from None
-            return _entry(row)
+            return entry_of(row)
 
     async def reserve(self, mode: Mode, customer_id: str, asset: str, amount: int, *,
                       hold_id: str, ttl_ms: int, overdraw: bool = False,
@@ -225,20 +145,20 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
                 replayed = replay(conn)
                 if replayed is not None:
                     return replayed
-                balance = _balance_of(conn, mode, customer_id, asset)
+                balance = balance_of(conn, mode, customer_id, asset)
                 # Returned, not raised: a refusal keeps the grant activations and lapses it wrote (nothing else).
                 return InsufficientFunds(asset=asset, available=balance.available, required=amount)
             return placed
 
         def replay(conn: Connection) -> tuple[Hold, Balance] | None:
-            existing = _hold_row(conn, hold_id)
+            existing = hold_row(conn, hold_id)
             if existing is None:
                 return None
-            entry = _entry_row(conn, existing.mode, f"hold:{hold_id}")
-            if existing.mode != mode or entry is None or entry.request_hash != _hash("hold", customer_id, asset,
+            entry = entry_row(conn, existing.mode, f"hold:{hold_id}")
+            if existing.mode != mode or entry is None or entry.request_hash != request_hash("hold", customer_id, asset,
                                                                                     amount):
                 raise IdempotencyConflict(f"hold:{hold_id}")
-            return _hold(existing), _balance_of(conn, mode, customer_id, asset)
+            return hold_of(existing), balance_of(conn, mode, customer_id, asset)
 
         engine_op = ReserveOp(mode, customer_id, asset, amount, hold_id, ttl_ms, now, overdraw)
         try:
@@ -262,12 +182,12 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Settlement:  # the classic path (the batch engine hashes for itself)
-            hashed = _hash("settle", amount)
+            hashed = request_hash("settle", amount)
             hold = locked_hold(conn, hold_id)
             if hold.state in ("captured", "voided"):
                 entry = previous_entry(conn, hold.mode, key, hashed)
                 assert entry is not None, f"resolved hold {hold_id} has no settle entry"
-                balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
+                balance = balance_of(conn, hold.mode, hold.customer_id, hold.asset)
                 return Settlement(hold_id, hold.captured_amount, amount - hold.captured_amount, balance,
                                   replayed=True)
             if amount < hold.captured_amount:
@@ -276,7 +196,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
                               now=now, overdraw=overdraw)
             total, written_off = done.hold.captured_amount, done.written_off
             if usage is not None:
-                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=total, written_off_amount=written_off))
+                INSERT_USAGE.run(conn, usage_values(usage, charged_amount=total, written_off_amount=written_off))
             return Settlement(hold_id, total, written_off, done.balance)
 
         return await self.hot(SettleOp(hold_id, amount, usage, now, overdraw), op)
@@ -288,7 +208,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         grows the hold by that much. Resolve the hold with :meth:`settle` (its total includes these)."""
         assert amount >= 0, "a capture cannot be negative"
         key = f"capture:{hold_id}:{idempotency_key}"
-        hashed = _hash("capture", amount)
+        hashed = request_hash("capture", amount)
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Capture:
@@ -317,7 +237,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         now = now_ms() if at_ms is None else at_ms
 
         def op(conn: Connection) -> Capture:  # the classic path (the batch engine hashes for itself)
-            hashed = _hash("settle", amount)
+            hashed = request_hash("settle", amount)
             hold = locked_hold(conn, hold_id)
             replayed = _replayed_capture(conn, hold, key, hashed, amount)
             if replayed is not None:
@@ -325,7 +245,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
             done = capture_in(conn, hold, amount, key=key, hashed=hashed, final=False, now=now, overdraw=overdraw,
                               from_hold=held)
             if usage is not None:
-                _INSERT_USAGE.run(conn, _usage_values(usage, charged_amount=done.charged,
+                INSERT_USAGE.run(conn, usage_values(usage, charged_amount=done.charged,
                                                       written_off_amount=done.written_off))
             return Capture(done.hold, done.charged, done.written_off, done.balance)
 
@@ -355,13 +275,13 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
 
         def op(conn: Connection) -> Hold:
             hold = locked_hold(conn, hold_id)
-            if previous_entry(conn, hold.mode, key, _hash("extend", amount)) is not None:
+            if previous_entry(conn, hold.mode, key, request_hash("extend", amount)) is not None:
                 return hold  # this step was applied already
             if hold.state != "pending":
                 raise HoldNotFound(hold_id)
             extended = extend_in(conn, hold, amount, key=key, ttl_ms=ttl_ms, now=now, overdraw=overdraw)
             if extended is None:
-                balance = _balance_of(conn, hold.mode, hold.customer_id, hold.asset)
+                balance = balance_of(conn, hold.mode, hold.customer_id, hold.asset)
                 raise InsufficientFunds(asset=hold.asset, available=balance.available, required=amount)
             return extended
 
@@ -384,14 +304,14 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         rows = await self.read(lambda conn: conn.execute(select(t.accounts).where(
             t.accounts.c.mode == mode, t.accounts.c.customer_id == customer_id,
         ).order_by(t.accounts.c.asset)).all())
-        return [_balance(r) for r in rows]
+        return [balance_row(r) for r in rows]
 
     async def balance(self, mode: Mode, customer_id: str, asset: str) -> Balance:
-        return await self.read(_balance_of, mode, customer_id, asset)
+        return await self.read(balance_of, mode, customer_id, asset)
 
     async def get_hold(self, hold_id: str) -> Hold | None:
-        row = await self.read(_hold_row, hold_id)
-        return _hold(row) if row else None
+        row = await self.read(hold_row, hold_id)
+        return hold_of(row) if row else None
 
     async def ledger(self, mode: Mode, customer_id: str, *, limit: int,
                      before: int | None = None) -> list[LedgerEntry]:
@@ -400,16 +320,7 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
         if before is not None:
             stmt = stmt.where(c.seq < before)
         rows = await self.read(lambda conn: conn.execute(stmt.order_by(c.seq.desc()).limit(limit)).all())
-        return [_entry(r) for r in rows]
-
-    async def usage(self, mode: Mode, customer_id: str, *, limit: int,
-                    before: int | None = None) -> list[tuple[int, UsageRecord]]:
-        c = t.usage_records.c
-        stmt = select(t.usage_records).where(c.mode == mode, c.customer_id == customer_id)
-        if before is not None:
-            stmt = stmt.where(c.seq < before)
-        rows = await self.read(lambda conn: conn.execute(stmt.order_by(c.seq.desc()).limit(limit)).all())
-        return [(r.seq, _usage(r)) for r in rows]
+        return [entry_of(r) for r in rows]
 
     async def audit(self) -> list[str]:
         """Re-derive every balance from the ledger, in one snapshot: on PostgreSQL a REPEATABLE READ
@@ -421,90 +332,15 @@ class SqlWalletStore(GrantAdmin, RateLimits, LeaseRecalls, BudgetTables):
 
         return await self.read(snapshot)
 
-    # ------------------------------------------------------------------ reports
-
-    async def usage_summary(self, mode: Mode, *, group_by: UsageGrouping, from_ms: int, to_ms: int,
-                            limit: int) -> list[UsageAggregate]:
-        return await self.read(_usage_summary, mode, group_by, from_ms, to_ms, limit)
-
-
-_DAY_MS = 86_400_000
-
-
-def _usage_summary(conn: Connection, mode: Mode, group_by: UsageGrouping, from_ms: int, to_ms: int,
-                   limit: int) -> list[UsageAggregate]:
-    """One aggregate query; every sum is over integers, so SQLite and PostgreSQL agree to the unit."""
-    c = t.usage_records.c
-    keys: dict[str, Any] = {"customer": c.customer_id, "feature": func.coalesce(c.feature, ""), "model": c.model,
-                            "day": c.created_at_ms // _DAY_MS,  # integer division on both backends
-                            # "<customer>:<budget path>" ("<customer>:" for requests outside any budget node)
-                            "budget_node": c.customer_id + literal(":") + func.coalesce(c.budget_path, "")}
-    known = c.cost_nanos.is_not(None)
-    no_usage = and_(c.cost_nanos.is_(None), c.usage_source == "none")
-    unknown = and_(c.cost_nanos.is_(None), c.usage_source != "none")
-
-    def total(expr: Any) -> Any:
-        return func.coalesce(func.sum(expr), 0)
-
-    key = keys.get(group_by)
-    stmt = select(
-        (key if key is not None else literal("")).label("key"), c.asset, func.count().label("requests"),
-        total(c.price_amount).label("price"), total(c.charged_amount).label("charged"),
-        total(c.written_off_amount).label("written_off"),
-        total(case((known, c.charged_amount), else_=0)).label("costed_charged"),
-        total(func.coalesce(c.cost_nanos, 0)).label("cost"),
-        total(case((unknown, 1), else_=0)).label("cost_unknown"),
-        total(case((no_usage, 1), else_=0)).label("no_usage"),
-        total(case((known, 0), else_=c.charged_amount)).label("unmargined"),
-    ).where(c.mode == mode, c.created_at_ms >= from_ms, c.created_at_ms < to_ms)
-    if key is not None:
-        stmt = stmt.group_by(key, c.asset).order_by(key, c.asset)
-    else:
-        stmt = stmt.group_by(c.asset).order_by(c.asset)
-    return [UsageAggregate(key=str(r.key), asset=r.asset, requests=int(r.requests), price_amount=int(r.price),
-                           charged_amount=int(r.charged), written_off_amount=int(r.written_off),
-                           costed_charged=int(r.costed_charged), cost_nanos=int(r.cost),
-                           cost_unknown_count=int(r.cost_unknown), no_usage_count=int(r.no_usage),
-                           unmargined_charged=int(r.unmargined))
-            for r in conn.execute(stmt.limit(limit)).all()]
-
-
 def _replayed_capture(conn: Connection, hold: Hold, key: str, hashed: str, amount: int) -> Capture | None:
     """The first answer of a capture whose key the ledger has (``IdempotencyConflict`` if with other content)."""
     entry = previous_entry(conn, hold.mode, key, hashed)
     if entry is None:
         return None
     charged = int(entry.posted_delta)
-    return Capture(hold, charged, amount - charged, _balance_of(conn, hold.mode, hold.customer_id, hold.asset),
+    return Capture(hold, charged, amount - charged, balance_of(conn, hold.mode, hold.customer_id, hold.asset),
                    replayed=True)
 
-
-def _customer(row: Row[Any]) -> Customer:
-    return Customer(mode=row.mode, id=row.id, name=row.name, created_at_ms=row.created_at_ms)
-
-
-def _api_key(row: Row[Any]) -> ApiKey:
-    return ApiKey(id=row.id, mode=row.mode, customer_id=row.customer_id, prefix=row.prefix,
-                  created_at_ms=row.created_at_ms, revoked_at_ms=row.revoked_at_ms,
-                  attributes={str(k): str(v) for k, v in (row.attributes or {}).items()})
-
-
-
-
-
-
-
-
-def _usage_values(usage: UsageRecord, **changes: Any) -> dict[str, Any]:
-    """The record's column values, with ``changes`` applied (cheaper than ``dataclasses.replace``)."""
-    values = {name: getattr(usage, name) for name in _USAGE_FIELDS}
-    values.update(changes)
-    return values
-
-
-def _usage(row: Row[Any]) -> UsageRecord:
-    mapping = cast(dict[str, Any], row._mapping)
-    return UsageRecord(**{name: mapping[name] for name in _USAGE_FIELDS})
 
 
 __all__ = ["SqlWalletStore"]

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from metergate.observability.threads import name_os_thread
 from metergate.wallet import schema as t
 from metergate.wallet.audit import upgrade_v1_to_v2
-from metergate.wallet.engine import EngineOp
+from metergate.wallet.batchops import EngineOp
 from metergate.wallet.errors import (
     CustomerNotFound,
 )
@@ -197,6 +197,11 @@ class SqlRunner:
             assert self._writer is not None, "store is not open"
             result: T = await self._writer.submit(fn, args)
             return result
+        return await self.transaction(fn, *args)
+
+    async def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """PostgreSQL: run ``fn(conn, *args)`` in a transaction of its own, straight on the pool (no group
+        commit): :meth:`write`'s path, and the one a store that groups writes itself commits its groups on."""
         assert self._async is not None, "store is not open"
         async with self._async.begin() as aconn:
             return await aconn.run_sync(fn, *args)
@@ -228,6 +233,11 @@ class SqlRunner:
         assert self._async is not None, "store is not open"
         async with self._async.connect() as aconn:
             return await aconn.run_sync(fn, *args)
+
+    @property
+    def is_sqlite(self) -> bool:
+        """The backend is SQLite (one writer thread, already group-committed), not PostgreSQL."""
+        return self._sqlite
 
     def for_update(self, stmt: Any) -> Any:
         return stmt if self._sqlite else stmt.with_for_update()

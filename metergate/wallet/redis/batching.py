@@ -33,7 +33,7 @@ class BatchingSqlWalletStore(SqlWalletStore):
         self._flusher: asyncio.Task[None] | None = None
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._sqlite:
+        if self.is_sqlite:
             return await super().write(fn, *args)
         if self._flusher is None or self._flusher.done():
             self._wakeup = asyncio.Event()
@@ -69,9 +69,7 @@ class BatchingSqlWalletStore(SqlWalletStore):
                     outcomes.append((True, result))
 
         try:
-            assert self._async is not None, "store is not open"
-            async with self._async.begin() as aconn:
-                await aconn.run_sync(run)
+            await self.transaction(run)
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():

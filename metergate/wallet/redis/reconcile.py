@@ -63,7 +63,7 @@ async def _redis_view(store: RedisWalletStore, w: WalletRef) -> tuple[tuple[int,
     pipe: Any = store.redis.pipeline(transaction=False)
     pipe.hmget(wallet, "c", "p", "q")
     pipe.get(unapplied)
-    (c, p, q), left = await store._redis_call(pipe.execute())
+    (c, p, q), left = await store.redis_call(pipe.execute())
     return (None if c is None else (int(c), int(p), int(q))), int(left or 0)
 
 

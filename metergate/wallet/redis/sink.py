@@ -75,7 +75,7 @@ def _expire_hold(conn: Connection, hold_id: str, at_ms: int) -> bool:
     return True
 
 
-def _record_write_off(conn: Connection, usage_id: str, written_off: int) -> None:
+def record_write_off(conn: Connection, usage_id: str, written_off: int) -> None:
     """The SQL settle, replaying an admitted capture, records no write-off; Redis decided one: keep it."""
     u = t.usage_records.c
     conn.execute(update(t.usage_records).where(u.id == usage_id).values(written_off_amount=written_off))
@@ -220,13 +220,13 @@ class LedgerSink:
             if stashed and shard in self._clean:
                 return stashed
             if not new_only and shard not in self._clean:
-                claimed = await self.store._redis_call(r.xautoclaim(
+                claimed = await self.store.redis_call(r.xautoclaim(
                     stream, GROUP, self.store.consumer, min_idle_time=0, start_id="0-0", count=count))
                 entries = claimed[1]
                 if not entries:
                     self._clean.add(shard)
             if not entries:
-                read = await self.store._redis_call(r.xreadgroup(GROUP, self.store.consumer, {stream: ">"},
+                read = await self.store.redis_call(r.xreadgroup(GROUP, self.store.consumer, {stream: ">"},
                                                                  count=count))
                 entries = read[0][1] if read else []
         except Exception as exc:
@@ -409,7 +409,7 @@ class LedgerSink:
             if kind == "settle":
                 written_off = int(f.get("wo") or 0)
                 if written_off and f.get("usage"):
-                    await sql.write(_record_write_off, json.loads(f["usage"])["id"], written_off)
+                    await sql.write(record_write_off, json.loads(f["usage"])["id"], written_off)
         elif kind == "extend":
             await sql.extend_hold(hold_id, int(f["amt"]), step=int(f["step"]), ttl_ms=int(f["ttl"]), overdraw=True)
         elif kind == "expire":

@@ -229,9 +229,9 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
     async def ping(self) -> None:
         """Ready means Redis answers: requests are admitted and settled there. The SQL ledger may be briefly
         unreachable without making a replica unready (the streams buffer, see ``redis_max_backlog``)."""
-        await self._redis_call(self.redis.ping())
+        await self.redis_call(self.redis.ping())
 
-    async def _redis_call(self, call: Awaitable[T]) -> T:
+    async def redis_call(self, call: Awaitable[T]) -> T:
         """Await a Redis command, turning "Redis unreachable" into a 503 (fail closed)."""
         try:
             if self._gate is None:
@@ -243,7 +243,7 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
                                     code="wallet_unavailable") from exc
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._redis_call(self._scripts[name](keys=keys, args=args))
+        return await self.redis_call(self._scripts[name](keys=keys, args=args))
 
     # ------------------------------------------------------------------ customers and keys (SQL)
 
@@ -358,7 +358,7 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
 
     async def projection(self, w: WalletRef) -> Balance | None:
         wallet = self.keys.wallet(w)[0]
-        c, p, q, o = await self._redis_call(self.redis.hmget(wallet, "c", "p", "q", "o"))
+        c, p, q, o = await self.redis_call(self.redis.hmget(wallet, "c", "p", "q", "o"))
         if c is None:
             return None
         return Balance(w.mode, w.customer_id, w.asset, int(c), int(p), int(q), int(o or 0))
@@ -414,8 +414,8 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
             keys.append(index)
             tail = [ref, ttl_ms + self._retention_ms]
         else:
-            fresh = await self._redis_call(self.redis.set(index, ref, nx=True, px=ttl_ms + self._retention_ms))
-            if not fresh and await self._redis_call(self.redis.get(index)) not in (ref, None):
+            fresh = await self.redis_call(self.redis.set(index, ref, nx=True, px=ttl_ms + self._retention_ms))
+            if not fresh and await self.redis_call(self.redis.get(index)) not in (ref, None):
                 raise IdempotencyConflict(f"hold:{hold_id}")
         content = _hash("hold", mode, customer_id, asset, amount)
         for _ in range(20):
@@ -449,7 +449,7 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
         known = self._known.get(hold_id)
         if known is not None:
             return known.wallet
-        ref = await self._redis_call(self.redis.get(self.keys.index(hold_id)))
+        ref = await self.redis_call(self.redis.get(self.keys.index(hold_id)))
         if ref:
             mode, customer_id, asset = ref.split("\x1f")
             return WalletRef(mode, customer_id, asset)
@@ -554,7 +554,7 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
         pipe = self.redis.pipeline(transaction=False)
         for hold_id, u in due:
             pipe.hget(self.keys.hold(u.wallet, hold_id), "st")
-        in_redis_all: list[Any] = await self._redis_call(pipe.execute())
+        in_redis_all: list[Any] = await self.redis_call(pipe.execute())
         for (hold_id, u), in_redis in zip(due, in_redis_all, strict=True):
             state = states.get(hold_id)
             if in_redis in ("captured", "voided"):
@@ -569,9 +569,9 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
                                        overdraw=True)
             await self.sql.settle(hold_id, u.charged, u.usage, overdraw=True)
             if u.written_off and u.usage is not None:
-                from metergate.wallet.redis.sink import _record_write_off
+                from metergate.wallet.redis.sink import record_write_off
 
-                await self.sql.write(_record_write_off, u.usage.id, u.written_off)
+                await self.sql.write(record_write_off, u.usage.id, u.written_off)
             log.warning("settlement of %s was lost with Redis data; applied to the ledger directly", hold_id)
             self._unconfirmed.pop(hold_id, None)
             reapplied += 1
@@ -632,14 +632,14 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
         expired = 0
         for shard in range(self.keys.shards):
             zkey = self.keys.expiry(shard)
-            ids: list[str] = await self._redis_call(
+            ids: list[str] = await self.redis_call(
                 self.redis.zrangebyscore(zkey, "-inf", f"({now_ms}", start=0, num=limit))
             for hold_id in ids:
                 hkey = self.keys.hold_in(shard, hold_id)
-                mode, customer_id, asset = await self._redis_call(
+                mode, customer_id, asset = await self.redis_call(
                     self.redis.hmget(hkey, "m", "cu", "a"))
                 if mode is None:
-                    await self._redis_call(self.redis.zrem(zkey, hold_id))
+                    await self.redis_call(self.redis.zrem(zkey, hold_id))
                     continue
                 w = WalletRef(mode, customer_id, asset)
                 for _ in range(3):
@@ -677,8 +677,8 @@ class RedisWalletStore(redis_quota.WindowsInRedis, BudgetsInSql):
         if w is not None:
             hkey = self.keys.hold(w, hold_id)
             try:
-                h = await self._redis_call(self.redis.hmget(hkey, "amt", "st", "exp", "cr", "cap", "e"))
-                epoch = await self._redis_call(self.redis.hget(self.keys.wallet(w)[0], "e"))
+                h = await self.redis_call(self.redis.hmget(hkey, "amt", "st", "exp", "cr", "cap", "e"))
+                epoch = await self.redis_call(self.redis.hget(self.keys.wallet(w)[0], "e"))
             except WalletUnavailable:
                 h, epoch = [None], None
             stale = h[0] is not None and h[1] == "pending" and (h[5] or "") != (epoch or "")
