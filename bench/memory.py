@@ -208,11 +208,11 @@ def run(work: Path, env: dict[str, str], up_port: int, args: argparse.Namespace)
     steps = [json.loads((out / f"step{i + 1}.json").read_text()) for i in range(len(STEPS))]
     print(f"sidecar, {'no bytecode' if args.source else 'bytecode'}, {args.label}"
           f"{', ' + ' '.join(args.env) if args.env else ''}:")
-    print(f"{'step':<26} {'RSS MiB':>8} {'heap used':>10} {'heap free':>10} {'mmapped':>8} {'threads':>8}   grew")
+    print(f"{'step':<26} {'RSS MiB':>8} {'heap used':>10} {'heap free':>10} {'mmap/meta':>9} {'threads':>8}   grew")
     for i, (name, s) in enumerate(zip(STEPS, steps, strict=True)):
         growth = grown(steps[i - 1]["mappings"], s["mappings"]) if i else ""
         print(f"{name:<26} {s['rss_kib'] / 1024:8.1f} {s['heap_in_use_kib'] / 1024:10.1f} "
-              f"{s['heap_free_kib'] / 1024:10.1f} {s['mmapped_kib'] / 1024:8.1f} {s['threads']:8d}   {growth}")
+              f"{s['heap_free_kib'] / 1024:10.1f} {s['mmapped_kib'] / 1024:9.1f} {s['threads']:8d}   {growth}")
     trimmed = json.loads((out / "trimmed.json").read_text())
     print(f"{'then malloc_trim(0)':<26} {trimmed['rss_kib'] / 1024:8.1f}")
     if args.tracemalloc:
