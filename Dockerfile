@@ -45,17 +45,30 @@ RUN uv sync --frozen --no-dev --no-editable --extra otel \
 
 # -------------------------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}
+# jemalloc, preloaded below: the sidecar's memory. Its size classes fit tiktoken's 200,000 small token strings
+# far tighter than glibc's 32-byte minimum chunk (o200k_base about 30 MiB of RSS instead of 41), and a
+# background thread hands freed pages back within a second. The distribution's package, like the base image's
+# own libraries: not pinned to a version the next base image may not carry.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 metergate \
  && useradd --system --uid 10001 --gid metergate --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin metergate \
  && mkdir -p /var/lib/metergate /etc/metergate \
  && chown metergate:metergate /var/lib/metergate
 COPY --from=build /opt/metergate /opt/metergate
+# LD_PRELOAD names the library, not a path, so that the loader finds it on any architecture. MALLOC_CONF:
+# two arenas (jemalloc would make four per CPU of the node, not of the pod's limit), freed pages returned by a
+# background thread after a second (dirty_decay_ms) and not kept as "muzzy" (README.md, "Memory").
 # TIKTOKEN_CACHE_DIR names a directory of public tokenizer data: not the secret that DL3064 suspects.
 # hadolint ignore=DL3064
 ENV PATH=/opt/metergate/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    TIKTOKEN_CACHE_DIR=/opt/metergate/tiktoken
+    TIKTOKEN_CACHE_DIR=/opt/metergate/tiktoken \
+    LD_PRELOAD=libjemalloc.so.2 \
+    MALLOC_CONF=narenas:2,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0
 # The embedded default database (sqlite:///metergate.db) lands in the working directory, a volume in practice.
 WORKDIR /var/lib/metergate
 USER 10001:10001

@@ -24,6 +24,11 @@ of metergate's mock upstream (metergate/demo/mock_upstream.py, its own process).
   ended; ``+gpt-4``: VmRSS after one more request by a cl100k_base model (both encodings in memory);
 * **peak** (``VmHWM``): the highest RSS of the process's life, start-up included.
 
+Each variant runs with the allocator environment its own tree's image sets (:func:`image_memory_env`: the
+runtime stage's ``LD_PRELOAD``, ``MALLOC_*`` and ``PYTHONMALLOC`` in that tree's Dockerfile), since the image is
+what runs in a pod: a baseline whose image sets none runs on glibc's malloc. ``--allocator glibc`` runs both
+without (the library is preloaded only where this machine has it; the report names what each variant ran with).
+
 Cells are interleaved (before, after, before, ...) so that drift on the machine hits both alike; each figure is
 the median over ``--repeat`` runs, and ``after/before`` is the ratio of those medians. A second table measures
 one tiktoken encoding alone in a fresh interpreter: as tiktoken loads it (``tiktoken.get_encoding``) and as
@@ -38,7 +43,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
+import shlex
 import signal
 import socket
 import statistics
@@ -61,6 +68,28 @@ HEADERS = {"X-Metergate-Customer": CUSTOMER, "X-Metergate-Mode": "test",
            "X-Mock-Behavior": "words:20,chunk-delay:0.04"}
 READY_TIMEOUT_S = 120
 SETTLE_S = 2.0
+# The variables of an image's runtime stage that decide how the process allocates memory.
+MEMORY_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "PYTHONMALLOC")
+
+
+def image_memory_env(tree: Path) -> dict[str, str]:
+    """The memory variables (:data:`MEMORY_ENV`) that ``tree``'s Dockerfile sets in its last (runtime) stage,
+    so that a benchmark runs the server as the image would; none when the tree has no Dockerfile."""
+    dockerfile = tree / "Dockerfile"
+    if not dockerfile.exists():
+        return {}
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    runtime = joined.split("\nFROM ")[-1]
+    found: dict[str, str] = {}
+    for line in runtime.splitlines():
+        instruction, _, rest = line.strip().partition(" ")
+        if instruction.upper() == "ENV":
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                if key in MEMORY_ENV:
+                    found[key] = value
+    return found
 
 
 def free_port() -> int:
@@ -218,13 +247,15 @@ print(rss() - before)
 """
 
 
-def encoding_costs() -> dict[tuple[str, str], float]:
-    """RSS an encoding adds to a fresh interpreter (MiB), loaded by tiktoken alone or by metergate."""
+def encoding_costs(env_extra: dict[str, str]) -> dict[tuple[str, str], float]:
+    """RSS an encoding adds to a fresh interpreter (MiB), loaded by tiktoken alone or by metergate, with this
+    tree's allocator (``env_extra``)."""
     out = {}
+    env = {**os.environ, **{k: v for k, v in env_extra.items() if k in MEMORY_ENV}}
     for name in ("o200k_base", "cl100k_base"):
         for how in ("tiktoken", "metergate"):
             kib = subprocess.run([sys.executable, "-c", _ENCODING_PROBE, how, name], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout.split()[-1]
+                                 capture_output=True, text=True, env=env).stdout.split()[-1]
             out[(name, how)] = mib(int(kib))
     return out
 
@@ -236,6 +267,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=64, help="streams in flight at once")
     parser.add_argument("--roles", nargs="+", default=list(ROLES), choices=ROLES)
     parser.add_argument("--source", action="store_true", help="run without bytecode (see above)")
+    parser.add_argument("--allocator", choices=("image", "glibc"), default="image",
+                        help="image: each variant with its Dockerfile's memory variables (default); glibc: none")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -256,21 +289,26 @@ def main() -> int:
             with baseline_tree(args.baseline, workdir) as base:
                 trees = {"before": base, "after": ROOT}
                 cells = {(v, r): Cell(v, r) for r in args.roles for v in trees}
-                env_extra = ({"PYTHONDONTWRITEBYTECODE": "1"} if args.source
-                             else {"PYTHONPYCACHEPREFIX": str(workdir / "pycache")})
+                bytecode = ({"PYTHONDONTWRITEBYTECODE": "1"} if args.source
+                            else {"PYTHONPYCACHEPREFIX": str(workdir / "pycache")})
+                env_extra = {v: {**bytecode, **(image_memory_env(t) if args.allocator == "image" else {})}
+                             for v, t in trees.items()}
+                for variant in trees:
+                    memory = {k: v for k, v in env_extra[variant].items() if k in MEMORY_ENV}
+                    print(f"  {variant}: {' '.join(f'{k}={v}' for k, v in memory.items()) or 'glibc malloc'}")
                 if not args.source:
                     for variant, tree in trees.items():  # every module either role imports, compiled once
                         run_cell(Cell(f"warm-{variant}", "all"), tree, f"http://127.0.0.1:{up_port}", workdir,
-                                 args.streams, env_extra)
+                                 args.streams, env_extra[variant])
                     print("  bytecode compiled (one unmeasured run per variant)", flush=True)
                 for i in range(args.repeat):
                     order = list(trees) if i % 2 == 0 else list(reversed(trees))
                     for role in args.roles:
                         for variant in order:
                             run_cell(cells[(variant, role)], trees[variant], f"http://127.0.0.1:{up_port}",
-                                     workdir, args.streams, env_extra)
+                                     workdir, args.streams, env_extra[variant])
                             print(f"  run {i + 1}/{args.repeat} {variant:6s} {role:7s} done", flush=True)
-            costs = encoding_costs()
+            costs = encoding_costs(env_extra["after"])
         finally:
             upstream.send_signal(signal.SIGTERM)
             upstream.wait(timeout=10)

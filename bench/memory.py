@@ -1,15 +1,24 @@
-"""Where a sidecar's memory goes: RSS, glibc's heap and the process's mappings at each step of a load.
+"""Where a sidecar's memory goes: RSS, the allocator's heap and the process's mappings at each step of a load.
 
     uv run python bench/memory.py                        # idle, first request, second, 64 streams, again
+    uv run python bench/memory.py --allocator glibc      # without the image's jemalloc
+    uv run python bench/memory.py --imports              # what each imported package allocated, at idle
     uv run python bench/memory.py --tracemalloc 1        # and Python's allocations (slow, inflates RSS)
     uv run python bench/memory.py --env MALLOC_ARENA_MAX=2 --source
 
 A real ``python -m metergate serve --role sidecar`` (bytecode in a temp ``PYTHONPYCACHEPREFIX``, as in the
-image, unless ``--source``) runs inside a small wrapper that answers signals: SIGUSR1 writes a snapshot
-(VmRSS; ``mallinfo2``: heap in use, free, mmapped; RSS per mapping from /proc/self/smaps; a tracemalloc
-snapshot when tracing), SIGUSR2 runs ``malloc_trim(0)`` and writes RSS again. The script prints each step and,
-between steps, the mappings that grew: ``[heap]`` and ``[anon]`` are malloc's and Python's small-object
-arenas, a ``.so`` is a library's pages; with ``--tracemalloc``, the source files whose allocations grew.
+image, unless ``--source``; with the memory variables of the Dockerfile's runtime stage, ``LD_PRELOAD`` of
+jemalloc and its ``MALLOC_CONF``, unless ``--allocator glibc``) runs inside a small wrapper that answers
+signals: SIGUSR1 writes a snapshot (VmRSS; the heap in use, free but kept, and mmapped (glibc's ``mallinfo2``)
+or allocator metadata (jemalloc's ``stats.*``); RSS per mapping from /proc/self/smaps; a tracemalloc snapshot
+when tracing), SIGUSR2 returns free heap (``malloc_trim(0)``, or jemalloc's ``arena.<all>.purge``) and writes
+RSS again. The script prints each step and, between steps, the mappings that grew: ``[heap]`` and ``[anon]``
+are the allocator's and Python's small-object arenas, a ``.so`` is a library's pages; with ``--tracemalloc``,
+the source files whose allocations grew.
+
+``--imports`` answers "which package is the idle process made of": an import hook records what each module's
+own import allocated (tracemalloc's traced bytes while it executes, less its own imports'), summed by top-level
+package, with the RSS of each shared library; the server is stopped at idle (tracing slows the first request).
 Loopback only; the mock upstream is metergate's own (metergate/demo/mock_upstream.py).
 """
 
@@ -26,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,7 +50,22 @@ libc = ctypes.CDLL(None)
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Info
+mallctl = getattr(libc, "mallctl", None)  # jemalloc's, when the image's LD_PRELOAD is in effect
+if mallctl is None:
+    libc.mallinfo2.restype = Info
+def jemalloc(name):
+    value, size = ctypes.c_size_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+    mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0)
+    return value.value
+def heap():
+    """(in use, free but kept, mmapped / allocator metadata) in KiB."""
+    if mallctl is None:
+        info = libc.mallinfo2()
+        return info.uordblks // 1024, info.fordblks // 1024, info.hblkhd // 1024
+    epoch = ctypes.c_uint64(1)
+    mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+    allocated, resident, metadata = (jemalloc(n) for n in ("stats.allocated", "stats.resident", "stats.metadata"))
+    return allocated // 1024, (resident - allocated - metadata) // 1024, metadata // 1024
 def rss():
     return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:")).split()[1])
 def mappings():
@@ -52,18 +77,56 @@ def mappings():
         elif parts and parts[0] == "Rss:":
             sizes[name] = sizes.get(name, 0) + int(parts[1])
     return sizes
+imports = {}  # module -> bytes its own import allocated (not its imports'), with --imports
+if os.environ.pop("MG_MEMORY_IMPORTS", None):
+    import importlib.abc
+    tracemalloc.start(1)
+    nested = threading.local()
+    class Measured(importlib.abc.Loader):
+        def __init__(self, inner):
+            self.inner = inner
+        def create_module(self, spec):
+            return self.inner.create_module(spec)
+        def exec_module(self, module):
+            stack = nested.__dict__.setdefault("stack", [])
+            start = tracemalloc.get_traced_memory()[0]
+            stack.append(0)
+            try:
+                self.inner.exec_module(module)
+            finally:
+                children = stack.pop()
+                total = tracemalloc.get_traced_memory()[0] - start
+                imports[module.__name__] = imports.get(module.__name__, 0) + total - children
+                if stack:
+                    stack[-1] += total
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            for finder in sys.meta_path:
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(name, path, target)
+                    if spec is not None:
+                        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                            spec.loader = Measured(spec.loader)
+                        return spec
+            return None
+    sys.meta_path.insert(0, Finder())
 step = [0]
 def snapshot(*_):
     step[0] += 1
-    info = libc.mallinfo2()
-    record = {"rss_kib": rss(), "heap_in_use_kib": info.uordblks // 1024, "heap_free_kib": info.fordblks // 1024,
-              "mmapped_kib": info.hblkhd // 1024, "threads": threading.active_count(), "mappings": mappings()}
-    if tracemalloc.is_tracing():
+    used, free, mapped = heap()
+    record = {"rss_kib": rss(), "heap_in_use_kib": used, "heap_free_kib": free, "mmapped_kib": mapped,
+              "threads": threading.active_count(), "mappings": mappings(), "imports": imports}
+    if tracemalloc.is_tracing() and not imports:
         tracemalloc.take_snapshot().dump(str(out / f"step{step[0]}.tracemalloc"))
     (out / f"step{step[0]}.json").write_text(json.dumps(record))
 def trim(*_):
     gc.collect()
-    libc.malloc_trim(0)
+    if mallctl is None:
+        libc.malloc_trim(0)
+    else:
+        mallctl(b"arena.4096.purge", None, None, None, 0)
     (out / "trimmed.json").write_text(json.dumps({"rss_kib": rss(), "mappings": mappings()}))
 signal.signal(signal.SIGUSR1, snapshot)
 signal.signal(signal.SIGUSR2, trim)
@@ -85,10 +148,17 @@ def main() -> int:
     parser.add_argument("--source", action="store_true", help="no bytecode: every import compiles its source")
     parser.add_argument("--tracemalloc", type=int, metavar="FRAMES", help="trace Python allocations")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="for the server")
+    parser.add_argument("--allocator", choices=("image", "glibc"), default="image",
+                        help="image: the Dockerfile's memory variables (default); glibc: none")
+    parser.add_argument("--imports", action="store_true", help="what each package's import allocated, at idle")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mg-memory-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **dict(e.split("=", 1) for e in args.env)}
+        memory = fp.image_memory_env(ROOT) if args.allocator == "image" else {}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **memory, **dict(e.split("=", 1) for e in args.env)}
+        args.label = " ".join(f"{k}={v}" for k, v in memory.items()) or "glibc malloc"
+        if args.imports:
+            env["MG_MEMORY_IMPORTS"] = "1"
         if args.source:
             env["PYTHONDONTWRITEBYTECODE"] = "1"
         else:
@@ -122,23 +192,27 @@ def run(work: Path, env: dict[str, str], up_port: int, args: argparse.Namespace)
     out = work / "out"
     out.mkdir()
     if not args.source:  # one unmeasured run compiles what the sidecar imports
+        warm_env = {k: v for k, v in env.items() if k != "MG_MEMORY_IMPORTS"}  # the hook slows the first request
         warm = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(out), "serve", "--config", str(config),
-                                 "--log-level", "WARNING"], cwd=ROOT, env=env)
+                                 "--log-level", "WARNING"], cwd=ROOT, env=warm_env)
         asyncio.run(_load(warm, port, 1, None))
         _stop(warm)
     server = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(out), "serve", "--config", str(config),
                                "--log-level", "WARNING"], cwd=ROOT, env=env)
     try:
-        asyncio.run(_load(server, port, args.streams, out))
+        asyncio.run(_load(server, port, 0 if args.imports else args.streams, out))
     finally:
         _stop(server)
+    if args.imports:
+        return _print_imports(json.loads((out / "step1.json").read_text()))
     steps = [json.loads((out / f"step{i + 1}.json").read_text()) for i in range(len(STEPS))]
-    print(f"sidecar, {'no bytecode' if args.source else 'bytecode'}{', ' + ' '.join(args.env) if args.env else ''}:")
-    print(f"{'step':<26} {'RSS MiB':>8} {'heap used':>10} {'heap free':>10} {'mmapped':>8} {'threads':>8}   grew")
+    print(f"sidecar, {'no bytecode' if args.source else 'bytecode'}, {args.label}"
+          f"{', ' + ' '.join(args.env) if args.env else ''}:")
+    print(f"{'step':<26} {'RSS MiB':>8} {'heap used':>10} {'heap free':>10} {'mmap/meta':>9} {'threads':>8}   grew")
     for i, (name, s) in enumerate(zip(STEPS, steps, strict=True)):
         growth = grown(steps[i - 1]["mappings"], s["mappings"]) if i else ""
         print(f"{name:<26} {s['rss_kib'] / 1024:8.1f} {s['heap_in_use_kib'] / 1024:10.1f} "
-              f"{s['heap_free_kib'] / 1024:10.1f} {s['mmapped_kib'] / 1024:8.1f} {s['threads']:8d}   {growth}")
+              f"{s['heap_free_kib'] / 1024:10.1f} {s['mmapped_kib'] / 1024:9.1f} {s['threads']:8d}   {growth}")
     trimmed = json.loads((out / "trimmed.json").read_text())
     print(f"{'then malloc_trim(0)':<26} {trimmed['rss_kib'] / 1024:8.1f}")
     if args.tracemalloc:
@@ -149,6 +223,24 @@ def run(work: Path, env: dict[str, str], up_port: int, args: argparse.Namespace)
         print("\nPython allocations that grew from idle to the end (KiB, by file):")
         for stat in last.compare_to(first, "filename")[:15]:
             print(f"{stat.size_diff // 1024:8d}  {stat.traceback}")
+    return 0
+
+
+def _print_imports(idle: dict[str, Any], top: int = 25) -> int:
+    """The idle process by package: what each one's imports allocated, and the shared libraries' pages."""
+    by_package: dict[str, int] = {}
+    for module, size in idle["imports"].items():
+        by_package[module.split(".")[0]] = by_package.get(module.split(".")[0], 0) + size
+    traced = sum(by_package.values())
+    print(f"sidecar at idle: RSS {idle['rss_kib'] / 1024:.1f} MiB (under tracemalloc, which adds its own), "
+          f"{len(idle['imports'])} modules imported, {traced / 2**20:.1f} MiB allocated by their imports")
+    print(f"\n{'MiB':>6}  package (its modules' own imports)")
+    for package, size in sorted(by_package.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{size / 2**20:6.2f}  {package}")
+    libraries = {Path(k).name: v for k, v in idle["mappings"].items() if ".so" in k}
+    print(f"\n{'MiB':>6}  shared library pages in RSS ({sum(libraries.values()) / 1024:.1f} MiB in all)")
+    for name, kib in sorted(libraries.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"{kib / 1024:6.2f}  {name}")
     return 0
 
 
@@ -165,6 +257,8 @@ async def _load(proc: subprocess.Popen[bytes], port: int, streams: int, out: Pat
 
     await asyncio.sleep(fp.SETTLE_S)
     await snapshot(1)
+    if not streams:  # --imports: idle only
+        return
     for number, count in ((2, 1), (3, 1), (4, streams), (5, streams)):
         await fp.stream_load(url, proc.pid, count)
         await asyncio.sleep(1.0)

@@ -14,7 +14,8 @@ and :func:`count_off_loop`, which runs a count in a small thread pool (tiktoken 
 encoding, so the loop keeps serving). :mod:`metergate.proxy.prompt_size` decides which applies.
 
 Memory: a sidecar runs in every pod, so each encoding is loaded on first use by a model of its family
-(o200k_base is about 45 MiB of RSS once built, cl100k_base about 25), not at start-up; :func:`preload_for_models`
+(o200k_base is about 28 MiB of RSS once built on the image's jemalloc, 42 on glibc's malloc; cl100k_base about 13 /
+22: see metergate/metering/heap.py), not at start-up; :func:`preload_for_models`
 warms chosen families when a deployment prefers to pay that at start-up instead of on the first request.
 tiktoken's ``Encoding`` keeps the Python dict of ranks it was built from (bytes -> int, 200k entries) beside
 the Rust ``CoreBPE``, which holds its own copies; tiktoken 0.14 reads the dict only to pickle an encoding that
