@@ -274,7 +274,16 @@ _ACCOUNTS_AND_GRANTS = (f"SELECT {_ACCOUNT_COLS}, {_GRANT_COLS} FROM accounts a 
                         "WHERE (a.mode, a.customer_id, a.asset) IN "
                         "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[])) "
                         "ORDER BY a.mode, a.customer_id, a.asset")
-_LOCK = {_HOLDS_AND_ALLOCS: " FOR UPDATE OF h", _ACCOUNTS_AND_GRANTS: " FOR UPDATE OF a"}
+# The pessimistic run locks first, then reads, each read a statement of its own. Not ``FOR UPDATE OF`` on the
+# reads themselves: a row found changed by a transaction the lock waited for is re-read at its newest version,
+# but the rows joined to it (a hold's allocations, an account's grants) keep the statement's older snapshot,
+# and a decision over a fresh account and stale grants (free that another replica had just released) held
+# what they no longer showed as unbacked: the account balanced, its grants drifted from it. A read that starts
+# after the locks are held sees everything committed before them, consistently.
+_LOCK_HOLDS = "SELECT 1 FROM holds WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+_LOCK_ACCOUNTS = ("SELECT 1 FROM accounts WHERE (mode, customer_id, asset) IN "
+                  "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[])) "
+                  "ORDER BY mode, customer_id, asset FOR UPDATE")
 _PG_KEYS = ("SELECT mode, idempotency_key, request_hash FROM ledger_entries "
             "WHERE (mode, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))")
 
@@ -368,20 +377,25 @@ async def apply_postgres(con: Any, ops: Sequence[bo.EngineOp], *, locked: bool) 
     """Load, decide and write one batch on an asyncpg connection. ``locked=False``: optimistically, outside any
     transaction, without reading the ledger keys it writes (the write commits on its own, or raises
     :class:`BatchConflict`, or the unique violation of a key written before, and then nothing was written);
-    ``locked=True``: inside the caller's transaction, locking holds, then accounts, as it reads, and reading the
-    keys."""
+    ``locked=True``: inside the caller's transaction, locking its holds, then its accounts, each before it reads
+    them, and reading the keys."""
     state = bs.BatchState(keys_read=locked)
     allocs: list[Sequence[Any]] = []
     width = len(bs.HOLD_COLUMNS)
-    for r in await con.fetch(_read(_HOLDS_AND_ALLOCS, locked), bs.hold_ids(ops)):
+    ids = bs.hold_ids(ops)
+    if locked:
+        await con.execute(_LOCK_HOLDS, ids)
+    for r in await con.fetch(_HOLDS_AND_ALLOCS, ids):
         if r[0] not in state.holds:
             _add_holds(state, [r[:width]])
         if r[width] is not None:
             allocs.append((r[0], *r[width:]))
     keys = bs.account_keys(ops, state.holds)
     if keys:
-        columns = ([k[i] for k in keys] for i in range(3))
-        for r in await con.fetch(_read(_ACCOUNTS_AND_GRANTS, locked), *columns):
+        columns = [[k[i] for k in keys] for i in range(3)]
+        if locked:
+            await con.execute(_LOCK_ACCOUNTS, *columns)
+        for r in await con.fetch(_ACCOUNTS_AND_GRANTS, *columns):
             if (r[0], r[1], r[2]) not in state.accounts:
                 _add_account(state, r[:8])
             if r[8] is not None:
@@ -392,13 +406,17 @@ async def apply_postgres(con: Any, ops: Sequence[bo.EngineOp], *, locked: bool) 
     if extend:
         for m, k, h in await con.fetch(_PG_KEYS, [m for m, _ in extend], [k for _, k in extend]):
             state.keys[(m, k)] = h
-    outcomes = en.decide(state, ops)
+    try:
+        outcomes = en.decide(state, ops)
+    except AssertionError as inconsistent:
+        if locked:
+            raise
+        # The optimistic reads are two statements, two snapshots: a hold another replica settled between them
+        # can look pending beside an account that no longer holds it, and the engine's own checks refuse the
+        # decision. Nothing was written: decide again, locked, over one consistent view.
+        raise BatchConflict(str(inconsistent)) from inconsistent
     await _write_postgres(con, state)
     return outcomes
-
-
-def _read(sql: str, locked: bool) -> str:
-    return sql + _LOCK[sql] if locked else sql
 
 
 async def _write_postgres(con: Any, state: bs.BatchState) -> None:
