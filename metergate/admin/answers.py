@@ -48,7 +48,12 @@ MODE: Schema = {"type": "string", "enum": ["test", "live"]}
 
 
 def _error() -> Schema:
-    detail = envelope({"message": STRING, "type": STRING, "code": STRING, "param": nullable(STRING)}, "param")
+    # A refusal for lack of funds (402 insufficient_funds, the hold API's) also says how short, and where the
+    # customer tops up.
+    short = {"asset": STRING, "balance": INTEGER, "required": INTEGER,
+             "portal_url": {**STRING, "description": "the customer's signed billing-portal link"}}
+    detail = envelope({"message": STRING, "type": STRING, "code": STRING, "param": nullable(STRING), **short},
+                      "param", *short)
     return envelope({"error": detail}, description="The OpenAI error envelope; ``code`` is stable.")
 
 
