@@ -101,8 +101,10 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 need = self.ref.need(ref, tokens, hold)
                 other = self.guards[1 - replica].leases.find(self.limits[limit_id])
                 window = self.limits[limit_id].window
-                unused = other.left if other is not None and other.bucket_start_ms == window.bucket_start(now) \
-                    and other.version == self.limits[limit_id].version else 0
+                # The other replica's unused lease of this window, of the limit's present version or of one it
+                # replaced: the store counts a lease of an older version in the window until it is given back
+                # (at that replica's next claim), so a limit changed meanwhile is refused early by it too.
+                unused = other.left if other is not None and other.bucket_start_ms == window.bucket_start(now) else 0
                 # Refused early by at most the other replica's unused lease: never while the quota is free.
                 assert self.ref.use(ref, now) + unused + need > ref.amount, (limit_id, refusing)
                 return None
