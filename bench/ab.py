@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -49,6 +51,27 @@ async def measure_ab(servers: dict[str, Servers], *, stream: bool, concurrency: 
         for s in servers.values():
             s.stop()
     return cells
+
+
+def print_plan(args: argparse.Namespace, *lines: str) -> None:
+    """The run's header: the machine, the pinning, ``lines`` about the setups, the rounds planned."""
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; servers pinned to CPU "
+          f"{args.server_cpus}, load generator to CPU {args.client_cpus}\n" + "".join(f"{line}\n" for line in lines)
+          + f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
+          f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
+
+
+def print_medians(cells: dict[str, list[Cell]]) -> None:
+    """Each setup's medians over the rounds: req/s, CPU per request (the proxy's, its ledger threads'), p50, and
+    the share of the machine other processes took."""
+    width = max(8, *(len(name) for name in cells))
+    print(f"\n{'target':<{width}} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")
+    for name, cs in cells.items():
+        print(f"{name:<{width}} {statistics.median(c.rps for c in cs):>8.0f} "
+              f"{statistics.median(c.proxy_cpu_us or 0 for c in cs):>13.0f} "
+              f"{statistics.median(c.writer_cpu_us or 0 for c in cs):>14.0f} "
+              f"{statistics.median(c.p50_ms for c in cs):>7.2f} "
+              f"{statistics.median(c.other_cpu_pct for c in cs):>5.0f}%")
 
 
 def ab_parser(doc: str) -> argparse.ArgumentParser:

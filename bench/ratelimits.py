@@ -26,7 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ab import ab_args, ab_parser, measure_ab, run_timed  # noqa: E402
+from ab import ab_args, ab_parser, measure_ab, print_medians, print_plan, run_timed  # noqa: E402
 from run import Servers  # noqa: E402 - bench/ is a directory of scripts
 
 README_SHAPED_LIMITS: dict[str, Any] = {"customer": {"requests_per_minute": 10**9, "tokens_per_minute": 10**13},
@@ -48,24 +48,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "plain": Servers(workdir / "plain", args.server_cpus, "WARNING"),
         "limited": Servers(workdir / "limited", args.server_cpus, "WARNING", {"rate_limits": args.limits}),
     }
-    print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU {args.server_cpus}, load generator to CPU "
-          f"{args.client_cpus}\nlimited: rate_limits={json.dumps(args.limits)}\n"
-          f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
-          f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
+    print_plan(args, f"limited: rate_limits={json.dumps(args.limits)}")
     try:
         cells = await measure_ab(servers, stream=args.stream, concurrency=args.concurrency,
                                  rounds=args.rounds, duration=args.duration)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n{'target':<8} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")
-    for name in TARGETS:
-        cs = cells[name]
-        print(f"{name:<8} {statistics.median(c.rps for c in cs):>8.0f} "
-              f"{statistics.median(c.proxy_cpu_us or 0 for c in cs):>13.0f} "
-              f"{statistics.median(c.writer_cpu_us or 0 for c in cs):>14.0f} "
-              f"{statistics.median(c.p50_ms for c in cs):>7.2f} "
-              f"{statistics.median(c.other_cpu_pct for c in cs):>5.0f}%")
+    print_medians(cells)
     pairs = list(zip(cells["plain"], cells["limited"], strict=True))
     rps = statistics.median(b.rps / a.rps for a, b in pairs if a.rps)
     cpu = statistics.median((b.proxy_cpu_us or 0) / a.proxy_cpu_us for a, b in pairs if a.proxy_cpu_us)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ab import ab_args, ab_parser, measure_ab, run_timed  # noqa: E402
+from ab import ab_args, ab_parser, measure_ab, print_medians, print_plan, run_timed  # noqa: E402
 from aiohttp import web  # noqa: E402
 from run import Servers  # noqa: E402 - bench/ is a directory of scripts
 
@@ -55,10 +55,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "off": Servers(workdir / "off", args.server_cpus, "WARNING", {"tracing": "off"}),
         "otlp": Servers(workdir / "otlp", args.server_cpus, "WARNING", {"tracing": "otlp"}),
     }
-    print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU {args.server_cpus}, load generator to CPU "
-          f"{args.client_cpus}\notlp: spans exported to a sink on the load generator's CPU\n"
-          f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, c={args.concurrency}, "
-          f"0.4 s warm-up + {args.duration:g} s window each", flush=True)
+    print_plan(args, "otlp: spans exported to a sink on the load generator's CPU")
     try:
         cells = await measure_ab(servers, stream=args.stream, concurrency=args.concurrency,
                                  rounds=args.rounds, duration=args.duration)
@@ -66,14 +63,7 @@ async def main_async(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         await sink_runner.cleanup()
 
-    print(f"\n{'target':<8} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")
-    for name in TARGETS:
-        cs = cells[name]
-        print(f"{name:<8} {statistics.median(c.rps for c in cs):>8.0f} "
-              f"{statistics.median(c.proxy_cpu_us or 0 for c in cs):>13.0f} "
-              f"{statistics.median(c.writer_cpu_us or 0 for c in cs):>14.0f} "
-              f"{statistics.median(c.p50_ms for c in cs):>7.2f} "
-              f"{statistics.median(c.other_cpu_pct for c in cs):>5.0f}%")
+    print_medians(cells)
     print(f"\nOTLP sink: {received['requests']} export requests, {received['bytes']} bytes")
     pairs = list(zip(cells["off"], cells["otlp"], strict=True))
     rps = statistics.median(b.rps / a.rps for a, b in pairs if a.rps)

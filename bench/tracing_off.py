@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ab import ab_args, ab_parser, measure_ab, run_timed  # noqa: E402
+from ab import ab_args, ab_parser, measure_ab, print_medians, print_plan, run_timed  # noqa: E402
 from run import ROOT, Servers  # noqa: E402 - bench/ is a directory of scripts
 
 HOOKS = {"tracing", "ledger_batches"}  # the modules whose calls are removed
@@ -192,23 +192,13 @@ async def main_async(args: argparse.Namespace) -> int:
                  "off": head_tree(workdir / "off", stripped=False)}
         servers = {name: Servers(workdir / f"{name}-run", args.server_cpus, "WARNING", {"tracing": "off"},
                                  tree=tree) for name, tree in trees.items()}
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; servers pinned to CPU "
-              f"{args.server_cpus}, load generator to CPU {args.client_cpus}\n"
-              f"plan: {args.rounds} rounds x 2 targets, {'stream' if args.stream else 'unary'}, "
-              f"c={args.concurrency}, 0.4 s warm-up + {args.duration:g} s window each", flush=True)
+        print_plan(args)
         cells = await measure_ab(servers, stream=args.stream, concurrency=args.concurrency,
                                  rounds=args.rounds, duration=args.duration)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n{'target':<9} {'req/s':>8} {'proxy us/req':>13} {'ledger us/req':>14} {'p50 ms':>7} {'other':>6}")
-    for name in servers:
-        cs = cells[name]
-        print(f"{name:<9} {statistics.median(c.rps for c in cs):>8.0f} "
-              f"{statistics.median(c.proxy_cpu_us or 0 for c in cs):>13.0f} "
-              f"{statistics.median(c.writer_cpu_us or 0 for c in cs):>14.0f} "
-              f"{statistics.median(c.p50_ms for c in cs):>7.2f} "
-              f"{statistics.median(c.other_cpu_pct for c in cs):>5.0f}%")
+    print_medians(cells)
     pairs = list(zip(cells["stripped"], cells["off"], strict=True))
     rps = [b.rps / a.rps for a, b in pairs if a.rps]
     cpu = [(b.proxy_cpu_us or 0) / a.proxy_cpu_us for a, b in pairs if a.proxy_cpu_us]
