@@ -33,8 +33,6 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import asyncpg
-
 from metergate.wallet import batchops as bo
 from metergate.wallet import batchstate as bs
 from metergate.wallet import engine as en
@@ -438,9 +436,11 @@ async def _write_postgres(con: Any, state: bs.BatchState) -> None:
     for rows, width in zip(tables, _PG_WIDTHS, strict=True):
         args.extend(list(column) for column in zip(*rows, strict=True)) if rows else args.extend([[]] * width)
     args += [len(holds), len(grants), len(accounts)]
+    from asyncpg import InvalidTextRepresentationError  # loaded with the connection that runs this
+
     try:
         await con.execute(_PG_WRITE, *args)
-    except asyncpg.InvalidTextRepresentationError as error:
+    except InvalidTextRepresentationError as error:
         if "batch conflict" not in str(error):
             raise
         raise BatchConflict(str(error)) from None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import (
     Connection,
@@ -43,7 +43,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from metergate.observability.threads import name_os_thread
 from metergate.wallet import schema as t
@@ -63,7 +62,11 @@ from metergate.wallet.models import (
     Mode,
     now_ms,
 )
-from metergate.wallet.pgcommit import PgGroupCommit
+
+if TYPE_CHECKING:  # PostgreSQL's driver stack loads only when a store opens on PostgreSQL (bench/memory.py)
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from metergate.wallet.pgcommit import PgGroupCommit
 
 T = TypeVar("T")
 
@@ -116,12 +119,16 @@ class SqlRunner:
             self._writer.start()
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix=READER_THREAD, initializer=name_os_thread)
         else:
+            from sqlalchemy.ext.asyncio import create_async_engine  # SQLAlchemy's async layer, ORM and asyncpg
+
             self._async = create_async_engine(self._url, pool_size=self._pool_size, max_overflow=self._pool_size,
                                               json_serializer=json_dumps,
                                               pool_pre_ping=True)
             event.listen(self._async.sync_engine, "handle_error", _server_unavailable)
         await self.write(self._migrate)
         if not self._sqlite and self._batch_engine:
+            from metergate.wallet.pgcommit import PgGroupCommit
+
             dsn = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
             self._pg_commit = PgGroupCommit(dsn)
             self._pg_commit.start()

@@ -33,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTROL_ONLY = ("stripe", "openai", "metergate.admin", "metergate.billing", "metergate.payments.service",
                 "metergate.payments.stripe_api", "metergate.portal.views", "metergate.portal.selfserve",
                 "metergate.pricing.admin", "metergate.demo")
-# Optional extras, imported only when a route needs them (botocore: a bedrock route's SigV4 signer).
+# Optional extras, imported only when a route needs them (botocore: a bedrock route's SigV4 signer), and
+# PostgreSQL's driver stack (asyncpg, SQLAlchemy's async layer with the ORM it pulls in, the group commit), which
+# a store on SQLite never opens.
 UNUSED_EXTRAS = ("botocore", "boto3", "metergate.proxy.sigv4", "metergate.proxy.adapters.bedrock",
-                 "metergate.proxy.eventstream_relay")
+                 "metergate.proxy.eventstream_relay", "asyncpg", "sqlalchemy.ext.asyncio", "sqlalchemy.orm",
+                 "metergate.wallet.pgcommit")
 # A text whose counts differ between the two encodings, so a wrong family would show.
 PROMPT = "Prepaid wallets, metered tokens: 12345 déjà-vu — 計量された トークン 🎉"
 PER_MESSAGE, PRIMING = 4, 3  # metergate/proxy/adapters/openai.py's framing of one chat message
