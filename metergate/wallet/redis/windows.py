@@ -54,8 +54,8 @@ class SqlWalletWithRedisWindows(redis_quota.WindowsInRedis, SqlWalletStore):
     async def refuse_a_live_redis_wallet(self) -> None:
         """Raise :class:`StoreInUse` while the Redis wallet runs on this key space (a ledger sink holds a shard's
         lease) or has events its sink has not yet written to SQL (a shard's stream is not empty). One read of
-        each shard's two keys at start-up; the Redis wallet never runs beside this store afterwards, since its
-        replicas would meet the same check only if they were this store."""
+        each shard's two keys at start-up. The check runs one way only: a replica started later with
+        ``redis_wallet: true`` beside running SQL-wallet replicas is not refused (it has no such check)."""
         shards = range(self.keys.shards)
         lengths, leases = await asyncio.gather(
             asyncio.gather(*(self.script_call(self.redis.xlen(self.keys.stream(s))) for s in shards)),
